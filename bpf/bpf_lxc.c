@@ -1,0 +1,244 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * Endpoint datapath: tc programs on the host side of every pod veth.
+ *
+ *   from_container  tc ingress of the host veth: packets leaving the pod.
+ *                   Service DNAT, conntrack, egress policy, events.
+ *   to_container    tc egress of the host veth: packets entering the pod.
+ *                   Conntrack, reverse NAT, ingress policy, events.
+ *
+ * Invariants:
+ *  - One compiled object serves every endpoint of a node; the endpoint is
+ *    found by skb->ifindex in ciliary_lxc. An interface without an endpoint
+ *    entry is not managed and passes untouched.
+ *  - Packets from the pod must carry the endpoint's address (else 132).
+ *  - Replies of tracked connections pass without policy; every other packet
+ *    is checked against policy when the endpoint enforces that direction.
+ *  - Only IPv4 and ARP are accepted from or to a managed endpoint.
+ *  - All state lives in pinned maps (lib/maps.h): replacing the programs
+ *    keeps conntrack, so established flows survive a reload.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/icmp.h>
+
+#include "lib/config.h"
+#include "lib/types.h"
+#include "lib/drop.h"
+#include "lib/maps.h"
+
+/* Map accessors used by the lib/ logic headers. bcc rewrites table methods
+ * (map.lookup(), map.ringbuf_reserve(), ...) only in the main source file,
+ * so every map access of the datapath is spelled here. */
+static __always_inline struct ct_entry *map_ct_lookup(struct ct_key *k)
+{
+	return ciliary_ct4_global.lookup(k);
+}
+
+static __always_inline int map_ct_update(struct ct_key *k, struct ct_entry *v)
+{
+	return ciliary_ct4_global.update(k, v);
+}
+
+static __always_inline struct policy_value *map_policy_lookup(struct policy_key *k)
+{
+	return ciliary_policy.lookup(k);
+}
+
+static __always_inline struct lb4_service *map_lb4_service_lookup(struct lb4_key *k)
+{
+	return ciliary_lb4_services.lookup(k);
+}
+
+static __always_inline struct lb4_backend *map_lb4_backend_lookup(__u32 *id)
+{
+	return ciliary_lb4_backends.lookup(id);
+}
+
+static __always_inline struct lb4_reverse_nat *
+map_lb4_rev_nat_lookup(struct lb4_reverse_nat_key *k)
+{
+	return ciliary_lb4_reverse_nat.lookup(k);
+}
+
+static __always_inline struct metrics_value *
+map_metrics_lookup_or_init(struct metrics_key *k, struct metrics_value *zero)
+{
+	return ciliary_metrics.lookup_or_try_init(k, zero);
+}
+
+static __always_inline struct flow_event *map_events_reserve(void)
+{
+	return ciliary_events.ringbuf_reserve(sizeof(struct flow_event));
+}
+
+static __always_inline void map_events_submit(struct flow_event *ev)
+{
+	ciliary_events.ringbuf_submit(ev, 0);
+}
+
+#include "lib/pkt.h"
+#include "lib/events.h"
+#include "lib/conntrack.h"
+#include "lib/policy.h"
+#include "lib/lb.h"
+
+static __always_inline __u32 lookup_identity(__be32 ip)
+{
+	struct ipcache_key k = {};
+	struct ipcache_value *v;
+
+	k.prefixlen = 32;
+	k.ip = ip;
+	v = ciliary_ipcache.lookup(&k);
+	return v ? v->identity : IDENTITY_WORLD;
+}
+
+/* Policy for a non-reply packet. Returns 0 to continue (verdict/reason set
+ * for audit) or a positive drop reason. */
+static __always_inline int enforce_policy(struct flow_ctx *c, const struct endpoint_info *ep,
+					  __u32 peer, __u8 *verdict, __u8 *reason,
+					  __u8 *ct_flags)
+{
+	struct policy_result pr = {};
+	__u32 enforce = c->direction == DIR_INGRESS ? EP_F_POLICY_INGRESS : EP_F_POLICY_EGRESS;
+	__u32 audit = c->direction == DIR_INGRESS ? EP_F_AUDIT_INGRESS : EP_F_AUDIT_EGRESS;
+	int ret;
+
+	if (!(ep->flags & enforce))
+		return 0;
+	ret = policy_check(ep->identity, peer, c->p.dport, c->p.proto, c->direction, &pr);
+	c->rule_ref = pr.rule_ref;
+	if (ret == 0)
+		return 0;
+	if ((ep->flags & audit) || (pr.flags & POLICY_F_AUDIT)) {
+		*verdict = VERDICT_AUDIT;
+		*reason = -ret;
+		*ct_flags |= CT_F_AUDITED;
+		return 0;
+	}
+	return -ret;
+}
+
+int from_container(struct __sk_buff *skb)
+{
+	struct endpoint_key ek = {};
+	struct endpoint_info *ep;
+	struct flow_ctx c = {};
+	struct lb_result lb = {};
+	struct ct_entry *ce;
+	__u8 verdict = VERDICT_FORWARDED, reason = 0, ct_flags = 0;
+	__u16 rev_nat_id = 0;
+	__u64 now;
+	int ret;
+
+	if (skb->protocol == bpf_htons(ETH_P_ARP))
+		return TC_ACT_OK;
+	ek.ifindex = skb->ifindex;
+	ep = ciliary_lxc.lookup(&ek);
+	if (!ep)
+		return TC_ACT_OK;
+	c.direction = DIR_EGRESS;
+	c.ep_id = ep->ep_id;
+	c.src_identity = ep->identity;
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return drop_packet(skb, &c, DROP_UNKNOWN_L3);
+	ret = pkt_parse(skb, &c.p);
+	if (ret < 0)
+		return drop_packet(skb, &c, -ret);
+	if (c.p.saddr != ep->ipv4)
+		return drop_packet(skb, &c, DROP_INVALID_SIP);
+
+	now = bpf_ktime_get_ns();
+	ret = lb4_local(skb, &c.p, now, &lb);
+	if (ret != 0) {
+		c.orig_daddr = lb.vip;
+		c.orig_dport = lb.vport;
+	}
+	if (ret < 0)
+		return drop_packet(skb, &c, -ret);
+	if (ret > 0) {
+		ct_flags |= CT_F_SERVICE;
+		rev_nat_id = lb.rev_nat_id;
+	}
+	c.dst_identity = lookup_identity(c.p.daddr);
+
+	c.ct_state = ct_lookup(&c.p, DIR_EGRESS, now, &ce);
+	if (c.ct_state == CT_REPLY || c.ct_state == CT_RELATED) {
+		if (ce)
+			ct_touch(ce, &c.p, 1, now);
+		return forward_packet(skb, &c, VERDICT_FORWARDED, 0);
+	}
+	ret = enforce_policy(&c, ep, c.dst_identity, &verdict, &reason, &ct_flags);
+	if (ret > 0)
+		return drop_packet(skb, &c, ret);
+	if (ce) {
+		ct_touch(ce, &c.p, 0, now);
+	} else {
+		ret = ct_create(&c.p, DIR_EGRESS, now, c.src_identity, rev_nat_id, ct_flags);
+		if (ret < 0)
+			return drop_packet(skb, &c, -ret);
+	}
+	return forward_packet(skb, &c, verdict, reason);
+}
+
+int to_container(struct __sk_buff *skb)
+{
+	struct endpoint_key ek = {};
+	struct endpoint_info *ep;
+	struct flow_ctx c = {};
+	struct lb_result lb = {};
+	struct ct_entry *ce;
+	__u8 verdict = VERDICT_FORWARDED, reason = 0, ct_flags = 0;
+	__u64 now;
+	int ret;
+
+	if (skb->protocol == bpf_htons(ETH_P_ARP))
+		return TC_ACT_OK;
+	ek.ifindex = skb->ifindex;
+	ep = ciliary_lxc.lookup(&ek);
+	if (!ep)
+		return TC_ACT_OK;
+	c.direction = DIR_INGRESS;
+	c.ep_id = ep->ep_id;
+	c.dst_identity = ep->identity;
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return drop_packet(skb, &c, DROP_UNKNOWN_L3);
+	ret = pkt_parse(skb, &c.p);
+	if (ret < 0)
+		return drop_packet(skb, &c, -ret);
+	c.src_identity = lookup_identity(c.p.saddr);
+
+	now = bpf_ktime_get_ns();
+	c.ct_state = ct_lookup(&c.p, DIR_INGRESS, now, &ce);
+	if (c.ct_state == CT_REPLY) {
+		if (ce) {
+			ct_touch(ce, &c.p, 1, now);
+			if (ce->flags & CT_F_SERVICE) {
+				ret = lb4_rev_nat(skb, &c.p, ce->rev_nat_id, &lb);
+				if (ret < 0)
+					return drop_packet(skb, &c, -ret);
+				c.orig_daddr = lb.vip;
+				c.orig_dport = lb.vport;
+			}
+		}
+		return forward_packet(skb, &c, VERDICT_FORWARDED, 0);
+	}
+	if (c.ct_state == CT_RELATED)
+		return forward_packet(skb, &c, VERDICT_FORWARDED, 0);
+
+	ret = enforce_policy(&c, ep, c.src_identity, &verdict, &reason, &ct_flags);
+	if (ret > 0)
+		return drop_packet(skb, &c, ret);
+	if (ce) {
+		ct_touch(ce, &c.p, 0, now);
+	} else {
+		ret = ct_create(&c.p, DIR_INGRESS, now, c.src_identity, 0, ct_flags);
+		if (ret < 0)
+			return drop_packet(skb, &c, -ret);
+	}
+	return forward_packet(skb, &c, verdict, reason);
+}

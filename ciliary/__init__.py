@@ -1,0 +1,3 @@
+"""ciliary: a Kubernetes networking data plane with an eBPF datapath."""
+
+__version__ = "0.1.0"

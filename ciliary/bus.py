@@ -1,0 +1,431 @@
+"""The one module that talks to NATS.
+
+Invariants:
+- Every NATS call in the project goes through ``Bus``; services and the CLI never import
+  ``nats`` themselves. Tests fake the bus at this module.
+- Every published message and KV write carries the current OpenTelemetry trace context in
+  its headers (see ``ciliary.telemetry``).
+- ``watch`` is level-triggered: it yields the full current state of the bucket (one
+  ``put`` per live key), then ``SYNCED``, then changes. After a reconnect it re-reads the
+  bucket, yields ``delete`` for keys that vanished while disconnected, ``put`` for every
+  live key, and ``SYNCED`` again; consumers therefore must treat events idempotently.
+- Payloads that fail to decode are logged and skipped, never raised into a service loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api as js_api
+
+from ciliary import schema, telemetry
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+KV_OPERATION = "KV-Operation"
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+
+
+class BusError(Exception):
+    """A bus operation failed in a way the caller should report."""
+
+
+class RevisionMismatch(BusError):
+    """Compare-and-set failed: the key changed (or exists) since the given revision."""
+
+
+class Synced:
+    """Marker yielded by ``Bus.watch`` once the initial state has been delivered."""
+
+    def __repr__(self) -> str:
+        return "SYNCED"
+
+
+SYNCED = Synced()
+
+
+class KVEntry(msgspec.Struct, frozen=True):
+    """One key of a bucket as seen by a watch or a get."""
+
+    bucket: str
+    key: str
+    revision: int
+    value: bytes | None  # None for a delete/purge
+    headers: dict[str, str] = {}
+
+    @property
+    def deleted(self) -> bool:
+        return self.value is None
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    return f"$KV.{bucket}.{key}"
+
+
+def kv_stream(bucket: str) -> str:
+    return f"KV_{bucket}"
+
+
+class Bus:
+    """A reconnecting NATS connection with typed KV, pub/sub and request helpers."""
+
+    def __init__(self, nc: Client, name: str) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.name = name
+        self._reconnected = asyncio.Event()
+        self.reconnects = 0
+        self._kv_handles: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        name: str,
+        *,
+        connect_timeout: float = 2.0,
+        max_reconnect_attempts: int = -1,
+        allow_reconnect: bool = True,
+    ) -> Bus:
+        """Connect, retrying forever on disconnect unless told otherwise."""
+        bus: Bus | None = None
+
+        async def on_reconnect() -> None:
+            if bus is not None:
+                bus.reconnects += 1
+                bus._reconnected.set()
+                bus._reconnected = asyncio.Event()
+                log.info("reconnected to %s", url)
+
+        async def on_disconnect() -> None:
+            log.warning("disconnected from %s", url)
+
+        async def on_error(err: Exception) -> None:
+            log.debug("nats error: %s", err)
+
+        try:
+            nc = await nats.connect(
+                servers=[url],
+                name=name,
+                connect_timeout=connect_timeout,
+                allow_reconnect=allow_reconnect,
+                max_reconnect_attempts=max_reconnect_attempts,
+                reconnect_time_wait=0.5,
+                reconnected_cb=on_reconnect,
+                disconnected_cb=on_disconnect,
+                error_cb=on_error,
+            )
+        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as err:
+            raise BusError(f"cannot connect to NATS at {url}: {err}") from err
+        bus = cls(nc, name)
+        return bus
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:  # draining a broken connection: closing is enough
+                await self.nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    # ------------------------------------------------------------------ provisioning
+
+    async def ensure_buckets(self, buckets: tuple[str, ...] = schema.ALL_BUCKETS) -> None:
+        """Create the KV buckets (file storage) that do not exist yet."""
+        for bucket in buckets:
+            try:
+                await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                try:
+                    await self.js.create_key_value(
+                        js_api.KeyValueConfig(
+                            bucket=bucket, history=1, storage=js_api.StorageType.FILE
+                        )
+                    )
+                except nats.js.errors.BadRequestError:
+                    await self.js.key_value(bucket)  # created concurrently by another process
+
+    async def ensure_stream(
+        self, name: str, subjects: list[str], *, max_bytes: int, max_age_s: float
+    ) -> None:
+        config = js_api.StreamConfig(
+            name=name,
+            subjects=subjects,
+            storage=js_api.StorageType.FILE,
+            max_bytes=max_bytes,
+            max_age=max_age_s,
+            discard=js_api.DiscardPolicy.OLD,
+        )
+        try:
+            await self.js.stream_info(name)
+            await self.js.update_stream(config)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(config)
+
+    # ------------------------------------------------------------------ KV
+
+    async def _kv(self, bucket: str) -> Any:
+        handle = self._kv_handles.get(bucket)
+        if handle is None:
+            try:
+                handle = await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError as err:
+                raise BusError(f"KV bucket {bucket!r} does not exist") from err
+            self._kv_handles[bucket] = handle
+        return handle
+
+    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
+        """The live entry for ``key``, or None when absent or deleted."""
+        kv = await self._kv(bucket)
+        try:
+            entry = await kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return KVEntry(bucket, key, entry.revision or 0, entry.value)
+
+    async def kv_get_record(self, bucket: str, key: str, type_: type[T]) -> tuple[T, int] | None:
+        entry = await self.kv_get(bucket, key)
+        if entry is None or entry.value is None:
+            return None
+        return schema.decode(entry.value, type_), entry.revision
+
+    async def kv_put(
+        self, bucket: str, key: str, record: Any, *, last_revision: int | None = None
+    ) -> int:
+        """Write ``record``; with ``last_revision`` it is a compare-and-set (0 = must not exist).
+
+        Returns the new revision. Raises ``RevisionMismatch`` when the CAS fails.
+        """
+        data = record if isinstance(record, bytes) else schema.encode(record)
+        headers = telemetry.inject_headers()
+        if last_revision is not None:
+            headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last_revision)
+        try:
+            ack = await self.js.publish(kv_subject(bucket, key), data, headers=headers or None)
+        except nats.js.errors.APIError as err:
+            if err.err_code in (10071, 10164):
+                if last_revision == 0:
+                    # the key may exist only as a delete marker: retry against that revision
+                    deleted_rev = await self._deleted_revision(bucket, key)
+                    if deleted_rev is not None:
+                        return await self.kv_put(bucket, key, record, last_revision=deleted_rev)
+                raise RevisionMismatch(f"{bucket}/{key}: revision changed") from err
+            raise BusError(f"write {bucket}/{key}: {err}") from err
+        return ack.seq
+
+    async def _deleted_revision(self, bucket: str, key: str) -> int | None:
+        kv = await self._kv(bucket)
+        try:
+            await kv.get(key)
+        except nats.js.errors.KeyNotFoundError as err:  # also covers KeyDeletedError
+            entry = getattr(err, "entry", None)
+            return entry.revision if entry is not None and entry.revision else None
+        return None
+
+    async def kv_delete(self, bucket: str, key: str, *, last_revision: int | None = None) -> None:
+        """Delete ``key`` (a tombstone watchers see). Deleting an absent key is a no-op."""
+        headers = telemetry.inject_headers({KV_OPERATION: "DEL"})
+        if last_revision is not None:
+            headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last_revision)
+        try:
+            await self.js.publish(kv_subject(bucket, key), b"", headers=headers)
+        except nats.js.errors.APIError as err:
+            if err.err_code in (10071, 10164):
+                raise RevisionMismatch(f"{bucket}/{key}: revision changed") from err
+            raise BusError(f"delete {bucket}/{key}: {err}") from err
+
+    async def kv_list(self, bucket: str, pattern: str = ">") -> dict[str, KVEntry]:
+        """A snapshot of every live key matching ``pattern``."""
+        state: dict[str, KVEntry] = {}
+        async for event in self.watch(bucket, pattern, once=True):
+            if isinstance(event, KVEntry):
+                if event.deleted:
+                    state.pop(event.key, None)
+                else:
+                    state[event.key] = event
+        return state
+
+    async def watch(
+        self, bucket: str, pattern: str = ">", *, once: bool = False
+    ) -> AsyncIterator[KVEntry | Synced]:
+        """Live keys, then ``SYNCED``, then changes; re-syncs after every reconnect.
+
+        With ``once`` the iteration ends after the first ``SYNCED``.
+        """
+        delivered: set[str] = set()
+        while True:
+            queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+            async def on_msg(msg: Msg, queue: asyncio.Queue[Msg] = queue) -> None:
+                queue.put_nowait(msg)
+
+            reconnected = self._reconnected
+            try:
+                sub = await self.js.subscribe(
+                    kv_subject(bucket, pattern),
+                    stream=kv_stream(bucket),
+                    cb=on_msg,
+                    ordered_consumer=True,
+                    deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
+                    inactive_threshold=300,
+                )
+            except (nats.errors.Error, asyncio.TimeoutError) as err:
+                if once:
+                    raise BusError(f"watch {bucket}: {err}") from err
+                log.warning("watch %s: %s; retrying", bucket, err)
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                info = await sub.consumer_info()
+                pending = info.num_pending + info.num_ack_pending
+                seen: set[str] = set()
+                synced = False
+                if pending == 0 and sub.delivered == 0:
+                    synced = True
+                while True:
+                    if synced and seen is not None:
+                        for key in sorted(delivered - seen):
+                            yield KVEntry(bucket, key, 0, None)
+                        delivered = set(seen)
+                        seen = None  # type: ignore[assignment]
+                        yield SYNCED
+                        if once:
+                            return
+                    msg = await self._next_or_reconnect(queue, reconnected)
+                    if msg is None:
+                        break  # reconnected: re-read the bucket
+                    entry = _entry_from_msg(bucket, msg)
+                    if seen is not None:
+                        if entry.deleted:
+                            seen.discard(entry.key)
+                        else:
+                            seen.add(entry.key)
+                        if msg.metadata.num_pending == 0:
+                            synced = True
+                        if entry.deleted and entry.key not in delivered:
+                            continue
+                    elif entry.deleted:
+                        delivered.discard(entry.key)
+                    else:
+                        delivered.add(entry.key)
+                    yield entry
+            finally:
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # connection may be gone; the consumer is ephemeral
+                    pass
+
+    async def _next_or_reconnect(
+        self, queue: asyncio.Queue[Msg], reconnected: asyncio.Event
+    ) -> Msg | None:
+        if not queue.empty():
+            return queue.get_nowait()
+        getter = asyncio.ensure_future(queue.get())
+        waiter = asyncio.ensure_future(reconnected.wait())
+        try:
+            done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (getter, waiter):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(getter, waiter, return_exceptions=True)
+        if getter in done and not getter.cancelled():
+            return getter.result()
+        return None
+
+    # ------------------------------------------------------------------ messaging
+
+    async def publish(self, subject: str, record: Any) -> None:
+        data = record if isinstance(record, bytes) else schema.encode(record)
+        await self.nc.publish(subject, data, headers=telemetry.inject_headers() or None)
+
+    async def subscribe(
+        self,
+        subject: str,
+        type_: type[T],
+        handler: Callable[[T, Msg], Awaitable[None]],
+        *,
+        queue: str = "",
+    ) -> Any:
+        """Typed subscription; undecodable payloads are logged and dropped."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                record = schema.decode(msg.data, type_)
+            except msgspec.DecodeError as err:
+                log.warning("dropping bad payload on %s: %s", msg.subject, err)
+                return
+            await handler(record, msg)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    async def request(self, subject: str, record: Any, type_: type[T], *, timeout: float = 2.0) -> T:
+        data = record if isinstance(record, bytes) else schema.encode(record)
+        try:
+            msg = await self.nc.request(
+                subject, data, timeout=timeout, headers=telemetry.inject_headers() or None
+            )
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
+            raise BusError(f"no answer on {subject}") from err
+        return schema.decode(msg.data, type_)
+
+    async def request_many(
+        self, subject: str, payload: bytes = b"", *, timeout: float = 1.0, quiet: float = 0.25
+    ) -> list[bytes]:
+        """Scatter-gather: every reply that arrives before ``timeout`` (or ``quiet`` idle)."""
+        inbox = self.nc.new_inbox()
+        replies: list[bytes] = []
+        arrived = asyncio.Event()
+
+        async def on_reply(msg: Msg) -> None:
+            replies.append(msg.data)
+            arrived.set()
+
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        try:
+            await self.nc.publish(subject, payload, reply=inbox, headers=telemetry.inject_headers() or None)
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), timeout=min(remaining, quiet) if replies else remaining)
+                except asyncio.TimeoutError:
+                    if replies:
+                        break
+        finally:
+            await sub.unsubscribe()
+        return replies
+
+
+def _entry_from_msg(bucket: str, msg: Msg) -> KVEntry:
+    headers = dict(msg.header or {})
+    op = headers.get(KV_OPERATION)
+    reason = headers.get("Nats-Marker-Reason")
+    deleted = op in ("DEL", "PURGE") or reason in ("MaxAge", "Purge", "Remove")
+    key = msg.subject[len(f"$KV.{bucket}.") :]
+    return KVEntry(
+        bucket,
+        key,
+        msg.metadata.sequence.stream,
+        None if deleted else msg.data,
+        headers,
+    )

@@ -1,0 +1,97 @@
+"""Where an instance lives and how processes find it.
+
+Invariants:
+- An instance is identified by its data directory. ``--data-dir`` wins, then
+  ``CILIARY_DATA_DIR``, then the per-user default (``$XDG_STATE_HOME/ciliary`` or
+  ``~/.local/state/ciliary``).
+- ``instance.json`` in the data directory exists exactly while a supervisor runs for it;
+  it records the NATS URL and the process ids, and is the only way the CLI finds a
+  running instance.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from ciliary import schema
+
+ENV_DATA_DIR = "CILIARY_DATA_DIR"
+ENV_NATS_URL = "CILIARY_NATS_URL"
+ENV_CLUSTER = "CILIARY_CLUSTER"
+ENV_CLUSTER_ID = "CILIARY_CLUSTER_ID"
+ENV_NODE = "CILIARY_NODE"
+ENV_INSTANCE = "CILIARY_INSTANCE"
+INSTANCE_FILE = "instance.json"
+
+
+class ProcessInfo(msgspec.Struct, frozen=True):
+    name: str  # e.g. "identity", "node/node-1", "nats-server"
+    pid: int
+
+
+class InstanceState(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``ciliary up`` records in ``<data-dir>/instance.json``."""
+
+    nats_url: str
+    supervisor_pid: int
+    cluster: str = schema.DEFAULT_CLUSTER_NAME
+    cluster_id: int = schema.DEFAULT_CLUSTER_ID
+    nodes: list[str] = []
+    processes: list[ProcessInfo] = []
+    started: float = 0.0
+    log_dir: str = ""
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "ciliary"
+
+
+def resolve_data_dir(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    env = os.environ.get(ENV_DATA_DIR)
+    if env:
+        return Path(env).expanduser().resolve()
+    return default_data_dir()
+
+
+def instance_path(data_dir: Path) -> Path:
+    return data_dir / INSTANCE_FILE
+
+
+def read_instance(data_dir: Path) -> InstanceState | None:
+    """The recorded instance, or None when none was recorded (or the record is unreadable)."""
+    try:
+        return msgspec.json.decode(instance_path(data_dir).read_bytes(), type=InstanceState)
+    except (FileNotFoundError, msgspec.DecodeError):
+        return None
+
+
+def write_instance(data_dir: Path, state: InstanceState) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = instance_path(data_dir).with_suffix(".tmp")
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(state)))
+    tmp.replace(instance_path(data_dir))
+
+
+def remove_instance(data_dir: Path) -> None:
+    instance_path(data_dir).unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie still answers kill(0); treat it as gone
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,236 @@
+"""Loading manifests from files, directories and stdin into validated `Resource`s.
+
+Invariants:
+- All-or-nothing: every input is read, parsed, decoded and validated first; if anything is
+  wrong, one `ManifestError` lists every problem and no resource is returned.
+- Paths: a file (``.yaml``/``.yml``/``.json``), a directory (its such files, sorted,
+  non-recursive) or ``-`` (stdin, reported as ``<stdin>``).
+- Empty documents are skipped but still counted, so ``document N`` is the N-th
+  (0-based) ``---`` section of the file. ``kind: List`` (and ``<Kind>List``) is expanded;
+  its items are reported as ``document N, item M``.
+- Namespaced objects get ``metadata.namespace: default`` when unset; cluster-scoped objects
+  lose any ``metadata.namespace``. The original input is never mutated.
+- Two objects with the same key in one load are an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from typing import Any, TextIO
+
+import msgspec
+
+from . import yamlio
+from .decoding import convert
+from .errors import ManifestError, Problem
+from .kinds import DEFAULT_NAMESPACE, KINDS, Resource
+from .validate import validate
+
+STDIN = "-"
+STDIN_SOURCE = "<stdin>"
+SUFFIXES = (".yaml", ".yml", ".json")
+
+
+class _Place:
+    """Where an object came from, for building `Problem`s."""
+
+    def __init__(self, source: str, document: int, item: int | None = None) -> None:
+        self.source, self.document, self.item = source, document, item
+
+    def problem(self, message: str, *, field: str = "", kind: str = "", namespace: str = "",
+                name: str = "", line: int | None = None, column: int | None = None) -> Problem:
+        return Problem(source=self.source, document=self.document, item=self.item, kind=kind,
+                       namespace=namespace, name=name, field=field, message=message,
+                       line=line, column=column)
+
+    def describe(self) -> str:
+        text = f"{self.source} document {self.document}"
+        return text if self.item is None else f"{text} item {self.item}"
+
+
+def load_manifests(paths: list[str], stdin: TextIO | None = None) -> list[Resource]:
+    """Validated resources from `paths`, in input order; raises `ManifestError`."""
+    if isinstance(paths, str):
+        paths = [paths]
+    problems: list[Problem] = []
+    resources: list[Resource] = []
+    for source, text in _read_inputs(paths, stdin, problems):
+        json_input = None if source == STDIN_SOURCE else source.endswith(".json")
+        resources.extend(_load_text(text, source, json_input, problems))
+    _check_duplicates(resources, problems)
+    if problems:
+        raise ManifestError(problems)
+    return [resource for resource, _ in resources]
+
+
+def loads(text: str, source: str = "<string>") -> list[Resource]:
+    """Validated resources from YAML or JSON text; raises `ManifestError`."""
+    problems: list[Problem] = []
+    resources = _load_text(text, source, None, problems)
+    _check_duplicates(resources, problems)
+    if problems:
+        raise ManifestError(problems)
+    return [resource for resource, _ in resources]
+
+
+def resource_from_manifest(manifest: Any, source: str = "<object>") -> Resource:
+    """One validated resource from an already-parsed object (e.g. from the Kubernetes API)."""
+    problems: list[Problem] = []
+    resource = _load_object(manifest, _Place(source, 0), problems)
+    if problems or resource is None:
+        raise ManifestError(problems)
+    return resource
+
+
+def _read_inputs(
+    paths: list[str], stdin: TextIO | None, problems: list[Problem]
+) -> list[tuple[str, str]]:
+    inputs: list[tuple[str, str]] = []
+    for path in paths:
+        if path == STDIN:
+            inputs.append((STDIN_SOURCE, (stdin or sys.stdin).read()))
+            continue
+        if os.path.isdir(path):
+            files = sorted(
+                os.path.join(path, n) for n in os.listdir(path) if n.endswith(SUFFIXES)
+            )
+        else:
+            files = [path]
+        for file in files:
+            try:
+                with open(file, encoding="utf-8") as fh:
+                    inputs.append((file, fh.read()))
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                problems.append(Problem(source=file, message=f"cannot read: {reason}"))
+    return inputs
+
+
+def _load_text(
+    text: str, source: str, json_input: bool | None, problems: list[Problem]
+) -> list[tuple[Resource, _Place]]:
+    docs, syntax = yamlio.parse(text, json_input=json_input)
+    out: list[tuple[Resource, _Place]] = []
+    for index, doc in enumerate(docs):
+        if doc is None:
+            continue
+        for place, obj in _expand(doc, _Place(source, index), problems):
+            resource = _load_object(obj, place, problems)
+            if resource is not None:
+                out.append((resource, place))
+    if syntax is not None:
+        problems.append(_Place(source, syntax.document).problem(
+            syntax.message, line=syntax.line, column=syntax.column))
+    return out
+
+
+def _expand(doc: Any, place: _Place, problems: list[Problem]) -> list[tuple[_Place, Any]]:
+    """``[(place, object)]``: the document itself, or the items of a List."""
+    if not isinstance(doc, dict):
+        return [(place, doc)]
+    kind = doc.get("kind")
+    if not isinstance(kind, str) or not kind.endswith("List"):
+        return [(place, doc)]
+    item_kind = kind[: -len("List")]
+    if item_kind and item_kind not in KINDS:
+        return [(place, doc)]
+    items = doc.get("items")
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        problems.append(place.problem("expected a list of objects", field="items", kind=kind))
+        return []
+    expanded = []
+    for i, item in enumerate(items):
+        if item_kind and isinstance(item, dict):
+            item = {"apiVersion": KINDS[item_kind].api_version, "kind": item_kind, **item}
+        expanded.append((_Place(place.source, place.document, i), item))
+    return expanded
+
+
+def _identity(obj: dict[str, Any]) -> tuple[str, str, str]:
+    kind = obj.get("kind") if isinstance(obj.get("kind"), str) else ""
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    name = meta.get("name") if isinstance(meta.get("name"), str) else ""
+    namespace = meta.get("namespace") if isinstance(meta.get("namespace"), str) else ""
+    return kind, namespace, name
+
+
+def _load_object(obj: Any, place: _Place, problems: list[Problem]) -> Resource | None:
+    if not isinstance(obj, dict):
+        problems.append(place.problem(
+            f"expected a mapping (a Kubernetes object), got {type(obj).__name__}"))
+        return None
+    kind, namespace, name = _identity(obj)
+    info = KINDS.get(kind)
+    if info is not None:
+        namespace = (namespace or DEFAULT_NAMESPACE) if info.namespaced else ""
+    ident = {"kind": kind, "namespace": namespace, "name": name}
+    header = _check_header(obj, info)
+    if header is not None:
+        problems.append(place.problem(header[1], field=header[0], **ident))
+        return None
+    assert info is not None
+    manifest = _with_namespace(obj, info.namespaced)
+    try:
+        msgspec.json.encode(manifest)
+    except (TypeError, msgspec.EncodeError) as exc:
+        problems.append(place.problem(f"value cannot be represented as JSON: {exc}", **ident))
+        return None
+    typed, errors = convert(kind, manifest)
+    if typed is not None:
+        errors = validate(typed)
+    if errors:
+        problems.extend(place.problem(e.message, field=e.field, **ident) for e in errors)
+        return None
+    return Resource(kind=kind, api_version=info.api_version, namespace=namespace,
+                    name=name, manifest=manifest)
+
+
+def _check_header(obj: dict[str, Any], info: Any) -> tuple[str, str] | None:
+    """``(field, message)`` when apiVersion/kind are missing, unknown or mismatched."""
+    kind, api_version = obj.get("kind"), obj.get("apiVersion")
+    if kind is None:
+        return "kind", "kind is required"
+    if not isinstance(kind, str):
+        return "kind", f"expected str, got {type(kind).__name__}"
+    if info is None:
+        return "kind", f"unknown kind {kind!r}; supported kinds: {', '.join(KINDS)}"
+    if api_version is None:
+        return "apiVersion", f"apiVersion is required (expected {info.api_version!r})"
+    if api_version != info.api_version:
+        return "apiVersion", f"{kind} requires apiVersion {info.api_version!r}, got {api_version!r}"
+    return None
+
+
+def _with_namespace(obj: dict[str, Any], namespaced: bool) -> dict[str, Any]:
+    manifest = copy.deepcopy(obj)
+    meta = manifest.get("metadata")
+    if meta is None:
+        meta = manifest["metadata"] = {}
+    if not isinstance(meta, dict):
+        return manifest
+    if namespaced:
+        if not meta.get("namespace"):
+            meta["namespace"] = DEFAULT_NAMESPACE
+    else:
+        meta.pop("namespace", None)
+    return manifest
+
+
+def _check_duplicates(
+    resources: list[tuple[Resource, _Place]], problems: list[Problem]
+) -> None:
+    first: dict[str, _Place] = {}
+    for resource, place in resources:
+        if resource.key in first:
+            problems.append(place.problem(
+                f"duplicate object: also defined in {first[resource.key].describe()}",
+                kind=resource.kind, namespace=resource.namespace, name=resource.name))
+        else:
+            first[resource.key] = place
+
+
+__all__ = ["STDIN", "load_manifests", "loads", "resource_from_manifest"]

@@ -1,0 +1,220 @@
+"""The process shell every service runs in.
+
+Invariants:
+- A service process connects to NATS, ensures the buckets, registers with the NATS
+  micro-services API as ``ciliary-<name>`` (ping/info/stats) and answers health requests on
+  ``ciliary.health.<instance>``; only then does it start its work.
+- All work runs in one ``asyncio.TaskGroup``. SIGTERM/SIGINT cancel it; the process then
+  deregisters, drains its connection and exits 0 with no task left pending.
+- A service is healthy when it is connected and every watch it declared has delivered
+  its initial state at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats import micro
+from nats.aio.msg import Msg
+
+from ciliary import __version__, config, schema, telemetry
+from ciliary.bus import SYNCED, Bus, BusError, KVEntry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Process settings, from the environment the supervisor (or a Deployment) sets."""
+
+    nats_url: str
+    cluster: str = schema.DEFAULT_CLUSTER_NAME
+    cluster_id: int = schema.DEFAULT_CLUSTER_ID
+    node: str = ""
+    instance: str = ""
+
+    @classmethod
+    def from_env(cls, service: str) -> Settings:
+        node = os.environ.get(config.ENV_NODE, "")
+        instance = os.environ.get(config.ENV_INSTANCE) or (
+            f"{service}-{node}" if node else f"{service}-{os.getpid()}"
+        )
+        return cls(
+            nats_url=os.environ.get(config.ENV_NATS_URL, "nats://127.0.0.1:4222"),
+            cluster=os.environ.get(config.ENV_CLUSTER, schema.DEFAULT_CLUSTER_NAME),
+            cluster_id=int(os.environ.get(config.ENV_CLUSTER_ID, schema.DEFAULT_CLUSTER_ID)),
+            node=node,
+            instance=instance,
+        )
+
+
+@dataclass
+class Context:
+    """What a running service gets: its settings, the bus and a place to report health."""
+
+    service: str
+    settings: Settings
+    bus: Bus
+    started: float = field(default_factory=time.time)
+    pending_watches: set[str] = field(default_factory=set)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def declare_watch(self, name: str) -> None:
+        self.pending_watches.add(name)
+
+    def watch_synced(self, name: str) -> None:
+        self.pending_watches.discard(name)
+
+    @property
+    def healthy(self) -> bool:
+        return self.bus.connected and not self.pending_watches
+
+    def health(self) -> schema.HealthReport:
+        return schema.HealthReport(
+            service=self.service,
+            instance=self.settings.instance,
+            pid=os.getpid(),
+            version=__version__,
+            started=self.started,
+            healthy=self.healthy,
+            cluster=self.settings.cluster,
+            node=self.settings.node,
+            watching=sorted(self.detail.get("watching", [])),
+            detail={k: v for k, v in self.detail.items() if k != "watching"},
+        )
+
+
+Main = Callable[[Context, asyncio.TaskGroup], Awaitable[None]]
+
+
+def mirror_kinds(
+    ctx: Context,
+    tg: asyncio.TaskGroup,
+    kinds: tuple[str, ...],
+    on_change: Callable[[str, KVEntry], Awaitable[None]] | None = None,
+) -> dict[str, dict[str, KVEntry]]:
+    """Start one watch per resource kind; keep ``state[kind][key]`` current.
+
+    Returns the live state dict (filled in the background). Counts per kind are reported
+    in the health detail under ``resources``.
+    """
+    state: dict[str, dict[str, KVEntry]] = {kind: {} for kind in kinds}
+    counts: dict[str, int] = {}
+    ctx.detail.setdefault("watching", []).extend(
+        f"{schema.BUCKET_RESOURCES}/{kind}" for kind in kinds
+    )
+    ctx.detail["resources"] = counts
+
+    async def follow(kind: str) -> None:
+        name = f"resources/{kind}"
+        ctx.declare_watch(name)
+        async for event in ctx.bus.watch(schema.BUCKET_RESOURCES, f"{kind}.>"):
+            if event is SYNCED:
+                ctx.watch_synced(name)
+                log.info("%s: %d %s objects", ctx.service, len(state[kind]), kind)
+                continue
+            assert isinstance(event, KVEntry)
+            if event.deleted:
+                state[kind].pop(event.key, None)
+            else:
+                state[kind][event.key] = event
+            counts[kind] = len(state[kind])
+            if on_change is not None:
+                await on_change(kind, event)
+
+    for kind in kinds:
+        tg.create_task(follow(kind), name=f"watch-{kind}")
+    return state
+
+
+async def _serve(service: str, main: Main, settings: Settings) -> None:
+    telemetry.setup_tracing(service, settings.cluster)
+    bus = await _connect_with_retry(settings.nats_url, f"ciliary-{service}/{settings.instance}")
+    await bus.ensure_buckets()
+    ctx = Context(service=service, settings=settings, bus=bus)
+
+    async def on_health(msg: Msg) -> None:
+        await msg.respond(schema.encode(ctx.health()))
+
+    health_subs = [
+        await bus.nc.subscribe(schema.SUBJECT_HEALTH.format(instance=settings.instance), cb=on_health),
+        await bus.nc.subscribe(schema.SUBJECT_HEALTH_ALL, cb=on_health),
+    ]
+    registration = await micro.add_service(
+        bus.nc,
+        name=f"ciliary-{service}",
+        version=__version__,
+        description=f"ciliary {service} service",
+        metadata={
+            "pid": str(os.getpid()),
+            "instance": settings.instance,
+            "cluster": settings.cluster,
+            "node": settings.node,
+            "health_subject": schema.SUBJECT_HEALTH.format(instance=settings.instance),
+        },
+    )
+
+    async def on_ping(req: micro.Request) -> None:
+        await req.respond(schema.to_json(ctx.health()))
+
+    await registration.add_endpoint(
+        name="health", subject=f"ciliary.health.{service}.{settings.instance}", handler=on_ping
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(main(ctx, tg), name=f"{service}-main")
+            await stop.wait()
+            log.info("%s: stopping", service)
+            raise _Stop
+    except* _Stop:
+        pass
+    finally:
+        await registration.stop()
+        for sub in health_subs:
+            await sub.unsubscribe()
+        await bus.close()
+
+
+class _Stop(Exception):
+    """Raised inside the task group to cancel every task on SIGTERM."""
+
+
+async def _connect_with_retry(url: str, name: str, attempts: int = 60) -> Bus:
+    for attempt in range(attempts):
+        try:
+            return await Bus.connect(url, name)
+        except BusError as err:
+            if attempt == attempts - 1:
+                raise
+            log.info("%s; retrying", err)
+            await asyncio.sleep(min(0.2 * (attempt + 1), 2.0))
+    raise AssertionError("unreachable")
+
+
+def run(service: str, main: Main) -> None:
+    """Entry point for ``python -m services.<name>``."""
+    logging.basicConfig(
+        level=os.environ.get("CILIARY_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    settings = Settings.from_env(service)
+    try:
+        asyncio.run(_serve(service, main, settings))
+    except BusError as err:
+        log.error("%s", err)
+        sys.exit(1)

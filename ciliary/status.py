@@ -1,0 +1,41 @@
+"""Client side of ``ciliary status``: who is running, and are they healthy.
+
+Invariant: the answer comes from the services themselves (scatter-gather on
+``ciliary.health``), never from the supervisor's bookkeeping, so it is equally true for an
+embedded instance and for services running as Kubernetes Deployments.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+
+from ciliary import schema
+from ciliary.bus import Bus
+
+log = logging.getLogger(__name__)
+
+
+async def gather_health(bus: Bus, *, timeout: float = 1.0) -> list[schema.HealthReport]:
+    """Every service instance's health report, sorted by service then instance."""
+    reports: dict[str, schema.HealthReport] = {}
+    for raw in await bus.request_many(schema.SUBJECT_HEALTH_ALL, timeout=timeout):
+        try:
+            report = schema.decode(raw, schema.HealthReport)
+        except msgspec.DecodeError as err:
+            log.warning("ignoring malformed health report: %s", err)
+            continue
+        reports[report.instance] = report
+    order = {name: i for i, name in enumerate(schema.SERVICE_NAMES)}
+    return sorted(reports.values(), key=lambda r: (order.get(r.service, 99), r.instance))
+
+
+def missing_or_unhealthy(reports: list[schema.HealthReport], nodes: list[str]) -> list[str]:
+    """Names of expected services (``identity``, ``node/node-1``…) not reporting healthy."""
+    healthy = {
+        f"node/{r.node}" if r.service == "node" else r.service for r in reports if r.healthy
+    }
+    expected = [name for name in schema.SERVICE_NAMES if name != "node"]
+    expected += [f"node/{node}" for node in nodes]
+    return [name for name in expected if name not in healthy]

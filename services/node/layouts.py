@@ -1,0 +1,351 @@
+"""ctypes twins of the BPF map keys, values and events in ``bpf/lib/types.h``.
+
+Invariants:
+- Every Structure here has exactly the size and field offsets of the C struct of
+  the same name (``tests/unit/test_layouts.py`` compiles the header with gcc and
+  compares); C padding fields are spelled out, so no struct has hidden holes.
+- Fields typed ``__be32``/``__be16`` in C hold network byte order; the helpers
+  ``ip4``/``port`` build them and ``ip4_str``/``port_int`` read them back.
+- ``MAPS`` names every pinned map with its key and value layout; this is the
+  one table userspace uses to encode and decode map entries.
+- Constants mirror ``bpf/lib/types.h`` and ``bpf/lib/drop.h`` (Cilium numbers).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import socket
+import struct
+
+# ---- constants (bpf/lib/types.h, bpf/lib/drop.h) -------------------------
+
+IDENTITY_UNKNOWN = 0
+IDENTITY_HOST = 1
+IDENTITY_WORLD = 2
+
+DIR_INGRESS = 1
+DIR_EGRESS = 2
+
+IPCACHE_F_LOCAL = 1 << 0
+
+EP_F_POLICY_INGRESS = 1 << 0
+EP_F_POLICY_EGRESS = 1 << 1
+EP_F_AUDIT_INGRESS = 1 << 2
+EP_F_AUDIT_EGRESS = 1 << 3
+
+POLICY_ALLOW = 1
+POLICY_DENY = 2
+POLICY_F_AUDIT = 1 << 0
+
+CT_KEY_F_SERVICE = 1 << 4
+CT_NEW, CT_ESTABLISHED, CT_REPLY, CT_RELATED = 0, 1, 2, 3
+CT_F_SEEN_REPLY = 1 << 0
+CT_F_TX_CLOSING = 1 << 1
+CT_F_RX_CLOSING = 1 << 2
+CT_F_SERVICE = 1 << 3
+CT_F_AUDITED = 1 << 4
+
+REASON_FORWARDED = 0
+REASON_EVENT_LOST = 254
+
+EVENT_TRACE = 1
+EVENT_DROP = 2
+
+VERDICT_FORWARDED = 1
+VERDICT_DROPPED = 2
+VERDICT_AUDIT = 4
+
+EVENT_PAYLOAD_LEN = 128
+
+DROP_INVALID_SIP = 132
+DROP_POLICY = 133
+DROP_INVALID = 134
+DROP_CT_INVALID_HDR = 135
+DROP_UNKNOWN_L3 = 139
+DROP_WRITE_ERROR = 141
+DROP_UNKNOWN_L4 = 142
+DROP_CSUM_L3 = 153
+DROP_CSUM_L4 = 154
+DROP_CT_CREATE_FAILED = 155
+DROP_FRAG_NOSUPPORT = 157
+DROP_NO_SERVICE = 158
+DROP_POLICY_DENY = 181
+
+DROP_REASONS = {
+    DROP_INVALID_SIP: "INVALID_SOURCE_IP",
+    DROP_POLICY: "POLICY_DENIED",
+    DROP_INVALID: "INVALID_PACKET",
+    DROP_CT_INVALID_HDR: "CT_INVALID_HEADER",
+    DROP_UNKNOWN_L3: "UNKNOWN_L3",
+    DROP_WRITE_ERROR: "WRITE_ERROR",
+    DROP_UNKNOWN_L4: "UNKNOWN_L4",
+    DROP_CSUM_L3: "CHECKSUM_L3",
+    DROP_CSUM_L4: "CHECKSUM_L4",
+    DROP_CT_CREATE_FAILED: "CT_CREATE_FAILED",
+    DROP_FRAG_NOSUPPORT: "FRAGMENTATION_NOT_SUPPORTED",
+    DROP_NO_SERVICE: "NO_SERVICE",
+    DROP_POLICY_DENY: "POLICY_DENY",
+}
+
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+
+
+# ---- byte-order helpers ---------------------------------------------------
+
+
+def ip4(addr: str) -> int:
+    """Dotted quad -> integer whose in-memory (little-endian) bytes are network order."""
+    return struct.unpack("=I", socket.inet_aton(addr))[0]
+
+
+def ip4_str(value: int) -> str:
+    return socket.inet_ntoa(struct.pack("=I", value))
+
+
+def port(p: int) -> int:
+    """Host port -> __be16 field value."""
+    return socket.htons(p)
+
+
+def port_int(value: int) -> int:
+    return socket.ntohs(value)
+
+
+_ADDR_FIELDS = {"ip", "ipv4", "saddr", "daddr", "address", "orig_daddr"}
+_PORT_FIELDS = {"sport", "dport", "port", "orig_dport"}
+
+
+class Layout(ct.Structure):
+    """Base: value equality, bytes round trip and a stable readable repr."""
+
+    def __bytes__(self) -> bytes:
+        return ct.string_at(ct.addressof(self), ct.sizeof(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes):
+        return cls.from_buffer_copy(bytes(data)[: ct.sizeof(cls)])
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and bytes(self) == bytes(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, bytes(self)))
+
+    def fields(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for name, _ in self._fields_:
+            if name == "pad" or name.startswith("pad"):
+                continue
+            v = getattr(self, name)
+            if name in _ADDR_FIELDS:
+                v = ip4_str(v)
+            elif name in _PORT_FIELDS:
+                v = port_int(v)
+            elif isinstance(v, ct.Array):
+                v = bytes(v).hex()
+            out[name] = v
+        return out
+
+    def __repr__(self) -> str:
+        inner = " ".join(f"{k}={v}" for k, v in self.fields().items())
+        return f"{type(self).__name__}({inner})"
+
+
+# ---- map layouts ------------------------------------------------------------
+
+
+class IpcacheKey(Layout):
+    _fields_ = [("prefixlen", ct.c_uint32), ("ip", ct.c_uint32)]
+
+
+class IpcacheValue(Layout):
+    _fields_ = [("identity", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+class EndpointKey(Layout):
+    _fields_ = [("ifindex", ct.c_uint32)]
+
+
+class EndpointInfo(Layout):
+    _fields_ = [
+        ("ep_id", ct.c_uint32),
+        ("identity", ct.c_uint32),
+        ("ipv4", ct.c_uint32),
+        ("flags", ct.c_uint32),
+    ]
+
+
+class PolicyKey(Layout):
+    _fields_ = [
+        ("local_id", ct.c_uint32),
+        ("peer_id", ct.c_uint32),
+        ("dport", ct.c_uint16),
+        ("proto", ct.c_uint8),
+        ("direction", ct.c_uint8),
+    ]
+
+
+class PolicyValue(Layout):
+    _fields_ = [
+        ("verdict", ct.c_uint8),
+        ("flags", ct.c_uint8),
+        ("pad", ct.c_uint16),
+        ("rule_ref", ct.c_uint32),
+    ]
+
+
+class CtKey(Layout):
+    _fields_ = [
+        ("saddr", ct.c_uint32),
+        ("daddr", ct.c_uint32),
+        ("sport", ct.c_uint16),
+        ("dport", ct.c_uint16),
+        ("proto", ct.c_uint8),
+        ("flags", ct.c_uint8),
+        ("pad", ct.c_uint16),
+    ]
+
+
+class CtEntry(Layout):
+    _fields_ = [
+        ("created_ns", ct.c_uint64),
+        ("expires_ns", ct.c_uint64),
+        ("packets", ct.c_uint64),
+        ("bytes", ct.c_uint64),
+        ("backend_id", ct.c_uint32),
+        ("src_identity", ct.c_uint32),
+        ("rev_nat_id", ct.c_uint16),
+        ("flags", ct.c_uint8),
+        ("tx_tcp_flags", ct.c_uint8),
+        ("rx_tcp_flags", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+    ]
+
+
+class Lb4Key(Layout):
+    _fields_ = [
+        ("address", ct.c_uint32),
+        ("dport", ct.c_uint16),
+        ("backend_slot", ct.c_uint16),
+        ("proto", ct.c_uint8),
+        ("scope", ct.c_uint8),
+        ("pad", ct.c_uint8 * 2),
+    ]
+
+
+class Lb4Service(Layout):
+    _fields_ = [
+        ("backend_id", ct.c_uint32),
+        ("count", ct.c_uint16),
+        ("rev_nat_index", ct.c_uint16),
+        ("flags", ct.c_uint8),
+        ("flags2", ct.c_uint8),
+        ("pad", ct.c_uint8 * 2),
+    ]
+
+
+class Lb4BackendKey(Layout):
+    _fields_ = [("backend_id", ct.c_uint32)]
+
+
+class Lb4Backend(Layout):
+    _fields_ = [
+        ("address", ct.c_uint32),
+        ("port", ct.c_uint16),
+        ("proto", ct.c_uint8),
+        ("flags", ct.c_uint8),
+    ]
+
+
+class Lb4ReverseNatKey(Layout):
+    _fields_ = [("rev_nat_id", ct.c_uint16)]
+
+
+class Lb4ReverseNat(Layout):
+    _fields_ = [("address", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class MetricsKey(Layout):
+    _fields_ = [("reason", ct.c_uint8), ("direction", ct.c_uint8), ("pad", ct.c_uint16)]
+
+
+class MetricsValue(Layout):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
+class FlowEvent(Layout):
+    _fields_ = [
+        ("ts_ns", ct.c_uint64),
+        ("saddr", ct.c_uint32),
+        ("daddr", ct.c_uint32),
+        ("sport", ct.c_uint16),
+        ("dport", ct.c_uint16),
+        ("src_identity", ct.c_uint32),
+        ("dst_identity", ct.c_uint32),
+        ("ep_id", ct.c_uint32),
+        ("ifindex", ct.c_uint32),
+        ("rule_ref", ct.c_uint32),
+        ("orig_daddr", ct.c_uint32),
+        ("orig_dport", ct.c_uint16),
+        ("pkt_len", ct.c_uint16),
+        ("type", ct.c_uint8),
+        ("verdict", ct.c_uint8),
+        ("drop_reason", ct.c_uint8),
+        ("direction", ct.c_uint8),
+        ("proto", ct.c_uint8),
+        ("tcp_flags", ct.c_uint8),
+        ("is_reply", ct.c_uint8),
+        ("ct_state", ct.c_uint8),
+        ("payload_len", ct.c_uint16),
+        ("pad", ct.c_uint16),
+        ("payload", ct.c_uint8 * EVENT_PAYLOAD_LEN),
+    ]
+
+    def payload_bytes(self) -> bytes:
+        return bytes(self.payload)[: self.payload_len]
+
+
+# C struct name -> ctypes layout (what test_layouts compares).
+C_STRUCTS: dict[str, type[Layout]] = {
+    "ipcache_key": IpcacheKey,
+    "ipcache_value": IpcacheValue,
+    "endpoint_key": EndpointKey,
+    "endpoint_info": EndpointInfo,
+    "policy_key": PolicyKey,
+    "policy_value": PolicyValue,
+    "ct_key": CtKey,
+    "ct_entry": CtEntry,
+    "lb4_key": Lb4Key,
+    "lb4_service": Lb4Service,
+    "lb4_backend": Lb4Backend,
+    "lb4_reverse_nat_key": Lb4ReverseNatKey,
+    "lb4_reverse_nat": Lb4ReverseNat,
+    "metrics_key": MetricsKey,
+    "metrics_value": MetricsValue,
+    "flow_event": FlowEvent,
+}
+
+# Map names (bpf/lib/maps.h).
+IPCACHE = "ciliary_ipcache"
+LXC = "ciliary_lxc"
+POLICY = "ciliary_policy"
+CT = "ciliary_ct4_global"
+LB4_SERVICES = "ciliary_lb4_services"
+LB4_BACKENDS = "ciliary_lb4_backends"
+LB4_REVERSE_NAT = "ciliary_lb4_reverse_nat"
+METRICS = "ciliary_metrics"
+EVENTS = "ciliary_events"
+
+# Pinned map name -> (key layout, value layout).
+MAPS: dict[str, tuple[type[Layout], type[Layout]]] = {
+    IPCACHE: (IpcacheKey, IpcacheValue),
+    LXC: (EndpointKey, EndpointInfo),
+    POLICY: (PolicyKey, PolicyValue),
+    CT: (CtKey, CtEntry),
+    LB4_SERVICES: (Lb4Key, Lb4Service),
+    LB4_BACKENDS: (Lb4BackendKey, Lb4Backend),
+    LB4_REVERSE_NAT: (Lb4ReverseNatKey, Lb4ReverseNat),
+    METRICS: (MetricsKey, MetricsValue),
+}

@@ -1,0 +1,346 @@
+"""Node, underlay and pod network namespaces (pyroute2, synchronous).
+
+Topology of one cluster, all of it inside namespaces this module creates:
+
+    ciliary-<cluster>-ul         underlay: bridge ``ciliary-br`` joining every node
+    ciliary-<cluster>-<node>     node: underlay veth, one host veth per pod,
+                                 /32 route per local pod, route per remote pod CIDR
+    ciliary-<cluster>-<node>-<h> pod: ``eth0`` with the pod IP/32, default route via
+                                 169.254.1.1 (onlink, static neighbour = host veth MAC)
+
+Invariants:
+- Nothing is ever created in, moved to, or routed through the caller's (root)
+  namespace: veth pairs are created inside a ``ciliary-`` namespace and their
+  peer is moved straight into another ``ciliary-`` namespace.
+- Every namespace and every link is named ``ciliary-...`` (links are at most 15
+  characters: ``ciliary-`` + 7 hex digits of a name hash), except the pod's
+  ``eth0``, which dies with the pod namespace.
+- IPv6 is disabled in node and pod namespaces; ip_forward is enabled in node
+  namespaces only.
+- Create functions are idempotent for namespaces; delete functions are
+  idempotent and never fail on something already gone.
+- Functions block (netlink round trips); the async executor calls them from a
+  worker thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import ipaddress
+import os
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ndmsg import states as nud_states
+
+PREFIX = "ciliary-"
+NETNS_RUN_DIR = "/var/run/netns"
+GATEWAY_IP = "169.254.1.1"
+BRIDGE = "ciliary-br"
+POD_IFNAME = "eth0"
+
+_CLUSTER_RE = re.compile(r"^[a-z0-9]{1,16}$")
+_NODE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeNet:
+    cluster: str
+    node: str
+    netns: str
+    underlay_ifname: str
+    underlay_ifindex: int
+    underlay_mac: str
+    underlay_ip: str
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    cluster: str
+    node: str
+    pod: str
+    netns: str
+    node_netns: str
+    host_ifname: str
+    host_ifindex: int
+    host_mac: str
+    pod_ifname: str
+    pod_ifindex: int
+    pod_mac: str
+    ip: str
+
+
+# ---- names ------------------------------------------------------------------
+
+
+def _check(cluster: str, node: str | None = None) -> None:
+    if not _CLUSTER_RE.match(cluster):
+        raise ValueError(f"cluster name must match {_CLUSTER_RE.pattern}: {cluster!r}")
+    if node is not None and (not _NODE_RE.match(node) or node == "ul"):
+        raise ValueError(f"node name must match {_NODE_RE.pattern} and not be 'ul': {node!r}")
+
+
+def _hash(*parts: str, n: int = 7) -> str:
+    return hashlib.sha1("/".join(parts).encode()).hexdigest()[:n]
+
+
+def link_name(*parts: str) -> str:
+    """A 15-character ``ciliary-<7 hex>`` link name derived from ``parts``."""
+    return PREFIX + _hash(*parts)
+
+
+def underlay_netns(cluster: str) -> str:
+    _check(cluster)
+    return f"{PREFIX}{cluster}-ul"
+
+
+def node_netns(cluster: str, node: str) -> str:
+    _check(cluster, node)
+    return f"{PREFIX}{cluster}-{node}"
+
+
+def pod_netns(cluster: str, node: str, pod: str) -> str:
+    return f"{node_netns(cluster, node)}-{_hash(cluster, node, pod, n=8)}"
+
+
+def host_ifname(cluster: str, node: str, pod: str) -> str:
+    return link_name(cluster, node, pod)
+
+
+def cluster_netns(cluster: str) -> list[str]:
+    """Every namespace of ``cluster`` that exists now."""
+    prefix = f"{PREFIX}{cluster}-"
+    return sorted(n for n in netns.listnetns() if n.startswith(prefix))
+
+
+# ---- running code inside a namespace -------------------------------------------
+
+
+def run_in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a fresh thread that has joined netns ``name``.
+
+    Sockets created by ``fn`` stay in that namespace after it returns. The
+    calling thread's namespace is never touched.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fd = os.open(os.path.join(NETNS_RUN_DIR, name), os.O_RDONLY)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.append(fn())
+        except BaseException as exc:  # handed to the caller
+            error.append(exc)
+
+    t = threading.Thread(target=target, name=f"netns-{name}", daemon=True)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def set_sysctls(name: str, values: dict[str, str]) -> None:
+    """Write ``/proc/sys/<key>`` values inside netns ``name`` (keys use '/')."""
+
+    def write() -> None:
+        for key, value in values.items():
+            with open(f"/proc/sys/{key}", "w") as f:
+                f.write(value)
+
+    run_in_netns(name, write)
+
+
+def _ensure_netns(name: str) -> None:
+    if not name.startswith(PREFIX):
+        raise ValueError(f"refusing to create a namespace without prefix {PREFIX}: {name}")
+    if name not in netns.listnetns():
+        netns.create(name)
+
+
+def _remove_netns(name: str) -> None:
+    if name in netns.listnetns():
+        try:
+            netns.remove(name)
+        except FileNotFoundError:
+            pass
+
+
+def _link(ipr: IPRoute, ifname: str) -> dict | None:
+    idx = ipr.link_lookup(ifname=ifname)
+    if not idx:
+        return None
+    return ipr.get_links(idx[0])[0]
+
+
+def _veth_into(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
+    """veth ``name_a`` in ``ns_a`` paired with ``name_b`` in ``ns_b``."""
+    with IPRoute(netns=ns_a) as ipr:
+        if ipr.link_lookup(ifname=name_a):
+            return
+        ipr.link("add", ifname=name_a, kind="veth", peer={"ifname": name_b})
+        peer = ipr.link_lookup(ifname=name_b)[0]
+        ipr.link("set", index=peer, net_ns_fd=ns_b)
+
+
+_NO_IPV6 = {
+    "net/ipv6/conf/all/disable_ipv6": "1",
+    "net/ipv6/conf/default/disable_ipv6": "1",
+}
+
+
+# ---- underlay and nodes --------------------------------------------------------------
+
+
+def ensure_underlay(cluster: str) -> str:
+    """The underlay namespace with its bridge, up. Returns the namespace name."""
+    ns = underlay_netns(cluster)
+    _ensure_netns(ns)
+    with IPRoute(netns=ns) as ipr:
+        if not ipr.link_lookup(ifname=BRIDGE):
+            ipr.link("add", ifname=BRIDGE, kind="bridge")
+        ipr.link("set", index=ipr.link_lookup(ifname=BRIDGE)[0], state="up")
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    return ns
+
+
+def create_node(cluster: str, node: str, underlay_cidr: str) -> NodeNet:
+    """Node namespace joined to the underlay bridge with ``underlay_cidr`` (e.g. 172.31.7.1/24)."""
+    iface = ipaddress.ip_interface(underlay_cidr)
+    ul = ensure_underlay(cluster)
+    ns = node_netns(cluster, node)
+    _ensure_netns(ns)
+    set_sysctls(ns, {
+        **_NO_IPV6,
+        "net/ipv4/ip_forward": "1",
+        "net/ipv4/conf/all/rp_filter": "0",
+        "net/ipv4/conf/default/rp_filter": "0",
+    })
+    ul_side = link_name(cluster, node, "ul")
+    node_side = link_name(cluster, node, "node")
+    _veth_into(ul, ul_side, ns, node_side)
+    with IPRoute(netns=ul) as ipr:
+        idx = ipr.link_lookup(ifname=ul_side)[0]
+        ipr.link("set", index=idx, master=ipr.link_lookup(ifname=BRIDGE)[0])
+        ipr.link("set", index=idx, state="up")
+    with IPRoute(netns=ns) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        link = _link(ipr, node_side)
+        assert link is not None
+        idx = link["index"]
+        ipr.link("set", index=idx, state="up")
+        try:
+            ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        except NetlinkError as e:
+            if e.code != 17:  # EEXIST
+                raise
+        return NodeNet(cluster, node, ns, node_side, idx, link.get("address"), str(iface.ip))
+
+
+def route_pod_cidr(cluster: str, node: str, cidr: str, via: str) -> None:
+    """Direct routing: in ``node``, reach ``cidr`` (another node's pods) via underlay IP ``via``."""
+    with IPRoute(netns=node_netns(cluster, node)) as ipr:
+        ipr.route("replace", dst=cidr, gateway=via)
+
+
+def delete_node(cluster: str, node: str) -> None:
+    """Remove a node namespace, its pods and its underlay port. Idempotent."""
+    ns = node_netns(cluster, node)
+    pod_re = re.compile(re.escape(ns) + r"-[0-9a-f]{8}$")
+    for name in netns.listnetns():
+        if pod_re.match(name):
+            _remove_netns(name)
+    ul = underlay_netns(cluster)
+    if ul in netns.listnetns():
+        with IPRoute(netns=ul) as ipr:
+            for idx in ipr.link_lookup(ifname=link_name(cluster, node, "ul")):
+                try:
+                    ipr.link("del", index=idx)
+                except NetlinkError:
+                    pass
+    _remove_netns(ns)
+
+
+def delete_cluster(cluster: str) -> None:
+    """Remove every namespace of ``cluster`` (pods, nodes, underlay). Idempotent."""
+    names = cluster_netns(cluster)
+    # pods first, then nodes, then the underlay
+    for name in sorted(names, key=len, reverse=True):
+        _remove_netns(name)
+
+
+# ---- endpoints -----------------------------------------------------------------------
+
+
+def create_endpoint(cluster: str, node: str, pod: str, ip: str) -> Endpoint:
+    """Pod namespace with ``eth0`` (ip/32) wired to host veth ``ciliary-<hash>`` in the node."""
+    node_ns = node_netns(cluster, node)
+    pns = pod_netns(cluster, node, pod)
+    host_if = host_ifname(cluster, node, pod)
+    tmp_if = link_name(cluster, node, pod, "peer")
+    _ensure_netns(pns)
+    set_sysctls(pns, _NO_IPV6)
+    with IPRoute(netns=pns) as ipr:
+        have_eth0 = bool(ipr.link_lookup(ifname=POD_IFNAME))
+    if not have_eth0:
+        _veth_into(node_ns, host_if, pns, tmp_if)
+    with IPRoute(netns=node_ns) as ipr:
+        host = _link(ipr, host_if)
+        if host is None:
+            raise RuntimeError(f"{host_if} missing in {node_ns} while {pns} has {POD_IFNAME}")
+        host_idx, host_mac = host["index"], host.get("address")
+    with IPRoute(netns=pns) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        if not have_eth0:
+            idx = ipr.link_lookup(ifname=tmp_if)[0]
+            ipr.link("set", index=idx, ifname=POD_IFNAME)
+        eth = _link(ipr, POD_IFNAME)
+        assert eth is not None
+        pod_idx, pod_mac = eth["index"], eth.get("address")
+        ipr.link("set", index=pod_idx, state="up")
+        try:
+            ipr.addr("add", index=pod_idx, address=ip, prefixlen=32)
+        except NetlinkError as e:
+            if e.code != 17:
+                raise
+        ipr.neigh("replace", dst=GATEWAY_IP, lladdr=host_mac, ifindex=pod_idx,
+                  state=nud_states["permanent"])
+        ipr.route("replace", dst=f"{GATEWAY_IP}/32", oif=pod_idx, scope=253)
+        ipr.route("replace", dst="0.0.0.0/0", gateway=GATEWAY_IP, oif=pod_idx)
+    set_sysctls(node_ns, {f"net/ipv4/conf/{host_if}/proxy_arp": "1"})
+    with IPRoute(netns=node_ns) as ipr:
+        ipr.link("set", index=host_idx, state="up")
+        ipr.neigh("replace", dst=ip, lladdr=pod_mac, ifindex=host_idx,
+                  state=nud_states["permanent"])
+        ipr.route("replace", dst=f"{ip}/32", oif=host_idx, scope=253)
+    return Endpoint(cluster, node, pod, pns, node_ns, host_if, host_idx, host_mac,
+                    POD_IFNAME, pod_idx, pod_mac, ip)
+
+
+def delete_endpoint(cluster: str, node: str, pod: str) -> None:
+    """Remove the host veth (and with it the pod's eth0 and routes) and the pod namespace."""
+    node_ns = node_netns(cluster, node)
+    if node_ns in netns.listnetns():
+        with IPRoute(netns=node_ns) as ipr:
+            for idx in ipr.link_lookup(ifname=host_ifname(cluster, node, pod)):
+                try:
+                    ipr.link("del", index=idx)
+                except NetlinkError:
+                    pass
+    _remove_netns(pod_netns(cluster, node, pod))

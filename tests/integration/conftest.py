@@ -1,0 +1,77 @@
+"""Integration fixtures: a real nats-server with JetStream on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ciliary.supervisor import free_port, nats_server_binary
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class NatsServer:
+    port: int
+    store_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(port=free_port(), store_dir=tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+def run_cli(*args: str, data_dir: Path, stdin: str | None = None, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """Run the real ``ciliary`` CLI as a user would."""
+    env = dict(os.environ, CILIARY_DATA_DIR=str(data_dir))
+    return subprocess.run(
+        [sys.executable, "-m", "ciliary.cli", *args], input=stdin, capture_output=True,
+        text=True, env=env, timeout=timeout, cwd=REPO,
+    )
+
+
+def service_process(name: str, nats_url: str, *, node: str = "", log_path: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, CILIARY_NATS_URL=nats_url, CILIARY_INSTANCE=f"{name}-{node}" if node else name)
+    if node:
+        env["CILIARY_NODE"] = node
+    out = open(log_path, "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    finally:
+        out.close()

@@ -1,0 +1,135 @@
+"""The bus against a real nats-server: KV CAS, level-triggered watch, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ciliary import schema
+from ciliary.bus import SYNCED, Bus, KVEntry, RevisionMismatch
+
+
+async def _collect_until_synced(it) -> dict[str, bytes]:
+    state: dict[str, bytes] = {}
+    async for event in it:
+        if event is SYNCED:
+            return state
+        assert isinstance(event, KVEntry)
+        if event.deleted:
+            state.pop(event.key, None)
+        else:
+            state[event.key] = event.value
+    raise AssertionError("watch ended before SYNCED")
+
+
+async def test_compare_and_set(nats_server) -> None:
+    bus = await Bus.connect(nats_server.url, "test")
+    try:
+        await bus.ensure_buckets()
+        rev = await bus.kv_put(schema.BUCKET_ALLOCATIONS, "a", b"1", last_revision=0)
+        with pytest.raises(RevisionMismatch):
+            await bus.kv_put(schema.BUCKET_ALLOCATIONS, "a", b"2", last_revision=0)
+        rev2 = await bus.kv_put(schema.BUCKET_ALLOCATIONS, "a", b"2", last_revision=rev)
+        assert rev2 > rev
+        with pytest.raises(RevisionMismatch):
+            await bus.kv_put(schema.BUCKET_ALLOCATIONS, "a", b"3", last_revision=rev)
+        # a deleted key can be created again with create semantics
+        await bus.kv_delete(schema.BUCKET_ALLOCATIONS, "a")
+        assert await bus.kv_get(schema.BUCKET_ALLOCATIONS, "a") is None
+        await bus.kv_put(schema.BUCKET_ALLOCATIONS, "a", b"4", last_revision=0)
+        got = await bus.kv_get(schema.BUCKET_ALLOCATIONS, "a")
+        assert got is not None and got.value == b"4"
+    finally:
+        await bus.close()
+
+
+async def test_watch_yields_state_then_changes(nats_server) -> None:
+    bus = await Bus.connect(nats_server.url, "test")
+    try:
+        await bus.ensure_buckets()
+        for i in range(5):
+            await bus.kv_put(schema.BUCKET_ALLOCATIONS, f"k.{i}", str(i).encode())
+        await bus.kv_delete(schema.BUCKET_ALLOCATIONS, "k.3")
+        it = bus.watch(schema.BUCKET_ALLOCATIONS, "k.>").__aiter__()
+        initial = await asyncio.wait_for(_collect_until_synced(it), 5)
+        assert initial == {"k.0": b"0", "k.1": b"1", "k.2": b"2", "k.4": b"4"}
+        await bus.kv_put(schema.BUCKET_ALLOCATIONS, "k.9", b"9")
+        event = await asyncio.wait_for(it.__anext__(), 5)
+        assert isinstance(event, KVEntry) and event.key == "k.9" and event.value == b"9"
+        await bus.kv_delete(schema.BUCKET_ALLOCATIONS, "k.0")
+        event = await asyncio.wait_for(it.__anext__(), 5)
+        assert isinstance(event, KVEntry) and event.key == "k.0" and event.deleted
+        await it.aclose()
+    finally:
+        await bus.close()
+
+
+async def test_watch_empty_bucket_is_synced_at_once(nats_server) -> None:
+    bus = await Bus.connect(nats_server.url, "test")
+    try:
+        await bus.ensure_buckets()
+        assert await bus.kv_list(schema.BUCKET_POLICY) == {}
+    finally:
+        await bus.close()
+
+
+async def test_watch_survives_server_restart(nats_server) -> None:
+    """Keys written and deleted while the server was away show up after the re-sync."""
+    bus = await Bus.connect(nats_server.url, "test")
+    writer = None
+    try:
+        await bus.ensure_buckets()
+        await bus.kv_put(schema.BUCKET_ALLOCATIONS, "w.keep", b"1")
+        await bus.kv_put(schema.BUCKET_ALLOCATIONS, "w.gone", b"1")
+        it = bus.watch(schema.BUCKET_ALLOCATIONS, "w.>").__aiter__()
+        state = await asyncio.wait_for(_collect_until_synced(it), 5)
+        assert set(state) == {"w.keep", "w.gone"}
+
+        nats_server.stop()
+        await asyncio.sleep(0.3)
+        nats_server.start()
+        writer = await Bus.connect(nats_server.url, "writer")
+        await writer.kv_delete(schema.BUCKET_ALLOCATIONS, "w.gone")
+        await writer.kv_put(schema.BUCKET_ALLOCATIONS, "w.new", b"2")
+
+        async def converge() -> None:
+            async for event in it:
+                if event is SYNCED:
+                    if state == {"w.keep": b"1", "w.new": b"2"}:
+                        return
+                    continue
+                if event.deleted:
+                    state.pop(event.key, None)
+                else:
+                    state[event.key] = event.value
+                if state == {"w.keep": b"1", "w.new": b"2"}:
+                    return
+
+        await asyncio.wait_for(converge(), 20)
+        await it.aclose()
+    finally:
+        if writer:
+            await writer.close()
+        await bus.close()
+
+
+async def test_request_many_and_bad_payloads(nats_server) -> None:
+    bus = await Bus.connect(nats_server.url, "test")
+    try:
+        got: list[schema.HealthReport] = []
+
+        async def handler(report: schema.HealthReport, msg) -> None:
+            got.append(report)
+
+        await bus.subscribe("t.health", schema.HealthReport, handler)
+        await bus.publish("t.health", b"\xc1 not msgpack")  # dropped, handler survives
+        good = schema.HealthReport(service="x", instance="x", pid=1, version="0", started=0.0, healthy=True)
+        await bus.publish("t.health", good)
+        for _ in range(50):
+            if got:
+                break
+            await asyncio.sleep(0.02)
+        assert got == [good]
+    finally:
+        await bus.close()

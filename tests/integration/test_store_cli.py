@@ -1,0 +1,102 @@
+"""apply / get / delete through the real CLI against a real instance's NATS server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ciliary import config
+from tests.integration.conftest import REPO, run_cli
+
+SHOP = REPO / "examples" / "shop"
+
+
+@pytest.fixture
+def instance(nats_server, tmp_path: Path) -> Path:
+    """A data dir that points the CLI at the test's NATS server (no services needed)."""
+    data_dir = tmp_path / "data"
+    config.write_instance(data_dir, config.InstanceState(nats_url=nats_server.url, supervisor_pid=1))
+    return data_dir
+
+
+def _get_json(data_dir: Path, *args: str) -> dict:
+    result = run_cli("get", *args, "-o", "json", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_apply_get_round_trip(instance: Path) -> None:
+    result = run_cli("apply", "-f", str(SHOP), data_dir=instance)
+    assert result.returncode == 0, result.stderr
+    assert "pod/payments -n default created" in result.stdout
+    pods = _get_json(instance, "pods", "-A")
+    assert pods["kind"] == "List"
+    assert [p["metadata"]["name"] for p in pods["items"]] == ["checkout", "frontend", "payments"]
+    payments = next(p for p in pods["items"] if p["metadata"]["name"] == "payments")
+    assert payments["metadata"]["labels"]["app"] == "payments"
+    assert payments["metadata"]["generation"] == 1
+    assert int(payments["metadata"]["resourceVersion"]) > 0
+    assert payments["metadata"]["uid"]
+    cnp = _get_json(instance, "cnp", "payments-ingress")
+    assert cnp["spec"]["endpointSelector"]["matchLabels"] == {"app": "payments"}
+
+    # re-applying changes nothing; a changed object bumps generation and resourceVersion
+    again = run_cli("apply", "-f", str(SHOP), data_dir=instance)
+    assert again.returncode == 0 and "created" not in again.stdout and "configured" not in again.stdout
+    assert _get_json(instance, "pod", "payments")["metadata"] == payments["metadata"]
+    changed = (SHOP / "10-workloads.yaml").read_text().replace('pci: "true"', 'pci: "false"')
+    result = run_cli("apply", "-f", "-", data_dir=instance, stdin=changed)
+    assert "pod/payments -n default configured" in result.stdout, result.stdout + result.stderr
+    updated = _get_json(instance, "pod", "payments")
+    assert updated["metadata"]["generation"] == 2
+    assert updated["metadata"]["uid"] == payments["metadata"]["uid"]
+    assert int(updated["metadata"]["resourceVersion"]) > int(payments["metadata"]["resourceVersion"])
+
+    table = run_cli("get", "pods", "-A", data_dir=instance)
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["NAMESPACE", "NAME", "STATUS", "IP", "NODE", "AGE"]
+    assert len(lines) == 4
+    # columns are aligned: every row starts its NAME column at the same offset
+    offset = lines[0].index("NAME ")
+    assert all(line[offset - 1] == " " and line[offset] != " " for line in lines[1:])
+
+
+def test_delete_by_name_and_by_file(instance: Path) -> None:
+    assert run_cli("apply", "-f", str(SHOP), data_dir=instance).returncode == 0
+    result = run_cli("delete", "pod", "frontend", data_dir=instance)
+    assert result.returncode == 0 and "deleted" in result.stdout
+    names = [p["metadata"]["name"] for p in _get_json(instance, "pods")["items"]]
+    assert names == ["checkout", "payments"]
+    missing = run_cli("delete", "pod", "frontend", data_dir=instance)
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    result = run_cli("delete", "-f", str(SHOP / "30-policies.yaml"), data_dir=instance)
+    assert result.returncode == 0, result.stderr
+    assert _get_json(instance, "cnp")["items"] == []
+    assert _get_json(instance, "netpol")["items"] == []
+    assert len(_get_json(instance, "services")["items"]) == 3
+
+
+def test_invalid_file_applies_nothing(instance: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "mixed.yaml"
+    bad.write_text(
+        (SHOP / "20-services.yaml").read_text()
+        + "\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: broken\nspec:\n  ports:\n  - port: 70000\n"
+    )
+    result = run_cli("apply", "-f", str(bad), data_dir=instance)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "mixed.yaml" in result.stderr and "document 3" in result.stderr
+    assert "spec.ports[0].port" in result.stderr
+    assert _get_json(instance, "services")["items"] == []
+
+
+def test_cli_errors_are_clear(instance: Path, tmp_path: Path) -> None:
+    unknown = run_cli("get", "widgets", data_dir=instance)
+    assert unknown.returncode == 1 and "widgets" in unknown.stderr and "Traceback" not in unknown.stderr
+    nofile = run_cli("apply", "-f", str(tmp_path / "nope.yaml"), data_dir=instance)
+    assert nofile.returncode == 1 and "nope.yaml" in nofile.stderr
+    nothing = run_cli("get", "pods", data_dir=tmp_path / "empty")
+    assert nothing.returncode == 1
+    assert "no ciliary instance is running" in nothing.stderr and "ciliary up -d" in nothing.stderr

@@ -1,0 +1,97 @@
+"""The ctypes layouts in services/node/layouts.py match bpf/lib/types.h exactly.
+
+A small C program is generated from the ctypes field lists, compiled with the
+system gcc against bpf/lib/*.h, and its sizeof/offsetof output is compared with
+ctypes. No root, no kernel, no bcc.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from services.node import layouts
+
+BPF_LIB = Path(__file__).resolve().parents[2] / "bpf" / "lib"
+
+
+def _c_program() -> str:
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        '#include "types.h"',
+        '#include "drop.h"',
+        "int main(void) {",
+    ]
+    for cname, layout in layouts.C_STRUCTS.items():
+        lines.append(f'printf("{cname} %zu\\n", sizeof(struct {cname}));')
+        for fname, _ in layout._fields_:
+            lines.append(
+                f'printf("{cname}.{fname} %zu\\n", offsetof(struct {cname}, {fname}));'
+            )
+    for const in ("DROP_POLICY", "DROP_POLICY_DENY", "DROP_NO_SERVICE", "DROP_INVALID_SIP",
+                  "DIR_INGRESS", "DIR_EGRESS", "EVENT_PAYLOAD_LEN", "CT_KEY_F_SERVICE",
+                  "REASON_EVENT_LOST", "VERDICT_AUDIT", "EP_F_AUDIT_EGRESS"):
+        lines.append(f'printf("#{const} %d\\n", (int)({const}));')
+    lines += ["return 0;", "}"]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def c_layout(tmp_path_factory) -> dict[str, int]:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("no C compiler (gcc) on PATH")
+    d = tmp_path_factory.mktemp("layouts")
+    src = d / "layouts.c"
+    exe = d / "layouts"
+    src.write_text(_c_program())
+    subprocess.run([gcc, "-Wall", "-Werror", "-I", str(BPF_LIB), "-o", str(exe), str(src)],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
+
+
+@pytest.mark.parametrize("cname", sorted(layouts.C_STRUCTS))
+def test_struct_matches_c(c_layout, cname):
+    layout = layouts.C_STRUCTS[cname]
+    assert ct.sizeof(layout) == c_layout[cname], f"sizeof(struct {cname})"
+    for fname, _ in layout._fields_:
+        assert getattr(layout, fname).offset == c_layout[f"{cname}.{fname}"], f"{cname}.{fname}"
+
+
+def test_every_map_layout_is_a_c_struct():
+    known = set(layouts.C_STRUCTS.values())
+    for name, (key, value) in layouts.MAPS.items():
+        if key in (layouts.Lb4BackendKey,):
+            assert ct.sizeof(key) == 4, name  # plain __u32 key in C
+            continue
+        assert key in known and value in known, name
+
+
+def test_constants_match_c(c_layout):
+    for const in ("DROP_POLICY", "DROP_POLICY_DENY", "DROP_NO_SERVICE", "DROP_INVALID_SIP",
+                  "DIR_INGRESS", "DIR_EGRESS", "EVENT_PAYLOAD_LEN", "CT_KEY_F_SERVICE",
+                  "REASON_EVENT_LOST", "VERDICT_AUDIT", "EP_F_AUDIT_EGRESS"):
+        assert getattr(layouts, const) == c_layout[f"#{const}"], const
+
+
+def test_cilium_drop_numbers():
+    assert layouts.DROP_POLICY == 133
+    assert layouts.DROP_NO_SERVICE == 158
+    assert layouts.DROP_POLICY_DENY == 181
+
+
+def test_byte_order_helpers_round_trip():
+    k = layouts.IpcacheKey(prefixlen=32, ip=layouts.ip4("10.0.1.2"))
+    assert bytes(k)[4:] == bytes([10, 0, 1, 2])
+    assert layouts.ip4_str(k.ip) == "10.0.1.2"
+    b = layouts.Lb4Backend(port=layouts.port(8080))
+    assert bytes(b)[4:6] == (8080).to_bytes(2, "big")
+    assert layouts.port_int(b.port) == 8080
+    assert layouts.IpcacheKey.from_bytes(bytes(k)) == k
+    assert "ip=10.0.1.2" in repr(k)
