@@ -87,6 +87,7 @@ class Bus:
         self._reconnected = asyncio.Event()
         self.reconnects = 0
         self._kv_handles: dict[str, Any] = {}
+        self.closing = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -111,7 +112,8 @@ class Bus:
                 log.info("reconnected to %s", url)
 
         async def on_disconnect() -> None:
-            log.warning("disconnected from %s", url)
+            if bus is not None and not bus.closing:
+                log.warning("disconnected from %s", url)
 
         async def on_error(err: Exception) -> None:
             log.debug("nats error: %s", err)
@@ -128,12 +130,13 @@ class Bus:
                 disconnected_cb=on_disconnect,
                 error_cb=on_error,
             )
-        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as err:
+        except (TimeoutError, OSError, nats.errors.NoServersError) as err:
             raise BusError(f"cannot connect to NATS at {url}: {err}") from err
         bus = cls(nc, name)
         return bus
 
     async def close(self) -> None:
+        self.closing = True
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()
@@ -285,7 +288,7 @@ class Bus:
                     deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
                     inactive_threshold=300,
                 )
-            except (nats.errors.Error, asyncio.TimeoutError) as err:
+            except (TimeoutError, nats.errors.Error) as err:
                 if once:
                     raise BusError(f"watch {bucket}: {err}") from err
                 log.warning("watch %s: %s; retrying", bucket, err)
@@ -408,7 +411,7 @@ class Bus:
                 arrived.clear()
                 try:
                     await asyncio.wait_for(arrived.wait(), timeout=min(remaining, quiet) if replies else remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if replies:
                         break
         finally:

@@ -321,13 +321,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0 if not missing else 1
     print(f"cluster {state.cluster} (id {state.cluster_id})   nats {state.nats_url}   data dir {args.data_dir_path}")
     rows = [
-        [r.service, r.node or "-", r.pid, r.version, "yes" if r.healthy else "NO", output.age(now - r.started)]
+        [r.service, r.node or "-", r.pid, r.version, "yes" if r.healthy else "NO",
+         output.age(now - r.started), _watching(r)]
         for r in reports
     ]
-    rows += [[name, "-", "-", "-", "MISSING", "-"] for name in missing if not any(
+    rows += [[name, "-", "-", "-", "MISSING", "-", ""] for name in missing if not any(
         (f"node/{r.node}" if r.service == "node" else r.service) == name for r in reports)]
-    print(output.table(["SERVICE", "NODE", "PID", "VERSION", "HEALTHY", "UPTIME"], rows))
+    print(output.table(["SERVICE", "NODE", "PID", "VERSION", "HEALTHY", "UPTIME", "WATCHING"], rows))
     return 0 if not missing else 1
+
+
+def _watching(report: schema.HealthReport) -> str:
+    """``Pod=3 Namespace=2`` for each resource kind the service watches."""
+    counts = report.detail.get("resources") or {}
+    kinds = [w.split("/", 1)[1] for w in report.watching if w.startswith("resources/")]
+    return " ".join(f"{kind}={counts.get(kind, 0)}" for kind in kinds)
 
 
 # ---------------------------------------------------------------- parser

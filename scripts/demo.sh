@@ -8,8 +8,9 @@ export CILIARY_DATA_DIR="$DATA_DIR"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "Stopping any earlier demo instance"
+step "Stopping any earlier demo instance and clearing its state"
 "$CILIARY" down
+rm -rf "$DATA_DIR/nats" "$DATA_DIR/logs"
 
 step "Starting ciliary: NATS + identity, servicelb, policy, flows, mesh and two node executors"
 "$CILIARY" up -d --nodes 2

@@ -44,10 +44,12 @@ static __always_inline void metrics_add(__u8 reason, __u8 dir, __u32 len)
 	}
 }
 
-static __always_inline int is_dns(const struct pkt *p)
+/* UDP to or from port 53, including a request DNATed away from a VIP:53. */
+static __always_inline int is_dns(const struct flow_ctx *c)
 {
-	return p->proto == IPPROTO_UDP &&
-	       (p->sport == bpf_htons(53) || p->dport == bpf_htons(53));
+	return c->p.proto == IPPROTO_UDP &&
+	       (c->p.sport == bpf_htons(53) || c->p.dport == bpf_htons(53) ||
+		c->orig_dport == bpf_htons(53));
 }
 
 static __always_inline void emit_event(struct __sk_buff *skb, const struct flow_ctx *c,
@@ -84,7 +86,7 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct flow_
 	ev->tcp_flags = c->p.tcp_flags;
 	ev->is_reply = c->ct_state == CT_REPLY;
 	ev->ct_state = c->ct_state;
-	if (is_dns(&c->p)) {
+	if (is_dns(c)) {
 		off = c->p.l4_off + 8;
 		if (skb->len > off) {
 			n = (__u64)skb->len - off;
@@ -114,7 +116,7 @@ static __always_inline int forward_packet(struct __sk_buff *skb, const struct fl
 	metrics_add(REASON_FORWARDED, c->direction, c->p.len);
 	if (verdict == VERDICT_AUDIT || c->ct_state == CT_NEW ||
 	    (c->p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)) ||
-	    is_dns(&c->p))
+	    is_dns(c))
 		emit_event(skb, c, EVENT_TRACE, verdict, reason);
 	return TC_ACT_OK;
 }

@@ -88,9 +88,7 @@ def convert(kind: str, manifest: dict[str, Any]) -> tuple[Any, list[FieldError]]
 def translate_error(message: str, data: Any, model: type) -> FieldError:
     """Turn a msgspec validation message into a `FieldError` with a Kubernetes path."""
     match = _AT.match(message)
-    if match is None:
-        return FieldError("", _lower_first(message))
-    msg, raw_path = match["msg"], match["path"]
+    msg, raw_path = (match["msg"], match["path"]) if match else (message, "")
     segments: list[Any] = []
     for m in _SEGMENT.finditer(raw_path):
         if m[1] is not None:

@@ -43,7 +43,7 @@ class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
             return ""
         name = self.name or "<unnamed>"
         ref = f"{self.namespace}/{name}" if self.namespace else name
-        return f"{self.kind} {ref}".strip()
+        return f"{self.kind or '<no kind>'} {ref}"
 
     def __str__(self) -> str:
         parts = [self.source]

@@ -66,9 +66,13 @@ def check_dns1123_subdomain(value: str) -> str | None:
     return None
 
 
-def check_qualified_name(key: str) -> str | None:
-    """A label or annotation key: ``[prefix/]name``, prefix a DNS subdomain, name ≤ 63."""
+def check_qualified_name(key: str, *, shown: str | None = None) -> str | None:
+    """A label or annotation key: ``[prefix/]name``, prefix a DNS subdomain, name ≤ 63.
+
+    `shown` is the key as the user wrote it, for the message (defaults to `key`).
+    """
     prefix, sep, name = key.rpartition("/")
+    key = key if shown is None else shown
     if sep:
         if not prefix:
             return f"invalid key {_quote(key)}: prefix part must be non-empty"
@@ -92,7 +96,7 @@ def check_selector_key(key: str, *, allow_source: bool) -> str | None:
         source, _, rest = key.partition(":")
         if not _C_SOURCE.match(source):
             return f"invalid key {_quote(key)}: label source {_quote(source)} is not valid"
-        key = rest
+        return check_qualified_name(rest, shown=key)
     return check_qualified_name(key)
 
 

@@ -27,6 +27,7 @@ MAX_ICMP_FIELDS = 40
 _FQDN_NAME = re.compile(r"^[-a-zA-Z0-9_]+(\.[-a-zA-Z0-9_]+)*\.?$")
 _FQDN_PATTERN = re.compile(r"^[-a-zA-Z0-9_*]+(\.[-a-zA-Z0-9_*]+)*\.?$")
 _FQDN_MAX = 255
+_NUMBER = re.compile(r"^-?[0-9]+$")
 
 ICMP_TYPES = {
     "IPv4": frozenset(
@@ -128,13 +129,13 @@ def _rule(rule: c.Rule, path: str, clusterwide: bool, errs: Errors) -> None:
         errs.add(path, "rule must have one of endpointSelector or nodeSelector")
     elif rule.endpoint_selector is not None and rule.node_selector is not None:
         errs.add(at(path, "nodeSelector"), "may not be combined with endpointSelector")
+    elif rule.node_selector is not None and not clusterwide:
+        errs.add(at(path, "nodeSelector"), "only allowed in CiliumClusterwideNetworkPolicy")
     if rule.endpoint_selector is not None:
         _sel(rule.endpoint_selector, at(path, "endpointSelector"), errs)
     if rule.node_selector is not None:
-        if not clusterwide:
-            errs.add(at(path, "nodeSelector"), "only allowed in CiliumClusterwideNetworkPolicy")
         _sel(rule.node_selector, at(path, "nodeSelector"), errs)
-    host = rule.node_selector is not None
+    host = rule.node_selector is not None and rule.endpoint_selector is None
     for i, ing in enumerate(rule.ingress):
         _ingress(ing, f"{path}.ingress[{i}]", host, errs)
     for i, ing in enumerate(rule.ingress_deny):
@@ -255,20 +256,25 @@ def _icmp_field(field: c.ICMPField, path: str, errs: Errors) -> None:
 
 def _port_protocol(pp: c.PortProtocol, path: str, errs: Errors) -> None:
     ppath = at(path, "port")
+    numeric = _NUMBER.match(pp.port) is not None
     if not pp.port:
-        errs.add(ppath, "port is required")
-    elif pp.port.isdigit():
-        errs.check(ppath, names.check_port_number(int(pp.port), allow_zero=True))
+        problem: str | None = "port is required"
+    elif numeric:
+        problem = names.check_port_number(int(pp.port), allow_zero=True)
     else:
-        errs.check(ppath, names.check_port_name(pp.port))
-    if pp.end_port:
-        epath = at(path, "endPort")
-        if not pp.port.isdigit():
-            errs.add(epath, "may only be used with a numeric port")
-        elif not 0 <= pp.end_port <= 65535:
-            errs.add(epath, f"must be between 0 and 65535, got {pp.end_port}")
-        elif pp.end_port < int(pp.port):
-            errs.add(epath, f"must be greater than or equal to port {pp.port}, got {pp.end_port}")
+        problem = names.check_port_name(pp.port)
+    errs.check(ppath, problem)
+    if not pp.end_port:
+        return
+    epath = at(path, "endPort")
+    if not 0 <= pp.end_port <= 65535:
+        errs.add(epath, f"must be between 0 and 65535, got {pp.end_port}")
+    elif problem is not None:
+        return
+    elif not numeric:
+        errs.add(epath, "may only be used with a numeric port")
+    elif pp.end_port < int(pp.port):
+        errs.add(epath, f"must be greater than or equal to port {pp.port}, got {pp.end_port}")
 
 
 def _port_rule(

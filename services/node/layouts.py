@@ -144,7 +144,9 @@ class Layout(ct.Structure):
             elif name in _PORT_FIELDS:
                 v = port_int(v)
             elif isinstance(v, ct.Array):
-                v = bytes(v).hex()
+                v = bytes(v).rstrip(b"\0").hex()
+                if not v:
+                    continue
             out[name] = v
         return out
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ciliary.resources import Resource
+from ciliary.resources import Resource, resource_from_manifest
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import ResourceStore
 
@@ -35,7 +35,7 @@ def node_resource(name: str, cluster: str) -> Resource:
         },
         "spec": {},
     }
-    return Resource(kind="Node", api_version="v1", namespace="", name=name, manifest=manifest)
+    return resource_from_manifest(manifest, source=f"node registration {name}")
 
 
 async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:

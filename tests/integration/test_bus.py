@@ -133,3 +133,35 @@ async def test_request_many_and_bad_payloads(nats_server) -> None:
         assert got == [good]
     finally:
         await bus.close()
+
+
+async def test_trace_context_travels_in_headers(nats_server) -> None:
+    from opentelemetry import trace
+
+    from ciliary import telemetry
+
+    tracer = telemetry.setup_tracing("test", "default")
+    bus = await Bus.connect(nats_server.url, "test")
+    try:
+        await bus.ensure_buckets()
+        seen: list[dict] = []
+
+        async def on_msg(msg) -> None:
+            seen.append(dict(msg.header or {}))
+
+        await bus.nc.subscribe("t.trace", cb=on_msg)
+        with tracer.start_as_current_span("apply") as span:
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            await bus.publish("t.trace", b"x")
+            await bus.kv_put(schema.BUCKET_ALLOCATIONS, "traced", b"1")
+        for _ in range(50):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        assert trace_id in seen[0]["traceparent"]
+        entries = await bus.kv_list(schema.BUCKET_ALLOCATIONS, "traced")
+        assert trace_id in entries["traced"].headers["traceparent"]
+        ctx = telemetry.extract_context(entries["traced"].headers)
+        assert format(trace.get_current_span(ctx).get_span_context().trace_id, "032x") == trace_id
+    finally:
+        await bus.close()
