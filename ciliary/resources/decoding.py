@@ -2,7 +2,9 @@
 
 Invariants:
 - The raw manifest is never mutated; decoding works on a normalised copy in which ``null``
-  map values are dropped (Kubernetes treats ``null`` as "unset") and Cilium ``toPorts``
+  field values are dropped (Kubernetes treats ``null`` as "unset"), ``null`` values in
+  string maps (labels, annotations, matchLabels, Service selector) become ``""`` (as Go's
+  JSON decoding does, so a selector is never silently widened) and Cilium ``toPorts``
   port numbers written as YAML integers become strings (named ports are lower-cased, as
   Cilium does).
 - A msgspec ``ValidationError`` becomes exactly one `FieldError` whose path is rendered the
@@ -32,6 +34,7 @@ _FIELD_MSG = re.compile(r"^Object (?P<what>missing required|contains unknown) fi
 _ENUM = re.compile(r"^Invalid enum value (?P<v>.+)$")
 _CILIUM_KINDS = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
 _RULE_DIRECTIONS = ("ingress", "ingressDeny", "egress", "egressDeny")
+_STRING_MAPS = frozenset({"labels", "annotations", "matchLabels"})
 
 _KEY = object()  # path segment: a map key chosen by value
 
@@ -42,6 +45,9 @@ _PY_TYPE_NAMES = {str: "str", int: "int", float: "float", bool: "bool", dict: "o
 def normalize(kind: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """A decoding copy of `manifest` (see module invariants)."""
     data = _drop_nulls(manifest)
+    spec = data.get("spec")
+    if kind == "Service" and isinstance(spec, dict) and isinstance(spec.get("selector"), dict):
+        spec["selector"] = _null_to_empty(manifest["spec"]["selector"])
     if kind in _CILIUM_KINDS:
         rules = [data.get("spec")] + list(data.get("specs") or [])
         for rule in rules:
@@ -51,10 +57,19 @@ def normalize(kind: str, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _drop_nulls(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+        return {
+            k: _null_to_empty(v) if k in _STRING_MAPS and isinstance(v, dict) else _drop_nulls(v)
+            for k, v in value.items()
+            if v is not None
+        }
     if isinstance(value, list):
         return [_drop_nulls(v) for v in value]
     return value
+
+
+def _null_to_empty(mapping: dict[Any, Any]) -> dict[Any, Any]:
+    """In a string map, ``key: null`` means ``key: ""`` (as Go's JSON decoding does)."""
+    return {k: "" if v is None else v for k, v in mapping.items()}
 
 
 def _normalize_rule_ports(rule: Any) -> None:

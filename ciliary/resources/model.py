@@ -57,12 +57,15 @@ from .pod import (
     Container,
     ContainerPort,
     EnvVar,
+    ExecAction,
+    HTTPGetAction,
     Pod,
     PodCondition,
     PodIP,
     PodSpec,
     PodStatus,
     Probe,
+    TCPSocketAction,
 )
 from .selector import LabelSelector, LabelSelectorRequirement
 from .service import (
@@ -108,6 +111,8 @@ __all__ = [
     "EndpointSelector",
     "EndpointSlice",
     "EnvVar",
+    "ExecAction",
+    "HTTPGetAction",
     "FQDNSelector",
     "ICMPField",
     "ICMPRule",
@@ -151,4 +156,5 @@ __all__ = [
     "ServiceSpec",
     "ServiceStatus",
     "SessionAffinityConfig",
+    "TCPSocketAction",
 ]
