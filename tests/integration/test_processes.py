@@ -157,3 +157,33 @@ async def test_nats_restart_keeps_every_resource(nats_server) -> None:
     finally:
         await bus.close()
     assert after == before and len(after) == len(resources)
+
+
+def test_foreground_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "fg"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ciliary.cli", "up", "--data-dir", str(data_dir)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        state = None
+        while time.monotonic() < deadline:
+            state = config.read_instance(data_dir)
+            if state is not None and len(state.processes) == 7:
+                status = run_cli("status", "-o", "json", data_dir=data_dir)
+                if status.returncode == 0:
+                    break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("foreground instance did not become healthy")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert not any(config.pid_alive(p.pid) for p in state.processes)
+        assert config.read_instance(data_dir) is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
