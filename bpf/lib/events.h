@@ -7,8 +7,9 @@
  *    ciliary_metrics under {REASON_FORWARDED or drop reason, direction}.
  *  - Events go to the ciliary_events ring buffer; a full ring buffer is
  *    counted under {REASON_EVENT_LOST, 0}, never blocks the packet.
- *  - Every drop emits an event; forwarded packets emit one for a new
- *    connection, a SYN/FIN/RST, and for UDP port 53 (with payload).
+ *  - Every drop emits an event; forwarded (or audited) packets emit one for
+ *    a new connection, a SYN/FIN/RST, and for UDP port 53 (with payload), so
+ *    events scale with connections, not with packets.
  */
 #ifndef CILIARY_LIB_EVENTS_H
 #define CILIARY_LIB_EVENTS_H
@@ -114,7 +115,7 @@ static __always_inline int forward_packet(struct __sk_buff *skb, const struct fl
 					  __u8 verdict, __u8 reason)
 {
 	metrics_add(REASON_FORWARDED, c->direction, c->p.len);
-	if (verdict == VERDICT_AUDIT || c->ct_state == CT_NEW ||
+	if (c->ct_state == CT_NEW ||
 	    (c->p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)) ||
 	    is_dns(c))
 		emit_event(skb, c, EVENT_TRACE, verdict, reason);

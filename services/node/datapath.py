@@ -31,7 +31,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from services.node import layouts as L
-from services.node.maps import BccMapOps
+from services.node.maps import BccMapOps, gc_conntrack
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 PROGRAM = BPF_DIR / "bpf_lxc.c"
@@ -94,7 +94,7 @@ class RingReader:
     _thread: threading.Thread | None = None
 
     def start(self) -> RingReader:
-        self.bpf[L.EVENTS].open_ring_buffer(self._on_event)
+        self.bpf[L.EVENTS.encode()].open_ring_buffer(self._on_event)
         self._thread = threading.Thread(target=self._run, name="ciliary-ringbuf", daemon=True)
         self._thread.start()
         return self
@@ -174,7 +174,7 @@ class Datapath:
                      for name in ("from_container", "to_container")}
         self.load_seconds = time.monotonic() - start
         self._bpf, self._progs = bpf, progs
-        self._maps = BccMapOps({name: bpf[name] for name in L.MAPS})
+        self._maps = BccMapOps({name: bpf[name.encode()] for name in L.MAPS})
         return self.load_seconds
 
     @property
@@ -231,6 +231,10 @@ class Datapath:
     def events_lost(self) -> int:
         v = self.metrics().get((L.REASON_EVENT_LOST, 0))
         return v.packets if v is not None else 0
+
+    def gc_conntrack(self, now_ns: int | None = None) -> int:
+        """Delete expired conntrack entries (see ``maps.gc_conntrack``)."""
+        return gc_conntrack(self.maps, now_ns)
 
     def close(self) -> None:
         """Stop the reader and release this process's handles. Attached programs

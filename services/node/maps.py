@@ -269,17 +269,21 @@ def policy_entry(local_id: int, peer_id: int, dport: int, proto: str | int, dire
 
 def lb_service_entries(vip: str, port: int, proto: str | int, rev_nat_id: int,
                        backend_ids: Sequence[int]) -> list[Entry]:
-    """Slot 0 (count, rev-NAT id) and one slot per backend id, in order."""
+    """One slot per backend id (1..n), then slot 0 (count, rev-NAT id).
+
+    Slot 0 comes last so that, applied in order, the datapath never sees a
+    count larger than the slots already written (Cilium's ordering). Shrinking
+    a service is the reverse: write slot 0 first, then delete the extra slots.
+    """
     p = proto_number(proto)
 
     def key(slot: int) -> L.Lb4Key:
         return L.Lb4Key(address=L.ip4(vip), dport=L.port(port), backend_slot=slot, proto=p)
 
-    out = [Entry(L.LB4_SERVICES, key(0),
-                 L.Lb4Service(count=len(backend_ids), rev_nat_index=rev_nat_id))]
-    for slot, bid in enumerate(backend_ids, start=1):
-        out.append(Entry(L.LB4_SERVICES, key(slot),
-                         L.Lb4Service(backend_id=bid, rev_nat_index=rev_nat_id)))
+    out = [Entry(L.LB4_SERVICES, key(slot), L.Lb4Service(backend_id=bid, rev_nat_index=rev_nat_id))
+           for slot, bid in enumerate(backend_ids, start=1)]
+    out.append(Entry(L.LB4_SERVICES, key(0),
+                     L.Lb4Service(count=len(backend_ids), rev_nat_index=rev_nat_id)))
     return out
 
 
@@ -294,7 +298,9 @@ def lb_revnat_entry(rev_nat_id: int, vip: str, port: int) -> Entry:
 
 
 def apply(ops: MapOps, entries: Iterable[Entry]) -> None:
-    """Upsert ``entries`` with one batch per map, in first-seen map order."""
+    """Upsert ``entries`` with one batch per map, in first-seen map order and, within a
+    map, in the given order (list backends and reverse-NAT before the services
+    that reference them)."""
     by_map: dict[str, list[tuple[Layout, Layout]]] = {}
     for e in entries:
         by_map.setdefault(e.map, []).append((e.key, e.value))

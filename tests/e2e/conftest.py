@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
-import struct
 import subprocess
 import threading
 import time
@@ -31,9 +29,7 @@ from services.node import layouts as L
 from services.node import maps as M
 from services.node import netns as N
 
-PIN_ROOT = "/sys/fs/bpf/ciliary"
-SMALL_MAPS = dict(ipcache=4096, lxc=1024, policy=1024, ct=65536, lb=1024, metrics=256,
-                  events_pages=64)
+from .podnet import PIN_ROOT, SMALL_MAPS, EchoServer
 
 
 def _unavailable() -> str | None:
@@ -67,13 +63,11 @@ def cluster_names() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
-def no_leaks(request) -> Iterator[None]:
+def no_leaks(cluster_names) -> Iterator[None]:
+    """Runs its check after every fixture that built a cluster was torn down."""
     yield
-    if "cluster_names" not in request.fixturenames:
-        return
-    names = request.getfixturevalue("cluster_names")
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    for name in names:
+    for name in cluster_names:
         left = [line.split()[0] for line in listed.splitlines()
                 if line.startswith(f"ciliary-{name}-")]
         assert not left, f"leaked namespaces: {left}"
@@ -227,66 +221,10 @@ def cluster(topology) -> Iterator[Cluster]:
     finally:
         for dp in dps.values():
             dp.close()
+            dp.unpin()
 
 
-# ---- sockets inside pods ------------------------------------------------------------------
-
-
-class EchoServer:
-    """TCP or UDP echo server whose socket lives in a pod namespace."""
-
-    def __init__(self, netns: str, port: int, udp: bool = False, reply_prefix: bytes = b""):
-        self.udp = udp
-        self.prefix = reply_prefix
-        self.peers: list[tuple[str, int]] = []
-        kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
-
-        def make() -> socket.socket:
-            s = socket.socket(socket.AF_INET, kind)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", port))
-            if not udp:
-                s.listen(64)
-            s.settimeout(0.1)
-            return s
-
-        self.sock = N.run_in_netns(netns, make)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if self.udp:
-                    data, addr = self.sock.recvfrom(2048)
-                    self.peers.append(addr)
-                    self.sock.sendto(self.prefix + data, addr)
-                else:
-                    conn, addr = self.sock.accept()
-                    self.peers.append(addr)
-                    threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
-                return
-
-    def _echo(self, conn: socket.socket) -> None:
-        conn.settimeout(10)
-        with conn:
-            try:
-                while not self._stop.is_set():
-                    data = conn.recv(2048)
-                    if not data:
-                        return
-                    conn.sendall(self.prefix + data)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(timeout=2)
+# ---- sockets ------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -301,62 +239,3 @@ def servers() -> Iterator[Callable[..., EchoServer]]:
     yield make
     for s in made:
         s.close()
-
-
-def tcp_connect(netns: str, ip: str, port: int, timeout: float = 2.0) -> socket.socket:
-    s = N.run_in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-    s.settimeout(timeout)
-    try:
-        s.connect((ip, port))
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def tcp_roundtrip(netns: str, ip: str, port: int, payload: bytes = b"ping",
-                  timeout: float = 2.0) -> bytes:
-    with tcp_connect(netns, ip, port, timeout) as s:
-        s.sendall(payload)
-        return s.recv(2048)
-
-
-def udp_roundtrip(netns: str, ip: str, port: int, payload: bytes = b"ping",
-                  timeout: float = 2.0) -> tuple[bytes, tuple[str, int]]:
-    s = N.run_in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    with s:
-        s.settimeout(timeout)
-        s.sendto(payload, (ip, port))
-        return s.recvfrom(2048)
-
-
-def _icmp_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
-def icmp_ping(netns: str, ip: str, timeout: float = 2.0) -> bool:
-    """One ICMP echo over a raw socket in ``netns``; True when the reply arrives."""
-    s = N.run_in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW,
-                                                    socket.IPPROTO_ICMP))
-    ident = secrets.randbits(16)
-    with s:
-        s.settimeout(timeout)
-        body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"ciliary"
-        body = body[:2] + struct.pack("!H", _icmp_checksum(body)) + body[4:]
-        s.sendto(body, (ip, 0))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                data, addr = s.recvfrom(2048)
-            except (TimeoutError, socket.timeout):
-                return False
-            ihl = (data[0] & 0x0F) * 4
-            typ, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-            if typ == 0 and rid == ident and addr[0] == ip:
-                return True
-    return False
