@@ -290,27 +290,36 @@ def delete_cluster(cluster: str) -> None:
 
 def create_endpoint(cluster: str, node: str, pod: str, ip: str) -> Endpoint:
     """Pod namespace with ``eth0`` (ip/32) wired to host veth ``ciliary-<hash>`` in the node."""
-    node_ns = node_netns(cluster, node)
     pns = pod_netns(cluster, node, pod)
-    host_if = host_ifname(cluster, node, pod)
-    tmp_if = link_name(cluster, node, pod, "peer")
     _ensure_netns(pns)
+    return wire_endpoint(cluster, node, pod, pns, host_ifname(cluster, node, pod), POD_IFNAME, ip)
+
+
+def wire_endpoint(cluster: str, node: str, pod: str, pns: str, host_if: str, pod_if: str,
+                  ip: str) -> Endpoint:
+    """Wire the existing namespace ``pns`` to node ``node``: a veth whose host side
+    ``host_if`` lives in the node namespace and whose pod side is ``pod_if`` (ip/32,
+    default route via the link-local gateway). Idempotent."""
+    if not pns.startswith(PREFIX):
+        raise ValueError(f"refusing to wire a namespace without prefix {PREFIX}: {pns}")
+    node_ns = node_netns(cluster, node)
+    tmp_if = link_name(cluster, node, pod, "peer")
     set_sysctls(pns, _NO_IPV6)
     with IPRoute(netns=pns) as ipr:
-        have_eth0 = bool(ipr.link_lookup(ifname=POD_IFNAME))
-    if not have_eth0:
+        have_pod_if = bool(ipr.link_lookup(ifname=pod_if))
+    if not have_pod_if:
         _veth_into(node_ns, host_if, pns, tmp_if)
     with IPRoute(netns=node_ns) as ipr:
         host = _link(ipr, host_if)
         if host is None:
-            raise RuntimeError(f"{host_if} missing in {node_ns} while {pns} has {POD_IFNAME}")
+            raise RuntimeError(f"{host_if} missing in {node_ns} while {pns} has {pod_if}")
         host_idx, host_mac = host["index"], host.get("address")
     with IPRoute(netns=pns) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        if not have_eth0:
+        if not have_pod_if:
             idx = ipr.link_lookup(ifname=tmp_if)[0]
-            ipr.link("set", index=idx, ifname=POD_IFNAME)
-        eth = _link(ipr, POD_IFNAME)
+            ipr.link("set", index=idx, ifname=pod_if)
+        eth = _link(ipr, pod_if)
         assert eth is not None
         pod_idx, pod_mac = eth["index"], eth.get("address")
         ipr.link("set", index=pod_idx, state="up")
@@ -330,7 +339,37 @@ def create_endpoint(cluster: str, node: str, pod: str, ip: str) -> Endpoint:
                   state=nud_states["permanent"])
         ipr.route("replace", dst=f"{ip}/32", oif=host_idx, scope=253)
     return Endpoint(cluster, node, pod, pns, node_ns, host_if, host_idx, host_mac,
-                    POD_IFNAME, pod_idx, pod_mac, ip)
+                    pod_if, pod_idx, pod_mac, ip)
+
+
+def endpoint_links(cluster: str, node: str, host_if: str, pns: str, pod_if: str) -> dict | None:
+    """What exists of a wired endpoint: host/pod ifindex and the pod's addresses, or None."""
+    node_ns = node_netns(cluster, node)
+    if node_ns not in netns.listnetns() or pns not in netns.listnetns():
+        return None
+    with IPRoute(netns=node_ns) as ipr:
+        host = _link(ipr, host_if)
+    with IPRoute(netns=pns) as ipr:
+        pod = _link(ipr, pod_if)
+        addrs = [] if pod is None else [
+            a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=pod["index"], family=2)
+        ]
+    if host is None or pod is None:
+        return None
+    return {"host_ifindex": host["index"], "pod_ifindex": pod["index"], "addresses": addrs}
+
+
+def unwire_endpoint(cluster: str, node: str, host_if: str) -> None:
+    """Remove the host veth (which removes its pod peer and the routes). Idempotent."""
+    node_ns = node_netns(cluster, node)
+    if node_ns not in netns.listnetns():
+        return
+    with IPRoute(netns=node_ns) as ipr:
+        for idx in ipr.link_lookup(ifname=host_if):
+            try:
+                ipr.link("del", index=idx)
+            except NetlinkError:
+                pass
 
 
 def delete_endpoint(cluster: str, node: str, pod: str) -> None:
