@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.add_argument("--timeout", type=float, default=1.0)
     p.set_defaults(func=cmd_status)
+
+    from ciliary import cli_service
+
+    cli_service.add_commands(sub, common)
     return parser
 
 

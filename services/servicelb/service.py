@@ -1,17 +1,343 @@
-"""Service load-balancing shell: watches what turns into load-balancer frontends.
+"""Service load-balancing shell: Services + EndpointSlices (+ Pods, Nodes) -> bucket ``services``.
 
-Watches Services, EndpointSlices, Pods (to derive slices in the embedded default) and
-Nodes (NodePort frontends). Writes bucket ``services`` once the service model lands.
+Invariants:
+- Level-triggered: every reconcile recomputes the whole desired state from the mirrored
+  inputs (`model.compute`), diffs it against what bucket ``services`` holds and writes only
+  the difference; a restart re-reads inputs, allocations and output and writes nothing
+  when nothing changed.
+- Nothing is computed before every input watch (resources Service/EndpointSlice/Pod/Node,
+  status Pod/Node) has delivered its initial state and the allocations and the current
+  output have been read.
+- Allocations are persisted (KV create = compare-and-set) before any output uses them; a
+  lost create re-reads the pools and recomputes. Writes go add/update first, deletes
+  last, so an update never removes a frontend or backend before its replacement exists;
+  values no longer used are released only after the output without them is written.
+- Only this service writes bucket ``services``, ``allocations`` keys ``servicelb-*.*`` and
+  the ``status`` of Services (cluster IP, node ports, LoadBalancer ingress).
+- Bad objects and failed writes are logged (each problem once) and retried; they never
+  end the service. Healthy = connected, inputs synced and the last reconcile succeeded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
 
+import msgspec
+
+from ciliary import schema
+from ciliary.bus import SYNCED, BusError, KVEntry, RevisionMismatch
 from ciliary.runtime import Context, mirror_kinds
+from ciliary.store import kv_key, now_rfc3339
+from services.servicelb import allocator, maglev, model
+
+log = logging.getLogger(__name__)
 
 WATCHED_KINDS = ("Service", "EndpointSlice", "Pod", "Node")
+STATUS_KINDS = ("Pod", "Node")
+RECONCILE = "servicelb/reconcile"
+
+ENV_SERVICE_CIDR = "CILIARY_SERVICE_CIDR"
+ENV_MAGLEV_TABLE_SIZE = "CILIARY_MAGLEV_TABLE_SIZE"
+ENV_DERIVE_SLICES = "CILIARY_SERVICELB_DERIVE_SLICES"
+ENV_NODE_PORT_RANGE = "CILIARY_NODE_PORT_RANGE"
+
+DEBOUNCE_S = 0.05
+RESYNC_S = 60.0
+BACKOFF_S = (0.1, 60.0)
+
+
+def config_from_env(cluster: str, cluster_id: int, env: dict[str, str] | None = None) -> model.Config:
+    """Settings from the environment; a bad value is logged and the default used."""
+    env = dict(os.environ) if env is None else env
+    cfg = model.Config(cluster=cluster, cluster_id=cluster_id)
+    cidr = env.get(ENV_SERVICE_CIDR, cfg.service_cidr)
+    try:
+        allocator.ip_pool("check", cidr)
+    except ValueError as err:
+        log.error("%s=%r is not an IPv4 CIDR (%s); using %s", ENV_SERVICE_CIDR, cidr, err, cfg.service_cidr)
+        cidr = cfg.service_cidr
+    size = cfg.maglev_table_size
+    try:
+        size = maglev.check_table_size(int(env.get(ENV_MAGLEV_TABLE_SIZE, size)))
+    except ValueError as err:
+        log.error("%s: %s; using %d", ENV_MAGLEV_TABLE_SIZE, err, cfg.maglev_table_size)
+        size = cfg.maglev_table_size
+    derive = env.get(ENV_DERIVE_SLICES, "1").strip().lower() not in ("0", "false", "no", "off")
+    port_range = cfg.node_port_range
+    raw = env.get(ENV_NODE_PORT_RANGE, "")
+    if raw:
+        try:
+            lo, hi = (int(x) for x in raw.split("-", 1))
+            if not 0 < lo < hi <= 65535:
+                raise ValueError(raw)
+            port_range = (lo, hi)
+        except ValueError:
+            log.error("%s=%r is not LOW-HIGH; using %d-%d", ENV_NODE_PORT_RANGE, raw, *port_range)
+    return model.Config(cluster=cluster, cluster_id=cluster_id, service_cidr=cidr,
+                        maglev_table_size=size, derive_slices=derive, node_port_range=port_range)
+
+
+class ServiceLB:
+    """The reconciler: mirrored inputs -> allocations, ``services`` rows, Service status."""
+
+    def __init__(self, ctx: Context, cfg: model.Config) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.alloc = model.Allocations.create(cfg)
+        self.resources: dict[str, dict[str, KVEntry]] = {}
+        self.status: dict[str, dict[str, KVEntry]] = {kind: {} for kind in STATUS_KINDS}
+        self.written: dict[str, bytes] = {}  # bucket services: key -> value as stored
+        self.service_status: dict[str, tuple[int, dict[str, Any]]] = {}  # status key -> (gen, status)
+        self.dirty = asyncio.Event()
+        self.logged: set[str] = set()
+        self.reconciles = 0
+
+    # ------------------------------------------------------------------ inputs
+
+    def start(self, tg: asyncio.TaskGroup) -> None:
+        self.ctx.declare_watch(RECONCILE)
+        self.resources = mirror_kinds(self.ctx, tg, WATCHED_KINDS, on_change=self._changed)
+        self.ctx.detail["watching"].extend(f"{schema.BUCKET_STATUS}/{k}" for k in STATUS_KINDS)
+        for kind in STATUS_KINDS:
+            tg.create_task(self._follow_status(kind), name=f"watch-status-{kind}")
+        tg.create_task(self._run(), name="servicelb-reconcile")
+
+    async def _changed(self, kind: str, event: KVEntry) -> None:
+        self.dirty.set()
+
+    async def _follow_status(self, kind: str) -> None:
+        name = f"status/{kind}"
+        self.ctx.declare_watch(name)
+        async for event in self.ctx.bus.watch(schema.BUCKET_STATUS, f"{kind}.>"):
+            if event is SYNCED:
+                self.ctx.watch_synced(name)
+                self.dirty.set()
+                continue
+            assert isinstance(event, KVEntry)
+            if event.deleted:
+                self.status[kind].pop(event.key, None)
+            else:
+                self.status[kind][event.key] = event
+            self.dirty.set()
+
+    def inputs_synced(self) -> bool:
+        return not (self.ctx.pending_watches - {RECONCILE})
+
+    def inputs(self) -> model.Inputs:
+        inputs = model.Inputs()
+        for kind, entries in self.resources.items():
+            for entry in entries.values():
+                record = self._decode(entry, schema.ResourceRecord)
+                if record is None:
+                    continue
+                ref = (record.namespace, record.name)
+                if kind == "Service":
+                    inputs.services[ref] = (record.manifest, record.generation)
+                elif kind == "EndpointSlice":
+                    inputs.slices[ref] = record.manifest
+                elif kind == "Pod":
+                    inputs.pods[ref] = record.manifest
+                elif kind == "Node":
+                    inputs.nodes[record.name] = record.manifest
+        for kind, entries in self.status.items():
+            for key, entry in entries.items():
+                status = self._decode(entry, schema.StatusRecord)
+                if status is None:
+                    continue
+                try:
+                    _, namespace, name = key.split(".", 2)
+                except ValueError:
+                    continue
+                values = dict(status.status)
+                if kind == "Pod":
+                    if not values.get("nodeName") and status.reporter.startswith("node/"):
+                        values["nodeName"] = status.reporter.split("/", 1)[1]
+                    inputs.pod_status[(namespace, name)] = values
+                else:
+                    inputs.node_status[name] = values
+        return inputs
+
+    def _decode(self, entry: KVEntry, type_: Any) -> Any:
+        try:
+            assert entry.value is not None
+            return schema.decode(entry.value, type_)
+        except (msgspec.DecodeError, AssertionError) as err:
+            self._log_once(f"{entry.bucket}/{entry.key}@{entry.revision}: undecodable: {err}")
+            return None
+
+    def _log_once(self, problem: str) -> None:
+        if problem not in self.logged:
+            self.logged.add(problem)
+            log.warning("%s", problem)
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        delay = BACKOFF_S[0]
+        loaded = False
+        while True:
+            if loaded:
+                try:
+                    await asyncio.wait_for(self.dirty.wait(), timeout=RESYNC_S)
+                except TimeoutError:
+                    loaded = False  # periodic full resync: re-read what the buckets hold
+            else:
+                await asyncio.sleep(0.1)
+            if not self.inputs_synced():
+                continue
+            await asyncio.sleep(DEBOUNCE_S)
+            self.dirty.clear()
+            try:
+                if not loaded:
+                    await self.load()
+                    loaded = True
+                await self.reconcile()
+            except (BusError, OSError) as err:
+                log.warning("reconcile failed: %s; retrying in %.1fs", err, delay)
+                self.ctx.detail["last_error"] = str(err)
+                self.ctx.declare_watch(RECONCILE)  # unhealthy until a reconcile succeeds
+                loaded = False
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_S[1])
+                self.dirty.set()
+                continue
+            delay = BACKOFF_S[0]
+            self.ctx.detail.pop("last_error", None)
+            self.ctx.watch_synced(RECONCILE)
+
+    async def load(self) -> None:
+        """Read the persisted allocations, the current output and the Service statuses."""
+        for pool in self.alloc.pools():
+            await self._load_pool(pool)
+        entries = await self.ctx.bus.kv_list(schema.BUCKET_SERVICES)
+        self.written = {k: e.value for k, e in entries.items() if e.value is not None}
+        statuses = await self.ctx.bus.kv_list(schema.BUCKET_STATUS, "Service.>")
+        self.service_status = {}
+        for key, entry in statuses.items():
+            record = self._decode(entry, schema.StatusRecord)
+            if record is not None and record.reporter == "servicelb":
+                self.service_status[key] = (record.observed_generation, record.status)
+        log.log(logging.DEBUG if self.reconciles else logging.INFO, "loaded %s; %d rows in bucket services",
+                 ", ".join(f"{len(p.owners)} {p.name}" for p in self.alloc.pools()), len(self.written))
+
+    async def _load_pool(self, pool: allocator.Pool) -> None:
+        entries = await self.ctx.bus.kv_list(schema.BUCKET_ALLOCATIONS, f"{pool.name}.>")
+        values: dict[int, tuple[str, int]] = {}
+        for key, entry in entries.items():
+            value = allocator.parse_value(pool, key[len(pool.name) + 1:])
+            record = self._decode(entry, schema.LBAllocation)
+            if value is None or record is None:
+                self._log_once(f"allocations/{key}: not a {pool.name} allocation; ignored")
+                continue
+            values[value] = (record.owner, entry.revision)
+        pool.load(values)
+
+    async def reconcile(self) -> None:
+        started = time.monotonic()
+        inputs = self.inputs()
+        for _attempt in range(5):
+            desired = model.compute(inputs, self.alloc, self.cfg)
+            _keep_bad_services(inputs, desired, self.alloc)
+            if await self._persist_pending():
+                break
+        else:
+            raise BusError("allocation kept conflicting with another writer")
+        for problem in desired.problems:
+            self._log_once(problem)
+
+        rows: dict[str, bytes] = {k: schema.encode(v) for k, v in desired.endpoints.items()}
+        rows.update((k, schema.encode(v)) for k, v in desired.frontends.items())
+        puts = [k for k, v in rows.items() if self.written.get(k) != v]
+        deletes = sorted(k for k in self.written if k not in rows)
+        for key in puts:  # add and update first ...
+            await self.ctx.bus.kv_put(schema.BUCKET_SERVICES, key, rows[key])
+            self.written[key] = rows[key]
+        for key in deletes:  # ... remove last
+            await self.ctx.bus.kv_delete(schema.BUCKET_SERVICES, key)
+            del self.written[key]
+        await self._write_statuses(desired)
+        await self._release_unused()
+
+        self.reconciles += 1
+        backends = {b.id for fe in desired.frontends.values() for b in fe.backends}
+        self.ctx.detail.update(
+            frontends=len(desired.frontends), backends=len(backends),
+            services=len(desired.generations), problems=len(desired.problems),
+            reconciles=self.reconciles,
+            last_reconcile_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        if puts or deletes:
+            log.info("reconciled: %d rows written, %d removed (%d frontends, %d backends)",
+                     len(puts), len(deletes), len(desired.frontends), len(backends))
+
+    async def _persist_pending(self) -> bool:
+        """Create every newly allocated value; False (pool re-read) when one was taken."""
+        for pool in self.alloc.pools():
+            for value, owner in sorted(pool.pending.items()):
+                try:
+                    revision = await self.ctx.bus.kv_put(
+                        schema.BUCKET_ALLOCATIONS, pool.key(value),
+                        schema.LBAllocation(owner=owner, created=now_rfc3339()), last_revision=0)
+                except RevisionMismatch:
+                    log.info("%s: lost the race for %s; re-reading", pool.name, pool.key(value))
+                    await self._load_pool(pool)
+                    return False
+                pool.persisted(value, revision)
+        return True
+
+    async def _write_statuses(self, desired: model.Desired) -> None:
+        wanted: dict[str, tuple[int, dict[str, Any]]] = {
+            kv_key("Service", ns, name): (desired.generations.get((ns, name), 0), status)
+            for (ns, name), status in desired.statuses.items()
+            if status
+        }
+        for key, (generation, status) in sorted(wanted.items()):
+            if self.service_status.get(key) == (generation, status):
+                continue
+            await self.ctx.bus.kv_put(schema.BUCKET_STATUS, key, schema.StatusRecord(
+                reporter="servicelb", observed_generation=generation, status=status,
+                updated=now_rfc3339()))
+            self.service_status[key] = (generation, status)
+        for key in sorted(set(self.service_status) - set(wanted)):
+            await self.ctx.bus.kv_delete(schema.BUCKET_STATUS, key)
+            del self.service_status[key]
+
+    async def _release_unused(self) -> None:
+        for pool in self.alloc.pools():
+            for value in pool.unused():
+                revision = pool.revisions.get(value)
+                try:
+                    await self.ctx.bus.kv_delete(schema.BUCKET_ALLOCATIONS, pool.key(value),
+                                                 last_revision=revision)
+                except RevisionMismatch:
+                    await self._load_pool(pool)
+                    self.dirty.set()
+                    return
+                log.info("released %s (was %s)", pool.key(value), pool.owners.get(value))
+                pool.released(value)
+
+
+def _keep_bad_services(inputs: model.Inputs, desired: model.Desired, alloc: model.Allocations) -> None:
+    """A Service that exists but failed to decode keeps its cluster IP and node ports."""
+    for ns, name in _bad(inputs.services, desired.generations):
+        owner = f"{ns}/{name}"
+        alloc.cluster_ip.lookup(owner)
+        for node_owner in [o for o in alloc.node_port.by_owner if o.startswith(owner + ":")]:
+            alloc.node_port.lookup(node_owner)
+
+
+def _bad(services: dict[model.Ref, Any], decoded: dict[model.Ref, int]) -> Iterable[model.Ref]:
+    return [ref for ref in services if ref not in decoded]
 
 
 async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
-    mirror_kinds(ctx, tg, WATCHED_KINDS)
+    cfg = config_from_env(ctx.settings.cluster, ctx.settings.cluster_id)
+    ctx.detail["config"] = {"service_cidr": cfg.service_cidr, "maglev_table_size": cfg.maglev_table_size,
+                            "derive_slices": cfg.derive_slices,
+                            "node_port_range": f"{cfg.node_port_range[0]}-{cfg.node_port_range[1]}"}
+    ServiceLB(ctx, cfg).start(tg)
