@@ -397,6 +397,8 @@ class Bus:
         arrived = asyncio.Event()
 
         async def on_reply(msg: Msg) -> None:
+            if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+                return  # "no responders" notice, not a reply
             replies.append(msg.data)
             arrived.set()
 

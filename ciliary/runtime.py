@@ -170,9 +170,7 @@ async def _serve(service: str, main: Main, settings: Settings) -> None:
     )
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    install_stop_handlers(stop)
 
     try:
         async with asyncio.TaskGroup() as tg:
@@ -194,6 +192,25 @@ async def _serve(service: str, main: Main, settings: Settings) -> None:
 
 class LeakedTasks(RuntimeError):
     """Tasks still pending after the service stopped: a shutdown bug."""
+
+
+def install_stop_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT set ``stop`` — in this process only.
+
+    Plain ``signal.signal`` handlers guarded by the pid are used instead of
+    ``loop.add_signal_handler``: libraries that fork helper processes (pyroute2's netns
+    code does) would otherwise share asyncio's wake-up fd, and a signal delivered to such
+    a child would read as a SIGTERM of the service itself.
+    """
+    loop = asyncio.get_running_loop()
+    owner = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() == owner:
+            loop.call_soon_threadsafe(stop.set)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 class _Stop(Exception):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ciliary import config, schema
 from ciliary.bus import Bus, BusError
+from ciliary.runtime import install_stop_handlers
 from ciliary.resources import resource_from_manifest
 from ciliary.store import ResourceStore
 
@@ -127,6 +128,7 @@ class Supervisor:
         env.pop(config.ENV_NODE, None)
         if node:
             env[config.ENV_NODE] = node
+            env["CILIARY_TEARDOWN_ON_EXIT"] = "1"  # `ciliary down` leaves nothing behind
         return env
 
     def _plan(self) -> None:
@@ -184,9 +186,7 @@ class Supervisor:
         if not self.nats_port:
             self.nats_port = free_port()
         self._plan()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+        install_stop_handlers(self.stopping)
         try:
             self.children[0].start()
             await self._wait_for_nats()
@@ -230,6 +230,25 @@ class Supervisor:
         services = [c for c in self.children if c.name != "nats-server"]
         await _terminate([c for c in services if c.running])
         await _terminate([c for c in self.children if c.name == "nats-server" and c.running])
+        await asyncio.to_thread(remove_cluster_leftovers, self.cluster)
+
+
+def remove_cluster_leftovers(cluster: str) -> None:
+    """Safety net after every node executor exited: no ``ciliary-<cluster>-*`` namespace
+    and no pinned map of the cluster may outlive ``ciliary down``."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    prefix = f"ciliary-{cluster}-"
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.startswith(prefix)]
+    for name in sorted(names, key=len, reverse=True):  # pods, then nodes, then the underlay
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    pins = Path("/sys/fs/bpf/ciliary") / cluster
+    if pins.is_dir():
+        for node_dir in pins.iterdir():
+            if node_dir.is_dir():
+                for pinned in node_dir.iterdir():
+                    pinned.unlink(missing_ok=True)
+                node_dir.rmdir()
+        pins.rmdir()
 
 
 async def _terminate(children: list[Child]) -> None:

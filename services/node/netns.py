@@ -167,6 +167,16 @@ def set_sysctls(name: str, values: dict[str, str]) -> None:
     run_in_netns(name, write)
 
 
+def ensure_netns(name: str) -> None:
+    """Create network namespace ``name`` (must carry the ``ciliary-`` prefix) if absent."""
+    _ensure_netns(name)
+
+
+def remove_netns(name: str) -> None:
+    """Remove network namespace ``name`` if present."""
+    _remove_netns(name)
+
+
 def _ensure_netns(name: str) -> None:
     if not name.startswith(PREFIX):
         raise ValueError(f"refusing to create a namespace without prefix {PREFIX}: {name}")

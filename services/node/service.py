@@ -1,10 +1,10 @@
-"""Node executor shell: registers its Node and watches what this node must enforce.
+"""Node executor shell: registers its Node, then runs the agent that owns the kernel.
 
 Invariants:
 - On start the executor makes sure a Node object named after it exists (as a kubelet
   registers itself); it never overwrites a Node someone else wrote.
-- It watches Pods (those bound to this node are its endpoints) and Nodes (peer routes).
-  Kernel reconciliation of identities, ipcache, services and policy attaches here.
+- Everything privileged happens in ``NodeAgent``; this shell only wires it to the
+  service runtime and stops it (tearing down only when ``CILIARY_TEARDOWN_ON_EXIT=1``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import asyncio
 import logging
 
 from ciliary.resources import Resource, resource_from_manifest
-from ciliary.runtime import Context, mirror_kinds
+from ciliary.runtime import Context
 from ciliary.store import ResourceStore
+from services.node.agent import NodeAgent
 
 log = logging.getLogger(__name__)
-
-WATCHED_KINDS = ("Pod", "Node")
 
 
 def node_resource(name: str, cluster: str) -> Resource:
@@ -40,8 +39,14 @@ def node_resource(name: str, cluster: str) -> Resource:
 
 async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     node = ctx.settings.node
-    if node:
-        created = await ResourceStore(ctx.bus).create_if_absent(node_resource(node, ctx.settings.cluster))
-        if created:
-            log.info("registered Node %s", node)
-    mirror_kinds(ctx, tg, WATCHED_KINDS)
+    if not node:
+        raise SystemExit("the node executor needs CILIARY_NODE")
+    created = await ResourceStore(ctx.bus).create_if_absent(node_resource(node, ctx.settings.cluster))
+    if created:
+        log.info("registered Node %s", node)
+    agent = NodeAgent(ctx)
+    try:
+        await agent.start(tg)
+        await asyncio.Event().wait()
+    finally:
+        await asyncio.shield(agent.stop())

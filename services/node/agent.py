@@ -1,0 +1,428 @@
+"""The node executor's agent: the only place that changes the kernel.
+
+Invariants:
+- Start order: claim a node index → build the node's namespaces → load the datapath
+  (compile in a thread; maps pinned under ``/sys/fs/bpf/ciliary/<cluster>/<node>/``) →
+  restore the reconciler from the pinned maps → re-attach known endpoints → watch the
+  desired-state buckets → run pods. A restart therefore changes nothing that was right.
+- Desired map entries come only from KV buckets (``ipcache``, ``services``, ``policy``)
+  and from registered endpoints, each producer owning one reconciler owner tag; the
+  reconciler applies them add-before-delete with retries and prunes orphans on resync.
+- Endpoints are registered by the CNI plugin over NATS (``ciliary.node.<c>.<n>.endpoint``)
+  and recorded in ``<state dir>/endpoints.json`` with their endpoint id.
+- Raw flow events are published on ``flows.raw.<cluster>.<node>`` in batches.
+- Teardown (only when asked, e.g. by ``ciliary down``) stops pods, removes the node's
+  namespaces and unpins its maps; a plain exit leaves the datapath enforcing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ciliary import config, schema
+from ciliary.bus import SYNCED, Bus, KVEntry, RevisionMismatch
+from ciliary.runtime import Context
+from ciliary.store import ResourceStore, kv_key
+from services.node import addressing, netns
+from services.node import layouts as L
+from services.node import maps as M
+from services.node.datapath import Datapath, MapSizes, ensure_bpffs
+from services.node.events import EventPump
+from services.node.pods import PodRunner, RunnerConfig
+from services.node.reconciler import ReconcileLoop, Reconciler
+
+log = logging.getLogger(__name__)
+
+ENV_CLUSTER_CIDR = "CILIARY_CLUSTER_CIDR"
+ENV_TEARDOWN = "CILIARY_TEARDOWN_ON_EXIT"
+ENV_DEFAULT_NODE = "CILIARY_DEFAULT_NODE"
+ENV_STATE_DIR = "CILIARY_NODE_STATE_DIR"
+GC_INTERVAL = 30.0
+EVENT_BATCH_MAX = 512
+
+
+def map_sizes_from_env() -> MapSizes:
+    """Cilium's default sizes unless ``CILIARY_MAP_<NAME>`` overrides one."""
+    fields = {}
+    for name in MapSizes.__dataclass_fields__:
+        value = os.environ.get(f"CILIARY_MAP_{name.upper()}")
+        if value:
+            fields[name] = int(value)
+    return MapSizes(**fields)
+
+
+@dataclass
+class LocalEndpoint:
+    container_id: str
+    namespace: str
+    pod: str
+    ip: str
+    host_ifname: str
+    host_ifindex: int
+    ep_id: int
+
+
+class NodeAgent:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.bus: Bus = ctx.bus
+        s = ctx.settings
+        self.cluster = s.cluster
+        self.cluster_id = s.cluster_id
+        self.node = s.node
+        data_dir = Path(os.environ.get(config.ENV_DATA_DIR) or "/var/lib/ciliary")
+        self.state_dir = Path(os.environ.get(ENV_STATE_DIR) or data_dir / "nodes" / self.cluster / self.node)
+        self.cluster_cidr = os.environ.get(ENV_CLUSTER_CIDR, addressing.DEFAULT_CLUSTER_CIDR)
+        self.teardown = os.environ.get(ENV_TEARDOWN) == "1"
+        self.store = ResourceStore(self.bus)
+        self.netns = netns.node_netns(self.cluster, self.node)
+        self.index = 0
+        self.pod_cidr = ""
+        self.host_ip = ""
+        self.map_sizes = map_sizes_from_env()
+        self.datapath: Datapath | None = None
+        self.reconciler = Reconciler(max_entries={
+            L.IPCACHE: self.map_sizes.ipcache, L.LXC: self.map_sizes.lxc,
+            L.POLICY: self.map_sizes.policy, L.LB4_SERVICES: self.map_sizes.lb,
+            L.LB4_BACKENDS: self.map_sizes.lb, L.LB4_REVERSE_NAT: self.map_sizes.lb,
+        })
+        self.loop_: ReconcileLoop | None = None
+        self.endpoints: dict[str, LocalEndpoint] = {}  # by container id
+        self.ipcache: dict[str, schema.IPCacheRecord] = {}  # by KV key
+        self.frontends: dict[str, schema.LBFrontend] = {}
+        self.nodes: dict[str, dict[str, Any]] = {}  # peer node -> {"ip", "podCIDR"}
+        self.peer_routes: dict[str, str] = {}
+        self.synced: set[str] = set()
+        self.runner: PodRunner | None = None
+        self.pump: EventPump | None = None
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self, tg: asyncio.TaskGroup) -> None:
+        self.ctx.declare_watch("node/datapath")
+        await self._claim_index()
+        underlay = addressing.underlay_cidr(self.cluster_id, self.index)
+        self.host_ip = underlay.split("/")[0]
+        await asyncio.to_thread(netns.create_node, self.cluster, self.node, underlay)
+        await asyncio.to_thread(ensure_bpffs)
+        self.datapath = Datapath(self.cluster, self.node, self.netns, map_sizes=self.map_sizes)
+        seconds = await asyncio.to_thread(self.datapath.load)
+        log.info("datapath loaded in %.2fs (pins %s)", seconds, self.datapath.pin_dir)
+        self.ctx.detail["datapath_load_seconds"] = round(seconds, 3)
+        self.loop_ = ReconcileLoop(self.reconciler, self.datapath.maps, resync_interval=60.0,
+                                   ready=lambda: {"ipcache", "services", "pods"} <= self.synced)
+        tg.create_task(self.loop_.run(), name="reconcile")
+        await self.loop_.restored.wait()
+        self._restore_endpoints()
+        await self._reattach_endpoints()
+        await self._report_node_status()
+
+        self.pump = EventPump(asyncio.get_running_loop(), self.cluster, self.cluster_id, self.node)
+        self.datapath.ring_reader(self.pump.offer)
+        tg.create_task(self._publish_events(), name="events")
+
+        await self.bus.subscribe(
+            schema.SUBJECT_NODE_ENDPOINT.format(cluster=self.cluster, node=self.node),
+            schema.EndpointRegistration, self._on_registration,
+        )
+        self.runner = PodRunner(RunnerConfig(
+            cluster=self.cluster, node=self.node,
+            default_node=os.environ.get(ENV_DEFAULT_NODE, "node-1"),
+            pod_cidr=self.pod_cidr, host_ip=self.host_ip, state_dir=self.state_dir,
+            nats_url=self.ctx.settings.nats_url,
+            cni_bin=str(Path(sys.executable).parent / "ciliary-cni"),
+        ), self._write_pod_status)
+        tg.create_task(self._watch_ipcache(), name="watch-ipcache")
+        tg.create_task(self._watch_services(), name="watch-services")
+        tg.create_task(self._watch_nodes(), name="watch-nodes")
+        tg.create_task(self._watch_pods(tg), name="watch-pods")
+        tg.create_task(self._housekeeping(), name="housekeeping")
+        self.ctx.watch_synced("node/datapath")
+
+    async def _claim_index(self) -> None:
+        """This node's index: reuse the one it holds, else claim the lowest free one."""
+        existing = await self.bus.kv_list(schema.BUCKET_ALLOCATIONS, f"{addressing.NODE_INDEX_PREFIX}.>")
+        for key, entry in existing.items():
+            if entry.value == self.node.encode():
+                self.index = int(key.rsplit(".", 1)[1])
+                break
+        while not self.index:
+            taken = {int(k.rsplit(".", 1)[1]) for k in existing}
+            free = next(i for i in range(1, addressing.MAX_NODES + 1) if i not in taken)
+            try:
+                await self.bus.kv_put(schema.BUCKET_ALLOCATIONS, addressing.node_index_key(free),
+                                      self.node.encode(), last_revision=0)
+                self.index = free
+            except RevisionMismatch:
+                existing = await self.bus.kv_list(schema.BUCKET_ALLOCATIONS, f"{addressing.NODE_INDEX_PREFIX}.>")
+        node_obj = await self.store.get("Node", "", self.node)
+        spec_cidr = ((node_obj.record.manifest.get("spec") or {}).get("podCIDR") if node_obj else "") or ""
+        self.pod_cidr = spec_cidr or addressing.pod_cidr(self.cluster_cidr, self.index)
+        log.info("node %s: index %d, pod CIDR %s", self.node, self.index, self.pod_cidr)
+
+    async def _report_node_status(self) -> None:
+        await self.store.report_status("Node", "", self.node, f"node/{self.node}", {
+            "phase": "Ready",
+            "podCIDR": self.pod_cidr,
+            "addresses": [{"type": "InternalIP", "address": self.host_ip},
+                          {"type": "Hostname", "address": self.node}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "CiliaryDatapathReady"}],
+            "ciliary": {"netns": self.netns, "pinDir": str(self.datapath.pin_dir if self.datapath else "")},
+        })
+
+    # ------------------------------------------------------------------ endpoints
+
+    def _endpoints_file(self) -> Path:
+        return self.state_dir / "endpoints.json"
+
+    def _save_endpoints(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._endpoints_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: vars(v) for k, v in self.endpoints.items()}, indent=1))
+        tmp.replace(self._endpoints_file())
+
+    def _restore_endpoints(self) -> None:
+        try:
+            data = json.loads(self._endpoints_file().read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        self.endpoints = {k: LocalEndpoint(**v) for k, v in data.items()}
+        self._sync_endpoint_entries()
+
+    async def _reattach_endpoints(self) -> None:
+        assert self.datapath is not None
+        for ep in list(self.endpoints.values()):
+            try:
+                await asyncio.to_thread(self.datapath.attach, ep.host_ifname)
+            except LookupError:
+                log.info("endpoint %s/%s is gone; forgetting it", ep.namespace, ep.pod)
+                del self.endpoints[ep.container_id]
+        self._save_endpoints()
+        self._sync_endpoint_entries()
+
+    def _free_ep_id(self) -> int:
+        used = {ep.ep_id for ep in self.endpoints.values()}
+        return next(i for i in range(1, 65536) if i not in used)
+
+    async def _on_registration(self, reg: schema.EndpointRegistration, msg: Any) -> None:
+        try:
+            if reg.op == "add":
+                assert self.datapath is not None
+                await asyncio.to_thread(self.datapath.attach, reg.host_ifname)
+                existing = self.endpoints.get(reg.container_id)
+                ep = LocalEndpoint(reg.container_id, reg.pod_namespace, reg.pod_name, reg.ip,
+                                   reg.host_ifname, reg.host_ifindex,
+                                   existing.ep_id if existing else self._free_ep_id())
+                self.endpoints[reg.container_id] = ep
+                reply = schema.EndpointReply(ok=True, endpoint_id=ep.ep_id)
+            elif reg.op == "del":
+                self.endpoints.pop(reg.container_id, None)
+                reply = schema.EndpointReply(ok=True)
+            else:
+                reply = schema.EndpointReply(ok=False, error=f"unknown op {reg.op!r}")
+            self._save_endpoints()
+            self._sync_endpoint_entries()
+        except Exception as err:
+            log.warning("endpoint registration %s failed: %s", reg.container_id, err)
+            reply = schema.EndpointReply(ok=False, error=str(err))
+        if msg.reply:
+            await msg.respond(schema.encode(reply))
+
+    def identity_of_ip(self, ip: str) -> int:
+        record = self.ipcache.get(schema.ipcache_key(f"{ip}/32"))
+        return record.identity if record else 5  # reserved:init until identity resolves
+
+    def _sync_endpoint_entries(self) -> None:
+        entries = [
+            M.endpoint_entry(ep.host_ifindex, ep.ep_id, self.identity_of_ip(ep.ip), ep.ip)
+            for ep in sorted(self.endpoints.values(), key=lambda e: e.ep_id)
+        ]
+        self.reconciler.set_desired("endpoints", entries)
+        self.ctx.detail["endpoints"] = len(entries)
+        self._kick()
+
+    def _kick(self) -> None:
+        if self.loop_ is not None:
+            self.loop_.kick()
+
+    # ------------------------------------------------------------------ desired state
+
+    async def _watch_ipcache(self) -> None:
+        name = "ipcache"
+        self.ctx.declare_watch(name)
+        async for event in self.bus.watch(schema.BUCKET_IPCACHE):
+            if event is SYNCED:
+                self.synced.add(name)
+                self.ctx.watch_synced(name)
+            else:
+                assert isinstance(event, KVEntry)
+                if event.deleted:
+                    self.ipcache.pop(event.key, None)
+                else:
+                    try:
+                        self.ipcache[event.key] = schema.decode(event.value, schema.IPCacheRecord)
+                    except Exception as err:
+                        log.warning("ignoring bad ipcache entry %s: %s", event.key, err)
+                        continue
+            if name in self.synced:
+                self._sync_ipcache()
+
+    def _sync_ipcache(self) -> None:
+        entries = []
+        for record in self.ipcache.values():
+            if ":" in record.prefix:
+                continue  # IPv4 datapath
+            identity = record.identity
+            if record.source == "node" and record.node == self.node:
+                identity = L.IDENTITY_HOST
+            entries.append(M.ipcache_entry(record.prefix, identity))
+        self.reconciler.set_desired("ipcache", entries)
+        self.ctx.detail["ipcache"] = len(entries)
+        self._sync_endpoint_entries()
+
+    async def _watch_services(self) -> None:
+        name = "services"
+        self.ctx.declare_watch(name)
+        async for event in self.bus.watch(schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>"):
+            if event is SYNCED:
+                self.synced.add(name)
+                self.ctx.watch_synced(name)
+                for key in list(self.frontends):
+                    self._sync_frontend(key)
+                continue
+            assert isinstance(event, KVEntry)
+            if event.deleted:
+                self.frontends.pop(event.key, None)
+            else:
+                try:
+                    self.frontends[event.key] = schema.decode(event.value, schema.LBFrontend)
+                except Exception as err:
+                    log.warning("ignoring bad frontend %s: %s", event.key, err)
+                    continue
+            if name in self.synced:
+                self._sync_frontend(event.key)
+
+    def _sync_frontend(self, key: str) -> None:
+        fe = self.frontends.get(key)
+        owner = f"lb:{key}"
+        if fe is None or fe.proto not in ("TCP", "UDP"):
+            self.reconciler.set_desired(owner, [])
+        else:
+            slots = fe.slots_by_node.get(self.node, []) if fe.traffic_policy == "Local" else fe.slots
+            entries = [M.lb_backend_entry(b.id, b.ip, b.port, b.proto.lower())
+                       for b in fe.backends if b.proto in ("TCP", "UDP")]
+            entries.append(M.lb_revnat_entry(fe.rev_nat_id, fe.address, fe.port))
+            entries += M.lb_service_entries(fe.address, fe.port, fe.proto.lower(), fe.rev_nat_id, slots)
+            self.reconciler.set_desired(owner, entries)
+        self.ctx.detail["frontends"] = len(self.frontends)
+        self._kick()
+
+    async def _watch_nodes(self) -> None:
+        """Peer routes: another node's pod CIDR via its underlay address (direct routing)."""
+        async for event in self.bus.watch(schema.BUCKET_STATUS, "Node.>"):
+            if event is SYNCED or not isinstance(event, KVEntry):
+                continue
+            _, _, name = event.key.split(".", 2)
+            if name == self.node:
+                continue
+            if event.deleted:
+                self.nodes.pop(name, None)
+                continue
+            try:
+                status = schema.decode(event.value, schema.StatusRecord).status
+            except Exception:
+                continue
+            ip = next((a.get("address") for a in status.get("addresses", []) if a.get("type") == "InternalIP"), "")
+            cidr = status.get("podCIDR", "")
+            if ip and cidr and self.peer_routes.get(cidr) != ip:
+                try:
+                    await asyncio.to_thread(netns.route_pod_cidr, self.cluster, self.node, cidr, ip)
+                    self.peer_routes[cidr] = ip
+                    log.info("route %s via %s (%s)", cidr, ip, name)
+                except Exception as err:
+                    log.warning("route to %s failed: %s", name, err)
+
+    async def _watch_pods(self, tg: asyncio.TaskGroup) -> None:
+        assert self.runner is not None
+        name = "pods"
+        self.ctx.declare_watch(name)
+        started = False
+        async for event in self.bus.watch(schema.BUCKET_RESOURCES, "Pod.>"):
+            if event is SYNCED:
+                self.synced.add(name)
+                self.ctx.watch_synced(name)
+                if not started:
+                    self.runner.adopt_specs()
+                    tg.create_task(self.runner.run(), name="pod-runner")
+                    started = True
+                continue
+            assert isinstance(event, KVEntry)
+            self.runner.on_pod(event)
+            self.ctx.detail["pods"] = len(self.runner.desired)
+
+    async def _write_pod_status(self, namespace: str, name: str, reporter: str, status: dict[str, Any]) -> None:
+        await self.store.report_status("Pod", namespace, name, reporter, status)
+
+    # ------------------------------------------------------------------ events and housekeeping
+
+    async def _publish_events(self) -> None:
+        assert self.pump is not None and self.datapath is not None
+        subject = schema.SUBJECT_FLOWS_RAW.format(cluster=self.cluster, node=self.node)
+        while True:
+            events = await self.pump.queue.get()
+            while len(events) < EVENT_BATCH_MAX and not self.pump.queue.empty():
+                events.extend(self.pump.queue.get_nowait())
+            lost = await asyncio.to_thread(self.datapath.events_lost)
+            batch = self.pump.batch(events, lost)
+            try:
+                await self.bus.publish(subject, batch)
+                self.pump.published += len(events)
+            except Exception as err:
+                self.pump.lost_queue += len(events)
+                log.warning("publishing %d events failed: %s", len(events), err)
+            self.ctx.detail["events_published"] = self.pump.published
+            self.ctx.detail["events_lost"] = self.pump.kernel_lost_seen + self.pump.lost_queue
+
+    async def _housekeeping(self) -> None:
+        assert self.datapath is not None
+        while True:
+            await asyncio.sleep(GC_INTERVAL)
+            try:
+                removed = await asyncio.to_thread(self.datapath.gc_conntrack)
+                if removed:
+                    log.info("conntrack gc removed %d entries", removed)
+            except Exception as err:
+                log.warning("conntrack gc failed: %s", err)
+            stats = self.reconciler.stats()
+            self.ctx.detail["maps"] = {
+                name: {"entries": m.entries, "max": m.max_entries, "fill": m.fill}
+                for name, m in getattr(stats, "maps", {}).items()
+            }
+
+    # ------------------------------------------------------------------ stop
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.shutdown(teardown=self.teardown)
+        if self.datapath is not None:
+            await asyncio.to_thread(self.datapath.close)
+        if self.teardown:
+            await asyncio.to_thread(netns.delete_node, self.cluster, self.node)
+            if self.datapath is not None:
+                await asyncio.to_thread(self.datapath.unpin)
+            remaining = [n for n in netns.cluster_netns(self.cluster) if n != netns.underlay_netns(self.cluster)]
+            if not remaining:
+                await asyncio.to_thread(netns.remove_netns, netns.underlay_netns(self.cluster))
+            try:
+                await self.bus.kv_delete(schema.BUCKET_STATUS, kv_key("Node", "", self.node))
+            except Exception:
+                pass
+            log.info("node %s torn down", self.node)

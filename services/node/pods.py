@@ -1,0 +1,389 @@
+"""The pod runner: Pods bound to this node become namespaces with running containers.
+
+Invariants:
+- Acts as a kubelet would: for each Pod bound to this node (``spec.nodeName``, or the
+  default node when unset) it creates the pod's network namespace, calls the CNI plugin
+  (``ciliary-cni``) with ADD exactly as a container runtime does, starts every container
+  in the namespace, and reports phase, pod IP, readiness and container states into bucket
+  ``status``. On delete it stops the containers, calls CNI DEL and removes the namespace.
+- Work is serial per pod and parallel across pods; level-triggered: every pass compares
+  the desired pods with the running ones.
+- What runs is recorded in ``<state dir>/pods.json``; a restarted executor adopts running
+  containers rather than starting them twice, and cleans up pods deleted meanwhile.
+- Readiness probes run inside the pod's namespace (tcpSocket against 127.0.0.1, exec via
+  ``ip netns exec``), so they never depend on the datapath's policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ciliary import schema
+from ciliary.bus import KVEntry
+from ciliary.resources import decode
+from services.node import netns
+from services.node.runner import ContainerProcess, ContainerSpec, ContainerState, pod_phase
+
+log = logging.getLogger(__name__)
+
+CNI_IFNAME = "eth0"
+PASS_INTERVAL = 0.5
+PROBE_INTERVAL = 2.0
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    cluster: str
+    node: str
+    default_node: str
+    pod_cidr: str
+    host_ip: str
+    state_dir: Path
+    nats_url: str
+    cni_bin: str
+
+
+@dataclass
+class RunningPod:
+    key: str
+    namespace: str
+    name: str
+    uid: str
+    netns: str
+    ip: str = ""
+    containers: list[ContainerProcess] = field(default_factory=list)
+    probes: list[Any] = field(default_factory=list)
+    ready: bool = False
+    last_probe: float = 0.0
+    reported: dict[str, Any] | None = None
+    error: str = ""
+
+
+StatusWriter = Callable[[str, str, str, dict[str, Any]], Awaitable[None]]
+
+
+def netconf(cfg: RunnerConfig) -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": "ciliary",
+        "type": "ciliary-cni",
+        "cluster": cfg.cluster,
+        "node": cfg.node,
+        "ipam": {"type": "host-local", "subnet": cfg.pod_cidr, "dataDir": str(cfg.state_dir / "ipam")},
+        "natsUrl": cfg.nats_url,
+    }
+
+
+class PodRunner:
+    def __init__(self, cfg: RunnerConfig, write_status: StatusWriter) -> None:
+        self.cfg = cfg
+        self.write_status = write_status
+        self.desired: dict[str, schema.ResourceRecord] = {}
+        self.pods: dict[str, RunningPod] = {}
+        self._busy: set[str] = set()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.state_file = cfg.state_dir / "pods.json"
+
+    # ------------------------------------------------------------------ inputs
+
+    def bound_here(self, record: schema.ResourceRecord) -> bool:
+        node = (record.manifest.get("spec") or {}).get("nodeName") or self.cfg.default_node
+        return node == self.cfg.node
+
+    def on_pod(self, entry: KVEntry) -> None:
+        if entry.deleted or entry.value is None:
+            self.desired.pop(entry.key, None)
+        else:
+            try:
+                record = schema.decode(entry.value, schema.ResourceRecord)
+            except Exception as err:
+                log.warning("ignoring undecodable pod %s: %s", entry.key, err)
+                return
+            if self.bound_here(record):
+                self.desired[entry.key] = record
+            else:
+                self.desired.pop(entry.key, None)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ loop
+
+    async def run(self) -> None:
+        await asyncio.to_thread(self._restore)
+        while True:
+            await self.reconcile()
+            try:
+                await asyncio.wait_for(self._wake.wait(), PASS_INTERVAL)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def reconcile(self) -> None:
+        for key, record in list(self.desired.items()):
+            running = self.pods.get(key)
+            if key in self._busy:
+                continue
+            if running is None:
+                self._spawn(key, self._start(record))
+            elif running.uid != record.uid:
+                self._spawn(key, self._replace(running, record))
+        for key, running in list(self.pods.items()):
+            if key not in self.desired and key not in self._busy:
+                self._spawn(key, self._stop(running))
+        for key, running in list(self.pods.items()):
+            if key not in self._busy:
+                await self._tend(running)
+
+    def _spawn(self, key: str, work: Awaitable[None]) -> None:
+        self._busy.add(key)
+
+        async def wrapped() -> None:
+            try:
+                await work
+            except Exception:
+                log.exception("pod %s", key)
+            finally:
+                self._busy.discard(key)
+                self._wake.set()
+
+        task = asyncio.ensure_future(wrapped())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ start / stop
+
+    def _containers(self, record: schema.ResourceRecord, pns: str) -> tuple[list[ContainerProcess], list[Any]]:
+        pod = decode("Pod", record.manifest)
+        logs = self.cfg.state_dir / "logs" / f"{record.namespace}_{record.name}"
+        procs: list[ContainerProcess] = []
+        probes: list[Any] = []
+        for c in pod.spec.containers:
+            argv = tuple(c.command + c.args)
+            env = tuple((e.name, e.value) for e in c.env)
+            procs.append(ContainerProcess(
+                ContainerState(ContainerSpec(c.name, argv, env)), netns=pns,
+                restart_policy=pod.spec.restart_policy, log_path=logs / f"{c.name}.log",
+            ))
+            probes.append(c.readiness_probe)
+        return procs, probes
+
+    async def _start(self, record: schema.ResourceRecord) -> None:
+        key = record_key(record)
+        pns = netns.pod_netns(self.cfg.cluster, self.cfg.node, record.uid)
+        running = RunningPod(key, record.namespace, record.name, record.uid, pns)
+        try:
+            running.containers, running.probes = self._containers(record, pns)
+        except Exception as err:
+            running.error = f"invalid pod spec: {err}"
+            self.pods[key] = running
+            return
+        self.pods[key] = running
+        await self._report(running)
+        await asyncio.to_thread(netns.ensure_netns, pns)
+        code, result = await self._cni("ADD", running)
+        if code != 0 or result is None:
+            running.error = f"CNI ADD failed: {result}"
+            log.warning("pod %s: %s", key, running.error)
+            await self._report(running)
+            await asyncio.sleep(1.0)
+            await self._teardown(running)
+            self.pods.pop(key, None)  # retried on a later pass
+            return
+        running.ip = result["ips"][0]["address"].split("/")[0]
+        for proc in running.containers:
+            proc.poll()
+        self._save()
+        await self._report(running)
+        log.info("pod %s running at %s", key, running.ip)
+
+    async def _replace(self, running: RunningPod, record: schema.ResourceRecord) -> None:
+        await self._stop(running)
+        await self._start(record)
+
+    async def _stop(self, running: RunningPod) -> None:
+        await asyncio.to_thread(lambda: [p.stop() for p in running.containers])
+        await self._teardown(running)
+        self.pods.pop(running.key, None)
+        self._save()
+        log.info("pod %s removed", running.key)
+
+    async def _teardown(self, running: RunningPod) -> None:
+        await self._cni("DEL", running)
+        await asyncio.to_thread(netns.remove_netns, running.netns)
+
+    async def _cni(self, command: str, running: RunningPod) -> tuple[int, dict[str, Any] | None]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": running.uid,
+            "CNI_NETNS": f"/var/run/netns/{running.netns}",
+            "CNI_IFNAME": CNI_IFNAME,
+            "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={running.namespace};K8S_POD_NAME={running.name}",
+            "CNI_PATH": str(Path(self.cfg.cni_bin).parent),
+        }
+        proc = await asyncio.create_subprocess_exec(
+            self.cfg.cni_bin, env=env, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate(json.dumps(netconf(self.cfg)).encode())
+        try:
+            document = json.loads(out) if out.strip() else None
+        except json.JSONDecodeError:
+            document = {"msg": out.decode(errors="replace"), "stderr": err.decode(errors="replace")}
+        return proc.returncode or 0, document
+
+    # ------------------------------------------------------------------ tending
+
+    async def _tend(self, running: RunningPod) -> None:
+        changed = False
+        for proc in running.containers:
+            if running.ip and proc.poll():
+                changed = True
+        now = time.monotonic()
+        if running.ip and now - running.last_probe >= (PROBE_INTERVAL if running.ready else PASS_INTERVAL):
+            running.last_probe = now
+            ready = await asyncio.to_thread(self._probe, running)
+            if ready != running.ready:
+                running.ready = ready
+                changed = True
+        if changed:
+            self._save()
+        await self._report(running)
+
+    def _probe(self, running: RunningPod) -> bool:
+        if not all(p.state.running for p in running.containers):
+            return False
+        for probe in running.probes:
+            if probe is None:
+                continue
+            if probe.tcp_socket is not None and isinstance(probe.tcp_socket.port, int):
+                port = probe.tcp_socket.port
+
+                def connect(port: int = port) -> bool:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                        return True
+                    except OSError:
+                        return False
+
+                if not netns.run_in_netns(running.netns, connect):
+                    return False
+            elif probe.exec is not None and probe.exec.command:
+                import subprocess
+
+                result = subprocess.run(
+                    ["ip", "netns", "exec", running.netns, *probe.exec.command],
+                    capture_output=True, timeout=max(1, probe.timeout_seconds),
+                )
+                if result.returncode != 0:
+                    return False
+        return True
+
+    def status_of(self, running: RunningPod) -> dict[str, Any]:
+        states = [p.state for p in running.containers]
+        phase = "Pending" if not running.ip else pod_phase(states)
+        if running.error and not running.ip:
+            phase = "Pending"
+        status: dict[str, Any] = {
+            "phase": phase,
+            "hostIP": self.cfg.host_ip,
+            "conditions": [{"type": "Ready", "status": "True" if running.ready and phase == "Running" else "False"}],
+            "containerStatuses": [
+                {
+                    "name": s.spec.name,
+                    "ready": running.ready and s.running,
+                    "restartCount": s.restarts,
+                    "state": {"running": {}} if s.running else (
+                        {"terminated": {"exitCode": s.exit_code}} if s.exit_code is not None else {"waiting": {}}
+                    ),
+                }
+                for s in states
+            ],
+            "ciliary": {"netns": running.netns, "node": self.cfg.node},
+        }
+        if running.ip:
+            status["podIP"] = running.ip
+            status["podIPs"] = [{"ip": running.ip}]
+        if running.error:
+            status["message"] = running.error
+        return status
+
+    async def _report(self, running: RunningPod) -> None:
+        status = self.status_of(running)
+        if status == running.reported:
+            return
+        await self.write_status(running.namespace, running.name, f"node/{self.cfg.node}", status)
+        running.reported = status
+
+    # ------------------------------------------------------------------ persistence
+
+    def _save(self) -> None:
+        data = {
+            key: {
+                "namespace": p.namespace, "name": p.name, "uid": p.uid, "netns": p.netns, "ip": p.ip,
+                "containers": [
+                    {"name": c.state.spec.name, "pid": c.state.pid, "started_at": c.state.started_at,
+                     "restarts": c.state.restarts}
+                    for c in p.containers
+                ],
+            }
+            for key, p in self.pods.items() if p.ip
+        }
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self.state_file)
+
+    def _restore(self) -> None:
+        """Adopt pods recorded by an earlier executor run (decided against desired state later)."""
+        try:
+            data = json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        for key, saved in data.items():
+            running = RunningPod(key, saved["namespace"], saved["name"], saved["uid"], saved["netns"], saved["ip"])
+            for c in saved["containers"]:
+                proc = ContainerProcess(
+                    ContainerState(ContainerSpec(c["name"], ()), restarts=c.get("restarts", 0)),
+                    netns=saved["netns"], restart_policy="Never",
+                    log_path=self.cfg.state_dir / "logs" / f"{saved['namespace']}_{saved['name']}" / f"{c['name']}.log",
+                )
+                if not proc.adopt(c["pid"], c["started_at"]):
+                    proc.state.pid = 0
+                running.containers.append(proc)
+            self.pods[key] = running
+        log.info("restored %d pods from %s", len(self.pods), self.state_file)
+
+    def adopt_specs(self) -> None:
+        """Give adopted pods their container specs once their desired records are known."""
+        for key, running in self.pods.items():
+            record = self.desired.get(key)
+            if record is None or record.uid != running.uid:
+                continue
+            fresh, probes = self._containers(record, running.netns)
+            for old, new in zip(running.containers, fresh, strict=False):
+                new.state.pid = old.state.pid
+                new.state.started_at = old.state.started_at
+                new.state.restarts = old.state.restarts
+            running.containers = fresh
+            running.probes = probes
+
+    async def shutdown(self, teardown: bool) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if teardown:
+            await asyncio.gather(*(self._stop(p) for p in list(self.pods.values())), return_exceptions=True)
+
+
+def record_key(record: schema.ResourceRecord) -> str:
+    return f"{record.kind}.{record.namespace or '_'}.{record.name}"

@@ -1,0 +1,606 @@
+"""Desired BPF map entries, their status, and the reconciler that applies them.
+
+A producer (ipcache, policy, lb, endpoints) calls ``set_desired(owner, entries)``
+with everything that owner wants; ``reconcile(ops, now)`` pushes the difference
+into the kernel through the narrow ``MapOps`` interface; ``full_resync`` repairs
+drift and prunes orphans; ``restore`` reads the pinned maps before the first
+reconcile so a restart rewrites nothing that was right.
+
+Invariants:
+- The table is keyed by ``(map name, key bytes)``. A row's desired value is the
+  value of the owner with the smallest tag among those that claim the key, so
+  the table depends only on each owner's latest ``set_desired`` and not on the
+  order the calls arrived in. A key no owner claims is desired absent: it stays
+  as a pending delete until a delete succeeds (or a dump shows it absent), and
+  only then leaves the table.
+- Every row carries what the kernel is believed to hold: a value, absent, or
+  unknown. A row is ``done`` exactly when that belief is known and equals the
+  desired value. Beliefs come only from successful writes and from dumps; a
+  failed call makes the belief unknown (a batch may be partly applied). Re-sending
+  an unchanged desired state never re-writes a ``done`` row.
+- ``reconcile`` only acts on rows that are not done and whose retry time has
+  come. Within one pass all upserts run before all deletes (add new before
+  removing old, so a replacement never leaves a gap). Upserts keep each owner's
+  supplied order, deletes run in the reverse of it; batches group runs of one
+  map across owners without reordering any single owner's entries (lb: backend
+  slots, then slot 0; shrinking writes slot 0 before extra slots are deleted).
+- A failed batch falls back to one call per entry, so one bad entry does not
+  block the others. A failed entry is retried after 100 ms, doubling per
+  consecutive failure, capped at 60 s; a new desired value retries at once.
+- ``full_resync`` dumps every owned map (and any other map holding desired
+  rows), re-queues entries that are missing or hold another value, and deletes
+  entries nobody desires — in owned maps only. Maps the datapath writes itself
+  (conntrack, metrics) are not owned and are never pruned. Only call it once
+  every owner has delivered its desired state, or it prunes what was merely
+  not loaded yet.
+- ``restore`` only reads: rows whose kernel value already matches become done
+  without a write; nothing is deleted. The dumped entries stay available
+  (``restored_entries``) for re-seeding ID allocators.
+- Time is whatever clock the caller passes as ``now`` (seconds, monotonic); the
+  core never reads a clock, never sleeps and never touches NATS or asyncio.
+- Not thread-safe by design: one thread (or one asyncio task plus the producers
+  running on the same event loop) owns a ``Reconciler``. ``ReconcileLoop`` keeps
+  to this by calling ``reconcile`` synchronously on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from services.node import layouts as L
+from services.node.layouts import Layout
+from services.node.maps import Entry, MapOps, MapOpsError
+
+log = logging.getLogger(__name__)
+
+BACKOFF_BASE = 0.1
+BACKOFF_MAX = 60.0
+DEFAULT_BATCH_SIZE = 1024
+DEFAULT_NOT_OWNED = frozenset({L.CT, L.METRICS})
+
+RowKey = tuple[str, bytes]
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    ERROR = "error"
+
+
+class _Unknown:
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN = _Unknown()
+"""Kernel belief for a row whose kernel value is not known."""
+
+ORPHAN_OWNER = ""
+"""Owner recorded on rows found in the kernel that no owner ever desired."""
+
+
+def backoff_delay(attempts: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX) -> float:
+    """Seconds to wait after ``attempts`` consecutive failures (1 → base)."""
+    if attempts <= 0:
+        return 0.0
+    return min(cap, base * 2.0 ** min(attempts - 1, 64))
+
+
+def _copy(layout: Layout) -> Layout:
+    return type(layout).from_bytes(bytes(layout))
+
+
+def _same(a: Layout | None | _Unknown, b: Layout | None) -> bool:
+    if a is UNKNOWN:
+        return False
+    if a is None or b is None:
+        return a is None and b is None
+    return type(a) is type(b) and bytes(a) == bytes(b)
+
+
+@dataclass(slots=True)
+class _Row:
+    map: str
+    key: Layout
+    value: Layout | None  # desired; None = desired absent
+    kernel: Layout | None | _Unknown  # believed kernel value; None = absent
+    owner: str = ORPHAN_OWNER  # winning (or last winning) owner, for ordering
+    seq: int = 0  # position in that owner's supplied order
+    claims: set[str] = field(default_factory=set)
+    status: Status = Status.PENDING
+    attempts: int = 0
+    last_error: str | None = None
+    next_retry: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class EntryStatus:
+    """A read-only view of one row of the desired-state table."""
+
+    map: str
+    key: Layout
+    value: Layout | None  # None: a pending delete
+    owner: str
+    status: Status
+    attempts: int
+    last_error: str | None
+    next_retry: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileResult:
+    upserted: int = 0
+    deleted: int = 0
+    failed: int = 0
+    batches: int = 0
+    next_retry: float | None = None  # earliest time a row will be due; None: all done
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncResult:
+    drifted: int  # done rows whose kernel value was missing or different
+    orphans: int  # entries in owned maps that nobody desires
+    failed_maps: tuple[str, ...]  # maps whose dump failed (not checked this time)
+    reconcile: ReconcileResult
+
+
+@dataclass(frozen=True, slots=True)
+class MapStats:
+    desired: int  # rows desired present
+    entries: int  # entries believed present in the kernel map
+    max_entries: int | None
+    fill: float | None  # entries / max_entries
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcilerStats:
+    pending: int
+    done: int
+    error: int
+    pending_deletes: int
+    conflicts: int  # keys claimed by several owners with different values
+    total_errors: int  # failed entry operations and failed dumps, ever
+    batch_fallbacks: int  # batches that failed and were retried entry by entry
+    last_resync: float | None  # ``now`` of the last full resync that dumped every map
+    maps: dict[str, MapStats]
+
+
+class Reconciler:
+    """Desired-state table for the pinned BPF maps plus the logic that applies it.
+
+    ``not_owned``: maps written by the datapath itself; never pruned (default
+    conntrack and metrics). ``max_entries``: configured map sizes, for fill stats.
+    """
+
+    def __init__(self, *, not_owned: Iterable[str] = DEFAULT_NOT_OWNED,
+                 max_entries: Mapping[str, int] | None = None,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+        not_owned = frozenset(not_owned)
+        unknown = not_owned - L.MAPS.keys()
+        if unknown:
+            raise ValueError(f"unknown maps {sorted(unknown)}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        self.owned_maps: frozenset[str] = frozenset(L.MAPS) - not_owned
+        self.max_entries: dict[str, int] = dict(max_entries or {})
+        self.batch_size = batch_size
+        self._owners: dict[str, dict[RowKey, tuple[Entry, int]]] = {}
+        self._rows: dict[RowKey, _Row] = {}
+        self._dirty: set[RowKey] = set()  # rows not done
+        self._observed: dict[str, dict[bytes, Layout]] = {}  # dumped, not in the table
+        self._restored: dict[str, dict[Layout, Layout]] = {}
+        self._seq = 0
+        self._total_errors = 0
+        self._batch_fallbacks = 0
+        self._last_resync: float | None = None
+
+    # ---- desired state ------------------------------------------------------------
+
+    def set_desired(self, owner: str, entries: Iterable[Entry]) -> None:
+        """Replace everything ``owner`` wants with ``entries`` (in apply order).
+
+        A key listed twice keeps its first position and its last value. Keys the
+        owner no longer lists lose its claim; unclaimed keys become pending deletes.
+        """
+        if not owner:
+            raise ValueError("owner must be a non-empty tag")
+        new: dict[RowKey, tuple[Entry, int]] = {}
+        for e in entries:
+            kt, vt = _layouts_for(e.map)
+            if type(e.key) is not kt or type(e.value) is not vt:
+                raise ValueError(f"{e.map}: entry must be ({kt.__name__}, {vt.__name__}), "
+                                 f"got ({type(e.key).__name__}, {type(e.value).__name__})")
+            rk = (e.map, bytes(e.key))
+            seq = new[rk][1] if rk in new else self._next_seq()
+            new[rk] = (Entry(e.map, _copy(e.key), _copy(e.value)), seq)
+        old = self._owners.pop(owner, {})
+        if new:
+            self._owners[owner] = new
+        for rk in old.keys() - new.keys():
+            row = self._rows.get(rk)
+            if row is not None:
+                row.claims.discard(owner)
+                self._refresh(rk, row)
+        for rk, (e, _) in new.items():
+            row = self._rows.get(rk)
+            if row is None:
+                kernel = self._observed.get(e.map, {}).pop(rk[1], UNKNOWN)
+                row = self._rows[rk] = _Row(e.map, e.key, None, kernel)
+            row.claims.add(owner)
+            self._refresh(rk, row)
+
+    def clear_owner(self, owner: str) -> None:
+        self.set_desired(owner, ())
+
+    def owners(self) -> list[str]:
+        return sorted(self._owners)
+
+    def owner_entries(self, owner: str) -> list[Entry]:
+        return [e for e, _ in self._owners.get(owner, {}).values()]
+
+    def desired_entries(self) -> list[Entry]:
+        """The winning desired entries (no pending deletes), sorted by map and key."""
+        return [Entry(r.map, r.key, r.value) for _, r in sorted(self._rows.items())
+                if r.value is not None]
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _refresh(self, rk: RowKey, row: _Row) -> None:
+        """Recompute a row's desired value from its claims."""
+        if row.claims:
+            winner = min(row.claims)
+            e, seq = self._owners[winner][rk]
+            row.owner, row.seq = winner, seq
+            self._want(rk, row, e.value)
+        else:
+            self._want(rk, row, None)
+
+    def _want(self, rk: RowKey, row: _Row, value: Layout | None) -> None:
+        if _same(row.value, value):
+            return  # unchanged: keep status and retry schedule
+        row.value = value
+        row.attempts, row.last_error, row.next_retry = 0, None, 0.0
+        self._settle(rk, row, Status.PENDING)
+
+    def _settle(self, rk: RowKey, row: _Row, otherwise: Status) -> None:
+        """Mark ``row`` done if the kernel belief matches, else ``otherwise``; drop
+        rows that are desired absent and known absent."""
+        if _same(row.kernel, row.value):
+            if row.value is None:
+                self._rows.pop(rk, None)
+                self._dirty.discard(rk)
+                return
+            row.status = Status.DONE
+            row.attempts, row.last_error, row.next_retry = 0, None, 0.0
+            self._dirty.discard(rk)
+        else:
+            row.status = otherwise
+            self._dirty.add(rk)
+
+    # ---- reconcile ----------------------------------------------------------------
+
+    def reconcile(self, ops: MapOps, now: float) -> ReconcileResult:
+        """Apply due rows: upserts (owner order), then deletes (reverse order)."""
+        due = [self._rows[rk] for rk in self._dirty if self._rows[rk].next_retry <= now]
+        upserts = [r for r in due if r.value is not None]
+        deletes = [r for r in due if r.value is None]
+        upserted = deleted = failed = batches = 0
+        for map_name, rows in _schedule(upserts, reverse=False):
+            for chunk in _chunks(rows, self.batch_size):
+                batches += 1
+                ok, bad = self._run_batch(ops, map_name, chunk, now, delete=False)
+                upserted, failed = upserted + ok, failed + bad
+        for map_name, rows in _schedule(deletes, reverse=True):
+            for chunk in _chunks(rows, self.batch_size):
+                batches += 1
+                ok, bad = self._run_batch(ops, map_name, chunk, now, delete=True)
+                deleted, failed = deleted + ok, failed + bad
+        return ReconcileResult(upserted, deleted, failed, batches, self.next_retry())
+
+    def next_retry(self) -> float | None:
+        """Earliest time a not-done row is due (0.0: due now); None when all are done."""
+        return min((self._rows[rk].next_retry for rk in self._dirty), default=None)
+
+    def _run_batch(self, ops: MapOps, map_name: str, rows: list[_Row], now: float,
+                   *, delete: bool) -> tuple[int, int]:
+        try:
+            if delete:
+                ops.delete_batch(map_name, [r.key for r in rows])
+            else:
+                ops.update_batch(map_name, [(r.key, r.value) for r in rows])
+        except MapOpsError as err:
+            if len(rows) == 1:
+                self._failed(rows[0], err, now)
+                return 0, 1
+            self._batch_fallbacks += 1
+            log.debug("%s: batch of %d failed (%s); retrying one by one",
+                      map_name, len(rows), err)
+        else:
+            for r in rows:
+                self._applied(r)
+            return len(rows), 0
+        ok = bad = 0
+        for r in rows:
+            try:
+                if delete:
+                    ops.delete(map_name, r.key)
+                else:
+                    ops.update(map_name, r.key, r.value)
+            except MapOpsError as err:
+                self._failed(r, err, now)
+                bad += 1
+            else:
+                self._applied(r)
+                ok += 1
+        return ok, bad
+
+    def _applied(self, row: _Row) -> None:
+        row.kernel = row.value
+        self._settle((row.map, bytes(row.key)), row, Status.PENDING)
+
+    def _failed(self, row: _Row, err: Exception, now: float) -> None:
+        row.kernel = UNKNOWN  # a failed call may have been partly applied
+        row.attempts += 1
+        row.status = Status.ERROR
+        row.last_error = str(err)
+        row.next_retry = now + backoff_delay(row.attempts)
+        self._dirty.add((row.map, bytes(row.key)))
+        self._total_errors += 1
+
+    # ---- restore and resync -------------------------------------------------------
+
+    def restore(self, ops: MapOps, maps: Iterable[str] | None = None) -> dict[str, dict[Layout, Layout]]:
+        """Read the pinned maps (default: every owned map) and learn their contents.
+
+        Writes nothing. Desired rows that already hold their value become done;
+        entries outside the table are remembered so a later ``set_desired`` with
+        the same value is done without a write. Dumps every map before changing
+        any state; a failed dump raises ``MapOpsError`` and changes nothing (call
+        again). Returns the dumped entries per map (also ``restored_entries``).
+        """
+        names = sorted(self.owned_maps if maps is None else set(maps))
+        dumps = {m: ops.dump(m) for m in names}
+        by_map = self._rows_by_map()
+        for m, dumped in dumps.items():
+            self._learn(by_map.get(m, []), dumped)
+            self._observed[m] = {kb: v for kb, v in ((bytes(k), v) for k, v in dumped.items())
+                                 if (m, kb) not in self._rows}
+        self._restored.update({m: dict(d) for m, d in dumps.items()})
+        return {m: dict(d) for m, d in dumps.items()}
+
+    def restored_entries(self, map_name: str) -> dict[Layout, Layout]:
+        """Entries of ``map_name`` as the last ``restore`` found them (for ID re-seeding)."""
+        return dict(self._restored.get(map_name, {}))
+
+    def _rows_by_map(self) -> dict[str, list[tuple[RowKey, _Row]]]:
+        out: dict[str, list[tuple[RowKey, _Row]]] = {}
+        for rk, row in self._rows.items():
+            out.setdefault(rk[0], []).append((rk, row))
+        return out
+
+    def _learn(self, rows: list[tuple[RowKey, _Row]], dumped: Mapping[Layout, Layout]) -> int:
+        """Set the kernel belief of ``rows`` (all of one map) from that map's dump;
+        return how many done rows had drifted (now pending, due at once)."""
+        by_bytes = {bytes(k): v for k, v in dumped.items()}
+        drifted = 0
+        for rk, row in rows:
+            row.kernel = by_bytes.get(rk[1])
+            was_done = row.status is Status.DONE
+            if was_done and not _same(row.kernel, row.value):
+                drifted += 1
+                row.next_retry = 0.0
+                self._settle(rk, row, Status.PENDING)
+            else:
+                self._settle(rk, row, row.status)
+        return drifted
+
+    def full_resync(self, ops: MapOps, now: float) -> ResyncResult:
+        """Dump, repair drift, prune orphans in owned maps, then ``reconcile``."""
+        by_map = self._rows_by_map()
+        names = sorted(self.owned_maps | by_map.keys())
+        drifted = orphans = 0
+        failed: list[str] = []
+        for m in names:
+            try:
+                dumped = ops.dump(m)
+            except MapOpsError as err:
+                log.warning("resync: dump %s failed: %s", m, err)
+                self._total_errors += 1
+                failed.append(m)
+                continue
+            drifted += self._learn(by_map.get(m, []), dumped)
+            if m not in self.owned_maps:
+                continue
+            self._observed.pop(m, None)
+            for k, v in dumped.items():
+                rk = (m, bytes(k))
+                if rk not in self._rows:
+                    row = self._rows[rk] = _Row(m, _copy(k), None, _copy(v))
+                    self._settle(rk, row, Status.PENDING)
+                    orphans += 1
+        result = self.reconcile(ops, now)
+        if not failed:
+            self._last_resync = now
+        return ResyncResult(drifted, orphans, tuple(failed), result)
+
+    # ---- inspection ---------------------------------------------------------------
+
+    def status(self, map_name: str, key: Layout) -> EntryStatus | None:
+        row = self._rows.get((map_name, bytes(key)))
+        return None if row is None else _view(row)
+
+    def entries(self, status: Status | None = None) -> Iterator[EntryStatus]:
+        """Every row (sorted by map and key), optionally only those with ``status``."""
+        for _, row in sorted(self._rows.items()):
+            if status is None or row.status is status:
+                yield _view(row)
+
+    def stats(self) -> ReconcilerStats:
+        counts = dict.fromkeys(Status, 0)
+        desired: dict[str, int] = {}
+        present: dict[str, int] = {m: len(o) for m, o in self._observed.items()}
+        pending_deletes = conflicts = 0
+        for rk, row in self._rows.items():
+            counts[row.status] += 1
+            if row.value is None:
+                pending_deletes += 1
+            else:
+                desired[row.map] = desired.get(row.map, 0) + 1
+            if row.kernel is not None and row.kernel is not UNKNOWN:
+                present[row.map] = present.get(row.map, 0) + 1
+            if len(row.claims) > 1:
+                values = {bytes(self._owners[o][rk][0].value) for o in row.claims}
+                conflicts += len(values) > 1
+        maps = {}
+        for m in sorted(self.owned_maps | desired.keys() | present.keys()):
+            n, cap = present.get(m, 0), self.max_entries.get(m)
+            maps[m] = MapStats(desired.get(m, 0), n, cap, n / cap if cap else None)
+        return ReconcilerStats(
+            pending=counts[Status.PENDING], done=counts[Status.DONE], error=counts[Status.ERROR],
+            pending_deletes=pending_deletes, conflicts=conflicts,
+            total_errors=self._total_errors, batch_fallbacks=self._batch_fallbacks,
+            last_resync=self._last_resync, maps=maps)
+
+
+def _layouts_for(map_name: str) -> tuple[type[Layout], type[Layout]]:
+    try:
+        return L.MAPS[map_name]
+    except KeyError:
+        raise ValueError(f"unknown map {map_name!r}") from None
+
+
+def _view(row: _Row) -> EntryStatus:
+    return EntryStatus(row.map, row.key, row.value, row.owner, row.status, row.attempts,
+                       row.last_error, row.next_retry)
+
+
+def _chunks(rows: list[_Row], size: int) -> Iterator[list[_Row]]:
+    for i in range(0, len(rows), size):
+        yield rows[i:i + size]
+
+
+def _schedule(rows: list[_Row], *, reverse: bool) -> list[tuple[str, list[_Row]]]:
+    """Group ``rows`` into per-map batches without reordering any owner's rows.
+
+    Each owner's rows, in supplied order (reversed for deletes), split into runs of
+    one map. The next batch is for the map whose head run has waited longest (ties:
+    owner tag order) and takes, from every owner whose head run is of that map, that
+    run. Orphans (no owner) are deleted in map and key order.
+    """
+    per_owner: dict[str, list[_Row]] = {}
+    for r in rows:
+        per_owner.setdefault(r.owner, []).append(r)
+    queues: list[deque[tuple[str, list[_Row]]]] = []
+    for owner in sorted(per_owner):
+        rs = sorted(per_owner[owner], key=lambda r: (r.seq, r.map, bytes(r.key)))
+        if reverse and owner != ORPHAN_OWNER:
+            rs.reverse()
+        runs: deque[tuple[str, list[_Row]]] = deque()
+        for r in rs:
+            if runs and runs[-1][0] == r.map:
+                runs[-1][1].append(r)
+            else:
+                runs.append((r.map, [r]))
+        queues.append(runs)
+    buckets: dict[str, list[deque[tuple[str, list[_Row]]]]] = {}
+    first: dict[str, int] = {}  # map -> rank of its oldest head run
+    rank = 0
+
+    def enqueue(q: deque[tuple[str, list[_Row]]]) -> None:
+        nonlocal rank
+        m = q[0][0]
+        buckets.setdefault(m, []).append(q)
+        first.setdefault(m, rank)
+        rank += 1
+
+    for q in queues:
+        enqueue(q)
+    out: list[tuple[str, list[_Row]]] = []
+    while buckets:
+        m = min(buckets, key=first.__getitem__)
+        batch: list[_Row] = []
+        for q in buckets.pop(m):
+            batch.extend(q.popleft()[1])
+            if q:
+                enqueue(q)
+        first.pop(m)
+        out.append((m, batch))
+    return out
+
+
+# ---- async driver ---------------------------------------------------------------------
+
+
+class ReconcileLoop:
+    """Runs a ``Reconciler`` on the event loop: restore once, then reconcile whenever
+    ``kick()`` is called or a retry falls due, and a full resync every
+    ``resync_interval`` seconds. Producers call ``set_desired`` then ``kick()`` from
+    the same loop. MapOps calls are short syscalls and run inline, which keeps the
+    reconciler single-threaded.
+    """
+
+    def __init__(self, reconciler: Reconciler, ops: MapOps, *, resync_interval: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 ready: Callable[[], bool] = lambda: True) -> None:
+        self.reconciler = reconciler
+        self.ops = ops
+        self.resync_interval = resync_interval
+        self.clock = clock
+        self.ready = ready  # full resync (pruning) only once all owners are loaded
+        self.restored = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._next_resync: float | None = None  # None: first resync one interval after restore
+
+    def kick(self) -> None:
+        """Reconcile soon (call after ``set_desired``)."""
+        self._wake.set()
+
+    def request_resync(self) -> None:
+        """Full resync as soon as ``ready()`` holds (e.g. once every input has synced)."""
+        self._next_resync = 0.0
+        self._wake.set()
+
+    async def run(self) -> None:
+        attempts = 0
+        while True:
+            try:
+                self.reconciler.restore(self.ops)
+                break
+            except MapOpsError as err:
+                attempts += 1
+                delay = backoff_delay(attempts)
+                log.warning("restore failed: %s; retrying in %.1fs", err, delay)
+                await asyncio.sleep(delay)
+        self.restored.set()
+        if self._next_resync is None:
+            self._next_resync = self.clock() + self.resync_interval
+        while True:
+            self._wake.clear()
+            now = self.clock()
+            if now >= self._next_resync:
+                if self.ready():
+                    self.reconciler.full_resync(self.ops, now)
+                    self._next_resync = now + self.resync_interval
+                else:  # inputs not complete: pruning now would delete live entries
+                    self._next_resync = now + min(1.0, self.resync_interval)
+            due = self.reconciler.reconcile(self.ops, now).next_retry
+            deadline = self._next_resync if due is None else min(due, self._next_resync)
+            timeout = max(0.0, deadline - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+
+__all__ = [
+    "BACKOFF_BASE", "BACKOFF_MAX", "DEFAULT_NOT_OWNED", "EntryStatus", "MapStats",
+    "ORPHAN_OWNER", "ReconcileLoop", "ReconcileResult", "Reconciler", "ReconcilerStats",
+    "ResyncResult", "Status", "UNKNOWN", "backoff_delay",
+]
