@@ -396,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ciliary import cli_service
 
     cli_service.add_commands(sub, common)
+
+    from ciliary import cli_observe
+
+    cli_observe.add_commands(sub, common, run_with_bus=run_with_bus, cli_error=CliError)
     return parser
 
 

@@ -1,17 +1,256 @@
-"""Flows service shell: watches the objects used to enrich flows.
+"""Flows service shell: raw datapath events in, Hubble-style flows out.
 
-Watches Pods, Namespaces and Services (names, labels, service frontends for flow
-enrichment). Will consume ``flows.raw.<cluster>.<node>`` and write stream ``FLOWS``.
+Subscribes to ``flows.raw.>`` (every node executor's ``RawEventBatch``), decodes and
+enriches each event into ``Flow`` records (``decode.py``) from mirrored ``ipcache``,
+``identities`` and ``services`` (frontends) buckets plus Pods and their status, keeps the
+most recent flows per node (``store.py``), publishes every flow on
+``flows.enriched.<cluster>.<node>``, answers ``FlowQuery`` on ``ciliary.flows.query`` and
+metrics requests on ``ciliary.flows.metrics``, and serves Prometheus metrics over HTTP
+on ``CILIARY_FLOWS_METRICS_PORT`` (unset or 0: not served). Flows are also kept in the
+JetStream stream ``FLOWS`` (``CILIARY_FLOWS_STREAM_MAX_MB``, default 64, 0 = off;
+``CILIARY_FLOWS_STREAM_MAX_AGE`` seconds, default 3600) and, with
+``CILIARY_FLOWS_EXPORT_FILE``, appended as JSON lines (``export.py``).
+
+Invariants:
+- A payload that is not a ``RawEventBatch`` (or an event that fails to decode) is counted
+  in ``hubble_lost_events_total{source="decode"}``, never crashes the service; events the
+  node's ring buffer lost are counted under ``source="perf_event_ring_buffer"``.
+- Nothing here blocks the event loop: the HTTP endpoint uses asyncio streams.
+- Health: connected and every watch has delivered its initial state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
 
+import msgspec
+from nats.aio.msg import Msg
+
+from ciliary import flowfilter, schema
+from ciliary.bus import SYNCED, KVEntry
 from ciliary.runtime import Context, mirror_kinds
 
+from .decode import decode_batch
+from .enrich import EnrichmentState
+from .export import ExportConfig, write_lines
+from .metrics import LOST_DECODE, LOST_RING_BUFFER, FlowMetrics
+from .store import FlowStore
+
+log = logging.getLogger(__name__)
+
 WATCHED_KINDS = ("Pod", "Namespace", "Service")
+ENV_METRICS_PORT = "CILIARY_FLOWS_METRICS_PORT"
+ENV_RING_CAPACITY = "CILIARY_FLOWS_RING_CAPACITY"
+ENV_STREAM_MAX_MB = "CILIARY_FLOWS_STREAM_MAX_MB"  # 0 = no JetStream stream FLOWS
+ENV_STREAM_MAX_AGE = "CILIARY_FLOWS_STREAM_MAX_AGE"  # seconds
+DEFAULT_STREAM_MAX_MB = 64.0
+DEFAULT_STREAM_MAX_AGE = 3600.0
+QUEUE_GROUP = "flows"
+
+
+class FlowsCore:
+    """Everything the service does between the bus and the stores (no I/O)."""
+
+    def __init__(self, cluster: str, capacity: int = schema.FLOWS_RING_CAPACITY) -> None:
+        self.enrichment = EnrichmentState(cluster)
+        self.store = FlowStore(capacity)
+        self.metrics = FlowMetrics()
+        self.lost = 0
+
+    def ingest(self, data: bytes) -> list[schema.Flow]:
+        """Decode, enrich, store and count one ``RawEventBatch`` payload."""
+        try:
+            batch = schema.decode(data, schema.RawEventBatch)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.metrics.lost(LOST_DECODE, 1)
+            self.lost += 1
+            return []
+        result = decode_batch(batch, self.enrichment)
+        self.metrics.lost(LOST_RING_BUFFER, batch.lost)
+        self.metrics.lost(LOST_DECODE, result.undecodable)
+        self.lost += batch.lost + result.undecodable
+        for flow, time_ns in zip(result.flows, result.times, strict=True):
+            self.store.add(flow, time_ns)
+            self.metrics.process(flow)
+        return result.flows
+
+    def query(self, data: bytes) -> schema.FlowQueryReply:
+        try:
+            q = schema.decode(data, schema.FlowQuery)
+            flowfilter.validate([*q.whitelist, *q.blacklist])
+            flows = self.store.query(q)
+        except (msgspec.DecodeError, msgspec.ValidationError, flowfilter.FilterError) as err:
+            return schema.FlowQueryReply(ok=False, error=str(err))
+        return schema.FlowQueryReply(
+            flows=flows, seen=self.store.seen, capacity=self.store.capacity, lost=self.lost
+        )
 
 
 async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
-    mirror_kinds(ctx, tg, WATCHED_KINDS)
+    capacity = int(os.environ.get(ENV_RING_CAPACITY, schema.FLOWS_RING_CAPACITY))
+    core = FlowsCore(ctx.settings.cluster, capacity)
+    ctx.detail["flows"] = {"seen": 0, "stored": 0, "lost": 0}
+
+    async def on_resource(kind: str, entry: KVEntry) -> None:
+        if kind != "Pod":
+            return
+        ref = _ref(entry.key)
+        if entry.deleted:
+            core.enrichment.apply_pod(ref, None)
+            return
+        record = _decode(entry, schema.ResourceRecord)
+        core.enrichment.apply_pod(ref, record.manifest if record else None)
+
+    mirror_kinds(ctx, tg, WATCHED_KINDS, on_change=on_resource)
+    _follow(ctx, tg, schema.BUCKET_STATUS, "Pod.>", lambda e: core.enrichment.apply_pod_status(
+        _ref(e.key), (r.status if (r := _decode(e, schema.StatusRecord)) else None)))
+    _follow(ctx, tg, schema.BUCKET_IPCACHE, ">", lambda e: core.enrichment.apply_ipcache(
+        e.key, _decode(e, schema.IPCacheRecord)))
+    _follow(ctx, tg, schema.BUCKET_IDENTITIES, f"{schema.IDENTITY_ID_PREFIX}>",
+            lambda e: core.enrichment.apply_identity(e.key, _decode(e, schema.IdentityRecord)))
+    _follow(ctx, tg, schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>",
+            lambda e: core.enrichment.apply_frontend(e.key, _decode(e, schema.LBFrontend)))
+
+    nc = ctx.bus.nc
+    await _ensure_flows_stream(ctx)
+    try:
+        export = ExportConfig.from_env()
+    except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as err:
+        log.error("flows: export disabled, bad export settings: %s", err)
+        export = None
+    export_queue: asyncio.Queue[list[str]] = asyncio.Queue(maxsize=1024)
+    if export is not None:
+        tg.create_task(_export_writer(export, export_queue), name="flows-export")
+
+    async def on_raw(msg: Msg) -> None:
+        flows = core.ingest(msg.data)
+        ctx.detail["flows"] = {"seen": core.store.seen, "stored": len(core.store), "lost": core.lost}
+        for flow in flows:
+            cluster, _, node = flow.node_name.partition("/")
+            await nc.publish(schema.SUBJECT_FLOWS.format(cluster=cluster, node=node), schema.encode(flow))
+        if export is not None and flows:
+            try:
+                export_queue.put_nowait(export.lines(flows))
+            except asyncio.QueueFull:
+                core.metrics.lost("export_queue", len(flows))
+
+    async def on_query(msg: Msg) -> None:
+        if msg.reply:
+            await msg.respond(schema.encode(core.query(msg.data)))
+
+    async def on_metrics(msg: Msg) -> None:
+        if msg.reply:
+            await msg.respond(schema.encode(schema.FlowMetricsReply(text=core.metrics.render())))
+
+    subs = [
+        await nc.subscribe(schema.SUBJECT_FLOWS_RAW_ALL, cb=on_raw),
+        await nc.subscribe(schema.SUBJECT_FLOWS_QUERY, queue=QUEUE_GROUP, cb=on_query),
+        await nc.subscribe(schema.SUBJECT_FLOWS_METRICS, queue=QUEUE_GROUP, cb=on_metrics),
+    ]
+    port = int(os.environ.get(ENV_METRICS_PORT, "0") or 0)
+    if port:
+        tg.create_task(serve_metrics(port, core.metrics.render), name="flows-metrics-http")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        for sub in subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection already closing
+                pass
+
+
+async def _ensure_flows_stream(ctx: Context) -> None:
+    """JetStream stream FLOWS over ``flows.enriched.>`` (bounded, oldest discarded)."""
+    max_mb = float(os.environ.get(ENV_STREAM_MAX_MB, DEFAULT_STREAM_MAX_MB))
+    if max_mb <= 0:
+        return
+    max_age = float(os.environ.get(ENV_STREAM_MAX_AGE, DEFAULT_STREAM_MAX_AGE))
+    try:
+        await ctx.bus.ensure_stream(schema.STREAM_FLOWS, [schema.SUBJECT_FLOWS_ALL],
+                                    max_bytes=int(max_mb * 1024 * 1024), max_age_s=max_age)
+    except Exception as err:  # the live subject and the ring work without the stream
+        log.warning("flows: cannot create stream %s: %s", schema.STREAM_FLOWS, err)
+
+
+async def _export_writer(cfg: ExportConfig, queue: asyncio.Queue[list[str]]) -> None:
+    while True:
+        lines = await queue.get()
+        while not queue.empty() and len(lines) < 4096:
+            lines += queue.get_nowait()
+        try:
+            await asyncio.to_thread(write_lines, cfg, lines)
+        except OSError as err:
+            log.warning("flows: export to %s failed: %s", cfg.path, err)
+
+
+def _ref(key: str) -> str:
+    """``Pod.<ns>.<name>`` -> ``ns/name``."""
+    _, _, rest = key.partition(".")
+    namespace, _, name = rest.partition(".")
+    return f"{namespace}/{name}"
+
+
+def _decode(entry: KVEntry, type_: type[Any]) -> Any:
+    if entry.value is None:
+        return None
+    try:
+        return schema.decode(entry.value, type_)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        log.warning("flows: bad %s entry %s: %s", entry.bucket, entry.key, err)
+        return None
+
+
+def _follow(ctx: Context, tg: asyncio.TaskGroup, bucket: str, pattern: str,
+            apply: Callable[[KVEntry], None]) -> None:
+    name = f"{bucket}/{pattern}"
+    ctx.declare_watch(name)
+    ctx.detail.setdefault("watching", []).append(name)
+
+    async def follow() -> None:
+        async for event in ctx.bus.watch(bucket, pattern):
+            if event is SYNCED:
+                ctx.watch_synced(name)
+                continue
+            assert isinstance(event, KVEntry)
+            apply(event)
+
+    tg.create_task(follow(), name=f"watch-{bucket}")
+
+
+async def start_metrics_server(
+    port: int, render: Callable[[], str], host: str = "0.0.0.0"
+) -> asyncio.Server:
+    """Minimal HTTP/1.0 server answering ``GET``/``HEAD`` (any path) with the metrics text."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            method = request.split(b" ", 1)[0]
+            ok = method in (b"GET", b"HEAD")
+            body = render().encode() if ok else b""
+            status = b"200 OK" if ok else b"405 Method Not Allowed"
+            head = (
+                b"HTTP/1.0 " + status + b"\r\n"
+                b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+            )
+            writer.write(head + (body if method != b"HEAD" else b""))
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port)
+
+
+async def serve_metrics(port: int, render: Callable[[], str], host: str = "0.0.0.0") -> None:
+    server = await start_metrics_server(port, render, host)
+    log.info("flows: serving metrics on %s:%d", host, port)
+    async with server:
+        await server.serve_forever()

@@ -1,0 +1,246 @@
+"""``ciliary observe`` (``hubble observe``) and ``ciliary metrics``.
+
+Invariants:
+- Filter flags are Hubble's and build the same ``FlowFilter`` lists (``ciliary.flowfilter
+  .build_filters``, in command-line order, ``--not`` applying to the next flag).
+- History comes from the flows service over NATS request/reply (``SUBJECT_FLOWS_QUERY``);
+  ``--follow`` subscribes to ``SUBJECT_FLOWS_ALL`` and filters locally with the same
+  matcher. This module never imports a service package.
+- Output formats are ``hubble observe``'s: compact, dict, json, jsonpb, table.
+- Failures are ``CliError``s (exit code 1, one clear line), never tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ciliary import flowfilter, flowrender, schema
+from ciliary.bus import Bus, BusError
+
+RunWithBus = Callable[[argparse.Namespace, Callable[[Bus], Awaitable[Any]]], Any]
+
+REQUEST_TIMEOUT = 5.0
+DEFAULT_LAST = 20
+
+# (flags, filter name, help)
+FILTER_OPTIONS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("--from-pod",), "from-pod", "flows from pods with this name prefix ([namespace/]<pod-name>)"),
+    (("--to-pod",), "to-pod", "flows to pods with this name prefix ([namespace/]<pod-name>)"),
+    (("--pod",), "pod", "flows from or to pods with this name prefix ([namespace/]<pod-name>)"),
+    (("-n", "--namespace"), "namespace", "flows from or to this namespace"),
+    (("--from-namespace",), "from-namespace", "flows from this namespace"),
+    (("--to-namespace",), "to-namespace", "flows to this namespace"),
+    (("-l", "--label"), "label", "flows from or to endpoints matching this label selector"),
+    (("--from-label",), "from-label", "flows from endpoints matching this label selector"),
+    (("--to-label",), "to-label", "flows to endpoints matching this label selector"),
+    (("--identity",), "identity", "flows from or to this security identity (number or reserved name)"),
+    (("--from-identity",), "from-identity", "flows from this security identity"),
+    (("--to-identity",), "to-identity", "flows to this security identity"),
+    (("--ip",), "ip", "flows from or to this IP or CIDR"),
+    (("--from-ip",), "from-ip", "flows from this IP or CIDR"),
+    (("--to-ip",), "to-ip", "flows to this IP or CIDR"),
+    (("--service",), "service", "flows from or to this service ([namespace/]<name>)"),
+    (("--from-service",), "from-service", "flows from this service"),
+    (("--to-service",), "to-service", "flows to this service"),
+    (("--verdict",), "verdict", "FORWARDED, DROPPED, ERROR, AUDIT, REDIRECTED, TRACED, TRANSLATED"),
+    (("--drop-reason-desc",), "drop-reason-desc", "drop reason, e.g. POLICY_DENIED"),
+    (("--protocol",), "protocol", "tcp, udp, icmp, icmpv4, icmpv6, sctp, dns"),
+    (("--port",), "port", "flows from or to this L4 port"),
+    (("--from-port",), "from-port", "flows from this L4 port"),
+    (("--to-port",), "to-port", "flows to this L4 port"),
+    (("--traffic-direction",), "traffic-direction", "ingress or egress"),
+    (("-t", "--type"), "type", "event type: trace, drop, policy-verdict, l7, trace:to-endpoint, ..."),
+    (("--node-name",), "node-name", "node name pattern: node-glob or cluster/node-glob"),
+    (("--dns-query",), "dns-query", "DNS query regular expression"),
+    (("--tcp-flags",), "tcp-flags", "TCP flags, e.g. SYN or SYN,ACK"),
+    (("--ip-version",), "ip-version", "4 or 6"),
+    (("--uuid",), "uuid", "flow UUID"),
+)
+
+
+class _FilterAction(argparse.Action):
+    """Record (filter name, value) in command-line order in ``namespace.filter_flags``."""
+
+    def __init__(self, option_strings: list[str], dest: str, filter_name: str = "", **kwargs: Any) -> None:
+        self.filter_name = filter_name
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        flags = list(getattr(namespace, "filter_flags", None) or [])
+        flags.append((self.filter_name, values))
+        namespace.filter_flags = flags
+
+
+def add_observe_arguments(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(filter_flags=[])
+    for names, filter_name, help_text in FILTER_OPTIONS:
+        p.add_argument(*names, action=_FilterAction, filter_name=filter_name, dest="filter_flags_" + filter_name.replace("-", "_"),
+                       metavar="VALUE", help=help_text)
+    p.add_argument("--not", action=_FilterAction, filter_name="not", nargs=0, dest="filter_flags_not",
+                   help="negate the next filter flag")
+    p.add_argument("--since", help="flows since this time: duration ago (5m, 1h30m) or RFC 3339")
+    p.add_argument("--until", help="flows until this time: duration ago or RFC 3339")
+    p.add_argument("--last", type=int, default=None, help=f"the last N flows (default {DEFAULT_LAST})")
+    p.add_argument("--first", type=int, default=None, help="the first N flows")
+    p.add_argument("--all", action="store_true", help="every stored flow")
+    p.add_argument("-f", "--follow", action="store_true", help="follow new flows")
+    p.add_argument("-o", "--output", choices=list(flowrender.OUTPUTS), default="compact")
+    p.add_argument("--print-node-name", action="store_true", help="print the node name in each line")
+    p.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, help="query timeout in seconds")
+    p.add_argument("--print-raw-filters", action="store_true",
+                   help="print the allowlist/denylist filters and exit without querying")
+
+
+def raw_filters_text(query: schema.FlowQuery) -> str:
+    """``hubble observe --print-raw-filters`` output: YAML lists of JSON filters."""
+    lines: list[str] = []
+    for name, filters in (("allowlist", query.whitelist), ("denylist", query.blacklist)):
+        if filters:
+            lines.append(f"{name}:")
+            lines += [f"    - '{flowfilter.filters_json([f])[1:-1]}'" for f in filters]
+    return "\n".join(lines)
+
+
+def build_query(args: argparse.Namespace, now_ns: int | None = None) -> schema.FlowQuery:
+    """The ``FlowQuery`` for parsed ``observe`` arguments (raises FilterError)."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    whitelist, blacklist = flowfilter.build_filters(getattr(args, "filter_flags", []) or [])
+    since = flowfilter.parse_time_arg(args.since, now_ns) if args.since else 0
+    until = flowfilter.parse_time_arg(args.until, now_ns) if args.until else 0
+    if args.first is not None and args.last is not None:
+        raise flowfilter.FilterError("--first and --last cannot be combined")
+    if args.first is not None:
+        number, first = args.first, True
+    elif args.last is not None:
+        number, first = args.last, False
+    elif args.all or args.since or args.until:
+        number, first = 0, False
+    elif args.follow:
+        number, first = 0, False
+    else:
+        number, first = DEFAULT_LAST, False
+    if number < 0:
+        raise flowfilter.FilterError("--first/--last must not be negative")
+    return schema.FlowQuery(whitelist=whitelist, blacklist=blacklist, since_ns=since,
+                            until_ns=until, number=number, first=first)
+
+
+def add_commands(
+    subparsers: Any,
+    common_parent: argparse.ArgumentParser,
+    *,
+    run_with_bus: RunWithBus | None = None,
+    cli_error: type[Exception] | None = None,
+) -> None:
+    """Add ``observe`` and ``metrics`` to the ``ciliary`` parser."""
+    commands = _Commands(run_with_bus, cli_error)
+    p = subparsers.add_parser("observe", parents=[common_parent],
+                              help="observe flows (hubble observe)")
+    add_observe_arguments(p)
+    p.set_defaults(func=commands.cmd_observe)
+
+    p = subparsers.add_parser("metrics", parents=[common_parent],
+                              help="flow metrics in Prometheus text format")
+    p.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT)
+    p.set_defaults(func=commands.cmd_metrics)
+
+
+class _Commands:
+    def __init__(self, run_with_bus: RunWithBus | None, cli_error: type[Exception] | None) -> None:
+        self._run_with_bus = run_with_bus
+        self._cli_error = cli_error
+
+    def run(self, args: argparse.Namespace, work: Callable[[Bus], Awaitable[Any]]) -> Any:
+        if self._run_with_bus is None:
+            from ciliary.cli import run_with_bus
+
+            return run_with_bus(args, work)
+        return self._run_with_bus(args, work)
+
+    def error(self, message: str) -> Exception:
+        if self._cli_error is None:
+            from ciliary.cli import CliError
+
+            return CliError(message)
+        return self._cli_error(message)
+
+    def cmd_observe(self, args: argparse.Namespace) -> int:
+        try:
+            query = build_query(args)
+        except flowfilter.FilterError as err:
+            raise self.error(str(err)) from err
+        if args.print_raw_filters:
+            text = raw_filters_text(query)
+            if text:
+                print(text)
+            return 0
+        printer = flowrender.FlowPrinter(args.output, node_name=args.print_node_name)
+
+        def emit(flow: schema.Flow) -> None:
+            text = printer.write(flow)
+            if text is not None:
+                print(text, flush=args.follow)
+
+        async def work(bus: Bus) -> int:
+            live: asyncio.Queue[schema.Flow] = asyncio.Queue()
+            sub = None
+            if args.follow:
+                async def on_flow(msg: Any) -> None:
+                    try:
+                        flow = schema.decode(msg.data, schema.Flow)
+                    except Exception:  # a payload that is not a flow is skipped
+                        return
+                    if flowfilter.matches(flow, query.whitelist, query.blacklist):
+                        live.put_nowait(flow)
+
+                sub = await bus.nc.subscribe(schema.SUBJECT_FLOWS_ALL, cb=on_flow)
+            seen: set[str] = set()
+            if not args.follow or query.number or query.since_ns:
+                try:
+                    reply = await bus.request(schema.SUBJECT_FLOWS_QUERY, query, schema.FlowQueryReply,
+                                              timeout=args.timeout)
+                except BusError as err:
+                    raise self.error(f"{err}\n  is the flows service running? try: ciliary status") from err
+                if not reply.ok:
+                    raise self.error(reply.error)
+                for flow in reply.flows:
+                    seen.add(flow.uuid)
+                    emit(flow)
+            if sub is None:
+                return 0
+            try:
+                while True:
+                    flow = await live.get()
+                    if flow.uuid in seen:
+                        continue
+                    if query.until_ns and flowrender.flow_time_ns(flow) > query.until_ns:
+                        continue
+                    emit(flow)
+            finally:
+                await sub.unsubscribe()
+
+        try:
+            self.run(args, work)
+        finally:
+            tail = printer.close()
+            if tail is not None:
+                print(tail)
+            sys.stdout.flush()
+        return 0
+
+    def cmd_metrics(self, args: argparse.Namespace) -> int:
+        async def work(bus: Bus) -> schema.FlowMetricsReply:
+            try:
+                return await bus.request(schema.SUBJECT_FLOWS_METRICS, schema.FlowMetricsRequest(),
+                                         schema.FlowMetricsReply, timeout=args.timeout)
+            except BusError as err:
+                raise self.error(f"{err}\n  is the flows service running? try: ciliary status") from err
+
+        reply = self.run(args, work)
+        print(reply.text, end="")
+        return 0

@@ -1,0 +1,180 @@
+"""The cluster view flows are enriched from, kept current from KV entries (pure).
+
+Invariants:
+- ``EnrichmentState`` implements ``decode.Lookups``; it is fed decoded records (or
+  ``None`` for a deleted key) and never talks to the bus itself.
+- IP lookups prefer the ipcache (exact address, then the longest matching prefix) and
+  fall back to Pods' status IPs; pod names, namespaces, labels and workloads fill in
+  what the ipcache entry lacks. An IP neither knows is left to the decoder (world).
+- Identity labels come from the ``identities`` bucket; a pod-derived entry carries the
+  pod's own labels (``k8s:`` source plus the namespace label) for when identities are absent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from ciliary import schema
+
+from .decode import IPInfo
+
+
+def pod_labels(namespace: str, labels: dict[str, str]) -> tuple[str, ...]:
+    out = [f"k8s:{k}={v}" for k, v in labels.items()]
+    out.append(f"k8s:io.kubernetes.pod.namespace={namespace}")
+    return tuple(sorted(out))
+
+
+def pod_workloads(manifest: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Hubble-style workloads: a ReplicaSet owner with the template hash becomes its Deployment."""
+    meta = manifest.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    out: list[tuple[str, str]] = []
+    for owner in meta.get("ownerReferences") or []:
+        kind, name = str(owner.get("kind", "")), str(owner.get("name", ""))
+        if not kind or not name:
+            continue
+        pth = labels.get("pod-template-hash")
+        if kind == "ReplicaSet" and pth and name.endswith("-" + pth):
+            kind, name = "Deployment", name[: -len(pth) - 1]
+        out.append((name, kind))
+    return tuple(out)
+
+
+class EnrichmentState:
+    def __init__(self, cluster: str = schema.DEFAULT_CLUSTER_NAME) -> None:
+        self.cluster = cluster
+        self.ipcache: dict[str, schema.IPCacheRecord] = {}  # prefix -> record
+        self._exact: dict[str, schema.IPCacheRecord] = {}
+        self._prefixes: dict[str, tuple[Any, schema.IPCacheRecord]] = {}
+        self.identities: dict[int, list[str]] = {}
+        self.frontends: dict[str, tuple[tuple[str, int, str], tuple[str, str]]] = {}
+        self._frontend_index: dict[tuple[str, int, str], tuple[str, str]] = {}
+        self.pod_manifests: dict[str, dict[str, Any]] = {}  # "ns/name" -> manifest
+        self.pod_status: dict[str, dict[str, Any]] = {}  # "ns/name" -> status
+        self._pod_ips: dict[str, str] = {}  # ip -> "ns/name"
+
+    # ------------------------------------------------------------ feeding
+
+    def apply_ipcache(self, key: str, record: schema.IPCacheRecord | None) -> None:
+        prefix = schema.ipcache_prefix(key) if record is None else record.prefix
+        old = self.ipcache.pop(prefix, None)
+        if old is not None:
+            self._exact.pop(old.prefix.split("/")[0], None)
+            self._prefixes.pop(old.prefix, None)
+        if record is None:
+            return
+        self.ipcache[prefix] = record
+        try:
+            net = ipaddress.ip_network(record.prefix, strict=False)
+        except ValueError:
+            return
+        if net.prefixlen == net.max_prefixlen:
+            self._exact[str(net.network_address)] = record
+        else:
+            self._prefixes[record.prefix] = (net, record)
+
+    def apply_identity(self, key: str, record: schema.IdentityRecord | None) -> None:
+        if not key.startswith(schema.IDENTITY_ID_PREFIX):
+            return
+        try:
+            ident = int(key[len(schema.IDENTITY_ID_PREFIX):])
+        except ValueError:
+            return
+        if record is None:
+            self.identities.pop(ident, None)
+        else:
+            self.identities[ident] = sorted(record.labels)
+
+    def apply_frontend(self, key: str, record: schema.LBFrontend | None) -> None:
+        old = self.frontends.pop(key, None)
+        if old is not None:
+            self._frontend_index.pop(old[0], None)
+        if record is None:
+            return
+        fe = (record.address, record.port, record.proto)
+        svc = (record.namespace, record.name)
+        self.frontends[key] = (fe, svc)
+        self._frontend_index[fe] = svc
+
+    def apply_pod(self, ref: str, manifest: dict[str, Any] | None) -> None:
+        if manifest is None:
+            self.pod_manifests.pop(ref, None)
+        else:
+            self.pod_manifests[ref] = manifest
+        self._reindex_pod(ref)
+
+    def apply_pod_status(self, ref: str, status: dict[str, Any] | None) -> None:
+        if status is None:
+            self.pod_status.pop(ref, None)
+        else:
+            self.pod_status[ref] = status
+        self._reindex_pod(ref)
+
+    def _reindex_pod(self, ref: str) -> None:
+        for ip in [ip for ip, owner in self._pod_ips.items() if owner == ref]:
+            del self._pod_ips[ip]
+        manifest = self.pod_manifests.get(ref) or {}
+        status = self.pod_status.get(ref) or manifest.get("status") or {}
+        if (manifest.get("spec") or {}).get("hostNetwork"):
+            return
+        ips = [status.get("podIP")] + [p.get("ip") for p in status.get("podIPs") or [] if isinstance(p, dict)]
+        for ip in ips:
+            if isinstance(ip, str) and ip:
+                self._pod_ips[ip] = ref
+
+    # ------------------------------------------------------------ Lookups
+
+    def _pod_info(self, ref: str, identity: int = 0) -> IPInfo:
+        namespace, _, name = ref.partition("/")
+        manifest = self.pod_manifests.get(ref) or {}
+        meta = manifest.get("metadata") or {}
+        return IPInfo(
+            identity=identity,
+            namespace=namespace,
+            pod=name,
+            node=(manifest.get("spec") or {}).get("nodeName", ""),
+            cluster=self.cluster,
+            labels=pod_labels(namespace, meta.get("labels") or {}),
+            workloads=pod_workloads(manifest),
+        )
+
+    def ip(self, address: str) -> IPInfo | None:
+        record = self._exact.get(address)
+        if record is None and self._prefixes:
+            try:
+                addr = ipaddress.ip_address(address)
+            except ValueError:
+                addr = None
+            best = -1
+            if addr is not None:
+                for net, rec in self._prefixes.values():
+                    if net.version == addr.version and net.prefixlen > best and addr in net:
+                        best, record = net.prefixlen, rec
+        pod_ref = self._pod_ips.get(address)
+        if record is None:
+            return self._pod_info(pod_ref) if pod_ref else None
+        if record.pod and record.namespace:
+            ref = f"{record.namespace}/{record.pod}"
+            info = self._pod_info(ref, record.identity) if ref in self.pod_manifests else None
+            return IPInfo(
+                identity=record.identity,
+                namespace=record.namespace,
+                pod=record.pod,
+                node=record.node,
+                cluster=record.cluster,
+                labels=info.labels if info else (),
+                workloads=info.workloads if info else (),
+            )
+        if pod_ref is not None and record.source in ("world", "cidr"):
+            return self._pod_info(pod_ref)
+        if record.source in ("world", "cidr"):
+            return IPInfo(identity=record.identity)
+        return IPInfo(identity=record.identity, node=record.node, cluster=record.cluster)
+
+    def labels(self, identity: int) -> list[str] | None:
+        return self.identities.get(identity)
+
+    def frontend(self, address: str, port: int, proto: str) -> tuple[str, str] | None:
+        return self._frontend_index.get((address, port, proto))

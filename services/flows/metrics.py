@@ -1,0 +1,131 @@
+"""Hubble's flow metrics, counted from flows and rendered as Prometheus text (pure).
+
+Invariants:
+- Names and label sets are Hubble's: ``hubble_flows_processed_total{type,subtype,verdict}``,
+  ``hubble_drop_total{reason,protocol}``, ``hubble_dns_queries_total`` /
+  ``hubble_dns_responses_total{rcode,qtypes,ips_returned}``,
+  ``hubble_dns_response_types_total{type,qtypes}``, ``hubble_tcp_flags_total{flag,family}``,
+  ``hubble_lost_events_total{source}``.
+- Counters only grow; ``render`` is the Prometheus text exposition format 0.0.4 with
+  label names sorted and values escaped, families and series in a stable order.
+"""
+
+from __future__ import annotations
+
+from ciliary import schema
+from ciliary.flowrender import MSG_ACCESS_LOG, MSG_DROP, MSG_POLICY_VERDICT, MSG_TRACE, TRACE_POINTS
+
+from .dns import RCODE_NAMES
+
+FAMILIES: dict[str, str] = {
+    "hubble_flows_processed_total": "Total number of flows processed",
+    "hubble_drop_total": "Number of drops",
+    "hubble_dns_queries_total": "Number of DNS queries observed",
+    "hubble_dns_responses_total": "Number of DNS responses observed",
+    "hubble_dns_response_types_total": "Number of DNS response types",
+    "hubble_tcp_flags_total": "TCP flag occurrences",
+    "hubble_lost_events_total": "Number of lost events",
+}
+
+LOST_RING_BUFFER = "perf_event_ring_buffer"
+LOST_DECODE = "decode"
+
+
+def flow_protocol(flow: schema.Flow) -> str:
+    """Hubble's ``v1.FlowProtocol``: DNS for DNS L7 flows, else the L4 protocol."""
+    if flow.l7 is not None and flow.l7.dns is not None:
+        return "DNS"
+    if flow.l4 is not None:
+        for name in ("TCP", "UDP", "ICMPv4", "ICMPv6", "SCTP"):
+            if getattr(flow.l4, name) is not None:
+                return name
+    if flow.ip is not None:
+        return flow.ip.ipVersion or "IP"
+    return "Unknown flow"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class FlowMetrics:
+    def __init__(self) -> None:
+        self.counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = {n: {} for n in FAMILIES}
+
+    def inc(self, name: str, labels: dict[str, str], by: float = 1) -> None:
+        key = tuple(sorted(labels.items()))
+        family = self.counters[name]
+        family[key] = family.get(key, 0) + by
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.counters[name].get(tuple(sorted(labels.items())), 0)
+
+    def lost(self, source: str, count: int) -> None:
+        if count > 0:
+            self.inc("hubble_lost_events_total", {"source": source}, count)
+
+    def process(self, flow: schema.Flow) -> None:
+        et = flow.event_type or schema.FlowEventType()
+        subtype = ""
+        if et.type == MSG_ACCESS_LOG:
+            type_name = "L7"
+            if flow.l7 is not None and flow.l7.dns is not None:
+                subtype = "DNS"
+        elif et.type == MSG_DROP:
+            type_name = "Drop"
+        elif et.type == MSG_TRACE:
+            type_name = "Trace"
+            subtype = TRACE_POINTS.get(et.sub_type, (str(et.sub_type), ""))[0]
+        elif et.type == MSG_POLICY_VERDICT:
+            type_name = "PolicyVerdict"
+        else:
+            type_name = "Unknown"
+            subtype = str(et.type)
+        self.inc("hubble_flows_processed_total",
+                 {"type": type_name, "subtype": subtype, "verdict": flow.verdict})
+
+        if et.type == MSG_DROP:
+            self.inc("hubble_drop_total",
+                     {"reason": flow.drop_reason_desc, "protocol": flow_protocol(flow)})
+
+        if flow.l7 is not None and flow.l7.dns is not None:
+            dns = flow.l7.dns
+            qtypes = ",".join(dns.qtypes)
+            if flow.l7.type == "REQUEST":
+                self.inc("hubble_dns_queries_total", {"rcode": "", "qtypes": qtypes, "ips_returned": ""})
+            elif flow.l7.type == "RESPONSE":
+                self.inc("hubble_dns_responses_total", {
+                    "rcode": RCODE_NAMES.get(dns.rcode, str(dns.rcode)),
+                    "qtypes": qtypes,
+                    "ips_returned": str(len(dns.ips)),
+                })
+                for rrtype in dns.rrtypes:
+                    self.inc("hubble_dns_response_types_total", {"type": rrtype, "qtypes": qtypes})
+
+        if (
+            et.type == MSG_TRACE
+            and flow.verdict == "FORWARDED"
+            and flow.l4 is not None
+            and flow.l4.TCP is not None
+            and flow.l4.TCP.flags is not None
+        ):
+            flags = flow.l4.TCP.flags
+            family = flow.ip.ipVersion if flow.ip is not None else ""
+            if flags.SYN:
+                self.inc("hubble_tcp_flags_total", {"flag": "SYN-ACK" if flags.ACK else "SYN", "family": family})
+            if flags.FIN:
+                self.inc("hubble_tcp_flags_total", {"flag": "FIN", "family": family})
+            if flags.RST:
+                self.inc("hubble_tcp_flags_total", {"flag": "RST", "family": family})
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for name, help_text in FAMILIES.items():
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} counter")
+            for key in sorted(self.counters[name]):
+                value = self.counters[name][key]
+                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in key)
+                text = str(int(value)) if float(value).is_integer() else repr(value)
+                lines.append(f"{name}{{{labels}}} {text}" if labels else f"{name} {text}")
+        return "\n".join(lines) + "\n"

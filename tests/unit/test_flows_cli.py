@@ -1,0 +1,153 @@
+"""``ciliary observe`` / ``ciliary metrics`` without NATS: parser, query building, output."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+import pytest
+
+from ciliary import cli_observe, flowfilter, flowrender, schema
+from services.flows.service import start_metrics_server
+from tests.unit.test_flows_scenario import scenario_flows
+
+FLOWS = scenario_flows()
+NOW = 1_800_000_000 * 10**9
+
+
+class Boom(Exception):
+    pass
+
+
+class FakeBus:
+    def __init__(self, reply: Any) -> None:
+        self.reply = reply
+        self.requests: list[tuple[str, Any]] = []
+
+    async def request(self, subject: str, record: Any, type_: Any, *, timeout: float = 2.0) -> Any:
+        self.requests.append((subject, record))
+        return self.reply
+
+
+def parser(bus: FakeBus) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir")
+    p = argparse.ArgumentParser(prog="ciliary")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def run_with_bus(args: argparse.Namespace, work: Any) -> Any:
+        return asyncio.run(work(bus))
+
+    cli_observe.add_commands(sub, common, run_with_bus=run_with_bus, cli_error=Boom)
+    return p
+
+
+def run(argv: list[str], reply: Any) -> tuple[int, FakeBus]:
+    bus = FakeBus(reply)
+    args = parser(bus).parse_args(argv)
+    return args.func(args), bus
+
+
+def query_of(argv: list[str]) -> schema.FlowQuery:
+    args = parser(FakeBus(None)).parse_args(["observe", *argv])
+    return cli_observe.build_query(args, now_ns=NOW)
+
+
+@pytest.mark.parametrize(("argv", "white", "black", "number", "first", "since"), [
+    ([], "[]", "[]", 20, False, 0),
+    (["--last", "5"], "[]", "[]", 5, False, 0),
+    (["--first", "3"], "[]", "[]", 3, True, 0),
+    (["--all"], "[]", "[]", 0, False, 0),
+    (["-f"], "[]", "[]", 0, False, 0),
+    (["-f", "--last", "10"], "[]", "[]", 10, False, 0),
+    (["--since", "5m"], "[]", "[]", 0, False, NOW - 300 * 10**9),
+    (["--from-pod", "default/checkout", "--to-pod", "payments"],
+     '[{"source_pod":["default/checkout"],"destination_pod":["payments"]}]', "[]", 20, False, 0),
+    (["--pod", "checkout"], '[{"source_pod":["checkout"]},{"destination_pod":["checkout"]}]', "[]", 20, False, 0),
+    (["-n", "kube-system", "--protocol", "dns"],
+     '[{"source_pod":["kube-system/"],"protocol":["dns"]},{"destination_pod":["kube-system/"],"protocol":["dns"]}]',
+     "[]", 20, False, 0),
+    (["-l", "app=x", "--not", "--verdict", "FORWARDED"],
+     '[{"source_label":["app=x"]},{"destination_label":["app=x"]}]', '[{"verdict":["FORWARDED"]}]', 20, False, 0),
+    (["--from-identity", "1234", "--to-ip", "10.0.0.0/8", "--to-port", "80", "--traffic-direction", "egress"],
+     '[{"source_identity":[1234],"destination_ip":["10.0.0.0/8"],"traffic_direction":["EGRESS"],"destination_port":["80"]}]',
+     "[]", 20, False, 0),
+    (["--drop-reason-desc", "POLICY_DENIED", "-t", "drop", "--node-name", "default/node-1"],
+     '[{"drop_reason_desc":["POLICY_DENIED"],"event_type":[{"type":1}],"node_name":["default/node-1"]}]',
+     "[]", 20, False, 0),
+])
+def test_flags_build_the_query(argv: list[str], white: str, black: str, number: int, first: bool,
+                               since: int) -> None:
+    q = query_of(argv)
+    assert flowfilter.filters_json(q.whitelist) == white
+    assert flowfilter.filters_json(q.blacklist) == black
+    assert (q.number, q.first, q.since_ns) == (number, first, since)
+
+
+def test_first_and_last_conflict() -> None:
+    with pytest.raises(flowfilter.FilterError):
+        query_of(["--first", "1", "--last", "1"])
+
+
+def test_observe_prints_compact(capsys: pytest.CaptureFixture[str]) -> None:
+    code, bus = run(["observe", "--verdict", "DROPPED"], schema.FlowQueryReply(flows=FLOWS[4:7]))
+    assert code == 0
+    subject, query = bus.requests[0]
+    assert subject == schema.SUBJECT_FLOWS_QUERY
+    assert query.whitelist == [schema.FlowFilter(verdict=["DROPPED"])]
+    assert capsys.readouterr().out == flowrender.render(FLOWS[4:7], "compact")
+
+
+@pytest.mark.parametrize("output", ["json", "jsonpb", "dict", "table"])
+def test_observe_outputs(output: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run(["observe", "-o", output], schema.FlowQueryReply(flows=FLOWS))
+    assert capsys.readouterr().out == flowrender.render(FLOWS, output)
+
+
+def test_observe_error_reply_and_bad_flags() -> None:
+    with pytest.raises(Boom, match="nope"):
+        run(["observe"], schema.FlowQueryReply(ok=False, error="nope"))
+    with pytest.raises(Boom, match="cannot be combined"):
+        run(["observe", "--pod", "a", "--from-pod", "b"], schema.FlowQueryReply())
+
+
+def test_metrics_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, bus = run(["metrics"], schema.FlowMetricsReply(text="hubble_x 1\n"))
+    assert code == 0 and bus.requests[0][0] == schema.SUBJECT_FLOWS_METRICS
+    assert capsys.readouterr().out == "hubble_x 1\n"
+
+
+def test_metrics_http_endpoint() -> None:
+    async def scenario() -> tuple[bytes, bytes]:
+        server = await start_metrics_server(0, lambda: "hubble_x 1\n", host="127.0.0.1")
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            got = await reader.read()
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST / HTTP/1.1\r\n\r\n")
+            bad = await reader.read()
+            writer.close()
+        return got, bad
+
+    got, bad = asyncio.run(scenario())
+    assert got.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert b"text/plain; version=0.0.4" in got
+    assert got.endswith(b"\r\n\r\nhubble_x 1\n")
+    assert bad.startswith(b"HTTP/1.0 405")
+
+
+def test_print_raw_filters(capsys: pytest.CaptureFixture[str]) -> None:
+    code, bus = run(["observe", "--pod", "a", "--not", "--verdict", "DROPPED", "--print-raw-filters"], None)
+    assert code == 0 and bus.requests == []
+    assert capsys.readouterr().out == (
+        "allowlist:\n"
+        "    - '{\"source_pod\":[\"a\"]}'\n"
+        "    - '{\"destination_pod\":[\"a\"]}'\n"
+        "denylist:\n"
+        "    - '{\"verdict\":[\"DROPPED\"]}'\n"
+    )
