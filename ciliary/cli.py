@@ -400,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ciliary import cli_observe
 
     cli_observe.add_commands(sub, common, run_with_bus=run_with_bus, cli_error=CliError)
+
+    from ciliary import cli_node
+
+    cli_node.add_commands(sub, common)
     return parser
 
 
@@ -420,6 +424,9 @@ def main(argv: list[str] | None = None) -> None:
         code = 1
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # output piped into head & co.
+        sys.stderr.close()
+        code = 0
     except Exception as err:  # last resort: a clear line, never a traceback
         print(f"error: unexpected {type(err).__name__}: {err}", file=sys.stderr)
         code = 1

@@ -31,7 +31,7 @@ from ciliary import config, schema
 from ciliary.bus import SYNCED, Bus, KVEntry, RevisionMismatch
 from ciliary.runtime import Context
 from ciliary.store import ResourceStore, kv_key
-from services.node import addressing, netns
+from services.node import addressing, debug, netns
 from services.node import layouts as L
 from services.node import maps as M
 from services.node.datapath import Datapath, MapSizes, ensure_bpffs
@@ -70,6 +70,19 @@ class LocalEndpoint:
     ep_id: int
 
 
+def policy_map_entries(record: schema.PolicyMapRecord) -> list[M.Entry]:
+    """Map entries of one identity; port ranges expand to one key per port."""
+    out: list[M.Entry] = []
+    for e in record.entries:
+        last = e.end_port if e.end_port and e.port else e.port
+        for port in range(e.port, last + 1):
+            out.append(M.policy_entry(
+                record.identity, e.peer, port, e.proto, e.direction,
+                deny=e.verdict == "deny", audit=e.audit, rule_ref=e.rule_ref,
+            ))
+    return out
+
+
 class NodeAgent:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -98,9 +111,11 @@ class NodeAgent:
         self.endpoints: dict[str, LocalEndpoint] = {}  # by container id
         self.ipcache: dict[str, schema.IPCacheRecord] = {}  # by KV key
         self.frontends: dict[str, schema.LBFrontend] = {}
+        self.policies: dict[int, schema.PolicyMapRecord] = {}  # by local identity
         self.nodes: dict[str, dict[str, Any]] = {}  # peer node -> {"ip", "podCIDR"}
         self.peer_routes: dict[str, str] = {}
         self.synced: set[str] = set()
+        self._policy_owners: set[int] = set()
         self.runner: PodRunner | None = None
         self.pump: EventPump | None = None
 
@@ -118,7 +133,7 @@ class NodeAgent:
         log.info("datapath loaded in %.2fs (pins %s)", seconds, self.datapath.pin_dir)
         self.ctx.detail["datapath_load_seconds"] = round(seconds, 3)
         self.loop_ = ReconcileLoop(self.reconciler, self.datapath.maps, resync_interval=60.0,
-                                   ready=lambda: {"ipcache", "services", "pods"} <= self.synced)
+                                   ready=lambda: {"ipcache", "services", "policy", "pods"} <= self.synced)
         tg.create_task(self.loop_.run(), name="reconcile")
         await self.loop_.restored.wait()
         self._restore_endpoints()
@@ -133,6 +148,10 @@ class NodeAgent:
             schema.SUBJECT_NODE_ENDPOINT.format(cluster=self.cluster, node=self.node),
             schema.EndpointRegistration, self._on_registration,
         )
+        await self.bus.subscribe(
+            schema.SUBJECT_NODE_DEBUG.format(cluster=self.cluster, node=self.node),
+            schema.NodeDebugRequest, self._on_debug,
+        )
         self.runner = PodRunner(RunnerConfig(
             cluster=self.cluster, node=self.node,
             default_node=os.environ.get(ENV_DEFAULT_NODE, "node-1"),
@@ -142,6 +161,7 @@ class NodeAgent:
         ), self._write_pod_status)
         tg.create_task(self._watch_ipcache(), name="watch-ipcache")
         tg.create_task(self._watch_services(), name="watch-services")
+        tg.create_task(self._watch_policy(), name="watch-policy")
         tg.create_task(self._watch_nodes(), name="watch-nodes")
         tg.create_task(self._watch_pods(tg), name="watch-pods")
         tg.create_task(self._housekeeping(), name="housekeeping")
@@ -236,18 +256,78 @@ class NodeAgent:
         if msg.reply:
             await msg.respond(schema.encode(reply))
 
+    async def _on_debug(self, req: schema.NodeDebugRequest, msg: Any) -> None:
+        try:
+            rows = await asyncio.to_thread(self._debug_rows, req)
+            reply = schema.NodeDebugReply(ok=True, node=self.node, rows=rows)
+        except Exception as err:
+            reply = schema.NodeDebugReply(ok=False, node=self.node, error=str(err))
+        if msg.reply:
+            await msg.respond(schema.encode(reply))
+
+    def _debug_rows(self, req: schema.NodeDebugRequest) -> list[dict[str, Any]]:
+        assert self.datapath is not None
+        maps = self.datapath.maps
+        if req.view == "ipcache":
+            return debug.ipcache_rows(maps.dump(L.IPCACHE))
+        if req.view == "ct":
+            return debug.ct_rows(maps.dump(L.CT))
+        if req.view == "policy":
+            return debug.policy_rows(maps.dump(L.POLICY), req.identity)
+        if req.view == "lb":
+            return debug.lb_rows(maps.dump(L.LB4_SERVICES), maps.dump(L.LB4_BACKENDS),
+                                 maps.dump(L.LB4_REVERSE_NAT))
+        if req.view == "endpoints":
+            return debug.endpoint_rows(self.endpoints.values(), maps.dump(L.LXC))
+        if req.view == "metrics":
+            return debug.metrics_rows(maps.dump(L.METRICS))
+        raise ValueError(f"unknown view {req.view!r}; one of {', '.join(schema.NODE_DEBUG_VIEWS)}")
+
     def identity_of_ip(self, ip: str) -> int:
         record = self.ipcache.get(schema.ipcache_key(f"{ip}/32"))
         return record.identity if record else 5  # reserved:init until identity resolves
 
     def _sync_endpoint_entries(self) -> None:
-        entries = [
-            M.endpoint_entry(ep.host_ifindex, ep.ep_id, self.identity_of_ip(ep.ip), ep.ip)
-            for ep in sorted(self.endpoints.values(), key=lambda e: e.ep_id)
-        ]
+        entries = []
+        for ep in sorted(self.endpoints.values(), key=lambda e: e.ep_id):
+            identity = self.identity_of_ip(ep.ip)
+            pol = self.policies.get(identity)
+            entries.append(M.endpoint_entry(
+                ep.host_ifindex, ep.ep_id, identity, ep.ip,
+                policy_ingress=bool(pol and pol.ingress_enforced),
+                policy_egress=bool(pol and pol.egress_enforced),
+                audit_ingress=bool(pol and pol.audit_ingress),
+                audit_egress=bool(pol and pol.audit_egress),
+            ))
+        # policy entries before the endpoint flags that make the datapath consult them
+        self._sync_policy_entries()
         self.reconciler.set_desired("endpoints", entries)
         self.ctx.detail["endpoints"] = len(entries)
         self._kick()
+
+    def _sync_policy_entries(self) -> None:
+        """Policy map entries for the identities of this node's endpoints only."""
+        local = {self.identity_of_ip(ep.ip) for ep in self.endpoints.values()}
+        total = 0
+        overflow: list[int] = []
+        for identity in sorted(set(self._policy_owners) | local):
+            record = self.policies.get(identity) if identity in local else None
+            entries = policy_map_entries(record) if record else []
+            if total + len(entries) > self.map_sizes.policy:
+                overflow.append(identity)
+                entries = []
+            total += len(entries)
+            self.reconciler.set_desired(f"policy:{identity}", entries)
+            if entries:
+                self._policy_owners.add(identity)
+            else:
+                self._policy_owners.discard(identity)
+        self.ctx.detail["policy_entries"] = total
+        if overflow:
+            self.ctx.detail["policy_overflow"] = overflow
+            log.error("policy map full (%d entries): identities %s not written", self.map_sizes.policy, overflow)
+        else:
+            self.ctx.detail.pop("policy_overflow", None)
 
     def _kick(self) -> None:
         if self.loop_ is not None:
@@ -324,6 +404,30 @@ class NodeAgent:
             self.reconciler.set_desired(owner, entries)
         self.ctx.detail["frontends"] = len(self.frontends)
         self._kick()
+
+    async def _watch_policy(self) -> None:
+        name = "policy"
+        self.ctx.declare_watch(name)
+        async for event in self.bus.watch(schema.BUCKET_POLICY, f"{schema.POLICY_ID_PREFIX}>"):
+            if event is SYNCED:
+                self.synced.add(name)
+                self.ctx.watch_synced(name)
+            else:
+                assert isinstance(event, KVEntry)
+                try:
+                    identity = int(event.key.rsplit(".", 1)[1])
+                except ValueError:
+                    continue
+                if event.deleted:
+                    self.policies.pop(identity, None)
+                else:
+                    try:
+                        self.policies[identity] = schema.decode(event.value, schema.PolicyMapRecord)
+                    except Exception as err:
+                        log.warning("ignoring bad policy record %s: %s", event.key, err)
+                        continue
+            if name in self.synced:
+                self._sync_endpoint_entries()
 
     async def _watch_nodes(self) -> None:
         """Peer routes: another node's pod CIDR via its underlay address (direct routing)."""
