@@ -329,6 +329,11 @@ class NodeAgent:
         else:
             self.ctx.detail.pop("policy_overflow", None)
 
+    def _maybe_prune(self) -> None:
+        """Prune orphans as soon as every producer has delivered its state once."""
+        if self.loop_ is not None and {"ipcache", "services", "policy", "pods"} <= self.synced:
+            self.loop_.request_resync()
+
     def _kick(self) -> None:
         if self.loop_ is not None:
             self.loop_.kick()
@@ -342,6 +347,7 @@ class NodeAgent:
             if event is SYNCED:
                 self.synced.add(name)
                 self.ctx.watch_synced(name)
+                self._maybe_prune()
             else:
                 assert isinstance(event, KVEntry)
                 if event.deleted:
@@ -375,6 +381,7 @@ class NodeAgent:
             if event is SYNCED:
                 self.synced.add(name)
                 self.ctx.watch_synced(name)
+                self._maybe_prune()
                 for key in list(self.frontends):
                     self._sync_frontend(key)
                 continue
@@ -412,6 +419,7 @@ class NodeAgent:
             if event is SYNCED:
                 self.synced.add(name)
                 self.ctx.watch_synced(name)
+                self._maybe_prune()
             else:
                 assert isinstance(event, KVEntry)
                 try:
@@ -463,6 +471,7 @@ class NodeAgent:
             if event is SYNCED:
                 self.synced.add(name)
                 self.ctx.watch_synced(name)
+                self._maybe_prune()
                 if not started:
                     self.runner.adopt_specs()
                     tg.create_task(self.runner.run(), name="pod-runner")

@@ -27,6 +27,10 @@ Invariants:
 - A failed batch falls back to one call per entry, so one bad entry does not
   block the others. A failed entry is retried after 100 ms, doubling per
   consecutive failure, capped at 60 s; a new desired value retries at once.
+- While an owner has an upsert that failed fewer than ``hold_deletes`` times,
+  that owner's deletes wait for it (a shrinking service keeps its extra slots
+  until slot 0 holds the new count). After that the deletes go ahead anyway, so
+  a map that is full (new keys failing) can still free space and progress.
 - ``full_resync`` dumps every owned map (and any other map holding desired
   rows), re-queues entries that are missing or hold another value, and deletes
   entries nobody desires — in owned maps only. Maps the datapath writes itself
@@ -37,7 +41,10 @@ Invariants:
   without a write; nothing is deleted. The dumped entries stay available
   (``restored_entries``) for re-seeding ID allocators.
 - Time is whatever clock the caller passes as ``now`` (seconds, monotonic); the
-  core never reads a clock, never sleeps and never touches NATS or asyncio.
+  core (``Reconciler``) never reads a clock, never sleeps and never touches NATS
+  or asyncio; only the optional ``ReconcileLoop`` driver does.
+- ``set_desired`` copies keys and values; layouts handed back (``EntryStatus``,
+  ``owner_entries``) are the table's own and must not be mutated.
 - Not thread-safe by design: one thread (or one asyncio task plus the producers
   running on the same event loop) owns a ``Reconciler``. ``ReconcileLoop`` keeps
   to this by calling ``reconcile`` synchronously on the loop.
@@ -63,6 +70,7 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 60.0
 DEFAULT_BATCH_SIZE = 1024
+DEFAULT_HOLD_DELETES = 5  # ~1.5 s of retries (0.1 + 0.2 + 0.4 + 0.8)
 DEFAULT_NOT_OWNED = frozenset({L.CT, L.METRICS})
 
 RowKey = tuple[str, bytes]
@@ -139,6 +147,7 @@ class ReconcileResult:
     upserted: int = 0
     deleted: int = 0
     failed: int = 0
+    held: int = 0  # deletes waiting for a failed upsert of the same owner
     batches: int = 0
     next_retry: float | None = None  # earliest time a row will be due; None: all done
 
@@ -177,11 +186,14 @@ class Reconciler:
 
     ``not_owned``: maps written by the datapath itself; never pruned (default
     conntrack and metrics). ``max_entries``: configured map sizes, for fill stats.
+    ``batch_size``: most entries per batch call. ``hold_deletes``: failed attempts
+    of an owner's upsert during which that owner's deletes wait (0: never wait).
     """
 
     def __init__(self, *, not_owned: Iterable[str] = DEFAULT_NOT_OWNED,
                  max_entries: Mapping[str, int] | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+                 batch_size: int = DEFAULT_BATCH_SIZE,
+                 hold_deletes: int = DEFAULT_HOLD_DELETES) -> None:
         not_owned = frozenset(not_owned)
         unknown = not_owned - L.MAPS.keys()
         if unknown:
@@ -191,6 +203,7 @@ class Reconciler:
         self.owned_maps: frozenset[str] = frozenset(L.MAPS) - not_owned
         self.max_entries: dict[str, int] = dict(max_entries or {})
         self.batch_size = batch_size
+        self.hold_deletes = hold_deletes
         self._owners: dict[str, dict[RowKey, tuple[Entry, int]]] = {}
         self._rows: dict[RowKey, _Row] = {}
         self._dirty: set[RowKey] = set()  # rows not done
@@ -299,12 +312,27 @@ class Reconciler:
                 batches += 1
                 ok, bad = self._run_batch(ops, map_name, chunk, now, delete=False)
                 upserted, failed = upserted + ok, failed + bad
+        holding = self._holding_owners() if deletes else {}
+        held = [r for r in deletes if r.owner in holding]
+        for r in held:
+            r.next_retry = max(r.next_retry, holding[r.owner])
+        if held:
+            deletes = [r for r in deletes if r.owner not in holding]
         for map_name, rows in _schedule(deletes, reverse=True):
             for chunk in _chunks(rows, self.batch_size):
                 batches += 1
                 ok, bad = self._run_batch(ops, map_name, chunk, now, delete=True)
                 deleted, failed = deleted + ok, failed + bad
-        return ReconcileResult(upserted, deleted, failed, batches, self.next_retry())
+        return ReconcileResult(upserted, deleted, failed, len(held), batches, self.next_retry())
+
+    def _holding_owners(self) -> dict[str, float]:
+        """Owners with a recently failed upsert -> when the earliest one is retried."""
+        out: dict[str, float] = {}
+        for rk in self._dirty:
+            r = self._rows[rk]
+            if r.value is not None and 0 < r.attempts < self.hold_deletes:
+                out[r.owner] = min(out.get(r.owner, r.next_retry), r.next_retry)
+        return out
 
     def next_retry(self) -> float | None:
         """Earliest time a not-done row is due (0.0: due now); None when all are done."""
@@ -600,7 +628,7 @@ class ReconcileLoop:
 
 
 __all__ = [
-    "BACKOFF_BASE", "BACKOFF_MAX", "DEFAULT_NOT_OWNED", "EntryStatus", "MapStats",
+    "BACKOFF_BASE", "BACKOFF_MAX", "DEFAULT_HOLD_DELETES", "DEFAULT_NOT_OWNED", "EntryStatus", "MapStats",
     "ORPHAN_OWNER", "ReconcileLoop", "ReconcileResult", "Reconciler", "ReconcilerStats",
     "ResyncResult", "Status", "UNKNOWN", "backoff_delay",
 ]
