@@ -333,6 +333,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _watching(report: schema.HealthReport) -> str:
     """``Pod=3 Namespace=2`` for each resource kind the service watches."""
+    if report.service == "node":
+        keys = ("pods", "endpoints", "ipcache", "frontends", "policy_entries")
+        return " ".join(f"{key}={report.detail[key]}" for key in keys if key in report.detail)
     counts = report.detail.get("resources") or {}
     kinds = [w.split("/", 1)[1] for w in report.watching if w.startswith("resources/")]
     return " ".join(f"{kind}={counts.get(kind, 0)}" for kind in kinds)
@@ -404,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ciliary import cli_node
 
     cli_node.add_commands(sub, common)
+
+    from ciliary import cli_policy
+
+    cli_policy.add_commands(sub, common)
     return parser
 
 

@@ -71,16 +71,21 @@ class LocalEndpoint:
 
 
 def policy_map_entries(record: schema.PolicyMapRecord) -> list[M.Entry]:
-    """Map entries of one identity; port ranges expand to one key per port."""
-    out: list[M.Entry] = []
+    """Map entries of one identity; port ranges expand to one key per port, and where
+    expanded ranges overlap on one key, deny wins over allow."""
+    chosen: dict[tuple[int, int, int, str], schema.PolicyEntryRecord] = {}
     for e in record.entries:
         last = e.end_port if e.end_port and e.port else e.port
         for port in range(e.port, last + 1):
-            out.append(M.policy_entry(
-                record.identity, e.peer, port, e.proto, e.direction,
-                deny=e.verdict == "deny", audit=e.audit, rule_ref=e.rule_ref,
-            ))
-    return out
+            key = (e.peer, port, e.proto, e.direction)
+            held = chosen.get(key)
+            if held is None or (held.verdict != "deny" and e.verdict == "deny"):
+                chosen[key] = e
+    return [
+        M.policy_entry(record.identity, peer, port, proto, direction,
+                       deny=e.verdict == "deny", audit=e.audit, rule_ref=e.rule_ref)
+        for (peer, port, proto, direction), e in chosen.items()
+    ]
 
 
 class NodeAgent:

@@ -1,0 +1,118 @@
+"""Resolution results as bus records, and the write plan that applies them.
+
+Invariants:
+- Pure: no NATS. `identity_record` / `status_payload` are deterministic, so equal
+  resolutions encode to equal bytes and an unchanged key is never rewritten.
+- `plan_writes` orders every put (sorted by key) before every delete (add before remove).
+- An identity whose resolution failed (``error``, e.g. overflow) keeps the record already
+  written for it; if there is none it gets a fail-closed record (both directions enforced,
+  no entries, the error): a policy that cannot be applied never silently opens traffic.
+- Named ports come from Pods: a container port name of any pod whose IP the ipcache maps
+  to identity N is a named port of N (the first pod in key order wins on conflicts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ciliary import schema
+
+from .resolve import IdentityPolicy, PolicyStatus, Resolution
+from .rules import PROTOCOLS, PolicyKey, rule_id
+
+
+def identity_record(ip: IdentityPolicy, cluster: str, cluster_id: int,
+                    status_keys: Mapping[PolicyKey, str]) -> schema.PolicyMapRecord:
+    entries = [
+        schema.PolicyEntryRecord(
+            peer=e.peer, port=e.port, proto=e.proto, direction=e.direction, verdict=e.verdict,
+            end_port=e.end_port, audit=e.audit, rule_ref=rule_id(e.rule),
+        )
+        for e in ip.entries
+    ]
+    rules = {rule_id(e.rule): str(e.rule) for e in ip.entries if e.rule.kind}
+    return schema.PolicyMapRecord(
+        identity=ip.identity, cluster=cluster, cluster_id=cluster_id,
+        ingress_enforced=ip.ingress_enforced, egress_enforced=ip.egress_enforced,
+        audit_ingress=ip.audit, audit_egress=ip.audit, entries=entries,
+        rules=dict(sorted(rules.items())),
+        policies=sorted(status_keys.get(k, str(k)) for k in ip.policies), error=ip.error,
+    )
+
+
+def fail_closed_record(ip: IdentityPolicy, cluster: str, cluster_id: int,
+                       status_keys: Mapping[PolicyKey, str]) -> schema.PolicyMapRecord:
+    return schema.PolicyMapRecord(
+        identity=ip.identity, cluster=cluster, cluster_id=cluster_id,
+        ingress_enforced=True, egress_enforced=True,
+        policies=sorted(status_keys.get(k, str(k)) for k in ip.policies), error=ip.error,
+    )
+
+
+def desired_policy_bucket(
+    res: Resolution, cluster: str, cluster_id: int, status_keys: Mapping[PolicyKey, str],
+    current: Mapping[str, bytes],
+) -> dict[str, bytes]:
+    """Every key of bucket ``policy`` as it should be (encoded values)."""
+    out: dict[str, bytes] = {}
+    for ident, ip in res.identities.items():
+        key = schema.policy_key(ident)
+        if ip.error:
+            if key in current:
+                out[key] = current[key]
+                continue
+            out[key] = schema.encode(fail_closed_record(ip, cluster, cluster_id, status_keys))
+            continue
+        out[key] = schema.encode(identity_record(ip, cluster, cluster_id, status_keys))
+    return out
+
+
+def status_payload(st: PolicyStatus) -> dict[str, Any]:
+    rec = schema.PolicyStatusRecord(
+        state=st.state, error=st.error, warnings=list(st.warnings),
+        selected_identities=list(st.selected),
+    )
+    return msgspec.to_builtins(rec)
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    puts: list[tuple[str, bytes]]
+    deletes: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.puts or self.deletes)
+
+
+def plan_writes(current: Mapping[str, bytes], desired: Mapping[str, bytes]) -> WritePlan:
+    """Puts for new/changed keys (sorted), then deletes of keys no longer desired."""
+    puts = [(k, v) for k, v in sorted(desired.items()) if current.get(k) != v]
+    deletes = sorted(k for k in current if k not in desired)
+    return WritePlan(puts, deletes)
+
+
+def named_ports_from_pods(
+    pods: Iterable[tuple[str, dict[str, Any]]], pod_identity: Mapping[str, int]
+) -> dict[int, dict[str, tuple[int, int]]]:
+    """``pods``: (``namespace/name``, manifest); ``pod_identity``: ``namespace/name`` → id."""
+    out: dict[int, dict[str, tuple[int, int]]] = {}
+    for ref, manifest in sorted(pods, key=lambda p: p[0]):
+        ident = pod_identity.get(ref)
+        if ident is None:
+            continue
+        spec = manifest.get("spec") or {}
+        for container in spec.get("containers") or []:
+            for port in container.get("ports") or []:
+                name = port.get("name")
+                number = port.get("containerPort")
+                if not name or not isinstance(number, int):
+                    continue
+                proto = PROTOCOLS.get(str(port.get("protocol") or "TCP").upper())
+                if proto is None:
+                    continue
+                out.setdefault(ident, {}).setdefault(str(name).lower(), (number, proto))
+    return out

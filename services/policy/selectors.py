@@ -1,0 +1,343 @@
+"""Selectors over identity label sets, and the selector cache.
+
+Invariants:
+- An identity is plain data: a numeric id and a frozenset of labels ``source:key=value``
+  (``reserved:host`` has no value). `IdentityView` parses that once; reserved identities
+  1-8 always carry their ``reserved:<name>`` label even if the caller's set omits it.
+- A `Requirement` key carries a label source. Source ``any`` matches a label of any source
+  with that key (Cilium's ``any:app`` ≡ ``app``); any other source matches only labels of
+  that source. A `Selector` of kind ``labels`` is the AND of its requirements; the empty
+  AND selects every identity.
+- ``cidr`` selectors select CIDR identities (bit 24 set, labels ``cidr:<prefix>``) whose most
+  specific prefix lies inside ``cidr`` and inside none of ``excepts``; a ``/0`` prefix also
+  selects the ``world`` identity. ``all`` selects everything and is the only selector that
+  resolution emits as the wildcard peer 0. ``none`` selects nothing.
+- Selectors are frozen and hashable: equal selectors share one cache slot.
+- `SelectorCache` answers "which identities does this selector select"; after any sequence
+  of `update` calls its answers equal those of a cache built from scratch over the same
+  identities, and `update` returns exactly the selectors whose selections changed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# ---------------------------------------------------------------- reserved identities
+
+ID_UNKNOWN = 0
+ID_HOST = 1
+ID_WORLD = 2
+ID_UNMANAGED = 3
+ID_HEALTH = 4
+ID_INIT = 5
+ID_REMOTE_NODE = 6
+ID_KUBE_APISERVER = 7
+ID_INGRESS = 8
+
+RESERVED_NAMES: dict[int, str] = {
+    ID_HOST: "host",
+    ID_WORLD: "world",
+    ID_UNMANAGED: "unmanaged",
+    ID_HEALTH: "health",
+    ID_INIT: "init",
+    ID_REMOTE_NODE: "remote-node",
+    ID_KUBE_APISERVER: "kube-apiserver",
+    ID_INGRESS: "ingress",
+}
+CIDR_IDENTITY_FLAG = 1 << 24
+CLUSTER_ID_SHIFT = 16
+MIN_CLUSTER_IDENTITY = 256
+
+# label keys Cilium gives every pod identity
+LABEL_NAMESPACE = "io.kubernetes.pod.namespace"
+LABEL_NAMESPACE_LABELS = "io.cilium.k8s.namespace.labels."
+LABEL_CLUSTER = "io.cilium.k8s.policy.cluster"
+LABEL_SERVICEACCOUNT = "io.cilium.k8s.policy.serviceaccount"
+
+
+def is_cidr_identity(identity: int) -> bool:
+    return bool(identity & CIDR_IDENTITY_FLAG)
+
+
+def cluster_of(identity: int) -> int:
+    """Cluster ID of a cluster identity (0 for reserved and CIDR identities)."""
+    if identity < MIN_CLUSTER_IDENTITY or is_cidr_identity(identity):
+        return 0
+    return (identity >> CLUSTER_ID_SHIFT) & 0xFF
+
+
+def parse_label(label: str) -> tuple[str, str, str]:
+    """``source:key=value`` → ``(source, key, value)``; a missing source is ``unspec``."""
+    if label.startswith("cidr:"):
+        return "cidr", label[5:], ""
+    key_part, _, value = label.partition("=")
+    source, sep, key = key_part.partition(":")
+    if not sep:
+        return "unspec", key_part, value
+    return source, key, value
+
+
+def parse_cidr_label(key: str) -> Network | None:
+    """The prefix of a ``cidr:`` label key; IPv6 may use Cilium's ``-`` for ``:``."""
+    text = key if "." in key or ":" in key else key.replace("-", ":")
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+
+
+def parse_cidr(text: str) -> Network:
+    """A CIDR or a bare IP (host prefix); raises ``ValueError`` on garbage."""
+    return ipaddress.ip_network(text.strip(), strict=False)
+
+
+@dataclass(frozen=True)
+class IdentityView:
+    """One identity, parsed for matching."""
+
+    id: int
+    labels: frozenset[str]
+    pairs: tuple[tuple[str, str, str], ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        labels = set(self.labels)
+        name = RESERVED_NAMES.get(self.id)
+        if name is not None:
+            labels.add(f"reserved:{name}")
+        object.__setattr__(self, "labels", frozenset(labels))
+        object.__setattr__(self, "pairs", tuple(sorted(parse_label(lbl) for lbl in labels)))
+
+    def values(self, source: str, key: str) -> list[str]:
+        return [v for s, k, v in self.pairs if k == key and (source == "any" or s == source)]
+
+    def has_source(self, source: str) -> bool:
+        return any(s == source for s, _, _ in self.pairs)
+
+    @cached_property
+    def prefix(self) -> Network | None:
+        """Most specific ``cidr:`` prefix of a CIDR identity (None for others)."""
+        nets = [n for s, k, _ in self.pairs if s == "cidr" and (n := parse_cidr_label(k))]
+        if not nets:
+            return None
+        return max(nets, key=lambda n: (n.prefixlen, n.version))
+
+    @property
+    def is_world(self) -> bool:
+        return (
+            self.id == ID_WORLD
+            or is_cidr_identity(self.id)
+            or self.prefix is not None
+            or any(s == "reserved" and k.startswith("world") for s, k, _ in self.pairs)
+        )
+
+
+Op = Literal["In", "NotIn", "Exists", "DoesNotExist"]
+
+
+@dataclass(frozen=True, order=True)
+class Requirement:
+    source: str
+    key: str
+    op: Op
+    values: tuple[str, ...] = ()
+
+    def matches(self, ident: IdentityView) -> bool:
+        present = ident.values(self.source, self.key)
+        if self.op == "In":
+            return any(v in self.values for v in present)
+        if self.op == "NotIn":
+            return not any(v in self.values for v in present)
+        if self.op == "Exists":
+            return bool(present)
+        return not present
+
+    def __str__(self) -> str:
+        key = f"{self.source}:{self.key}"
+        if self.op == "In" and len(self.values) == 1:
+            return f"{key}={self.values[0]}"
+        if self.op in ("Exists", "DoesNotExist"):
+            return f"{key} {self.op}"
+        return f"{key} {self.op} ({','.join(self.values)})"
+
+
+SelectorKind = Literal["labels", "cidr", "all", "none", "world"]
+
+
+@dataclass(frozen=True, order=True)
+class Selector:
+    """What a peer or subject clause selects; see the module invariants."""
+
+    kind: SelectorKind
+    requirements: tuple[Requirement, ...] = ()
+    cidr: str = ""
+    excepts: tuple[str, ...] = ()
+    family: int = 0  # world selectors: 0 both, 4 or 6
+
+    def matches(self, ident: IdentityView) -> bool:
+        if self.kind == "all":
+            return True
+        if self.kind == "none":
+            return False
+        if self.kind == "labels":
+            return all(req.matches(ident) for req in self.requirements)
+        if self.kind == "world":
+            if not ident.is_world:
+                return False
+            prefix = ident.prefix
+            return self.family == 0 or prefix is None or prefix.version == self.family
+        return self._matches_cidr(ident)
+
+    def _matches_cidr(self, ident: IdentityView) -> bool:
+        net = parse_cidr(self.cidr)
+        prefix = ident.prefix
+        if prefix is None:
+            return net.prefixlen == 0 and ident.is_world and ident.id == ID_WORLD
+        if prefix.version != net.version or not prefix.subnet_of(net):  # type: ignore[arg-type]
+            return False
+        for text in self.excepts:
+            exc = parse_cidr(text)
+            if exc.version == prefix.version and prefix.subnet_of(exc):  # type: ignore[arg-type]
+                return False
+        return True
+
+    def has_key(self, source_key: str) -> bool:
+        source, _, key = source_key.partition(":")
+        return any(r.source == source and r.key == key for r in self.requirements)
+
+    def has_key_prefix(self, source_prefix: str) -> bool:
+        source, _, prefix = source_prefix.partition(":")
+        return any(r.source == source and r.key.startswith(prefix) for r in self.requirements)
+
+    def has_source(self, source: str) -> bool:
+        return any(r.source == source for r in self.requirements)
+
+    def with_requirement(self, req: Requirement) -> Selector:
+        reqs = tuple(sorted(set(self.requirements) | {req}))
+        return Selector("labels", reqs)
+
+    def without_key(self, source: str, key: str) -> Selector:
+        reqs = tuple(r for r in self.requirements if not (r.source == source and r.key == key))
+        return Selector("labels", reqs)
+
+    def __str__(self) -> str:
+        if self.kind == "labels":
+            return "{" + ", ".join(str(r) for r in self.requirements) + "}"
+        if self.kind == "cidr":
+            exc = f" except {','.join(self.excepts)}" if self.excepts else ""
+            return f"cidr {self.cidr}{exc}"
+        if self.kind == "world":
+            return "world" + (f"-ipv{self.family}" if self.family else "")
+        return self.kind
+
+
+ALL = Selector("all")
+NONE = Selector("none")
+
+
+def labels_selector(requirements: Iterable[Requirement]) -> Selector:
+    return Selector("labels", tuple(sorted(set(requirements))))
+
+
+def from_label_selector(sel: object, default_source: str = "any", key_prefix: str = "") -> Selector:
+    """A ``LabelSelector`` (resources model) as a `Selector`.
+
+    Keys without a source get ``default_source`` (``any`` for Cilium policies, ``k8s`` for
+    NetworkPolicy); ``key_prefix`` is prepended to the key (namespace selectors).
+    """
+    reqs: list[Requirement] = []
+    for key, value in getattr(sel, "match_labels", {}).items():
+        source, k = split_key(key, default_source)
+        reqs.append(Requirement(source, key_prefix + k, "In", (value,)))
+    for expr in getattr(sel, "match_expressions", []):
+        source, k = split_key(expr.key, default_source)
+        reqs.append(Requirement(source, key_prefix + k, expr.operator, tuple(sorted(expr.values))))
+    return labels_selector(reqs)
+
+
+def split_key(key: str, default_source: str) -> tuple[str, str]:
+    source, sep, rest = key.partition(":")
+    if sep and source and "/" not in source and "." not in source:
+        return source, rest
+    return default_source, key
+
+
+def cidr_selector(cidr: str, excepts: Iterable[str] = ()) -> Selector:
+    net = parse_cidr(cidr)
+    return Selector(
+        "cidr", cidr=str(net), excepts=tuple(sorted(str(parse_cidr(e)) for e in excepts))
+    )
+
+
+# ---------------------------------------------------------------- selector cache
+
+
+class SelectorCache:
+    """Selector → selected identity ids, kept current as identities come and go."""
+
+    def __init__(self, identities: Mapping[int, Iterable[str]] | None = None) -> None:
+        self._identities: dict[int, IdentityView] = {}
+        self._selections: dict[Selector, set[int]] = {}
+        if identities:
+            self.update(identities, ())
+
+    @property
+    def identities(self) -> Mapping[int, IdentityView]:
+        return self._identities
+
+    def view(self, identity: int) -> IdentityView | None:
+        return self._identities.get(identity)
+
+    def add_selector(self, selector: Selector) -> frozenset[int]:
+        """Register `selector` (idempotent) and return its current selections."""
+        found = self._selections.get(selector)
+        if found is None:
+            found = {i for i, v in self._identities.items() if selector.matches(v)}
+            self._selections[selector] = found
+        return frozenset(found)
+
+    def remove_selector(self, selector: Selector) -> None:
+        self._selections.pop(selector, None)
+
+    def retain(self, selectors: Iterable[Selector]) -> None:
+        """Forget every selector not in `selectors` (no longer used by any policy)."""
+        keep = set(selectors)
+        for sel in [s for s in self._selections if s not in keep]:
+            del self._selections[sel]
+
+    def selectors(self) -> list[Selector]:
+        return sorted(self._selections)
+
+    def selections(self, selector: Selector) -> frozenset[int]:
+        return self.add_selector(selector)
+
+    def update(
+        self, added: Mapping[int, Iterable[str]], removed: Iterable[int]
+    ) -> set[Selector]:
+        """Apply identity changes; an id in `added` that exists is replaced. Returns the
+        selectors whose selections changed."""
+        changed: set[Selector] = set()
+        for ident in removed:
+            if self._identities.pop(ident, None) is None:
+                continue
+            for sel, found in self._selections.items():
+                if ident in found:
+                    found.discard(ident)
+                    changed.add(sel)
+        for ident, labels in added.items():
+            view = IdentityView(ident, frozenset(labels))
+            old = self._identities.get(ident)
+            if old is not None and old.labels == view.labels:
+                continue
+            self._identities[ident] = view
+            for sel, found in self._selections.items():
+                now = sel.matches(view)
+                if now != (ident in found):
+                    (found.add if now else found.discard)(ident)
+                    changed.add(sel)
+        return changed

@@ -1,0 +1,267 @@
+"""The policy service shell against an in-memory bus: records, status, ordering, trace."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+
+from ciliary import schema
+from ciliary.bus import SYNCED, KVEntry, RevisionMismatch
+from ciliary.runtime import Context, Settings
+from services.policy.records import named_ports_from_pods, plan_writes
+from services.policy.service import PolicyService, decode_identity, decode_pod_ip
+
+
+class MemBus:
+    """Just enough of `ciliary.bus.Bus` for the policy service."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, tuple[int, bytes]]] = {}
+        self.rev = 0
+        self.watchers: list[tuple[str, str, asyncio.Queue[KVEntry]]] = []
+        self.log: list[tuple[str, str, str]] = []
+        self.handlers: dict[str, Any] = {}
+
+    @staticmethod
+    def _match(pattern: str, key: str) -> bool:
+        return pattern == ">" or (pattern.endswith(">") and key.startswith(pattern[:-1]))
+
+    def _emit(self, bucket: str, key: str, value: bytes | None) -> None:
+        for b, pattern, queue in self.watchers:
+            if b == bucket and self._match(pattern, key):
+                queue.put_nowait(KVEntry(bucket, key, self.rev, value))
+
+    def put(self, bucket: str, key: str, record: Any) -> int:
+        data = record if isinstance(record, bytes) else schema.encode(record)
+        self.rev += 1
+        self.data.setdefault(bucket, {})[key] = (self.rev, data)
+        self._emit(bucket, key, data)
+        return self.rev
+
+    def delete(self, bucket: str, key: str) -> None:
+        self.rev += 1
+        self.data.get(bucket, {}).pop(key, None)
+        self._emit(bucket, key, None)
+
+    async def kv_put(self, bucket: str, key: str, record: Any, *,
+                     last_revision: int | None = None) -> int:
+        current = self.data.get(bucket, {}).get(key)
+        if last_revision is not None and (current[0] if current else 0) != last_revision:
+            raise RevisionMismatch(f"{bucket}/{key}")
+        self.log.append(("put", bucket, key))
+        return self.put(bucket, key, record)
+
+    async def kv_delete(self, bucket: str, key: str, *, last_revision: int | None = None) -> None:
+        self.log.append(("delete", bucket, key))
+        self.delete(bucket, key)
+
+    async def watch(self, bucket: str, pattern: str) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[KVEntry] = asyncio.Queue()
+        self.watchers.append((bucket, pattern, queue))
+        for key, (rev, value) in sorted(self.data.get(bucket, {}).items()):
+            if self._match(pattern, key):
+                yield KVEntry(bucket, key, rev, value)
+        yield SYNCED
+        while True:
+            yield await queue.get()
+
+    async def subscribe(self, subject: str, type_: Any, handler: Any, *, queue: str = "") -> None:
+        self.handlers[subject] = (type_, handler)
+
+    def records(self, bucket: str) -> dict[str, Any]:
+        return {k: msgspec.msgpack.decode(v) for k, (_, v) in self.data.get(bucket, {}).items()}
+
+
+def resource(bus: MemBus, manifest: dict[str, Any]) -> str:
+    kind = manifest["kind"]
+    meta = manifest["metadata"]
+    ns = "" if kind == "CiliumClusterwideNetworkPolicy" else meta.get("namespace", "default")
+    key = f"{kind}.{ns or '_'}.{meta['name']}"
+    bus.put(schema.BUCKET_RESOURCES, key, schema.ResourceRecord(
+        kind=kind, api_version=manifest["apiVersion"], namespace=ns, name=meta["name"],
+        uid="u", generation=1, created="", manifest=manifest))
+    return key
+
+
+def identity(bus: MemBus, ident: int, labels: list[str]) -> None:
+    bus.put(schema.BUCKET_IDENTITIES, schema.identity_id_key(ident), schema.IdentityRecord(
+        id=ident, labels=sorted(labels), scope="cluster", cluster="default", cluster_id=1))
+
+
+def pod_labels(app: str) -> list[str]:
+    return [f"k8s:app={app}", "k8s:io.kubernetes.pod.namespace=default",
+            "k8s:io.cilium.k8s.policy.cluster=default"]
+
+
+WEB = 65792
+FRONT = 65793
+POLICY = {
+    "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+    "metadata": {"name": "web", "namespace": "default"},
+    "spec": {
+        "endpointSelector": {"matchLabels": {"app": "web"}},
+        "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
+                     "toPorts": [{"ports": [{"port": "http", "protocol": "TCP"}]}]}],
+        "egress": [{"toFQDNs": [{"matchName": "example.com"}]}],
+    },
+}
+POD = {
+    "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1", "namespace": "default"},
+    "spec": {"containers": [{"name": "c", "image": "x",
+                             "ports": [{"containerPort": 8080, "name": "http"}]}]},
+}
+
+
+async def wait_for(predicate: Any, timeout: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(bus: MemBus) -> AsyncIterator[PolicyService]:
+    ctx = Context(service="policy", settings=Settings(nats_url="mem://", instance="policy-t"),
+                  bus=bus)  # type: ignore[arg-type]
+    svc = PolicyService(ctx)
+    with contextlib.suppress(asyncio.CancelledError):
+        async with asyncio.TaskGroup() as tg:
+            await svc.start(tg)
+            try:
+                yield svc
+            finally:
+                for task in tg._tasks:  # type: ignore[attr-defined]
+                    task.cancel()
+
+
+async def test_service_writes_policy_records_and_status() -> None:
+    bus = MemBus()
+    key = resource(bus, POLICY)
+    resource(bus, POD)
+    identity(bus, WEB, pod_labels("web"))
+    identity(bus, FRONT, pod_labels("frontend"))
+    bus.put(schema.BUCKET_IPCACHE, "10.0.0.5_32", schema.IPCacheRecord(
+        prefix="10.0.0.5/32", identity=WEB, source="pod", cluster="default", cluster_id=1,
+        namespace="default", pod="web-1"))
+    async with running(bus) as svc:
+        await wait_for(lambda: schema.policy_key(WEB) in bus.data.get(schema.BUCKET_POLICY, {}))
+        await wait_for(lambda: key in bus.data.get(schema.BUCKET_STATUS, {}))
+        assert svc.ctx.healthy
+        rec = schema.decode(bus.data[schema.BUCKET_POLICY][schema.policy_key(WEB)][1],
+                            schema.PolicyMapRecord)
+        assert rec.ingress_enforced and rec.egress_enforced
+        assert [(e.peer, e.port, e.proto, e.direction, e.verdict) for e in rec.entries] == [
+            (1, 0, 0, "ingress", "allow"),  # allow-localhost
+            (FRONT, 8080, 6, "ingress", "allow")]
+        assert rec.entries[0].rule_ref == 0
+        assert rec.rules == {rec.entries[1].rule_ref:
+                             "CiliumNetworkPolicy/default/web spec[0].ingress[0]"}
+        assert rec.policies == [key]
+        status = schema.decode(bus.data[schema.BUCKET_STATUS][key][1], schema.StatusRecord)
+        assert status.status["state"] == "ok"
+        assert status.status["selected_identities"] == [WEB]
+        assert any("toFQDNs" in w for w in status.status["warnings"])
+
+        # trace over the bus handler
+        type_, handler = bus.handlers[schema.SUBJECT_POLICY_TRACE]
+        reply = svc.answer_trace(type_(from_labels=pod_labels("frontend"),
+                                       to_labels=pod_labels("web"), port=8080, proto="TCP"))
+        assert reply.verdict == "allow"
+        assert reply.ingress is not None and reply.ingress.rules == [
+            "CiliumNetworkPolicy/default/web spec[0].ingress[0]"]
+
+        # a new identity that the policy selects: added; then the policy goes away: deleted
+        identity(bus, 65794, pod_labels("web") + ["k8s:version=2"])
+        await wait_for(lambda: schema.policy_key(65794) in bus.data[schema.BUCKET_POLICY])
+        bus.log.clear()
+        bus.delete(schema.BUCKET_RESOURCES, key)
+        await wait_for(lambda: not bus.data[schema.BUCKET_POLICY])
+        await wait_for(lambda: key not in bus.data[schema.BUCKET_STATUS])
+        assert [op for op, b, _ in bus.log if b == schema.BUCKET_POLICY] == ["delete", "delete"]
+
+
+async def test_service_overflow_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CILIARY_POLICY_MAX_ENTRIES", "0")
+    bus = MemBus()
+    key = resource(bus, POLICY)
+    identity(bus, WEB, pod_labels("web"))
+    identity(bus, FRONT, pod_labels("frontend"))
+    resource(bus, POD)
+    bus.put(schema.BUCKET_IPCACHE, "10.0.0.5_32", schema.IPCacheRecord(
+        prefix="10.0.0.5/32", identity=WEB, source="pod", cluster="default", cluster_id=1,
+        namespace="default", pod="web-1"))
+    async with running(bus) as svc:
+        await wait_for(lambda: schema.policy_key(WEB) in bus.data.get(schema.BUCKET_POLICY, {}))
+        await wait_for(lambda: key in bus.data.get(schema.BUCKET_STATUS, {}))
+        rec = schema.decode(bus.data[schema.BUCKET_POLICY][schema.policy_key(WEB)][1],
+                            schema.PolicyMapRecord)
+        assert rec.ingress_enforced and rec.egress_enforced and rec.entries == []
+        assert "overflow" in rec.error
+        status = schema.decode(bus.data[schema.BUCKET_STATUS][key][1], schema.StatusRecord)
+        assert status.status["state"] == "error"
+        assert svc.counters["overflow"] == 1
+
+
+def test_plan_writes_puts_before_deletes() -> None:
+    plan = plan_writes({"id.1": b"a", "id.2": b"b", "id.3": b"c"},
+                       {"id.2": b"b", "id.3": b"C", "id.4": b"d"})
+    assert plan.puts == [("id.3", b"C"), ("id.4", b"d")]
+    assert plan.deletes == ["id.1"]
+    assert not plan_writes({"x": b"1"}, {"x": b"1"})
+
+
+def test_named_ports_from_pods() -> None:
+    pods = [("default/web-1", POD), ("default/other", POD)]
+    assert named_ports_from_pods(pods, {"default/web-1": WEB}) == {WEB: {"http": (8080, 6)}}
+
+
+def test_lenient_decoders() -> None:
+    good = KVEntry("identities", "id.7", 1, msgspec.msgpack.encode(
+        {"id": 7, "labels": ["reserved:kube-apiserver"], "future": 1}))
+    assert decode_identity(good) == (7, frozenset({"reserved:kube-apiserver"}))
+    assert decode_identity(KVEntry("identities", "id.7", 1, b"\xc1")) is None
+    assert decode_identity(KVEntry("identities", "labels.x", 1, good.value)) is None
+    ip = KVEntry("ipcache", "k", 1, msgspec.msgpack.encode(
+        {"identity": 5, "source": "pod", "namespace": "ns", "pod": "p"}))
+    assert decode_pod_ip(ip) == ("ns/p", 5)
+    assert decode_pod_ip(KVEntry("ipcache", "k", 1, msgspec.msgpack.encode(
+        {"identity": 2, "source": "world"}))) is None
+
+
+def test_identity_changes_are_held_while_resolving() -> None:
+    bus = MemBus()
+    ctx = Context(service="policy", settings=Settings(nats_url="mem://", instance="policy-t"),
+                  bus=bus)  # type: ignore[arg-type]
+    svc = PolicyService(ctx)
+    value = schema.encode(schema.IdentityRecord(id=WEB, labels=pod_labels("web"),
+                                                scope="cluster", cluster="default", cluster_id=1))
+    svc._resolving = True
+    svc._on_identity(KVEntry(schema.BUCKET_IDENTITIES, schema.identity_id_key(WEB), 1, value))
+    assert WEB not in svc.cache.identities and svc._held
+    svc._resolving = False
+    svc._on_identity(KVEntry(schema.BUCKET_IDENTITIES, schema.identity_id_key(FRONT), 2,
+                             schema.encode(schema.IdentityRecord(
+                                 id=FRONT, labels=pod_labels("frontend"), scope="cluster",
+                                 cluster="default", cluster_id=1))))
+    assert FRONT in svc.cache.identities
+    svc._on_identity(KVEntry(schema.BUCKET_IDENTITIES, schema.identity_id_key(FRONT), 3, None))
+    assert FRONT not in svc.cache.identities
+    assert svc.dirty.is_set()
+
+
+async def test_resolve_applies_held_changes_afterwards() -> None:
+    bus = MemBus()
+    ctx = Context(service="policy", settings=Settings(nats_url="mem://", instance="policy-t"),
+                  bus=bus)  # type: ignore[arg-type]
+    svc = PolicyService(ctx)
+    svc._held.append(({WEB: frozenset(pod_labels("web"))}, []))
+    res = await svc._resolve([])
+    assert res.identities == {} and WEB in svc.cache.identities and not svc._held
