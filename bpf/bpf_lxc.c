@@ -177,6 +177,15 @@ int from_container(struct __sk_buff *skb)
 		return drop_packet(skb, &c, ret);
 	if (ce) {
 		ct_touch(ce, &c.p, 0, now);
+		/* The post-DNAT tuple may belong to an earlier connection (direct or via
+		 * another frontend): the packet decides whether replies are reverse-NATed. */
+		if (rev_nat_id) {
+			ce->rev_nat_id = rev_nat_id;
+			ce->flags |= CT_F_SERVICE;
+		} else if ((c.p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN) {
+			ce->rev_nat_id = 0;
+			ce->flags &= ~CT_F_SERVICE;
+		}
 	} else {
 		ret = ct_create(&c.p, DIR_EGRESS, now, c.src_identity, rev_nat_id, ct_flags);
 		if (ret < 0)

@@ -7,6 +7,7 @@ underlay bridge; all inside ``ciliary-t<hex>-*`` namespaces (see conftest).
 from __future__ import annotations
 
 import json
+import socket
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 from services.node import layouts as L
 from services.node import maps as M
+from services.node import netns as N
 
 from .podnet import (
     PIN_ROOT,
@@ -182,6 +184,34 @@ def test_service_dnat_and_reverse_nat(cluster, servers):
     r = cluster.events.wait_for(lambda e: e.direction == L.DIR_INGRESS and e.is_reply
                                 and e.payload_len > 0 and L.ip4_str(e.saddr) == VIP)
     assert r.payload_bytes() == b"ans:\x12\x34query-example" and L.port_int(r.sport) == 53
+
+
+def _roundtrip_from_port(netns: str, src_port: int, ip: str, port: int) -> tuple[tuple[str, int], bytes]:
+    def run() -> tuple[tuple[str, int], bytes]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.settimeout(2.0)
+            s.bind(("0.0.0.0", src_port))
+            s.connect((ip, port))
+            s.sendall(b"x")
+            return s.getpeername(), s.recv(100)
+
+    return N.run_in_netns(netns, run)
+
+
+def test_service_reuses_tuple_of_a_direct_connection(cluster, servers):
+    """A VIP connection whose post-DNAT tuple matches a recent direct connection (same
+    client port) is still reverse-NATed, and a direct one after it is not."""
+    a, b = cluster.pods["pod-a"], cluster.pods["pod-b"]
+    servers(b.netns, 8080, reply_prefix=b"b:")
+    M.apply(cluster.datapaths["node-1"].maps, [
+        M.lb_backend_entry(5, b.ip, 8080, "tcp"),
+        M.lb_revnat_entry(5, "10.96.0.12", 80),
+        *M.lb_service_entries("10.96.0.12", 80, "tcp", rev_nat_id=5, backend_ids=[5]),
+    ])
+    assert _roundtrip_from_port(a.netns, 40999, b.ip, 8080) == ((b.ip, 8080), b"b:x")
+    assert _roundtrip_from_port(a.netns, 40999, "10.96.0.12", 80) == (("10.96.0.12", 80), b"b:x")
+    assert _roundtrip_from_port(a.netns, 40999, b.ip, 8080) == ((b.ip, 8080), b"b:x")
 
 
 def test_service_without_backends_drops(cluster):
