@@ -286,7 +286,8 @@ class Bus:
                     cb=on_msg,
                     ordered_consumer=True,
                     deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
-                    inactive_threshold=300,
+                    # an abandoned consumer disappears quickly; one-shot reads even faster
+                    inactive_threshold=2 if once else 30,
                 )
             except (TimeoutError, nats.errors.Error) as err:
                 if once:
@@ -296,11 +297,11 @@ class Bus:
                 continue
             try:
                 info = await sub.consumer_info()
-                pending = info.num_pending + info.num_ack_pending
                 seen: set[str] = set()
-                synced = False
-                if pending == 0 and sub.delivered == 0:
-                    synced = True
+                # Empty only if the server has neither pending nor already-pushed messages:
+                # pushed ones may not have reached this client yet, and the last of them
+                # (num_pending == 0) marks the end of the initial state.
+                synced = info.num_pending == 0 and info.delivered.consumer_seq == 0
                 while True:
                     if synced and seen is not None:
                         for key in sorted(delivered - seen):
@@ -329,8 +330,11 @@ class Bus:
                         delivered.add(entry.key)
                     yield entry
             finally:
+                consumer = getattr(sub, "_consumer", None)
                 try:
                     await sub.unsubscribe()
+                    if consumer:  # don't leave it to the inactivity timeout: the server caps consumers
+                        await self.js.delete_consumer(kv_stream(bucket), consumer)
                 except Exception:  # connection may be gone; the consumer is ephemeral
                     pass
 

@@ -411,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ciliary import cli_policy
 
     cli_policy.add_commands(sub, common)
+
+    from ciliary import cli_identity
+
+    cli_identity.add_commands(sub, common, run_with_bus=run_with_bus, cli_error=CliError)
     return parser
 
 

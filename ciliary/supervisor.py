@@ -28,8 +28,8 @@ from pathlib import Path
 
 from ciliary import config, schema
 from ciliary.bus import Bus, BusError
-from ciliary.runtime import install_stop_handlers
 from ciliary.resources import resource_from_manifest
+from ciliary.runtime import install_stop_handlers
 from ciliary.store import ResourceStore
 
 log = logging.getLogger("ciliary.supervisor")

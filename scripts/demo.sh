@@ -1,33 +1,84 @@
 #!/usr/bin/env bash
-# The shop story, end to end, on this machine. Leaves a running instance to explore.
+# The shop story, end to end, with real packets on this machine. Leaves a running
+# instance to explore. Every node and pod is a network namespace with no route out.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DATA_DIR="${1:-$ROOT/.demo}"
 CILIARY="$ROOT/.venv/bin/ciliary"
+PY="$ROOT/.venv/bin/python"
 export CILIARY_DATA_DIR="$DATA_DIR"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+say() { printf '   %s\n' "$*"; }
+
+wait_until() {  # wait_until SECONDS DESCRIPTION COMMAND...
+    local limit=$1 what=$2; shift 2
+    local deadline=$((SECONDS + limit))
+    until "$@" >/dev/null 2>&1; do
+        if (( SECONDS >= deadline )); then echo "timed out waiting for $what" >&2; exit 1; fi
+        sleep 0.5
+    done
+}
+
+pods_ready() {
+    "$CILIARY" get pods -o json | "$PY" -c '
+import json, sys
+items = json.load(sys.stdin)["items"]
+ready = [p for p in items if any(c["type"] == "Ready" and c["status"] == "True"
+         for c in p.get("status", {}).get("conditions", []))]
+sys.exit(0 if len(ready) == 3 else 1)'
+}
+
+payments_enforced() {
+    "$CILIARY" endpoint list -o json | "$PY" -c '
+import json, sys
+rows = [r for n in json.load(sys.stdin) for r in n["rows"] if r["pod"] == "default/payments"]
+sys.exit(0 if rows and rows[0]["ingress_enforcement"] else 1)'
+}
+
+call() {  # call FROM-POD HOST PORT
+    if out=$("$CILIARY" exec "$1" -- "$PY" -m ciliary.workload connect "$2" "$3" --timeout 2 2>&1); then
+        say "$1 -> $2:$3  answered: $out"
+    else
+        say "$1 -> $2:$3  no answer ($out)"
+    fi
+}
 
 step "Stopping any earlier demo instance and clearing its state"
 "$CILIARY" down
-rm -rf "$DATA_DIR/nats" "$DATA_DIR/logs"
+rm -rf "$DATA_DIR/nats" "$DATA_DIR/logs" "$DATA_DIR/nodes"
 
-step "Starting ciliary: NATS + identity, servicelb, policy, flows, mesh and two node executors"
+step "Starting ciliary: NATS, identity, servicelb, policy, flows, mesh and two node executors"
 "$CILIARY" up -d --nodes 2
 
 step "Applying the shop: frontend, checkout, payments, their services and policies"
 "$CILIARY" apply -f "$ROOT/examples/shop"
+wait_until 90 "three ready pods" pods_ready
+wait_until 30 "the payments policy in the datapath" payments_enforced
 
 step "What ciliary now knows"
 "$CILIARY" get nodes
 echo
-"$CILIARY" get pods -A
+"$CILIARY" get pods
 echo
 "$CILIARY" get services
 echo
-"$CILIARY" get ciliumnetworkpolicies
+"$CILIARY" endpoint list
+
+PAYMENTS_VIP=$("$CILIARY" get svc payments -o json | "$PY" -c 'import json,sys; s=json.load(sys.stdin); print(s.get("status",{}).get("clusterIP") or s["spec"]["clusterIP"])')
+
+step "Real packets: checkout may call payments on 8080, frontend may not"
+call checkout "$PAYMENTS_VIP" 8080
+call frontend "$PAYMENTS_VIP" 8080
+
+step "The service is load-balanced in eBPF, no iptables: the lb map of every node"
+"$CILIARY" bpf lb list
+
+step "What the datapath saw: the drop, as Hubble would show it"
+sleep 1
+"$CILIARY" observe --verdict DROPPED --last 3
 echo
-"$CILIARY" get networkpolicies
+"$CILIARY" observe --to-pod default/payments --verdict FORWARDED --last 4
 
 step "Every service, its health and what it watches"
 "$CILIARY" status
@@ -36,10 +87,12 @@ cat <<EOT
 
 The demo instance keeps running. Explore it:
   export CILIARY_DATA_DIR=$DATA_DIR
-  $CILIARY get pods -A -o json
-  $CILIARY get cnp payments-ingress -o yaml
-  $CILIARY status -o json
-  $CILIARY apply -f examples/shop        # idempotent: everything 'unchanged'
+  $CILIARY exec frontend -- python3 -m ciliary.workload connect $PAYMENTS_VIP 8080
+  $CILIARY observe --follow                      # live flows (Ctrl-C to stop)
+  $CILIARY bpf policy get payments               # the policy map entries of payments
+  $CILIARY bpf ct list                           # connection tracking
+  $CILIARY get pods -o json                      # objects with status
+  $CILIARY delete cnp payments-ingress           # and watch frontend get through
 Logs of every process: $DATA_DIR/logs/
 Stop it with:
   $CILIARY down --data-dir $DATA_DIR

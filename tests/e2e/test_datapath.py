@@ -7,9 +7,9 @@ underlay bridge; all inside ``ciliary-t<hex>-*`` namespaces (see conftest).
 from __future__ import annotations
 
 import json
-import socket
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading

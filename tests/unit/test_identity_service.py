@@ -1,0 +1,118 @@
+"""The identity service's pure helpers: the KV mirror behind ``BusCasStore`` and settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from ciliary import schema
+from ciliary.bus import KVEntry
+from services.identity.allocator import Conflict
+from services.identity.service import (
+    BusCasStore,
+    IdentityConfig,
+    decode_identity,
+    decode_ipcache,
+    label_filter,
+)
+
+
+def ipc(prefix: str, ident: int) -> bytes:
+    return schema.encode(schema.IPCacheRecord(prefix=prefix, identity=ident, source="pod", cluster="c", cluster_id=1))
+
+
+class FakeBus:
+    """Just enough of ``Bus`` for ``BusCasStore``: a dict with revisions and CAS."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, tuple[bytes, int]] = {}
+        self.seq = 0
+
+    async def kv_put(self, bucket: str, key: str, record: object, *, last_revision: int | None = None) -> int:
+        from ciliary.bus import RevisionMismatch
+
+        current = self.data.get(key)
+        if last_revision is not None and (current[1] if current else 0) != last_revision:
+            raise RevisionMismatch(key)
+        self.seq += 1
+        self.data[key] = (schema.encode(record), self.seq)
+        return self.seq
+
+    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
+        current = self.data.get(key)
+        return None if current is None else KVEntry(bucket, key, current[1], current[0])
+
+    async def kv_list(self, bucket: str) -> dict[str, KVEntry]:
+        return {key: KVEntry(bucket, key, rev, value) for key, (value, rev) in self.data.items()}
+
+    async def kv_delete(self, bucket: str, key: str, *, last_revision: int | None = None) -> None:
+        from ciliary.bus import RevisionMismatch
+
+        current = self.data.get(key)
+        if last_revision is not None and (current[1] if current else 0) != last_revision:
+            raise RevisionMismatch(key)
+        self.data.pop(key, None)
+        self.seq += 1
+
+
+def test_mirror_ignores_stale_events_and_bad_payloads() -> None:
+    store = BusCasStore(FakeBus(), schema.BUCKET_IPCACHE, decode_ipcache)  # type: ignore[arg-type]
+    store.observe(KVEntry("ipcache", "10.0.0.1_32", 5, ipc("10.0.0.1/32", 300)))
+    store.observe(KVEntry("ipcache", "10.0.0.1_32", 3, ipc("10.0.0.1/32", 299)))  # older: ignored
+    assert store.peek("10.0.0.1_32")[0].identity == 300  # type: ignore[index]
+    store.observe(KVEntry("ipcache", "10.0.0.1_32", 4, None))  # delete older than what we hold
+    assert store.peek("10.0.0.1_32") is not None
+    store.observe(KVEntry("ipcache", "10.0.0.1_32", 0, None))  # resync delete: always applies
+    assert store.peek("10.0.0.1_32") is None
+    store.observe(KVEntry("ipcache", "bad", 7, b"\xc1"))
+    assert store.peek("bad") is None and store.exists("bad") and "bad" in store.keys("")
+    store.observe(KVEntry("ipcache", "bad", 8, None))
+    assert not store.exists("bad")
+
+
+async def test_writes_update_the_mirror_and_map_conflicts() -> None:
+    bus = FakeBus()
+    store = BusCasStore(bus, schema.BUCKET_IPCACHE, decode_ipcache)  # type: ignore[arg-type]
+    record = schema.IPCacheRecord(prefix="10.0.0.2/32", identity=7, source="pod", cluster="c", cluster_id=1)
+    rev = await store.create("10.0.0.2_32", record)
+    assert store.peek("10.0.0.2_32") == (record, rev)
+    with pytest.raises(Conflict):
+        await store.create("10.0.0.2_32", record)
+    # a conflict re-reads the key: a view that missed a write heals
+    bus.data["10.0.0.2_32"] = (ipc("10.0.0.2/32", 8), 99)
+    with pytest.raises(Conflict):
+        await store.update("10.0.0.2_32", record, rev)
+    assert store.peek("10.0.0.2_32")[0].identity == 8 and store.peek("10.0.0.2_32")[1] == 99  # type: ignore[index]
+    rev = 99
+    store.entries["10.0.0.2_32"] = (record, rev)
+    await store.delete("10.0.0.2_32", rev)
+    assert store.peek("10.0.0.2_32") is None
+    # a late watch event for the deleted revision does not resurrect it
+    store.observe(KVEntry("ipcache", "10.0.0.2_32", rev, schema.encode(record)))
+    assert store.peek("10.0.0.2_32") is None
+    store.observe(KVEntry("ipcache", "10.0.0.2_32", rev + 1, None))  # our delete arrives
+    assert store.tombstones == {}
+
+
+def test_decoders_and_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = schema.IdentityRecord(id=300, labels=["k8s:a=b"], scope="cluster", cluster="c", cluster_id=0)
+    assert decode_identity("id.300", schema.encode(rec)) == rec
+    with pytest.raises(ValueError):
+        decode_identity("other.1", schema.encode(rec))
+    monkeypatch.setenv("CILIARY_IDENTITY_GC_GRACE", "1")
+    monkeypatch.setenv("CILIARY_IDENTITY_LABELS", "k8s:!job-name")
+    config = IdentityConfig.from_env()
+    assert config.gc_grace == 1.0 and config.gc_interval == 0.25 and config.labels == "k8s:!job-name"
+    assert IdentityConfig().gc_grace == 900 and IdentityConfig().gc_interval == 30.0
+    flt, errors = label_filter("k8s:!job-name k8s:( k8s:!")
+    assert len(errors) == 2 and [p.text for p in flt.patterns if not p.default] == ["k8s:!job-name"]
+
+
+async def test_audit_adds_keys_the_watch_missed() -> None:
+    bus = FakeBus()
+    store = BusCasStore(bus, schema.BUCKET_IPCACHE, decode_ipcache)  # type: ignore[arg-type]
+    bus.data["10.0.0.3_32"] = (ipc("10.0.0.3/32", 5), 4)
+    bus.data["10.0.0.4_32"] = (ipc("10.0.0.4/32", 6), 5)
+    store.observe(KVEntry("ipcache", "10.0.0.4_32", 5, ipc("10.0.0.4/32", 6)))
+    assert await store.audit() == 1
+    assert store.peek("10.0.0.3_32")[0].identity == 5  # type: ignore[index]
+    assert await store.audit() == 0
