@@ -146,18 +146,7 @@ def drop_reason_text(code: int) -> str:
     return DROP_REASONS[code][1] if code in DROP_REASONS else str(code)
 
 
-RESERVED_IDENTITIES: dict[int, str] = {
-    1: "host",
-    2: "world",
-    3: "unmanaged",
-    4: "health",
-    5: "init",
-    6: "remote-node",
-    7: "kube-apiserver",
-    8: "ingress",
-    9: "world-ipv4",
-    10: "world-ipv6",
-}
+RESERVED_IDENTITIES: dict[int, str] = schema.RESERVED_IDENTITIES
 RESERVED_IDENTITY_IDS = {name: num for num, name in RESERVED_IDENTITIES.items()}
 IDENTITY_WORLD = 2
 

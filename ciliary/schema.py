@@ -57,6 +57,21 @@ DEFAULT_CLUSTER_ID = 1
 
 SERVICE_NAMES = ("identity", "servicelb", "policy", "flows", "mesh", "node")
 
+# Cilium's reserved security identities (numeric id -> name after ``reserved:``).
+RESERVED_IDENTITIES: dict[int, str] = {
+    1: "host",
+    2: "world",
+    3: "unmanaged",
+    4: "health",
+    5: "init",
+    6: "remote-node",
+    7: "kube-apiserver",
+    8: "ingress",
+    9: "world-ipv4",
+    10: "world-ipv6",
+    11: "encrypted-overlay",
+}
+
 
 class Record(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Base for every bus payload."""

@@ -39,19 +39,7 @@ from .labels import label_set_hash
 # ---------------------------------------------------------------- numbering
 
 IDENTITY_UNKNOWN = 0
-RESERVED: dict[int, str] = {
-    1: "host",
-    2: "world",
-    3: "unmanaged",
-    4: "health",
-    5: "init",
-    6: "remote-node",
-    7: "kube-apiserver",
-    8: "ingress",
-    9: "world-ipv4",
-    10: "world-ipv6",
-    11: "encrypted-overlay",
-}
+RESERVED: dict[int, str] = schema.RESERVED_IDENTITIES
 RESERVED_BY_NAME = {name: ident for ident, name in RESERVED.items()}
 HOST, WORLD, UNMANAGED, HEALTH, INIT, REMOTE_NODE, KUBE_APISERVER, INGRESS = range(1, 9)
 WORLD_IPV4, WORLD_IPV6, ENCRYPTED_OVERLAY = 9, 10, 11

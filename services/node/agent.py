@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,7 @@ class NodeAgent:
         self.endpoints: dict[str, LocalEndpoint] = {}  # by container id
         self.ipcache: dict[str, schema.IPCacheRecord] = {}  # by KV key
         self.frontends: dict[str, schema.LBFrontend] = {}
-        self.policies: dict[int, schema.PolicyMapRecord] = {}  # by local identity
+        self.policies: dict[str, schema.PolicyMapRecord] = {}  # by KV key id.<identity>
         self.nodes: dict[str, dict[str, Any]] = {}  # peer node -> {"ip", "podCIDR"}
         self.peer_routes: dict[str, str] = {}
         self.synced: set[str] = set()
@@ -163,9 +164,14 @@ class NodeAgent:
             nats_url=self.ctx.settings.nats_url,
             cni_bin=str(Path(sys.executable).parent / "ciliary-cni"),
         ), self._write_pod_status)
-        tg.create_task(self._watch_ipcache(), name="watch-ipcache")
-        tg.create_task(self._watch_services(), name="watch-services")
-        tg.create_task(self._watch_policy(), name="watch-policy")
+        tg.create_task(self._follow("ipcache", schema.BUCKET_IPCACHE, ">", schema.IPCacheRecord,
+                                    self.ipcache, lambda _key: self._sync_ipcache()), name="watch-ipcache")
+        tg.create_task(self._follow("services", schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>",
+                                    schema.LBFrontend, self.frontends, self._on_frontend_change),
+                       name="watch-services")
+        tg.create_task(self._follow("policy", schema.BUCKET_POLICY, f"{schema.POLICY_ID_PREFIX}>",
+                                    schema.PolicyMapRecord, self.policies,
+                                    lambda _key: self._sync_endpoint_entries()), name="watch-policy")
         tg.create_task(self._watch_nodes(), name="watch-nodes")
         tg.create_task(self._watch_pods(tg), name="watch-pods")
         tg.create_task(self._housekeeping(), name="housekeeping")
@@ -295,7 +301,7 @@ class NodeAgent:
         entries = []
         for ep in sorted(self.endpoints.values(), key=lambda e: e.ep_id):
             identity = self.identity_of_ip(ep.ip)
-            pol = self.policies.get(identity)
+            pol = self.policies.get(schema.policy_key(identity))
             entries.append(M.endpoint_entry(
                 ep.host_ifindex, ep.ep_id, identity, ep.ip,
                 policy_ingress=bool(pol and pol.ingress_enforced),
@@ -315,7 +321,7 @@ class NodeAgent:
         total = 0
         overflow: list[int] = []
         for identity in sorted(set(self._policy_owners) | local):
-            record = self.policies.get(identity) if identity in local else None
+            record = self.policies.get(schema.policy_key(identity)) if identity in local else None
             entries = policy_map_entries(record) if record else []
             if total + len(entries) > self.map_sizes.policy:
                 overflow.append(identity)
@@ -344,26 +350,29 @@ class NodeAgent:
 
     # ------------------------------------------------------------------ desired state
 
-    async def _watch_ipcache(self) -> None:
-        name = "ipcache"
+    async def _follow(self, name: str, bucket: str, pattern: str, type_: type, table: dict[str, Any],
+                      on_change: Callable[[str | None], None]) -> None:
+        """Mirror ``bucket`` into ``table`` (by KV key); after the first SYNCED call
+        ``on_change(key)`` per change and ``on_change(None)`` after every (re-)sync."""
         self.ctx.declare_watch(name)
-        async for event in self.bus.watch(schema.BUCKET_IPCACHE):
+        async for event in self.bus.watch(bucket, pattern):
             if event is SYNCED:
                 self.synced.add(name)
                 self.ctx.watch_synced(name)
                 self._maybe_prune()
+                on_change(None)
+                continue
+            assert isinstance(event, KVEntry)
+            if event.deleted:
+                table.pop(event.key, None)
             else:
-                assert isinstance(event, KVEntry)
-                if event.deleted:
-                    self.ipcache.pop(event.key, None)
-                else:
-                    try:
-                        self.ipcache[event.key] = schema.decode(event.value, schema.IPCacheRecord)
-                    except Exception as err:
-                        log.warning("ignoring bad ipcache entry %s: %s", event.key, err)
-                        continue
+                try:
+                    table[event.key] = schema.decode(event.value, type_)
+                except Exception as err:
+                    log.warning("ignoring bad %s entry %s: %s", name, event.key, err)
+                    continue
             if name in self.synced:
-                self._sync_ipcache()
+                on_change(event.key)
 
     def _sync_ipcache(self) -> None:
         entries = []
@@ -378,28 +387,9 @@ class NodeAgent:
         self.ctx.detail["ipcache"] = len(entries)
         self._sync_endpoint_entries()
 
-    async def _watch_services(self) -> None:
-        name = "services"
-        self.ctx.declare_watch(name)
-        async for event in self.bus.watch(schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>"):
-            if event is SYNCED:
-                self.synced.add(name)
-                self.ctx.watch_synced(name)
-                self._maybe_prune()
-                for key in list(self.frontends):
-                    self._sync_frontend(key)
-                continue
-            assert isinstance(event, KVEntry)
-            if event.deleted:
-                self.frontends.pop(event.key, None)
-            else:
-                try:
-                    self.frontends[event.key] = schema.decode(event.value, schema.LBFrontend)
-                except Exception as err:
-                    log.warning("ignoring bad frontend %s: %s", event.key, err)
-                    continue
-            if name in self.synced:
-                self._sync_frontend(event.key)
+    def _on_frontend_change(self, key: str | None) -> None:
+        for changed in ([key] if key is not None else list(self.frontends)):
+            self._sync_frontend(changed)
 
     def _sync_frontend(self, key: str) -> None:
         fe = self.frontends.get(key)
@@ -415,31 +405,6 @@ class NodeAgent:
             self.reconciler.set_desired(owner, entries)
         self.ctx.detail["frontends"] = len(self.frontends)
         self._kick()
-
-    async def _watch_policy(self) -> None:
-        name = "policy"
-        self.ctx.declare_watch(name)
-        async for event in self.bus.watch(schema.BUCKET_POLICY, f"{schema.POLICY_ID_PREFIX}>"):
-            if event is SYNCED:
-                self.synced.add(name)
-                self.ctx.watch_synced(name)
-                self._maybe_prune()
-            else:
-                assert isinstance(event, KVEntry)
-                try:
-                    identity = int(event.key.rsplit(".", 1)[1])
-                except ValueError:
-                    continue
-                if event.deleted:
-                    self.policies.pop(identity, None)
-                else:
-                    try:
-                        self.policies[identity] = schema.decode(event.value, schema.PolicyMapRecord)
-                    except Exception as err:
-                        log.warning("ignoring bad policy record %s: %s", event.key, err)
-                        continue
-            if name in self.synced:
-                self._sync_endpoint_entries()
 
     async def _watch_nodes(self) -> None:
         """Peer routes: another node's pod CIDR via its underlay address (direct routing)."""

@@ -25,13 +25,15 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import ipaddress
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -40,6 +42,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import states as nud_states
 
 PREFIX = "ciliary-"
+TOPOLOGY_LOCK = "/run/lock/ciliary-topology.lock"
 NETNS_RUN_DIR = "/var/run/netns"
 GATEWAY_IP = "169.254.1.1"
 BRIDGE = "ciliary-br"
@@ -169,12 +172,17 @@ def set_sysctls(name: str, values: dict[str, str]) -> None:
 
 def ensure_netns(name: str) -> None:
     """Create network namespace ``name`` (must carry the ``ciliary-`` prefix) if absent."""
-    _ensure_netns(name)
+    ensure_netns_locked(name)
 
 
 def remove_netns(name: str) -> None:
     """Remove network namespace ``name`` if present."""
     _remove_netns(name)
+
+
+def ensure_netns_locked(name: str) -> None:
+    with _topology_lock():
+        _ensure_netns(name)
 
 
 def _ensure_netns(name: str) -> None:
@@ -230,8 +238,26 @@ def ensure_underlay(cluster: str) -> str:
     return ns
 
 
+@contextlib.contextmanager
+def _topology_lock() -> Iterator[None]:
+    """Serialises namespace and bridge creation across processes: two node executors
+    starting together must not both create (and so replace) the underlay namespace."""
+    os.makedirs(os.path.dirname(TOPOLOGY_LOCK), exist_ok=True)
+    with open(TOPOLOGY_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def create_node(cluster: str, node: str, underlay_cidr: str) -> NodeNet:
     """Node namespace joined to the underlay bridge with ``underlay_cidr`` (e.g. 172.31.7.1/24)."""
+    with _topology_lock():
+        return _create_node(cluster, node, underlay_cidr)
+
+
+def _create_node(cluster: str, node: str, underlay_cidr: str) -> NodeNet:
     iface = ipaddress.ip_interface(underlay_cidr)
     ul = ensure_underlay(cluster)
     ns = node_netns(cluster, node)

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ciliary.config import pid_alive
+
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 BACKOFF_RESET = 60.0
@@ -74,20 +76,6 @@ def pod_phase(states: Sequence[ContainerState]) -> str:
     return "Failed"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @dataclass
 class ContainerProcess:
     """One container's process: start, poll, restart with backoff, stop."""
@@ -118,7 +106,7 @@ class ContainerProcess:
 
     def adopt(self, pid: int, started_at: float) -> bool:
         """Take over a process started by an earlier executor; False when it is gone."""
-        if pid <= 0 or not _alive(pid):
+        if pid <= 0 or not pid_alive(pid):
             return False
         self.state.pid = pid
         self.state.started_at = started_at
@@ -156,7 +144,7 @@ class ContainerProcess:
         if self.proc is not None and self.proc.pid == self.state.pid:
             return self.proc.poll()
         # adopted: not our child, so the exit code is unknowable; report a failure
-        return None if _alive(self.state.pid) else 255
+        return None if pid_alive(self.state.pid) else 255
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM the container's whole session, SIGKILL after ``grace`` seconds."""
@@ -174,6 +162,6 @@ class ContainerProcess:
                 if self.proc is not None and self.proc.pid == pid:
                     if self.proc.poll() is not None:
                         return
-                elif not _alive(pid):
+                elif not pid_alive(pid):
                     return
                 time.sleep(0.02)

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -190,6 +191,8 @@ def _roundtrip_from_port(netns: str, src_port: int, ip: str, port: int) -> tuple
     def run() -> tuple[tuple[str, int], bytes]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # close with RST: no TIME_WAIT, so the same 4-tuple can connect again at once
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.settimeout(2.0)
             s.bind(("0.0.0.0", src_port))
             s.connect((ip, port))
