@@ -127,6 +127,15 @@ def test_shop_with_real_packets(stack: tuple[Path, str]) -> None:
     vip = wait_for(lambda: cluster_ip(data_dir, "payments"), 20, "a cluster IP")
     wait_for(lambda: policy_in_force(data_dir), 30, "payments ingress policy in the datapath")
 
+    # every endpoint in the datapath carries the identity the identity service allocated
+    identities = json.loads(cli("identity", "list", "-o", "json", data_dir=data_dir).stdout)
+    endpoints = {r["pod"]: r for node in json.loads(cli("endpoint", "list", "-o", "json", data_dir=data_dir).stdout)
+                 for r in node["rows"]}
+    for pod in ("frontend", "checkout", "payments"):
+        allocated = [i["id"] for i in identities if f"k8s:app={pod}" in i["labels"]]
+        assert allocated == [endpoints[f"default/{pod}"]["identity"]], (pod, allocated, endpoints)
+        assert allocated[0] >> 16 == 7  # cluster id 7 in bits 16-23
+
     # checkout -> payments by VIP (cross-node: checkout on node-1, payments on node-2)
     ok = connect(data_dir, "checkout", vip, 8080)
     assert ok.returncode == 0 and ok.stdout.split()[0] == "payments", ok.stdout + ok.stderr
