@@ -335,7 +335,10 @@ def _watching(report: schema.HealthReport) -> str:
     """``Pod=3 Namespace=2`` for each resource kind the service watches."""
     if report.service == "node":
         keys = ("pods", "endpoints", "ipcache", "frontends", "policy_entries")
-        return " ".join(f"{key}={report.detail[key]}" for key in keys if key in report.detail)
+        text = " ".join(f"{key}={report.detail[key]}" for key in keys if key in report.detail)
+        if "map_pressure_max" in report.detail:
+            text += f" map-pressure={report.detail['map_pressure_max']:.2%}"
+        return text
     counts = report.detail.get("resources") or {}
     kinds = [w.split("/", 1)[1] for w in report.watching if w.startswith("resources/")]
     return " ".join(f"{kind}={counts.get(kind, 0)}" for kind in kinds)

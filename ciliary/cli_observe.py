@@ -234,13 +234,35 @@ class _Commands:
         return 0
 
     def cmd_metrics(self, args: argparse.Namespace) -> int:
-        async def work(bus: Bus) -> schema.FlowMetricsReply:
+        async def work(bus: Bus) -> tuple[schema.FlowMetricsReply, list[schema.HealthReport]]:
+            from ciliary.status import gather_health
+
             try:
-                return await bus.request(schema.SUBJECT_FLOWS_METRICS, schema.FlowMetricsRequest(),
-                                         schema.FlowMetricsReply, timeout=args.timeout)
+                reply = await bus.request(schema.SUBJECT_FLOWS_METRICS, schema.FlowMetricsRequest(),
+                                          schema.FlowMetricsReply, timeout=args.timeout)
             except BusError as err:
                 raise self.error(f"{err}\n  is the flows service running? try: ciliary status") from err
+            return reply, await gather_health(bus, timeout=0.5)
 
-        reply = self.run(args, work)
+        reply, health = self.run(args, work)
         print(reply.text, end="")
+        print(node_metrics_text(health), end="")
         return 0
+
+
+def node_metrics_text(reports: list[schema.HealthReport]) -> str:
+    """Node executor gauges in Prometheus text format, named like Cilium's agent metrics."""
+    lines = [
+        "# HELP ciliary_bpf_map_pressure Fill ratio of a BPF map the node executor writes.",
+        "# TYPE ciliary_bpf_map_pressure gauge",
+    ]
+    endpoints = ["# HELP ciliary_endpoint_count Endpoints managed by the node executor.",
+                 "# TYPE ciliary_endpoint_count gauge"]
+    for report in reports:
+        if report.service != "node":
+            continue
+        for name, m in sorted((report.detail.get("maps") or {}).items()):
+            lines.append(f'ciliary_bpf_map_pressure{{map_name="{name}",node="{report.node}"}} {m.get("fill", 0.0)}')
+        if "endpoints" in report.detail:
+            endpoints.append(f'ciliary_endpoint_count{{node="{report.node}"}} {report.detail["endpoints"]}')
+    return "\n".join(lines + endpoints) + "\n"

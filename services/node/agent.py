@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ ENV_TEARDOWN = "CILIARY_TEARDOWN_ON_EXIT"
 ENV_DEFAULT_NODE = "CILIARY_DEFAULT_NODE"
 ENV_STATE_DIR = "CILIARY_NODE_STATE_DIR"
 GC_INTERVAL = 30.0
+STATS_INTERVAL = 5.0
 EVENT_BATCH_MAX = 512
 
 
@@ -474,20 +476,33 @@ class NodeAgent:
             self.ctx.detail["events_lost"] = self.pump.kernel_lost_seen + self.pump.lost_queue
 
     async def _housekeeping(self) -> None:
+        """Map pressure every ``STATS_INTERVAL``, conntrack GC every ``GC_INTERVAL``."""
         assert self.datapath is not None
+        last_gc = time.monotonic()
         while True:
-            await asyncio.sleep(GC_INTERVAL)
+            self._report_map_pressure()
+            await asyncio.sleep(STATS_INTERVAL)
+            if time.monotonic() - last_gc < GC_INTERVAL:
+                continue
+            last_gc = time.monotonic()
             try:
                 removed = await asyncio.to_thread(self.datapath.gc_conntrack)
                 if removed:
                     log.info("conntrack gc removed %d entries", removed)
             except Exception as err:
                 log.warning("conntrack gc failed: %s", err)
-            stats = self.reconciler.stats()
-            self.ctx.detail["maps"] = {
-                name: {"entries": m.entries, "max": m.max_entries, "fill": m.fill}
-                for name, m in getattr(stats, "maps", {}).items()
-            }
+
+    def _report_map_pressure(self) -> None:
+        """Fill ratio of every map the reconciler writes (what Cilium calls map pressure)."""
+        stats = self.reconciler.stats()
+        self.ctx.detail["maps"] = {
+            name: {"entries": m.entries, "max": m.max_entries, "fill": round(m.fill or 0.0, 6)}
+            for name, m in stats.maps.items() if m.max_entries
+        }
+        self.ctx.detail["map_pressure_max"] = max(
+            (m.fill or 0.0 for m in stats.maps.values() if m.max_entries), default=0.0)
+        self.ctx.detail["reconciler"] = {"pending": stats.pending, "error": stats.error,
+                                         "total_errors": stats.total_errors}
 
     # ------------------------------------------------------------------ stop
 
