@@ -29,6 +29,14 @@ class FakeBus:
         self.requests.append((subject, record))
         return self.reply
 
+    async def request_many(self, subject: str, payload: bytes = b"", **_: Any) -> list[bytes]:
+        node = schema.HealthReport(
+            service="node", instance="node-node-1", pid=1, version="0", started=0.0, healthy=True,
+            node="node-1", detail={"maps": {"ciliary_policy": {"entries": 4, "max": 16, "fill": 0.25}},
+                                   "endpoints": 2},
+        )
+        return [schema.encode(node)]
+
 
 def parser(bus: FakeBus) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -115,7 +123,10 @@ def test_observe_error_reply_and_bad_flags() -> None:
 def test_metrics_command(capsys: pytest.CaptureFixture[str]) -> None:
     code, bus = run(["metrics"], schema.FlowMetricsReply(text="hubble_x 1\n"))
     assert code == 0 and bus.requests[0][0] == schema.SUBJECT_FLOWS_METRICS
-    assert capsys.readouterr().out == "hubble_x 1\n"
+    out = capsys.readouterr().out
+    assert out.startswith("hubble_x 1\n")
+    assert 'ciliary_bpf_map_pressure{map_name="ciliary_policy",node="node-1"} 0.25\n' in out
+    assert 'ciliary_endpoint_count{node="node-1"} 2\n' in out
 
 
 def test_metrics_http_endpoint() -> None:
