@@ -26,7 +26,7 @@ import json, sys
 items = json.load(sys.stdin)["items"]
 ready = [p for p in items if any(c["type"] == "Ready" and c["status"] == "True"
          for c in p.get("status", {}).get("conditions", []))]
-sys.exit(0 if len(ready) == 3 else 1)'
+sys.exit(0 if len(ready) == 4 else 1)'
 }
 
 payments_enforced() {
@@ -51,9 +51,10 @@ rm -rf "$DATA_DIR/nats" "$DATA_DIR/logs" "$DATA_DIR/nodes"
 step "Starting ciliary: NATS, identity, servicelb, policy, flows, mesh and two node executors"
 "$CILIARY" up -d --nodes 2
 
-step "Applying the shop: frontend, checkout, payments, their services and policies"
+step "Applying the shop: frontend, checkout, payments, their services and policies,"
+say "and a payment gateway in the outside world (203.0.113.10, a namespace on the sandbox underlay)"
 "$CILIARY" apply -f "$ROOT/examples/shop"
-wait_until 90 "three ready pods" pods_ready
+wait_until 90 "four ready pods" pods_ready
 wait_until 30 "the payments policy in the datapath" payments_enforced
 
 step "What ciliary now knows"
@@ -71,14 +72,23 @@ step "Real packets: checkout may call payments on 8080, frontend may not"
 call checkout "$PAYMENTS_VIP" 8080
 call frontend "$PAYMENTS_VIP" 8080
 
+step "payments may only egress to the payment gateway's CIDR on 443"
+call payments 203.0.113.10 443
+call payments 203.0.113.10 8443
+say "policy trace agrees, without sending a packet:"
+"$CILIARY" policy trace --from default/payments --to 203.0.113.10 --port 8443/TCP | sed 's/^/   /'
+
 step "The service is load-balanced in eBPF, no iptables: the lb map of every node"
 "$CILIARY" bpf lb list
 
 step "What the datapath saw: the drop, as Hubble would show it"
 sleep 1
-"$CILIARY" observe --verdict DROPPED --last 3
-echo
-"$CILIARY" observe --to-pod default/payments --verdict FORWARDED --last 4
+say "frontend -> payments, dropped at payments' ingress:"
+"$CILIARY" observe --verdict DROPPED --from-pod default/frontend --to-pod default/payments --last 2
+say "payments -> the world on 8443, dropped at payments' egress:"
+"$CILIARY" observe --verdict DROPPED --from-pod default/payments --last 2
+say "checkout -> payments, forwarded:"
+"$CILIARY" observe --from-pod default/checkout --to-pod default/payments --verdict FORWARDED --last 3
 
 step "Every service, its health and what it watches"
 "$CILIARY" status

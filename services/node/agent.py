@@ -32,7 +32,7 @@ from ciliary import config, schema
 from ciliary.bus import SYNCED, Bus, KVEntry, RevisionMismatch
 from ciliary.runtime import Context
 from ciliary.store import ResourceStore, kv_key
-from services.node import addressing, debug, netns
+from services.node import addressing, debug, netns, world
 from services.node import layouts as L
 from services.node import maps as M
 from services.node.datapath import Datapath, MapSizes, ensure_bpffs
@@ -134,6 +134,9 @@ class NodeAgent:
         underlay = addressing.underlay_cidr(self.cluster_id, self.index)
         self.host_ip = underlay.split("/")[0]
         await asyncio.to_thread(netns.create_node, self.cluster, self.node, underlay)
+        await asyncio.to_thread(world.ensure_world, self.cluster, self.cluster_id)
+        await asyncio.to_thread(world.connect_node, self.cluster, self.cluster_id, self.node,
+                                self.pod_cidr, self.host_ip)
         await asyncio.to_thread(ensure_bpffs)
         self.datapath = Datapath(self.cluster, self.node, self.netns, map_sizes=self.map_sizes)
         seconds = await asyncio.to_thread(self.datapath.load)
@@ -515,9 +518,7 @@ class NodeAgent:
             await asyncio.to_thread(netns.delete_node, self.cluster, self.node)
             if self.datapath is not None:
                 await asyncio.to_thread(self.datapath.unpin)
-            remaining = [n for n in netns.cluster_netns(self.cluster) if n != netns.underlay_netns(self.cluster)]
-            if not remaining:
-                await asyncio.to_thread(netns.remove_netns, netns.underlay_netns(self.cluster))
+            await asyncio.to_thread(world.remove_world_if_alone, self.cluster)
             try:
                 await self.bus.kv_delete(schema.BUCKET_STATUS, kv_key("Node", "", self.node))
             except Exception:

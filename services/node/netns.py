@@ -89,8 +89,8 @@ class Endpoint:
 def _check(cluster: str, node: str | None = None) -> None:
     if not _CLUSTER_RE.match(cluster):
         raise ValueError(f"cluster name must match {_CLUSTER_RE.pattern}: {cluster!r}")
-    if node is not None and (not _NODE_RE.match(node) or node == "ul"):
-        raise ValueError(f"node name must match {_NODE_RE.pattern} and not be 'ul': {node!r}")
+    if node is not None and (not _NODE_RE.match(node) or node in ("ul", "world")):
+        raise ValueError(f"node name must match {_NODE_RE.pattern} and not be 'ul' or 'world': {node!r}")
 
 
 def _hash(*parts: str, n: int = 7) -> str:

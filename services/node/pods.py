@@ -30,7 +30,7 @@ from typing import Any
 from ciliary import schema
 from ciliary.bus import KVEntry
 from ciliary.resources import decode
-from services.node import netns
+from services.node import netns, world
 from services.node.runner import ContainerProcess, ContainerSpec, ContainerState, pod_phase
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,18 @@ class RunningPod:
     uid: str
     netns: str
     ip: str = ""
+    world: bool = False  # runs in the sandbox's outside world, not as a cluster endpoint
     containers: list[ContainerProcess] = field(default_factory=list)
     probes: list[Any] = field(default_factory=list)
     ready: bool = False
     last_probe: float = 0.0
     reported: dict[str, Any] | None = None
     error: str = ""
+
+    @property
+    def started(self) -> bool:
+        """Wired (CNI ADD done) or a world pod: its containers may run."""
+        return bool(self.ip) or self.world
 
 
 StatusWriter = Callable[[str, str, str, dict[str, Any]], Awaitable[None]]
@@ -97,6 +103,8 @@ class PodRunner:
     # ------------------------------------------------------------------ inputs
 
     def bound_here(self, record: schema.ResourceRecord) -> bool:
+        if is_world_pod(record):
+            return self.cfg.node == self.cfg.default_node
         node = (record.manifest.get("spec") or {}).get("nodeName") or self.cfg.default_node
         return node == self.cfg.node
 
@@ -178,6 +186,9 @@ class PodRunner:
 
     async def _start(self, record: schema.ResourceRecord) -> None:
         key = record_key(record)
+        if is_world_pod(record):
+            await self._start_in_world(record)
+            return
         pns = netns.pod_netns(self.cfg.cluster, self.cfg.node, record.uid)
         running = RunningPod(key, record.namespace, record.name, record.uid, pns)
         try:
@@ -205,6 +216,25 @@ class PodRunner:
         await self._report(running)
         log.info("pod %s running at %s", key, running.ip)
 
+    async def _start_in_world(self, record: schema.ResourceRecord) -> None:
+        """A pod of the outside world: its processes run in the world namespace; it gets
+        no endpoint, no pod IP and no identity of its own (the cluster sees it as world)."""
+        key = record_key(record)
+        running = RunningPod(key, record.namespace, record.name, record.uid,
+                             world.world_netns(self.cfg.cluster), world=True)
+        try:
+            running.containers, running.probes = self._containers(record, running.netns)
+        except Exception as err:
+            running.error = f"invalid pod spec: {err}"
+            self.pods[key] = running
+            return
+        self.pods[key] = running
+        for proc in running.containers:
+            proc.poll()
+        self._save()
+        await self._report(running)
+        log.info("pod %s running in the outside world (%s)", key, world.WORLD_CIDR)
+
     async def _replace(self, running: RunningPod, record: schema.ResourceRecord) -> None:
         await self._stop(running)
         await self._start(record)
@@ -217,6 +247,8 @@ class PodRunner:
         log.info("pod %s removed", running.key)
 
     async def _teardown(self, running: RunningPod) -> None:
+        if running.world:
+            return
         await self._cni("DEL", running)
         await asyncio.to_thread(netns.remove_netns, running.netns)
 
@@ -246,10 +278,10 @@ class PodRunner:
     async def _tend(self, running: RunningPod) -> None:
         changed = False
         for proc in running.containers:
-            if running.ip and proc.poll():
+            if running.started and proc.poll():
                 changed = True
         now = time.monotonic()
-        if running.ip and now - running.last_probe >= (PROBE_INTERVAL if running.ready else PASS_INTERVAL):
+        if running.started and now - running.last_probe >= (PROBE_INTERVAL if running.ready else PASS_INTERVAL):
             running.last_probe = now
             ready = await asyncio.to_thread(self._probe, running)
             if ready != running.ready:
@@ -290,9 +322,7 @@ class PodRunner:
 
     def status_of(self, running: RunningPod) -> dict[str, Any]:
         states = [p.state for p in running.containers]
-        phase = "Pending" if not running.ip else pod_phase(states)
-        if running.error and not running.ip:
-            phase = "Pending"
+        phase = "Pending" if not running.started else pod_phase(states)
         status: dict[str, Any] = {
             "phase": phase,
             "hostIP": self.cfg.host_ip,
@@ -308,7 +338,7 @@ class PodRunner:
                 }
                 for s in states
             ],
-            "ciliary": {"netns": running.netns, "node": self.cfg.node},
+            "ciliary": {"netns": running.netns, "node": self.cfg.node, **({"outsideWorld": world.WORLD_CIDR} if running.world else {})},
         }
         if running.ip:
             status["podIP"] = running.ip
@@ -330,13 +360,14 @@ class PodRunner:
         data = {
             key: {
                 "namespace": p.namespace, "name": p.name, "uid": p.uid, "netns": p.netns, "ip": p.ip,
+                "world": p.world,
                 "containers": [
                     {"name": c.state.spec.name, "pid": c.state.pid, "started_at": c.state.started_at,
                      "restarts": c.state.restarts}
                     for c in p.containers
                 ],
             }
-            for key, p in self.pods.items() if p.ip
+            for key, p in self.pods.items() if p.started
         }
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
@@ -350,7 +381,8 @@ class PodRunner:
         except (FileNotFoundError, json.JSONDecodeError):
             return
         for key, saved in data.items():
-            running = RunningPod(key, saved["namespace"], saved["name"], saved["uid"], saved["netns"], saved["ip"])
+            running = RunningPod(key, saved["namespace"], saved["name"], saved["uid"], saved["netns"], saved["ip"],
+                                 world=saved.get("world", False))
             for c in saved["containers"]:
                 proc = ContainerProcess(
                     ContainerState(ContainerSpec(c["name"], ()), restarts=c.get("restarts", 0)),
@@ -383,6 +415,16 @@ class PodRunner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if teardown:
             await asyncio.gather(*(self._stop(p) for p in list(self.pods.values())), return_exceptions=True)
+
+
+WORLD_ANNOTATION = "sandbox.ciliary.io/outside-world"
+
+
+def is_world_pod(record: schema.ResourceRecord) -> bool:
+    """Pods annotated ``sandbox.ciliary.io/outside-world: "true"`` play the world outside
+    the cluster (a payment gateway, an upstream DNS server) inside the sandbox."""
+    annotations = (record.manifest.get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get(WORLD_ANNOTATION, "")).lower() == "true"
 
 
 def record_key(record: schema.ResourceRecord) -> str:
