@@ -33,7 +33,7 @@ def test_apply_get_round_trip(instance: Path) -> None:
     assert "pod/payments -n default created" in result.stdout
     pods = _get_json(instance, "pods", "-A")
     assert pods["kind"] == "List"
-    assert [p["metadata"]["name"] for p in pods["items"]] == ["checkout", "frontend", "payments"]
+    assert [p["metadata"]["name"] for p in pods["items"]] == ["checkout", "frontend", "payment-gateway", "payments"]
     payments = next(p for p in pods["items"] if p["metadata"]["name"] == "payments")
     assert payments["metadata"]["labels"]["app"] == "payments"
     assert payments["metadata"]["generation"] == 1
@@ -57,7 +57,7 @@ def test_apply_get_round_trip(instance: Path) -> None:
     table = run_cli("get", "pods", "-A", data_dir=instance)
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["NAMESPACE", "NAME", "STATUS", "IP", "NODE", "AGE"]
-    assert len(lines) == 4
+    assert len(lines) == 5
     # columns are aligned: every row starts its NAME column at the same offset
     offset = lines[0].index("NAME ")
     assert all(line[offset - 1] == " " and line[offset] != " " for line in lines[1:])
@@ -68,7 +68,7 @@ def test_delete_by_name_and_by_file(instance: Path) -> None:
     result = run_cli("delete", "pod", "frontend", data_dir=instance)
     assert result.returncode == 0 and "deleted" in result.stdout
     names = [p["metadata"]["name"] for p in _get_json(instance, "pods")["items"]]
-    assert names == ["checkout", "payments"]
+    assert names == ["checkout", "payment-gateway", "payments"]
     missing = run_cli("delete", "pod", "frontend", data_dir=instance)
     assert missing.returncode == 1 and "not found" in missing.stderr
     result = run_cli("delete", "-f", str(SHOP / "30-policies.yaml"), data_dir=instance)
