@@ -6,6 +6,11 @@
  *                   Service DNAT, conntrack, egress policy, events.
  *   to_container    tc egress of the host veth: packets entering the pod.
  *                   Conntrack, reverse NAT, ingress policy, events.
+ *   from_netdev     tc ingress of the node's underlay interface: NodePort /
+ *                   externalIPs DNAT (+ SNAT for remote backends), replies
+ *                   of SNATed flows (lib/nodeport.h).
+ *   to_netdev       tc egress of the underlay interface: reverse DNAT of
+ *                   replies from local backends.
  *
  * Invariants:
  *  - One compiled object serves every endpoint of a node; the endpoint is
@@ -64,6 +69,38 @@ map_lb4_rev_nat_lookup(struct lb4_reverse_nat_key *k)
 	return ciliary_lb4_reverse_nat.lookup(k);
 }
 
+static __always_inline struct lb4_maglev_value *map_maglev_lookup(struct lb4_maglev_key *k)
+{
+	return ciliary_lb4_maglev.lookup(k);
+}
+
+static __always_inline struct lb_affinity_val *map_affinity_lookup(struct lb4_affinity_key *k)
+{
+	return ciliary_lb4_affinity.lookup(k);
+}
+
+static __always_inline int map_affinity_update(struct lb4_affinity_key *k,
+					       struct lb_affinity_val *v)
+{
+	return ciliary_lb4_affinity.update(k, v);
+}
+
+static __always_inline struct lb_affinity_match_value *
+map_affinity_match_lookup(struct lb_affinity_match_key *k)
+{
+	return ciliary_lb_affinity_match.lookup(k);
+}
+
+static __always_inline struct nat4_entry *map_nat_lookup(struct ct_key *k)
+{
+	return ciliary_nat4.lookup(k);
+}
+
+static __always_inline int map_nat_update(struct ct_key *k, struct nat4_entry *v)
+{
+	return ciliary_nat4.update(k, v);
+}
+
 static __always_inline struct metrics_value *
 map_metrics_lookup_or_init(struct metrics_key *k, struct metrics_value *zero)
 {
@@ -85,6 +122,7 @@ static __always_inline void map_events_submit(struct flow_event *ev)
 #include "lib/conntrack.h"
 #include "lib/policy.h"
 #include "lib/lb.h"
+#include "lib/nodeport.h"
 
 static __always_inline __u32 lookup_identity(__be32 ip)
 {
@@ -250,4 +288,161 @@ int to_container(struct __sk_buff *skb)
 			return drop_packet(skb, &c, -ret);
 	}
 	return forward_packet(skb, &c, verdict, reason);
+}
+
+/* ---- host programs (underlay interface) ------------------------------------ */
+
+int from_netdev(struct __sk_buff *skb)
+{
+	struct flow_ctx c = {};
+	struct lb_result lb = {};
+	struct lb4_backend *be = 0;
+	struct ct_entry *ce;
+	struct ct_key k = {};
+	__be32 baddr, snat_addr = 0;
+	__be16 bport, snat_port = 0;
+	__u64 now;
+	int ret, snat;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (pkt_parse(skb, &c.p) < 0)
+		return TC_ACT_OK;
+	if (c.p.proto != IPPROTO_TCP && c.p.proto != IPPROTO_UDP)
+		return TC_ACT_OK;
+	c.direction = DIR_SERVICE;
+	now = bpf_ktime_get_ns();
+
+	/* A reply of a SNATed NodePort flow (backend on another node). */
+	ret = nodeport_rev_snat(skb, &c.p, now, &lb);
+	if (ret != 0) {
+		c.orig_daddr = lb.vip;
+		c.orig_dport = lb.vport;
+		c.ct_state = CT_REPLY;
+		if (ret < 0)
+			return drop_packet(skb, &c, -ret);
+		ret = nodeport_redirect(skb, &c.p);
+		if (ret < 0)
+			return drop_packet(skb, &c, -ret);
+		forward_packet(skb, &c, VERDICT_FORWARDED, 0);
+		return ret;
+	}
+
+	ret = lb4_resolve(&c.p, now, HOST_SVC_KEY, &lb, &be);
+	if (ret == 0)
+		return TC_ACT_OK;
+	c.orig_daddr = lb.vip;
+	c.orig_dport = lb.vport;
+	c.src_identity = lookup_identity(c.p.saddr);
+	if (ret < 0)
+		return drop_packet(skb, &c, -ret);
+	baddr = be->address;
+	bport = be->port;
+	c.dst_identity = lookup_identity(baddr);
+	c.ct_state = lb.new_flow ? CT_NEW : CT_ESTABLISHED;
+
+	if (lb.new_flow) {
+		__be32 unused = 0;
+		__u32 oif = nodeport_fib(skb, baddr, c.p.proto, 0, &unused);
+
+		snat = oif && oif == skb->ifindex;
+	} else {
+		snat = lb.ct_flags & CT_F_SNAT;
+	}
+
+	if (snat) {
+		/* Backend behind the interface the request came in on: SNAT to the node. */
+		k.saddr = c.p.saddr;
+		k.daddr = c.p.daddr;
+		k.sport = c.p.sport;
+		k.dport = c.p.dport;
+		k.proto = c.p.proto;
+		k.flags = HOST_SVC_KEY;
+		if (lb.new_flow) {
+			ret = lb4_ct_create_service(&c.p, now, HOST_SVC_KEY, &lb, CT_F_SNAT);
+			if (ret < 0)
+				return drop_packet(skb, &c, -ret);
+		}
+		ce = map_ct_lookup(&k);
+		ret = nodeport_snat_state(skb, &c.p, baddr, bport, lb.rev_nat_id, now,
+					  ce ? ce->expires_ns : now + ct_lifetime_default(c.p.proto),
+					  &snat_addr, &snat_port);
+		if (ret < 0)
+			return drop_packet(skb, &c, -ret);
+		ret = pkt_rewrite(skb, &c.p, 0, baddr, bport);
+		if (ret < 0)
+			return drop_packet(skb, &c, -ret);
+		ret = pkt_rewrite(skb, &c.p, 1, snat_addr, snat_port);
+		if (ret < 0)
+			return drop_packet(skb, &c, -ret);
+		ret = nodeport_redirect(skb, &c.p);
+		if (ret < 0)
+			return drop_packet(skb, &c, -ret);
+		forward_packet(skb, &c, VERDICT_FORWARDED, 0);
+		return ret;
+	}
+
+	/* Local backend: keep the client address; to_netdev reverse-NATs the reply. */
+	if (lb.new_flow) {
+		ret = lb4_ct_create_service(&c.p, now, HOST_SVC_KEY, &lb, 0);
+		if (ret < 0)
+			return drop_packet(skb, &c, -ret);
+	}
+	ret = pkt_rewrite(skb, &c.p, 0, baddr, bport);
+	if (ret < 0)
+		return drop_packet(skb, &c, -ret);
+	k.saddr = c.p.saddr;
+	k.daddr = c.p.daddr;
+	k.sport = c.p.sport;
+	k.dport = c.p.dport;
+	k.proto = c.p.proto;
+	k.flags = CT_KEY_F_HOST;
+	ce = map_ct_lookup(&k);
+	if (ce && ce->expires_ns > now) {
+		ct_touch(ce, &c.p, 0, now);
+		ce->rev_nat_id = lb.rev_nat_id;
+		ce->flags |= CT_F_SERVICE;
+	} else {
+		ret = ct_create(&c.p, CT_KEY_F_HOST, now, c.src_identity, lb.rev_nat_id, CT_F_SERVICE);
+		if (ret < 0)
+			return drop_packet(skb, &c, -ret);
+	}
+	return forward_packet(skb, &c, VERDICT_FORWARDED, 0);
+}
+
+int to_netdev(struct __sk_buff *skb)
+{
+	struct flow_ctx c = {};
+	struct lb_result lb = {};
+	struct ct_entry *ce;
+	struct ct_key k = {};
+	__u64 now;
+	int ret;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (pkt_parse(skb, &c.p) < 0)
+		return TC_ACT_OK;
+	if (c.p.proto != IPPROTO_TCP && c.p.proto != IPPROTO_UDP)
+		return TC_ACT_OK;
+	/* A reply from a local backend of a NodePort flow: {client -> backend}. */
+	k.saddr = c.p.daddr;
+	k.daddr = c.p.saddr;
+	k.sport = c.p.dport;
+	k.dport = c.p.sport;
+	k.proto = c.p.proto;
+	k.flags = CT_KEY_F_HOST;
+	ce = map_ct_lookup(&k);
+	now = bpf_ktime_get_ns();
+	if (!ce || ce->expires_ns <= now || !(ce->flags & CT_F_SERVICE))
+		return TC_ACT_OK;
+	c.direction = DIR_SERVICE;
+	c.ct_state = CT_REPLY;
+	ct_touch(ce, &c.p, 1, now);
+	ret = lb4_rev_nat(skb, &c.p, ce->rev_nat_id, &lb);
+	if (ret < 0)
+		return drop_packet(skb, &c, -ret);
+	c.orig_daddr = lb.vip;
+	c.orig_dport = lb.vport;
+	return forward_packet(skb, &c, VERDICT_FORWARDED, 0);
 }

@@ -33,6 +33,27 @@
 #ifndef LB_MAP_SIZE
 #define LB_MAP_SIZE		65536
 #endif
+#ifndef MAGLEV_MAP_SIZE
+#define MAGLEV_MAP_SIZE		1048576	/* {service, index} entries, no prealloc */
+#endif
+#ifndef LB_MAGLEV_TABLE_SIZE
+#define LB_MAGLEV_TABLE_SIZE	16381	/* M: entries per service table (prime) */
+#endif
+#ifndef LB_MAGLEV_SEED
+#define LB_MAGLEV_SEED		0x5ca1ab1e	/* jhash seed; the same on every node */
+#endif
+#ifndef AFFINITY_MAP_SIZE
+#define AFFINITY_MAP_SIZE	65536
+#endif
+#ifndef NAT_MAP_SIZE
+#define NAT_MAP_SIZE		65536	/* NodePort SNAT: two entries per flow */
+#endif
+#ifndef NODEPORT_SNAT_MIN
+#define NODEPORT_SNAT_MIN	61000	/* above the kernel's default ephemeral range */
+#endif
+#ifndef NODEPORT_SNAT_MAX
+#define NODEPORT_SNAT_MAX	65535
+#endif
 #ifndef METRICS_MAP_SIZE
 #define METRICS_MAP_SIZE	1024
 #endif

@@ -53,6 +53,11 @@ static __always_inline __u64 ct_lifetime(const struct ct_entry *e, __u8 proto)
 	return CT_LIFETIME_TCP * CILIARY_NSEC_PER_SEC;
 }
 
+static __always_inline __u64 ct_lifetime_default(__u8 proto)
+{
+	return (proto == IPPROTO_TCP ? CT_SYN_TIMEOUT : CT_LIFETIME_NONTCP) * CILIARY_NSEC_PER_SEC;
+}
+
 /* Account one packet on an entry and refresh its expiry. */
 static __always_inline void ct_touch(struct ct_entry *e, const struct pkt *p,
 				     int reply, __u64 now)

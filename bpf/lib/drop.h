@@ -19,6 +19,8 @@
 #define DROP_CT_CREATE_FAILED	155
 #define DROP_FRAG_NOSUPPORT	157
 #define DROP_NO_SERVICE		158	/* service frontend without backends */
+#define DROP_NAT_NO_MAPPING	167	/* NodePort SNAT: no free port */
+#define DROP_NO_FIB		169	/* NodePort: no route for a translated packet */
 #define DROP_POLICY_DENY	181	/* an explicit deny entry matched */
 
 #endif /* CILIARY_LIB_DROP_H */

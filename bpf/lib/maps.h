@@ -32,6 +32,17 @@ BPF_TABLE_PINNED("hash", __u32, struct lb4_backend,
 		 ciliary_lb4_backends, LB_MAP_SIZE, PIN(ciliary_lb4_backends));
 BPF_TABLE_PINNED("hash", struct lb4_reverse_nat_key, struct lb4_reverse_nat,
 		 ciliary_lb4_reverse_nat, LB_MAP_SIZE, PIN(ciliary_lb4_reverse_nat));
+BPF_TABLE_PINNED("hash", struct lb4_maglev_key, struct lb4_maglev_value,
+		 ciliary_lb4_maglev, MAGLEV_MAP_SIZE, PIN(ciliary_lb4_maglev),
+		 BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct lb_affinity_match_key, struct lb_affinity_match_value,
+		 ciliary_lb_affinity_match, LB_MAP_SIZE, PIN(ciliary_lb_affinity_match),
+		 BPF_F_NO_PREALLOC);
+/* Written by the datapath only (like conntrack): */
+BPF_TABLE_PINNED("lru_hash", struct lb4_affinity_key, struct lb_affinity_val,
+		 ciliary_lb4_affinity, AFFINITY_MAP_SIZE, PIN(ciliary_lb4_affinity));
+BPF_TABLE_PINNED("lru_hash", struct ct_key, struct nat4_entry,
+		 ciliary_nat4, NAT_MAP_SIZE, PIN(ciliary_nat4));
 BPF_TABLE_PINNED("percpu_hash", struct metrics_key, struct metrics_value,
 		 ciliary_metrics, METRICS_MAP_SIZE, PIN(ciliary_metrics));
 

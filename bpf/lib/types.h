@@ -25,6 +25,7 @@
 /* Traffic direction, seen from the endpoint (Cilium METRIC_INGRESS/EGRESS). */
 #define DIR_INGRESS		1	/* to_container: packet enters the pod */
 #define DIR_EGRESS		2	/* from_container: packet leaves the pod */
+#define DIR_SERVICE		3	/* host programs (NodePort): Cilium METRIC_SERVICE */
 
 /* ---- ipcache: LPM trie, prefix -> identity ---------------------------- */
 struct ipcache_key {
@@ -83,6 +84,7 @@ struct policy_value {
  * the entry keyed by the pre-DNAT (VIP) tuple that pins the chosen backend.
  */
 #define CT_KEY_F_SERVICE	(1 << 4)
+#define CT_KEY_F_HOST		(1 << 5)	/* created by the host programs (NodePort) */
 
 struct ct_key {
 	__be32 saddr;
@@ -105,6 +107,7 @@ struct ct_key {
 #define CT_F_RX_CLOSING		(1 << 2)	/* FIN/RST seen in reply dir */
 #define CT_F_SERVICE		(1 << 3)	/* DNATed flow; rev_nat_id valid */
 #define CT_F_AUDITED		(1 << 4)	/* admitted by an audit verdict */
+#define CT_F_SNAT		(1 << 5)	/* NodePort flow SNATed to the node (ciliary_nat4) */
 
 struct ct_entry {
 	__u64 created_ns;	/* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
@@ -120,6 +123,22 @@ struct ct_entry {
 	__u8 pad[3];
 };
 
+/* Rewriting state of one NodePort flow that is SNATed to the node because its
+ * backend is behind the interface the request arrived on. Two entries per
+ * flow in ciliary_nat4, keyed by struct ct_key with flags NAT_KEY_*:
+ *   NAT_KEY_FWD {client -> frontend}        -> {snat addr, snat port}
+ *   NAT_KEY_REV {backend -> snat addr:port} -> {client addr, client port}
+ */
+#define NAT_KEY_FWD		1
+#define NAT_KEY_REV		2
+
+struct nat4_entry {
+	__u64 expires_ns;	/* bpf_ktime_get_ns; dead after this */
+	__be32 addr;
+	__be16 port;
+	__u16 rev_nat_id;	/* the frontend, for the reply's source */
+};
+
 /* ---- load balancing (Cilium lb4 layouts) -------------------------------- */
 struct lb4_key {
 	__be32 address;		/* service VIP */
@@ -130,8 +149,18 @@ struct lb4_key {
 	__u8 pad[2];
 };
 
+/* Slot 0 flags (Cilium SVC_FLAG_*, lb4_service.flags). */
+#define SVC_FLAG_EXTERNAL_IP	(1 << 0)	/* externalIPs frontend */
+#define SVC_FLAG_NODEPORT	(1 << 1)	/* NodePort frontend (a node's address) */
+#define SVC_FLAG_EXT_LOCAL_SCOPE (1 << 2)	/* externalTrafficPolicy=Local */
+#define SVC_FLAG_AFFINITY	(1 << 4)	/* sessionAffinity=ClientIP */
+#define SVC_FLAG_LOADBALANCER	(1 << 5)	/* LoadBalancer ingress address */
+/* lb4_service.flags2 */
+#define SVC_FLAG2_INT_LOCAL_SCOPE (1 << 4)	/* internalTrafficPolicy=Local */
+#define SVC_FLAG2_MAGLEV	(1 << 7)	/* algorithm maglev: ciliary_lb4_maglev */
+
 struct lb4_service {
-	__u32 backend_id;	/* slot > 0: backend id; slot 0: unused */
+	__u32 backend_id;	/* slot > 0: backend id; slot 0: affinity timeout (s) */
 	__u16 count;		/* slot 0: number of backend slots */
 	__u16 rev_nat_index;
 	__u8 flags;
@@ -154,6 +183,42 @@ struct lb4_reverse_nat {
 	__be32 address;
 	__be16 port;
 	__u16 pad;
+};
+
+/* Maglev lookup table of one service: {rev_nat_id, index 0..M-1} -> backend. */
+struct lb4_maglev_key {
+	__u16 rev_nat_id;
+	__u16 pad;
+	__u32 index;
+};
+
+struct lb4_maglev_value {
+	__u32 backend_id;
+};
+
+/* ClientIP session affinity (written by the datapath). */
+struct lb4_affinity_key {
+	__be32 client_ip;
+	__u16 rev_nat_id;
+	__u16 pad;
+};
+
+struct lb_affinity_val {
+	__u64 last_used;	/* bpf_ktime_get_ns of the last new connection */
+	__u32 backend_id;
+	__u32 pad;
+};
+
+/* {backend, service} pairs an affinity entry may still name (the agent writes
+ * one per slot backend of an affinity service, as Cilium's affinity match). */
+struct lb_affinity_match_key {
+	__u32 backend_id;
+	__u16 rev_nat_id;
+	__u16 pad;
+};
+
+struct lb_affinity_match_value {
+	__u32 flags;		/* unused, 0 */
 };
 
 /* ---- metrics: per-CPU counters keyed {reason, direction} --------------- */

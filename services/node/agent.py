@@ -113,6 +113,7 @@ class NodeAgent:
             L.IPCACHE: self.map_sizes.ipcache, L.LXC: self.map_sizes.lxc,
             L.POLICY: self.map_sizes.policy, L.LB4_SERVICES: self.map_sizes.lb,
             L.LB4_BACKENDS: self.map_sizes.lb, L.LB4_REVERSE_NAT: self.map_sizes.lb,
+            L.LB4_MAGLEV: self.map_sizes.maglev, L.LB_AFFINITY_MATCH: self.map_sizes.lb,
         })
         self.loop_: ReconcileLoop | None = None
         self.endpoints: dict[str, LocalEndpoint] = {}  # by container id
@@ -140,6 +141,8 @@ class NodeAgent:
         await asyncio.to_thread(ensure_bpffs)
         self.datapath = Datapath(self.cluster, self.node, self.netns, map_sizes=self.map_sizes)
         seconds = await asyncio.to_thread(self.datapath.load)
+        # NodePort / externalIPs arriving from the underlay: from_netdev / to_netdev
+        await asyncio.to_thread(self.datapath.attach_host, netns.link_name(self.cluster, self.node, "node"))
         log.info("datapath loaded in %.2fs (pins %s)", seconds, self.datapath.pin_dir)
         self.ctx.detail["datapath_load_seconds"] = round(seconds, 3)
         self.loop_ = ReconcileLoop(self.reconciler, self.datapath.maps, resync_interval=60.0,
@@ -399,15 +402,15 @@ class NodeAgent:
     def _sync_frontend(self, key: str) -> None:
         fe = self.frontends.get(key)
         owner = f"lb:{key}"
-        if fe is None or fe.proto not in ("TCP", "UDP"):
+        if fe is None or (fe.node and fe.node != self.node):
+            # A NodePort frontend on another node's address is that node's: traffic to
+            # it leaves this node untranslated and that node's from_netdev serves it.
             self.reconciler.set_desired(owner, [])
         else:
-            slots = fe.slots_by_node.get(self.node, []) if fe.traffic_policy == "Local" else fe.slots
-            entries = [M.lb_backend_entry(b.id, b.ip, b.port, b.proto.lower())
-                       for b in fe.backends if b.proto in ("TCP", "UDP")]
-            entries.append(M.lb_revnat_entry(fe.rev_nat_id, fe.address, fe.port))
-            entries += M.lb_service_entries(fe.address, fe.port, fe.proto.lower(), fe.rev_nat_id, slots)
-            self.reconciler.set_desired(owner, entries)
+            # backends, reverse NAT, affinity match, Maglev table, slots, slot 0 (in that
+            # order; the reconciler adds before it removes)
+            self.reconciler.set_desired(owner, M.lb_frontend_entries(
+                fe, self.node, self.map_sizes.maglev_table))
         self.ctx.detail["frontends"] = len(self.frontends)
         self._kick()
 

@@ -31,15 +31,15 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from services.node import layouts as L
-from services.node.maps import BccMapOps, gc_conntrack
+from services.node.maps import BccMapOps, gc_conntrack, gc_nat
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 PROGRAM = BPF_DIR / "bpf_lxc.c"
 BPFFS = "/sys/fs/bpf"
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/ciliary"
 
-TC_INGRESS = "ffff:fff2"  # clsact ingress of the host veth: from the pod
-TC_EGRESS = "ffff:fff3"  # clsact egress of the host veth: to the pod
+TC_INGRESS = "ffff:fff2"  # clsact ingress: from the pod (host veth) / from the underlay
+TC_EGRESS = "ffff:fff3"  # clsact egress: to the pod (host veth) / to the underlay
 TC_PRIO = 1
 TC_HANDLE = 1
 
@@ -57,6 +57,10 @@ class MapSizes:
     lb: int = 65536
     metrics: int = 1024
     events_pages: int = 256
+    maglev: int = 1048576  # {service, index} entries (no prealloc): 64 tables at M = 16381
+    maglev_table: int = 16381  # M, entries per service table (prime)
+    affinity: int = 65536
+    nat: int = 65536  # NodePort SNAT entries, two per flow
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +157,10 @@ class Datapath:
             f"-DLB_MAP_SIZE={s.lb}",
             f"-DMETRICS_MAP_SIZE={s.metrics}",
             f"-DEVENTS_PAGES={s.events_pages}",
+            f"-DMAGLEV_MAP_SIZE={s.maglev}",
+            f"-DLB_MAGLEV_TABLE_SIZE={s.maglev_table}",
+            f"-DAFFINITY_MAP_SIZE={s.affinity}",
+            f"-DNAT_MAP_SIZE={s.nat}",
             f"-DCT_LIFETIME_TCP={t.tcp}",
             f"-DCT_LIFETIME_NONTCP={t.nontcp}",
             f"-DCT_SYN_TIMEOUT={t.syn}",
@@ -171,10 +179,10 @@ class Datapath:
         with _compile_lock:
             bpf = BPF(src_file=str(PROGRAM).encode(), cflags=self.cflags())
             progs = {name: bpf.load_func(name.encode(), BPF.SCHED_CLS)
-                     for name in ("from_container", "to_container")}
+                     for name in ("from_container", "to_container", "from_netdev", "to_netdev")}
         self.load_seconds = time.monotonic() - start
         self._bpf, self._progs = bpf, progs
-        self._maps = BccMapOps({name: bpf[name.encode()] for name in L.MAPS})
+        self._maps = BccMapOps({name: bpf[name.encode()] for name in L.ALL_MAPS})
         return self.load_seconds
 
     @property
@@ -185,6 +193,20 @@ class Datapath:
 
     def attach(self, host_ifname: str) -> None:
         """Attach from_container (tc ingress) and to_container (tc egress) to a host veth."""
+        self._attach(host_ifname, "from_container", "to_container")
+
+    def attach_host(self, ifname: str | None = None) -> None:
+        """Attach from_netdev (tc ingress) and to_netdev (tc egress) to the node's
+        underlay interface (default: the one ``netns.create_node`` made,
+        ``netns.link_name(cluster, node, "node")``), so NodePort and externalIPs
+        frontends answer traffic from other nodes. Idempotent; ``detach`` removes it."""
+        if ifname is None:
+            from services.node import netns
+
+            ifname = netns.link_name(self.cluster, self.node, "node")
+        self._attach(ifname, "from_netdev", "to_netdev")
+
+    def _attach(self, host_ifname: str, ingress: str, egress: str) -> None:
         if not self._progs:
             raise RuntimeError("datapath not loaded")
         with IPRoute(netns=self.netns_name) as ipr:
@@ -197,7 +219,7 @@ class Datapath:
             except NetlinkError as e:
                 if e.code != 17:  # EEXIST: already there
                     raise
-            for parent, name in ((TC_INGRESS, "from_container"), (TC_EGRESS, "to_container")):
+            for parent, name in ((TC_INGRESS, ingress), (TC_EGRESS, egress)):
                 fn = self._progs[name]
                 ipr.tc("replace-filter", "bpf", idx, TC_HANDLE, fd=fn.fd, name=name,
                        parent=parent, prio=TC_PRIO, classid=1, direct_action=True)
@@ -233,8 +255,11 @@ class Datapath:
         return v.packets if v is not None else 0
 
     def gc_conntrack(self, now_ns: int | None = None) -> int:
-        """Delete expired conntrack entries (see ``maps.gc_conntrack``)."""
-        return gc_conntrack(self.maps, now_ns)
+        """Delete expired conntrack and NodePort SNAT entries (``maps.gc_conntrack``,
+        ``maps.gc_nat``); returns how many conntrack entries were deleted."""
+        removed = gc_conntrack(self.maps, now_ns)
+        gc_nat(self.maps, now_ns)
+        return removed
 
     def close(self) -> None:
         """Stop the reader and release this process's handles. Attached programs

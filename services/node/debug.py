@@ -13,7 +13,7 @@ from typing import Any
 from services.node import layouts as L
 
 PROTO_NAMES = {0: "ANY", L.IPPROTO_ICMP: "ICMP", L.IPPROTO_TCP: "TCP", L.IPPROTO_UDP: "UDP"}
-DIRECTIONS = {L.DIR_INGRESS: "ingress", L.DIR_EGRESS: "egress"}
+DIRECTIONS = {L.DIR_INGRESS: "ingress", L.DIR_EGRESS: "egress", L.DIR_SERVICE: "service"}
 
 
 def _proto(value: int) -> str:
@@ -72,7 +72,8 @@ def lb_rows(services: Mapping[L.Layout, L.Layout], backends: Mapping[L.Layout, L
     for k, v in services.items():
         fe = (k.address, k.dport, k.proto)
         if k.backend_slot == 0:
-            frontends[fe] = {"count": v.count, "rev_nat_id": v.rev_nat_index}
+            frontends[fe] = {"count": v.count, "rev_nat_id": v.rev_nat_index, "flags": v.flags,
+                             "flags2": v.flags2, "affinity": v.backend_id}
         else:
             slots.setdefault(fe, {})[k.backend_slot] = v.backend_id
     rows = []
@@ -87,8 +88,23 @@ def lb_rows(services: Mapping[L.Layout, L.Layout], backends: Mapping[L.Layout, L
             "id": info["rev_nat_id"],
             "frontend": f"{L.ip4_str(addr)}:{L.port_int(dport)}/{_proto(proto)}",
             "backends": listed,
+            "flags": _svc_flags(info["flags"], info["flags2"]),
+            "algorithm": "maglev" if info["flags2"] & L.SVC_FLAG2_MAGLEV else "random",
+            "affinity_timeout": info["affinity"] if info["flags"] & L.SVC_FLAG_AFFINITY else 0,
         })
     return sorted(rows, key=lambda r: r["id"])
+
+
+_SVC_FLAG_NAMES = ((L.SVC_FLAG_EXTERNAL_IP, "ExternalIP"), (L.SVC_FLAG_NODEPORT, "NodePort"),
+                   (L.SVC_FLAG_LOADBALANCER, "LoadBalancer"), (L.SVC_FLAG_EXT_LOCAL_SCOPE, "ExtLocal"),
+                   (L.SVC_FLAG_AFFINITY, "ClientIP"))
+
+
+def _svc_flags(flags: int, flags2: int) -> list[str]:
+    names = [name for bit, name in _SVC_FLAG_NAMES if flags & bit]
+    if flags2 & L.SVC_FLAG2_INT_LOCAL_SCOPE:
+        names.append("IntLocal")
+    return names
 
 
 def endpoint_rows(endpoints: Iterable[Any], lxc: Mapping[L.Layout, L.Layout]) -> list[dict[str, Any]]:
@@ -113,7 +129,8 @@ def endpoint_rows(endpoints: Iterable[Any], lxc: Mapping[L.Layout, L.Layout]) ->
 def metrics_rows(dump: Mapping[L.Layout, L.Layout]) -> list[dict[str, Any]]:
     rows = [{
         "reason": k.reason,
-        "reason_desc": "FORWARDED" if k.reason == 0 else L.DROP_REASONS.get(k.reason, str(k.reason)),
+        "reason_desc": "FORWARDED" if k.reason == 0 else (
+            L.DROP_REASONS.get(k.reason) or L.HOST_DROP_REASONS.get(k.reason, str(k.reason))),
         "direction": DIRECTIONS.get(k.direction, str(k.direction)),
         "packets": v.packets,
         "bytes": v.bytes,

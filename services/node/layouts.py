@@ -25,6 +25,7 @@ IDENTITY_WORLD = 2
 
 DIR_INGRESS = 1
 DIR_EGRESS = 2
+DIR_SERVICE = 3  # host programs (NodePort): Cilium METRIC_SERVICE
 
 IPCACHE_F_LOCAL = 1 << 0
 
@@ -38,12 +39,30 @@ POLICY_DENY = 2
 POLICY_F_AUDIT = 1 << 0
 
 CT_KEY_F_SERVICE = 1 << 4
+CT_KEY_F_HOST = 1 << 5
 CT_NEW, CT_ESTABLISHED, CT_REPLY, CT_RELATED = 0, 1, 2, 3
 CT_F_SEEN_REPLY = 1 << 0
 CT_F_TX_CLOSING = 1 << 1
 CT_F_RX_CLOSING = 1 << 2
 CT_F_SERVICE = 1 << 3
 CT_F_AUDITED = 1 << 4
+CT_F_SNAT = 1 << 5
+
+NAT_KEY_FWD = 1
+NAT_KEY_REV = 2
+
+SVC_FLAG_EXTERNAL_IP = 1 << 0
+SVC_FLAG_NODEPORT = 1 << 1
+SVC_FLAG_EXT_LOCAL_SCOPE = 1 << 2
+SVC_FLAG_AFFINITY = 1 << 4
+SVC_FLAG_LOADBALANCER = 1 << 5
+SVC_FLAG2_INT_LOCAL_SCOPE = 1 << 4
+SVC_FLAG2_MAGLEV = 1 << 7
+
+LB_MAGLEV_TABLE_SIZE = 16381  # default M (cflag LB_MAGLEV_TABLE_SIZE)
+LB_MAGLEV_SEED = 0x5CA1AB1E  # default jhash seed (cflag LB_MAGLEV_SEED)
+NODEPORT_SNAT_MIN = 61000
+NODEPORT_SNAT_MAX = 65535
 
 REASON_FORWARDED = 0
 REASON_EVENT_LOST = 254
@@ -69,6 +88,8 @@ DROP_CSUM_L4 = 154
 DROP_CT_CREATE_FAILED = 155
 DROP_FRAG_NOSUPPORT = 157
 DROP_NO_SERVICE = 158
+DROP_NAT_NO_MAPPING = 167
+DROP_NO_FIB = 169
 DROP_POLICY_DENY = 181
 
 DROP_REASONS = {
@@ -85,6 +106,14 @@ DROP_REASONS = {
     DROP_FRAG_NOSUPPORT: "FRAGMENTATION_NOT_SUPPORTED",
     DROP_NO_SERVICE: "NO_SERVICE",
     DROP_POLICY_DENY: "POLICY_DENY",
+}
+
+# Drops only the host programs (NodePort SNAT) emit. Kept apart from DROP_REASONS,
+# which the flows decoder must cover exactly (tests/unit/test_flows_decode.py);
+# Hubble names them NO_MAPPING_FOR_NAT_MASQUERADE (167) and FIB_LOOKUP_FAILED (169).
+HOST_DROP_REASONS = {
+    DROP_NAT_NO_MAPPING: "NAT_NO_MAPPING",
+    DROP_NO_FIB: "NO_FIB",
 }
 
 IPPROTO_ICMP = 1
@@ -113,7 +142,7 @@ def port_int(value: int) -> int:
     return socket.ntohs(value)
 
 
-_ADDR_FIELDS = {"ip", "ipv4", "saddr", "daddr", "address", "orig_daddr"}
+_ADDR_FIELDS = {"ip", "ipv4", "saddr", "daddr", "address", "orig_daddr", "client_ip", "addr"}
 _PORT_FIELDS = {"sport", "dport", "port", "orig_dport"}
 
 
@@ -269,6 +298,39 @@ class Lb4ReverseNat(Layout):
     _fields_ = [("address", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
 
 
+class Lb4MaglevKey(Layout):
+    _fields_ = [("rev_nat_id", ct.c_uint16), ("pad", ct.c_uint16), ("index", ct.c_uint32)]
+
+
+class Lb4MaglevValue(Layout):
+    _fields_ = [("backend_id", ct.c_uint32)]
+
+
+class Lb4AffinityKey(Layout):
+    _fields_ = [("client_ip", ct.c_uint32), ("rev_nat_id", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class LbAffinityVal(Layout):
+    _fields_ = [("last_used", ct.c_uint64), ("backend_id", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class LbAffinityMatchKey(Layout):
+    _fields_ = [("backend_id", ct.c_uint32), ("rev_nat_id", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class LbAffinityMatchValue(Layout):
+    _fields_ = [("flags", ct.c_uint32)]
+
+
+class Nat4Entry(Layout):
+    _fields_ = [
+        ("expires_ns", ct.c_uint64),
+        ("addr", ct.c_uint32),
+        ("port", ct.c_uint16),
+        ("rev_nat_id", ct.c_uint16),
+    ]
+
+
 class MetricsKey(Layout):
     _fields_ = [("reason", ct.c_uint8), ("direction", ct.c_uint8), ("pad", ct.c_uint16)]
 
@@ -324,6 +386,13 @@ C_STRUCTS: dict[str, type[Layout]] = {
     "lb4_backend": Lb4Backend,
     "lb4_reverse_nat_key": Lb4ReverseNatKey,
     "lb4_reverse_nat": Lb4ReverseNat,
+    "lb4_maglev_key": Lb4MaglevKey,
+    "lb4_maglev_value": Lb4MaglevValue,
+    "lb4_affinity_key": Lb4AffinityKey,
+    "lb_affinity_val": LbAffinityVal,
+    "lb_affinity_match_key": LbAffinityMatchKey,
+    "lb_affinity_match_value": LbAffinityMatchValue,
+    "nat4_entry": Nat4Entry,
     "metrics_key": MetricsKey,
     "metrics_value": MetricsValue,
     "flow_event": FlowEvent,
@@ -337,6 +406,10 @@ CT = "ciliary_ct4_global"
 LB4_SERVICES = "ciliary_lb4_services"
 LB4_BACKENDS = "ciliary_lb4_backends"
 LB4_REVERSE_NAT = "ciliary_lb4_reverse_nat"
+LB4_MAGLEV = "ciliary_lb4_maglev"
+LB_AFFINITY_MATCH = "ciliary_lb_affinity_match"
+LB4_AFFINITY = "ciliary_lb4_affinity"
+NAT4 = "ciliary_nat4"
 METRICS = "ciliary_metrics"
 EVENTS = "ciliary_events"
 
@@ -349,5 +422,17 @@ MAPS: dict[str, tuple[type[Layout], type[Layout]]] = {
     LB4_SERVICES: (Lb4Key, Lb4Service),
     LB4_BACKENDS: (Lb4BackendKey, Lb4Backend),
     LB4_REVERSE_NAT: (Lb4ReverseNatKey, Lb4ReverseNat),
+    LB4_MAGLEV: (Lb4MaglevKey, Lb4MaglevValue),
+    LB_AFFINITY_MATCH: (LbAffinityMatchKey, LbAffinityMatchValue),
     METRICS: (MetricsKey, MetricsValue),
 }
+
+# Pinned maps that only the datapath writes (session affinity, NodePort SNAT).
+# Kept out of ``MAPS`` so that no reconciler ever owns (and prunes) them;
+# ``MapOps`` reads and writes them like any other map.
+STATE_MAPS: dict[str, tuple[type[Layout], type[Layout]]] = {
+    LB4_AFFINITY: (Lb4AffinityKey, LbAffinityVal),
+    NAT4: (CtKey, Nat4Entry),
+}
+
+ALL_MAPS: dict[str, tuple[type[Layout], type[Layout]]] = {**MAPS, **STATE_MAPS}

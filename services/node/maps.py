@@ -5,8 +5,9 @@
 dumps to stable text) and ``FaultyMapOps`` (fails a seeded fraction of calls).
 
 Invariants:
-- Keys and values are the ctypes layouts of ``layouts.MAPS``; a map name not
-  in ``layouts.MAPS`` is an error.
+- Keys and values are the ctypes layouts of ``layouts.ALL_MAPS`` (``MAPS``, which
+  reconcilers own, plus the datapath-written ``STATE_MAPS``); any other map name
+  is an error.
 - ``update`` is an upsert and ``delete`` of a missing key succeeds: every
   operation is idempotent, so a reconciler may retry any call.
 - ``*_batch`` has the same effect as the loop of single calls; on a failure
@@ -49,7 +50,7 @@ class MapOps(Protocol):
 
 def _layouts(map_name: str) -> tuple[type[Layout], type[Layout]]:
     try:
-        return L.MAPS[map_name]
+        return L.ALL_MAPS[map_name]
     except KeyError:
         raise MapOpsError(f"unknown map {map_name!r}") from None
 
@@ -154,7 +155,7 @@ class FakeMapOps:
     """In-memory MapOps; ``dump_text`` is stable, sorted and human-readable."""
 
     def __init__(self) -> None:
-        self.maps: dict[str, dict[bytes, tuple[Layout, Layout]]] = {n: {} for n in L.MAPS}
+        self.maps: dict[str, dict[bytes, tuple[Layout, Layout]]] = {n: {} for n in L.ALL_MAPS}
 
     def update(self, map_name: str, key: Layout, value: Layout) -> None:
         _check(map_name, key, value)
@@ -268,8 +269,11 @@ def policy_entry(local_id: int, peer_id: int, dport: int, proto: str | int, dire
 
 
 def lb_service_entries(vip: str, port: int, proto: str | int, rev_nat_id: int,
-                       backend_ids: Sequence[int]) -> list[Entry]:
-    """One slot per backend id (1..n), then slot 0 (count, rev-NAT id).
+                       backend_ids: Sequence[int], *, flags: int = 0, flags2: int = 0,
+                       affinity_timeout: int = 0) -> list[Entry]:
+    """One slot per backend id (1..n), then slot 0 (count, rev-NAT id, ``flags``
+    / ``flags2`` (``SVC_FLAG_*``), and the affinity timeout in seconds in its
+    ``backend_id``, as Cilium's lb4_service union).
 
     Slot 0 comes last so that, applied in order, the datapath never sees a
     count larger than the slots already written (Cilium's ordering). Shrinking
@@ -283,8 +287,103 @@ def lb_service_entries(vip: str, port: int, proto: str | int, rev_nat_id: int,
     out = [Entry(L.LB4_SERVICES, key(slot), L.Lb4Service(backend_id=bid, rev_nat_index=rev_nat_id))
            for slot, bid in enumerate(backend_ids, start=1)]
     out.append(Entry(L.LB4_SERVICES, key(0),
-                     L.Lb4Service(count=len(backend_ids), rev_nat_index=rev_nat_id)))
+                     L.Lb4Service(backend_id=affinity_timeout, count=len(backend_ids),
+                                  rev_nat_index=rev_nat_id, flags=flags, flags2=flags2)))
     return out
+
+
+def maglev_hash(saddr: str, sport: int, dport: int, proto: str | int,
+                seed: int = L.LB_MAGLEV_SEED) -> int:
+    """The datapath's Maglev hash of a flow (``lb4_hash``: jhash_3words over the
+    client address, ``dport << 16 | sport`` of the raw __be16 fields, and proto)."""
+    return jhash_3words(L.ip4(saddr), ((L.port(dport) << 16) | L.port(sport)) & 0xFFFFFFFF,
+                        proto_number(proto), seed)
+
+
+def _rol32(w: int, s: int) -> int:
+    return ((w << s) | (w >> (32 - s))) & 0xFFFFFFFF
+
+
+def jhash_3words(a: int, b: int, c: int, initval: int) -> int:
+    """Linux ``jhash_3words`` (bpf/lib/jhash.h)."""
+    m = 0xFFFFFFFF
+    initval = (initval + 0xDEADBEEF + (3 << 2)) & m
+    a, b, c = (a + initval) & m, (b + initval) & m, (c + initval) & m
+    c ^= b; c = (c - _rol32(b, 14)) & m  # noqa: E702
+    a ^= c; a = (a - _rol32(c, 11)) & m  # noqa: E702
+    b ^= a; b = (b - _rol32(a, 25)) & m  # noqa: E702
+    c ^= b; c = (c - _rol32(b, 16)) & m  # noqa: E702
+    a ^= c; a = (a - _rol32(c, 4)) & m  # noqa: E702
+    b ^= a; b = (b - _rol32(a, 14)) & m  # noqa: E702
+    c ^= b; c = (c - _rol32(b, 24)) & m  # noqa: E702
+    return c
+
+
+def fit_maglev_table(table: Sequence[int], size: int) -> list[int]:
+    """``table`` with exactly ``size`` entries: itself when it already has that length,
+    else resampled (entry ``i`` is ``table[i * len(table) // size]``), so a table
+    computed for another M keeps its proportions. Empty stays empty."""
+    if not table or len(table) == size:
+        return list(table)
+    n = len(table)
+    return [table[i * n // size] for i in range(size)]
+
+
+def lb_maglev_entries(rev_nat_id: int, table: Sequence[int]) -> list[Entry]:
+    """The Maglev lookup table of one service: index i -> backend id table[i]."""
+    return [Entry(L.LB4_MAGLEV, L.Lb4MaglevKey(rev_nat_id=rev_nat_id, index=i),
+                  L.Lb4MaglevValue(backend_id=bid)) for i, bid in enumerate(table)]
+
+
+def lb_affinity_match_entries(rev_nat_id: int, backend_ids: Iterable[int]) -> list[Entry]:
+    """{backend, service} pairs that a ClientIP affinity entry may still name."""
+    return [Entry(L.LB_AFFINITY_MATCH, L.LbAffinityMatchKey(backend_id=bid, rev_nat_id=rev_nat_id),
+                  L.LbAffinityMatchValue()) for bid in sorted(set(backend_ids))]
+
+
+_SVC_TYPE_FLAGS = {"NodePort": L.SVC_FLAG_NODEPORT, "ExternalIP": L.SVC_FLAG_EXTERNAL_IP,
+                   "LoadBalancer": L.SVC_FLAG_LOADBALANCER}
+
+
+def lb_frontend_entries(fe: Any, node: str, maglev_table_size: int = L.LB_MAGLEV_TABLE_SIZE) -> list[Entry]:
+    """Every lb map entry of one ``schema.LBFrontend`` on ``node``, in write order:
+    backends, reverse NAT, affinity match, Maglev table, backend slots, slot 0.
+
+    - slots (and the Maglev table) are the node's own (``slots_by_node`` /
+      ``maglev_by_node``) when the frontend's traffic policy is ``Local``;
+    - slot 0 carries the type flag, the traffic-policy scopes, ``SVC_FLAG_AFFINITY``
+      with the timeout, and ``SVC_FLAG2_MAGLEV`` when a Maglev table is written;
+    - a Maglev table whose length is not ``maglev_table_size`` (the datapath's M) is
+      resampled to it (``fit_maglev_table``).
+    Frontends that are not TCP/UDP give no entries."""
+    if fe.proto not in ("TCP", "UDP"):
+        return []
+    local = fe.traffic_policy == "Local"
+    slots = list(fe.slots_by_node.get(node, []) if local else fe.slots)
+    flags = _SVC_TYPE_FLAGS.get(fe.type, 0)
+    flags2 = 0
+    if fe.ext_traffic_policy == "Local" and fe.type != "ClusterIP":
+        flags |= L.SVC_FLAG_EXT_LOCAL_SCOPE
+    if fe.int_traffic_policy == "Local" and fe.type == "ClusterIP":
+        flags2 |= L.SVC_FLAG2_INT_LOCAL_SCOPE
+    timeout = max(0, int(fe.affinity_timeout or 0))
+    if timeout:
+        flags |= L.SVC_FLAG_AFFINITY
+    table: list[int] = []
+    if fe.algorithm == "maglev" and slots:
+        table = fit_maglev_table(fe.maglev_by_node.get(node, []) if local else fe.maglev,
+                                 maglev_table_size)
+        if table:
+            flags2 |= L.SVC_FLAG2_MAGLEV
+    entries = [lb_backend_entry(b.id, b.ip, b.port, b.proto.lower())
+               for b in fe.backends if b.proto in ("TCP", "UDP")]
+    entries.append(lb_revnat_entry(fe.rev_nat_id, fe.address, fe.port))
+    if timeout:
+        entries += lb_affinity_match_entries(fe.rev_nat_id, slots)
+    entries += lb_maglev_entries(fe.rev_nat_id, table)
+    entries += lb_service_entries(fe.address, fe.port, fe.proto.lower(), fe.rev_nat_id, slots,
+                                  flags=flags, flags2=flags2, affinity_timeout=timeout)
+    return entries
 
 
 def lb_backend_entry(backend_id: int, ip: str, port: int, proto: str | int) -> Entry:
@@ -316,6 +415,14 @@ def remove(ops: MapOps, entries: Iterable[Entry]) -> None:
         ops.delete_batch(name, keys)
 
 
+def gc_nat(ops: MapOps, now_ns: int | None = None) -> int:
+    """Delete NodePort SNAT entries (``ciliary_nat4``) that expired before ``now_ns``."""
+    now = time.monotonic_ns() if now_ns is None else now_ns
+    expired = [k for k, v in ops.dump(L.NAT4).items() if v.expires_ns <= now]
+    ops.delete_batch(L.NAT4, expired)
+    return len(expired)
+
+
 def gc_conntrack(ops: MapOps, now_ns: int | None = None) -> int:
     """Delete conntrack entries that expired before ``now_ns`` (CLOCK_MONOTONIC,
     the clock of bpf_ktime_get_ns). Returns how many were deleted."""
@@ -327,6 +434,7 @@ def gc_conntrack(ops: MapOps, now_ns: int | None = None) -> int:
 
 __all__ = [
     "BccMapOps", "Entry", "FakeMapOps", "FaultyMapOps", "MapOps", "MapOpsError", "apply",
-    "endpoint_entry", "gc_conntrack", "ipcache_entry", "lb_backend_entry", "lb_revnat_entry",
-    "lb_service_entries", "policy_entry", "proto_number", "remove",
+    "endpoint_entry", "fit_maglev_table", "gc_conntrack", "gc_nat", "ipcache_entry", "jhash_3words",
+    "lb_affinity_match_entries", "lb_backend_entry", "lb_frontend_entries", "lb_maglev_entries",
+    "lb_revnat_entry", "lb_service_entries", "maglev_hash", "policy_entry", "proto_number", "remove",
 ]
