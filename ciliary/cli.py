@@ -246,6 +246,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 elapsed = time.monotonic() - started
                 print(f"ciliary is up in {elapsed:.1f}s: nats {state.nats_url}, "
                       f"{len(reports)} services healthy, data dir {data_dir}")
+                if state.ui_url:
+                    print(f"service map: {state.ui_url}   metrics: {state.metrics_url}")
                 return 0
         report = f"waiting for: {', '.join(missing)}"
         if report != last_report and sys.stderr.isatty():
@@ -301,6 +303,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             "cluster": state.cluster,
             "cluster_id": state.cluster_id,
             "data_dir": str(args.data_dir_path),
+            "ui_url": state.ui_url,
+            "metrics_url": state.metrics_url,
             "healthy": not missing,
             "missing": missing,
             "services": [
@@ -320,6 +324,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         }))
         return 0 if not missing else 1
     print(f"cluster {state.cluster} (id {state.cluster_id})   nats {state.nats_url}   data dir {args.data_dir_path}")
+    if state.ui_url:
+        print(f"service map {state.ui_url}   metrics {state.metrics_url}")
     rows = [
         [r.service, r.node or "-", r.pid, r.version, "yes" if r.healthy else "NO",
          output.age(now - r.started), _watching(r)]

@@ -43,6 +43,8 @@ class InstanceState(msgspec.Struct, frozen=True, kw_only=True):
     processes: list[ProcessInfo] = []
     started: float = 0.0
     log_dir: str = ""
+    ui_url: str = ""  # service map page of the flows service
+    metrics_url: str = ""  # Prometheus endpoint of the flows service
 
 
 def default_data_dir() -> Path:

@@ -111,6 +111,8 @@ class Supervisor:
     children: list[Child] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
+    http_port: int = 0  # flows service: metrics and service map (0 = pick a free port)
+
     @property
     def nats_url(self) -> str:
         return f"nats://127.0.0.1:{self.nats_port}"
@@ -140,9 +142,11 @@ class Supervisor:
             dict(os.environ), logs / "nats-server.log",
         ))
         for name in CONTROL_PLANE:
+            env = self._child_env(name)
+            if name == "flows" and "CILIARY_FLOWS_METRICS_PORT" not in env:
+                env["CILIARY_FLOWS_METRICS_PORT"] = str(self.http_port)  # UI shares it
             self.children.append(Child(
-                name, [sys.executable, "-m", f"services.{name}"], self._child_env(name),
-                logs / f"{name}.log",
+                name, [sys.executable, "-m", f"services.{name}"], env, logs / f"{name}.log",
             ))
         for node in node_names(self.nodes):
             self.children.append(Child(
@@ -160,6 +164,8 @@ class Supervisor:
             processes=[config.ProcessInfo(c.name, c.proc.pid) for c in self.children if c.proc],
             started=time.time(),
             log_dir=str(self.data_dir / "logs"),
+            ui_url=f"http://127.0.0.1:{self.http_port}/",
+            metrics_url=f"http://127.0.0.1:{self.http_port}/metrics",
         ))
 
     async def _wait_for_nats(self, timeout: float = 20.0) -> None:
@@ -185,6 +191,8 @@ class Supervisor:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.nats_port:
             self.nats_port = free_port()
+        if not self.http_port:
+            self.http_port = int(os.environ.get("CILIARY_FLOWS_METRICS_PORT") or 0) or free_port()
         self._plan()
         install_stop_handlers(self.stopping)
         try:

@@ -4,13 +4,21 @@ Invariants: ``serve`` answers every TCP connection and every UDP datagram with
 ``<name> <peer-ip>\\n`` (an HTTP/1.0 response when the request looks like HTTP), so a client
 can tell which backend answered and what source address it saw. No DNS lookups are made
 (a pod namespace has no resolver), and nothing blocks on anything but its sockets.
+
+``serve --dns PORT [--dns-record NAME=IPv4 ...]`` also answers DNS over UDP with the real
+wire format: an A (or ANY) query for a name of the static map gets its address (TTL 30),
+a known name asked for another type gets NOERROR without answers, anything else NXDOMAIN.
+``resolve SERVER NAME [--port 53]`` sends one A query and prints ``NOERROR 10.0.0.1`` /
+``NXDOMAIN`` (the rcode name, then the addresses).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import socket
+import struct
 import sys
 
 
@@ -27,7 +35,113 @@ class _UdpResponder(asyncio.DatagramProtocol):
         self.transport.sendto(f"{self.name} {addr[0]}\n".encode(), addr)
 
 
-async def serve(name: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
+DNS_RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+DNS_TTL = 30
+
+
+def _dns_name(name: str) -> bytes:
+    out = b""
+    for label in name.strip(".").split("."):
+        if label:
+            out += bytes([len(label)]) + label.encode("ascii")
+    return out + b"\0"
+
+
+def _dns_question(data: bytes) -> tuple[str, int, int] | None:
+    """(lower-case name without trailing dot, qtype, end offset) of the first question."""
+    pos, labels = 12, []
+    while pos < len(data):
+        n = data[pos]
+        if n == 0:
+            pos += 1
+            break
+        if n & 0xC0 or pos + 1 + n > len(data):
+            return None
+        labels.append(data[pos + 1:pos + 1 + n].decode("ascii", "replace"))
+        pos += 1 + n
+    else:
+        return None
+    if pos + 4 > len(data):
+        return None
+    qtype = struct.unpack_from("!H", data, pos)[0]
+    return ".".join(labels).lower(), qtype, pos + 4
+
+
+def dns_answer(query: bytes, records: dict[str, str]) -> bytes | None:
+    """The response to a DNS query from the static map ``records`` (name -> IPv4)."""
+    if len(query) < 12:
+        return None
+    ident, flags, qdcount = struct.unpack_from("!HHH", query, 0)
+    if flags & 0x8000 or qdcount < 1:
+        return None
+    q = _dns_question(query)
+    rd = flags & 0x0100
+    if q is None:
+        return struct.pack("!HHHHHH", ident, 0x8000 | rd | 1, 0, 0, 0, 0)  # FORMERR
+    name, qtype, end = q
+    question = query[12:end]
+    address = records.get(name)
+    if address is None:
+        return struct.pack("!HHHHHH", ident, 0x8480 | rd | 3, 1, 0, 0, 0) + question
+    answers = b""
+    count = 0
+    if qtype in (1, 255):
+        answers = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, DNS_TTL, 4) + socket.inet_aton(address)
+        count = 1
+    return struct.pack("!HHHHHH", ident, 0x8480 | rd, 1, count, 0, 0) + question + answers
+
+
+class _DnsResponder(asyncio.DatagramProtocol):
+    def __init__(self, records: dict[str, str]) -> None:
+        self.records = records
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        answer = dns_answer(data, self.records)
+        if answer is not None:
+            self.transport.sendto(answer, addr)
+
+
+def resolve(server: str, name: str, *, port: int = 53, timeout: float = 2.0) -> tuple[str, list[str]]:
+    """One A query over UDP: (rcode name, IPv4 addresses)."""
+    ident = secrets.randbelow(0x10000)
+    query = struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + _dns_name(name) + struct.pack("!HH", 1, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((server, port))
+        sock.send(query)
+        while True:
+            data = sock.recv(4096)
+            if len(data) >= 12 and struct.unpack_from("!H", data, 0)[0] == ident:
+                break
+    flags, _qd, ancount = struct.unpack_from("!HHH", data, 2)
+    rcode = flags & 0xF
+    q = _dns_question(data)
+    pos = q[2] if q else len(data)
+    ips: list[str] = []
+    for _ in range(ancount):
+        if pos + 2 <= len(data) and data[pos] & 0xC0 == 0xC0:
+            pos += 2
+        else:
+            while pos < len(data) and data[pos]:
+                pos += 1 + data[pos]
+            pos += 1
+        if pos + 10 > len(data):
+            break
+        rtype, _cls, _ttl, rdlen = struct.unpack_from("!HHIH", data, pos)
+        pos += 10
+        if rtype == 1 and rdlen == 4:
+            ips.append(socket.inet_ntoa(data[pos:pos + 4]))
+        pos += rdlen
+    return DNS_RCODES.get(rcode, str(rcode)), ips
+
+
+async def serve(name: str, tcp_ports: list[int], udp_ports: list[int],
+                dns_ports: list[int] | None = None, dns_records: dict[str, str] | None = None) -> None:
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")[0]
         try:
@@ -50,7 +164,10 @@ async def serve(name: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
     loop = asyncio.get_running_loop()
     for port in udp_ports:
         await loop.create_datagram_endpoint(lambda: _UdpResponder(name), local_addr=("0.0.0.0", port))
-    print(f"{name}: serving tcp {tcp_ports} udp {udp_ports}", flush=True)
+    records = {k.strip(".").lower(): v for k, v in (dns_records or {}).items()}
+    for port in dns_ports or []:
+        await loop.create_datagram_endpoint(lambda: _DnsResponder(records), local_addr=("0.0.0.0", port))
+    print(f"{name}: serving tcp {tcp_ports} udp {udp_ports} dns {dns_ports or []}", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers), asyncio.Event().wait())
 
 
@@ -72,6 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--name", default=socket.gethostname())
     s.add_argument("--tcp", type=int, action="append", default=[])
     s.add_argument("--udp", type=int, action="append", default=[])
+    s.add_argument("--dns", type=int, action="append", default=[], help="answer DNS on this UDP port")
+    s.add_argument("--dns-record", action="append", default=[], metavar="NAME=IPV4",
+                   help="an A record of the DNS responder's static map")
+    r = sub.add_parser("resolve")
+    r.add_argument("server")
+    r.add_argument("name")
+    r.add_argument("--port", type=int, default=53)
+    r.add_argument("--timeout", type=float, default=2.0)
     c = sub.add_parser("connect")
     c.add_argument("host")
     c.add_argument("port", type=int)
@@ -80,9 +205,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "serve":
         try:
-            asyncio.run(serve(args.name, args.tcp, args.udp))
+            records = dict(item.split("=", 1) for item in args.dns_record)
+            asyncio.run(serve(args.name, args.tcp, args.udp, args.dns, records))
         except KeyboardInterrupt:
             pass
+        return
+    if args.command == "resolve":
+        try:
+            rcode, ips = resolve(args.server, args.name, port=args.port, timeout=args.timeout)
+        except OSError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        print(" ".join([rcode, *ips]))
         return
     try:
         print(connect(args.host, args.port, udp=args.udp, timeout=args.timeout))

@@ -10,7 +10,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv"
 PYTHON="${PYTHON:-python3}"
-APT_PACKAGES=(python3-bpfcc libbpfcc linux-headers-amd64 iproute2 iptables nftables curl)
+APT_PACKAGES=(python3-bpfcc libbpfcc linux-headers-amd64 iproute2 iptables nftables curl chromium fonts-dejavu-core)
 
 log() { printf '[setup] %s\n' "$*"; }
 

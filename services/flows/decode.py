@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import uuid as uuidlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -142,7 +141,8 @@ def _flow_uuid(ctx: BatchContext, index: int, ev: schema.RawFlowEvent, part: int
     raw = bytearray(h.digest())
     raw[6] = (raw[6] & 0x0F) | 0x40  # version 4 layout
     raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    return str(uuidlib.UUID(bytes=bytes(raw)))
+    x = raw.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"  # str(uuid.UUID(bytes=raw))
 
 
 def _ip_version(address: str) -> str:
@@ -189,7 +189,27 @@ def _reserved_labels(identity: int) -> list[str]:
     return [f"reserved:{name}"] if name else []
 
 
+ENDPOINT_CACHE_MAX = 65536
+
+
 def _endpoint(
+    address: str, identity: int, ep_id: int, lookups: Lookups, cluster: str
+) -> schema.FlowEndpoint:
+    """The flow endpoint for an address; memoised in ``lookups.endpoint_cache`` when the
+    lookups offer one (``EnrichmentState`` clears it on every change it is fed)."""
+    cache: dict | None = getattr(lookups, "endpoint_cache", None)
+    if cache is None:
+        return _make_endpoint(address, identity, ep_id, lookups, cluster)
+    key = (address, identity, ep_id, cluster)
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) >= ENDPOINT_CACHE_MAX:
+            cache.clear()
+        hit = cache[key] = _make_endpoint(address, identity, ep_id, lookups, cluster)
+    return hit
+
+
+def _make_endpoint(
     address: str, identity: int, ep_id: int, lookups: Lookups, cluster: str
 ) -> schema.FlowEndpoint:
     info = lookups.ip(address)

@@ -6,6 +6,8 @@ Invariants:
 - IP lookups prefer the ipcache (exact address, then the longest matching prefix) and
   fall back to Pods' status IPs; pod names, namespaces, labels and workloads fill in
   what the ipcache entry lacks. An IP neither knows is left to the decoder (world).
+- ``endpoint_cache`` (used by the decoder) is emptied by every ``apply_*`` call, so a
+  cached endpoint never outlives the state it was computed from.
 - Identity labels come from the ``identities`` bucket; a pod-derived entry carries the
   pod's own labels (``k8s:`` source plus the namespace label) for when identities are absent.
 """
@@ -54,10 +56,13 @@ class EnrichmentState:
         self.pod_manifests: dict[str, dict[str, Any]] = {}  # "ns/name" -> manifest
         self.pod_status: dict[str, dict[str, Any]] = {}  # "ns/name" -> status
         self._pod_ips: dict[str, str] = {}  # ip -> "ns/name"
+        # decode._endpoint memoises endpoints here; every change below clears it
+        self.endpoint_cache: dict[tuple[str, int, int, str], Any] = {}
 
     # ------------------------------------------------------------ feeding
 
     def apply_ipcache(self, key: str, record: schema.IPCacheRecord | None) -> None:
+        self.endpoint_cache.clear()
         prefix = schema.ipcache_prefix(key) if record is None else record.prefix
         old = self.ipcache.pop(prefix, None)
         if old is not None:
@@ -76,6 +81,7 @@ class EnrichmentState:
             self._prefixes[record.prefix] = (net, record)
 
     def apply_identity(self, key: str, record: schema.IdentityRecord | None) -> None:
+        self.endpoint_cache.clear()
         if not key.startswith(schema.IDENTITY_ID_PREFIX):
             return
         try:
@@ -88,6 +94,7 @@ class EnrichmentState:
             self.identities[ident] = sorted(record.labels)
 
     def apply_frontend(self, key: str, record: schema.LBFrontend | None) -> None:
+        self.endpoint_cache.clear()
         old = self.frontends.pop(key, None)
         if old is not None:
             self._frontend_index.pop(old[0], None)
@@ -99,6 +106,7 @@ class EnrichmentState:
         self._frontend_index[fe] = svc
 
     def apply_pod(self, ref: str, manifest: dict[str, Any] | None) -> None:
+        self.endpoint_cache.clear()
         if manifest is None:
             self.pod_manifests.pop(ref, None)
         else:
@@ -106,6 +114,7 @@ class EnrichmentState:
         self._reindex_pod(ref)
 
     def apply_pod_status(self, ref: str, status: dict[str, Any] | None) -> None:
+        self.endpoint_cache.clear()
         if status is None:
             self.pod_status.pop(ref, None)
         else:

@@ -6,7 +6,9 @@ enriches each event into ``Flow`` records (``decode.py``) from mirrored ``ipcach
 most recent flows per node (``store.py``), publishes every flow on
 ``flows.enriched.<cluster>.<node>``, answers ``FlowQuery`` on ``ciliary.flows.query`` and
 metrics requests on ``ciliary.flows.metrics``, and serves Prometheus metrics over HTTP
-on ``CILIARY_FLOWS_METRICS_PORT`` (unset or 0: not served). Flows are also kept in the
+on ``CILIARY_FLOWS_METRICS_PORT`` (unset or 0: not served) and the service map page
+(``/``, ``/api/servicemap``) on ``CILIARY_FLOWS_UI_PORT`` (unset: on the metrics server;
+0: not served), both bound to ``CILIARY_FLOWS_HTTP_HOST`` (default 127.0.0.1). Flows are also kept in the
 JetStream stream ``FLOWS`` (``CILIARY_FLOWS_STREAM_MAX_MB``, default 64, 0 = off;
 ``CILIARY_FLOWS_STREAM_MAX_AGE`` seconds, default 3600) and, with
 ``CILIARY_FLOWS_EXPORT_FILE``, appended as JSON lines (``export.py``).
@@ -15,7 +17,8 @@ Invariants:
 - A payload that is not a ``RawEventBatch`` (or an event that fails to decode) is counted
   in ``hubble_lost_events_total{source="decode"}``, never crashes the service; events the
   node's ring buffer lost are counted under ``source="perf_event_ring_buffer"``.
-- Nothing here blocks the event loop: the HTTP endpoint uses asyncio streams.
+- Nothing here blocks the event loop: the HTTP endpoints use asyncio streams.
+- The service map is rebuilt from the stored flows on each request (``servicemap.py``).
 - Health: connected and every watch has delivered its initial state.
 """
 
@@ -37,13 +40,18 @@ from ciliary.runtime import Context, mirror_kinds
 from .decode import decode_batch
 from .enrich import EnrichmentState
 from .export import ExportConfig, write_lines
-from .metrics import LOST_DECODE, LOST_RING_BUFFER, FlowMetrics
+from .http import DEFAULT_HOST, Handler, Response, start_http_server
+from .metrics import LOST_BUS, LOST_DECODE, LOST_RING_BUFFER, FlowMetrics
+from .servicemap import build_service_map
 from .store import FlowStore
+from .ui import PAGE
 
 log = logging.getLogger(__name__)
 
 WATCHED_KINDS = ("Pod", "Namespace", "Service")
 ENV_METRICS_PORT = "CILIARY_FLOWS_METRICS_PORT"
+ENV_UI_PORT = "CILIARY_FLOWS_UI_PORT"  # unset: same server as metrics; 0: no UI
+ENV_HTTP_HOST = "CILIARY_FLOWS_HTTP_HOST"  # default 127.0.0.1
 ENV_RING_CAPACITY = "CILIARY_FLOWS_RING_CAPACITY"
 ENV_STREAM_MAX_MB = "CILIARY_FLOWS_STREAM_MAX_MB"  # 0 = no JetStream stream FLOWS
 ENV_STREAM_MAX_AGE = "CILIARY_FLOWS_STREAM_MAX_AGE"  # seconds
@@ -60,6 +68,8 @@ class FlowsCore:
         self.store = FlowStore(capacity)
         self.metrics = FlowMetrics()
         self.lost = 0
+        self.last_seq: dict[str, int] = {}  # "<cluster>/<node>" -> last batch seq seen
+        self.missed_batches = 0
 
     def ingest(self, data: bytes) -> list[schema.Flow]:
         """Decode, enrich, store and count one ``RawEventBatch`` payload."""
@@ -69,6 +79,12 @@ class FlowsCore:
             self.metrics.lost(LOST_DECODE, 1)
             self.lost += 1
             return []
+        missed = self._missed(batch)
+        if missed:
+            # a batch never carries zero events: each missing one lost at least one
+            self.missed_batches += missed
+            self.metrics.lost(LOST_BUS, missed)
+            self.lost += missed
         result = decode_batch(batch, self.enrichment)
         self.metrics.lost(LOST_RING_BUFFER, batch.lost)
         self.metrics.lost(LOST_DECODE, result.undecodable)
@@ -77,6 +93,18 @@ class FlowsCore:
             self.store.add(flow, time_ns)
             self.metrics.process(flow)
         return result.flows
+
+    def _missed(self, batch: schema.RawEventBatch) -> int:
+        """Batches of this node that never arrived (a gap in ``seq``). ``seq`` 0 is not
+        tracked; a ``seq`` that does not grow means the executor restarted."""
+        if batch.seq <= 0:
+            return 0
+        key = f"{batch.cluster}/{batch.node}"
+        last = self.last_seq.get(key)
+        self.last_seq[key] = batch.seq
+        if last is None or batch.seq <= last:
+            return 0
+        return batch.seq - last - 1
 
     def query(self, data: bytes) -> schema.FlowQueryReply:
         try:
@@ -88,6 +116,35 @@ class FlowsCore:
         return schema.FlowQueryReply(
             flows=flows, seen=self.store.seen, capacity=self.store.capacity, lost=self.lost
         )
+
+    def service_map(self, since_ns: int = 0, now_ns: int = 0) -> dict[str, Any]:
+        flows = self.store.query(schema.FlowQuery(since_ns=since_ns, number=0))
+        return build_service_map(flows, since_ns=since_ns, now_ns=now_ns,
+                                 seen=self.store.seen, lost=self.lost)
+
+    def http_routes(self, *, metrics: bool = True, ui: bool = True) -> dict[str, Handler]:
+        """The HTTP routes of the metrics and/or service map server."""
+        routes: dict[str, Handler] = {}
+        if metrics:
+            routes["/metrics"] = lambda _q: Response(self.metrics.render().encode(), METRICS_CONTENT_TYPE)
+        if ui:
+            page = PAGE.encode()
+            routes["/"] = routes["/index.html"] = lambda _q: Response(page, "text/html; charset=utf-8")
+            routes["/api/servicemap"] = self._servicemap_handler
+            routes["/healthz"] = lambda _q: Response(b"ok\n")
+        return routes
+
+    def _servicemap_handler(self, query: dict[str, str]) -> Response:
+        import time
+
+        now = time.time_ns()
+        since = query.get("since", "")
+        try:
+            since_ns = flowfilter.parse_time_arg(since, now) if since else 0
+        except flowfilter.FilterError as err:
+            raise ValueError(str(err)) from err
+        body = msgspec.json.encode(self.service_map(since_ns, now))
+        return Response(body, "application/json")
 
 
 async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
@@ -140,7 +197,15 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
 
     async def on_query(msg: Msg) -> None:
         if msg.reply:
-            await msg.respond(schema.encode(core.query(msg.data)))
+            reply = core.query(msg.data)
+            data = schema.encode(reply)
+            limit = nc.max_payload or 0
+            if limit and len(data) > limit:
+                data = schema.encode(schema.FlowQueryReply(
+                    ok=False, seen=reply.seen, capacity=reply.capacity, lost=reply.lost,
+                    error=f"{len(reply.flows)} flows ({len(data)} bytes) exceed the bus's maximum "
+                          f"message size ({limit} bytes); ask for fewer with --last N or filters"))
+            await msg.respond(data)
 
     async def on_metrics(msg: Msg) -> None:
         if msg.reply:
@@ -151,9 +216,7 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
         await nc.subscribe(schema.SUBJECT_FLOWS_QUERY, queue=QUEUE_GROUP, cb=on_query),
         await nc.subscribe(schema.SUBJECT_FLOWS_METRICS, queue=QUEUE_GROUP, cb=on_metrics),
     ]
-    port = int(os.environ.get(ENV_METRICS_PORT, "0") or 0)
-    if port:
-        tg.create_task(serve_metrics(port, core.metrics.render), name="flows-metrics-http")
+    await _start_http(ctx, tg, core)
     try:
         await asyncio.Event().wait()
     finally:
@@ -222,35 +285,63 @@ def _follow(ctx: Context, tg: asyncio.TaskGroup, bucket: str, pattern: str,
     tg.create_task(follow(), name=f"watch-{bucket}")
 
 
-async def start_metrics_server(
-    port: int, render: Callable[[], str], host: str = "0.0.0.0"
-) -> asyncio.Server:
-    """Minimal HTTP/1.0 server answering ``GET``/``HEAD`` (any path) with the metrics text."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-            method = request.split(b" ", 1)[0]
-            ok = method in (b"GET", b"HEAD")
-            body = render().encode() if ok else b""
-            status = b"200 OK" if ok else b"405 Method Not Allowed"
-            head = (
-                b"HTTP/1.0 " + status + b"\r\n"
-                b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-            )
-            writer.write(head + (body if method != b"HEAD" else b""))
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, host, port)
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-async def serve_metrics(port: int, render: Callable[[], str], host: str = "0.0.0.0") -> None:
-    server = await start_metrics_server(port, render, host)
-    log.info("flows: serving metrics on %s:%d", host, port)
+def http_plan(env: dict[str, str] | os._Environ[str] = os.environ) -> dict[int, tuple[bool, bool]]:
+    """{port: (serves metrics, serves UI)} from ``CILIARY_FLOWS_METRICS_PORT`` and
+    ``CILIARY_FLOWS_UI_PORT`` (unset UI port: the UI shares the metrics server)."""
+    metrics_port = int(env.get(ENV_METRICS_PORT, "0") or 0)
+    ui_text = env.get(ENV_UI_PORT, "")
+    ui_port = metrics_port if ui_text == "" else int(ui_text)
+    plan: dict[int, tuple[bool, bool]] = {}
+    if metrics_port:
+        plan[metrics_port] = (True, ui_port == metrics_port)
+    if ui_port and ui_port != metrics_port:
+        plan[ui_port] = (False, True)
+    return plan
+
+
+async def _start_http(ctx: Context, tg: asyncio.TaskGroup, core: FlowsCore) -> None:
+    host = os.environ.get(ENV_HTTP_HOST, "") or DEFAULT_HOST
+    try:
+        plan = http_plan()
+    except ValueError as err:
+        log.error("flows: HTTP disabled, bad port setting: %s", err)
+        return
+    urls: dict[str, str] = {}
+    for port, (metrics, ui) in plan.items():
+        routes = core.http_routes(metrics=metrics, ui=ui)
+        fallback = routes["/metrics"] if metrics and not ui else None
+        server = await start_http_server(port, routes, host, fallback=fallback)
+        url = f"http://{host}:{port}"
+        if metrics:
+            urls["metrics"] = url + "/metrics"
+        if ui:
+            urls["ui"] = url + "/"
+        log.info("flows: serving %s on %s", "+".join(k for k, on in (("metrics", metrics), ("ui", ui)) if on), url)
+        tg.create_task(_serve(server), name=f"flows-http-{port}")
+    if urls:
+        ctx.detail["http"] = urls
+
+
+async def _serve(server: asyncio.Server) -> None:
     async with server:
         await server.serve_forever()
+
+
+async def start_metrics_server(
+    port: int, render: Callable[[], str], host: str = DEFAULT_HOST
+) -> asyncio.Server:
+    """HTTP server answering ``GET``/``HEAD`` on any path with the metrics text."""
+
+    def metrics(_query: dict[str, str]) -> Response:
+        return Response(render().encode(), METRICS_CONTENT_TYPE)
+
+    return await start_http_server(port, {"/metrics": metrics}, host, fallback=metrics)
+
+
+async def serve_metrics(port: int, render: Callable[[], str], host: str = DEFAULT_HOST) -> None:
+    server = await start_metrics_server(port, render, host)
+    log.info("flows: serving metrics on %s:%d", host, port)
+    await _serve(server)

@@ -49,6 +49,7 @@ ENV_STATE_DIR = "CILIARY_NODE_STATE_DIR"
 GC_INTERVAL = 30.0
 STATS_INTERVAL = 5.0
 EVENT_BATCH_MAX = 512
+EVENT_GATHER = 0.005  # seconds to let a batch fill before publishing
 
 
 def map_sizes_from_env() -> MapSizes:
@@ -464,14 +465,27 @@ class NodeAgent:
     # ------------------------------------------------------------------ events and housekeeping
 
     async def _publish_events(self) -> None:
+        """Batch ring-buffer events for ``EVENT_GATHER`` seconds (at most ``EVENT_BATCH_MAX``)
+        and publish them; the kernel's lost-event counter is read at most once a second."""
         assert self.pump is not None and self.datapath is not None
         subject = schema.SUBJECT_FLOWS_RAW.format(cluster=self.cluster, node=self.node)
+        lost_total = 0
+        lost_read = 0.0
         while True:
-            events = await self.pump.queue.get()
-            while len(events) < EVENT_BATCH_MAX and not self.pump.queue.empty():
-                events.extend(self.pump.queue.get_nowait())
-            lost = await asyncio.to_thread(self.datapath.events_lost)
-            batch = self.pump.batch(events, lost)
+            try:
+                events = await asyncio.wait_for(self.pump.queue.get(), timeout=1.0)
+            except TimeoutError:
+                events = []  # idle: still report losses the kernel counted since the last batch
+            if events:
+                await asyncio.sleep(EVENT_GATHER)
+                while len(events) < EVENT_BATCH_MAX and not self.pump.queue.empty():
+                    events.extend(self.pump.queue.get_nowait())
+            if time.monotonic() - lost_read >= 1.0:
+                lost_total = await asyncio.to_thread(self.datapath.events_lost)
+                lost_read = time.monotonic()
+            if not events and lost_total <= self.pump.kernel_lost_seen and not self.pump.lost_queue:
+                continue
+            batch = self.pump.batch(events, lost_total)
             try:
                 await self.bus.publish(subject, batch)
                 self.pump.published += len(events)

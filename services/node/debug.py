@@ -130,7 +130,7 @@ def metrics_rows(dump: Mapping[L.Layout, L.Layout]) -> list[dict[str, Any]]:
     rows = [{
         "reason": k.reason,
         "reason_desc": "FORWARDED" if k.reason == 0 else (
-            L.DROP_REASONS.get(k.reason) or L.HOST_DROP_REASONS.get(k.reason, str(k.reason))),
+            L.DROP_REASONS.get(k.reason, str(k.reason))),
         "direction": DIRECTIONS.get(k.direction, str(k.direction)),
         "packets": v.packets,
         "bytes": v.bytes,

@@ -149,6 +149,8 @@ DROP_CASES = [
     (155, "CT_MAP_INSERTION_FAILED", "CT: Map insertion failed"),
     (157, "IP_FRAGMENTATION_NOT_SUPPORTED", "IP fragmentation not supported"),
     (158, "SERVICE_BACKEND_NOT_FOUND", "Service backend not found"),
+    (167, "NO_MAPPING_FOR_NAT_MASQUERADE", "No mapping for NAT masquerade"),
+    (169, "FIB_LOOKUP_FAILED", "FIB lookup failed"),
     (181, "POLICY_DENY", "Policy denied by denylist"),
 ]
 
