@@ -93,9 +93,13 @@ say "checkout -> payments, forwarded:"
 step "Every service, its health and what it watches"
 "$CILIARY" status
 
+UI_URL=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("ui_url",""))' "$DATA_DIR/instance.json")
+
 cat <<EOT
 
-The demo instance keeps running. Explore it:
+The demo instance keeps running. The service map (live, forwarded green, dropped red):
+  $UI_URL
+Explore it:
   export CILIARY_DATA_DIR=$DATA_DIR
   $CILIARY exec frontend -- python3 -m ciliary.workload connect $PAYMENTS_VIP 8080
   $CILIARY observe --follow                      # live flows (Ctrl-C to stop)
