@@ -217,6 +217,22 @@ def test_service_reuses_tuple_of_a_direct_connection(cluster, servers):
     assert _roundtrip_from_port(a.netns, 40999, b.ip, 8080) == ((b.ip, 8080), b"b:x")
 
 
+def test_two_services_share_a_backend_and_a_client_port(cluster, servers):
+    """Connections from one client port to two VIPs with the same backend, one after the
+    other: each reply carries its own VIP."""
+    a, b = cluster.pods["pod-a"], cluster.pods["pod-b"]
+    servers(b.netns, 8080, reply_prefix=b"b:")
+    M.apply(cluster.datapaths["node-1"].maps, [
+        M.lb_backend_entry(6, b.ip, 8080, "tcp"),
+        M.lb_revnat_entry(6, "10.96.0.13", 80),
+        M.lb_revnat_entry(7, "10.96.0.14", 80),
+        *M.lb_service_entries("10.96.0.13", 80, "tcp", rev_nat_id=6, backend_ids=[6]),
+        *M.lb_service_entries("10.96.0.14", 80, "tcp", rev_nat_id=7, backend_ids=[6]),
+    ])
+    for vip in ("10.96.0.13", "10.96.0.14", "10.96.0.13"):
+        assert _roundtrip_from_port(a.netns, 41999, vip, 80) == ((vip, 80), b"b:x")
+
+
 def test_service_without_backends_drops(cluster):
     a = cluster.pods["pod-a"]
     dp1 = cluster.datapaths["node-1"]

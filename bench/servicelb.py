@@ -1,0 +1,953 @@
+"""Service load balancing head-to-head: ciliary's eBPF lb maps vs kube-proxy iptables mode.
+
+Builds one throw-away cluster ``k<4 hex>`` (namespaces ``ciliary-k<hex>-...``, pins under
+``/sys/fs/bpf/ciliary/k<hex>``) with three identical node namespaces, each with a client pod
+and three backend pods (echo servers on 8080):
+
+  cil   ciliary: bpf_lxc attached to the four host veths, N services x 3 backends in the
+        lb4 maps; no iptables rule at all in the namespace
+  nft   kube-proxy's ruleset (bench/kubeproxy_rules.py) loaded with iptables-nft-restore
+  leg   the same ruleset loaded with iptables-legacy-restore
+
+Every iptables rule goes into these node namespaces (the restore runs in a child that
+joined the namespace); nothing is created in the root namespace and no packet is addressed
+outside the sandbox (cluster IPs of the services that are never probed point at unrouted
+10.208.x.x backends, and no packet is ever sent to them). Everything is removed at the end.
+
+For N in 100, 1,000, 5,000, 10,000 services (3 endpoints each; --quick: 100, 1,000):
+1. initial load of the N services (ciliary: one batched map write; iptables: full restore);
+2. one service change with N services present: the third endpoint of one service is
+   replaced (alternating), measured until the kernel holds it —
+   ciliary "map": backends + slots + slot 0 written with BccMapOps.update_batch, the old
+   backend deleted, then the new slot read back with a map lookup;
+   ciliary "reconciler": the node executor's path (Reconciler.set_desired for the service's
+   owner with N owners in the table, reconcile, lookup);
+   iptables "full": the complete regenerated ruleset with ``iptables-restore --noflush
+   --counters`` (what kube-proxy runs on a full sync; stale SEP chain deleted unless in
+   large-cluster mode); "partial": kube-proxy's MinimizeIPTablesRestore sync (KUBE-SERVICES
+   in full + only the changed service's chains). Ruleset generation time is not included
+   (it is Go in kube-proxy; reported separately);
+3. connection setup from the client pod to the VIP of the first, middle and last service
+   (same three backend pods, a backend port per service and N, 8100 and up): connect() latency
+   p50/p99 and sequential connections/s (connect + 32-byte request/response + close), all
+   threads pinned to one CPU; rounds interleave the three modes (rotating who goes first)
+   and each cell is the median over rounds;
+4. memory: ciliary = kernel ``memlock`` of the three lb4 maps (fdinfo; hash maps are
+   preallocated, so this is fixed by max_entries = 65,536) plus the payload bytes
+   (entries x (key + value)); iptables = /proc/meminfo kernel delta (Slab + VmallocUsed +
+   Percpu) around the initial restore into the flushed namespace (machine-wide counters:
+   noisy, other processes contribute) and, for legacy, the exact rule blob size the kernel
+   reports (IPT_SO_GET_INFO ``size`` of nat + filter), plus the iptables-save text size.
+5. at the smallest N, a shared-backend check: the three probed services point at the same
+   backends *and port*, and the client's TCP counters (SYN retransmits, resets sent) are
+   compared per mode (reproduces a ciliary conntrack bug, see docs/servicelb.md).
+
+Usage: .venv/bin/python bench/servicelb.py [--quick]
+Writes bench/results/servicelb.json and servicelb.png (not with --quick unless --output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import kubeproxy_rules as K  # noqa: E402
+
+from ciliary import output  # noqa: E402
+from services.node import layouts as L  # noqa: E402
+from services.node import maps as M  # noqa: E402
+from services.node import netns as N  # noqa: E402
+from services.node.reconciler import Reconciler  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "servicelb.json"
+PLOT = REPO / "bench" / "results" / "servicelb.png"
+PIN_ROOT = "/sys/fs/bpf/ciliary"
+LB_MAPS = (L.LB4_SERVICES, L.LB4_BACKENDS, L.LB4_REVERSE_NAT)
+# Cilium's default sizes for lb (65,536: room for 10,000 services x (3 slots + slot 0)) and
+# conntrack (1M: the benchmark opens ~30,000 connections per N, three entries each, which would
+# fill the e2e tests' 65,536-entry LRU map and make it evict); small maps for the rest.
+MAP_SIZES = dict(ipcache=4096, lxc=1024, policy=1024, ct=1048576, lb=65536, metrics=256, events_pages=64)
+MODES = {  # node name -> (underlay, pod /24 third octet, restore binary or None)
+    "cil": ("172.31.9.1/24", 1, None),
+    "nft": ("172.31.9.2/24", 2, "/usr/sbin/iptables-nft-restore"),
+    "leg": ("172.31.9.3/24", 3, "/usr/sbin/iptables-legacy-restore"),
+}
+MODE_NAMES = {"cil": "ciliary (eBPF)", "nft": "kube-proxy iptables-nft", "leg": "kube-proxy iptables-legacy"}
+BACKENDS = ("b1", "b2", "b3")
+VIP_PORT, TARGET_PORT = 80, 8080
+# The probed services reach the same three backend pods, each on a port of its own, new for
+# every N: two services whose post-DNAT tuples coincide within conntrack's lifetime trip a
+# ciliary datapath bug (see shared_backend_check), which would otherwise dominate the numbers.
+POSITIONS = ("first", "middle", "last")
+MAX_SIZES = 4
+
+
+def position_port(size_index: int, pos: str) -> int:
+    return 8100 + 3 * size_index + POSITIONS.index(pos)
+MSG = b"q" * 32  # echoed, then the server closes first (TIME_WAIT stays on the server)
+HARD_DEADLINE = 870.0  # seconds; the full run must stay < 15 min
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+# ---- pods --------------------------------------------------------------------------------
+
+
+class Server:
+    """TCP echo server in a pod namespace (one connection at a time; closes after MSG)."""
+
+    def __init__(self, netns: str, port: int):
+        def make() -> socket.socket:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", port))
+            s.listen(256)
+            s.settimeout(0.2)
+            return s
+
+        self.sock = N.run_in_netns(netns, make)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    data = conn.recv(64)
+                    if data:
+                        conn.sendall(data)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self._thread.join(timeout=3)
+
+
+def _recv_exact(s: socket.socket, n: int) -> None:
+    got = 0
+    while got < n:
+        chunk = s.recv(n - got)
+        if not chunk:
+            raise ConnectionError("closed mid-reply")
+        got += len(chunk)
+
+
+def connections(netns: str, ip: str, port: int, count: int, seconds: float) -> dict[str, Any]:
+    """Sequential connect + request/response + close; connect() timed per connection."""
+
+    def run() -> tuple[list[int], float]:
+        lat: list[int] = []
+        clock = time.perf_counter_ns
+        start = time.perf_counter()
+        deadline = start + seconds
+        while len(lat) < count and time.perf_counter() < deadline:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.settimeout(2.0)
+                t0 = clock()
+                s.connect((ip, port))
+                lat.append(clock() - t0)
+                s.sendall(MSG)
+                _recv_exact(s, len(MSG))
+                s.recv(1)  # the server's FIN
+        return lat, time.perf_counter() - start
+
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        lat, elapsed = N.run_in_netns(netns, run)
+    finally:
+        if was:
+            gc.enable()
+    lat.sort()
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))] / 1000, 1)
+
+    return {"connections": len(lat), "conn_per_s": round(len(lat) / elapsed, 1),
+            "connect_p50_us": pct(0.50), "connect_p99_us": pct(0.99)}
+
+
+def probe(netns: str, ip: str, port: int) -> bool:
+    try:
+        return connections(netns, ip, port, 1, 2.0)["connections"] == 1
+    except OSError:
+        return False
+
+
+# ---- kernel helpers ------------------------------------------------------------------------
+
+
+def tcp_counters(netns: str) -> dict[str, int]:
+    """SYN retransmits, resets sent and retransmitted segments of a namespace (/proc/net)."""
+
+    def read() -> dict[str, int]:
+        out = {}
+        for path, want in (("/proc/thread-self/net/snmp", {"Tcp": ("OutRsts", "RetransSegs", "AttemptFails")}),
+                           ("/proc/thread-self/net/netstat", {"TcpExt": ("TCPSynRetrans", "TCPTimeouts")})):
+            lines = open(path).read().splitlines()
+            for head, vals in zip(lines[::2], lines[1::2], strict=True):
+                names, values = head.split(), vals.split()
+                if names[0].rstrip(":") in want:
+                    for k in want[names[0].rstrip(":")]:
+                        out[k] = int(values[names.index(k)])
+        return out
+
+    return N.run_in_netns(netns, read)
+
+
+def kernel_mem_kb() -> int:
+    vals = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            vals[k] = int(v.split()[0])
+    return vals["Slab"] + vals["VmallocUsed"] + vals.get("Percpu", 0)
+
+
+def memlock(table) -> int:
+    with open(f"/proc/self/fdinfo/{table.map_fd}") as f:
+        for line in f:
+            if line.startswith("memlock:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _setns(netns: str) -> None:
+    fd = os.open(os.path.join(N.NETNS_RUN_DIR, netns), os.O_RDONLY)
+    try:
+        if _libc.setns(fd, 0x40000000) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {netns}")
+    finally:
+        os.close(fd)
+
+
+def run_in(netns: str, argv: list[str], stdin_path: str | None = None, capture: bool = False) -> tuple[float, bytes]:
+    """Run ``argv`` in a child that joined ``netns`` (never the root namespace); seconds, stdout."""
+    if not netns.startswith(N.PREFIX):
+        raise ValueError(f"refusing to run outside a ciliary namespace: {netns}")
+    stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL
+    try:
+        t0 = time.perf_counter()
+        p = subprocess.run(argv, stdin=stdin, stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, preexec_fn=lambda: _setns(netns), timeout=900)
+        sec = time.perf_counter() - t0
+    finally:
+        if stdin_path:
+            stdin.close()
+    if p.returncode != 0:
+        raise RuntimeError(f"{argv[0]} in {netns}: rc {p.returncode}: {p.stderr.decode()[:400]}")
+    return sec, p.stdout or b""
+
+
+def legacy_blob_bytes(netns: str) -> dict[str, int]:
+    """IPT_SO_GET_INFO of nat and filter: the kernel's rule blob size and entry count."""
+
+    def get() -> dict[str, int]:
+        out = {}
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        try:
+            for table in ("nat", "filter"):
+                buf = ctypes.create_string_buffer(84)
+                buf.raw = table.encode().ljust(84, b"\0")
+                ln = ctypes.c_uint32(84)
+                if _libc.getsockopt(s.fileno(), 0, 64, buf, ctypes.byref(ln)) != 0:  # SOL_IP, IPT_SO_GET_INFO
+                    raise OSError(ctypes.get_errno(), "IPT_SO_GET_INFO")
+                num_entries, size = ctypes.c_uint32.from_buffer_copy(buf.raw, 76).value, \
+                    ctypes.c_uint32.from_buffer_copy(buf.raw, 80).value
+                out[f"{table}_entries"] = num_entries
+                out[f"{table}_bytes"] = size
+        finally:
+            s.close()
+        return out
+
+    return N.run_in_netns(netns, get)
+
+
+# ---- benchmark -------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.cluster = "k" + secrets.token_hex(2)
+        self.start = time.monotonic()
+        self.nodes: dict[str, N.NodeNet] = {}
+        self.pods: dict[tuple[str, str], N.Endpoint] = {}
+        self.servers: list[Server] = []
+        self.dp = None
+        self.bpf_source = "?"
+        self.tmp = tempfile.mkdtemp(prefix="ciliary-servicelb-")
+
+    def check_time(self) -> None:
+        if time.monotonic() - self.start > self.args.deadline:
+            raise TimeoutError(f"benchmark exceeded {self.args.deadline:.0f}s")
+
+    def pod_ip(self, mode: str, pod: str) -> str:
+        octet = MODES[mode][1]
+        return f"10.200.{octet}.{ {'client': 10, 'b1': 11, 'b2': 12, 'b3': 13}[pod] }"
+
+    def build(self) -> None:
+        for mode, (ul, _, _) in MODES.items():
+            self.nodes[mode] = N.create_node(self.cluster, mode, ul)
+            for pod in ("client", *BACKENDS):
+                self.pods[(mode, pod)] = N.create_endpoint(self.cluster, mode, pod, self.pod_ip(mode, pod))
+            for b in BACKENDS:
+                ports = [TARGET_PORT] + [position_port(k, p) for k in range(MAX_SIZES) for p in POSITIONS]
+                for port in ports:
+                    self.servers.append(Server(self.pods[(mode, b)].netns, port))
+
+    def load_datapath(self) -> float:
+        from services.node import datapath as D
+
+        def make():
+            return D.Datapath(self.cluster, "cil", self.nodes["cil"].netns, pin_root=PIN_ROOT,
+                              map_sizes=D.MapSizes(**MAP_SIZES))
+
+        self.dp = make()
+        try:
+            sec = self.dp.load()
+            self.bpf_source = "working tree"
+        except Exception as e:
+            # The working tree's bpf/ may be mid-edit; fall back to the committed sources
+            # (read with `git archive`, nothing in the repository changes).
+            if self.args.bpf_source != "auto":
+                raise
+            print(f"datapath from the working tree does not load ({str(e)[:120]}); using bpf/ at HEAD",
+                  flush=True)
+            self.dp.close()
+            self.dp.unpin()
+            head = Path(self.tmp) / "head"
+            head.mkdir()
+            archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "bpf"], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(head)], input=archive, check=True)
+            D.BPF_DIR, D.PROGRAM = head / "bpf", head / "bpf" / "bpf_lxc.c"
+            rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                 capture_output=True, text=True).stdout.strip()
+            self.bpf_source = f"git HEAD {rev} (working tree did not load)"
+            self.dp = make()
+            sec = self.dp.load()
+        entries = []
+        for i, pod in enumerate(("client", *BACKENDS)):
+            ep = self.pods[("cil", pod)]
+            self.dp.attach(ep.host_ifname)
+            entries.append(M.endpoint_entry(ep.host_ifindex, 100 + i, 1000 + i, ep.ip))
+            entries.append(M.ipcache_entry(f"{ep.ip}/32", 1000 + i))
+        M.apply(self.dp.maps, entries)
+        return sec
+
+    def cleanup(self) -> list[str]:
+        problems: list[str] = []
+        for s in self.servers:
+            try:
+                s.close()
+            except Exception as e:
+                problems.append(f"server: {e}")
+        if self.dp is not None:
+            try:
+                self.dp.close()
+            except Exception as e:
+                problems.append(f"datapath close: {e}")
+        try:
+            N.delete_cluster(self.cluster)
+        except Exception as e:
+            problems.append(f"delete_cluster: {e}")
+        if self.dp is not None:
+            try:
+                self.dp.unpin()
+            except Exception as e:
+                problems.append(f"unpin: {e}")
+        root = Path(PIN_ROOT, self.cluster)
+        if root.exists() and self.cluster.startswith("k"):
+            for node_dir in root.iterdir():
+                for p in node_dir.iterdir():
+                    p.unlink()
+                node_dir.rmdir()
+            root.rmdir()
+        if self.tmp.startswith(tempfile.gettempdir() + "/ciliary-servicelb-"):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if N.cluster_netns(self.cluster):
+            problems.append(f"namespaces left: {N.cluster_netns(self.cluster)}")
+        if root.exists():
+            problems.append(f"pins left: {root}")
+        return problems
+
+    # -- services
+
+    def reps(self, n: int) -> int:
+        """One-service-change repetitions (fewer at N >= 5,000: a full nft restore takes seconds)."""
+        return self.args.update_reps if n <= 1000 else max(2, self.args.update_reps - 2)
+
+    def positions(self, n: int) -> dict[str, int]:
+        return {"first": 0, "middle": n // 2, "last": n - 1}
+
+    @staticmethod
+    def vip(idx: int) -> str:
+        return K.synthetic_services(idx + 1)[idx].cluster_ip
+
+    def churn_index(self, n: int) -> int:
+        return n // 2 + 1 if n > 2 else 0
+
+    def services(self, mode: str, n: int, churn_variant: int = 0, shared: bool = False) -> list[K.ServicePort]:
+        """The N services; the probed ones (first/middle/last) reach the real backend pods, on
+        their own port each (``shared``: all on 8080, to reproduce the shared-tuple bug)."""
+        real = [self.pod_ip(mode, b) for b in BACKENDS]
+        svcs = K.synthetic_services(n)
+        for pos, i in self.positions(n).items():
+            port = TARGET_PORT if shared else position_port(self.args.sizes.index(n), pos)
+            s = svcs[i]
+            svcs[i] = K.ServicePort(s.namespace, s.name, s.cluster_ip, s.port, tuple((ip, port) for ip in real),
+                                    s.port_name, s.protocol)
+        if churn_variant:
+            c = self.churn_index(n)
+            s = svcs[c]
+            eps = list(s.endpoints)
+            eps[2] = (f"10.209.{churn_variant}.{c % 250 + 1}", TARGET_PORT)
+            svcs[c] = K.ServicePort(s.namespace, s.name, s.cluster_ip, s.port, tuple(eps), s.port_name, s.protocol)
+        return svcs
+
+    @staticmethod
+    def lb_entries(svc_index: int, svc: K.ServicePort, backend_ids: list[int]) -> list[M.Entry]:
+        out = [M.lb_backend_entry(bid, ip, port, "tcp") for bid, (ip, port) in zip(backend_ids, svc.endpoints, strict=True)]
+        out.append(M.lb_revnat_entry(svc_index + 1, svc.cluster_ip, svc.port))
+        out += M.lb_service_entries(svc.cluster_ip, svc.port, "tcp", svc_index + 1, backend_ids)
+        return out
+
+    # -- ciliary
+
+    def ciliary(self, n: int) -> dict[str, Any]:
+        ops = self.dp.maps
+        for name in LB_MAPS:  # empty the lb maps (previous N)
+            ops.delete_batch(name, list(ops.dump(name)))
+        svcs = self.services("cil", n)
+        ids = {i: [3 * i + 1, 3 * i + 2, 3 * i + 3] for i in range(n)}
+        per_svc = [self.lb_entries(i, s, ids[i]) for i, s in enumerate(svcs)]
+        flat = [e for es in per_svc for e in es]
+        time.sleep(0.3)
+        mem0 = kernel_mem_kb()
+        t0 = time.perf_counter()
+        M.apply(ops, flat)
+        initial = time.perf_counter() - t0
+        mem1 = kernel_mem_kb()
+        counts = {name: len(ops.dump(name)) for name in LB_MAPS}
+        assert counts[L.LB4_SERVICES] == 4 * n and counts[L.LB4_BACKENDS] == 3 * n, counts
+        tables = {name: ops._table(name) for name in LB_MAPS}
+        payload = sum(cnt * (ctypes.sizeof(L.MAPS[name][0]) + ctypes.sizeof(L.MAPS[name][1]))
+                      for name, cnt in counts.items())
+
+        c = self.churn_index(n)
+        svc_t = tables[L.LB4_SERVICES]
+        slot3 = L.Lb4Key(address=L.ip4(svcs[c].cluster_ip), dport=L.port(VIP_PORT), backend_slot=3,
+                         proto=L.IPPROTO_TCP)
+        key3 = svc_t.Key.from_buffer_copy(bytes(slot3))
+        be_t = tables[L.LB4_BACKENDS]
+
+        def confirm(bid: int) -> None:
+            got = svc_t[key3].backend_id
+            if got != bid or be_t[be_t.Key(bid)].port == 0:
+                raise RuntimeError(f"lookup after update: slot 3 = {got}, expected {bid}")
+
+        # raw map path: new backend id per replacement (as servicelb hands out), old one deleted
+        raw = []
+        next_id = 3 * n + 1
+        cur = list(ids[c])
+        for rep in range(self.reps(n)):
+            variant = 1 + rep % 2
+            new_svc = self.services("cil", n, variant)[c]
+            new_ids = cur[:2] + [next_id]
+            next_id += 1
+            entries = self.lb_entries(c, new_svc, new_ids)
+            t0 = time.perf_counter()
+            M.apply(ops, entries)
+            ops.delete(L.LB4_BACKENDS, L.Lb4BackendKey(backend_id=cur[2]))
+            confirm(new_ids[2])
+            raw.append(time.perf_counter() - t0)
+            cur = new_ids
+        # restore the service, then the reconciler path with N owners in the table
+        M.apply(ops, per_svc[c])
+        ops.delete(L.LB4_BACKENDS, L.Lb4BackendKey(backend_id=cur[2]))
+        rec = Reconciler(max_entries={name: MAP_SIZES["lb"] for name in LB_MAPS})
+        t0 = time.perf_counter()
+        rec.restore(ops, maps=LB_MAPS)
+        for i, es in enumerate(per_svc):
+            rec.set_desired(f"lb:svc-{i}", es)
+        res = rec.reconcile(ops, now=0.0)
+        rec_sync = time.perf_counter() - t0
+        if res.failed or res.upserted:
+            raise RuntimeError(f"reconciler resync after restore wrote {res}")
+        recon = []
+        cur = list(ids[c])
+        for rep in range(self.reps(n)):
+            variant = 1 + rep % 2
+            new_svc = self.services("cil", n, variant)[c]
+            new_ids = cur[:2] + [next_id]
+            next_id += 1
+            t0 = time.perf_counter()
+            rec.set_desired(f"lb:svc-{c}", self.lb_entries(c, new_svc, new_ids))
+            r = rec.reconcile(ops, now=float(rep + 1))
+            confirm(new_ids[2])
+            recon.append(time.perf_counter() - t0)
+            if r.failed:
+                raise RuntimeError(f"reconcile: {r}")
+            cur = new_ids
+        rec.set_desired(f"lb:svc-{c}", per_svc[c])
+        rec.reconcile(ops, now=1000.0)
+        return {
+            "initial_load_s": round(initial, 4),
+            "update_map_ms": _ms_stats(raw),
+            "update_reconciler_ms": _ms_stats(recon),
+            "reconciler_restore_and_noop_sync_s": round(rec_sync, 3),
+            "entries": counts,
+            "memory": {"lb_maps_memlock_bytes": sum(memlock(t) for t in tables.values()),
+                       "lb_maps_memlock_by_map": {k: memlock(t) for k, t in tables.items()},
+                       "payload_bytes": payload,
+                       "kernel_mem_delta_kb": mem1 - mem0},
+        }
+
+    # -- iptables
+
+    def restore(self, mode: str, text: str, noflush: bool = True) -> float:
+        path = os.path.join(self.tmp, f"{mode}.rules")
+        with open(path, "w") as f:
+            f.write(text)
+        argv = [MODES[mode][2]] + (["--noflush", "--counters"] if noflush else [])
+        sec, _ = run_in(self.nodes[mode].netns, argv, path)
+        return sec
+
+    def save(self, mode: str) -> bytes:
+        binary = MODES[mode][2].replace("-restore", "-save")
+        return run_in(self.nodes[mode].netns, [binary], capture=True)[1]
+
+    def iptables(self, mode: str, n: int) -> dict[str, Any]:
+        self.restore(mode, K.flush_input(), noflush=False)
+        self.restore(mode, K.bootstrap_input())
+        svcs = self.services(mode, n)
+        t0 = time.perf_counter()
+        text = K.restore_input(svcs)
+        gen = time.perf_counter() - t0
+        time.sleep(0.5)
+        mem0 = kernel_mem_kb()
+        initial = self.restore(mode, text)
+        mem1 = kernel_mem_kb()
+        saved = self.save(mode)
+        blob = legacy_blob_bytes(self.nodes[mode].netns) if mode == "leg" else None
+        large = K.build(svcs).large_cluster_mode
+
+        c = self.churn_index(n)
+        full, partial = [], []
+        prev = svcs
+        # a full nft restore of 10,000 services takes tens of seconds on this VM: one sample each
+        reps = self.reps(n) if initial < 3.0 else 1
+        for rep in range(reps):
+            variant = 1 + rep % 2
+            new = self.services(mode, n, variant)
+            stale = [] if large else [x for x in K.service_chains(prev[c]) if x not in K.service_chains(new[c])]
+            full.append(self.restore(mode, K.restore_input(new, stale_chains=stale)))
+            prev = new
+        for rep in range(reps):
+            variant = 1 + (reps + rep) % 2  # continues the alternation of the full syncs
+            new = self.services(mode, n, variant)
+            partial.append(self.restore(mode, K.restore_input(new, changed=[new[c].port_name_string])))
+            prev = new
+        # (the probed services are untouched by the churn, so no restore back is needed)
+        cnt = K.counts(text)
+        return {
+            "initial_load_s": round(initial, 4),
+            "generate_s": round(gen, 4),
+            "update_full_ms": _ms_stats(full),
+            "update_partial_ms": _ms_stats(partial),
+            "large_cluster_mode": large,
+            "rules": {"nat_chains": cnt["nat"]["chains"], "nat_rules": cnt["nat"]["rules"],
+                      "filter_rules": cnt["filter"]["rules"], "restore_input_bytes": len(text),
+                      "iptables_save_bytes": len(saved)},
+            "memory": {"kernel_mem_delta_load_kb": mem1 - mem0,
+                       **({"legacy_blob": blob} if blob else {})},
+        }
+
+    def flush_memory(self, mode: str) -> int:
+        """Kernel memory freed by flushing the ruleset (second estimate; kB)."""
+        time.sleep(0.3)
+        before = kernel_mem_kb()
+        self.restore(mode, K.flush_input(), noflush=False)
+        time.sleep(1.0)  # nf_tables frees through RCU
+        return before - kernel_mem_kb()
+
+    def shared_backend_check(self, n: int) -> dict[str, Any]:
+        """Reproduces a ciliary datapath bug: the first/middle/last services all reach the same
+        backends on the same port, and the client connects to them one after the other. A new
+        connection whose client port was used moments ago towards *another* VIP has the same
+        post-DNAT tuple as that closed connection; the datapath reopens the old conntrack entry,
+        and the SYN-ACK comes back reverse-NATed to the old VIP (or not at all), so the client
+        resets it and retransmits its SYN. Counted from the client's TCP counters."""
+        out: dict[str, Any] = {}
+        ops = self.dp.maps
+        shared = {mode: self.services(mode, n, shared=True) for mode in MODES}
+        for i in self.positions(n).values():
+            M.apply(ops, self.lb_entries(i, shared["cil"][i], [3 * i + 1, 3 * i + 2, 3 * i + 3]))
+        for mode in ("nft", "leg"):
+            self.restore(mode, K.restore_input(shared[mode]))
+        for mode in MODES:
+            client = self.pods[(mode, "client")].netns
+            before = tcp_counters(client)
+            rows = []
+            for _rnd in range(2):
+                for pos, idx in self.positions(n).items():
+                    self.check_time()
+                    r = connections(client, self.vip(idx), VIP_PORT, 1000, 5.0)
+                    rows.append({"pos": pos, "conn_per_s": r["conn_per_s"], "connections": r["connections"],
+                                 "connect_p99_us": r["connect_p99_us"]})
+            after = tcp_counters(client)
+            out[mode] = {"counters": {k: after[k] - before.get(k, 0) for k in after},
+                         "connections": sum(r["connections"] for r in rows),
+                         "conn_per_s_median": statistics.median(r["conn_per_s"] for r in rows), "runs": rows}
+        # back to the per-position ports
+        normal = self.services("cil", n)
+        for i in self.positions(n).values():
+            M.apply(ops, self.lb_entries(i, normal[i], [3 * i + 1, 3 * i + 2, 3 * i + 3]))
+        return out
+
+    def traffic(self, n: int, modes: list[str]) -> dict[str, dict[str, Any]]:
+        """Rounds of (position x mode), interleaved so background load hits every mode alike;
+        per cell the median over rounds of p50, p99 and conn/s."""
+        samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        order = list(modes)
+        for mode in order:  # settle each client once before the timed rounds
+            connections(self.pods[(mode, "client")].netns, self.vip(0), VIP_PORT, self.args.warmup, 2.0)
+        for rnd in range(self.args.rounds):
+            for p_i, (pos, idx) in enumerate(self.positions(n).items()):
+                vip = self.vip(idx)
+                k = (rnd * 3 + p_i) % len(order)  # rotate: no mode is always measured first
+                for mode in order[k:] + order[:k]:
+                    self.check_time()
+                    client = self.pods[(mode, "client")].netns
+                    if rnd == 0:
+                        if not probe(client, vip, VIP_PORT):
+                            raise RuntimeError(f"{mode} N={n}: {pos} service {vip}:{VIP_PORT} unreachable")
+                    connections(client, vip, VIP_PORT, self.args.warmup, 2.0)
+                    before = tcp_counters(client)
+                    row = connections(client, vip, VIP_PORT, self.args.conns, self.args.conn_seconds)
+                    after = tcp_counters(client)
+                    row["syn_retrans"] = after["TCPSynRetrans"] - before["TCPSynRetrans"]
+                    row["resets_sent"] = after["OutRsts"] - before["OutRsts"]
+                    samples.setdefault((mode, pos), []).append(row)
+        out: dict[str, dict[str, Any]] = {mode: {} for mode in modes}
+        for (mode, pos), rows in samples.items():
+            idx = self.positions(n)[pos]
+            out[mode][pos] = {"vip": self.vip(idx), "index": idx,
+                              "rounds": len(rows), "connections": sum(r["connections"] for r in rows)}
+            for k in ("conn_per_s", "connect_p50_us", "connect_p99_us"):
+                out[mode][pos][k] = round(statistics.median(r[k] for r in rows), 1)
+            out[mode][pos]["syn_retrans"] = sum(r["syn_retrans"] for r in rows)
+            out[mode][pos]["resets_sent"] = sum(r["resets_sent"] for r in rows)
+            out[mode][pos]["samples"] = rows
+        return out
+
+
+def _ms_stats(secs: list[float]) -> dict[str, Any]:
+    ms = sorted(x * 1000 for x in secs)
+    return {"median": round(statistics.median(ms), 3), "min": round(ms[0], 3), "max": round(ms[-1], 3),
+            "samples": len(ms)}
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ver = {}
+    for b in ("iptables-nft", "iptables-legacy"):
+        try:
+            ver[b] = subprocess.run([f"/usr/sbin/{b}", "--version"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            ver[b] = "?"
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu,
+            "python": platform.python_version(), **ver,
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def ratio(a: float, b: float) -> float:
+    return float(f"{a / b:.3g}") if b else float("nan")
+
+
+def summarize(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for n_str, r in rows.items():
+        cil = r["cil"]
+        for mode in ("nft", "leg"):
+            if mode not in r:
+                continue
+            ipt = r[mode]
+            mem_ipt_kb = max(ipt["memory"]["kernel_mem_delta_load_kb"], 1)
+            row = {
+                "N": int(n_str), "vs": mode,
+                "update_ms_cil_map": cil["update_map_ms"]["median"],
+                "update_ms_cil_reconciler": cil["update_reconciler_ms"]["median"],
+                "update_ms_ipt_full": ipt["update_full_ms"]["median"],
+                "update_ms_ipt_partial": ipt["update_partial_ms"]["median"],
+                "update_ratio_full": ratio(cil["update_map_ms"]["median"], ipt["update_full_ms"]["median"]),
+                "update_ratio_partial": ratio(cil["update_map_ms"]["median"], ipt["update_partial_ms"]["median"]),
+                "initial_load_ratio": ratio(cil["initial_load_s"], ipt["initial_load_s"]),
+                "mem_cil_bytes": cil["memory"]["lb_maps_memlock_bytes"],
+                "mem_ipt_bytes": mem_ipt_kb * 1024,
+                "mem_ratio": ratio(cil["memory"]["lb_maps_memlock_bytes"], mem_ipt_kb * 1024),
+            }
+            for pos in ("first", "middle", "last"):
+                c, i = cil["traffic"][pos], ipt["traffic"][pos]
+                row[f"p50_us_{pos}_cil"] = c["connect_p50_us"]
+                row[f"p50_us_{pos}_ipt"] = i["connect_p50_us"]
+                row[f"p50_ratio_{pos}"] = ratio(c["connect_p50_us"], i["connect_p50_us"])
+                row[f"p99_ratio_{pos}"] = ratio(c["connect_p99_us"], i["connect_p99_us"])
+                row[f"cps_ratio_{pos}"] = ratio(c["conn_per_s"], i["conn_per_s"])
+            out.append(row)
+    return out
+
+
+def render(res: dict[str, Any]) -> str:
+    rows = res["ratios"]
+    out = ["Ratios ciliary / kube-proxy iptables (< 1 = ciliary smaller/faster, except conn/s: > 1 = ciliary faster)"]
+    out.append(output.table(
+        ["N", "vs", "1-svc update", "(partial)", "connect p50 first", "p50 last", "p99 last",
+         "conn/s first", "conn/s last", "memory"],
+        [[r["N"], r["vs"], f"{r['update_ratio_full']:.2g}", f"{r['update_ratio_partial']:.2g}",
+          f"{r['p50_ratio_first']:.2f}", f"{r['p50_ratio_last']:.2f}", f"{r['p99_ratio_last']:.2f}",
+          f"{r['cps_ratio_first']:.2f}", f"{r['cps_ratio_last']:.2f}", f"{r['mem_ratio']:.2f}"] for r in rows]))
+    out.append("")
+    out.append("Absolute values (medians)")
+    abs_rows = []
+    for n_str, r in res["by_n"].items():
+        for mode in ("cil", "nft", "leg"):
+            if mode not in r:
+                abs_rows.append([n_str, MODE_NAMES[mode], "skipped", "(N > --nft-max)", "", "", "", "", ""])
+                continue
+            m = r[mode]
+            if mode == "cil":
+                upd = f"{m['update_map_ms']['median']} (rec {m['update_reconciler_ms']['median']})"
+                mem = f"{m['memory']['lb_maps_memlock_bytes'] / 2**20:.1f} MiB memlock ({m['memory']['payload_bytes'] / 2**20:.2f} payload)"
+            else:
+                upd = f"{m['update_full_ms']['median']} (partial {m['update_partial_ms']['median']})"
+                blob = m["memory"].get("legacy_blob")
+                mem = f"{m['memory']['kernel_mem_delta_load_kb'] / 1024:.1f} MiB meminfo"
+                if blob:
+                    mem += f" ({(blob['nat_bytes'] + blob['filter_bytes']) / 2**20:.1f} blob)"
+            t = m["traffic"]
+            abs_rows.append([n_str, MODE_NAMES[mode], m["initial_load_s"], upd,
+                             f"{t['first']['connect_p50_us']}/{t['middle']['connect_p50_us']}/{t['last']['connect_p50_us']}",
+                             t["last"]["connect_p99_us"],
+                             f"{t['first']['conn_per_s']:.0f}/{t['last']['conn_per_s']:.0f}",
+                             sum(x.get("syn_retrans", 0) for x in t.values()), mem])
+    out.append(output.table(["N", "mode", "load s", "1-svc update ms", "connect p50 us f/m/l", "p99 last",
+                             "conn/s f/l", "SYN rtx", "memory"], abs_rows))
+    chk = res.get("shared_backend_check")
+    if chk:
+        out.append("")
+        out.append(f"Shared-backend check (N={chk['N']}; first/middle/last services on the same backends and "
+                   "port, 6 x 1,000 connections): " + ", ".join(
+                       f"{MODE_NAMES[m]}: {v['counters']['TCPSynRetrans']} SYN retransmits, "
+                       f"{v['counters']['OutRsts']} resets, {v['conn_per_s_median']:.0f} conn/s"
+                       for m, v in chk.items() if m != "N"))
+    return "\n".join(out)
+
+
+def plot(res: dict[str, Any], dest: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot"
+    all_ns = [int(n) for n in res["by_n"]]
+    by = res["by_n"]
+
+    def ns_of(mode: str) -> list[int]:
+        return [n for n in all_ns if mode in by[str(n)]]
+
+    ns = all_ns
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    colors = {"cil": "tab:green", "nft": "tab:blue", "leg": "tab:orange"}
+    ax = axes[0]
+    ax.plot(ns, [by[str(n)]["cil"]["update_map_ms"]["median"] for n in ns], "o-", c=colors["cil"], label="ciliary map")
+    ax.plot(ns, [by[str(n)]["cil"]["update_reconciler_ms"]["median"] for n in ns], "o--", c=colors["cil"],
+            label="ciliary reconciler")
+    for m in ("nft", "leg"):
+        ax.plot(ns_of(m), [by[str(n)][m]["update_full_ms"]["median"] for n in ns_of(m)], "s-", c=colors[m],
+                label=f"{m} full")
+        ax.plot(ns_of(m), [by[str(n)][m]["update_partial_ms"]["median"] for n in ns_of(m)], "s--", c=colors[m],
+                label=f"{m} partial")
+    ax.set(xscale="log", yscale="log", xlabel="services (x3 endpoints)", ylabel="ms",
+           title="apply one service change")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    for m in ("cil", "nft", "leg"):
+        ax.plot(ns_of(m), [by[str(n)][m]["traffic"]["last"]["connect_p50_us"] for n in ns_of(m)], "o-", c=colors[m],
+                label=f"{m} last svc p50")
+        ax.plot(ns_of(m), [by[str(n)][m]["traffic"]["first"]["connect_p50_us"] for n in ns_of(m)], "o:", c=colors[m],
+                label=f"{m} first svc p50")
+    ax.set(xscale="log", xlabel="services", ylabel="connect() us", title="connection setup to a VIP")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    ax.plot(ns, [by[str(n)]["cil"]["memory"]["lb_maps_memlock_bytes"] / 2**20 for n in ns], "o-", c=colors["cil"],
+            label="ciliary lb maps memlock (prealloc)")
+    ax.plot(ns, [by[str(n)]["cil"]["memory"]["payload_bytes"] / 2**20 for n in ns], "o:", c=colors["cil"],
+            label="ciliary payload")
+    for m in ("nft", "leg"):
+        ax.plot(ns_of(m), [max(by[str(n)][m]["memory"]["kernel_mem_delta_load_kb"], 1) / 1024 for n in ns_of(m)], "s-",
+                c=colors[m], label=f"{m} kernel meminfo delta")
+    ax.plot(ns, [(by[str(n)]["leg"]["memory"]["legacy_blob"]["nat_bytes"]
+                  + by[str(n)]["leg"]["memory"]["legacy_blob"]["filter_bytes"]) / 2**20 for n in ns], "s:",
+            c=colors["leg"], label="leg rule blob (exact)")
+    ax.set(xscale="log", yscale="log", xlabel="services", ylabel="MiB", title="kernel memory")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"ciliary vs kube-proxy iptables — {res['machine']['kernel']}, {res['machine']['cpus']} CPUs")
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return f"wrote {dest}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 100, 1,000 only, fewer repetitions")
+    parser.add_argument("--bpf-source", choices=("auto", "tree"), default="auto",
+                        help="auto: fall back to bpf/ at git HEAD when the working tree's does not load")
+    parser.add_argument("--sizes", dest="sizes_arg", default=None,
+                        help="comma-separated N values instead of the default set (at most 4)")
+    parser.add_argument("--deadline", type=float, default=HARD_DEADLINE,
+                        help=f"abort after this many seconds (default {HARD_DEADLINE:.0f})")
+    parser.add_argument("--nft-max", type=int, default=5000,
+                        help="largest N measured with iptables-nft (its restore time grows steeply)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"results file (default {RESULTS.relative_to(REPO)}; --quick: none)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.update_reps, args.conns, args.conn_seconds, args.warmup, args.rounds = \
+            [100, 1000], 3, 300, 2.0, 30, 2
+    else:
+        args.sizes, args.update_reps, args.conns, args.conn_seconds, args.warmup, args.rounds = \
+            [100, 1000, 5000, 10000], 5, 1000, 3.0, 100, 3
+    if args.sizes_arg:
+        args.sizes = [int(x) for x in args.sizes_arg.split(",")][:MAX_SIZES]
+    if os.geteuid() != 0:
+        print("needs root (namespaces, bpf, iptables in namespaces)", file=sys.stderr)
+        return 2
+    main_pid = os.getpid()
+
+    def on_term(signum, _frame):
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    pinned = max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {pinned})
+    bench = Bench(args)
+    print(f"cluster {bench.cluster}: namespaces ciliary-{bench.cluster}-*, pins {PIN_ROOT}/{bench.cluster}",
+          flush=True)
+    res: dict[str, Any] = {
+        "command": " ".join([".venv/bin/python", "bench/servicelb.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(),
+        "params": {"sizes": args.sizes, "endpoints_per_service": 3, "update_reps": args.update_reps,
+                   "connections": args.conns, "connection_seconds": args.conn_seconds,
+                   "warmup_connections": args.warmup, "traffic_rounds": args.rounds, "nft_max": args.nft_max, "pinned_cpu": pinned, "map_sizes": MAP_SIZES,
+                   "cluster_cidr": K.Options().cluster_cidr},
+        "by_n": {},
+        "load_average": [os.getloadavg()[0]],
+    }
+    t_start = time.monotonic()
+    problems: list[str] = []
+    try:
+        bench.build()
+        res["datapath_load_s"] = round(bench.load_datapath(), 2)
+        res["bpf_source"] = bench.bpf_source
+        for n in args.sizes:
+            row = {}
+            modes = ["cil", "nft", "leg"]
+            if n > args.nft_max:
+                modes.remove("nft")
+                row["skipped"] = {"nft": f"N > --nft-max {args.nft_max}: one iptables-nft-restore of 5,000 services "
+                                         "already takes about a minute here (see N=5000)"}
+            for mode in modes:
+                bench.check_time()
+                t0 = time.monotonic()
+                row[mode] = bench.ciliary(n) if mode == "cil" else bench.iptables(mode, n)
+                upd = row[mode].get("update_map_ms") or row[mode]["update_full_ms"]
+                print(f"N={n:>6} {mode}: load {row[mode]['initial_load_s']}s, one-service update "
+                      f"{upd['median']} ms ({time.monotonic() - t0:.0f}s)", flush=True)
+            t0 = time.monotonic()
+            for mode, tr in bench.traffic(n, modes).items():
+                row[mode]["traffic"] = tr
+                print(f"N={n:>6} {mode}: connect p50 first/middle/last {tr['first']['connect_p50_us']}/"
+                      f"{tr['middle']['connect_p50_us']}/{tr['last']['connect_p50_us']} us, conn/s last "
+                      f"{tr['last']['conn_per_s']}, SYN retransmits "
+                      f"{sum(t['syn_retrans'] for t in tr.values())}", flush=True)
+            print(f"  traffic {time.monotonic() - t0:.0f}s", flush=True)
+            if n == args.sizes[0]:
+                res["shared_backend_check"] = {"N": n, **bench.shared_backend_check(n)}
+                print("shared-backend check (SYN retransmits / resets sent per mode): " + ", ".join(
+                    f"{m} {v['counters']['TCPSynRetrans']}/{v['counters']['OutRsts']}"
+                    for m, v in res["shared_backend_check"].items() if m != "N"), flush=True)
+            for mode in modes[1:]:
+                row[mode]["memory"]["kernel_mem_delta_flush_kb"] = bench.flush_memory(mode)
+            res["load_average"].append(os.getloadavg()[0])
+            res["by_n"][str(n)] = row
+    finally:
+        problems = bench.cleanup()
+        if problems:
+            print("cleanup problems: " + "; ".join(problems), file=sys.stderr)
+    res["wall_seconds"] = round(time.monotonic() - t_start, 1)
+    res["cleanup"] = {"namespaces_left": N.cluster_netns(bench.cluster),
+                      "pins_left": Path(PIN_ROOT, bench.cluster).exists()}
+    res["ratios"] = summarize(res["by_n"])
+    print()
+    print(render(res))
+    dest = args.output or (None if args.quick else RESULTS)
+    if dest is not None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"\nwrote {dest}")
+        print(plot(res, dest.with_suffix(".png")))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
