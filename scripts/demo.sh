@@ -78,6 +78,12 @@ call payments 203.0.113.10 8443
 say "policy trace agrees, without sending a packet:"
 "$CILIARY" policy trace --from default/payments --to 203.0.113.10 --port 8443/TCP | sed 's/^/   /'
 
+step "DNS is visible: payments resolves its gateway through kube-dns"
+DNS_VIP=$("$CILIARY" get svc kube-dns -n kube-system -o json | "$PY" -c 'import json,sys; s=json.load(sys.stdin); print(s.get("status",{}).get("clusterIP") or s["spec"]["clusterIP"])')
+say "payments -> kube-dns ($DNS_VIP): $("$CILIARY" exec payments -- "$PY" -m ciliary.workload resolve "$DNS_VIP" payment-gateway.example 2>&1)"
+sleep 1
+"$CILIARY" observe --protocol dns --pod default/payments --last 2
+
 step "The service is load-balanced in eBPF, no iptables: the lb map of every node"
 "$CILIARY" bpf lb list
 

@@ -45,9 +45,10 @@ print(ok, failed)
 """
 
 
-def cli(*args: str, data_dir: Path, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, data_dir: Path, check: bool = True, timeout: float = 60,
+        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "ciliary.cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "ciliary.cli", *args], capture_output=True, text=True, input=stdin,
         env=dict(os.environ, CILIARY_DATA_DIR=str(data_dir)), cwd=REPO, timeout=timeout,
     )
     if check:
@@ -112,6 +113,11 @@ def cluster_ip(data_dir: Path, name: str) -> str:
     return svc.get("status", {}).get("clusterIP") or svc["spec"]["clusterIP"]
 
 
+def cluster_ip_in(data_dir: Path, namespace: str, name: str) -> str:
+    svc = json.loads(cli("get", "svc", name, "-n", namespace, "-o", "json", data_dir=data_dir).stdout)
+    return svc.get("status", {}).get("clusterIP") or svc["spec"].get("clusterIP", "")
+
+
 def maps_snapshot(data_dir: Path) -> dict[str, list]:
     out = {}
     for view in ("ipcache", "lb"):
@@ -154,6 +160,24 @@ def test_shop_with_real_packets(stack: tuple[Path, str]) -> None:
     assert answered.returncode == 0 and answered.stdout.startswith("payment-gateway"), answered.stderr
     assert connect(data_dir, "payments", gateway, 8443, timeout=1.5).returncode != 0
     assert connect(data_dir, "frontend", gateway, 8443).returncode == 0  # frontend has no egress policy
+    # DNS through the kube-dns service, allowed by payments' egress policy, visible as L7
+    dns_vip = wait_for(lambda: cluster_ip_in(data_dir, "kube-system", "kube-dns"), 20, "the kube-dns cluster IP")
+    resolved = wait_for(lambda: (r := cli("exec", "payments", "--", sys.executable, "-m", "ciliary.workload",
+                                           "resolve", dns_vip, "payment-gateway.example", data_dir=data_dir,
+                                           check=False)).returncode == 0 and r, 20, "a DNS answer")
+    assert resolved.stdout.split() == ["NOERROR", gateway], resolved.stdout
+
+    def dns_flow() -> list:
+        out = cli("observe", "--protocol", "dns", "--pod", "default/payments", "-o", "json",
+                  "--last", "10", data_dir=data_dir, check=False).stdout
+        return [f for line in out.splitlines() if line.strip()
+                for f in [json.loads(line)["flow"]] if "dns" in f.get("l7", {})
+                and f["l7"].get("type") == "RESPONSE" and f["l7"]["dns"].get("rcode", 0) == 0]
+
+    answer = wait_for(dns_flow, 10, "an l7 DNS response flow")[-1]
+    assert answer["l7"]["dns"]["query"].rstrip(".") == "payment-gateway.example"
+    assert gateway in answer["l7"]["dns"].get("ips", [])
+
     # policy trace agrees with what the kernel did, without sending anything
     for source, target, port, verdict in (("default/payments", gateway, 443, "ALLOW"),
                                           ("default/payments", gateway, 8443, "DENY"),
@@ -162,6 +186,24 @@ def test_shop_with_real_packets(stack: tuple[Path, str]) -> None:
         traced = cli("policy", "trace", "--from", source, "--to", target, "--port", f"{port}/TCP",
                      data_dir=data_dir).stdout
         assert f"Final verdict: {verdict}" in traced, traced
+
+    # a policy update during continuous allowed traffic drops nothing (add before delete)
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", pods["checkout"]["ciliary"]["netns"], sys.executable, "-c", CLIENT_LOOP,
+         vip, "8080", "6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(0.5)
+    policies = (SHOP / "30-policies.yaml").read_text()
+    widened = policies.replace(
+        "            app: checkout\n      toPorts:",
+        "            app: checkout\n        - matchLabels:\n            tier: web\n      toPorts:", 1)
+    assert widened != policies
+    cli("apply", "-f", "-", data_dir=data_dir, stdin=widened)
+    time.sleep(2.0)
+    cli("apply", "-f", "-", data_dir=data_dir, stdin=policies)
+    out, err = client.communicate(timeout=30)
+    ok, failed = map(int, out.split())
+    assert failed == 0 and ok > 20, (ok, failed, err)
 
     # the drop is visible as a Hubble-style flow
     def dropped() -> list:

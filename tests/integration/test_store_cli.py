@@ -33,7 +33,7 @@ def test_apply_get_round_trip(instance: Path) -> None:
     assert "pod/payments -n default created" in result.stdout
     pods = _get_json(instance, "pods", "-A")
     assert pods["kind"] == "List"
-    assert [p["metadata"]["name"] for p in pods["items"]] == ["checkout", "frontend", "payment-gateway", "payments"]
+    assert [p["metadata"]["name"] for p in pods["items"]] == ["checkout", "frontend", "payment-gateway", "payments", "coredns"]
     payments = next(p for p in pods["items"] if p["metadata"]["name"] == "payments")
     assert payments["metadata"]["labels"]["app"] == "payments"
     assert payments["metadata"]["generation"] == 1
@@ -57,7 +57,7 @@ def test_apply_get_round_trip(instance: Path) -> None:
     table = run_cli("get", "pods", "-A", data_dir=instance)
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["NAMESPACE", "NAME", "STATUS", "IP", "NODE", "AGE"]
-    assert len(lines) == 5
+    assert len(lines) == 6
     # columns are aligned: every row starts its NAME column at the same offset
     offset = lines[0].index("NAME ")
     assert all(line[offset - 1] == " " and line[offset] != " " for line in lines[1:])
