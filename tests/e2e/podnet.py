@@ -145,3 +145,15 @@ def send_spoofed_udp(netns: str, src: str, dst: str, dport: int, payload: bytes 
                                                     socket.IPPROTO_RAW))
     with s:
         s.sendto(ip + udp, (dst, 0))
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.3):
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}: {last!r}")

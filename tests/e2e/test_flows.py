@@ -30,6 +30,7 @@ import pytest
 from ciliary import config, flowrender, schema
 
 from .conftest import require_privileges
+from .podnet import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 SHOP = REPO / "examples" / "shop"
@@ -132,16 +133,6 @@ class Stack:
             return r.read()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition",
-             interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
 @pytest.fixture

@@ -56,6 +56,7 @@ import yaml
 from ciliary import config
 
 from .conftest import require_privileges
+from .podnet import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CASES_DIR = Path(__file__).resolve().parent / "netpol_cases"
@@ -189,15 +190,6 @@ def cli_json(*args: str, data_dir: Path) -> Any:
     return json.loads(cli(*args, "-o", "json", data_dir=data_dir).stdout)
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
 @dataclass

@@ -21,6 +21,7 @@ import pytest
 from ciliary import config
 
 from .conftest import require_privileges
+from .podnet import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 SHOP = REPO / "examples" / "shop"
@@ -56,15 +57,6 @@ def cli(*args: str, data_dir: Path, check: bool = True, timeout: float = 60,
     return result
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
 @pytest.fixture
