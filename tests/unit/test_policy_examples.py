@@ -39,10 +39,13 @@ def _shop() -> tuple[dict[int, frozenset[str]], dict[str, int], dict[int, Any], 
         ids[ident] = frozenset(labels)
         names[r.name] = ident
         pods.append((f"{r.namespace}/{r.name}", r.manifest))
-    dns = 65536 + 300
-    ids[dns] = frozenset({"k8s:k8s-app=kube-dns", "k8s:io.kubernetes.pod.namespace=kube-system",
-                          "k8s:io.cilium.k8s.policy.cluster=default"})
-    names["kube-dns"] = dns
+    if "coredns" in names:  # the shop brings its own cluster DNS pod
+        names["kube-dns"] = names.pop("coredns")
+    else:
+        dns = 65536 + 300
+        ids[dns] = frozenset({"k8s:k8s-app=kube-dns", "k8s:io.kubernetes.pod.namespace=kube-system",
+                              "k8s:io.cilium.k8s.policy.cluster=default"})
+        names["kube-dns"] = dns
     named = named_ports_from_pods(pods, {f"default/{k}": v for k, v in names.items()})
     pols = [decode(r.kind, r.manifest) for r in resources if r.kind in POLICY_KINDS]
     return ids, names, named, pols
