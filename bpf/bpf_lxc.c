@@ -352,12 +352,7 @@ int from_netdev(struct __sk_buff *skb)
 
 	if (snat) {
 		/* Backend behind the interface the request came in on: SNAT to the node. */
-		k.saddr = c.p.saddr;
-		k.daddr = c.p.daddr;
-		k.sport = c.p.sport;
-		k.dport = c.p.dport;
-		k.proto = c.p.proto;
-		k.flags = HOST_SVC_KEY;
+		ct_key_set(&k, &c.p, HOST_SVC_KEY, 0);
 		if (lb.new_flow) {
 			ret = lb4_ct_create_service(&c.p, now, HOST_SVC_KEY, &lb, CT_F_SNAT);
 			if (ret < 0)
@@ -391,12 +386,7 @@ int from_netdev(struct __sk_buff *skb)
 	ret = pkt_rewrite(skb, &c.p, 0, baddr, bport);
 	if (ret < 0)
 		return drop_packet(skb, &c, -ret);
-	k.saddr = c.p.saddr;
-	k.daddr = c.p.daddr;
-	k.sport = c.p.sport;
-	k.dport = c.p.dport;
-	k.proto = c.p.proto;
-	k.flags = CT_KEY_F_HOST;
+	ct_key_set(&k, &c.p, CT_KEY_F_HOST, 0);
 	ce = map_ct_lookup(&k);
 	if (ce && ce->expires_ns > now) {
 		ct_touch(ce, &c.p, 0, now);
@@ -426,12 +416,7 @@ int to_netdev(struct __sk_buff *skb)
 	if (c.p.proto != IPPROTO_TCP && c.p.proto != IPPROTO_UDP)
 		return TC_ACT_OK;
 	/* A reply from a local backend of a NodePort flow: {client -> backend}. */
-	k.saddr = c.p.daddr;
-	k.daddr = c.p.saddr;
-	k.sport = c.p.dport;
-	k.dport = c.p.sport;
-	k.proto = c.p.proto;
-	k.flags = CT_KEY_F_HOST;
+	ct_key_set(&k, &c.p, CT_KEY_F_HOST, 1);
 	ce = map_ct_lookup(&k);
 	now = bpf_ktime_get_ns();
 	if (!ce || ce->expires_ns <= now || !(ce->flags & CT_F_SERVICE))

@@ -19,26 +19,27 @@
 #include "types.h"
 #include "pkt.h"
 
+/* Key of a packet's tuple (``reverse``: as seen from the other end) with ``flags``. */
+static __always_inline void ct_key_set(struct ct_key *k, const struct pkt *p, __u8 flags,
+				       int reverse)
+{
+	k->saddr = reverse ? p->daddr : p->saddr;
+	k->daddr = reverse ? p->saddr : p->daddr;
+	k->sport = reverse ? p->dport : p->sport;
+	k->dport = reverse ? p->sport : p->dport;
+	k->proto = p->proto;
+	k->flags = flags;
+	k->pad = 0;
+}
+
 static __always_inline void ct_key_fwd(struct ct_key *k, const struct pkt *p, __u8 dir)
 {
-	k->saddr = p->saddr;
-	k->daddr = p->daddr;
-	k->sport = p->sport;
-	k->dport = p->dport;
-	k->proto = p->proto;
-	k->flags = dir;
-	k->pad = 0;
+	ct_key_set(k, p, dir, 0);
 }
 
 static __always_inline void ct_key_rev(struct ct_key *k, const struct pkt *p, __u8 dir)
 {
-	k->saddr = p->daddr;
-	k->daddr = p->saddr;
-	k->sport = p->dport;
-	k->dport = p->sport;
-	k->proto = p->proto;
-	k->flags = DIR_INGRESS + DIR_EGRESS - dir;
-	k->pad = 0;
+	ct_key_set(k, p, DIR_INGRESS + DIR_EGRESS - dir, 1);
 }
 
 static __always_inline __u64 ct_lifetime(const struct ct_entry *e, __u8 proto)
