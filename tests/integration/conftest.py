@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,3 +77,25 @@ def service_process(name: str, nats_url: str, *, node: str = "", log_path: Path)
         return subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     finally:
         out.close()
+
+
+async def ensure_buckets(url: str) -> None:
+    from ciliary.bus import Bus
+
+    bus = await Bus.connect(url, "test-setup")
+    try:
+        await bus.ensure_buckets()
+    finally:
+        await bus.close()
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, what: str = "") -> Any:
+    """Await ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what or check}: last {last!r}")

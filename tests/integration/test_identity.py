@@ -20,7 +20,7 @@ from ciliary import config, schema
 from ciliary.bus import SYNCED, Bus, KVEntry
 from ciliary.resources import loads
 from ciliary.store import ResourceStore, kv_key, now_rfc3339
-from tests.integration.conftest import REPO
+from tests.integration.conftest import REPO, eventually
 
 CLUSTER = "test-cluster"
 CLUSTER_ID = 3
@@ -59,15 +59,6 @@ async def connect(url: str) -> Bus:
     return bus
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what or check}: last {last!r}")
 
 
 class BucketView:

@@ -10,9 +10,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,7 +19,7 @@ from ciliary.bus import Bus, KVEntry
 from ciliary.cli_service import add_commands
 from ciliary.resources import loads
 from ciliary.store import ResourceStore
-from tests.integration.conftest import NatsServer, service_process
+from tests.integration.conftest import NatsServer, eventually, service_process
 
 MANIFESTS = """
 apiVersion: v1
@@ -64,15 +62,6 @@ READY = [{"type": "Ready", "status": "True"}]
 NOT_READY = [{"type": "Ready", "status": "False"}]
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what or check}: last {last!r}")
 
 
 async def frontends(bus: Bus) -> dict[str, schema.LBFrontend]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
 from ciliary import config
-from tests.integration.conftest import REPO, run_cli
+from tests.integration.conftest import REPO, ensure_buckets, run_cli
 
 SHOP = REPO / "examples" / "shop"
 
@@ -18,6 +19,7 @@ def instance(nats_server, tmp_path: Path) -> Path:
     """A data dir that points the CLI at the test's NATS server (no services needed)."""
     data_dir = tmp_path / "data"
     config.write_instance(data_dir, config.InstanceState(nats_url=nats_server.url, supervisor_pid=1))
+    asyncio.run(ensure_buckets(nats_server.url))  # as `ciliary up` does before anything else
     return data_dir
 
 
