@@ -86,10 +86,10 @@ def test_even_spread_at_default_size() -> None:
     assert ratio <= 1.05
 
 
-@pytest.mark.parametrize("n", [3, 10, 30])
-def test_removing_one_backend_moves_about_one_nth(n: int) -> None:
-    # Measured at M=16381 (worst case x N): N=10 1.07, N=30 1.27, N=50 1.52, N=100 2.5 --
-    # Maglev trades disruption for balance as N/M grows; docs/servicelb.md has the table.
+@pytest.mark.parametrize(("n", "bound"), [(3, 1.5), (10, 1.5), (20, 1.5), (30, 1.5), (50, 2.0), (100, 3.0)])
+def test_removing_one_backend_moves_about_one_nth(n: int, bound: float) -> None:
+    # Maglev trades disruption for balance as N/M grows: up to N=30 at most 1.5/N of the
+    # table moves; beyond that the bound loosens (docs/servicelb.md has the measured table).
     items = backends(n)
     before = maglev.maglev_table(items, M)
     worst = 0.0
@@ -100,8 +100,8 @@ def test_removing_one_backend_moves_about_one_nth(n: int) -> None:
         # slots of surviving backends stay where they were, except the few refilled
         removed_id = items[gone][1]
         assert removed_id not in after
-    print(f"N={n}: worst moved fraction {worst:.4f} (1/N = {1 / n:.4f})")
-    assert worst <= 1.5 / n
+    print(f"N={n}: worst moved fraction {worst:.4f} (1/N = {1 / n:.4f}, x N = {worst * n:.2f})")
+    assert worst <= bound / n
 
 
 def test_adding_one_backend_moves_about_one_nth() -> None:
