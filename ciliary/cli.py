@@ -53,7 +53,6 @@ async def _with_bus(data_dir: Path, work: Callable[[Bus], Awaitable[Any]]) -> An
     except BusError as err:
         raise CliError(f"{err}\n  is the instance healthy? try: ciliary status") from err
     try:
-        await bus.ensure_buckets()
         return await work(bus)
     finally:
         await bus.close()
@@ -149,46 +148,56 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_ports(spec: dict[str, Any]) -> str:
+    return ",".join(
+        f"{p.get('port')}{':' + str(p['nodePort']) if p.get('nodePort') else ''}/{p.get('protocol', 'TCP')}"
+        for p in spec.get("ports") or []
+    ) or "<none>"
+
+
+def _slice_endpoints(manifest: dict[str, Any]) -> str:
+    addrs = [a for e in manifest.get("endpoints") or [] for a in e.get("addresses", [])]
+    return ",".join(addrs[:3]) + (f" + {len(addrs) - 3} more" if len(addrs) > 3 else "")
+
+
+# kind -> the columns between NAME and AGE: (header, value from manifest, spec, status)
+Column = tuple[str, Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], Any]]
+TABLE_COLUMNS: dict[str, list[Column]] = {
+    "Pod": [
+        ("STATUS", lambda m, spec, st: st.get("phase", "Pending")),
+        ("IP", lambda m, spec, st: st.get("podIP", "<none>")),
+        ("NODE", lambda m, spec, st: spec.get("nodeName", "<none>")),
+    ],
+    "Service": [
+        ("TYPE", lambda m, spec, st: spec.get("type", "ClusterIP")),
+        ("CLUSTER-IP", lambda m, spec, st: st.get("clusterIP") or spec.get("clusterIP") or "<pending>"),
+        ("PORT(S)", lambda m, spec, st: _service_ports(spec)),
+    ],
+    "Node": [
+        ("STATUS", lambda m, spec, st: st.get("phase", "Ready" if st else "Registered")),
+        ("POD-CIDR", lambda m, spec, st: spec.get("podCIDR") or st.get("podCIDR") or "<none>"),
+    ],
+    "EndpointSlice": [
+        ("ADDRESSTYPE", lambda m, spec, st: m.get("addressType", "")),
+        ("ENDPOINTS", lambda m, spec, st: _slice_endpoints(m)),
+    ],
+}
+
+
 def render_table(kind: str, objects: list[StoredObject], *, show_namespace: bool) -> str:
-    headers: list[str] = ["NAMESPACE"] if show_namespace else []
+    columns = TABLE_COLUMNS.get(kind, [])
+    headers = (["NAMESPACE"] if show_namespace else []) + ["NAME", *(h for h, _ in columns), "AGE"]
     rows: list[list[Any]] = []
     for obj in objects:
         manifest = obj.to_manifest()
         spec = manifest.get("spec") or {}
         status = manifest.get("status") or {}
-        row: list[Any] = [obj.record.namespace] if show_namespace else []
-        age = output.age_since_rfc3339(obj.record.created)
-        if kind == "Pod":
-            row += [obj.record.name, status.get("phase", "Pending"), status.get("podIP", "<none>"),
-                    spec.get("nodeName", "<none>"), age]
-        elif kind == "Service":
-            ports = ",".join(
-                f"{p.get('port')}{':' + str(p['nodePort']) if p.get('nodePort') else ''}/{p.get('protocol', 'TCP')}"
-                for p in spec.get("ports") or []
-            )
-            cluster_ip = status.get("clusterIP") or spec.get("clusterIP") or "<pending>"
-            row += [obj.record.name, spec.get("type", "ClusterIP"), cluster_ip, ports or "<none>", age]
-        elif kind == "Node":
-            row += [obj.record.name, status.get("phase", "Ready" if status else "Registered"),
-                    spec.get("podCIDR", "<none>"), age]
-        elif kind == "EndpointSlice":
-            endpoints = manifest.get("endpoints") or []
-            addrs = [a for e in endpoints for a in e.get("addresses", [])]
-            row += [obj.record.name, manifest.get("addressType", ""),
-                    ",".join(addrs[:3]) + (f" + {len(addrs) - 3} more" if len(addrs) > 3 else ""), age]
-        else:
-            row += [obj.record.name, age]
-        rows.append(row)
-    if kind == "Pod":
-        headers += ["NAME", "STATUS", "IP", "NODE", "AGE"]
-    elif kind == "Service":
-        headers += ["NAME", "TYPE", "CLUSTER-IP", "PORT(S)", "AGE"]
-    elif kind == "Node":
-        headers += ["NAME", "STATUS", "POD-CIDR", "AGE"]
-    elif kind == "EndpointSlice":
-        headers += ["NAME", "ADDRESSTYPE", "ENDPOINTS", "AGE"]
-    else:
-        headers += ["NAME", "AGE"]
+        rows.append([
+            *([obj.record.namespace] if show_namespace else []),
+            obj.record.name,
+            *(value(manifest, spec, status) for _, value in columns),
+            output.age_since_rfc3339(obj.record.created),
+        ])
     return output.table(headers, rows)
 
 

@@ -31,10 +31,11 @@ def underlay_ip(cluster_id: int, index: int) -> str:
 
 def pod_cidr(cluster_cidr: str, index: int, prefixlen: int = 24) -> str:
     net = ipaddress.IPv4Network(cluster_cidr, strict=True)
-    subnets = list(net.subnets(new_prefix=prefixlen))
-    if not 1 <= index < len(subnets):
+    count = 1 << (prefixlen - net.prefixlen) if prefixlen >= net.prefixlen else 0
+    if not 1 <= index < count:
         raise ValueError(f"node index {index} does not fit {cluster_cidr} in /{prefixlen} pod CIDRs")
-    return str(subnets[index])
+    first = int(net.network_address) + index * (1 << (32 - prefixlen))
+    return f"{ipaddress.IPv4Address(first)}/{prefixlen}"
 
 
 def node_index_key(index: int) -> str:

@@ -125,6 +125,8 @@ class NodeAgent:
         self.peer_routes: dict[str, str] = {}
         self.synced: set[str] = set()
         self._policy_owners: set[int] = set()
+        # identity -> (record last written, its entry count): unchanged records are not re-expanded
+        self._policy_applied: dict[int, tuple[schema.PolicyMapRecord | None, int]] = {}
         self.runner: PodRunner | None = None
         self.pump: EventPump | None = None
 
@@ -331,6 +333,10 @@ class NodeAgent:
         overflow: list[int] = []
         for identity in sorted(set(self._policy_owners) | local):
             record = self.policies.get(schema.policy_key(identity)) if identity in local else None
+            applied = self._policy_applied.get(identity)
+            if applied is not None and applied[0] is record and total + applied[1] <= self.map_sizes.policy:
+                total += applied[1]  # same record as last time: nothing to expand or write
+                continue
             entries = policy_map_entries(record) if record else []
             if total + len(entries) > self.map_sizes.policy:
                 overflow.append(identity)
@@ -339,8 +345,10 @@ class NodeAgent:
             self.reconciler.set_desired(f"policy:{identity}", entries)
             if entries:
                 self._policy_owners.add(identity)
+                self._policy_applied[identity] = (record, len(entries))
             else:
                 self._policy_owners.discard(identity)
+                self._policy_applied.pop(identity, None)
         self.ctx.detail["policy_entries"] = total
         if overflow:
             self.ctx.detail["policy_overflow"] = overflow

@@ -172,7 +172,8 @@ def set_sysctls(name: str, values: dict[str, str]) -> None:
 
 def ensure_netns(name: str) -> None:
     """Create network namespace ``name`` (must carry the ``ciliary-`` prefix) if absent."""
-    ensure_netns_locked(name)
+    with topology_lock():
+        _ensure_netns(name)
 
 
 def remove_netns(name: str) -> None:
@@ -180,9 +181,9 @@ def remove_netns(name: str) -> None:
     _remove_netns(name)
 
 
-def ensure_netns_locked(name: str) -> None:
-    with _topology_lock():
-        _ensure_netns(name)
+def create_netns_unlocked(name: str) -> None:
+    """``ensure_netns`` for a caller that already holds ``topology_lock``."""
+    _ensure_netns(name)
 
 
 def _ensure_netns(name: str) -> None:
@@ -207,7 +208,7 @@ def _link(ipr: IPRoute, ifname: str) -> dict | None:
     return ipr.get_links(idx[0])[0]
 
 
-def _veth_into(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
+def veth_into(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
     """veth ``name_a`` in ``ns_a`` paired with ``name_b`` in ``ns_b``."""
     with IPRoute(netns=ns_a) as ipr:
         if ipr.link_lookup(ifname=name_a):
@@ -239,7 +240,7 @@ def ensure_underlay(cluster: str) -> str:
 
 
 @contextlib.contextmanager
-def _topology_lock() -> Iterator[None]:
+def topology_lock() -> Iterator[None]:
     """Serialises namespace and bridge creation across processes: two node executors
     starting together must not both create (and so replace) the underlay namespace."""
     os.makedirs(os.path.dirname(TOPOLOGY_LOCK), exist_ok=True)
@@ -253,7 +254,7 @@ def _topology_lock() -> Iterator[None]:
 
 def create_node(cluster: str, node: str, underlay_cidr: str) -> NodeNet:
     """Node namespace joined to the underlay bridge with ``underlay_cidr`` (e.g. 172.31.7.1/24)."""
-    with _topology_lock():
+    with topology_lock():
         return _create_node(cluster, node, underlay_cidr)
 
 
@@ -270,7 +271,7 @@ def _create_node(cluster: str, node: str, underlay_cidr: str) -> NodeNet:
     })
     ul_side = link_name(cluster, node, "ul")
     node_side = link_name(cluster, node, "node")
-    _veth_into(ul, ul_side, ns, node_side)
+    veth_into(ul, ul_side, ns, node_side)
     with IPRoute(netns=ul) as ipr:
         idx = ipr.link_lookup(ifname=ul_side)[0]
         ipr.link("set", index=idx, master=ipr.link_lookup(ifname=BRIDGE)[0])
@@ -344,7 +345,7 @@ def wire_endpoint(cluster: str, node: str, pod: str, pns: str, host_if: str, pod
     with IPRoute(netns=pns) as ipr:
         have_pod_if = bool(ipr.link_lookup(ifname=pod_if))
     if not have_pod_if:
-        _veth_into(node_ns, host_if, pns, tmp_if)
+        veth_into(node_ns, host_if, pns, tmp_if)
     with IPRoute(netns=node_ns) as ipr:
         host = _link(ipr, host_if)
         if host is None:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -310,8 +311,6 @@ class PodRunner:
                 if not netns.run_in_netns(running.netns, connect):
                     return False
             elif probe.exec is not None and probe.exec.command:
-                import subprocess
-
                 result = subprocess.run(
                     ["ip", "netns", "exec", running.netns, *probe.exec.command],
                     capture_output=True, timeout=max(1, probe.timeout_seconds),

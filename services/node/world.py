@@ -32,18 +32,18 @@ def world_underlay_ip(cluster_id: int) -> str:
 
 
 def ensure_world(cluster: str, cluster_id: int) -> str:
-    with netns._topology_lock():
+    with netns.topology_lock():
         return _ensure_world(cluster, cluster_id)
 
 
 def _ensure_world(cluster: str, cluster_id: int) -> str:
     ul = netns.ensure_underlay(cluster)
     ns = world_netns(cluster)
-    netns._ensure_netns(ns)
+    netns.create_netns_unlocked(ns)
     netns.set_sysctls(ns, {"net/ipv6/conf/all/disable_ipv6": "1", "net/ipv6/conf/default/disable_ipv6": "1"})
     ul_side = netns.link_name(cluster, "world", "ul")
     world_side = netns.link_name(cluster, "world", "node")
-    netns._veth_into(ul, ul_side, ns, world_side)
+    netns.veth_into(ul, ul_side, ns, world_side)
     with IPRoute(netns=ul) as ipr:
         idx = ipr.link_lookup(ifname=ul_side)[0]
         ipr.link("set", index=idx, master=ipr.link_lookup(ifname=netns.BRIDGE)[0])
