@@ -410,13 +410,6 @@ def unwire_endpoint(cluster: str, node: str, host_if: str) -> None:
 
 
 def delete_endpoint(cluster: str, node: str, pod: str) -> None:
-    """Remove the host veth (and with it the pod's eth0 and routes) and the pod namespace."""
-    node_ns = node_netns(cluster, node)
-    if node_ns in netns.listnetns():
-        with IPRoute(netns=node_ns) as ipr:
-            for idx in ipr.link_lookup(ifname=host_ifname(cluster, node, pod)):
-                try:
-                    ipr.link("del", index=idx)
-                except NetlinkError:
-                    pass
+    """Inverse of ``create_endpoint``: the host veth (and so the pod's eth0) and the pod namespace."""
+    unwire_endpoint(cluster, node, host_ifname(cluster, node, pod))
     _remove_netns(pod_netns(cluster, node, pod))
