@@ -523,5 +523,6 @@ def test_service_map_in_headless_chromium(make_stack, tmp_path: Path) -> None:
     colours = png_colours(data)
     assert (0x2E, 0x9D, 0x4F) in colours and (0xD9, 0x36, 0x36) in colours  # green and red edges
     assert len(colours) > 50
-    SCREENSHOT_DOC.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shot, SCREENSHOT_DOC)
+    if os.environ.get("CILIARY_UPDATE_DOC_SCREENSHOT") == "1":  # refresh docs/img on request only
+        SCREENSHOT_DOC.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, SCREENSHOT_DOC)
