@@ -4,7 +4,8 @@ Builds one throw-away cluster ``b<4 hex>`` (namespaces ``ciliary-b<hex>-...``, p
 ``/sys/fs/bpf/ciliary/b<hex>``): node-1 with pod-a (client) and pod-b, node-2 with pod-c
 (cross-node pair, direct routing over the underlay bridge). Nothing is created in the root
 namespace and no packet is addressed outside these namespaces. Everything is removed at
-the end, also on error or Ctrl-C.
+the end, also on error or Ctrl-C. The harness (namespaces, echo servers, clients, cleanup)
+is bench/sandbox.py, shared with bench/servicelb.py.
 
 Measures, in one run:
 1. TCP connection rate (socket + connect + one request/response + close, one client thread,
@@ -31,23 +32,19 @@ Writes bench/results/datapath.json and prints aligned tables. Needs root and bcc
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import gc
 import json
 import os
-import platform
-import secrets
-import signal
-import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import sandbox as S  # noqa: E402
 
 from ciliary import output  # noqa: E402
 from services.node import layouts as L  # noqa: E402
@@ -56,7 +53,7 @@ from services.node import netns as N  # noqa: E402
 from services.node.reconciler import Reconciler  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "datapath.json"
-PIN_ROOT = "/sys/fs/bpf/ciliary"
+PIN_ROOT = S.PIN_ROOT
 # The e2e tests' small maps (tests/e2e/podnet.py SMALL_MAPS); same layouts as the defaults.
 SMALL_MAPS = dict(ipcache=4096, lxc=1024, policy=1024, ct=65536, lb=1024, metrics=256,
                   events_pages=64)
@@ -77,163 +74,26 @@ SVC_PORT = 8081
 VIPS = {"pod-b": ("10.96.0.10", 80, 1), "pod-c": ("10.96.0.11", 80, 2)}  # vip, port, rev-NAT id
 REUSE_VIP = ("10.96.0.12", 80, 3)  # frontend on pod-b:PORT, only for that check
 MSG = b"x" * 32  # latency request: echoed, connection stays open
-CLOSE_MSG = b"q" * 32  # connection-rate request: echoed, then the server closes first
 MAP_ENTRIES = 10_000
 WARMUP_CONNS = 200
 HARD_DEADLINE = 900.0  # seconds for the whole traffic/map/load run
 
 
-# ---- echo server ---------------------------------------------------------------------
-
-
-class Server:
-    """TCP echo server in a pod namespace; connections are served one at a time by the
-    accept thread (there is a single client thread), so no thread is spawned per connection.
-    A request starting with ``q`` is echoed and then the server closes (as an HTTP/1.0
-    server would): TIME_WAIT stays on the server side, so the client's ephemeral ports
-    are not used up by tens of thousands of sequential connections."""
-
-    def __init__(self, netns: str, port: int):
-        def make() -> socket.socket:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", port))
-            s.listen(128)
-            s.settimeout(0.2)
-            return s
-
-        self.sock = N.run_in_netns(netns, make)
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=f"bench-srv-{netns}", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            with conn:
-                conn.settimeout(5)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                try:
-                    while True:
-                        data = conn.recv(4096)
-                        if not data:
-                            break
-                        conn.sendall(data)
-                        if data[:1] == b"q":
-                            break
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(timeout=3)
-
-
-def _client_socket() -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.settimeout(2.0)
-    return s
-
-
-def _recv_exact(s: socket.socket, n: int) -> None:
-    got = 0
-    while got < n:
-        chunk = s.recv(n - got)
-        if not chunk:
-            raise ConnectionError("connection closed mid-reply")
-        got += len(chunk)
+# ---- clients (sandbox.py) ----------------------------------------------------------------
 
 
 def connection_rate(netns: str, ip: str, port: int, count: int, seconds: float) -> dict[str, Any]:
-    """Sequential socket + connect + request/response + close, all timed; the loop runs
-    in a thread that joined the client's namespace."""
-
-    def run() -> dict[str, Any]:
-        done = 0
-        start = time.perf_counter()
-        deadline = start + seconds
-        while done < count and time.perf_counter() < deadline:
-            with _client_socket() as s:
-                s.connect((ip, port))
-                s.sendall(CLOSE_MSG)
-                _recv_exact(s, len(CLOSE_MSG))
-                if s.recv(1):  # the server's FIN
-                    raise ConnectionError("server did not close")
-            done += 1
-        elapsed = time.perf_counter() - start
-        return {"connections": done, "seconds": round(elapsed, 3),
-                "conn_per_s": round(done / elapsed, 1) if elapsed else 0.0}
-
-    return _no_gc(lambda: N.run_in_netns(netns, run))
-
-
-def _no_gc(fn):
-    """Run ``fn`` with the cyclic garbage collector off (a collection pauses every thread)."""
-    was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        return fn()
-    finally:
-        if was:
-            gc.enable()
+    """Sequential socket + connect + request/response + close (``sandbox.connections``)."""
+    r = S.connections(netns, ip, port, count, seconds)
+    return {k: r[k] for k in ("connections", "seconds", "conn_per_s")}
 
 
 def request_latency(netns: str, ip: str, port: int, count: int, seconds: float) -> dict[str, Any]:
-    def run() -> list[int]:
-        samples: list[int] = []
-        with _client_socket() as s:
-            s.connect((ip, port))
-            for _ in range(50):  # warm-up
-                s.sendall(MSG)
-                _recv_exact(s, len(MSG))
-            deadline = time.perf_counter() + seconds
-            clock = time.perf_counter_ns
-            for _ in range(count):
-                t0 = clock()
-                s.sendall(MSG)
-                _recv_exact(s, len(MSG))
-                samples.append(clock() - t0)
-                if time.perf_counter() >= deadline:
-                    break
-        return samples
-
-    samples = sorted(_no_gc(lambda: N.run_in_netns(netns, run)))
-
-    def pct(p: float) -> float:
-        return round(samples[min(len(samples) - 1, int(p * len(samples)))] / 1000, 1)
-
-    return {"round_trips": len(samples), "p50_us": pct(0.50), "p99_us": pct(0.99),
-            "mean_us": round(statistics.fmean(samples) / 1000, 1)}
+    return S.request_latency(netns, ip, port, count, seconds, MSG)
 
 
 def probe(netns: str, ip: str, port: int, timeout: float, sport: int = 0) -> bool:
-    """One connect + round trip (from ``sport`` when given); False on timeout or refusal."""
-
-    def run() -> bool:
-        with _client_socket() as s:
-            s.settimeout(timeout)
-            try:
-                if sport:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    s.bind(("0.0.0.0", sport))
-                s.connect((ip, port))
-                s.sendall(MSG)
-                _recv_exact(s, len(MSG))
-                return True
-            except OSError:
-                return False
-
-    return N.run_in_netns(netns, run)
+    return S.probe(netns, ip, port, timeout, sport)
 
 
 # ---- cluster -------------------------------------------------------------------------
@@ -242,13 +102,12 @@ def probe(netns: str, ip: str, port: int, timeout: float, sport: int = 0) -> boo
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.cluster = "b" + secrets.token_hex(2)
+        self.box = S.Sandbox("b")
+        self.cluster = self.box.cluster
         self.start = time.monotonic()
         self.nodes: dict[str, N.NodeNet] = {}
         self.pods: dict[str, N.Endpoint] = {}
         self.spec = {name: (node, ip, ident, ep) for name, node, ip, ident, ep in PODS}
-        self.datapaths: list[Any] = []  # every Datapath created (closed + unpinned at the end)
-        self.servers: list[Server] = []
 
     def time_left(self) -> float:
         return HARD_DEADLINE - (time.monotonic() - self.start)
@@ -261,63 +120,26 @@ class Bench:
 
     def build(self) -> None:
         for name, (ul, _) in NODES.items():
-            self.nodes[name] = N.create_node(self.cluster, name, ul)
+            self.nodes[name] = self.box.node(name, ul)
         for name in NODES:
             for other, (ul, cidr) in NODES.items():
                 if other != name:
                     N.route_pod_cidr(self.cluster, name, cidr, ul.split("/")[0])
         for name, node, ip, _, _ in PODS:
-            self.pods[name] = N.create_endpoint(self.cluster, node, name, ip)
+            self.pods[name] = self.box.endpoint(node, name, ip)
         for _, server in PAIRS:
-            self.servers.append(Server(self.pods[server].netns, PORT))
-            self.servers.append(Server(self.pods[server].netns, SVC_PORT))
+            self.box.server(self.pods[server].netns, PORT)
+            self.box.server(self.pods[server].netns, SVC_PORT)
 
     def new_datapath(self, node: str, sizes: dict[str, int] | None, pin_node: str | None = None):
-        from services.node.datapath import Datapath, MapSizes
-
-        dp = Datapath(self.cluster, pin_node or node, self.nodes[node].netns, pin_root=PIN_ROOT,
-                      map_sizes=MapSizes(**sizes) if sizes else MapSizes())
-        self.datapaths.append(dp)
-        return dp
+        return self.box.datapath(pin_node or node, self.nodes[node].netns, sizes)
 
     def endpoint_entry(self, pod: str, **flags: bool) -> M.Entry:
         node, ip, ident, ep_id = self.spec[pod]
         return M.endpoint_entry(self.pods[pod].host_ifindex, ep_id, ident, ip, **flags)
 
     def cleanup(self) -> list[str]:
-        problems: list[str] = []
-        for s in self.servers:
-            try:
-                s.close()
-            except Exception as e:
-                problems.append(f"server close: {e}")
-        for dp in self.datapaths:
-            try:
-                dp.close()
-            except Exception as e:
-                problems.append(f"datapath close: {e}")
-        try:
-            N.delete_cluster(self.cluster)
-        except Exception as e:
-            problems.append(f"delete_cluster: {e}")
-        for dp in self.datapaths:
-            try:
-                dp.unpin()
-            except Exception as e:
-                problems.append(f"unpin: {e}")
-        root = Path(PIN_ROOT, self.cluster)
-        if root.exists() and root.parent == Path(PIN_ROOT) and self.cluster.startswith("b"):
-            for node_dir in root.iterdir():
-                for p in node_dir.iterdir():
-                    p.unlink()
-                node_dir.rmdir()
-            root.rmdir()
-        left = N.cluster_netns(self.cluster)
-        if left:
-            problems.append(f"namespaces left: {left}")
-        if root.exists():
-            problems.append(f"pins left: {root}")
-        return problems
+        return self.box.cleanup()
 
     # -- 1. traffic
 
@@ -619,22 +441,12 @@ def _try_kernel_batch(dp, entries: list[M.Entry]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         import bcc
         bcc_version = getattr(bcc, "__version__", "?")
     except Exception:
         bcc_version = "?"
-    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu,
-            "python": platform.python_version(), "bcc": bcc_version,
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    return {**S.machine(), "bcc": bcc_version}
 
 
 def _x(v: float) -> str:
@@ -693,23 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         print("needs root (namespaces, bpf)", file=sys.stderr)
         return 2
 
-    main_pid = os.getpid()
-
-    def on_term(signum, _frame):
-        if os.getpid() != main_pid:  # a forked helper (pyroute2 netns sockets): default action
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    S.install_sigterm()
     pinned_cpu = None
     if not args.no_pin:
-        # One CPU for every thread (created after this): client, server and the softirq
-        # work they trigger run serially, so a transaction costs its CPU time and the
-        # scheduler's cross-CPU wake-ups (bimodal in a VM) do not enter the numbers.
-        pinned_cpu = max(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {pinned_cpu})
+        pinned_cpu = S.pin_one_cpu()
     bench = Bench(args)
     print(f"cluster {bench.cluster}: namespaces ciliary-{bench.cluster}-*, pins "
           f"{PIN_ROOT}/{bench.cluster}", flush=True)

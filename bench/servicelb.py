@@ -39,31 +39,35 @@ For N in 100, 1,000, 5,000, 10,000 services (3 endpoints each; --quick: 100, 1,0
    noisy, other processes contribute) and, for legacy, the exact rule blob size the kernel
    reports (IPT_SO_GET_INFO ``size`` of nat + filter), plus the iptables-save text size.
 5. at the smallest N, a shared-backend check: the three probed services point at the same
-   backends *and port*, and the client's TCP counters (SYN retransmits, resets sent) are
-   compared per mode (reproduces a ciliary conntrack bug, see docs/servicelb.md).
+   backends *and port*, and the client's TCP counters (SYN retransmits, resets sent) and the
+   backends' changed TCP counters (PAWSTimewait ...) are compared per mode (see
+   shared_backend_check and docs/servicelb.md);
+6. ciliary through its whole control plane, for N up to --kv-max (after the sandbox part,
+   which is removed first): a throw-away embedded instance (``ciliary up -d --nodes 1``, own
+   data dir, cluster ``k<4 hex>``), the same N services as selector-less Services with one
+   manual EndpointSlice each (backends at unrouted 10.208.x.x addresses, never probed, no
+   packet sent), loaded with one ``ciliary apply -f`` of a generated multi-document file;
+   then --kv-reps times one EndpointSlice change (the third backend replaced) written through
+   the store API, timed from the KV write until the new backend is in one of the frontend's
+   slots in the node's pinned lb4 maps, read directly from the pins with bpf(2) lookups;
+   ``ciliary down`` at the end, also on error.
 
-Usage: .venv/bin/python bench/servicelb.py [--quick]
-Writes bench/results/servicelb.json and servicelb.png (not with --quick unless --output).
+Usage: .venv/bin/python bench/servicelb.py [--quick] [--kv-only] [--kv-max N]
+Writes bench/results/servicelb.json and servicelb.png (not with --quick unless --output); a
+``supplementary`` block of an earlier run in that file is kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
-import datetime as dt
-import gc
 import json
 import os
-import platform
 import secrets
-import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +77,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import kubeproxy_rules as K  # noqa: E402
+import sandbox as S  # noqa: E402
 
 from ciliary import output  # noqa: E402
 from services.node import layouts as L  # noqa: E402
@@ -82,7 +87,7 @@ from services.node.reconciler import Reconciler  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "servicelb.json"
 PLOT = REPO / "bench" / "results" / "servicelb.png"
-PIN_ROOT = "/sys/fs/bpf/ciliary"
+PIN_ROOT = S.PIN_ROOT
 LB_MAPS = (L.LB4_SERVICES, L.LB4_BACKENDS, L.LB4_REVERSE_NAT)
 # Cilium's default sizes for lb (65,536: room for 10,000 services x (3 slots + slot 0)) and
 # conntrack (1M: the benchmark opens ~30,000 connections per N, three entries each, which would
@@ -97,134 +102,21 @@ MODE_NAMES = {"cil": "ciliary (eBPF)", "nft": "kube-proxy iptables-nft", "leg": 
 BACKENDS = ("b1", "b2", "b3")
 VIP_PORT, TARGET_PORT = 80, 8080
 # The probed services reach the same three backend pods, each on a port of its own, new for
-# every N: two services whose post-DNAT tuples coincide within conntrack's lifetime trip a
-# ciliary datapath bug (see shared_backend_check), which would otherwise dominate the numbers.
+# every N, so that the traffic numbers of one service are never influenced by conntrack
+# entries of another (see shared_backend_check for what happens when they share one).
 POSITIONS = ("first", "middle", "last")
 MAX_SIZES = 4
 
 
 def position_port(size_index: int, pos: str) -> int:
     return 8100 + 3 * size_index + POSITIONS.index(pos)
-MSG = b"q" * 32  # echoed, then the server closes first (TIME_WAIT stays on the server)
-HARD_DEADLINE = 870.0  # seconds; the full run must stay < 15 min
+
+
+HARD_DEADLINE = 870.0  # seconds; the full run of the sandbox part must stay < 15 min
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-# ---- pods --------------------------------------------------------------------------------
-
-
-class Server:
-    """TCP echo server in a pod namespace (one connection at a time; closes after MSG)."""
-
-    def __init__(self, netns: str, port: int):
-        def make() -> socket.socket:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", port))
-            s.listen(256)
-            s.settimeout(0.2)
-            return s
-
-        self.sock = N.run_in_netns(netns, make)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(2)
-                try:
-                    data = conn.recv(64)
-                    if data:
-                        conn.sendall(data)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(timeout=3)
-
-
-def _recv_exact(s: socket.socket, n: int) -> None:
-    got = 0
-    while got < n:
-        chunk = s.recv(n - got)
-        if not chunk:
-            raise ConnectionError("closed mid-reply")
-        got += len(chunk)
-
-
-def connections(netns: str, ip: str, port: int, count: int, seconds: float) -> dict[str, Any]:
-    """Sequential connect + request/response + close; connect() timed per connection."""
-
-    def run() -> tuple[list[int], float]:
-        lat: list[int] = []
-        clock = time.perf_counter_ns
-        start = time.perf_counter()
-        deadline = start + seconds
-        while len(lat) < count and time.perf_counter() < deadline:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                s.settimeout(2.0)
-                t0 = clock()
-                s.connect((ip, port))
-                lat.append(clock() - t0)
-                s.sendall(MSG)
-                _recv_exact(s, len(MSG))
-                s.recv(1)  # the server's FIN
-        return lat, time.perf_counter() - start
-
-    was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        lat, elapsed = N.run_in_netns(netns, run)
-    finally:
-        if was:
-            gc.enable()
-    lat.sort()
-
-    def pct(p: float) -> float:
-        return round(lat[min(len(lat) - 1, int(p * len(lat)))] / 1000, 1)
-
-    return {"connections": len(lat), "conn_per_s": round(len(lat) / elapsed, 1),
-            "connect_p50_us": pct(0.50), "connect_p99_us": pct(0.99)}
-
-
-def probe(netns: str, ip: str, port: int) -> bool:
-    try:
-        return connections(netns, ip, port, 1, 2.0)["connections"] == 1
-    except OSError:
-        return False
-
-
 # ---- kernel helpers ------------------------------------------------------------------------
-
-
-def tcp_counters(netns: str) -> dict[str, int]:
-    """SYN retransmits, resets sent and retransmitted segments of a namespace (/proc/net)."""
-
-    def read() -> dict[str, int]:
-        out = {}
-        for path, want in (("/proc/thread-self/net/snmp", {"Tcp": ("OutRsts", "RetransSegs", "AttemptFails")}),
-                           ("/proc/thread-self/net/netstat", {"TcpExt": ("TCPSynRetrans", "TCPTimeouts")})):
-            lines = open(path).read().splitlines()
-            for head, vals in zip(lines[::2], lines[1::2], strict=True):
-                names, values = head.split(), vals.split()
-                if names[0].rstrip(":") in want:
-                    for k in want[names[0].rstrip(":")]:
-                        out[k] = int(values[names.index(k)])
-        return out
-
-    return N.run_in_netns(netns, read)
 
 
 def kernel_mem_kb() -> int:
@@ -242,33 +134,6 @@ def memlock(table) -> int:
             if line.startswith("memlock:"):
                 return int(line.split()[1])
     return 0
-
-
-def _setns(netns: str) -> None:
-    fd = os.open(os.path.join(N.NETNS_RUN_DIR, netns), os.O_RDONLY)
-    try:
-        if _libc.setns(fd, 0x40000000) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {netns}")
-    finally:
-        os.close(fd)
-
-
-def run_in(netns: str, argv: list[str], stdin_path: str | None = None, capture: bool = False) -> tuple[float, bytes]:
-    """Run ``argv`` in a child that joined ``netns`` (never the root namespace); seconds, stdout."""
-    if not netns.startswith(N.PREFIX):
-        raise ValueError(f"refusing to run outside a ciliary namespace: {netns}")
-    stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL
-    try:
-        t0 = time.perf_counter()
-        p = subprocess.run(argv, stdin=stdin, stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, preexec_fn=lambda: _setns(netns), timeout=900)
-        sec = time.perf_counter() - t0
-    finally:
-        if stdin_path:
-            stdin.close()
-    if p.returncode != 0:
-        raise RuntimeError(f"{argv[0]} in {netns}: rc {p.returncode}: {p.stderr.decode()[:400]}")
-    return sec, p.stdout or b""
 
 
 def legacy_blob_bytes(netns: str) -> dict[str, int]:
@@ -301,14 +166,14 @@ def legacy_blob_bytes(netns: str) -> dict[str, int]:
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.cluster = "k" + secrets.token_hex(2)
+        self.box = S.Sandbox("k")
+        self.cluster = self.box.cluster
+        self.tmp = self.box.tmp
         self.start = time.monotonic()
         self.nodes: dict[str, N.NodeNet] = {}
         self.pods: dict[tuple[str, str], N.Endpoint] = {}
-        self.servers: list[Server] = []
         self.dp = None
         self.bpf_source = "?"
-        self.tmp = tempfile.mkdtemp(prefix="ciliary-servicelb-")
 
     def check_time(self) -> None:
         if time.monotonic() - self.start > self.args.deadline:
@@ -320,44 +185,29 @@ class Bench:
 
     def build(self) -> None:
         for mode, (ul, _, _) in MODES.items():
-            self.nodes[mode] = N.create_node(self.cluster, mode, ul)
+            self.nodes[mode] = self.box.node(mode, ul)
             for pod in ("client", *BACKENDS):
-                self.pods[(mode, pod)] = N.create_endpoint(self.cluster, mode, pod, self.pod_ip(mode, pod))
+                self.pods[(mode, pod)] = self.box.endpoint(mode, pod, self.pod_ip(mode, pod))
             for b in BACKENDS:
                 ports = [TARGET_PORT] + [position_port(k, p) for k in range(MAX_SIZES) for p in POSITIONS]
                 for port in ports:
-                    self.servers.append(Server(self.pods[(mode, b)].netns, port))
+                    self.box.server(self.pods[(mode, b)].netns, port)
 
     def load_datapath(self) -> float:
-        from services.node import datapath as D
-
-        def make():
-            return D.Datapath(self.cluster, "cil", self.nodes["cil"].netns, pin_root=PIN_ROOT,
-                              map_sizes=D.MapSizes(**MAP_SIZES))
-
-        self.dp = make()
+        self.dp = self.box.datapath("cil", self.nodes["cil"].netns, MAP_SIZES)
         try:
             sec = self.dp.load()
             self.bpf_source = "working tree"
         except Exception as e:
-            # The working tree's bpf/ may be mid-edit; fall back to the committed sources
-            # (read with `git archive`, nothing in the repository changes).
+            # The working tree's bpf/ may be mid-edit; fall back to the committed sources.
             if self.args.bpf_source != "auto":
                 raise
             print(f"datapath from the working tree does not load ({str(e)[:120]}); using bpf/ at HEAD",
                   flush=True)
             self.dp.close()
             self.dp.unpin()
-            head = Path(self.tmp) / "head"
-            head.mkdir()
-            archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD", "bpf"], check=True,
-                                     capture_output=True).stdout
-            subprocess.run(["tar", "-x", "-C", str(head)], input=archive, check=True)
-            D.BPF_DIR, D.PROGRAM = head / "bpf", head / "bpf" / "bpf_lxc.c"
-            rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                 capture_output=True, text=True).stdout.strip()
-            self.bpf_source = f"git HEAD {rev} (working tree did not load)"
-            self.dp = make()
+            self.bpf_source = self.box.use_bpf_at_head()
+            self.dp = self.box.datapath("cil", self.nodes["cil"].netns, MAP_SIZES)
             sec = self.dp.load()
         entries = []
         for i, pod in enumerate(("client", *BACKENDS)):
@@ -369,40 +219,7 @@ class Bench:
         return sec
 
     def cleanup(self) -> list[str]:
-        problems: list[str] = []
-        for s in self.servers:
-            try:
-                s.close()
-            except Exception as e:
-                problems.append(f"server: {e}")
-        if self.dp is not None:
-            try:
-                self.dp.close()
-            except Exception as e:
-                problems.append(f"datapath close: {e}")
-        try:
-            N.delete_cluster(self.cluster)
-        except Exception as e:
-            problems.append(f"delete_cluster: {e}")
-        if self.dp is not None:
-            try:
-                self.dp.unpin()
-            except Exception as e:
-                problems.append(f"unpin: {e}")
-        root = Path(PIN_ROOT, self.cluster)
-        if root.exists() and self.cluster.startswith("k"):
-            for node_dir in root.iterdir():
-                for p in node_dir.iterdir():
-                    p.unlink()
-                node_dir.rmdir()
-            root.rmdir()
-        if self.tmp.startswith(tempfile.gettempdir() + "/ciliary-servicelb-"):
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        if N.cluster_netns(self.cluster):
-            problems.append(f"namespaces left: {N.cluster_netns(self.cluster)}")
-        if root.exists():
-            problems.append(f"pins left: {root}")
-        return problems
+        return self.box.cleanup()
 
     # -- services
 
@@ -526,8 +343,8 @@ class Bench:
         rec.reconcile(ops, now=1000.0)
         return {
             "initial_load_s": round(initial, 4),
-            "update_map_ms": _ms_stats(raw),
-            "update_reconciler_ms": _ms_stats(recon),
+            "update_map_ms": S.ms_stats(raw),
+            "update_reconciler_ms": S.ms_stats(recon),
             "reconciler_restore_and_noop_sync_s": round(rec_sync, 3),
             "entries": counts,
             "memory": {"lb_maps_memlock_bytes": sum(memlock(t) for t in tables.values()),
@@ -543,12 +360,12 @@ class Bench:
         with open(path, "w") as f:
             f.write(text)
         argv = [MODES[mode][2]] + (["--noflush", "--counters"] if noflush else [])
-        sec, _ = run_in(self.nodes[mode].netns, argv, path)
+        sec, _ = S.run_in(self.nodes[mode].netns, argv, path)
         return sec
 
     def save(self, mode: str) -> bytes:
         binary = MODES[mode][2].replace("-restore", "-save")
-        return run_in(self.nodes[mode].netns, [binary], capture=True)[1]
+        return S.run_in(self.nodes[mode].netns, [binary], capture=True)[1]
 
     def iptables(self, mode: str, n: int) -> dict[str, Any]:
         self.restore(mode, K.flush_input(), noflush=False)
@@ -586,8 +403,8 @@ class Bench:
         return {
             "initial_load_s": round(initial, 4),
             "generate_s": round(gen, 4),
-            "update_full_ms": _ms_stats(full),
-            "update_partial_ms": _ms_stats(partial),
+            "update_full_ms": S.ms_stats(full),
+            "update_partial_ms": S.ms_stats(partial),
             "large_cluster_mode": large,
             "rules": {"nat_chains": cnt["nat"]["chains"], "nat_rules": cnt["nat"]["rules"],
                       "filter_rules": cnt["filter"]["rules"], "restore_input_bytes": len(text),
@@ -605,12 +422,12 @@ class Bench:
         return before - kernel_mem_kb()
 
     def shared_backend_check(self, n: int) -> dict[str, Any]:
-        """Reproduces a ciliary datapath bug: the first/middle/last services all reach the same
-        backends on the same port, and the client connects to them one after the other. A new
-        connection whose client port was used moments ago towards *another* VIP has the same
-        post-DNAT tuple as that closed connection; the datapath reopens the old conntrack entry,
-        and the SYN-ACK comes back reverse-NATed to the old VIP (or not at all), so the client
-        resets it and retransmits its SYN. Counted from the client's TCP counters."""
+        """The first/middle/last services all reach the same backends on the same port, and
+        the client connects to them one after the other. A new connection whose client port
+        was used moments ago towards *another* VIP has, after DNAT, the same tuple as a
+        connection the backend has just closed (and holds in TIME_WAIT). Counted per mode:
+        the client's SYN retransmits and resets, and the backends' TCP counters that changed
+        (PAWSTimewait: the backend's TIME_WAIT rejected the SYN)."""
         out: dict[str, Any] = {}
         ops = self.dp.maps
         shared = {mode: self.services(mode, n, shared=True) for mode in MODES}
@@ -620,16 +437,24 @@ class Bench:
             self.restore(mode, K.restore_input(shared[mode]))
         for mode in MODES:
             client = self.pods[(mode, "client")].netns
-            before = tcp_counters(client)
+            before = S.tcp_counters(client)
+            srv_before = [S.tcp_counters(self.pods[(mode, b)].netns, every=True) for b in BACKENDS]
             rows = []
             for _rnd in range(2):
                 for pos, idx in self.positions(n).items():
                     self.check_time()
-                    r = connections(client, self.vip(idx), VIP_PORT, 1000, 5.0)
+                    r = S.connections(client, self.vip(idx), VIP_PORT, 1000, 5.0)
                     rows.append({"pos": pos, "conn_per_s": r["conn_per_s"], "connections": r["connections"],
                                  "connect_p99_us": r["connect_p99_us"]})
-            after = tcp_counters(client)
+            after = S.tcp_counters(client)
+            srv_after = [S.tcp_counters(self.pods[(mode, b)].netns, every=True) for b in BACKENDS]
+            server = {}
+            for b_before, b_after in zip(srv_before, srv_after, strict=True):
+                for k, v in b_after.items():
+                    if v != b_before.get(k, 0):
+                        server[k] = server.get(k, 0) + v - b_before.get(k, 0)
             out[mode] = {"counters": {k: after[k] - before.get(k, 0) for k in after},
+                         "backend_counters_changed": dict(sorted(server.items())),
                          "connections": sum(r["connections"] for r in rows),
                          "conn_per_s_median": statistics.median(r["conn_per_s"] for r in rows), "runs": rows}
         # back to the per-position ports
@@ -644,7 +469,7 @@ class Bench:
         samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
         order = list(modes)
         for mode in order:  # settle each client once before the timed rounds
-            connections(self.pods[(mode, "client")].netns, self.vip(0), VIP_PORT, self.args.warmup, 2.0)
+            S.connections(self.pods[(mode, "client")].netns, self.vip(0), VIP_PORT, self.args.warmup, 2.0)
         for rnd in range(self.args.rounds):
             for p_i, (pos, idx) in enumerate(self.positions(n).items()):
                 vip = self.vip(idx)
@@ -653,12 +478,12 @@ class Bench:
                     self.check_time()
                     client = self.pods[(mode, "client")].netns
                     if rnd == 0:
-                        if not probe(client, vip, VIP_PORT):
+                        if not S.probe(client, vip, VIP_PORT):
                             raise RuntimeError(f"{mode} N={n}: {pos} service {vip}:{VIP_PORT} unreachable")
-                    connections(client, vip, VIP_PORT, self.args.warmup, 2.0)
-                    before = tcp_counters(client)
-                    row = connections(client, vip, VIP_PORT, self.args.conns, self.args.conn_seconds)
-                    after = tcp_counters(client)
+                    S.connections(client, vip, VIP_PORT, self.args.warmup, 2.0)
+                    before = S.tcp_counters(client)
+                    row = S.connections(client, vip, VIP_PORT, self.args.conns, self.args.conn_seconds)
+                    after = S.tcp_counters(client)
                     row["syn_retrans"] = after["TCPSynRetrans"] - before["TCPSynRetrans"]
                     row["resets_sent"] = after["OutRsts"] - before["OutRsts"]
                     samples.setdefault((mode, pos), []).append(row)
@@ -675,48 +500,185 @@ class Bench:
         return out
 
 
-def _ms_stats(secs: list[float]) -> dict[str, Any]:
-    ms = sorted(x * 1000 for x in secs)
-    return {"median": round(statistics.median(ms), 3), "min": round(ms[0], 3), "max": round(ms[-1], 3),
-            "samples": len(ms)}
+# ---- ciliary through its control plane: KV write -> pinned map -------------------------------
+
+KV_NODE = "node-1"
+
+
+def kv_service_doc(svc: K.ServicePort) -> str:
+    """A selector-less Service with its cluster IP requested (one named TCP port)."""
+    return (f"apiVersion: v1\nkind: Service\nmetadata: {{name: {svc.name}, namespace: {svc.namespace}}}\n"
+            f"spec:\n  clusterIP: {svc.cluster_ip}\n  ports:\n"
+            f"  - {{name: {svc.port_name}, port: {svc.port}, protocol: {svc.protocol}}}\n")
+
+
+def kv_slice_doc(svc: K.ServicePort) -> str:
+    """The Service's one manual EndpointSlice (``<name>-1``) listing its endpoints."""
+    port = svc.endpoints[0][1]
+    eps = "".join(f"- addresses: [{ip}]\n" for ip, _ in svc.endpoints)
+    return (f"apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {svc.name}-1\n"
+            f"  namespace: {svc.namespace}\n  labels: {{kubernetes.io/service-name: {svc.name}}}\n"
+            f"addressType: IPv4\nports:\n- {{name: {svc.port_name}, port: {port}, protocol: {svc.protocol}}}\n"
+            f"endpoints:\n{eps}")
+
+
+def kv_manifests(svcs: list[K.ServicePort]) -> str:
+    """One multi-document file: the namespace, then per service its Service and slice."""
+    docs = [f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {svcs[0].namespace}}}\n"]
+    for svc in svcs:
+        docs += [kv_service_doc(svc), kv_slice_doc(svc)]
+    return "---\n".join(docs)
+
+
+def kv_replace_endpoint(svc: K.ServicePort, rep: int) -> tuple[K.ServicePort, str]:
+    """``svc`` with its third endpoint replaced by a fresh unrouted address (never probed)."""
+    new_ip = f"10.208.{200 + rep // 250}.{rep % 250 + 1}"  # above the 10.208.0.1 + 3N generated ones
+    eps = (*svc.endpoints[:2], (new_ip, svc.endpoints[2][1]))
+    return K.ServicePort(svc.namespace, svc.name, svc.cluster_ip, svc.port, eps, svc.port_name,
+                         svc.protocol), new_ip
+
+
+class KernelFrontend:
+    """The node's view of one frontend, read from its pinned lb4 maps the way the datapath
+    reads them: slot 0 (count), slots 1..count (backend ids), backends (addresses)."""
+
+    def __init__(self, inst: S.EmbeddedInstance, vip: str, port: int):
+        self.services = S.PinnedMap(inst.pin(KV_NODE, L.LB4_SERVICES), L.Lb4Key, L.Lb4Service)
+        self.backends = S.PinnedMap(inst.pin(KV_NODE, L.LB4_BACKENDS), L.Lb4BackendKey, L.Lb4Backend)
+        self.key = L.Lb4Key(address=L.ip4(vip), dport=L.port(port), backend_slot=0, proto=L.IPPROTO_TCP)
+
+    def slot_addresses(self) -> set[str]:
+        self.key.backend_slot = 0
+        head = self.services.get(self.key)
+        out = set()
+        for slot in range(1, (head.count if head else 0) + 1):
+            self.key.backend_slot = slot
+            ent = self.services.get(self.key)
+            be = self.backends.get(L.Lb4BackendKey(backend_id=ent.backend_id)) if ent else None
+            if be is not None:
+                out.add(L.ip4_str(be.address))
+        return out
+
+    async def wait(self, cond, timeout: float, what: str, poll: float = 0.0005) -> float:
+        """Poll until ``cond(slot addresses)``; perf_counter time of the first poll that saw it
+        (the event loop keeps running in between, so the KV watch gets its timestamps)."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            now = time.perf_counter()
+            if cond(self.slot_addresses()):
+                return now
+            if now > deadline:
+                raise TimeoutError(f"{what}: not visible in the kernel after {timeout:.0f}s")
+            await asyncio.sleep(poll)
+
+    def close(self) -> None:
+        self.services.close()
+        self.backends.close()
+
+
+async def _kv_churn(url: str, svc: K.ServicePort, reps: int, fe: KernelFrontend) -> list[tuple[float, float]]:
+    """``reps`` times: replace one endpoint of ``svc``'s slice through the store API. Per
+    change, seconds from just before the write until (a) the KV write was acknowledged and
+    (b) the new backend is in one of the frontend's slots in the kernel. Restores the
+    original slice at the end (and waits until the kernel has it back)."""
+    from ciliary.bus import Bus
+    from ciliary.resources.loader import loads
+    from ciliary.store import ResourceStore
+
+    bus = await Bus.connect(url, "bench-servicelb", allow_reconnect=False)
+    try:
+        store = ResourceStore(bus)
+        old_ip = svc.endpoints[2][0]
+        out = []
+        for rep in range(reps):
+            new_svc, new_ip = kv_replace_endpoint(svc, rep)
+            resources = loads(kv_slice_doc(new_svc), "<bench>")
+            t0 = time.perf_counter()
+            await store.apply(resources)
+            t_ack = time.perf_counter()
+            t_seen = await fe.wait(lambda addrs, ip=new_ip: ip in addrs, 60, f"backend {new_ip}")
+            out.append((t_ack - t0, t_seen - t0))
+            await fe.wait(lambda addrs, ip=old_ip: ip not in addrs, 60, f"removal of {old_ip}", poll=0.005)
+            old_ip = new_ip
+            await asyncio.sleep(0.2)  # let servicelb and the executor go idle again
+        await store.apply(loads(kv_slice_doc(svc), "<bench>"))
+        await fe.wait(lambda addrs: svc.endpoints[2][0] in addrs, 60, "the original slice")
+        return out
+    finally:
+        await bus.close()
+
+
+def servicelb_detail(inst: S.EmbeddedInstance) -> dict[str, Any]:
+    """servicelb's health detail (``ciliary status -o json``): frontends, last_reconcile_ms ..."""
+    st = json.loads(inst.cli("status", "-o", "json", check=False).stdout or "{}")
+    return next((s.get("detail") or {} for s in st.get("services", []) if s.get("name") == "servicelb"), {})
+
+
+def kv_kernel(n: int, reps: int, load_timeout: float) -> dict[str, Any]:
+    """ciliary's whole path for N services: a throw-away embedded instance (``ciliary up -d
+    --nodes 1``), the N selector-less Services + manual EndpointSlices loaded with one
+    ``ciliary apply -f``, then ``reps`` one-endpoint changes timed from the KV write until
+    the new backend is in the node's pinned lb4 maps (read directly, no CLI)."""
+    svcs = K.synthetic_services(n)
+    churned = svcs[n // 2 + 1 if n > 2 else 0]
+    with S.EmbeddedInstance("k", cluster_id=200 + secrets.randbelow(50)) as inst:
+        print(f"  kv N={n}: instance {inst.cluster} up in {inst.up_seconds:.1f}s", flush=True)
+        path = inst.data_dir / "services.yaml"
+        path.write_text(kv_manifests(svcs))
+        fe = KernelFrontend(inst, churned.cluster_ip, churned.port)
+        try:
+            t0 = time.monotonic()
+            inst.cli("apply", "-f", str(path), timeout=load_timeout)
+            apply_s = time.monotonic() - t0
+            print(f"  kv N={n}: ciliary apply -f of {2 * n + 1} objects took {apply_s:.1f}s", flush=True)
+            want, last, seen = 4 * n, 0.0, 0
+            while (seen := fe.services.count()) < want:
+                if time.monotonic() - t0 > load_timeout:
+                    raise TimeoutError(f"kv N={n}: {seen}/{want} lb4 service entries after {load_timeout:.0f}s")
+                if time.monotonic() - last >= 5:
+                    print(f"  kv N={n}: {seen}/{want} lb4 service entries in the kernel "
+                          f"({time.monotonic() - t0:.0f}s)", flush=True)
+                    last = time.monotonic()
+                time.sleep(0.2)
+            load_s = time.monotonic() - t0
+            print(f"  kv N={n}: all {want} lb4 service entries in the kernel after {load_s:.1f}s", flush=True)
+            if churned.endpoints[2][0] not in fe.slot_addresses():
+                raise RuntimeError(f"kv N={n}: {churned.name} not in the kernel as generated")
+            samples = asyncio.run(_kv_churn(inst.nats_url(), churned, reps, fe))
+            detail = servicelb_detail(inst)
+        finally:
+            fe.close()
+    problems = inst.problems
+    if problems:
+        raise RuntimeError(f"kv N={n}: " + "; ".join(problems))
+    return {"instance_up_s": round(inst.up_seconds, 1), "apply_s": round(apply_s, 2),
+            "load_to_kernel_s": round(load_s, 2), "churned_service": f"{churned.namespace}/{churned.name}",
+            "kv_write_ack_ms": S.ms_stats([a for a, _ in samples]),
+            "kv_to_kernel_ms": S.ms_stats([k for _, k in samples]),
+            "servicelb_last_reconcile_ms": detail.get("last_reconcile_ms"),
+            "servicelb_detail": detail}
 
 
 # ---- output ---------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ver = {}
-    for b in ("iptables-nft", "iptables-legacy"):
-        try:
-            ver[b] = subprocess.run([f"/usr/sbin/{b}", "--version"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            ver[b] = "?"
-    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu,
-            "python": platform.python_version(), **ver,
-            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 def ratio(a: float, b: float) -> float:
     return float(f"{a / b:.3g}") if b else float("nan")
 
 
-def summarize(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(rows: dict[str, dict[str, Any]], kv: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for n_str, r in rows.items():
         cil = r["cil"]
+        kvr = kv.get(n_str, {}).get("kv_to_kernel_ms")
         for mode in ("nft", "leg"):
             if mode not in r:
                 continue
             ipt = r[mode]
-            mem_ipt_kb = max(ipt["memory"]["kernel_mem_delta_load_kb"], 1)
+            # legacy: the exact rule blob the kernel holds; nft: the (noisy) meminfo delta
+            blob = ipt["memory"].get("legacy_blob")
+            mem_ipt = (blob["nat_bytes"] + blob["filter_bytes"] if blob
+                       else max(ipt["memory"]["kernel_mem_delta_load_kb"], 1) * 1024)
             row = {
                 "N": int(n_str), "vs": mode,
                 "update_ms_cil_map": cil["update_map_ms"]["median"],
@@ -725,10 +687,15 @@ def summarize(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "update_ms_ipt_partial": ipt["update_partial_ms"]["median"],
                 "update_ratio_full": ratio(cil["update_map_ms"]["median"], ipt["update_full_ms"]["median"]),
                 "update_ratio_partial": ratio(cil["update_map_ms"]["median"], ipt["update_partial_ms"]["median"]),
+                "update_ms_cil_kv_kernel_p50": kvr["p50"] if kvr else None,
+                "update_ms_cil_kv_kernel_p99": kvr["p99"] if kvr else None,
+                "update_ratio_kv_full": ratio(kvr["p50"], ipt["update_full_ms"]["median"]) if kvr else None,
+                "update_ratio_kv_partial": ratio(kvr["p50"], ipt["update_partial_ms"]["median"]) if kvr else None,
                 "initial_load_ratio": ratio(cil["initial_load_s"], ipt["initial_load_s"]),
                 "mem_cil_bytes": cil["memory"]["lb_maps_memlock_bytes"],
-                "mem_ipt_bytes": mem_ipt_kb * 1024,
-                "mem_ratio": ratio(cil["memory"]["lb_maps_memlock_bytes"], mem_ipt_kb * 1024),
+                "mem_ipt_bytes": mem_ipt,
+                "mem_ipt_source": "legacy rule blob" if blob else "meminfo delta",
+                "mem_ratio": ratio(cil["memory"]["lb_maps_memlock_bytes"], mem_ipt),
             }
             for pos in ("first", "middle", "last"):
                 c, i = cil["traffic"][pos], ipt["traffic"][pos]
@@ -744,12 +711,31 @@ def summarize(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def render(res: dict[str, Any]) -> str:
     rows = res["ratios"]
     out = ["Ratios ciliary / kube-proxy iptables (< 1 = ciliary smaller/faster, except conn/s: > 1 = ciliary faster)"]
+    def g(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2g}"
+
     out.append(output.table(
-        ["N", "vs", "1-svc update", "(partial)", "connect p50 first", "p50 last", "p99 last",
-         "conn/s first", "conn/s last", "memory"],
-        [[r["N"], r["vs"], f"{r['update_ratio_full']:.2g}", f"{r['update_ratio_partial']:.2g}",
+        ["N", "vs", "1-svc update", "(partial)", "ciliary kv->kernel", "(partial)", "connect p50 first",
+         "p50 last", "p99 last", "conn/s first", "conn/s last", "memory"],
+        [[r["N"], r["vs"], g(r["update_ratio_full"]), g(r["update_ratio_partial"]),
+          g(r.get("update_ratio_kv_full")), g(r.get("update_ratio_kv_partial")),
           f"{r['p50_ratio_first']:.2f}", f"{r['p50_ratio_last']:.2f}", f"{r['p99_ratio_last']:.2f}",
           f"{r['cps_ratio_first']:.2f}", f"{r['cps_ratio_last']:.2f}", f"{r['mem_ratio']:.2f}"] for r in rows]))
+    out.append("(1-svc update: ciliary map write / iptables full and partial restore; ciliary kv->kernel: "
+               "p50 from the KV write to the new backend in the kernel / the same restores)")
+    kv = {n: r for n, r in res.get("kv_kernel", {}).items() if "kv_to_kernel_ms" in r}
+    if kv:
+        out.append("")
+        out.append("ciliary through its control plane: one EndpointSlice change, KV write -> backend in the "
+                   "node's pinned lb4 maps (ms)")
+        out.append(output.table(
+            ["N", "p50", "p99", "min", "max", "changes", "KV write ack p50", "servicelb reconcile", "apply -f s",
+             "load to kernel s"],
+            [[n, r["kv_to_kernel_ms"]["p50"], r["kv_to_kernel_ms"]["p99"], r["kv_to_kernel_ms"]["min"],
+              r["kv_to_kernel_ms"]["max"], r["kv_to_kernel_ms"]["samples"], r["kv_write_ack_ms"]["p50"],
+              r.get("servicelb_last_reconcile_ms"), r["apply_s"], r["load_to_kernel_s"]] for n, r in kv.items()]))
+    if not res["by_n"]:
+        return "\n".join(out)
     out.append("")
     out.append("Absolute values (medians)")
     abs_rows = []
@@ -807,6 +793,9 @@ def plot(res: dict[str, Any], dest: Path) -> str:
     ax.plot(ns, [by[str(n)]["cil"]["update_map_ms"]["median"] for n in ns], "o-", c=colors["cil"], label="ciliary map")
     ax.plot(ns, [by[str(n)]["cil"]["update_reconciler_ms"]["median"] for n in ns], "o--", c=colors["cil"],
             label="ciliary reconciler")
+    kv = {int(n): r["kv_to_kernel_ms"]["p50"] for n, r in res.get("kv_kernel", {}).items() if "kv_to_kernel_ms" in r}
+    if kv:
+        ax.plot(sorted(kv), [kv[n] for n in sorted(kv)], "^-.", c=colors["cil"], label="ciliary kv->kernel p50")
     for m in ("nft", "leg"):
         ax.plot(ns_of(m), [by[str(n)][m]["update_full_ms"]["median"] for n in ns_of(m)], "s-", c=colors[m],
                 label=f"{m} full")
@@ -851,9 +840,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", dest="sizes_arg", default=None,
                         help="comma-separated N values instead of the default set (at most 4)")
     parser.add_argument("--deadline", type=float, default=HARD_DEADLINE,
-                        help=f"abort after this many seconds (default {HARD_DEADLINE:.0f})")
+                        help=f"abort the sandbox part after this many seconds (default {HARD_DEADLINE:.0f})")
     parser.add_argument("--nft-max", type=int, default=5000,
                         help="largest N measured with iptables-nft (its restore time grows steeply)")
+    parser.add_argument("--kv-max", type=int, default=10000,
+                        help="largest N measured through the embedded control plane (0: skip that part)")
+    parser.add_argument("--kv-reps", type=int, default=None,
+                        help="one-endpoint changes per N through the control plane (default 20; --quick 10)")
+    parser.add_argument("--kv-only", action="store_true",
+                        help="only the control-plane part (no sandbox, no iptables)")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"results file (default {RESULTS.relative_to(REPO)}; --quick: none)")
     args = parser.parse_args(argv)
@@ -863,38 +858,81 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.sizes, args.update_reps, args.conns, args.conn_seconds, args.warmup, args.rounds = \
             [100, 1000, 5000, 10000], 5, 1000, 3.0, 100, 3
+    if args.kv_reps is None:
+        args.kv_reps = 10 if args.quick else 20
     if args.sizes_arg:
         args.sizes = [int(x) for x in args.sizes_arg.split(",")][:MAX_SIZES]
     if os.geteuid() != 0:
         print("needs root (namespaces, bpf, iptables in namespaces)", file=sys.stderr)
         return 2
-    main_pid = os.getpid()
-
-    def on_term(signum, _frame):
-        if os.getpid() != main_pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    pinned = max(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {pinned})
-    bench = Bench(args)
-    print(f"cluster {bench.cluster}: namespaces ciliary-{bench.cluster}-*, pins {PIN_ROOT}/{bench.cluster}",
-          flush=True)
+    S.install_sigterm()
+    pinned = S.pin_one_cpu()
     res: dict[str, Any] = {
         "command": " ".join([".venv/bin/python", "bench/servicelb.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(),
+        "machine": S.machine(tuple(f"/usr/sbin/{b}" for b in ("iptables-nft", "iptables-legacy"))),
         "params": {"sizes": args.sizes, "endpoints_per_service": 3, "update_reps": args.update_reps,
                    "connections": args.conns, "connection_seconds": args.conn_seconds,
-                   "warmup_connections": args.warmup, "traffic_rounds": args.rounds, "nft_max": args.nft_max, "pinned_cpu": pinned, "map_sizes": MAP_SIZES,
-                   "cluster_cidr": K.Options().cluster_cidr},
+                   "warmup_connections": args.warmup, "traffic_rounds": args.rounds, "nft_max": args.nft_max,
+                   "kv_max": args.kv_max, "kv_reps": args.kv_reps, "pinned_cpu": pinned,
+                   "map_sizes": MAP_SIZES, "cluster_cidr": K.Options().cluster_cidr},
         "by_n": {},
         "load_average": [os.getloadavg()[0]],
     }
     t_start = time.monotonic()
     problems: list[str] = []
+    if not args.kv_only:
+        problems += sandbox_part(args, res)
+    res["sandbox_seconds"] = round(time.monotonic() - t_start, 1)
+    kv_sizes = [n for n in args.sizes if n <= args.kv_max]
+    if kv_sizes:
+        t0 = time.monotonic()
+        res["kv_kernel"] = {}
+        skipped = [n for n in args.sizes if n > args.kv_max]
+        if skipped:
+            res["kv_kernel_skipped"] = f"N > --kv-max {args.kv_max}: {skipped}"
+        print(f"ciliary through the control plane (KV write -> pinned lb4 map), N = {kv_sizes}", flush=True)
+        for n in kv_sizes:
+            try:
+                r = kv_kernel(n, args.kv_reps, load_timeout=1200.0)
+            except Exception as e:  # recorded, the other sizes still run
+                problems.append(f"kv N={n}: {e}")
+                print(f"  kv N={n} failed: {e}", file=sys.stderr, flush=True)
+                res["kv_kernel"][str(n)] = {"error": str(e)[:400]}
+                continue
+            res["kv_kernel"][str(n)] = r
+            res["load_average"].append(os.getloadavg()[0])
+            print(f"N={n:>6} ciliary kv->kernel: p50 {r['kv_to_kernel_ms']['p50']} ms, p99 "
+                  f"{r['kv_to_kernel_ms']['p99']} ms (write ack p50 {r['kv_write_ack_ms']['p50']} ms); load "
+                  f"{r['load_to_kernel_s']}s", flush=True)
+        res["kv_seconds"] = round(time.monotonic() - t0, 1)
+    res["wall_seconds"] = round(time.monotonic() - t_start, 1)
+    res["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    res["ratios"] = summarize(res["by_n"], res.get("kv_kernel", {}))
+    print()
+    print(render(res))
+    dest = args.output or (None if args.quick else RESULTS)
+    if dest is not None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():  # a separate run stored beside this one stays
+            try:
+                kept = json.loads(dest.read_text()).get("supplementary")
+            except ValueError:
+                kept = None
+            if kept:
+                res["supplementary"] = kept
+        dest.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"\nwrote {dest}")
+        if res["by_n"]:
+            print(plot(res, dest.with_suffix(".png")))
+    return 1 if problems else 0
+
+
+def sandbox_part(args: argparse.Namespace, res: dict[str, Any]) -> list[str]:
+    """The head-to-head in the sandbox cluster (steps 1-5 of the module docstring); returns
+    cleanup problems."""
+    bench = Bench(args)
+    print(f"cluster {bench.cluster}: namespaces ciliary-{bench.cluster}-*, pins {PIN_ROOT}/{bench.cluster}",
+          flush=True)
     try:
         bench.build()
         res["datapath_load_s"] = round(bench.load_datapath(), 2)
@@ -934,19 +972,9 @@ def main(argv: list[str] | None = None) -> int:
         problems = bench.cleanup()
         if problems:
             print("cleanup problems: " + "; ".join(problems), file=sys.stderr)
-    res["wall_seconds"] = round(time.monotonic() - t_start, 1)
-    res["cleanup"] = {"namespaces_left": N.cluster_netns(bench.cluster),
-                      "pins_left": Path(PIN_ROOT, bench.cluster).exists()}
-    res["ratios"] = summarize(res["by_n"])
-    print()
-    print(render(res))
-    dest = args.output or (None if args.quick else RESULTS)
-    if dest is not None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"\nwrote {dest}")
-        print(plot(res, dest.with_suffix(".png")))
-    return 1 if problems else 0
+        res["cleanup"] = {"namespaces_left": N.cluster_netns(bench.cluster),
+                          "pins_left": Path(PIN_ROOT, bench.cluster).exists()}
+    return problems
 
 
 if __name__ == "__main__":
