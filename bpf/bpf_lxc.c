@@ -148,7 +148,7 @@ static __always_inline int enforce_policy(struct flow_ctx *c, const struct endpo
 
 	if (!(ep->flags & enforce))
 		return 0;
-	ret = policy_check(ep->identity, peer, c->p.dport, c->p.proto, c->direction, &pr);
+	ret = policy_check(ep->identity, peer, policy_dport(&c->p), c->p.proto, c->direction, &pr);
 	c->rule_ref = pr.rule_ref;
 	if (ret == 0)
 		return 0;

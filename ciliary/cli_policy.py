@@ -2,9 +2,13 @@
 
 Invariants:
 - ``trace`` sends no traffic: the policy service evaluates the policies in force for the
-  two label sets (or a CIDR) and answers with the verdict and the exact rules per
-  direction. A pod named on the command line is resolved to the labels of the identity
-  the identity service gave it.
+  two sides and answers with the verdict and the exact rules per direction. A side is a
+  pod (resolved to the labels of the identity the identity service gave it), labels, or
+  an IP/CIDR (resolved by the service to the identity the ipcache maps it to: a pod, a
+  node, a policy CIDR or world).
+- Traffic from an endpoint to itself (the same pod named twice, or a pod and its own IP)
+  is not subject to policy, as in Cilium: ``trace`` says so and allows it without asking
+  the policy service.
 - ``get`` shows each policy with the state its policy service reported (ok / error with
   the reason), its warnings (accepted but not enforced) and the endpoints it selects.
 - The CLI never imports a service package; it talks to services over NATS.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+from dataclasses import dataclass, field
 from typing import Any
 
 from ciliary import output, schema
@@ -55,6 +60,48 @@ def parse_labels(value: str) -> list[str]:
     return sorted(labels)
 
 
+SELF_REASON = "self"
+
+
+@dataclass
+class _Side:
+    labels: list[str] = field(default_factory=list)
+    identity: int = 0
+    cidr: str = ""
+    pod: str = ""  # namespace/name when the side is a known pod
+
+
+async def _side(bus: Bus, value: str) -> _Side:
+    if _is_cidr(value):
+        return _Side(cidr=value, pod=await _pod_at(bus, value))
+    if "=" in value:
+        return _Side(labels=parse_labels(value))
+    labels, identity = await _pod_labels(bus, value)
+    namespace, _, name = value.rpartition("/")
+    return _Side(labels=labels, identity=identity, pod=f"{namespace or 'default'}/{name}")
+
+
+async def _pod_at(bus: Bus, value: str) -> str:
+    """The pod whose IP a host address (``/32``, ``/128`` or a bare IP) is, else ``""``."""
+    net = ipaddress.ip_network(value, strict=False)
+    if net.prefixlen != net.max_prefixlen:
+        return ""
+    key = schema.ipcache_key(f"{net.network_address}/{net.prefixlen}")
+    found = await bus.kv_get_record(schema.BUCKET_IPCACHE, key, schema.IPCacheRecord)
+    if found is None or found[0].source != "pod" or not found[0].pod:
+        return ""
+    return f"{found[0].namespace or 'default'}/{found[0].pod}"
+
+
+def self_reply() -> schema.PolicyTraceReply:
+    """Traffic from an endpoint to itself: not subject to policy."""
+    return schema.PolicyTraceReply(
+        verdict="allow",
+        egress=schema.PolicyTraceStep(direction="egress", verdict="allow", reason=SELF_REASON),
+        ingress=schema.PolicyTraceStep(direction="ingress", verdict="allow", reason=SELF_REASON),
+    )
+
+
 async def _pod_labels(bus: Bus, ref: str) -> tuple[list[str], int]:
     namespace, _, name = ref.rpartition("/")
     namespace = namespace or "default"
@@ -88,22 +135,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
     port, proto = parse_port(args.port)
 
     async def work(bus: Bus) -> schema.PolicyTraceReply:
-        from_identity = to_identity = 0
-        if "=" in args.source:
-            from_labels = parse_labels(args.source)
-        else:
-            from_labels, from_identity = await _pod_labels(bus, args.source)
-        to_labels: list[str] = []
-        to_cidr = ""
-        if _is_cidr(args.destination):
-            to_cidr = args.destination
-        elif "=" in args.destination:
-            to_labels = parse_labels(args.destination)
-        else:
-            to_labels, to_identity = await _pod_labels(bus, args.destination)
+        src = await _side(bus, args.source)
+        dst = await _side(bus, args.destination)
+        if src.pod and src.pod == dst.pod:
+            return self_reply()
         req = schema.PolicyTraceRequest(
-            from_labels=from_labels, to_labels=to_labels, to_cidr=to_cidr, port=port, proto=proto,
-            from_identity=from_identity, to_identity=to_identity,
+            from_labels=src.labels, from_cidr=src.cidr, from_identity=src.identity,
+            to_labels=dst.labels, to_cidr=dst.cidr, to_identity=dst.identity,
+            port=port, proto=proto,
         )
         try:
             return await bus.request(schema.SUBJECT_POLICY_TRACE, req, schema.PolicyTraceReply, timeout=5)
@@ -119,6 +158,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
         print(output.to_json(msgspec.to_builtins(reply)))
         return 0
     print(f"Tracing {args.source} -> {args.destination} {port}/{proto}")
+    if reply.egress is not None and reply.egress.reason == SELF_REASON:
+        print("  traffic from an endpoint to itself is not subject to policy")
+        print(f"Final verdict: {reply.verdict.upper()}")
+        return 0
     for step in (reply.egress, reply.ingress):
         if step is None:
             continue
@@ -170,7 +213,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     pol = sub.add_parser("policy", parents=[common], help="policy trace and status")
     pol_sub = pol.add_subparsers(dest="policy_command", required=True)
     p = pol_sub.add_parser("trace", parents=[common], help="verdict and rules for a flow, without sending it")
-    p.add_argument("--from", dest="source", required=True, help="POD (ns/name) or labels k=v,...")
+    p.add_argument("--from", dest="source", required=True, help="POD (ns/name), labels k=v,... or an IP/CIDR")
     p.add_argument("--to", dest="destination", required=True, help="POD, labels k=v,... or a CIDR/IP")
     p.add_argument("--port", required=True, help="PORT[/PROTO], e.g. 8080/TCP")
     p.add_argument("-o", "--output", choices=["text", "json"], default="text")

@@ -87,6 +87,8 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct flow_
 	ev->tcp_flags = c->p.tcp_flags;
 	ev->is_reply = c->ct_state == CT_REPLY;
 	ev->ct_state = c->ct_state;
+	ev->icmp_type = c->p.icmp_type;
+	ev->icmp_code = c->p.icmp_code;
 	if (is_dns(c)) {
 		off = c->p.l4_off + 8;
 		if (skb->len > off) {

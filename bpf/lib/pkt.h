@@ -6,7 +6,11 @@
  *  - Headers are copied with bpf_skb_load_bytes, so no packet pointer is held
  *    across helpers that modify the packet.
  *  - ICMP echo is given ports so that request and reply reverse to each other:
- *    request (id, 0), reply (0, id). Other ICMP types are CT_RELATED.
+ *    request (id, 0), reply (0, id). ICMP errors (destination unreachable, time
+ *    exceeded, parameter problem) are CT_RELATED; every other ICMP type has
+ *    ports (0, 0) and is tracked and policed like any other flow.
+ *  - icmp_type / icmp_code hold the ICMP header's type and code (0 for other
+ *    protocols): policy keys ICMP by type (lib/policy.h), flow events carry both.
  *  - Every rewrite updates the L3 checksum and the L4 checksum (including the
  *    pseudo header) with bpf_l3_csum_replace/bpf_l4_csum_replace.
  */
@@ -35,8 +39,10 @@ struct pkt {
 	__be16 dport;
 	__u8 proto;
 	__u8 tcp_flags;
-	__u8 related;		/* ICMP error / non-echo ICMP */
-	__u8 pad;
+	__u8 related;		/* ICMP error */
+	__u8 icmp_type;
+	__u8 icmp_code;
+	__u8 pad[3];
 };
 
 static __always_inline int pkt_parse(struct __sk_buff *skb, struct pkt *p)
@@ -60,6 +66,8 @@ static __always_inline int pkt_parse(struct __sk_buff *skb, struct pkt *p)
 	p->dport = 0;
 	p->tcp_flags = 0;
 	p->related = 0;
+	p->icmp_type = 0;
+	p->icmp_code = 0;
 
 	switch (ip.protocol) {
 	case IPPROTO_TCP:
@@ -78,12 +86,23 @@ static __always_inline int pkt_parse(struct __sk_buff *skb, struct pkt *p)
 	case IPPROTO_ICMP:
 		if (bpf_skb_load_bytes(skb, p->l4_off, l4, 8) < 0)
 			return -DROP_CT_INVALID_HDR;
-		if (l4[0] == ICMP_ECHO)
+		p->icmp_type = l4[0];
+		p->icmp_code = l4[1];
+		switch (l4[0]) {
+		case ICMP_ECHO:
 			p->sport = *(__be16 *)&l4[4];
-		else if (l4[0] == ICMP_ECHOREPLY)
+			break;
+		case ICMP_ECHOREPLY:
 			p->dport = *(__be16 *)&l4[4];
-		else
+			break;
+		case ICMP_DEST_UNREACH:
+		case ICMP_TIME_EXCEEDED:
+		case ICMP_PARAMETERPROB:
 			p->related = 1;
+			break;
+		default:
+			break;
+		}
 		break;
 	default:
 		break;

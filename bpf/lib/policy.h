@@ -10,17 +10,26 @@
  *    matching deny is DROP_POLICY_DENY (181), as in Cilium.
  *  - Whether a direction is enforced at all is the endpoint's EP_F_POLICY_*
  *    flag; the caller skips this lookup when it is clear (allow all).
+ *  - ICMP is looked up with the ICMP type as the port (policy_dport), Cilium's
+ *    encoding of `icmps` rules; the echo id stays in the conntrack ports.
  */
 #ifndef CILIARY_LIB_POLICY_H
 #define CILIARY_LIB_POLICY_H
 
 #include "types.h"
 #include "drop.h"
+#include "pkt.h"
 
 struct policy_result {
 	__u32 rule_ref;
 	__u8 flags;		/* POLICY_F_* of the deciding entry */
 };
+
+/* The port a packet is looked up with: its destination port, or its ICMP type. */
+static __always_inline __be16 policy_dport(const struct pkt *p)
+{
+	return p->proto == IPPROTO_ICMP ? bpf_htons((__u16)p->icmp_type) : p->dport;
+}
 
 /* Returns 0 when allowed, -DROP_POLICY or -DROP_POLICY_DENY otherwise. */
 static __always_inline int policy_check(__u32 local_id, __u32 peer_id, __be16 dport,

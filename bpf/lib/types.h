@@ -273,7 +273,8 @@ struct flow_event {
 	__u8 is_reply;
 	__u8 ct_state;		/* CT_* */
 	__u16 payload_len;	/* bytes valid in payload (UDP/53 only) */
-	__u16 pad;
+	__u8 icmp_type;		/* ICMP type and code, 0 for other protocols */
+	__u8 icmp_code;
 	__u8 payload[EVENT_PAYLOAD_LEN];
 };
 

@@ -51,6 +51,8 @@ def to_raw(event: L.FlowEvent) -> schema.RawFlowEvent:
         is_reply=bool(event.is_reply),
         ct_state=event.ct_state,
         payload=event.payload_bytes(),
+        icmp_type=event.icmp_type,
+        icmp_code=event.icmp_code,
     )
 
 

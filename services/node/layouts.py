@@ -358,7 +358,8 @@ class FlowEvent(Layout):
         ("is_reply", ct.c_uint8),
         ("ct_state", ct.c_uint8),
         ("payload_len", ct.c_uint16),
-        ("pad", ct.c_uint16),
+        ("icmp_type", ct.c_uint8),
+        ("icmp_code", ct.c_uint8),
         ("payload", ct.c_uint8 * EVENT_PAYLOAD_LEN),
     ]
 

@@ -59,16 +59,29 @@ def desired_policy_bucket(
 ) -> dict[str, bytes]:
     """Every key of bucket ``policy`` as it should be (encoded values)."""
     out: dict[str, bytes] = {}
-    for ident, ip in res.identities.items():
-        key = schema.policy_key(ident)
-        if ip.error:
-            if key in current:
-                out[key] = current[key]
-                continue
-            out[key] = schema.encode(fail_closed_record(ip, cluster, cluster_id, status_keys))
-            continue
-        out[key] = schema.encode(identity_record(ip, cluster, cluster_id, status_keys))
+    update_desired(out, res, res.identities.keys(), cluster, cluster_id, status_keys, current)
     return out
+
+
+def update_desired(
+    desired: dict[str, bytes], res: Resolution, changed: Iterable[int], cluster: str,
+    cluster_id: int, status_keys: Mapping[PolicyKey, str], current: Mapping[str, bytes],
+) -> None:
+    """Bring `desired` (as `desired_policy_bucket` made it for the previous resolution) up
+    to date: only the identities in `changed` are re-encoded, plus those in error (whose
+    record depends on what is currently written)."""
+    redo = set(changed) | {i for i, ip in res.identities.items() if ip.error}
+    for ident in redo:
+        key = schema.policy_key(ident)
+        ip = res.identities.get(ident)
+        if ip is None:
+            desired.pop(key, None)
+        elif not ip.error:
+            desired[key] = schema.encode(identity_record(ip, cluster, cluster_id, status_keys))
+        elif key in current:
+            desired[key] = current[key]
+        else:
+            desired[key] = schema.encode(fail_closed_record(ip, cluster, cluster_id, status_keys))
 
 
 def status_payload(st: PolicyStatus) -> dict[str, Any]:

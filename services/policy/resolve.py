@@ -193,7 +193,7 @@ def resolve_policy(
     for pol in norm:
         selected: set[int] = set()
         for rule in pol.rules:
-            for ident in cache.selections(rule.subject):
+            for ident in cache.members(rule.subject):
                 if ident not in locals_ or (ident == ID_HOST) != rule.node_subject:
                     continue
                 selecting.setdefault(ident, []).append(rule)
@@ -231,17 +231,7 @@ def _resolve_identity(
     opts: ResolveOptions,
 ) -> IdentityPolicy:
     audit = opts.audit_mode or ident in opts.audit_identities
-    merged: dict[tuple[str, int, int, int, int], tuple[str, RuleRef]] = {}
-
-    def add(direction: str, peer: int, port: int, end: int, proto: int, verdict: str,
-            ref: RuleRef) -> None:
-        key = (direction, peer, proto, port, end)
-        old = merged.get(key)
-        if old is None or (verdict == DENY and old[0] == ALLOW) or (
-            verdict == old[0] and ref < old[1]
-        ):
-            merged[key] = (verdict, ref)
-
+    merged: Merged = {}
     default_deny = [False, False]
     has = [False, False]
     for rule in rules:
@@ -259,7 +249,8 @@ def _resolve_identity(
                 if per_peer:
                     ports = section_ports(section, ident, peer, named)
                 for port, end, proto in ports:
-                    add(section.direction, peer, port, end, proto, verdict, section.ref)
+                    merge_entry(merged, (section.direction, peer, proto, port, end), verdict,
+                                section.ref)
     enforced = [default_deny[d] or has[d] for d in (0, 1)]
     for d, direction in enumerate(DIRECTIONS):
         # the allow-all that keeps a direction without default deny open; a rule that
@@ -269,19 +260,40 @@ def _resolve_identity(
                               (ALLOW, default_allow_ref(direction)))
     if opts.allow_localhost and enforced[0] and ident != ID_HOST:
         merged.setdefault(("ingress", ID_HOST, PROTO_ANY, 0, 0), (ALLOW, LOCALHOST_REF))
-    entries = tuple(
-        PolicyEntry(peer, port, end, proto, direction, verdict, audit and verdict == DENY, ref)
-        for (direction, peer, proto, port, end), (verdict, ref) in sorted(merged.items())
-    )
-    error = ""
-    keys = map_keys(entries)
-    if keys > opts.max_entries:
-        error = (f"policy map overflow for identity {ident}: {keys} entries exceed "
-                 f"the limit of {opts.max_entries}")
+    entries = tuple(make_entries(merged, audit))
+    error = overflow_error(ident, map_keys(entries), opts)
     return IdentityPolicy(
         ident, enforced[0], enforced[1], default_deny[0], default_deny[1], audit, entries,
         tuple(sorted({r.policy for r in rules})), error,
     )
+
+
+EntryKey = tuple[str, int, int, int, int]  # direction, peer, proto, port, end_port
+Merged = dict[EntryKey, tuple[str, RuleRef]]
+
+
+def merge_entry(merged: Merged, key: EntryKey, verdict: str, ref: RuleRef) -> None:
+    """Add one rule's contribution to a key: deny beats allow, then the smallest ref."""
+    old = merged.get(key)
+    if old is None or (verdict == DENY and old[0] == ALLOW) or (
+        verdict == old[0] and ref < old[1]
+    ):
+        merged[key] = (verdict, ref)
+
+
+def make_entries(merged: Merged, audit: bool) -> list[PolicyEntry]:
+    """Merged keys as entries, sorted by key."""
+    return [
+        PolicyEntry(peer, port, end, proto, direction, verdict, audit and verdict == DENY, ref)
+        for (direction, peer, proto, port, end), (verdict, ref) in sorted(merged.items())
+    ]
+
+
+def overflow_error(ident: int, keys: int, opts: ResolveOptions) -> str:
+    if keys <= opts.max_entries:
+        return ""
+    return (f"policy map overflow for identity {ident}: {keys} entries exceed "
+            f"the limit of {opts.max_entries}")
 
 
 def map_keys(entries: Iterable[PolicyEntry]) -> int:
@@ -297,7 +309,7 @@ def section_peers(section: Section, cache: SelectorCache) -> list[int]:
     for sel in section.peers:
         if sel.kind == "all":
             return [0]
-        peers |= cache.selections(sel)
+        peers |= cache.members(sel)
     return sorted(peers)
 
 

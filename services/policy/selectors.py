@@ -15,13 +15,15 @@ Invariants:
 - Selectors are frozen and hashable: equal selectors share one cache slot.
 - `SelectorCache` answers "which identities does this selector select"; after any sequence
   of `update` calls its answers equal those of a cache built from scratch over the same
-  identities, and `update` returns exactly the selectors whose selections changed.
+  identities, and `update` returns exactly the selectors whose selections changed
+  (`update_delta`: with the identities each gained and lost).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -179,6 +181,17 @@ class Selector:
     excepts: tuple[str, ...] = ()
     family: int = 0  # world selectors: 0 both, 4 or 6
 
+    def __hash__(self) -> int:
+        # computed once: selectors key every selector-cache lookup
+        found = self.__dict__.get("_hash")
+        if found is None:
+            found = hash((self.kind, self.requirements, self.cidr, self.excepts, self.family))
+            object.__setattr__(self, "_hash", found)
+        return found
+
+    def __getstate__(self) -> dict[str, object]:  # string hashes differ between processes
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     def matches(self, ident: IdentityView) -> bool:
         if self.kind == "all":
             return True
@@ -316,19 +329,36 @@ class SelectorCache:
     def selections(self, selector: Selector) -> frozenset[int]:
         return self.add_selector(selector)
 
+    def members(self, selector: Selector) -> AbstractSet[int]:
+        """The live selection set of `selector` (registered on first use). Read only, and
+        only valid until the next `update`: no copy, for hot loops."""
+        found = self._selections.get(selector)
+        if found is None:
+            self.add_selector(selector)
+            found = self._selections[selector]
+        return found
+
     def update(
         self, added: Mapping[int, Iterable[str]], removed: Iterable[int]
     ) -> set[Selector]:
         """Apply identity changes; an id in `added` that exists is replaced. Returns the
         selectors whose selections changed."""
-        changed: set[Selector] = set()
+        return set(self.update_delta(added, removed))
+
+    def update_delta(
+        self, added: Mapping[int, Iterable[str]], removed: Iterable[int]
+    ) -> dict[Selector, tuple[set[int], set[int]]]:
+        """Like `update`, but returns per changed selector the identities it gained and
+        lost (net over the whole batch: removing and re-adding an identity with the same
+        labels changes nothing)."""
+        before: dict[Selector, dict[int, bool]] = {}
         for ident in removed:
             if self._identities.pop(ident, None) is None:
                 continue
             for sel, found in self._selections.items():
                 if ident in found:
+                    before.setdefault(sel, {}).setdefault(ident, True)
                     found.discard(ident)
-                    changed.add(sel)
         for ident, labels in added.items():
             view = IdentityView(ident, frozenset(labels))
             old = self._identities.get(ident)
@@ -337,7 +367,15 @@ class SelectorCache:
             self._identities[ident] = view
             for sel, found in self._selections.items():
                 now = sel.matches(view)
-                if now != (ident in found):
+                was = ident in found
+                if now != was:
+                    before.setdefault(sel, {}).setdefault(ident, was)
                     (found.add if now else found.discard)(ident)
-                    changed.add(sel)
-        return changed
+        out: dict[Selector, tuple[set[int], set[int]]] = {}
+        for sel, seen in before.items():
+            found = self._selections[sel]
+            gained = {i for i, was in seen.items() if not was and i in found}
+            lost = {i for i, was in seen.items() if was and i not in found}
+            if gained or lost:
+                out[sel] = (gained, lost)
+        return out

@@ -7,14 +7,17 @@ Writes ``policy`` (one key per selected local identity) and the status of every 
 object in ``status``; answers ``ciliary policy trace`` on SUBJECT_POLICY_TRACE.
 
 Invariants:
-- Level-triggered: each pass recomputes everything from the mirrored inputs (through one
-  long-lived `SelectorCache` kept current incrementally) and writes only differences;
-  nothing is written before every watch has delivered its initial state.
+- Level-triggered: each pass hands the long-lived `PolicyEngine` what changed since the
+  last pass (identity deltas, the policy set, the named-port table), which re-resolves only
+  what those changes affect; only the records of identities whose policy changed are
+  re-encoded, and only differences are written. Nothing is written before every watch has
+  delivered its initial state.
 - Puts precede deletes within a pass (add before remove); writes to ``policy`` are
   compare-and-set against the revision last seen, so a concurrent replica only causes
   another pass.
-- Resolution runs in a worker thread; identity changes arriving meanwhile are held and
-  applied to the selector cache afterwards (and trigger another pass).
+- Resolution runs in a worker thread that alone touches the engine; identity changes are
+  queued on the event loop and handed over at the start of a pass (changes arriving during
+  a pass trigger another one). Trace requests use the service's own identity mirror.
 - Identity and ipcache payloads are decoded leniently (only ``id``/``labels`` and
   ``identity``/``source``/``namespace``/``pod`` are read); bad payloads are skipped.
 
@@ -39,17 +42,12 @@ from ciliary.bus import SYNCED, BusError, KVEntry, RevisionMismatch
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import now_rfc3339
 
-from .records import desired_policy_bucket, named_ports_from_pods, plan_writes, status_payload
-from .resolve import (
-    DEFAULT_MAX_ENTRIES,
-    Resolution,
-    ResolveOptions,
-    policy_selectors,
-    resolve_policy,
-)
+from .incremental import PolicyEngine, Step
+from .records import named_ports_from_pods, plan_writes, status_payload, update_desired
+from .resolve import DEFAULT_MAX_ENTRIES, Resolution, ResolveOptions
 from .rules import POLICY_KINDS, PROTOCOLS, NormPolicy, PolicyKey, normalize
-from .selectors import SelectorCache
-from .trace import trace
+from .selectors import IdentityView, is_cidr_identity
+from .trace import ipcache_lookup, trace
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +105,28 @@ def decode_pod_ip(entry: KVEntry) -> tuple[str, int] | None:
         return None
 
 
+def decode_ipcache_prefix(entry: KVEntry) -> tuple[str, int] | None:
+    """``(prefix, identity)`` of any ipcache record (trace resolves addresses with it)."""
+    if entry.value is None:
+        return None
+    try:
+        raw = msgspec.msgpack.decode(entry.value)
+        return str(raw["prefix"]), int(raw["identity"])
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        log.warning("ipcache/%s: skipping bad payload: %s", entry.key, err)
+        return None
+
+
 class PolicyService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         s = ctx.settings
         self.options = options_from_env(s.cluster, s.cluster_id)
-        self.cache = SelectorCache()
+        self.engine = PolicyEngine(self.options)
+        self.identities: dict[int, IdentityView] = {}  # the event loop's mirror (trace)
+        self.desired: dict[str, bytes] = {}  # bucket policy as it should be (encoded)
         self.ipcache_pods: dict[str, tuple[str, int]] = {}  # ipcache key -> (pod ref, id)
+        self.ipcache_prefixes: dict[str, tuple[str, int]] = {}  # ipcache key -> (prefix, id)
         self.policy_bucket: dict[str, tuple[int, bytes]] = {}  # key -> (revision, value)
         self.status_written: dict[str, dict[str, Any]] = {}  # status key -> payload
         self.resources: dict[str, dict[str, KVEntry]] = {}
@@ -122,8 +135,8 @@ class PolicyService:
         self.last: Resolution | None = None
         self.dirty = asyncio.Event()
         self._decoded: dict[str, tuple[int, NormPolicy | None, int]] = {}
-        self._resolving = False
-        self._held: list[tuple[dict[int, frozenset[str]], list[int]]] = []
+        self._pods: dict[str, tuple[int, str, dict[str, Any]]] = {}  # key -> rev, ref, manifest
+        self._pending: list[tuple[dict[int, frozenset[str]], list[int]]] = []
         self.counters = {"passes": 0, "writes": 0, "deletes": 0, "overflow": 0, "conflicts": 0}
         ctx.detail["policy"] = self.counters
 
@@ -167,18 +180,22 @@ class PolicyService:
             return
         if entry.deleted:
             change: tuple[dict[int, frozenset[str]], list[int]] = ({}, [ident])
+            self.identities.pop(ident, None)
         else:
             decoded = decode_identity(entry)
             if decoded is None:
                 return
             change = ({decoded[0]: decoded[1]}, [])
-        if self._resolving:
-            self._held.append(change)  # the cache is in use by the resolver thread
-        else:
-            self.cache.update(*change)
+            self.identities[decoded[0]] = IdentityView(decoded[0], decoded[1])
+        self._pending.append(change)  # handed to the engine by the next pass
         self.dirty.set()
 
     def _on_ipcache(self, entry: KVEntry) -> None:
+        prefix = None if entry.deleted else decode_ipcache_prefix(entry)
+        if prefix is None:
+            self.ipcache_prefixes.pop(entry.key, None)
+        else:
+            self.ipcache_prefixes[entry.key] = prefix
         old = self.ipcache_pods.pop(entry.key, None)
         new = None if entry.deleted else decode_pod_ip(entry)
         if new is not None:
@@ -251,13 +268,20 @@ class PolicyService:
     def _named_ports(self) -> dict[int, dict[str, tuple[int, int]]]:
         pod_identity = dict(self.ipcache_pods.values())
         pods = []
-        for entry in self.resources.get("Pod", {}).values():
-            try:
-                assert entry.value is not None
-                record = schema.decode(entry.value, schema.ResourceRecord)
-            except (msgspec.DecodeError, AssertionError):
-                continue
-            pods.append((f"{record.namespace}/{record.name}", record.manifest))
+        live = self.resources.get("Pod", {})
+        for key, entry in live.items():
+            cached = self._pods.get(key)
+            if cached is None or cached[0] != entry.revision:
+                try:
+                    assert entry.value is not None
+                    record = schema.decode(entry.value, schema.ResourceRecord)
+                except (msgspec.DecodeError, AssertionError):
+                    continue
+                cached = (entry.revision, f"{record.namespace}/{record.name}", record.manifest)
+                self._pods[key] = cached
+            pods.append((cached[1], cached[2]))
+        for stale in [k for k in self._pods if k not in live]:
+            del self._pods[stale]
         return named_ports_from_pods(pods, pod_identity)
 
     async def reconcile(self) -> None:
@@ -265,15 +289,16 @@ class PolicyService:
         norm, status_keys, generations = self._policies()
         self.norm = norm
         self.named_ports = self._named_ports()
-        res = await self._resolve(norm)
+        step = await self._resolve(norm)
+        res = step.resolution
         self.last = res
         self.counters["overflow"] = res.counters["overflow"]
         self.ctx.detail["identities_with_policy"] = res.counters["identities"]
         self.ctx.detail["entries"] = res.counters["entries"]
         current = {k: v for k, (_, v) in self.policy_bucket.items()}
-        desired = desired_policy_bucket(res, self.options.cluster_name, self.options.cluster_id,
-                                        status_keys, current)
-        plan = plan_writes(current, desired)
+        update_desired(self.desired, res, step.changed, self.options.cluster_name,
+                       self.options.cluster_id, status_keys, current)
+        plan = plan_writes(current, self.desired)
         for key, value in plan.puts:
             rev = self.policy_bucket.get(key, (0, b""))[0]
             new_rev = await self.ctx.bus.kv_put(schema.BUCKET_POLICY, key, value,
@@ -287,23 +312,21 @@ class PolicyService:
             self.counters["deletes"] += 1
         await self._write_statuses(res, status_keys, generations)
 
-    async def _resolve(self, norm: list[NormPolicy]) -> Resolution:
-        """Resolve in a worker thread (it can take seconds on big clusters) while identity
-        changes are held back, so the selector cache is only touched by one thread."""
-        self._resolving = True
-        try:
-            return await asyncio.to_thread(self._resolve_sync, norm, self.named_ports)
-        finally:
-            self._resolving = False
-            for change in self._held:
-                self.cache.update(*change)
-            self._held.clear()
-
-    def _resolve_sync(self, norm: list[NormPolicy],
-                      named: dict[int, dict[str, tuple[int, int]]]) -> Resolution:
-        res = resolve_policy(norm, {}, named, self.options, cache=self.cache)
-        self.cache.retain(policy_selectors(norm))
-        return res
+    async def _resolve(self, norm: list[NormPolicy]) -> Step:
+        """Hand the changes since the last pass to the engine, in a worker thread (a full
+        resolve can take seconds on big clusters); only that thread touches the engine."""
+        pending, self._pending = self._pending, []
+        added: dict[int, frozenset[str]] = {}
+        removed: set[int] = set()
+        for adds, dels in pending:  # in order: the last change of an identity wins
+            for ident in dels:
+                added.pop(ident, None)
+                removed.add(ident)
+            for ident, labels in adds.items():
+                removed.discard(ident)
+                added[ident] = labels
+        return await asyncio.to_thread(self.engine.apply, norm, added, sorted(removed),
+                                       self.named_ports)
 
     async def _write_statuses(self, res: Resolution, status_keys: dict[PolicyKey, str],
                               generations: dict[PolicyKey, int]) -> None:
@@ -330,20 +353,20 @@ class PolicyService:
         proto = PROTOCOLS.get(req.proto.upper())
         if proto is None:
             return schema.PolicyTraceReply(ok=False, error=f"unknown protocol {req.proto!r}")
-        to: Any = req.to_cidr if req.to_cidr else req.to_labels
-        to_identity = req.to_identity
-        if not to_identity and not req.to_cidr:
-            wanted = frozenset(req.to_labels)
-            to_identity = next((i for i, v in sorted(self.cache.identities.items())
-                                if v.labels == wanted), 0)
+        try:
+            from_labels, from_identity = self._trace_side(
+                "from", req.from_cidr, req.from_labels, req.from_identity)
+            to_labels, to_identity = self._trace_side(
+                "to", req.to_cidr, req.to_labels, req.to_identity)
+        except ValueError as err:
+            return schema.PolicyTraceReply(ok=False, error=str(err))
         named = self.named_ports.get(to_identity, {})
         every: dict[str, set[tuple[int, int]]] = {}
         for ports in self.named_ports.values():
             for name, value in ports.items():
                 every.setdefault(name, set()).add(value)
-        t = trace(req.from_labels, to, req.port, proto, self.norm,
-                  from_identity=req.from_identity or None,
-                  to_identity=None if req.to_cidr else (to_identity or None),
+        t = trace(from_labels, to_labels, req.port, proto, self.norm,
+                  from_identity=from_identity or None, to_identity=to_identity or None,
                   named_ports=named, all_named_ports=every, options=self.options)
 
         def step(d: Any) -> schema.PolicyTraceStep:
@@ -353,6 +376,27 @@ class PolicyService:
 
         return schema.PolicyTraceReply(verdict=t.verdict, egress=step(t.egress),
                                        ingress=step(t.ingress))
+
+    def _trace_side(self, side: str, cidr: str, labels: list[str], identity: int
+                    ) -> tuple[list[str], int]:
+        """Labels and identity of one side of a trace: an IP/CIDR is the identity the
+        ipcache maps it to (pod, node, policy CIDR or world); labels without an identity
+        get the identity with exactly those labels, when there is one."""
+        if cidr:
+            try:
+                ident, prefix = ipcache_lookup(cidr, self.ipcache_prefixes.values())
+            except ValueError:
+                raise ValueError(f"{side}_cidr: {cidr!r} is not an IP address or CIDR") from None
+            view = self.identities.get(ident)
+            if view is not None:
+                return sorted(view.labels), ident
+            found = ["reserved:world"] + ([f"cidr:{prefix}"] if is_cidr_identity(ident) else [])
+            return found, ident
+        if not identity:
+            wanted = frozenset(labels)
+            identity = next((i for i, v in sorted(self.identities.items())
+                             if v.labels == wanted), 0)
+        return list(labels), identity
 
     async def _on_trace(self, req: schema.PolicyTraceRequest, msg: Any) -> None:
         try:

@@ -5,8 +5,10 @@ Invariants:
   resolved entries; `resolve.lookup` over resolved entries must give the same verdicts
   (tested as a property).
 - Egress is evaluated at the source when it is a local endpoint, ingress at the destination
-  when it is a local endpoint; traffic is allowed when both allow. A CIDR/IP destination
-  is a world peer carrying ``reserved:world`` and its own prefix.
+  when it is a local endpoint; traffic is allowed when both allow. A CIDR/IP side given as
+  a string is a world peer carrying ``reserved:world`` and its own prefix; the service
+  instead resolves an IP/CIDR with `ipcache_lookup` to the identity the datapath would see
+  (a pod, a node, a policy CIDR or world) and traces that identity.
 - Within a direction: any matching deny rule denies (all matching deny rules are
   reported); otherwise any matching allow rule allows (all reported); otherwise the verdict
   is the direction's default (deny under default deny, allow when rules exist without it,
@@ -28,6 +30,7 @@ from .rules import PROTO_ANY, NormPolicy, NormRule, PortSpec, RuleRef, Section
 from .selectors import (
     CIDR_IDENTITY_FLAG,
     ID_HOST,
+    ID_WORLD,
     LABEL_CLUSTER,
     LABEL_NAMESPACE,
     IdentityView,
@@ -100,6 +103,25 @@ def _endpoint(what: Iterable[str] | str, ident: int | None, opts: ResolveOptions
         return IdentityView(CIDR_IDENTITY_FLAG, frozenset({"reserved:world", f"cidr:{net}"})), False
     view = IdentityView(ident or 0, frozenset(what))
     return view, _local(view, ident, opts)
+
+
+def ipcache_lookup(what: str, prefixes: Iterable[tuple[str, int]]) -> tuple[int, str]:
+    """The identity the ipcache gives an IP or CIDR, and the prefix that decided it: the
+    longest ipcache prefix that contains it (as the datapath's longest-prefix match), else
+    world. Raises ``ValueError`` for something that is not an IP or CIDR."""
+    net = parse_cidr(what)
+    best: tuple[int, int, str] | None = None
+    for text, identity in prefixes:
+        try:
+            prefix = parse_cidr(text)
+        except ValueError:
+            continue
+        if prefix.version == net.version and net.subnet_of(prefix):  # type: ignore[arg-type]
+            if best is None or prefix.prefixlen > best[0]:
+                best = (prefix.prefixlen, identity, str(prefix))
+    if best is None:
+        return ID_WORLD, ""
+    return best[1], best[2]
 
 
 def _passes(d: DirectionTrace) -> bool:

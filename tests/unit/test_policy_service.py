@@ -14,7 +14,9 @@ from ciliary import schema
 from ciliary.bus import SYNCED, KVEntry, RevisionMismatch
 from ciliary.runtime import Context, Settings
 from services.policy.records import named_ports_from_pods, plan_writes
+from services.policy.rules import normalize
 from services.policy.service import PolicyService, decode_identity, decode_pod_ip
+from services.policy.trace import ipcache_lookup
 
 
 class MemBus:
@@ -181,6 +183,16 @@ async def test_service_writes_policy_records_and_status() -> None:
         # a new identity that the policy selects: added; then the policy goes away: deleted
         identity(bus, 65794, pod_labels("web") + ["k8s:version=2"])
         await wait_for(lambda: schema.policy_key(65794) in bus.data[schema.BUCKET_POLICY])
+
+        def web_peers() -> list[int]:
+            value = bus.data[schema.BUCKET_POLICY][schema.policy_key(WEB)][1]
+            return [e.peer for e in schema.decode(value, schema.PolicyMapRecord).entries]
+
+        # a second frontend identity becomes a peer of web (incrementally), then goes away
+        identity(bus, 65795, pod_labels("frontend") + ["k8s:version=2"])
+        await wait_for(lambda: web_peers() == [1, FRONT, 65795])
+        bus.delete(schema.BUCKET_IDENTITIES, schema.identity_id_key(65795))
+        await wait_for(lambda: web_peers() == [1, FRONT])
         bus.log.clear()
         bus.delete(schema.BUCKET_RESOURCES, key)
         await wait_for(lambda: not bus.data[schema.BUCKET_POLICY])
@@ -236,32 +248,76 @@ def test_lenient_decoders() -> None:
         {"identity": 2, "source": "world"}))) is None
 
 
-def test_identity_changes_are_held_while_resolving() -> None:
+def test_identity_changes_are_queued_for_the_next_pass() -> None:
     bus = MemBus()
     ctx = Context(service="policy", settings=Settings(nats_url="mem://", instance="policy-t"),
                   bus=bus)  # type: ignore[arg-type]
     svc = PolicyService(ctx)
     value = schema.encode(schema.IdentityRecord(id=WEB, labels=pod_labels("web"),
                                                 scope="cluster", cluster="default", cluster_id=1))
-    svc._resolving = True
     svc._on_identity(KVEntry(schema.BUCKET_IDENTITIES, schema.identity_id_key(WEB), 1, value))
-    assert WEB not in svc.cache.identities and svc._held
-    svc._resolving = False
+    assert WEB in svc.identities and WEB not in svc.engine.cache.identities and svc._pending
     svc._on_identity(KVEntry(schema.BUCKET_IDENTITIES, schema.identity_id_key(FRONT), 2,
                              schema.encode(schema.IdentityRecord(
                                  id=FRONT, labels=pod_labels("frontend"), scope="cluster",
                                  cluster="default", cluster_id=1))))
-    assert FRONT in svc.cache.identities
     svc._on_identity(KVEntry(schema.BUCKET_IDENTITIES, schema.identity_id_key(FRONT), 3, None))
-    assert FRONT not in svc.cache.identities
+    assert FRONT not in svc.identities
     assert svc.dirty.is_set()
 
 
-async def test_resolve_applies_held_changes_afterwards() -> None:
+async def test_resolve_hands_queued_changes_to_the_engine_in_order() -> None:
     bus = MemBus()
     ctx = Context(service="policy", settings=Settings(nats_url="mem://", instance="policy-t"),
                   bus=bus)  # type: ignore[arg-type]
     svc = PolicyService(ctx)
-    svc._held.append(({WEB: frozenset(pod_labels("web"))}, []))
-    res = await svc._resolve([])
-    assert res.identities == {} and WEB in svc.cache.identities and not svc._held
+    svc._pending += [({WEB: frozenset(pod_labels("web"))}, []), ({}, [FRONT]),
+                     ({FRONT: frozenset(pod_labels("frontend"))}, []), ({}, [WEB])]
+    step = await svc._resolve([])
+    assert step.resolution.identities == {} and not svc._pending
+    assert FRONT in svc.engine.cache.identities and WEB not in svc.engine.cache.identities
+
+
+def test_ipcache_lookup_is_longest_prefix_else_world() -> None:
+    prefixes = [("0.0.0.0/0", 2), ("203.0.113.0/24", 16777217), ("203.0.113.0/28", 16777218),
+                ("10.0.1.10/32", WEB), ("fd00::/64", 16777219)]
+    assert ipcache_lookup("203.0.113.7", prefixes) == (16777218, "203.0.113.0/28")
+    assert ipcache_lookup("203.0.113.200/32", prefixes) == (16777217, "203.0.113.0/24")
+    assert ipcache_lookup("203.0.113.0/25", prefixes) == (16777217, "203.0.113.0/24")
+    assert ipcache_lookup("10.0.1.10", prefixes) == (WEB, "10.0.1.10/32")
+    assert ipcache_lookup("198.51.100.1", prefixes) == (2, "0.0.0.0/0")
+    assert ipcache_lookup("2001:db8::1", prefixes) == (2, "")  # no IPv6 world prefix: world
+    with pytest.raises(ValueError):
+        ipcache_lookup("not-an-ip", prefixes)
+
+
+def test_trace_from_a_cidr_resolves_through_the_ipcache_and_rejects_garbage() -> None:
+    bus = MemBus()
+    ctx = Context(service="policy", settings=Settings(nats_url="mem://", instance="policy-t"),
+                  bus=bus)  # type: ignore[arg-type]
+    svc = PolicyService(ctx)
+    svc.norm = [normalize({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+                 "ingress": [{"fromCIDR": ["203.0.113.0/24"]}]}})]
+    svc._on_identity(KVEntry(schema.BUCKET_IDENTITIES, schema.identity_id_key(WEB), 1,
+                             schema.encode(schema.IdentityRecord(
+                                 id=WEB, labels=pod_labels("web"), scope="cluster",
+                                 cluster="default", cluster_id=1))))
+    cidr_id = (1 << 24) | 5
+    svc._on_ipcache(KVEntry(schema.BUCKET_IPCACHE, "203.0.113.0_24", 1, schema.encode(
+        schema.IPCacheRecord(prefix="203.0.113.0/24", identity=cidr_id, source="cidr",
+                             cluster="default", cluster_id=1))))
+    req = schema.PolicyTraceRequest(from_labels=[], from_cidr="203.0.113.9",
+                                    to_labels=pod_labels("web"), port=80, proto="TCP")
+    reply = svc.answer_trace(req)
+    assert reply.ok and reply.verdict == "allow"
+    assert reply.ingress is not None and reply.ingress.rules == [
+        "CiliumNetworkPolicy/default/web spec[0].ingress[0]"]
+    outside = svc.answer_trace(schema.PolicyTraceRequest(
+        from_labels=[], from_cidr="198.51.100.1", to_labels=pod_labels("web"), port=80))
+    assert outside.verdict == "deny"
+    bad = svc.answer_trace(schema.PolicyTraceRequest(
+        from_labels=[], from_cidr="10.0.0.300", to_labels=pod_labels("web"), port=80))
+    assert not bad.ok and bad.error == "from_cidr: '10.0.0.300' is not an IP address or CIDR"
