@@ -3,9 +3,12 @@
 Invariants:
 - Filter flags are Hubble's and build the same ``FlowFilter`` lists (``ciliary.flowfilter
   .build_filters``, in command-line order, ``--not`` applying to the next flag).
-- History comes from the flows service over NATS request/reply (``SUBJECT_FLOWS_QUERY``);
-  ``--follow`` subscribes to ``SUBJECT_FLOWS_ALL`` and filters locally with the same
-  matcher. This module never imports a service package.
+- History comes from the flows service over NATS request/reply (``SUBJECT_FLOWS_QUERY``),
+  answered as a stream of ``FlowQueryReply`` chunks on the request's reply inbox, so an
+  answer of any size arrives (``ReplyChunks`` checks they arrive complete and in order,
+  and a missing chunk is an error, never a silently shorter answer); ``--follow``
+  subscribes to ``SUBJECT_FLOWS_ALL`` (``FlowBatch`` messages) and filters locally with
+  the same matcher. This module never imports a service package.
 - Output formats are ``hubble observe``'s: compact, dict, json, jsonpb, table.
 - Failures are ``CliError``s (exit code 1, one clear line), never tracebacks.
 """
@@ -16,13 +19,85 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from ciliary import flowfilter, flowrender, schema
 from ciliary.bus import Bus, BusError
 
 RunWithBus = Callable[[argparse.Namespace, Callable[[Bus], Awaitable[Any]]], Any]
+
+
+class QueryError(Exception):
+    """The flows service refused a query, or its answer did not arrive complete."""
+
+    def __init__(self, message: str, *, unanswered: bool = False) -> None:
+        super().__init__(message)
+        self.unanswered = unanswered  # nothing (or nothing more) came: is the service running?
+
+
+class ReplyChunks:
+    """Reassembles the chunks of one ``FlowQuery`` answer (pure): ``feed`` each payload in
+    arrival order; it returns the chunk's flows and raises ``QueryError`` for an error
+    reply or a chunk out of sequence. ``done`` once the last chunk (``more`` unset) came;
+    ``final`` is that chunk (it carries the counters)."""
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.final: schema.FlowQueryReply | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.final is not None
+
+    def feed(self, data: bytes) -> list[schema.Flow]:
+        try:
+            reply = schema.decode(data, schema.FlowQueryReply)
+        except Exception as err:  # msgspec.DecodeError / ValidationError
+            raise QueryError(f"bad answer from the flows service: {err}") from err
+        if not reply.ok:
+            raise QueryError(reply.error)
+        if reply.chunk != self.next:
+            raise QueryError(f"the answer arrived incomplete: chunk {self.next} is missing "
+                             f"(got chunk {reply.chunk}); try again or ask for fewer flows")
+        self.next += 1
+        if not reply.more:
+            self.final = reply
+        return reply.flows
+
+
+async def query_flows(bus: Bus, query: schema.FlowQuery, timeout: float) -> AsyncIterator[list[schema.Flow]]:
+    """The flows answering ``query``, chunk by chunk (oldest first). Raises ``QueryError``
+    when there is no answer within ``timeout`` seconds (from the request or the previous
+    chunk) or the answer is incomplete."""
+    nc = bus.nc
+    inbox = nc.new_inbox()
+    arrived: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def on_chunk(msg: Any) -> None:
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            arrived.put_nowait(None)  # no responders
+        else:
+            arrived.put_nowait(msg.data)
+
+    sub = await nc.subscribe(inbox, cb=on_chunk)
+    try:
+        await nc.publish(schema.SUBJECT_FLOWS_QUERY, schema.encode(query), reply=inbox)
+        chunks = ReplyChunks()
+        while not chunks.done:
+            try:
+                data = await asyncio.wait_for(arrived.get(), timeout)
+            except TimeoutError:
+                data = None
+            if data is None:
+                what = "no answer" if chunks.next == 0 else f"the answer stopped after {chunks.next} chunks"
+                raise QueryError(f"{what} on {schema.SUBJECT_FLOWS_QUERY}", unanswered=True)
+            yield chunks.feed(data)
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # connection already closing
+            pass
 
 REQUEST_TIMEOUT = 5.0
 DEFAULT_LAST = 20
@@ -192,25 +267,25 @@ class _Commands:
             if args.follow:
                 async def on_flow(msg: Any) -> None:
                     try:
-                        flow = schema.decode(msg.data, schema.Flow)
-                    except Exception:  # a payload that is not a flow is skipped
+                        batch = schema.decode(msg.data, schema.FlowBatch)
+                    except Exception:  # a payload that is not a flow batch is skipped
                         return
-                    if flowfilter.matches(flow, query.whitelist, query.blacklist):
-                        live.put_nowait(flow)
+                    for flow in batch.flows:
+                        if flowfilter.matches(flow, query.whitelist, query.blacklist):
+                            live.put_nowait(flow)
 
                 sub = await bus.nc.subscribe(schema.SUBJECT_FLOWS_ALL, cb=on_flow)
             seen: set[str] = set()
             if not args.follow or query.number or query.since_ns:
                 try:
-                    reply = await bus.request(schema.SUBJECT_FLOWS_QUERY, query, schema.FlowQueryReply,
-                                              timeout=args.timeout)
-                except BusError as err:
-                    raise self.error(f"{err}\n  is the flows service running? try: ciliary status") from err
-                if not reply.ok:
-                    raise self.error(reply.error)
-                for flow in reply.flows:
-                    seen.add(flow.uuid)
-                    emit(flow)
+                    async for flows in query_flows(bus, query, args.timeout):
+                        for flow in flows:
+                            if sub is not None:
+                                seen.add(flow.uuid)
+                            emit(flow)
+                except QueryError as err:
+                    hint = "\n  is the flows service running? try: ciliary status" if err.unanswered else ""
+                    raise self.error(f"{err}{hint}") from err
             if sub is None:
                 return 0
             try:

@@ -191,10 +191,24 @@ def tcp_flags_text(flags: schema.TCPFlags | None) -> str:
 # ---------------------------------------------------------------- time
 
 
+_second_text: dict[int, str] = {}  # unix second -> "YYYY-MM-DDTHH:MM:SS", a few recent ones
+
+
+def _rfc3339_second(secs: int) -> str:
+    text = _second_text.get(secs)
+    if text is None:
+        text = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(secs))
+        if len(_second_text) >= 64:
+            _second_text.clear()
+        _second_text[secs] = text
+    return text
+
+
 def rfc3339_nano(ns: int) -> str:
-    """protojson Timestamp text: UTC, 0/3/6/9 fractional digits."""
+    """protojson Timestamp text: UTC, 0/3/6/9 fractional digits. The second part is
+    memoised (flows arrive in time order, so a few seconds cover a whole batch)."""
     secs, frac = divmod(ns, 1_000_000_000)
-    base = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(secs))
+    base = _rfc3339_second(secs)
     if frac == 0:
         return base + "Z"
     if frac % 1_000_000 == 0:

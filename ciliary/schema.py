@@ -298,6 +298,7 @@ ALLOC_LB_BACKEND_ID = "servicelb-backendid"  # value: backend id; owner "ip:port
 LB_TYPES = ("ClusterIP", "NodePort", "ExternalIP", "LoadBalancer")
 LB_STATE_ACTIVE = "active"  # ready: may take new connections
 LB_STATE_TERMINATING = "terminating"  # keeps existing connections; new ones only as fallback
+LB_STATE_NOT_READY = "not-ready"  # fails readiness: keeps existing connections, no new ones
 LB_ALGORITHMS = ("random", "maglev")
 
 
@@ -318,7 +319,7 @@ class LBBackend(Record):
     ip: str
     port: int
     proto: str  # "TCP" | "UDP" | "SCTP"
-    state: str = LB_STATE_ACTIVE  # LB_STATE_ACTIVE | LB_STATE_TERMINATING
+    state: str = LB_STATE_ACTIVE  # LB_STATE_ACTIVE | LB_STATE_TERMINATING | LB_STATE_NOT_READY
     serving: bool = True  # a terminating backend that still passes readiness
     node: str = ""  # node the backend runs on (traffic policy Local selects on it)
     zone: str = ""
@@ -388,9 +389,14 @@ class LBAllocation(Record):
 # ``struct flow_event`` (bpf/lib/types.h), addresses as dotted strings, ports in host order,
 # the payload cut to ``payload_len``. The flows service decodes and enriches them into
 # ``Flow`` records (field names and JSON shape of Hubble's flow.Flow as printed by
-# ``hubble observe -o json``), publishes each on ``flows.enriched.<cluster>.<node>``
-# (SUBJECT_FLOWS) and answers ``FlowQuery`` on SUBJECT_FLOWS_QUERY and
+# ``hubble observe -o json``), publishes them as one ``FlowBatch`` per raw batch on
+# ``flows.enriched.<cluster>.<node>`` (SUBJECT_FLOWS; split to fit the bus's maximum
+# message size) and answers ``FlowQuery`` on SUBJECT_FLOWS_QUERY with a stream of
+# ``FlowQueryReply`` chunks (``more`` set on all but the last) and
 # ``FlowMetricsRequest`` on SUBJECT_FLOWS_METRICS.
+#
+# Flow records are trees without reference cycles, so they are not tracked by Python's
+# cyclic garbage collector (``gc=False``): the service creates ~100k of them per second.
 
 SUBJECT_FLOWS_ALL = "flows.enriched.>"
 SUBJECT_FLOWS_QUERY = "ciliary.flows.query"
@@ -423,6 +429,8 @@ class RawFlowEvent(Record):
     is_reply: bool = False
     ct_state: int = 0  # CT_NEW 0, CT_ESTABLISHED 1, CT_REPLY 2, CT_RELATED 3
     payload: bytes = b""  # first bytes after the UDP header (DNS only), len == payload_len
+    icmp_type: int = 0  # ICMP header type and code (0 for other protocols)
+    icmp_code: int = 0
 
 
 class RawEventBatch(Record):
@@ -437,12 +445,12 @@ class RawEventBatch(Record):
     seq: int = 0  # batch sequence number per node executor run
 
 
-class FlowWorkload(Record):
+class FlowWorkload(Record, gc=False):
     name: str = ""
     kind: str = ""
 
 
-class FlowEndpoint(Record):
+class FlowEndpoint(Record, gc=False):
     """Hubble ``flow.Endpoint``."""
 
     id: int = msgspec.field(default=0, name="ID")
@@ -454,19 +462,19 @@ class FlowEndpoint(Record):
     workloads: list[FlowWorkload] = []
 
 
-class FlowService(Record):
+class FlowService(Record, gc=False):
     name: str = ""
     namespace: str = ""
 
 
-class FlowIP(Record):
+class FlowIP(Record, gc=False):
     source: str = ""
     destination: str = ""
     ipVersion: str = ""  # noqa: N815 - Hubble's JSON name; "IPv4" | "IPv6"
     encrypted: bool = False
 
 
-class TCPFlags(Record):
+class TCPFlags(Record, gc=False):
     FIN: bool = False
     SYN: bool = False
     RST: bool = False
@@ -478,23 +486,23 @@ class TCPFlags(Record):
     NS: bool = False
 
 
-class FlowTCP(Record):
+class FlowTCP(Record, gc=False):
     source_port: int = 0
     destination_port: int = 0
     flags: TCPFlags | None = None
 
 
-class FlowUDP(Record):
+class FlowUDP(Record, gc=False):
     source_port: int = 0
     destination_port: int = 0
 
 
-class FlowICMP(Record):
+class FlowICMP(Record, gc=False):
     type: int = 0
     code: int = 0
 
 
-class FlowLayer4(Record):
+class FlowLayer4(Record, gc=False):
     """Hubble ``flow.Layer4``: exactly one member is set."""
 
     TCP: FlowTCP | None = None
@@ -504,7 +512,7 @@ class FlowLayer4(Record):
     SCTP: FlowUDP | None = None
 
 
-class FlowDNS(Record):
+class FlowDNS(Record, gc=False):
     query: str = ""
     ips: list[str] = []
     ttl: int = 0
@@ -515,18 +523,18 @@ class FlowDNS(Record):
     rrtypes: list[str] = []
 
 
-class FlowLayer7(Record):
+class FlowLayer7(Record, gc=False):
     type: str = ""  # "REQUEST" | "RESPONSE"
     latency_ns: str = ""  # uint64 as string, like protojson
     dns: FlowDNS | None = None
 
 
-class FlowEventType(Record):
+class FlowEventType(Record, gc=False):
     type: int = 0  # Cilium monitor message type: drop 1, trace 4, policy-verdict 5, l7 129
     sub_type: int = 0  # trace observation point / drop reason
 
 
-class Flow(Record):
+class Flow(Record, gc=False):
     """Hubble ``flow.Flow``; JSON field names and zero-value omission follow protojson."""
 
     time: str = ""  # RFC 3339 with nanoseconds, UTC
@@ -553,6 +561,12 @@ class Flow(Record):
     is_reply: bool | None = None  # absent when unknown (drops)
     interface: dict[str, Any] = {}
     summary: str = msgspec.field(default="", name="Summary")
+
+
+class FlowBatch(Record, forbid_unknown_fields=True, gc=False):
+    """Enriched flows of one node, oldest first: the payload of SUBJECT_FLOWS."""
+
+    flows: list[Flow] = []
 
 
 class FlowEventTypeFilter(Record):
@@ -601,12 +615,18 @@ class FlowQuery(Record):
 
 
 class FlowQueryReply(Record):
+    """One chunk of the answer to a ``FlowQuery``. The service sends chunks 0, 1, … to the
+    request's reply subject, each within the bus's maximum message size; every chunk but
+    the last has ``more`` set. Counters are set in the last chunk."""
+
     ok: bool = True
     error: str = ""
     flows: list[Flow] = []  # oldest first
     seen: int = 0  # flows processed since start
     capacity: int = 0
     lost: int = 0
+    chunk: int = 0  # 0, 1, … in sending order
+    more: bool = False  # further chunks follow
 
 
 class FlowMetricsRequest(Record):
@@ -710,7 +730,8 @@ class PolicyStatusRecord(Record):
 
 
 class PolicyTraceRequest(Record):
-    """Would traffic from ``from_labels`` to ``to_labels`` (or ``to_cidr``) pass?"""
+    """Would traffic from ``from_labels`` (or ``from_cidr``) to ``to_labels`` (or ``to_cidr``)
+    pass? An IP/CIDR side is the identity the ipcache maps it to (longest prefix)."""
 
     from_labels: list[str]
     to_labels: list[str] = []
@@ -719,6 +740,7 @@ class PolicyTraceRequest(Record):
     proto: str = "TCP"  # TCP | UDP | SCTP | ICMP | ICMPv6
     from_identity: int = 0  # optional: the numeric identities, when known
     to_identity: int = 0
+    from_cidr: str = ""  # an IP or CIDR instead of from_labels (resolved as the ipcache does)
 
 
 class PolicyTraceStep(Record):

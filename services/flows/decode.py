@@ -2,8 +2,13 @@
 
 Invariants:
 - ``decode_event`` is a pure function of the raw event, its batch context and the
-  enrichment lookups; the same input gives the same flows (UUIDs are derived from the
-  event, not random).
+  enrichment lookups; the same input gives the same flows. UUIDs are derived, not random:
+  a per-batch prefix (a hash of cluster, node, boot time, batch ``seq`` and the batch's
+  first event time, so a restarted executor reusing ``seq`` values still gets new ones)
+  followed by a counter (event index in the batch × 4 + flow number within the event),
+  in the UUIDv4 layout.
+- Immutable parts that repeat across flows (endpoints, event types, services, TCP
+  flags) are shared instances, not rebuilt per flow.
 - One raw event gives the flows Cilium's monitor would report for the same packet:
   a drop gives a ``drop`` flow, preceded by a ``policy-verdict`` (DENIED) flow when the
   reason is a policy (133 POLICY_DENIED, 181 POLICY_DENY); an AUDIT verdict gives a
@@ -123,26 +128,35 @@ class BatchContext:
     node: str
     boot_time_ns: int = 0
     seq: int = 0
+    salt: int = 0  # the batch's first event time: keeps UUIDs unique when ``seq`` repeats
+    node_name: str = field(init=False, default="")
+    uuid_prefix: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "node_name", f"{self.cluster}/{self.node}")
+        object.__setattr__(self, "uuid_prefix", uuid_prefix(
+            f"{self.cluster}/{self.node}/{self.boot_time_ns}/{self.seq}/{self.salt}"))
 
     @classmethod
     def of(cls, batch: schema.RawEventBatch) -> BatchContext:
-        return cls(batch.cluster, batch.node, batch.boot_time_ns, batch.seq)
+        salt = batch.events[0].ts_ns if batch.events else 0
+        return cls(batch.cluster, batch.node, batch.boot_time_ns, batch.seq, salt)
 
 
 # ---------------------------------------------------------------- decoding
 
 
-def _flow_uuid(ctx: BatchContext, index: int, ev: schema.RawFlowEvent, part: int) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(
-        f"{ctx.cluster}/{ctx.node}/{ctx.boot_time_ns}/{ctx.seq}/{index}/{part}/{ev.ts_ns}/"
-        f"{ev.saddr}/{ev.daddr}/{ev.sport}/{ev.dport}/{ev.proto}/{ev.type}".encode()
-    )
-    raw = bytearray(h.digest())
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4 layout
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    x = raw.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"  # str(uuid.UUID(bytes=raw))
+def uuid_prefix(seed: str) -> str:
+    """The first 20 hex digits of a UUIDv4 (``xxxxxxxx-xxxx-4xxx-Vxxx-``) from a seed;
+    the last 12 digits are a per-flow counter (``flow_uuid``)."""
+    x = hashlib.blake2b(seed.encode(), digest_size=10).hexdigest()
+    variant = "89ab"[int(x[15], 16) & 3]  # RFC 4122 variant
+    return f"{x[:8]}-{x[8:12]}-4{x[12:15]}-{variant}{x[16:19]}-"
+
+
+def flow_uuid(ctx: BatchContext, index: int, part: int) -> str:
+    """UUID of flow ``part`` of event ``index`` in the batch ``ctx`` describes."""
+    return f"{ctx.uuid_prefix}{(index << 2 | part) & 0xFFFFFFFFFFFF:012x}"
 
 
 def _ip_version(address: str) -> str:
@@ -157,29 +171,32 @@ def _tcp_flags(bits: int) -> schema.TCPFlags:
     )
 
 
+# flag byte -> (TCPFlags, Hubble summary), shared by every flow with those flags
+_TCP_FLAGS: list[tuple[schema.TCPFlags, str]] = [
+    (flags, "TCP Flags: " + tcp_flags_text(flags)) for flags in map(_tcp_flags, range(256))
+]
+
+
 def _layer4(ev: schema.RawFlowEvent) -> tuple[schema.FlowLayer4 | None, str]:
     """(l4, summary) for the packet's protocol, as Hubble's L3/L4 parser writes them."""
     if ev.proto == 6:
-        flags = _tcp_flags(ev.tcp_flags)
+        flags, summary = _TCP_FLAGS[ev.tcp_flags & 0xFF]
         tcp = schema.FlowTCP(source_port=ev.sport, destination_port=ev.dport, flags=flags)
-        return schema.FlowLayer4(TCP=tcp), "TCP Flags: " + tcp_flags_text(flags)
+        return schema.FlowLayer4(TCP=tcp), summary
     if ev.proto == 17:
         return schema.FlowLayer4(UDP=schema.FlowUDP(source_port=ev.sport, destination_port=ev.dport)), "UDP"
     if ev.proto == 132:
         return schema.FlowLayer4(SCTP=schema.FlowUDP(source_port=ev.sport, destination_port=ev.dport)), "SCTP"
     if ev.proto == 1:
-        # The datapath keeps the echo id as a port: request (id, 0), reply (0, id).
-        if ev.ct_state == CT_RELATED:
-            return schema.FlowLayer4(ICMPv4=schema.FlowICMP()), "ICMPv4"
-        if ev.sport and not ev.dport:
+        # The datapath reports the ICMP type and code. An event without them (type 0
+        # with the echo id as source port: request (id, 0)) is an echo request from an
+        # executor that predates the fields.
+        icmp_type, icmp_code = ev.icmp_type, ev.icmp_code
+        if icmp_type == 0 and icmp_code == 0 and ev.sport and not ev.dport:
             icmp_type = 8
-        elif ev.dport and not ev.sport:
-            icmp_type = 0
-        else:
-            icmp_type = 0 if ev.is_reply else 8
         return (
-            schema.FlowLayer4(ICMPv4=schema.FlowICMP(type=icmp_type, code=0)),
-            "ICMPv4 " + icmpv4_typecode(icmp_type, 0),
+            schema.FlowLayer4(ICMPv4=schema.FlowICMP(type=icmp_type, code=icmp_code)),
+            "ICMPv4 " + icmpv4_typecode(icmp_type, icmp_code),
         )
     return None, _ip_version(ev.saddr)
 
@@ -237,19 +254,40 @@ def _services(
 ) -> tuple[schema.FlowService | None, schema.FlowService | None]:
     """(source_service, destination_service): the frontend the packet was translated
     from/to (``orig_daddr``), else a frontend it is still addressed to/from."""
-    proto = PROTO_NAMES.get(ev.proto, str(ev.proto))
+    proto = PROTO_NAMES.get(ev.proto) or str(ev.proto)
     if ev.orig_daddr and ev.orig_daddr != "0.0.0.0":
         hit = lookups.frontend(ev.orig_daddr, ev.orig_dport, proto)
         if hit is None:
             return None, None
-        svc = schema.FlowService(namespace=hit[0], name=hit[1])
+        svc = _service(hit)
         return (svc, None) if ev.is_reply else (None, svc)
     src_hit = lookups.frontend(ev.saddr, ev.sport, proto)
     dst_hit = lookups.frontend(ev.daddr, ev.dport, proto)
-    return (
-        schema.FlowService(namespace=src_hit[0], name=src_hit[1]) if src_hit else None,
-        schema.FlowService(namespace=dst_hit[0], name=dst_hit[1]) if dst_hit else None,
-    )
+    return (_service(src_hit) if src_hit else None, _service(dst_hit) if dst_hit else None)
+
+
+_SERVICES: dict[tuple[str, str], schema.FlowService] = {}
+
+
+def _service(hit: tuple[str, str]) -> schema.FlowService:
+    svc = _SERVICES.get(hit)
+    if svc is None:
+        if len(_SERVICES) >= ENDPOINT_CACHE_MAX:
+            _SERVICES.clear()
+        svc = _SERVICES[hit] = schema.FlowService(namespace=hit[0], name=hit[1])
+    return svc
+
+
+_EVENT_TYPES: dict[tuple[int, int], schema.FlowEventType] = {}
+
+
+def _event_type(type_: int, sub_type: int = 0) -> schema.FlowEventType:
+    et = _EVENT_TYPES.get((type_, sub_type))
+    if et is None:
+        if len(_EVENT_TYPES) >= 4096:
+            _EVENT_TYPES.clear()
+        et = _EVENT_TYPES[(type_, sub_type)] = schema.FlowEventType(type=type_, sub_type=sub_type)
+    return et
 
 
 def dns_summary(msg: DNSMessage) -> str:
@@ -291,76 +329,79 @@ def decode_event(
     index: int = 0,
 ) -> list[schema.Flow]:
     """The flows for one raw event (see the module invariants)."""
-    time = rfc3339_nano(ctx.boot_time_ns + ev.ts_ns)
-    node_name = f"{ctx.cluster}/{ctx.node}"
-    egress = ev.direction == DIR_EGRESS
-    src = _endpoint(ev.saddr, ev.src_identity, ev.ep_id if egress else 0, lookups, ctx.cluster)
-    dst = _endpoint(ev.daddr, ev.dst_identity, ev.ep_id if ev.direction == DIR_INGRESS else 0,
-                    lookups, ctx.cluster)
+    direction = ev.direction
+    egress = direction == DIR_EGRESS
+    ingress = direction == DIR_INGRESS
+    cluster = ctx.cluster
+    src_key = (ev.saddr, ev.src_identity, ev.ep_id if egress else 0, cluster)
+    dst_key = (ev.daddr, ev.dst_identity, ev.ep_id if ingress else 0, cluster)
+    cache = getattr(lookups, "endpoint_cache", None)
+    if cache is not None:  # the common case, inlined: both endpoints already known
+        src = cache.get(src_key) or _endpoint(*src_key[:3], lookups, cluster)
+        dst = cache.get(dst_key) or _endpoint(*dst_key[:3], lookups, cluster)
+    else:
+        src = _endpoint(*src_key[:3], lookups, cluster)
+        dst = _endpoint(*dst_key[:3], lookups, cluster)
     l4, summary = _layer4(ev)
     src_svc, dst_svc = _services(ev, lookups)
-    hook_direction = "EGRESS" if egress else ("INGRESS" if ev.direction == DIR_INGRESS else "")
+    hook_direction = "EGRESS" if egress else ("INGRESS" if ingress else "")
     conn_direction = hook_direction
     if ev.is_reply and hook_direction:
         conn_direction = "INGRESS" if egress else "EGRESS"
-    ip = schema.FlowIP(source=ev.saddr, destination=ev.daddr, ipVersion=_ip_version(ev.saddr))
-    base = schema.Flow(
-        time=time,
-        ip=ip,
-        l4=l4,
-        source=src,
-        destination=dst,
-        flow_type="L3_L4",
-        node_name=node_name,
-        source_service=src_svc,
-        destination_service=dst_svc,
-        summary=summary,
-    )
-    flows: list[schema.Flow] = []
-
-    def add(**changes: object) -> None:
-        part = len(flows)
-        flows.append(_replace(base, uuid=_flow_uuid(ctx, index, ev, part), **changes))
+    common = {
+        "time": rfc3339_nano(ctx.boot_time_ns + ev.ts_ns),
+        "ip": schema.FlowIP(source=ev.saddr, destination=ev.daddr, ipVersion=_ip_version(ev.saddr)),
+        "l4": l4,
+        "source": src,
+        "destination": dst,
+        "node_name": ctx.node_name,
+        "source_service": src_svc,
+        "destination_service": dst_svc,
+    }
+    flow = schema.Flow
+    prefix = ctx.uuid_prefix
+    counter = (index << 2) & 0xFFFFFFFFFFFF
 
     if ev.type == EVENT_DROP or ev.verdict == VERDICT_DROPPED:
         reason = ev.drop_reason
+        desc = drop_reason_desc(reason)
+        flows = []
         if reason in POLICY_DROP_REASONS:
-            add(verdict="DROPPED", drop_reason=reason, drop_reason_desc=drop_reason_desc(reason),
-                event_type=schema.FlowEventType(type=MSG_POLICY_VERDICT),
-                traffic_direction=hook_direction, is_reply=False)
-        add(verdict="DROPPED", drop_reason=reason, drop_reason_desc=drop_reason_desc(reason),
-            event_type=schema.FlowEventType(type=MSG_DROP, sub_type=reason),
-            traffic_direction=hook_direction)
+            flows.append(flow(**common, uuid=f"{prefix}{counter:012x}", flow_type="L3_L4", summary=summary,
+                              verdict="DROPPED", drop_reason=reason, drop_reason_desc=desc,
+                              event_type=_event_type(MSG_POLICY_VERDICT),
+                              traffic_direction=hook_direction, is_reply=False))
+        flows.append(flow(**common, uuid=f"{prefix}{counter | len(flows):012x}", flow_type="L3_L4",
+                          summary=summary, verdict="DROPPED", drop_reason=reason, drop_reason_desc=desc,
+                          event_type=_event_type(MSG_DROP, reason), traffic_direction=hook_direction))
         return flows
 
+    flows = []
     verdict = VERDICTS.get(ev.verdict, "VERDICT_UNKNOWN")
     if ev.verdict == VERDICT_AUDIT:
-        add(verdict="AUDIT", event_type=schema.FlowEventType(type=MSG_POLICY_VERDICT),
-            traffic_direction=hook_direction, is_reply=False)
+        flows.append(flow(**common, uuid=f"{prefix}{counter:012x}", flow_type="L3_L4", summary=summary,
+                          verdict="AUDIT", event_type=_event_type(MSG_POLICY_VERDICT),
+                          traffic_direction=hook_direction, is_reply=False))
         verdict = "FORWARDED"
     point = TRACE_FROM_ENDPOINT if egress else TRACE_TO_ENDPOINT
-    add(verdict=verdict, event_type=schema.FlowEventType(type=MSG_TRACE, sub_type=point),
-        trace_observation_point=TRACE_POINTS[point][1], traffic_direction=conn_direction,
-        is_reply=ev.is_reply, reply=ev.is_reply,
-        interface={"index": ev.ifindex} if ev.ifindex else {})
+    is_reply = ev.is_reply
+    flows.append(flow(**common, uuid=f"{prefix}{counter | len(flows):012x}", flow_type="L3_L4",
+                      summary=summary, verdict=verdict, event_type=_event_type(MSG_TRACE, point),
+                      trace_observation_point=TRACE_POINTS[point][1], traffic_direction=conn_direction,
+                      is_reply=is_reply, reply=is_reply,
+                      interface={"index": ev.ifindex} if ev.ifindex else {}))
 
-    if _is_dns(ev):
+    if ev.proto == 17 and ev.payload and _is_dns(ev):
         msg = parse_dns(ev.payload)
         client_side = (msg is not None) and (
-            (not msg.response and egress) or (msg.response and ev.direction == DIR_INGRESS)
+            (not msg.response and egress) or (msg.response and ingress)
         )
         if msg is not None and client_side:
-            add(verdict=verdict, flow_type="L7", l7=_dns_layer7(msg),
-                event_type=schema.FlowEventType(type=MSG_ACCESS_LOG),
-                traffic_direction=conn_direction, is_reply=msg.response, reply=msg.response,
-                summary=dns_summary(msg))
+            flows.append(flow(**common, uuid=f"{prefix}{counter | len(flows):012x}", flow_type="L7",
+                              verdict=verdict, l7=_dns_layer7(msg), event_type=_event_type(MSG_ACCESS_LOG),
+                              traffic_direction=conn_direction, is_reply=msg.response, reply=msg.response,
+                              summary=dns_summary(msg)))
     return flows
-
-
-def _replace(flow: schema.Flow, **changes: object) -> schema.Flow:
-    import msgspec
-
-    return msgspec.structs.replace(flow, **changes)
 
 
 @dataclass
@@ -378,14 +419,19 @@ def decode_batch(
     out: list[schema.Flow] = []
     times: list[int] = []
     bad = 0
+    boot = ctx.boot_time_ns
     for i, ev in enumerate(batch.events):
         try:
             flows = decode_event(ev, ctx, lookups, i)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError, OSError):
             bad += 1
             continue
-        out.extend(flows)
-        times.extend([ctx.boot_time_ns + ev.ts_ns] * len(flows))
+        out += flows
+        t = boot + ev.ts_ns
+        if len(flows) == 1:
+            times.append(t)
+        else:
+            times += [t] * len(flows)
     return DecodeResult(out, bad, times)
 
 

@@ -12,6 +12,8 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ciliary import schema
 from ciliary.flowrender import MSG_ACCESS_LOG, MSG_DROP, MSG_POLICY_VERDICT, MSG_TRACE, TRACE_POINTS
 
@@ -30,6 +32,7 @@ FAMILIES: dict[str, str] = {
 LOST_RING_BUFFER = "perf_event_ring_buffer"
 LOST_DECODE = "decode"
 LOST_BUS = "bus"  # raw batches missing from a node's sequence (one per batch: a lower bound)
+LOST_PUBLISH = "publish"  # flows too large for one bus message (never published)
 
 
 def flow_protocol(flow: schema.Flow) -> str:
@@ -45,6 +48,26 @@ def flow_protocol(flow: schema.Flow) -> str:
     return "Unknown flow"
 
 
+def _kind(et_type: int, et_sub: int, dns: bool) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The ``subtype`` and ``type`` labels of ``hubble_flows_processed_total``."""
+    subtype = ""
+    if et_type == MSG_ACCESS_LOG:
+        type_name = "L7"
+        if dns:
+            subtype = "DNS"
+    elif et_type == MSG_DROP:
+        type_name = "Drop"
+    elif et_type == MSG_TRACE:
+        type_name = "Trace"
+        subtype = TRACE_POINTS.get(et_sub, (str(et_sub), ""))[0]
+    elif et_type == MSG_POLICY_VERDICT:
+        type_name = "PolicyVerdict"
+    else:
+        type_name = "Unknown"
+        subtype = str(et_type)
+    return ("subtype", subtype), ("type", type_name)
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -52,6 +75,8 @@ def _escape(value: str) -> str:
 class FlowMetrics:
     def __init__(self) -> None:
         self.counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = {n: {} for n in FAMILIES}
+        # (event type, sub type, is DNS) -> (("subtype", …), ("type", …)) label pairs
+        self._kinds: dict[tuple[int, int, bool], tuple[tuple[str, str], tuple[str, str]]] = {}
 
     def inc(self, name: str, labels: dict[str, str], by: float = 1) -> None:
         key = tuple(sorted(labels.items()))
@@ -66,59 +91,53 @@ class FlowMetrics:
             self.inc("hubble_lost_events_total", {"source": source}, count)
 
     def process(self, flow: schema.Flow) -> None:
-        et = flow.event_type or schema.FlowEventType()
-        subtype = ""
-        if et.type == MSG_ACCESS_LOG:
-            type_name = "L7"
-            if flow.l7 is not None and flow.l7.dns is not None:
-                subtype = "DNS"
-        elif et.type == MSG_DROP:
-            type_name = "Drop"
-        elif et.type == MSG_TRACE:
-            type_name = "Trace"
-            subtype = TRACE_POINTS.get(et.sub_type, (str(et.sub_type), ""))[0]
-        elif et.type == MSG_POLICY_VERDICT:
-            type_name = "PolicyVerdict"
-        else:
-            type_name = "Unknown"
-            subtype = str(et.type)
-        # label tuples built already sorted (subtype < type < verdict): no dict, no sort per flow
-        family = self.counters["hubble_flows_processed_total"]
-        key = (("subtype", subtype), ("type", type_name), ("verdict", flow.verdict))
-        family[key] = family.get(key, 0) + 1
+        self.process_many((flow,))
 
-        if et.type == MSG_DROP:
-            self.inc("hubble_drop_total",
-                     {"reason": flow.drop_reason_desc, "protocol": flow_protocol(flow)})
+    def process_many(self, flows: Iterable[schema.Flow]) -> None:
+        """Count every flow (``hubble_flows_processed_total`` and the families below)."""
+        processed = self.counters["hubble_flows_processed_total"]
+        tcp = self.counters["hubble_tcp_flags_total"]
+        kinds = self._kinds
+        for flow in flows:
+            et = flow.event_type
+            et_type, et_sub = (et.type, et.sub_type) if et is not None else (0, 0)
+            l7 = flow.l7
+            dns = l7.dns if l7 is not None else None
+            kind = kinds.get((et_type, et_sub, dns is not None))
+            if kind is None:
+                kind = kinds[(et_type, et_sub, dns is not None)] = _kind(et_type, et_sub, dns is not None)
+            # label tuples built already sorted (subtype < type < verdict): no dict, no sort per flow
+            key = (kind[0], kind[1], ("verdict", flow.verdict))
+            processed[key] = processed.get(key, 0) + 1
 
-        if flow.l7 is not None and flow.l7.dns is not None:
-            dns = flow.l7.dns
-            qtypes = ",".join(dns.qtypes)
-            if flow.l7.type == "REQUEST":
-                self.inc("hubble_dns_queries_total", {"rcode": "", "qtypes": qtypes, "ips_returned": ""})
-            elif flow.l7.type == "RESPONSE":
-                self.inc("hubble_dns_responses_total", {
-                    "rcode": RCODE_NAMES.get(dns.rcode, str(dns.rcode)),
-                    "qtypes": qtypes,
-                    "ips_returned": str(len(dns.ips)),
-                })
-                for rrtype in dns.rrtypes:
-                    self.inc("hubble_dns_response_types_total", {"type": rrtype, "qtypes": qtypes})
+            if et_type == MSG_DROP:
+                self.inc("hubble_drop_total",
+                         {"reason": flow.drop_reason_desc, "protocol": flow_protocol(flow)})
 
-        if (
-            et.type == MSG_TRACE
-            and flow.verdict == "FORWARDED"
-            and flow.l4 is not None
-            and flow.l4.TCP is not None
-            and flow.l4.TCP.flags is not None
-        ):
-            flags = flow.l4.TCP.flags
-            ipv = flow.ip.ipVersion if flow.ip is not None else ""
-            tcp = self.counters["hubble_tcp_flags_total"]
-            for on, name in ((flags.SYN, "SYN-ACK" if flags.ACK else "SYN"), (flags.FIN, "FIN"), (flags.RST, "RST")):
-                if on:
-                    key = (("family", ipv), ("flag", name))
-                    tcp[key] = tcp.get(key, 0) + 1
+            if dns is not None:
+                qtypes = ",".join(dns.qtypes)
+                if l7.type == "REQUEST":  # type: ignore[union-attr]
+                    self.inc("hubble_dns_queries_total", {"rcode": "", "qtypes": qtypes, "ips_returned": ""})
+                elif l7.type == "RESPONSE":  # type: ignore[union-attr]
+                    self.inc("hubble_dns_responses_total", {
+                        "rcode": RCODE_NAMES.get(dns.rcode, str(dns.rcode)),
+                        "qtypes": qtypes,
+                        "ips_returned": str(len(dns.ips)),
+                    })
+                    for rrtype in dns.rrtypes:
+                        self.inc("hubble_dns_response_types_total", {"type": rrtype, "qtypes": qtypes})
+
+            if et_type == MSG_TRACE and flow.verdict == "FORWARDED":
+                l4 = flow.l4
+                if l4 is None or l4.TCP is None or l4.TCP.flags is None:
+                    continue
+                flags = l4.TCP.flags
+                ipv = flow.ip.ipVersion if flow.ip is not None else ""
+                for on, name in ((flags.SYN, "SYN-ACK" if flags.ACK else "SYN"), (flags.FIN, "FIN"),
+                                 (flags.RST, "RST")):
+                    if on:
+                        key = (("family", ipv), ("flag", name))
+                        tcp[key] = tcp.get(key, 0) + 1
 
     def render(self) -> str:
         lines: list[str] = []

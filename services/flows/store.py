@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from ciliary import flowfilter, schema
 from ciliary.flowrender import flow_time_ns
@@ -38,6 +38,11 @@ class FlowRing:
         self._ring.append((flow_time_ns(flow) if time_ns is None else time_ns, flow))
         self.written += 1
 
+    def extend(self, times: Iterable[int], flows: Sequence[schema.Flow]) -> None:
+        """Add flows in order with their times (unix ns)."""
+        self._ring.extend(zip(times, flows, strict=True))
+        self.written += len(flows)
+
     def __iter__(self) -> Iterator[tuple[int, schema.Flow]]:
         return iter(self._ring)
 
@@ -60,6 +65,14 @@ class FlowStore:
     def extend(self, flows: Iterable[schema.Flow]) -> None:
         for flow in flows:
             self.add(flow)
+
+    def add_batch(self, node_name: str, times: Sequence[int], flows: Sequence[schema.Flow]) -> None:
+        """Flows of one node (``node_name`` = their ``<cluster>/<node>``), oldest first."""
+        ring = self.rings.get(node_name)
+        if ring is None:
+            ring = self.rings[node_name] = FlowRing(self.capacity)
+        ring.extend(times, flows)
+        self.seen += len(flows)
 
     def __len__(self) -> int:
         return sum(len(r) for r in self.rings.values())

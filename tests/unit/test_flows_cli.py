@@ -10,6 +10,7 @@ import pytest
 
 from ciliary import cli_observe, flowfilter, flowrender, schema
 from services.flows.service import start_metrics_server
+from services.flows.wire import reply_chunks
 from tests.unit.test_flows_scenario import scenario_flows
 
 FLOWS = scenario_flows()
@@ -20,10 +21,48 @@ class Boom(Exception):
     pass
 
 
+class FakeMsg:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.headers = None
+
+
+class FakeSub:
+    async def unsubscribe(self) -> None:
+        pass
+
+
+class FakeNC:
+    """Answers a flow query published with a reply inbox with the bus's reply chunks."""
+
+    def __init__(self, bus: FakeBus) -> None:
+        self.bus = bus
+        self.inboxes: dict[str, Any] = {}
+
+    def new_inbox(self) -> str:
+        return f"_INBOX.{len(self.inboxes)}"
+
+    async def subscribe(self, subject: str, cb: Any = None, **_: Any) -> FakeSub:
+        self.inboxes[subject] = cb
+        return FakeSub()
+
+    async def publish(self, subject: str, payload: bytes = b"", reply: str = "", **_: Any) -> None:
+        self.bus.requests.append((subject, schema.decode(payload, schema.FlowQuery)))
+        for chunk in self.bus.chunks():
+            await self.inboxes[reply](FakeMsg(chunk))
+
+
 class FakeBus:
     def __init__(self, reply: Any) -> None:
         self.reply = reply
         self.requests: list[tuple[str, Any]] = []
+        self.nc = FakeNC(self)
+
+    def chunks(self) -> list[bytes]:
+        """The reply as the flows service sends it: one chunk, or the given chunks."""
+        if isinstance(self.reply, list):
+            return self.reply
+        return [schema.encode(self.reply)] if self.reply is not None else []
 
     async def request(self, subject: str, record: Any, type_: Any, *, timeout: float = 2.0) -> Any:
         self.requests.append((subject, record))
@@ -118,6 +157,35 @@ def test_observe_error_reply_and_bad_flags() -> None:
         run(["observe"], schema.FlowQueryReply(ok=False, error="nope"))
     with pytest.raises(Boom, match="cannot be combined"):
         run(["observe", "--pod", "a", "--from-pod", "b"], schema.FlowQueryReply())
+
+
+def test_observe_prints_every_chunk_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    chunks = reply_chunks(FLOWS, 2048, seen=99)
+    assert len(chunks) > 3
+    run(["observe", "--all", "-o", "jsonpb"], chunks)
+    assert capsys.readouterr().out == flowrender.render(FLOWS, "jsonpb")
+
+
+def test_observe_missing_chunk_is_an_error() -> None:
+    chunks = reply_chunks(FLOWS, 2048)
+    with pytest.raises(Boom, match="chunk 1 is missing"):
+        run(["observe", "--all"], [chunks[0], *chunks[2:]])
+
+
+def test_observe_without_an_answer_times_out() -> None:
+    with pytest.raises(Boom, match="no answer on ciliary.flows.query"):
+        run(["observe", "--timeout", "0.05"], [])
+    with pytest.raises(Boom, match="stopped after 1 chunks"):
+        run(["observe", "--all", "--timeout", "0.05"], reply_chunks(FLOWS, 2048)[:1])
+
+
+def test_reply_chunks_reassemble() -> None:
+    chunks = cli_observe.ReplyChunks()
+    got = [f for data in reply_chunks(FLOWS, 4096, seen=7, lost=2) for f in chunks.feed(data)]
+    assert got == FLOWS and chunks.done
+    assert chunks.final is not None and (chunks.final.seen, chunks.final.lost) == (7, 2)
+    with pytest.raises(cli_observe.QueryError, match="bad answer"):
+        cli_observe.ReplyChunks().feed(b"\xc1")
 
 
 def test_metrics_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -180,14 +180,24 @@ def test_unknown_drop_reason_keeps_number() -> None:
 
 
 def test_icmp_echo_request_reply_and_related() -> None:
-    (req,) = one(ev(0, saddr=CHECKOUT_IP, daddr="8.8.8.8", sport=7, dport=0, proto=1, direction=2))
+    (req,) = one(ev(0, saddr=CHECKOUT_IP, daddr="8.8.8.8", sport=7, dport=0, proto=1, direction=2,
+                    icmp_type=8))
     assert req.l4.ICMPv4 == schema.FlowICMP(type=8, code=0)
     assert req.summary == "ICMPv4 EchoRequest"
     (rep,) = one(ev(0, saddr="8.8.8.8", daddr=CHECKOUT_IP, sport=0, dport=7, proto=1, direction=1,
                     is_reply=True))
     assert rep.l4.ICMPv4 == schema.FlowICMP(type=0, code=0) and rep.summary == "ICMPv4 EchoReply"
-    (rel,) = one(ev(0, saddr="8.8.8.8", daddr=CHECKOUT_IP, proto=1, direction=1, ct_state=3))
-    assert rel.summary == "ICMPv4"
+    (rel,) = one(ev(0, saddr="8.8.8.8", daddr=CHECKOUT_IP, proto=1, direction=1, ct_state=3,
+                    icmp_type=3, icmp_code=3))
+    assert rel.l4.ICMPv4 == schema.FlowICMP(type=3, code=3)
+    assert rel.summary == "ICMPv4 DestinationUnreachable(Port)"
+    *_, ts = one(ev(0, saddr=CHECKOUT_IP, daddr="8.8.8.8", proto=1, direction=2, type=2,
+                    verdict=2, drop_reason=133, icmp_type=13))
+    assert ts.verdict == "DROPPED" and ts.l4.ICMPv4 == schema.FlowICMP(type=13, code=0)
+    assert ts.summary == "ICMPv4 TimestampRequest"
+    # an event from an executor without the type fields: the echo id as source port
+    (old,) = one(ev(0, saddr=CHECKOUT_IP, daddr="8.8.8.8", sport=7, dport=0, proto=1, direction=2))
+    assert old.summary == "ICMPv4 EchoRequest"
 
 
 def test_other_protocol_summary_is_ip_version() -> None:

@@ -111,3 +111,14 @@ def test_export_jsonl_with_filters_and_rotation(tmp_path) -> None:
         for line in text.splitlines():
             assert set(json.loads(line)) == {"flow", "node_name", "time"}
     assert ExportConfig.from_env({}) is None
+
+
+def test_add_batch_is_add_in_order() -> None:
+    one, many = FlowStore(capacity=4), FlowStore(capacity=4)
+    flows = [flow_at(i) for i in range(6)]
+    for f in flows:
+        one.add(f)
+    many.add_batch("default/node-1", [flow_time_ns(f) for f in flows[:2]], flows[:2])
+    many.add_batch("default/node-1", [flow_time_ns(f) for f in flows[2:]], flows[2:])
+    assert list(many.rings["default/node-1"]) == list(one.rings["default/node-1"])
+    assert (many.seen, many.rings["default/node-1"].overwritten) == (6, 2)
