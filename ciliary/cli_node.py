@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from ciliary import output, schema
@@ -73,9 +74,22 @@ def cmd_exec(args: argparse.Namespace) -> int:
     netns_name = status["ciliary"]["netns"]
     if not os.path.exists(f"/var/run/netns/{netns_name}"):
         raise cli.CliError(f"the network namespace of pod {namespace}/{args.pod} is gone ({netns_name})")
+    _join_pod_cgroup(status.get("ciliary", {}).get("cgroup"))
     sys.stdout.flush()
     os.execvp("ip", ["ip", "netns", "exec", netns_name, *command])
     return 0  # not reached
+
+
+def _join_pod_cgroup(cgroup: str | None) -> None:
+    """Move this process into the pod's cgroup, so the exec'd command gets the node's
+    socket-level load balancing like the pod's own containers. A cgroup that is gone
+    (socket LB off, node torn down) is not an error: the command then uses the per-packet path."""
+    if not cgroup:
+        return
+    try:
+        Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------- views

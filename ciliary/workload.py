@@ -10,16 +10,33 @@ wire format: an A (or ANY) query for a name of the static map gets its address (
 a known name asked for another type gets NOERROR without answers, anything else NXDOMAIN.
 ``resolve SERVER NAME [--port 53]`` sends one A query and prints ``NOERROR 10.0.0.1`` /
 ``NXDOMAIN`` (the rcode name, then the addresses).
+
+For load-balancing tests:
+
+- ``session --tcp PORT`` answers every line a client sends with ``<name> <peer-ip>`` and
+  keeps the connection open until the client closes it, so one connection can exchange
+  data for as long as it lives (a one-line client sees what ``serve`` would answer).
+- ``loop HOST PORT`` opens one connection after another (``--interval`` apart, until
+  ``--count`` attempts or ``--stop-file`` exists or ``--max-seconds`` passed), sends a
+  line, reads the answer, and prints one JSON summary: answers per backend, failures
+  with their errors, and per attempt ``[start, end, backend or null]`` (wall-clock
+  seconds) so a test can check who answered when.
+- ``hold HOST PORT`` opens one connection and, for every line read from stdin, sends
+  it and prints the answer (flushed); EOF on stdin closes the connection. A failed
+  exchange prints ``error: ...`` and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import secrets
 import socket
 import struct
 import sys
+import time
 
 
 class _UdpResponder(asyncio.DatagramProtocol):
@@ -171,6 +188,66 @@ async def serve(name: str, tcp_ports: list[int], udp_ports: list[int],
     await asyncio.gather(*(s.serve_forever() for s in servers), asyncio.Event().wait())
 
 
+async def session(name: str, tcp_ports: list[int]) -> None:
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")[0]
+        answer = f"{name} {peer}\n".encode()
+        try:
+            while await reader.readline():
+                writer.write(answer)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    servers = [await asyncio.start_server(on_conn, "0.0.0.0", port, reuse_address=True) for port in tcp_ports]
+    print(f"{name}: session tcp {tcp_ports}", flush=True)
+    await asyncio.gather(*(s.serve_forever() for s in servers))
+
+
+def loop(host: str, port: int, *, interval: float, count: int, stop_file: str, max_seconds: float,
+         timeout: float) -> dict[str, object]:
+    """Connect repeatedly; the summary described in the module docstring."""
+    by_backend: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    records: list[tuple[float, float, str | None]] = []
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline and (not count or len(records) < count):
+        if stop_file and os.path.exists(stop_file):
+            break
+        started = time.time()
+        try:
+            answer = connect(host, port, timeout=timeout)
+            backend: str | None = answer.split()[0] if answer else None
+            if backend is None:
+                errors["empty answer"] = errors.get("empty answer", 0) + 1
+        except OSError as err:
+            backend = None
+            text = f"{type(err).__name__}: {err}"
+            errors[text] = errors.get(text, 0) + 1
+        records.append((round(started, 4), round(time.time(), 4), backend))
+        if backend is not None:
+            by_backend[backend] = by_backend.get(backend, 0) + 1
+        if interval:
+            time.sleep(interval)
+    failed = sum(1 for r in records if r[2] is None)
+    return {"attempts": len(records), "ok": len(records) - failed, "failed": failed,
+            "by_backend": by_backend, "errors": errors, "records": records}
+
+
+def hold(host: str, port: int, *, timeout: float) -> None:
+    """One long-lived connection driven by stdin lines (see the module docstring)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        reader = sock.makefile("rb")
+        for line in sys.stdin:
+            sock.sendall((line.rstrip("\n") + "\n").encode())
+            answer = reader.readline()
+            if not answer:
+                raise ConnectionError("connection closed by the peer")
+            print(answer.decode(errors="replace").strip(), flush=True)
+
+
 def connect(host: str, port: int, *, udp: bool = False, timeout: float = 2.0, payload: bytes = b"ping\n") -> str:
     """One request; returns the answer line. Raises OSError/TimeoutError on failure."""
     kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
@@ -197,6 +274,21 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("name")
     r.add_argument("--port", type=int, default=53)
     r.add_argument("--timeout", type=float, default=2.0)
+    se = sub.add_parser("session")
+    se.add_argument("--name", default=socket.gethostname())
+    se.add_argument("--tcp", type=int, action="append", default=[])
+    lo = sub.add_parser("loop")
+    lo.add_argument("host")
+    lo.add_argument("port", type=int)
+    lo.add_argument("--interval", type=float, default=0.02, help="seconds between attempts")
+    lo.add_argument("--count", type=int, default=0, help="stop after this many attempts (0: no limit)")
+    lo.add_argument("--stop-file", default="", help="stop once this file exists")
+    lo.add_argument("--max-seconds", type=float, default=60.0)
+    lo.add_argument("--timeout", type=float, default=2.0)
+    h = sub.add_parser("hold")
+    h.add_argument("host")
+    h.add_argument("port", type=int)
+    h.add_argument("--timeout", type=float, default=5.0)
     c = sub.add_parser("connect")
     c.add_argument("host")
     c.add_argument("port", type=int)
@@ -209,6 +301,23 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(serve(args.name, args.tcp, args.udp, args.dns, records))
         except KeyboardInterrupt:
             pass
+        return
+    if args.command == "session":
+        try:
+            asyncio.run(session(args.name, args.tcp))
+        except KeyboardInterrupt:
+            pass
+        return
+    if args.command == "loop":
+        print(json.dumps(loop(args.host, args.port, interval=args.interval, count=args.count,
+                              stop_file=args.stop_file, max_seconds=args.max_seconds, timeout=args.timeout)))
+        return
+    if args.command == "hold":
+        try:
+            hold(args.host, args.port, timeout=args.timeout)
+        except OSError as err:
+            print(f"error: {err}", flush=True)
+            sys.exit(1)
         return
     if args.command == "resolve":
         try:

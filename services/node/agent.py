@@ -39,6 +39,8 @@ from services.node.datapath import Datapath, MapSizes, ensure_bpffs
 from services.node.events import EventPump
 from services.node.pods import PodRunner, RunnerConfig
 from services.node.reconciler import ReconcileLoop, Reconciler
+from services.node.socklb import ENV_MODE as ENV_SOCKET_LB
+from services.node.socklb import SockLB, SockLBError, parse_mode
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ GC_INTERVAL = 30.0
 STATS_INTERVAL = 5.0
 EVENT_BATCH_MAX = 512
 EVENT_GATHER = 0.005  # seconds to let a batch fill before publishing
+DEREGISTER_TIMEOUT = 10.0  # longest a deleted pod waits to leave the lb slots before it is stopped
+DEREGISTER_SETTLE = 0.5  # then this long, for the other nodes to apply the same `services` update
 
 
 def map_sizes_from_env() -> MapSizes:
@@ -129,6 +133,12 @@ class NodeAgent:
         self._policy_applied: dict[int, tuple[schema.PolicyMapRecord | None, int]] = {}
         self.runner: PodRunner | None = None
         self.pump: EventPump | None = None
+        try:  # socket-level load balancing (socklb): on | hostns-only (default) | off
+            self.socket_lb_mode = parse_mode(os.environ.get(ENV_SOCKET_LB))
+        except SockLBError as err:
+            raise SystemExit(f"node executor {self.node}: {err}") from None
+        self.socklb: SockLB | None = None
+        self.node_cgroup = ""
 
     # ------------------------------------------------------------------ start
 
@@ -148,6 +158,7 @@ class NodeAgent:
         await asyncio.to_thread(self.datapath.attach_host, netns.link_name(self.cluster, self.node, "node"))
         log.info("datapath loaded in %.2fs (pins %s)", seconds, self.datapath.pin_dir)
         self.ctx.detail["datapath_load_seconds"] = round(seconds, 3)
+        await self._start_socket_lb()
         self.loop_ = ReconcileLoop(self.reconciler, self.datapath.maps, resync_interval=60.0,
                                    ready=lambda: {"ipcache", "services", "policy", "pods"} <= self.synced)
         tg.create_task(self.loop_.run(), name="reconcile")
@@ -174,7 +185,9 @@ class NodeAgent:
             pod_cidr=self.pod_cidr, host_ip=self.host_ip, state_dir=self.state_dir,
             nats_url=self.ctx.settings.nats_url,
             cni_bin=str(Path(sys.executable).parent / "ciliary-cni"),
+            cgroup=self.node_cgroup,
         ), self._write_pod_status)
+        self.runner.deregister = self._deregister
         tg.create_task(self._follow("ipcache", schema.BUCKET_IPCACHE, ">", schema.IPCacheRecord,
                                     self.ipcache, lambda _key: self._sync_ipcache()), name="watch-ipcache")
         tg.create_task(self._follow("services", schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>",
@@ -187,6 +200,21 @@ class NodeAgent:
         tg.create_task(self._watch_pods(tg), name="watch-pods")
         tg.create_task(self._housekeeping(), name="housekeeping")
         self.ctx.watch_synced("node/datapath")
+
+    async def _start_socket_lb(self) -> None:
+        """Create the node cgroup and attach (or, in mode off, detach) the socket-LB
+        programs; a failure is reported, and pods then run without the cgroup."""
+        assert self.datapath is not None
+        self.socklb = SockLB.for_datapath(self.datapath, self.socket_lb_mode)
+        try:
+            await asyncio.to_thread(self.socklb.load)
+            await asyncio.to_thread(self.socklb.attach)
+            self.node_cgroup = str(self.socklb.cgroup)
+            self.ctx.detail["socket_lb"] = {"mode": self.socket_lb_mode, "cgroup": self.node_cgroup}
+            log.info("socket LB %s on cgroup %s", self.socket_lb_mode, self.node_cgroup)
+        except Exception as err:
+            self.ctx.detail["socket_lb"] = {"mode": self.socket_lb_mode, "error": str(err)}
+            log.error("socket LB (%s) not attached: %s", self.socket_lb_mode, err)
 
     async def _claim_index(self) -> None:
         """This node's index: reuse the one it holds, else claim the lowest free one."""
@@ -423,6 +451,34 @@ class NodeAgent:
         self.ctx.detail["frontends"] = len(self.frontends)
         self._kick()
 
+    # ------------------------------------------------------------------ pod deletion grace
+
+    def _selects(self, ip: str) -> bool:
+        """Whether a frontend of this node has a backend with address ``ip`` in its slots."""
+        for fe in self.frontends.values():
+            if fe.node and fe.node != self.node:
+                continue
+            slots = set(fe.slots_by_node.get(self.node, []) if fe.traffic_policy == "Local" else fe.slots)
+            if slots and any(b.ip == ip and b.id in slots for b in fe.backends):
+                return True
+        return False
+
+    async def _deregister(self, ip: str) -> None:
+        """Before a deleted pod is stopped: wait until servicelb has taken ``ip`` out of every
+        slot and this node's lb maps hold that, then ``DEREGISTER_SETTLE`` more, as every
+        node applies the same update. At most ``DEREGISTER_TIMEOUT``; a pod that no
+        frontend selects (or a host-network pod, whose address is the node's) is not held."""
+        if ip == self.host_ip or not self._selects(ip):
+            return
+        deadline = time.monotonic() + DEREGISTER_TIMEOUT
+        while self._selects(ip) or self.reconciler.unsettled("lb:"):
+            if time.monotonic() >= deadline:
+                log.warning("%s is still a selected backend after %.0fs; stopping its pod anyway",
+                            ip, DEREGISTER_TIMEOUT)
+                return
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(DEREGISTER_SETTLE)
+
     async def _watch_nodes(self) -> None:
         """Peer routes: another node's pod CIDR via its underlay address (direct routing)."""
         async for event in self.bus.watch(schema.BUCKET_STATUS, "Node.>"):
@@ -539,7 +595,14 @@ class NodeAgent:
             await self.runner.shutdown(teardown=self.teardown)
         if self.datapath is not None:
             await asyncio.to_thread(self.datapath.close)
+        if self.socklb is not None:
+            await asyncio.to_thread(self.socklb.close)
         if self.teardown:
+            if self.socklb is not None:
+                try:
+                    await asyncio.to_thread(self.socklb.teardown)
+                except Exception as err:
+                    log.warning("removing the node cgroup failed: %s", err)
             await asyncio.to_thread(netns.delete_node, self.cluster, self.node)
             if self.datapath is not None:
                 await asyncio.to_thread(self.datapath.unpin)

@@ -10,6 +10,11 @@ Invariants:
   the desired pods with the running ones.
 - What runs is recorded in ``<state dir>/pods.json``; a restarted executor adopts running
   containers rather than starting them twice, and cleans up pods deleted meanwhile.
+- A ``hostNetwork: true`` pod runs in the node's own namespace: no CNI call, no
+  endpoint, podIP = the node's InternalIP; removing it never removes that namespace.
+- Every container of a cluster pod (hostNetwork or not) runs in the node's cgroup
+  (``RunnerConfig.cgroup``) when one is configured, where the socket-level load
+  balancer (``socklb``) is attached; pods of the outside world never do.
 - Readiness probes run inside the pod's namespace (tcpSocket against 127.0.0.1, exec via
   ``ip netns exec``), so they never depend on the datapath's policy.
 """
@@ -51,6 +56,7 @@ class RunnerConfig:
     state_dir: Path
     nats_url: str
     cni_bin: str
+    cgroup: str = ""  # the node's cgroup v2 directory for containers; "" = none
 
 
 @dataclass
@@ -62,6 +68,7 @@ class RunningPod:
     netns: str
     ip: str = ""
     world: bool = False  # runs in the sandbox's outside world, not as a cluster endpoint
+    host: bool = False  # hostNetwork: runs in the node's namespace with the node's address
     containers: list[ContainerProcess] = field(default_factory=list)
     probes: list[Any] = field(default_factory=list)
     ready: bool = False
@@ -71,8 +78,8 @@ class RunningPod:
 
     @property
     def started(self) -> bool:
-        """Wired (CNI ADD done) or a world pod: its containers may run."""
-        return bool(self.ip) or self.world
+        """Wired (CNI ADD done), a world pod or a hostNetwork pod: its containers may run."""
+        return bool(self.ip) or self.world or self.host
 
 
 StatusWriter = Callable[[str, str, str, dict[str, Any]], Awaitable[None]]
@@ -100,6 +107,8 @@ class PodRunner:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.state_file = cfg.state_dir / "pods.json"
+        # Set by the agent: waits until no service selects a pod IP for new connections.
+        self.deregister: Callable[[str], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------------ inputs
 
@@ -147,7 +156,7 @@ class PodRunner:
                 self._spawn(key, self._replace(running, record))
         for key, running in list(self.pods.items()):
             if key not in self.desired and key not in self._busy:
-                self._spawn(key, self._stop(running))
+                self._spawn(key, self._stop_deleted(running))
         for key, running in list(self.pods.items()):
             if key not in self._busy:
                 await self._tend(running)
@@ -170,7 +179,8 @@ class PodRunner:
 
     # ------------------------------------------------------------------ start / stop
 
-    def _containers(self, record: schema.ResourceRecord, pns: str) -> tuple[list[ContainerProcess], list[Any]]:
+    def _containers(self, record: schema.ResourceRecord, pns: str,
+                    cgroup: str = "") -> tuple[list[ContainerProcess], list[Any]]:
         pod = decode("Pod", record.manifest)
         logs = self.cfg.state_dir / "logs" / f"{record.namespace}_{record.name}"
         procs: list[ContainerProcess] = []
@@ -181,6 +191,7 @@ class PodRunner:
             procs.append(ContainerProcess(
                 ContainerState(ContainerSpec(c.name, argv, env)), netns=pns,
                 restart_policy=pod.spec.restart_policy, log_path=logs / f"{c.name}.log",
+                cgroup=cgroup,
             ))
             probes.append(c.readiness_probe)
         return procs, probes
@@ -190,10 +201,13 @@ class PodRunner:
         if is_world_pod(record):
             await self._start_in_world(record)
             return
+        if is_host_network_pod(record):
+            await self._start_host_network(record)
+            return
         pns = netns.pod_netns(self.cfg.cluster, self.cfg.node, record.uid)
         running = RunningPod(key, record.namespace, record.name, record.uid, pns)
         try:
-            running.containers, running.probes = self._containers(record, pns)
+            running.containers, running.probes = self._containers(record, pns, self.cfg.cgroup)
         except Exception as err:
             running.error = f"invalid pod spec: {err}"
             self.pods[key] = running
@@ -236,9 +250,39 @@ class PodRunner:
         await self._report(running)
         log.info("pod %s running in the outside world (%s)", key, world.WORLD_CIDR)
 
+    async def _start_host_network(self, record: schema.ResourceRecord) -> None:
+        """A ``hostNetwork: true`` pod: its processes run in the node's namespace (and
+        cgroup) with the node's address; no CNI call, no endpoint of its own."""
+        key = record_key(record)
+        running = RunningPod(key, record.namespace, record.name, record.uid,
+                             netns.node_netns(self.cfg.cluster, self.cfg.node),
+                             ip=self.cfg.host_ip, host=True)
+        try:
+            running.containers, running.probes = self._containers(record, running.netns,
+                                                                  self.cfg.cgroup)
+        except Exception as err:
+            running.ip = ""
+            running.error = f"invalid pod spec: {err}"
+            self.pods[key] = running
+            return
+        self.pods[key] = running
+        for proc in running.containers:
+            proc.poll()
+        self._save()
+        await self._report(running)
+        log.info("pod %s running in the node's namespace at %s", key, running.ip)
+
     async def _replace(self, running: RunningPod, record: schema.ResourceRecord) -> None:
         await self._stop(running)
         await self._start(record)
+
+    async def _stop_deleted(self, running: RunningPod) -> None:
+        """A deleted pod leaves every service's selection before its containers get SIGTERM
+        (as Kubernetes takes the endpoint out first), so no new connection reaches a pod
+        that is stopping."""
+        if self.deregister is not None and running.ip:
+            await self.deregister(running.ip)
+        await self._stop(running)
 
     async def _stop(self, running: RunningPod) -> None:
         await asyncio.to_thread(lambda: [p.stop() for p in running.containers])
@@ -248,8 +292,8 @@ class PodRunner:
         log.info("pod %s removed", running.key)
 
     async def _teardown(self, running: RunningPod) -> None:
-        if running.world:
-            return
+        if running.world or running.host:
+            return  # the world's and the node's namespaces are not the pod's
         await self._cni("DEL", running)
         await asyncio.to_thread(netns.remove_netns, running.netns)
 
@@ -337,7 +381,10 @@ class PodRunner:
                 }
                 for s in states
             ],
-            "ciliary": {"netns": running.netns, "node": self.cfg.node, **({"outsideWorld": world.WORLD_CIDR} if running.world else {})},
+            "ciliary": {"netns": running.netns, "node": self.cfg.node,
+                        **({"outsideWorld": world.WORLD_CIDR} if running.world else {}),
+                        **({"hostNetwork": True} if running.host else {}),
+                        **({"cgroup": self.cfg.cgroup} if self.cfg.cgroup and not running.world else {})},
         }
         if running.ip:
             status["podIP"] = running.ip
@@ -359,7 +406,7 @@ class PodRunner:
         data = {
             key: {
                 "namespace": p.namespace, "name": p.name, "uid": p.uid, "netns": p.netns, "ip": p.ip,
-                "world": p.world,
+                "world": p.world, "host": p.host,
                 "containers": [
                     {"name": c.state.spec.name, "pid": c.state.pid, "started_at": c.state.started_at,
                      "restarts": c.state.restarts}
@@ -381,7 +428,7 @@ class PodRunner:
             return
         for key, saved in data.items():
             running = RunningPod(key, saved["namespace"], saved["name"], saved["uid"], saved["netns"], saved["ip"],
-                                 world=saved.get("world", False))
+                                 world=saved.get("world", False), host=saved.get("host", False))
             for c in saved["containers"]:
                 proc = ContainerProcess(
                     ContainerState(ContainerSpec(c["name"], ()), restarts=c.get("restarts", 0)),
@@ -400,7 +447,8 @@ class PodRunner:
             record = self.desired.get(key)
             if record is None or record.uid != running.uid:
                 continue
-            fresh, probes = self._containers(record, running.netns)
+            fresh, probes = self._containers(record, running.netns,
+                                             "" if running.world else self.cfg.cgroup)
             for old, new in zip(running.containers, fresh, strict=False):
                 new.state.pid = old.state.pid
                 new.state.started_at = old.state.started_at
@@ -424,6 +472,11 @@ def is_world_pod(record: schema.ResourceRecord) -> bool:
     the cluster (a payment gateway, an upstream DNS server) inside the sandbox."""
     annotations = (record.manifest.get("metadata") or {}).get("annotations") or {}
     return str(annotations.get(WORLD_ANNOTATION, "")).lower() == "true"
+
+
+def is_host_network_pod(record: schema.ResourceRecord) -> bool:
+    """``spec.hostNetwork: true``: the pod shares the node's network namespace."""
+    return (record.manifest.get("spec") or {}).get("hostNetwork") is True
 
 
 def record_key(record: schema.ResourceRecord) -> str:

@@ -334,6 +334,11 @@ class Reconciler:
                 out[r.owner] = min(out.get(r.owner, r.next_retry), r.next_retry)
         return out
 
+    def unsettled(self, prefix: str = "") -> bool:
+        """Whether a row of an owner whose tag starts with ``prefix`` is not done yet (its
+        write or delete is still pending or failed). Looks only at the rows not done."""
+        return any(self._rows[rk].owner.startswith(prefix) for rk in self._dirty) if prefix else bool(self._dirty)
+
     def next_retry(self) -> float | None:
         """Earliest time a not-done row is due (0.0: due now); None when all are done."""
         return min((self._rows[rk].next_retry for rk in self._dirty), default=None)

@@ -11,6 +11,9 @@ Invariants:
 - Phase follows Kubernetes: Pending until started, Running while any container runs or
   will be restarted, Succeeded when all exited 0 and none will restart, Failed when one
   exited non-zero and will not restart.
+- A container with a ``cgroup`` joins that cgroup v2 directory before it execs its
+  command (a ``sh`` prologue writes its own pid to ``cgroup.procs``), so every socket it
+  creates belongs to the node's cgroup (socket-level load balancing, ``socklb``).
 - Pure bookkeeping (``ContainerState``, ``pod_phase``) is separate from process I/O
   (``ContainerProcess``), and every method is non-blocking.
 """
@@ -31,6 +34,8 @@ BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 BACKOFF_RESET = 60.0
 RESTART_POLICIES = ("Always", "OnFailure", "Never")
+# $0 is the cgroup directory, "$@" the command; exec keeps the pid.
+CGROUP_PROLOGUE = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
 
 
 @dataclass(frozen=True)
@@ -85,9 +90,13 @@ class ContainerProcess:
     restart_policy: str
     log_path: Path
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    cgroup: str = ""  # cgroup v2 directory to run in; "" keeps the executor's
 
     def argv(self) -> list[str]:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        if self.cgroup:
+            # join the cgroup first: a socket belongs to the cgroup of the task creating it
+            prefix = ["sh", "-c", CGROUP_PROLOGUE, self.cgroup, *prefix]
         return prefix + list(self.state.spec.argv)
 
     def start(self) -> None:

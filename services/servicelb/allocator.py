@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 from collections.abc import Callable, Iterator
@@ -140,7 +141,10 @@ def ip_pool(name: str, cidr: str) -> Pool:
                 render=lambda v: str(ipaddress.IPv4Address(v)).replace(".", "-"))
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def ip_token(address: str) -> int:
+    """The integer of a dotted IPv4 address (ValueError when it is not one). Cached: every
+    reconcile parses the same few thousand addresses again."""
     return int(ipaddress.IPv4Address(address))
 
 

@@ -20,7 +20,9 @@ Invariants:
 - Conditions (Cilium's behaviour): ready -> ``active`` (slots); terminating -> state
   ``terminating``, kept in the backend list so established connections survive, and put
   into the slots only when no backend is active and it is still serving; not ready and not
-  terminating -> not a backend.
+  terminating -> state ``not-ready``: kept in the backend list (its established
+  connections survive a failing readiness probe, as with kube-proxy's conntrack) but
+  never in the slots, not even as a fallback.
 - Traffic policy ``Local`` (external for NodePort/ExternalIP/LoadBalancer frontends,
   internal for ClusterIP) gives per-node slot lists (the same fallback rule per node).
 - Backend order: slot backends first, then the others; each group by (IP, port).
@@ -31,7 +33,6 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ from ciliary.schema import (
     ALLOC_LB_SERVICE_ID,
     LB_ENDPOINTS_PREFIX,
     LB_STATE_ACTIVE,
+    LB_STATE_NOT_READY,
     LB_STATE_TERMINATING,
     LBBackend,
     LBEndpoints,
@@ -104,9 +106,39 @@ class Allocations:
             pool.begin()
 
 
+class DecodeMemo:
+    """Decoded manifests of earlier computes, keyed by the identity of the manifest dict.
+
+    Invariant: a manifest handed to ``compute`` is never mutated afterwards (the service
+    keeps one dict per KV revision and builds a new one for a new revision), so the same
+    object always decodes to the same value. Decoding failures are not remembered (the
+    problem is reported on every compute). ``prune`` forgets the manifests the last
+    compute did not see.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[str, dict[str, Any], Any]] = {}
+        self._seen: set[int] = set()
+
+    def decode(self, kind: str, manifest: dict[str, Any]) -> Any:
+        key = id(manifest)
+        self._seen.add(key)
+        hit = self._items.get(key)
+        if hit is not None and hit[1] is manifest and hit[0] == kind:
+            return hit[2]
+        value = decode(kind, manifest)
+        self._items[key] = (kind, manifest, value)
+        return value
+
+    def prune(self) -> None:
+        self._items = {k: v for k, v in self._items.items() if k in self._seen}
+        self._seen = set()
+
+
 @dataclass
 class Inputs:
-    """Raw manifests (as stored) and status dicts (bucket ``status``)."""
+    """Raw manifests (as stored) and status dicts (bucket ``status``). Treated as
+    immutable by ``compute`` (see ``DecodeMemo``)."""
 
     services: dict[Ref, tuple[dict[str, Any], int]] = field(default_factory=dict)  # -> (manifest, generation)
     slices: dict[Ref, dict[str, Any]] = field(default_factory=dict)
@@ -114,6 +146,7 @@ class Inputs:
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     pod_status: dict[Ref, dict[str, Any]] = field(default_factory=dict)
     node_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    memo: DecodeMemo = field(default_factory=DecodeMemo)  # reused across computes by the service
 
     @classmethod
     def from_manifests(cls, docs: list[dict[str, Any]]) -> Inputs:
@@ -189,7 +222,7 @@ def _nodes(inputs: Inputs, problems: list[str]) -> dict[str, NodeView]:
     views: dict[str, NodeView] = {}
     for name in sorted(inputs.nodes):
         try:
-            node: Node = decode("Node", inputs.nodes[name])
+            node: Node = inputs.memo.decode("Node", inputs.nodes[name])
         except Exception as err:
             problems.append(f"Node {name}: {err}")
             continue
@@ -208,7 +241,7 @@ def _pods(inputs: Inputs, problems: list[str]) -> list[PodView]:
     for ref in sorted(inputs.pods):
         manifest = inputs.pods[ref]
         try:
-            pod: Pod = decode("Pod", manifest)
+            pod: Pod = inputs.memo.decode("Pod", manifest)
         except Exception as err:
             problems.append(f"Pod {ref[0]}/{ref[1]}: {err}")
             continue
@@ -314,7 +347,7 @@ def derive_slices(svc: Service, pods: list[PodView], nodes: dict[str, NodeView])
 
 def _is_ipv4(address: str) -> bool:
     try:
-        ipaddress.IPv4Address(address)
+        allocator.ip_token(address)
     except ValueError:
         return False
     return True
@@ -340,7 +373,7 @@ def port_backends(sport: ServicePort, slices: list[EndpointSlice], nodes: dict[s
                 elif ep.is_ready():
                     state = LB_STATE_ACTIVE
                 else:
-                    continue
+                    state = LB_STATE_NOT_READY
                 zone = ep.zone or (nodes[ep.node_name].zone if ep.node_name in nodes else "")
                 ref = ep.target_ref
                 pod = f"{ref.namespace or eps.metadata.namespace}/{ref.name}" if ref and ref.kind == "Pod" and ref.name else ""
@@ -353,7 +386,7 @@ def port_backends(sport: ServicePort, slices: list[EndpointSlice], nodes: dict[s
 
 
 def _addr_order(b: BackendView) -> tuple[int, int]:
-    return int(ipaddress.IPv4Address(b.ip)), b.port
+    return allocator.ip_token(b.ip), b.port
 
 
 def select_slots(backends: list[BackendView]) -> list[BackendView]:
@@ -391,7 +424,7 @@ def compute(inputs: Inputs, alloc: Allocations, cfg: Config) -> Desired:
     manual: dict[Ref, list[EndpointSlice]] = {}
     for ref in sorted(inputs.slices):
         try:
-            eps: EndpointSlice = decode("EndpointSlice", inputs.slices[ref])
+            eps: EndpointSlice = inputs.memo.decode("EndpointSlice", inputs.slices[ref])
         except Exception as err:
             problems.append(f"EndpointSlice {ref[0]}/{ref[1]}: {err}")
             continue
@@ -402,7 +435,7 @@ def compute(inputs: Inputs, alloc: Allocations, cfg: Config) -> Desired:
     for ref in sorted(inputs.services):
         manifest, generation = inputs.services[ref]
         try:
-            services.append((ref, decode("Service", manifest), manifest))
+            services.append((ref, inputs.memo.decode("Service", manifest), manifest))
         except Exception as err:
             problems.append(f"Service {ref[0]}/{ref[1]}: {err}")
             continue
@@ -446,6 +479,7 @@ def compute(inputs: Inputs, alloc: Allocations, cfg: Config) -> Desired:
     out.frontends = dict(sorted(out.frontends.items()))
     out.problems[:] = list(dict.fromkeys(out.problems))
     out.endpoints = dict(sorted(out.endpoints.items()))
+    inputs.memo.prune()
     return out
 
 

@@ -14,6 +14,9 @@ Invariants:
   values no longer used are released only after the output without them is written.
 - Only this service writes bucket ``services``, ``allocations`` keys ``servicelb-*.*`` and
   the ``status`` of Services (cluster IP, node ports, LoadBalancer ingress).
+- A deleted Pod stays a terminating, not-serving backend for its grace period
+  (`departures`), so its established connections finish while the node executor stops
+  it; a reconcile runs when such a period ends.
 - Bad objects and failed writes are logged (each problem once) and retried; they never
   end the service. Healthy = connected, inputs synced and the last reconcile succeeded.
 """
@@ -33,7 +36,7 @@ from ciliary import schema
 from ciliary.bus import SYNCED, BusError, KVEntry, RevisionMismatch
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import kv_key, now_rfc3339
-from services.servicelb import allocator, maglev, model
+from services.servicelb import allocator, departures, maglev, model
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,12 @@ class ServiceLB:
         self.dirty = asyncio.Event()
         self.logged: set[str] = set()
         self.reconciles = 0
+        self.departures = departures.Departures()
+        self.departures_expire: float | None = None  # monotonic time the next departed pod ends
+        # Decoded KV records by (bucket, key) -> (revision, record), and decoded manifests:
+        # a reconcile re-decodes only what changed since the previous one.
+        self.records: dict[tuple[str, str], tuple[int, bytes, Any]] = {}
+        self.memo = model.DecodeMemo()
 
     # ------------------------------------------------------------------ inputs
 
@@ -129,10 +138,11 @@ class ServiceLB:
         return not (self.ctx.pending_watches - {RECONCILE})
 
     def inputs(self) -> model.Inputs:
-        inputs = model.Inputs()
+        inputs = model.Inputs(memo=self.memo)
+        live: dict[tuple[str, str], tuple[int, bytes, Any]] = {}
         for kind, entries in self.resources.items():
             for entry in entries.values():
-                record = self._decode(entry, schema.ResourceRecord)
+                record = self._decode_cached(entry, schema.ResourceRecord, live)
                 if record is None:
                     continue
                 ref = (record.namespace, record.name)
@@ -146,7 +156,7 @@ class ServiceLB:
                     inputs.nodes[record.name] = record.manifest
         for kind, entries in self.status.items():
             for key, entry in entries.items():
-                status = self._decode(entry, schema.StatusRecord)
+                status = self._decode_cached(entry, schema.StatusRecord, live)
                 if status is None:
                     continue
                 try:
@@ -160,7 +170,22 @@ class ServiceLB:
                     inputs.pod_status[(namespace, name)] = values
                 else:
                     inputs.node_status[name] = values
+        self.records = live
         return inputs
+
+    def _decode_cached(self, entry: KVEntry, type_: Any,
+                       live: dict[tuple[str, str], tuple[int, bytes, Any]]) -> Any:
+        """``_decode`` once per KV revision and value: the same entry yields the same record
+        object (and so the same manifest dict, which ``DecodeMemo`` relies on)."""
+        slot = (entry.bucket, entry.key)
+        hit = self.records.get(slot)
+        if hit is not None and hit[0] == entry.revision and hit[1] == entry.value:
+            live[slot] = hit
+            return hit[2]
+        record = self._decode(entry, type_)
+        if record is not None and entry.value is not None:
+            live[slot] = (entry.revision, entry.value, record)
+        return record
 
     def _decode(self, entry: KVEntry, type_: Any) -> Any:
         try:
@@ -180,12 +205,15 @@ class ServiceLB:
     async def _run(self) -> None:
         delay = BACKOFF_S[0]
         loaded = False
+        resync_at = 0.0
         while True:
             if loaded:
+                wake_at = min(resync_at, self.departures_expire or resync_at)
                 try:
-                    await asyncio.wait_for(self.dirty.wait(), timeout=RESYNC_S)
+                    await asyncio.wait_for(self.dirty.wait(), timeout=max(0.0, wake_at - time.monotonic()))
                 except TimeoutError:
-                    loaded = False  # periodic full resync: re-read what the buckets hold
+                    if time.monotonic() >= resync_at:
+                        loaded = False  # periodic full resync: re-read what the buckets hold
             else:
                 await asyncio.sleep(0.1)
             if not self.inputs_synced():
@@ -196,6 +224,7 @@ class ServiceLB:
                 if not loaded:
                     await self.load()
                     loaded = True
+                    resync_at = time.monotonic() + RESYNC_S
                 await self.reconcile()
             except (BusError, OSError) as err:
                 log.warning("reconcile failed: %s; retrying in %.1fs", err, delay)
@@ -240,6 +269,7 @@ class ServiceLB:
     async def reconcile(self) -> None:
         started = time.monotonic()
         inputs = self.inputs()
+        self.departures_expire = self.departures.apply(inputs, started)
         for _attempt in range(5):
             desired = model.compute(inputs, self.alloc, self.cfg)
             _keep_bad_services(inputs, desired, self.alloc)

@@ -6,8 +6,9 @@ Invariants:
   inside those namespaces) and is pinned under ``/sys/fs/bpf/ciliary/<cluster>``.
 - Nothing is created in the root network namespace; traffic only flows between
   namespaces the test created.
-- The autouse ``no_leaks`` fixture fails a test that leaves a namespace or pin
-  directory of any cluster it registered.
+- The autouse ``no_leaks`` fixture fails a test that leaves a namespace, pin
+  directory or node cgroup (``ciliary-<cluster>-*`` under the cgroup2 mount) of any
+  cluster it registered.
 - Without root or bcc the tests skip with the reason printed, except under
   CI=true, where they fail.
 """
@@ -72,6 +73,16 @@ def no_leaks(cluster_names) -> Iterator[None]:
                 if line.startswith(f"ciliary-{name}-")]
         assert not left, f"leaked namespaces: {left}"
         assert not Path(PIN_ROOT, name).exists(), f"leaked pins: {PIN_ROOT}/{name}"
+        cgroups = _cluster_cgroups(name)
+        assert not cgroups, f"leaked cgroups: {cgroups}"
+
+
+def _cluster_cgroups(cluster: str) -> list[str]:
+    """Node cgroups ``ciliary-<cluster>-*`` (socket LB) left under the cgroup2 mount."""
+    with open("/proc/mounts") as f:
+        mounts = [line.split()[1] for line in f if len(line.split()) > 2
+                  and line.split()[2] == "cgroup2"]
+    return sorted(str(p) for m in mounts for p in Path(m).glob(f"ciliary-{cluster}-*"))
 
 
 @pytest.fixture

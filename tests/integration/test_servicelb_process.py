@@ -153,13 +153,13 @@ async def test_servicelb_process_end_to_end(nats_server: NatsServer, tmp_path: P
         assert await snapshot(bus, schema.BUCKET_ALLOCATIONS) == before_alloc
         assert await snapshot(bus, schema.BUCKET_STATUS, "Service.>") == before_status
 
-        # ---- a pod turning not-ready leaves the slots (no longer a backend)
+        # ---- a pod turning not-ready leaves the slots (stays a backend for its established connections)
         await store.report_status("Pod", "default", "web-2", "node/node-1",
                                   {"podIP": "10.0.1.12", "phase": "Running", "conditions": NOT_READY})
 
         async def web2_out() -> dict[str, str] | None:
             state = web_state(await frontends(bus))
-            return state if state == {"default/web-1": "slot"} else None
+            return state if state == {"default/web-1": "slot", "default/web-2": "not-ready"} else None
 
         await eventually(web2_out, what="web-2 out of the active backends")
         rows = await frontends(bus)
@@ -263,7 +263,9 @@ async def test_servicelb_allocation_race_manual_slices_and_garbage(nats_server: 
             return next((fe for fe in rows.values() if fe.name == "legacy"), None)
 
         fe = await eventually(legacy, what="legacy frontend")
-        assert [(b.ip, b.port, b.state) for b in fe.backends] == [("172.16.0.10", 8080, "active")]
+        assert [(b.ip, b.port, b.state) for b in fe.backends] == [("172.16.0.10", 8080, "active"),
+                                                                  ("172.16.0.11", 8080, "not-ready")]
+        assert fe.slots == [fe.backends[0].id]
         assert fe.address == "10.96.1.1"
         await eventually(lambda: healthy(bus), what="healthy")
 

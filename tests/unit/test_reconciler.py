@@ -705,3 +705,98 @@ async def test_reconcile_loop_prunes_only_once_ready():
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+# ---- lb frontends through their whole life (scaling, draining) -----------------------------
+
+
+class LbChecked(M.FakeMapOps):
+    """Checks the lb maps after every single operation: every slot 1..count of the frontend
+    exists and names a backend that exists, and no backend in ``keep`` is ever missing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keep: set[int] = set()
+        self.checked = 0
+
+    def _check(self) -> None:
+        self.checked += 1
+        services = {k.backend_slot: v for k, v in self.dump(L.LB4_SERVICES).items()}
+        backends = {k.backend_id for k in self.dump(L.LB4_BACKENDS)}
+        if 0 in services:
+            for s in range(1, services[0].count + 1):
+                assert s in services, f"slot {s} of {services[0].count} missing"
+                assert services[s].backend_id in backends, f"slot {s} names a missing backend"
+        assert self.keep <= backends, f"backends {self.keep - backends} removed too early"
+
+    def update(self, map_name, key, value):
+        super().update(map_name, key, value)
+        self._check()
+
+    def delete(self, map_name, key):
+        super().delete(map_name, key)
+        self._check()
+
+    def update_batch(self, map_name, items):
+        for k, v in items:
+            self.update(map_name, k, v)
+
+    def delete_batch(self, map_name, keys):
+        for k in keys:
+            self.delete(map_name, k)
+
+
+def frontend(active: list[int], terminating: list[int] = ()) -> object:
+    from ciliary import schema
+
+    def backend(i: int, state: str) -> schema.LBBackend:
+        return schema.LBBackend(id=i, ip=f"10.200.1.{i}", port=8080, proto="TCP", state=state)
+
+    return schema.LBFrontend(
+        namespace="default", name="web", type="ClusterIP", address="10.96.0.10", port=80, proto="TCP",
+        service_id=1, rev_nat_id=1,
+        backends=[backend(i, "active") for i in active] + [backend(i, "terminating") for i in terminating],
+        slots=list(active))
+
+
+def test_lb_scaling_and_draining_never_expose_a_missing_slot_or_drop_a_kept_backend():
+    ops = LbChecked()
+    rec = Reconciler(batch_size=1)
+    generations = [
+        ([1, 2, 3], []),  # three backends
+        ([1, 2, 3, 4, 5], []),  # scaled to five
+        ([4, 5], [1, 2, 3]),  # three deleted: out of the slots, still backends (terminating)
+        ([4, 5], []),  # their grace period over
+        ([], [4, 5]),  # every backend terminating and not serving: count 0
+    ]
+    previous: set[int] = set()
+    for now, (active, terminating) in enumerate(generations):
+        current = set(active) | set(terminating)
+        ops.keep = previous & current  # established connections may use these throughout
+        rec.set_desired("lb:fe.10-96-0-10.80.TCP", M.lb_frontend_entries(frontend(active, terminating), "node-1"))
+        assert rec.unsettled("lb:")
+        converge(rec, ops, float(now))
+        assert not rec.unsettled("lb:")
+        services = {k.backend_slot: v.backend_id for k, v in ops.dump(L.LB4_SERVICES).items() if k.backend_slot}
+        assert sorted(services.values()) == sorted(active)
+        assert {k.backend_id for k in ops.dump(L.LB4_BACKENDS)} == current
+        previous = current
+    assert ops.checked > 10
+
+
+def test_unsettled_looks_at_one_owner_prefix_and_at_failures():
+    rec = Reconciler()
+    assert not rec.unsettled() and not rec.unsettled("lb:")
+    rec.set_desired("ipcache", [M.ipcache_entry("10.0.0.1/32", 1001)])
+    assert rec.unsettled() and not rec.unsettled("lb:")
+    rec.set_desired("lb:web", lb_owner([5]))
+    failing = M.FaultyMapOps(M.FakeMapOps(), rate=1.0)
+    rec.reconcile(failing, 0.0)
+    assert rec.unsettled("lb:")  # failed writes are not settled
+    ops = M.FakeMapOps()
+    converge(rec, ops, 1.0)
+    assert not rec.unsettled()
+    rec.set_desired("lb:web", [])  # pending deletes are not settled either
+    assert rec.unsettled("lb:")
+    converge(rec, ops, 2.0)
+    assert not rec.unsettled("lb:") and ops.dump(L.LB4_SERVICES) == {}

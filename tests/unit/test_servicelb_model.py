@@ -149,7 +149,8 @@ def test_pod_status_from_the_status_bucket_wins_over_the_manifest() -> None:
     cfg = model.Config()
     desired = model.compute(inputs, model.Allocations.create(cfg), cfg)
     (fe,) = desired.frontends.values()
-    assert [(b.ip, b.state) for b in fe.backends] == [("10.0.0.1", "active")]
+    assert [(b.ip, b.state) for b in fe.backends] == [("10.0.0.1", "active"), ("10.0.0.2", "not-ready")]
+    assert fe.slots == [fe.backends[0].id]
 
 
 def test_running_pod_without_conditions_counts_as_ready() -> None:
