@@ -235,7 +235,7 @@ def proc_cpu_s(pid: int) -> float:
 async def _seen(nc: Any, patience: float = 30.0) -> tuple[int, int]:
     """(flows seen, events lost) as the flows service reports them; waits while it
     reconnects (after the server cut it off as a slow consumer)."""
-    q = schema.FlowQuery(number=1, whitelist=[schema.FlowFilter(uuid=["none"])])
+    q = schema.FlowQuery(number=1, whitelist=[schema.FlowFilter(uuid=["none"])], rings_only=True)
     deadline = time.monotonic() + patience
     while True:
         try:

@@ -19,6 +19,9 @@
  *  - Packets from the pod must carry the endpoint's address (else 132).
  *  - Replies of tracked connections pass without policy; every other packet
  *    is checked against policy when the endpoint enforces that direction.
+ *  - An allowed connection's policy verdict is reported once per enforced
+ *    direction: on the event of its first packet (CT_NEW), never for packets
+ *    of an established connection.
  *  - Only IPv4 and ARP are accepted from or to a managed endpoint.
  *  - All state lives in pinned maps (lib/maps.h): replacing the programs
  *    keeps conntrack, so established flows survive a reload.
@@ -136,7 +139,8 @@ static __always_inline __u32 lookup_identity(__be32 ip)
 }
 
 /* Policy for a non-reply packet. Returns 0 to continue (verdict/reason set
- * for audit) or a positive drop reason. */
+ * for audit) or a positive drop reason. Records the deciding entry in c; an
+ * allowed first packet of a new connection is marked for a policy verdict. */
 static __always_inline int enforce_policy(struct flow_ctx *c, const struct endpoint_info *ep,
 					  __u32 peer, __u8 *verdict, __u8 *reason,
 					  __u8 *ct_flags)
@@ -150,8 +154,12 @@ static __always_inline int enforce_policy(struct flow_ctx *c, const struct endpo
 		return 0;
 	ret = policy_check(ep->identity, peer, policy_dport(&c->p), c->p.proto, c->direction, &pr);
 	c->rule_ref = pr.rule_ref;
-	if (ret == 0)
+	c->policy_match = pr.match;
+	if (ret == 0) {
+		if (c->ct_state == CT_NEW)
+			c->ev_flags |= EVENT_F_POLICY_VERDICT;
 		return 0;
+	}
 	if ((ep->flags & audit) || (pr.flags & POLICY_F_AUDIT)) {
 		*verdict = VERDICT_AUDIT;
 		*reason = -ret;

@@ -10,11 +10,15 @@ Invariants:
   bucket, yields ``delete`` for keys that vanished while disconnected, ``put`` for every
   live key, and ``SYNCED`` again; consumers therefore must treat events idempotently.
 - Payloads that fail to decode are logged and skipped, never raised into a service loop.
+- ``read_stream`` reads a fixed range of a stream (from a start time or sequence up to the
+  last sequence when it starts) through its own ephemeral pull consumer, one fetched batch
+  at a time, and deletes the consumer when the reading ends, however it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -43,6 +47,15 @@ class BusError(Exception):
 
 class RevisionMismatch(BusError):
     """Compare-and-set failed: the key changed (or exists) since the given revision."""
+
+
+class StreamMessage(msgspec.Struct, frozen=True):
+    """One stored message of a stream, as ``read_stream`` yields it."""
+
+    seq: int  # stream sequence
+    time_ns: int  # when the server stored it (unix ns)
+    subject: str
+    data: bytes
 
 
 class Synced:
@@ -181,6 +194,87 @@ class Bus:
         except nats.js.errors.NotFoundError:
             await self.js.add_stream(config)
 
+    # ------------------------------------------------------------------ streams
+
+    async def stream_last_seq(self, name: str) -> int:
+        """The stream's last sequence (0 when empty). Raises ``BusError`` if it is missing."""
+        try:
+            info = await self.js.stream_info(name)
+        except (TimeoutError, nats.errors.Error) as err:
+            raise BusError(f"stream {name}: {err}") from err
+        return info.state.last_seq if info.state.messages else 0
+
+    async def read_stream(
+        self,
+        name: str,
+        subject: str = ">",
+        *,
+        start_time_ns: int = 0,
+        start_seq: int = 0,
+        end_seq: int = 0,
+        batch: int = 16,
+        fetch_timeout: float = 2.0,
+    ) -> AsyncIterator[list[StreamMessage]]:
+        """Stored messages of stream ``name`` on ``subject``, oldest first, in fetched
+        batches of at most ``batch``: from ``start_seq``, else from ``start_time_ns``, else
+        from the first one, up to ``end_seq`` (0: the last sequence when reading starts).
+        Messages the stream discards meanwhile are skipped. Raises ``BusError`` if the
+        stream is missing or the server stops answering."""
+        last = end_seq or await self.stream_last_seq(name)
+        if last == 0 or (start_seq and start_seq > last):
+            return
+        config = js_api.ConsumerConfig(
+            ack_policy=js_api.AckPolicy.NONE,
+            inactive_threshold=30,  # an abandoned consumer disappears on its own
+            mem_storage=True,
+        )
+        if start_seq:
+            config.deliver_policy = js_api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = start_seq
+        elif start_time_ns:
+            config.deliver_policy = js_api.DeliverPolicy.BY_START_TIME
+            config.opt_start_time = datetime.datetime.fromtimestamp(
+                start_time_ns / 1e9, datetime.UTC)
+        else:
+            config.deliver_policy = js_api.DeliverPolicy.ALL
+        try:
+            sub = await self.js.pull_subscribe(subject, stream=name, config=config)
+        except (TimeoutError, nats.errors.Error) as err:
+            raise BusError(f"read stream {name}: {err}") from err
+        consumer = getattr(sub, "_consumer", None)
+        try:
+            if (await sub.consumer_info()).num_pending == 0:
+                return
+            done = False
+            while not done:
+                try:
+                    msgs = await sub.fetch(batch, timeout=fetch_timeout)
+                except nats.errors.TimeoutError:
+                    return  # nothing left (the rest was discarded by the stream's limits)
+                except nats.errors.Error as err:
+                    raise BusError(f"read stream {name}: {err}") from err
+                out: list[StreamMessage] = []
+                for msg in msgs:
+                    meta = msg.metadata
+                    seq = meta.sequence.stream
+                    if seq > last:
+                        done = True
+                        break
+                    out.append(StreamMessage(seq, int(meta.timestamp.timestamp() * 1e6) * 1000,
+                                             msg.subject, msg.data))
+                    if seq >= last or meta.num_pending == 0:
+                        done = True
+                        break
+                if out:
+                    yield out
+        finally:
+            try:
+                await sub.unsubscribe()
+                if consumer:  # don't leave it to the inactivity timeout: the server caps consumers
+                    await self.js.delete_consumer(name, consumer)
+            except Exception:  # connection may be gone; the consumer expires on its own
+                pass
+
     # ------------------------------------------------------------------ KV
 
     async def _kv(self, bucket: str) -> Any:
@@ -296,7 +390,15 @@ class Bus:
                 await asyncio.sleep(0.5)
                 continue
             try:
-                info = await sub.consumer_info()
+                try:
+                    info = await sub.consumer_info()
+                except (TimeoutError, nats.errors.Error) as err:
+                    # e.g. a server busy right after a reconnect: a watch outlives it
+                    if once:
+                        raise BusError(f"watch {bucket}: {err}") from err
+                    log.warning("watch %s: %s; retrying", bucket, err)
+                    await asyncio.sleep(0.5)
+                    continue
                 seen: set[str] = set()
                 # Empty only if the server has neither pending nor already-pushed messages:
                 # pushed ones may not have reached this client yet, and the last of them

@@ -9,6 +9,10 @@ Invariants:
   and a missing chunk is an error, never a silently shorter answer); ``--follow``
   subscribes to ``SUBJECT_FLOWS_ALL`` (``FlowBatch`` messages) and filters locally with
   the same matcher. This module never imports a service package.
+- The service reads its ``FLOWS`` stream for history the rings no longer hold; while it
+  reads it sends empty progress chunks (``scanned``), shown on stderr only on a terminal
+  or with ``--progress``. An answer cut short by the service's scan bound (``truncated``)
+  or lacking the stream part (``notice``) is printed with a notice on stderr.
 - Output formats are ``hubble observe``'s: compact, dict, json, jsonpb, table.
 - Failures are ``CliError``s (exit code 1, one clear line), never tracebacks.
 """
@@ -45,6 +49,7 @@ class ReplyChunks:
     def __init__(self) -> None:
         self.next = 0
         self.final: schema.FlowQueryReply | None = None
+        self.scanned = 0  # flows of the FLOWS stream the service has read so far
 
     @property
     def done(self) -> bool:
@@ -61,15 +66,56 @@ class ReplyChunks:
             raise QueryError(f"the answer arrived incomplete: chunk {self.next} is missing "
                              f"(got chunk {reply.chunk}); try again or ask for fewer flows")
         self.next += 1
+        self.scanned = max(self.scanned, reply.scanned)
         if not reply.more:
             self.final = reply
         return reply.flows
 
+    def notices(self) -> list[str]:
+        """What the complete answer lacks, one line each (empty when nothing)."""
+        final = self.final
+        if final is None:
+            return []
+        out = [final.notice] if final.notice else []
+        if final.truncated:
+            out.append(f"the answer may be incomplete: the flows service stops reading the flow history "
+                       f"after {final.scanned:,} flows per query; narrow it with --since/--until or filters")
+        return out
 
-async def query_flows(bus: Bus, query: schema.FlowQuery, timeout: float) -> AsyncIterator[list[schema.Flow]]:
+
+class Progress:
+    """A one-line progress report of a long history read on stderr: rewritten in place on a
+    terminal, one line per update otherwise (only when asked for with ``--progress``)."""
+
+    def __init__(self, stream: Any, *, enabled: bool) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.shown = False
+
+    def update(self, scanned: int) -> None:
+        if not self.enabled:
+            return
+        text = f"reading flow history: {scanned:,} flows scanned"
+        self.stream.write(f"\r{text}\x1b[K" if self.tty else text + "\n")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.enabled and self.shown and self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        self.shown = False
+
+
+async def query_flows(
+    bus: Bus, query: schema.FlowQuery, timeout: float, *, chunks: ReplyChunks | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> AsyncIterator[list[schema.Flow]]:
     """The flows answering ``query``, chunk by chunk (oldest first). Raises ``QueryError``
     when there is no answer within ``timeout`` seconds (from the request or the previous
-    chunk) or the answer is incomplete."""
+    chunk) or the answer is incomplete. ``chunks`` (a fresh ``ReplyChunks``) is left
+    holding the final chunk; ``progress`` gets the flows scanned from each progress chunk."""
     nc = bus.nc
     inbox = nc.new_inbox()
     arrived: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -83,7 +129,7 @@ async def query_flows(bus: Bus, query: schema.FlowQuery, timeout: float) -> Asyn
     sub = await nc.subscribe(inbox, cb=on_chunk)
     try:
         await nc.publish(schema.SUBJECT_FLOWS_QUERY, schema.encode(query), reply=inbox)
-        chunks = ReplyChunks()
+        chunks = ReplyChunks() if chunks is None else chunks
         while not chunks.done:
             try:
                 data = await asyncio.wait_for(arrived.get(), timeout)
@@ -92,7 +138,10 @@ async def query_flows(bus: Bus, query: schema.FlowQuery, timeout: float) -> Asyn
             if data is None:
                 what = "no answer" if chunks.next == 0 else f"the answer stopped after {chunks.next} chunks"
                 raise QueryError(f"{what} on {schema.SUBJECT_FLOWS_QUERY}", unanswered=True)
-            yield chunks.feed(data)
+            flows = chunks.feed(data)
+            if progress is not None and not flows and not chunks.done:
+                progress(chunks.scanned)
+            yield flows
     finally:
         try:
             await sub.unsubscribe()
@@ -161,12 +210,14 @@ def add_observe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", help="flows since this time: duration ago (5m, 1h30m) or RFC 3339")
     p.add_argument("--until", help="flows until this time: duration ago or RFC 3339")
     p.add_argument("--last", type=int, default=None, help=f"the last N flows (default {DEFAULT_LAST})")
-    p.add_argument("--first", type=int, default=None, help="the first N flows")
-    p.add_argument("--all", action="store_true", help="every stored flow")
+    p.add_argument("--first", type=int, default=None, help="the first (oldest) N flows of the retained history")
+    p.add_argument("--all", action="store_true", help="every flow of the retained history (rings and FLOWS stream)")
     p.add_argument("-f", "--follow", action="store_true", help="follow new flows")
     p.add_argument("-o", "--output", choices=list(flowrender.OUTPUTS), default="compact")
     p.add_argument("--print-node-name", action="store_true", help="print the node name in each line")
     p.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, help="query timeout in seconds")
+    p.add_argument("--progress", action="store_true",
+                   help="report progress of long history reads on stderr (default: only on a terminal)")
     p.add_argument("--print-raw-filters", action="store_true",
                    help="print the allowlist/denylist filters and exit without querying")
 
@@ -189,6 +240,7 @@ def build_query(args: argparse.Namespace, now_ns: int | None = None) -> schema.F
     until = flowfilter.parse_time_arg(args.until, now_ns) if args.until else 0
     if args.first is not None and args.last is not None:
         raise flowfilter.FilterError("--first and --last cannot be combined")
+    rings_only = False
     if args.first is not None:
         number, first = args.first, True
     elif args.last is not None:
@@ -197,12 +249,12 @@ def build_query(args: argparse.Namespace, now_ns: int | None = None) -> schema.F
         number, first = 0, False
     elif args.follow:
         number, first = 0, False
-    else:
-        number, first = DEFAULT_LAST, False
+    else:  # Hubble's default: the last 20 flows of the rings (the stream is not read)
+        number, first, rings_only = DEFAULT_LAST, False, True
     if number < 0:
         raise flowfilter.FilterError("--first/--last must not be negative")
     return schema.FlowQuery(whitelist=whitelist, blacklist=blacklist, since_ns=since,
-                            until_ns=until, number=number, first=first)
+                            until_ns=until, number=number, first=first, rings_only=rings_only)
 
 
 def add_commands(
@@ -277,8 +329,13 @@ class _Commands:
                 sub = await bus.nc.subscribe(schema.SUBJECT_FLOWS_ALL, cb=on_flow)
             seen: set[str] = set()
             if not args.follow or query.number or query.since_ns:
+                chunks = ReplyChunks()
+                progress = Progress(sys.stderr, enabled=args.progress or sys.stderr.isatty())
                 try:
-                    async for flows in query_flows(bus, query, args.timeout):
+                    async for flows in query_flows(bus, query, args.timeout, chunks=chunks,
+                                                   progress=progress.update):
+                        if flows:
+                            progress.clear()
                         for flow in flows:
                             if sub is not None:
                                 seen.add(flow.uuid)
@@ -286,6 +343,10 @@ class _Commands:
                 except QueryError as err:
                     hint = "\n  is the flows service running? try: ciliary status" if err.unanswered else ""
                     raise self.error(f"{err}{hint}") from err
+                finally:
+                    progress.clear()
+                for notice in chunks.notices():
+                    print(f"notice: {notice}", file=sys.stderr)
             if sub is None:
                 return 0
             try:

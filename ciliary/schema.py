@@ -49,6 +49,11 @@ STREAM_FLOWS = "FLOWS"
 SUBJECT_FLOWS_RAW = "flows.raw.{cluster}.{node}"
 SUBJECT_FLOWS_RAW_ALL = "flows.raw.>"
 SUBJECT_FLOWS = "flows.enriched.{cluster}.{node}"
+# DNS responses delivered to local endpoints (a ``RawEventBatch`` holding only those
+# events, payload included), published by the node executor for the identity service's
+# toFQDNs name cache; core NATS, like SUBJECT_FLOWS_RAW.
+SUBJECT_FQDN_DNS = "fqdn.dns.{cluster}.{node}"
+SUBJECT_FQDN_DNS_ALL = "fqdn.dns.>"
 SUBJECT_HEALTH = "ciliary.health.{instance}"
 SUBJECT_HEALTH_ALL = "ciliary.health"  # every instance answers: scatter-gather status
 
@@ -431,6 +436,8 @@ class RawFlowEvent(Record):
     payload: bytes = b""  # first bytes after the UDP header (DNS only), len == payload_len
     icmp_type: int = 0  # ICMP header type and code (0 for other protocols)
     icmp_code: int = 0
+    policy_match: int = 0  # Cilium POLICY_MATCH_* of the policy entry that decided (rule_ref's)
+    flags: int = 0  # EVENT_F_*: 1 = allowed new connection, report its policy verdict
 
 
 class RawEventBatch(Record):
@@ -534,6 +541,16 @@ class FlowEventType(Record, gc=False):
     sub_type: int = 0  # trace observation point / drop reason
 
 
+class FlowPolicy(Record, gc=False):
+    """Hubble ``flow.Policy``: a policy that allowed or denied a flow."""
+
+    name: str = ""
+    namespace: str = ""
+    labels: list[str] = []  # sorted k8s:io.cilium.k8s.policy.{derived-from,name,namespace}=…
+    revision: str = ""  # uint64 as string, like protojson; the policy record's KV revision
+    kind: str = ""  # CiliumNetworkPolicy | NetworkPolicy | CiliumClusterwideNetworkPolicy
+
+
 class Flow(Record, gc=False):
     """Hubble ``flow.Flow``; JSON field names and zero-value omission follow protojson."""
 
@@ -561,6 +578,11 @@ class Flow(Record, gc=False):
     is_reply: bool | None = None  # absent when unknown (drops)
     interface: dict[str, Any] = {}
     summary: str = msgspec.field(default="", name="Summary")
+    # policy verdict flows: the policies whose rule decided (Hubble's policy correlation)
+    egress_allowed_by: list[FlowPolicy] = []
+    ingress_allowed_by: list[FlowPolicy] = []
+    egress_denied_by: list[FlowPolicy] = []
+    ingress_denied_by: list[FlowPolicy] = []
 
 
 class FlowBatch(Record, forbid_unknown_fields=True, gc=False):
@@ -612,6 +634,7 @@ class FlowQuery(Record):
     until_ns: int = 0
     number: int = 0  # 0 = all that match
     first: bool = False  # the oldest ``number`` instead of the newest
+    rings_only: bool = False  # answer from the in-memory rings only (the default ``--last 20``)
 
 
 class FlowQueryReply(Record):
@@ -627,6 +650,9 @@ class FlowQueryReply(Record):
     lost: int = 0
     chunk: int = 0  # 0, 1, … in sending order
     more: bool = False  # further chunks follow
+    scanned: int = 0  # flows read from the FLOWS stream so far (progress chunks and the last one)
+    truncated: bool = False  # the stream scan stopped at the service's per-query bound
+    notice: str = ""  # something the answer lacks, e.g. the stream could not be read
 
 
 class FlowMetricsRequest(Record):

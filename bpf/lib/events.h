@@ -10,6 +10,10 @@
  *  - Every drop emits an event; forwarded (or audited) packets emit one for
  *    a new connection, a SYN/FIN/RST, and for UDP port 53 (with payload), so
  *    events scale with connections, not with packets.
+ *  - The policy verdict of a new connection rides on the event of its first
+ *    packet (no event of its own): the trace event of an allowed new
+ *    connection in an enforced direction has EVENT_F_POLICY_VERDICT set, and
+ *    every event carries the deciding entry's rule_ref and POLICY_MATCH_*.
  */
 #ifndef CILIARY_LIB_EVENTS_H
 #define CILIARY_LIB_EVENTS_H
@@ -28,6 +32,8 @@ struct flow_ctx {
 	__be16 orig_dport;
 	__u8 direction;
 	__u8 ct_state;
+	__u8 policy_match;	/* POLICY_MATCH_* of the deciding policy entry */
+	__u8 ev_flags;		/* EVENT_F_* */
 };
 
 static __always_inline void metrics_add(__u8 reason, __u8 dir, __u32 len)
@@ -89,6 +95,8 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct flow_
 	ev->ct_state = c->ct_state;
 	ev->icmp_type = c->p.icmp_type;
 	ev->icmp_code = c->p.icmp_code;
+	ev->policy_match = c->policy_match;
+	ev->flags = c->ev_flags;
 	if (is_dns(c)) {
 		off = c->p.l4_off + 8;
 		if (skb->len > off) {

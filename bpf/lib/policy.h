@@ -12,6 +12,10 @@
  *    flag; the caller skips this lookup when it is clear (allow all).
  *  - ICMP is looked up with the ICMP type as the port (policy_dport), Cilium's
  *    encoding of `icmps` rules; the echo id stays in the conntrack ports.
+ *  - The result names the deciding entry: its rule_ref, flags and match type
+ *    (POLICY_MATCH_* from the key that hit: {peer, port, proto} L3_L4,
+ *    {peer, *, proto} L3_PROTO, {peer, *, *} L3_ONLY, {*, port, proto} L4_ONLY,
+ *    {*, *, proto} PROTO_ONLY, {*, *, *} ALL; NONE when nothing matched).
  */
 #ifndef CILIARY_LIB_POLICY_H
 #define CILIARY_LIB_POLICY_H
@@ -23,7 +27,18 @@
 struct policy_result {
 	__u32 rule_ref;
 	__u8 flags;		/* POLICY_F_* of the deciding entry */
+	__u8 match;		/* POLICY_MATCH_* of the deciding entry */
 };
+
+/* Match type of lookup step i (0..5) of policy_check. */
+static __always_inline __u8 policy_match_type(int i)
+{
+	return i == 0 ? POLICY_MATCH_L3_L4 :
+	       i == 1 ? POLICY_MATCH_L3_PROTO :
+	       i == 2 ? POLICY_MATCH_L3_ONLY :
+	       i == 3 ? POLICY_MATCH_L4_ONLY :
+	       i == 4 ? POLICY_MATCH_PROTO_ONLY : POLICY_MATCH_ALL;
+}
 
 /* The port a packet is looked up with: its destination port, or its ICMP type. */
 static __always_inline __be16 policy_dport(const struct pkt *p)
@@ -44,6 +59,7 @@ static __always_inline int policy_check(__u32 local_id, __u32 peer_id, __be16 dp
 	k.direction = dir;
 	res->rule_ref = 0;
 	res->flags = 0;
+	res->match = POLICY_MATCH_NONE;
 #pragma unroll
 	for (i = 0; i < 6; i++) {
 		k.peer_id = i < 3 ? peer_id : 0;
@@ -55,12 +71,14 @@ static __always_inline int policy_check(__u32 local_id, __u32 peer_id, __be16 dp
 		if (v->verdict == POLICY_DENY) {
 			res->rule_ref = v->rule_ref;
 			res->flags = v->flags;
+			res->match = policy_match_type(i);
 			return -DROP_POLICY_DENY;
 		}
 		if (v->verdict == POLICY_ALLOW && !allowed) {
 			allowed = 1;
 			res->rule_ref = v->rule_ref;
 			res->flags = v->flags;
+			res->match = policy_match_type(i);
 		}
 	}
 	return allowed ? 0 : -DROP_POLICY;

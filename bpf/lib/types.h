@@ -246,6 +246,21 @@ struct metrics_value {
 #define VERDICT_DROPPED		2
 #define VERDICT_AUDIT		4
 
+/* flow_event.flags */
+#define EVENT_F_POLICY_VERDICT	(1 << 0)	/* first packet of a new connection in an
+						 * enforced direction, allowed by policy:
+						 * also report a policy verdict */
+
+/* Which policy entry decided (Cilium POLICY_MATCH_*, Hubble policy_match_type),
+ * by the wildcards of the entry that matched (lib/policy.h lookup order). */
+#define POLICY_MATCH_NONE	0	/* no entry (default deny) */
+#define POLICY_MATCH_L3_ONLY	1	/* {peer, *, *} */
+#define POLICY_MATCH_L3_L4	2	/* {peer, port, proto} */
+#define POLICY_MATCH_L4_ONLY	3	/* {*, port, proto} */
+#define POLICY_MATCH_ALL	4	/* {*, *, *} */
+#define POLICY_MATCH_L3_PROTO	5	/* {peer, *, proto} */
+#define POLICY_MATCH_PROTO_ONLY	6	/* {*, *, proto} */
+
 #ifndef EVENT_PAYLOAD_LEN
 #define EVENT_PAYLOAD_LEN	128
 #endif
@@ -275,6 +290,9 @@ struct flow_event {
 	__u16 payload_len;	/* bytes valid in payload (UDP/53 only) */
 	__u8 icmp_type;		/* ICMP type and code, 0 for other protocols */
 	__u8 icmp_code;
+	__u8 policy_match;	/* POLICY_MATCH_* of the entry that decided (rule_ref's) */
+	__u8 flags;		/* EVENT_F_* */
+	__u8 pad[2];
 	__u8 payload[EVENT_PAYLOAD_LEN];
 };
 

@@ -12,9 +12,16 @@ Invariants:
 - One raw event gives the flows Cilium's monitor would report for the same packet:
   a drop gives a ``drop`` flow, preceded by a ``policy-verdict`` (DENIED) flow when the
   reason is a policy (133 POLICY_DENIED, 181 POLICY_DENY); an AUDIT verdict gives a
-  ``policy-verdict`` (AUDITED) flow then the ``trace`` (FORWARDED) flow; every other
+  ``policy-verdict`` (AUDITED) flow then the ``trace`` (FORWARDED) flow; a trace event
+  flagged ``EVENT_F_POLICY_VERDICT`` (the first packet of a connection a policy allowed)
+  gives a ``policy-verdict`` (FORWARDED) flow then the ``trace`` flow; every other
   event gives one ``trace`` flow; a DNS message seen on the client side (request leaving
   the pod, response entering it) adds an L7 ``dns-request``/``dns-response`` flow.
+- Policy-verdict flows carry the event's match type (``policy_match_type``) and, as
+  Hubble's policy correlation does, the policy of the deciding entry in
+  ``<direction>_allowed_by`` (FORWARDED) or ``<direction>_denied_by`` (POLICY_DENY):
+  ``rule_ref`` resolved for the local endpoint's identity through ``Lookups.policy``.
+  A ``rule_ref`` nobody knows (0, or not published) gives an empty list, never an error.
 - Every flow carries ``node_name`` = ``<cluster>/<node>``; endpoints carry identity,
   labels and, when known, cluster, namespace, pod and workloads; an IP nobody knows
   resolves to the ``world`` identity (2) with labels ``["reserved:world"]``.
@@ -57,7 +64,9 @@ VERDICT_FORWARDED = 1
 VERDICT_DROPPED = 2
 VERDICT_AUDIT = 4
 CT_RELATED = 3
-POLICY_DROP_REASONS = frozenset({133, 181})
+EVENT_F_POLICY_VERDICT = 1 << 0  # bpf/lib/types.h: an allowed new connection's first packet
+DROP_POLICY_DENY = 181
+POLICY_DROP_REASONS = frozenset({133, DROP_POLICY_DENY})
 PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 132: "SCTP"}
 DNS_OBSERVATION_SOURCE = "datapath"
 
@@ -87,6 +96,11 @@ class Lookups(Protocol):
         """(namespace, name) of the Service owning this frontend."""
         ...
 
+    def policy(self, identity: int, rule_ref: int) -> list[schema.FlowPolicy]:
+        """The policies behind ``rule_ref`` in the entries of local identity ``identity``
+        (empty when unknown)."""
+        ...
+
 
 @dataclass
 class StaticLookups:
@@ -96,6 +110,7 @@ class StaticLookups:
     cidrs: dict[str, IPInfo] = field(default_factory=dict)
     identities: dict[int, list[str]] = field(default_factory=dict)
     frontends: dict[tuple[str, int, str], tuple[str, str]] = field(default_factory=dict)
+    policies: dict[int, schema.FlowPolicy] = field(default_factory=dict)  # rule_ref -> policy
 
     def ip(self, address: str) -> IPInfo | None:
         hit = self.ips.get(address)
@@ -117,6 +132,10 @@ class StaticLookups:
 
     def frontend(self, address: str, port: int, proto: str) -> tuple[str, str] | None:
         return self.frontends.get((address, port, proto))
+
+    def policy(self, identity: int, rule_ref: int) -> list[schema.FlowPolicy]:
+        hit = self.policies.get(rule_ref) if rule_ref else None
+        return [hit] if hit is not None else []
 
 
 NO_LOOKUPS = StaticLookups()
@@ -322,6 +341,27 @@ def _is_dns(ev: schema.RawFlowEvent) -> bool:
     return ev.proto == 17 and bool(ev.payload) and 53 in (ev.sport, ev.dport, ev.orig_dport)
 
 
+def _policy_fields(
+    ev: schema.RawFlowEvent, lookups: Lookups, hook_direction: str, verdict: str
+) -> dict[str, object]:
+    """``policy_match_type`` and the ``*_allowed_by``/``*_denied_by`` list of a
+    policy-verdict flow (Hubble correlates only allowed and explicitly denied verdicts)."""
+    out: dict[str, object] = {"policy_match_type": ev.policy_match}
+    if verdict == "FORWARDED":
+        kind = "allowed_by"
+    elif verdict == "DROPPED" and ev.drop_reason == DROP_POLICY_DENY:
+        kind = "denied_by"
+    else:
+        return out
+    if not ev.rule_ref or not hook_direction:
+        return out
+    local = ev.dst_identity if hook_direction == "INGRESS" else ev.src_identity
+    policies = lookups.policy(local, ev.rule_ref)
+    if policies:
+        out[f"{hook_direction.lower()}_{kind}"] = policies
+    return out
+
+
 def decode_event(
     ev: schema.RawFlowEvent,
     ctx: BatchContext,
@@ -370,7 +410,8 @@ def decode_event(
             flows.append(flow(**common, uuid=f"{prefix}{counter:012x}", flow_type="L3_L4", summary=summary,
                               verdict="DROPPED", drop_reason=reason, drop_reason_desc=desc,
                               event_type=_event_type(MSG_POLICY_VERDICT),
-                              traffic_direction=hook_direction, is_reply=False))
+                              traffic_direction=hook_direction, is_reply=False,
+                              **_policy_fields(ev, lookups, hook_direction, "DROPPED")))
         flows.append(flow(**common, uuid=f"{prefix}{counter | len(flows):012x}", flow_type="L3_L4",
                           summary=summary, verdict="DROPPED", drop_reason=reason, drop_reason_desc=desc,
                           event_type=_event_type(MSG_DROP, reason), traffic_direction=hook_direction))
@@ -381,8 +422,14 @@ def decode_event(
     if ev.verdict == VERDICT_AUDIT:
         flows.append(flow(**common, uuid=f"{prefix}{counter:012x}", flow_type="L3_L4", summary=summary,
                           verdict="AUDIT", event_type=_event_type(MSG_POLICY_VERDICT),
-                          traffic_direction=hook_direction, is_reply=False))
+                          traffic_direction=hook_direction, is_reply=False,
+                          policy_match_type=ev.policy_match))
         verdict = "FORWARDED"
+    elif ev.flags & EVENT_F_POLICY_VERDICT and ev.verdict == VERDICT_FORWARDED:
+        flows.append(flow(**common, uuid=f"{prefix}{counter:012x}", flow_type="L3_L4", summary=summary,
+                          verdict="FORWARDED", event_type=_event_type(MSG_POLICY_VERDICT),
+                          traffic_direction=hook_direction, is_reply=False,
+                          **_policy_fields(ev, lookups, hook_direction, "FORWARDED")))
     point = TRACE_FROM_ENDPOINT if egress else TRACE_TO_ENDPOINT
     is_reply = ev.is_reply
     flows.append(flow(**common, uuid=f"{prefix}{counter | len(flows):012x}", flow_type="L3_L4",

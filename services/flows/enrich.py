@@ -10,6 +10,11 @@ Invariants:
   cached endpoint never outlives the state it was computed from.
 - Identity labels come from the ``identities`` bucket; a pod-derived entry carries the
   pod's own labels (``k8s:`` source plus the namespace label) for when identities are absent.
+- Policies behind a ``rule_ref`` come from bucket ``policy``: each ``id.<identity>``
+  record's ``rules`` table (rule_ref -> ``Kind/[namespace/]name spec[i].section[j]``,
+  written by the policy service). A ref is resolved in the table of the identity whose
+  entry decided, then in any table (a record may be replaced meanwhile); an unknown ref
+  resolves to no policy. The revision reported is the KV revision of that record.
 """
 
 from __future__ import annotations
@@ -44,6 +49,32 @@ def pod_workloads(manifest: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+POLICY_LABEL_DERIVED_FROM = "k8s:io.cilium.k8s.policy.derived-from"
+POLICY_LABEL_NAME = "k8s:io.cilium.k8s.policy.name"
+POLICY_LABEL_NAMESPACE = "k8s:io.cilium.k8s.policy.namespace"
+
+
+def flow_policy(rule: str, revision: int = 0) -> schema.FlowPolicy | None:
+    """Hubble's ``flow.Policy`` for a rule text of a ``policy`` record
+    (``CiliumNetworkPolicy/default/payments-ingress spec[0].ingress[0]``); ``None`` for
+    text that names no policy object (``ingress-default-allow``, ``allow-localhost``)."""
+    obj = rule.split(" ", 1)[0]
+    parts = obj.split("/")
+    if len(parts) == 3:
+        kind, namespace, name = parts
+    elif len(parts) == 2:
+        kind, namespace, name = parts[0], "", parts[1]
+    else:
+        return None
+    if not kind or not name:
+        return None
+    labels = [f"{POLICY_LABEL_DERIVED_FROM}={kind}", f"{POLICY_LABEL_NAME}={name}"]
+    if namespace:
+        labels.append(f"{POLICY_LABEL_NAMESPACE}={namespace}")
+    return schema.FlowPolicy(name=name, namespace=namespace, labels=labels,
+                             revision=str(revision) if revision else "", kind=kind)
+
+
 class EnrichmentState:
     def __init__(self, cluster: str = schema.DEFAULT_CLUSTER_NAME) -> None:
         self.cluster = cluster
@@ -58,6 +89,9 @@ class EnrichmentState:
         self._pod_ips: dict[str, str] = {}  # ip -> "ns/name"
         # decode._endpoint memoises endpoints here; every change below clears it
         self.endpoint_cache: dict[tuple[str, int, int, str], Any] = {}
+        self.policy_rules: dict[int, tuple[dict[int, str], int]] = {}  # identity -> (rules, revision)
+        self._any_rule: dict[int, tuple[str, int]] | None = None  # rule_ref -> (text, revision)
+        self._policy_cache: dict[tuple[int, int], list[schema.FlowPolicy]] = {}
 
     # ------------------------------------------------------------ feeding
 
@@ -104,6 +138,21 @@ class EnrichmentState:
         svc = (record.namespace, record.name)
         self.frontends[key] = (fe, svc)
         self._frontend_index[fe] = svc
+
+    def apply_policy(self, key: str, record: schema.PolicyMapRecord | None, revision: int = 0) -> None:
+        """A ``policy`` bucket entry (``id.<identity>``); ``revision`` is its KV revision."""
+        if not key.startswith(schema.POLICY_ID_PREFIX):
+            return
+        try:
+            ident = int(key[len(schema.POLICY_ID_PREFIX):])
+        except ValueError:
+            return
+        self._any_rule = None
+        self._policy_cache.clear()
+        if record is None:
+            self.policy_rules.pop(ident, None)
+        else:
+            self.policy_rules[ident] = (dict(record.rules), revision)
 
     def apply_pod(self, ref: str, manifest: dict[str, Any] | None) -> None:
         self.endpoint_cache.clear()
@@ -187,3 +236,24 @@ class EnrichmentState:
 
     def frontend(self, address: str, port: int, proto: str) -> tuple[str, str] | None:
         return self._frontend_index.get((address, port, proto))
+
+    def policy(self, identity: int, rule_ref: int) -> list[schema.FlowPolicy]:
+        key = (identity, rule_ref)
+        hit = self._policy_cache.get(key)
+        if hit is not None:
+            return hit
+        text, revision = "", 0
+        own = self.policy_rules.get(identity)
+        if own is not None and rule_ref in own[0]:
+            text, revision = own[0][rule_ref], own[1]
+        elif rule_ref:
+            if self._any_rule is None:
+                self._any_rule = {ref: (t, rev) for rules, rev in self.policy_rules.values()
+                                  for ref, t in rules.items()}
+            text, revision = self._any_rule.get(rule_ref, ("", 0))
+        pol = flow_policy(text, revision) if text else None
+        out = [pol] if pol is not None else []
+        if len(self._policy_cache) >= 65536:
+            self._policy_cache.clear()
+        self._policy_cache[key] = out
+        return out

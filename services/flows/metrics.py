@@ -5,7 +5,9 @@ Invariants:
   ``hubble_drop_total{reason,protocol}``, ``hubble_dns_queries_total`` /
   ``hubble_dns_responses_total{rcode,qtypes,ips_returned}``,
   ``hubble_dns_response_types_total{type,qtypes}``, ``hubble_tcp_flags_total{flag,family}``,
-  ``hubble_lost_events_total{source}``.
+  ``hubble_lost_events_total{source}``, ``hubble_policy_verdicts_total{action,direction,match}``
+  (Hubble's ``policy`` metric: every policy-verdict flow except those from the host (1) or
+  to/from health (4); lower-case verdict, direction and match type as Hubble writes them).
 - Counters only grow; ``render`` is the Prometheus text exposition format 0.0.4 with
   label names sorted and values escaped, families and series in a stable order.
 """
@@ -15,7 +17,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ciliary import schema
-from ciliary.flowrender import MSG_ACCESS_LOG, MSG_DROP, MSG_POLICY_VERDICT, MSG_TRACE, TRACE_POINTS
+from ciliary.flowrender import (
+    MSG_ACCESS_LOG,
+    MSG_DROP,
+    MSG_POLICY_VERDICT,
+    MSG_TRACE,
+    POLICY_MATCH_TYPES,
+    TRACE_POINTS,
+)
 
 from .dns import RCODE_NAMES
 
@@ -27,7 +36,10 @@ FAMILIES: dict[str, str] = {
     "hubble_dns_response_types_total": "Number of DNS response types",
     "hubble_tcp_flags_total": "TCP flag occurrences",
     "hubble_lost_events_total": "Number of lost events",
+    "hubble_policy_verdicts_total": "Total number of Cilium network policy verdicts",
 }
+IDENTITY_HOST = 1
+IDENTITY_HEALTH = 4
 
 LOST_RING_BUFFER = "perf_event_ring_buffer"
 LOST_DECODE = "decode"
@@ -113,6 +125,8 @@ class FlowMetrics:
             if et_type == MSG_DROP:
                 self.inc("hubble_drop_total",
                          {"reason": flow.drop_reason_desc, "protocol": flow_protocol(flow)})
+            elif et_type == MSG_POLICY_VERDICT:
+                self._policy_verdict(flow)
 
             if dns is not None:
                 qtypes = ",".join(dns.qtypes)
@@ -138,6 +152,17 @@ class FlowMetrics:
                     if on:
                         key = (("family", ipv), ("flag", name))
                         tcp[key] = tcp.get(key, 0) + 1
+
+    def _policy_verdict(self, flow: schema.Flow) -> None:
+        src = flow.source.identity if flow.source is not None else 0
+        dst = flow.destination.identity if flow.destination is not None else 0
+        if src == IDENTITY_HOST or IDENTITY_HEALTH in (src, dst):
+            return
+        match = POLICY_MATCH_TYPES.get(flow.policy_match_type, "unknown").lower()
+        direction = (flow.traffic_direction or "TRAFFIC_DIRECTION_UNKNOWN").lower()
+        self.inc("hubble_policy_verdicts_total",
+                 {"action": (flow.verdict or "VERDICT_UNKNOWN").lower(), "direction": direction,
+                  "match": match})
 
     def render(self) -> str:
         lines: list[str] = []

@@ -2,7 +2,8 @@
 
 Subscribes to ``flows.raw.>`` (every node executor's ``RawEventBatch``), decodes and
 enriches each event into ``Flow`` records (``decode.py``) from mirrored ``ipcache``,
-``identities`` and ``services`` (frontends) buckets plus Pods and their status, keeps the
+``identities``, ``services`` (frontends) and ``policy`` (rule references, for
+``*_allowed_by``/``*_denied_by``) buckets plus Pods and their status, keeps the
 most recent flows per node (``store.py``), publishes the flows of each raw batch on
 ``flows.enriched.<cluster>.<node>``, answers ``FlowQuery`` on ``ciliary.flows.query`` and
 metrics requests on ``ciliary.flows.metrics``, and serves Prometheus metrics over HTTP
@@ -24,6 +25,10 @@ Invariants:
   only when one would exceed the bus's maximum message size), and query answers as
   ``FlowQueryReply`` chunks on the request's reply subject (``wire.reply_chunks``), so
   neither is limited by the maximum message size.
+- A query the rings cannot answer (``history.needs_stream``) also reads the ``FLOWS``
+  stream, in a task of its own (at most ``HISTORY_READERS`` at once, the others wait),
+  bounded by ``CILIARY_FLOWS_HISTORY_MAX_SCAN`` flows and sending an empty progress chunk
+  at least once a second while it reads; ring-only queries are answered at once.
 """
 
 from __future__ import annotations
@@ -32,19 +37,30 @@ import asyncio
 import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
 
 from ciliary import flowfilter, schema
-from ciliary.bus import SYNCED, KVEntry
+from ciliary.bus import SYNCED, BusError, KVEntry
 from ciliary.runtime import Context, mirror_kinds
 
 from .decode import decode_batch
 from .enrich import EnrichmentState
 from .export import ExportConfig, write_lines
+from .history import (
+    PROGRESS_EVERY_S,
+    Entry,
+    HistoryLimits,
+    StreamScan,
+    answer_entries,
+    decode_entries,
+    needs_stream,
+    read_history,
+    start_time_ns,
+)
 from .http import DEFAULT_HOST, Handler, Response, start_http_server
 from .metrics import LOST_BUS, LOST_DECODE, LOST_PUBLISH, LOST_RING_BUFFER, FlowMetrics
 from .servicemap import build_service_map
@@ -66,6 +82,17 @@ DEFAULT_STREAM_MAX_AGE = 3600.0
 QUEUE_GROUP = "flows"
 GC_THRESHOLDS = (10_000, 10, 10)  # Python's default is (700, 10, 10)
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # nats-server's default, when the server did not say
+HISTORY_READERS = 2  # stream-reading queries at once
+ANSWER_DECODE_FLOWS = 8 * 512  # stream flows decoded at once while an answer is sent
+
+
+class QueryPlan(msgspec.Struct):
+    """A decoded query, the rings' part of its answer and whether the stream is needed."""
+
+    query: schema.FlowQuery
+    ring: list[tuple[int, schema.Flow]]  # (time ns, flow), oldest first
+    horizon_ns: int
+    stream: bool
 
 
 class FlowsCore:
@@ -134,6 +161,40 @@ class FlowsCore:
             flows=flows, seen=self.store.seen, capacity=self.store.capacity, lost=self.lost
         )
 
+    def plan_query(self, data: bytes, *, history: bool = True) -> QueryPlan | schema.FlowQueryReply:
+        """The rings' part of a ``FlowQuery`` payload's answer and whether the ``FLOWS``
+        stream must be read too (never without ``history``); an ``ok=False`` reply for a
+        bad query."""
+        try:
+            q = schema.decode(data, schema.FlowQuery)
+            flowfilter.validate([*q.whitelist, *q.blacklist])
+            ring = self.store.query_timed(q)
+        except (msgspec.DecodeError, msgspec.ValidationError, flowfilter.FilterError) as err:
+            return schema.FlowQueryReply(ok=False, error=str(err))
+        horizon = self.store.horizon_ns()
+        return QueryPlan(q, ring, horizon, history and needs_stream(q, ring, horizon))
+
+    def answer_chunks(self, plan: QueryPlan, limit: int, stream: StreamScan | None = None, *,
+                      first_chunk: int = 0, notice: str = "") -> Iterator[bytes]:
+        """``FlowQueryReply`` chunks of a planned query's answer, the stream part merged in;
+        stream flows are decoded ``ANSWER_DECODE_FLOWS`` at a time, as the chunks are taken."""
+        if stream is None:
+            entries: list[Entry] = [(t, f.uuid, f) for t, f in plan.ring]
+            scanned, truncated = 0, False
+        else:
+            entries = answer_entries(stream.entries(), plan.ring, plan.query)
+            scanned, truncated = stream.scanned, stream.truncated
+        step = ANSWER_DECODE_FLOWS
+        parts = [entries[i:i + step] for i in range(0, len(entries), step)] or [[]]
+        chunk = first_chunk
+        for i, part in enumerate(parts):
+            chunks = reply_chunks(decode_entries(part), limit or DEFAULT_MAX_PAYLOAD, seen=self.store.seen,
+                                  capacity=self.store.capacity, lost=self.lost, first_chunk=chunk,
+                                  scanned=scanned, truncated=truncated, notice=notice,
+                                  final=i == len(parts) - 1)
+            chunk += len(chunks)
+            yield from chunks
+
     def query_chunks(self, data: bytes, limit: int) -> list[bytes]:
         """The answer to a ``FlowQuery`` payload as ``FlowQueryReply`` chunks of at most
         ``limit`` bytes each (``wire.reply_chunks``); an error is one ``ok=False`` chunk."""
@@ -200,9 +261,16 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
             lambda e: core.enrichment.apply_identity(e.key, _decode(e, schema.IdentityRecord)))
     _follow(ctx, tg, schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>",
             lambda e: core.enrichment.apply_frontend(e.key, _decode(e, schema.LBFrontend)))
+    _follow(ctx, tg, schema.BUCKET_POLICY, f"{schema.POLICY_ID_PREFIX}>", lambda e: core.enrichment.apply_policy(
+        e.key, _decode(e, schema.PolicyMapRecord), e.revision))
 
     nc = ctx.bus.nc
-    await _ensure_flows_stream(ctx)
+    stream_on = await _ensure_flows_stream(ctx)
+    if stream_on:
+        try:  # flows stored before this start are in the stream only
+            core.store.history_before = await ctx.bus.stream_last_seq(schema.STREAM_FLOWS) > 0
+        except BusError as err:
+            log.warning("flows: cannot read stream %s: %s", schema.STREAM_FLOWS, err)
     try:
         export = ExportConfig.from_env()
     except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as err:
@@ -227,10 +295,21 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
                 core.metrics.lost("export_queue", len(flows))
                 core.lost += len(flows)
 
+    history = _history_limits(stream_on)
+    readers = asyncio.Semaphore(HISTORY_READERS)
+
     async def on_query(msg: Msg) -> None:
-        if msg.reply:
-            for data in core.query_chunks(msg.data, nc.max_payload or 0):
+        if not msg.reply:
+            return
+        plan = core.plan_query(msg.data, history=history.enabled)
+        if isinstance(plan, schema.FlowQueryReply):
+            await nc.publish(msg.reply, schema.encode(plan))
+        elif not plan.stream:
+            for data in core.answer_chunks(plan, nc.max_payload or 0):
                 await nc.publish(msg.reply, data)
+        else:
+            tg.create_task(_answer_from_history(ctx, core, plan, msg.reply, history, readers),
+                           name="flows-history-query")
 
     async def on_metrics(msg: Msg) -> None:
         if msg.reply:
@@ -252,17 +331,79 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
                 pass
 
 
-async def _ensure_flows_stream(ctx: Context) -> None:
-    """JetStream stream FLOWS over ``flows.enriched.>`` (bounded, oldest discarded)."""
+async def _ensure_flows_stream(ctx: Context) -> bool:
+    """JetStream stream FLOWS over ``flows.enriched.>`` (bounded, oldest discarded);
+    whether it exists."""
     max_mb = float(os.environ.get(ENV_STREAM_MAX_MB, DEFAULT_STREAM_MAX_MB))
     if max_mb <= 0:
-        return
+        return False
     max_age = float(os.environ.get(ENV_STREAM_MAX_AGE, DEFAULT_STREAM_MAX_AGE))
     try:
         await ctx.bus.ensure_stream(schema.STREAM_FLOWS, [schema.SUBJECT_FLOWS_ALL],
                                     max_bytes=int(max_mb * 1024 * 1024), max_age_s=max_age)
     except Exception as err:  # the live subject and the ring work without the stream
         log.warning("flows: cannot create stream %s: %s", schema.STREAM_FLOWS, err)
+        return False
+    return True
+
+
+def _history_limits(stream_on: bool) -> HistoryLimits:
+    """History query limits from the environment; reading the stream is off without it."""
+    if not stream_on:
+        return HistoryLimits(max_scan=0)
+    try:
+        return HistoryLimits.from_env()
+    except ValueError as err:
+        log.error("flows: history queries read the rings only, bad setting: %s", err)
+        return HistoryLimits(max_scan=0)
+
+
+async def _answer_from_history(ctx: Context, core: FlowsCore, plan: QueryPlan, reply: str,
+                               limits: HistoryLimits, readers: asyncio.Semaphore) -> None:
+    """Answer a query that needs the ``FLOWS`` stream: progress chunks while reading, then
+    the merged answer. A stream that cannot be read gives the rings' answer with a notice."""
+    nc = ctx.bus.nc
+    sent = 0
+
+    async def progress(scanned: int) -> None:
+        nonlocal sent
+        await nc.publish(reply, schema.encode(schema.FlowQueryReply(chunk=sent, more=True, scanned=scanned)))
+        sent += 1
+
+    try:
+        scan = StreamScan(plan.query, plan.horizon_ns, limits)
+        notice = ""
+        while True:  # wait for a reader, telling the client it is not forgotten
+            try:
+                await asyncio.wait_for(readers.acquire(), PROGRESS_EVERY_S)
+                break
+            except TimeoutError:
+                await progress(0)
+        try:
+            await read_history(
+                ctx.bus.read_stream(schema.STREAM_FLOWS, schema.SUBJECT_FLOWS_ALL,
+                                    start_time_ns=start_time_ns(plan.query.since_ns, limits.margin_ns)),
+                scan, progress)
+        except BusError as err:
+            log.warning("flows: history query: %s", err)
+            notice = f"flows older than the rings could not be read: {err}"
+        finally:
+            readers.release()
+        if scan.undecodable:
+            log.warning("flows: %d messages in %s are not flow batches", scan.undecodable, schema.STREAM_FLOWS)
+        for i, data in enumerate(core.answer_chunks(plan, nc.max_payload or 0, scan, first_chunk=sent,
+                                                    notice=notice)):
+            await nc.publish(reply, data)
+            sent += 1
+            if i % 8 == 7:
+                await asyncio.sleep(0)  # let ingest run between parts of a large answer
+    except Exception as err:  # a failed answer must not take the service down
+        log.exception("flows: history query failed")
+        try:
+            await nc.publish(reply, schema.encode(schema.FlowQueryReply(ok=False, chunk=sent,
+                                                                        error=f"history query failed: {err}")))
+        except Exception:  # connection gone
+            pass
 
 
 async def _export_writer(cfg: ExportConfig, queue: asyncio.Queue[list[str]]) -> None:

@@ -5,6 +5,12 @@ Invariants:
   oldest flow is overwritten first and counted in ``overwritten``.
 - ``query`` returns flows oldest first: those matching the whitelist/blacklist filters
   and ``since <= time <= until``, then the first or last ``number`` of them.
+- ``horizon_ns`` is the time from which on the rings hold every flow the service has
+  stored (assuming each node's flows arrive in time order; a flow overwritten with
+  exactly the horizon's time is the one exception): 0 while no ring has overwritten
+  anything and no history predates the store (``history_before``), else the oldest flow
+  of the latest-starting incomplete ring (``NO_HORIZON`` when history predates the store
+  and no ring has flows yet). Older flows are only in the ``FLOWS`` stream (``history.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from ciliary import flowfilter, schema
 from ciliary.flowrender import flow_time_ns
+
+NO_HORIZON = 1 << 62  # the rings cover no time range at all
 
 
 class FlowRing:
@@ -46,6 +54,11 @@ class FlowRing:
     def __iter__(self) -> Iterator[tuple[int, schema.Flow]]:
         return iter(self._ring)
 
+    @property
+    def oldest_ns(self) -> int:
+        """Time of the oldest flow held (0 when empty)."""
+        return self._ring[0][0] if self._ring else 0
+
 
 class FlowStore:
     """One ring per ``<cluster>/<node>``."""
@@ -54,6 +67,7 @@ class FlowStore:
         self.capacity = capacity
         self.rings: dict[str, FlowRing] = {}
         self.seen = 0
+        self.history_before = False  # flows older than this store exist elsewhere (a restart)
 
     def add(self, flow: schema.Flow, time_ns: int | None = None) -> None:
         ring = self.rings.get(flow.node_name)
@@ -77,7 +91,19 @@ class FlowStore:
     def __len__(self) -> int:
         return sum(len(r) for r in self.rings.values())
 
+    def horizon_ns(self) -> int:
+        """From this time on the rings hold every flow (see the module invariants)."""
+        incomplete = [r.oldest_ns for r in self.rings.values()
+                      if len(r) and (r.overwritten or self.history_before)]
+        if incomplete:
+            return max(incomplete)
+        return NO_HORIZON if self.history_before else 0
+
     def query(self, q: schema.FlowQuery) -> list[schema.Flow]:
+        return [f for _, f in self.query_timed(q)]
+
+    def query_timed(self, q: schema.FlowQuery) -> list[tuple[int, schema.Flow]]:
+        """``query`` with each flow's time (unix ns)."""
         def matching(ring: FlowRing) -> Iterator[tuple[int, schema.Flow]]:
             for t, flow in ring:
                 if q.since_ns and t < q.since_ns:
@@ -89,15 +115,12 @@ class FlowStore:
 
         merged = heapq.merge(*(matching(r) for r in self.rings.values()), key=lambda item: item[0])
         if q.number <= 0:
-            return [f for _, f in merged]
+            return list(merged)
         if q.first:
             out = []
-            for _, f in merged:
-                out.append(f)
+            for item in merged:
+                out.append(item)
                 if len(out) >= q.number:
                     break
             return out
-        last: deque[schema.Flow] = deque(maxlen=q.number)
-        for _, f in merged:
-            last.append(f)
-        return list(last)
+        return list(deque(merged, maxlen=q.number))

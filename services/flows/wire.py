@@ -49,24 +49,30 @@ def flow_batches(flows: Sequence[schema.Flow], limit: int) -> Batches:
 
 def reply_chunks(
     flows: Sequence[schema.Flow], limit: int, *, seen: int = 0, capacity: int = 0, lost: int = 0,
-    chunk_flows: int = REPLY_CHUNK_FLOWS,
+    chunk_flows: int = REPLY_CHUNK_FLOWS, first_chunk: int = 0, scanned: int = 0,
+    truncated: bool = False, notice: str = "", final: bool = True,
 ) -> list[bytes]:
-    """``FlowQueryReply`` chunks for an answer (see the module invariants)."""
+    """``FlowQueryReply`` chunks for an answer (see the module invariants), numbered from
+    ``first_chunk`` (after chunks already sent); the history counters (``scanned``,
+    ``truncated``, ``notice``) go into the last chunk with the others. Without ``final``
+    these are the chunks of one part of an answer that continues: all have ``more`` set."""
     room = max(1, limit - REPLY_MARGIN)
     parts: list[Sequence[schema.Flow]] = []
     for start in range(0, len(flows), max(1, chunk_flows)):
         fitted: list[tuple[Sequence[schema.Flow], bytes]] = []
         if _fit(flows[start:start + chunk_flows], room, fitted):
             return [schema.encode(schema.FlowQueryReply(
-                ok=False, seen=seen, capacity=capacity, lost=lost,
+                ok=False, seen=seen, capacity=capacity, lost=lost, chunk=first_chunk,
                 error=f"a flow does not fit the bus's maximum message size ({limit} bytes)"))]
         parts += [p for p, _ in fitted]
     if not parts:
         parts = [[]]
-    last = len(parts) - 1
+    last = len(parts) if not final else len(parts) - 1
     return [
-        schema.encode(schema.FlowQueryReply(flows=list(part), chunk=i, more=True))
+        schema.encode(schema.FlowQueryReply(flows=list(part), chunk=first_chunk + i, more=True))
         if i < last else
-        schema.encode(schema.FlowQueryReply(flows=list(part), chunk=i, seen=seen, capacity=capacity, lost=lost))
+        schema.encode(schema.FlowQueryReply(flows=list(part), chunk=first_chunk + i, seen=seen,
+                                            capacity=capacity, lost=lost, scanned=scanned,
+                                            truncated=truncated, notice=notice))
         for i, part in enumerate(parts)
     ]

@@ -16,11 +16,19 @@ Invariants:
   when no source claims it any more.
 - Bad payloads in any bucket are logged and skipped; requests for ``explain``/``report``
   are answered by one replica (queue group).
+- toFQDNs: every replica hears the DNS responses the node executors publish on
+  ``fqdn.dns.<cluster>.<node>`` and keeps its own name cache (``fqdn.NameCache``) of the
+  names a policy's ``toFQDNs`` selects. Each cached address joins the policy CIDRs as a
+  host prefix whose identity labels are the CIDR labels plus ``fqdn:<selector>`` for
+  every matching selector; an expired address leaves the set and its identity goes the
+  way of any unused CIDR identity. The cache is not persisted: a restarted replica
+  learns addresses again from the next lookups.
 
 Settings (environment): ``CILIARY_IDENTITY_LABELS`` (Cilium ``labels`` option syntax,
 space separated), ``CILIARY_IDENTITY_GC_GRACE`` (seconds an unused identity is kept,
 default 900), ``CILIARY_IDENTITY_ORPHAN_AGE`` (seconds before an ``id.`` key no label set
-names is removed, default 60).
+names is removed, default 60), ``CILIARY_FQDN_MIN_TTL`` (seconds a DNS answer is kept at
+least, default 3600), ``CILIARY_FQDN_MAX_ENTRIES`` (name cache bound, default 50000).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from ciliary import schema
 from ciliary.bus import SYNCED, Bus, BusError, KVEntry, RevisionMismatch
 from ciliary.runtime import Context, mirror_kinds
 
+from . import fqdn
 from .allocator import (
     SCOPE_CIDR,
     SCOPE_CLUSTER,
@@ -71,6 +80,8 @@ class IdentityConfig:
     labels: str = ""
     gc_grace: float = DEFAULT_GC_GRACE
     orphan_age: float = DEFAULT_ORPHAN_AGE
+    fqdn_min_ttl: float = fqdn.DEFAULT_MIN_TTL
+    fqdn_max_entries: int = fqdn.DEFAULT_MAX_ENTRIES
 
     @classmethod
     def from_env(cls) -> IdentityConfig:
@@ -78,6 +89,8 @@ class IdentityConfig:
             labels=os.environ.get(ENV_LABELS, ""),
             gc_grace=float(os.environ.get(ENV_GC_GRACE, DEFAULT_GC_GRACE)),
             orphan_age=float(os.environ.get(ENV_ORPHAN_AGE, DEFAULT_ORPHAN_AGE)),
+            fqdn_min_ttl=float(os.environ.get(fqdn.ENV_MIN_TTL, fqdn.DEFAULT_MIN_TTL)),
+            fqdn_max_entries=int(os.environ.get(fqdn.ENV_MAX_ENTRIES, fqdn.DEFAULT_MAX_ENTRIES)),
         )
 
     @property
@@ -247,6 +260,9 @@ class IdentityService:
         self._pods: dict[str, tuple[tuple[int, int, int], PodInfo | None]] = {}
         self._ns_versions: dict[str, int] = {}
         self.pods: list[PodInfo] = []
+        self.names = fqdn.NameCache(min_ttl=config.fqdn_min_ttl, max_entries=config.fqdn_max_entries)
+        self.fqdn_matcher = fqdn.SelectorMatcher()
+        self._fqdn_policies: tuple[tuple[str, int], ...] = ()
 
     # ---------------------------------------------------------------- wiring
 
@@ -269,6 +285,8 @@ class IdentityService:
                                      self._answer(self.explain, schema.IdentityExplainReply), queue=QUEUE_GROUP)
         await self.ctx.bus.subscribe(schema.SUBJECT_IDENTITY_REPORT, schema.IdentityReportRequest,
                                      self._answer(self.report, schema.IdentityReportReply), queue=QUEUE_GROUP)
+        await self.ctx.bus.subscribe(schema.SUBJECT_FQDN_DNS.format(cluster=self.cluster, node="*"),
+                                     schema.RawEventBatch, self._on_dns)
         self.ctx.detail.update(identities=0, label_sets=0, ipcache=0, endpoints=0, passes=0)
         for error in self.pattern_errors:
             log.error("%s=%r: %s; the pattern is ignored", ENV_LABELS, self.config.labels, error)
@@ -296,6 +314,53 @@ class IdentityService:
             observe(event)
             self.dirty.set()
 
+    async def _on_dns(self, batch: schema.RawEventBatch, _msg: Any) -> None:
+        """DNS responses seen by a node: learn the addresses of names a toFQDNs selects."""
+        try:
+            self.fqdn_selectors()
+            if not self.fqdn_matcher.selectors:
+                return
+            now = time.monotonic()
+            added = 0
+            for event in batch.events:
+                added += self.names.ingest(event.payload, now, self.fqdn_matcher.wanted)
+        except Exception:  # odd input must not cost the subscription
+            log.exception("fqdn.dns batch from %s/%s skipped", batch.cluster, batch.node)
+            return
+        if added:
+            self.dirty.set()
+
+    def fqdn_selectors(self) -> frozenset[fqdn.FQDNSelector]:
+        """The toFQDNs selectors of every policy (recomputed when a policy changed)."""
+        version = tuple(sorted(
+            (key, entry.revision) for kind in POLICY_KINDS
+            for key, entry in self.resources.get(kind, {}).items()
+        ))
+        if version != self._fqdn_policies:
+            found: set[fqdn.FQDNSelector] = set()
+            for kind in POLICY_KINDS:
+                for entry in list(self.resources.get(kind, {}).values()):
+                    record = self._record(entry)
+                    if record is not None:
+                        found |= fqdn.policy_selectors(kind, record.manifest)
+            self.fqdn_matcher.set_selectors(found)
+            self._fqdn_policies = version
+        return self.fqdn_matcher.selectors
+
+    def compute_fqdn(self) -> dict[str, tuple[str, ...]]:
+        """Host prefix -> ``fqdn:`` labels of the addresses the name cache holds now."""
+        self.names.expire(time.monotonic())
+        self.fqdn_selectors()
+        return fqdn.fqdn_prefixes(self.names, self.fqdn_matcher)
+
+    def _wait_limit(self) -> float:
+        """Seconds until the next pass at the latest: GC, or the next name cache expiry."""
+        limit = self.config.gc_interval
+        expiry = self.names.next_expiry
+        if expiry is not None:
+            limit = min(limit, max(0.0, expiry - time.monotonic()) + 0.01)
+        return limit
+
     def _answer(self, fn: Callable[[Any], Any], error: type) -> Callable[[Any, Any], Awaitable[None]]:
         async def handler(request: Any, msg: Any) -> None:
             try:
@@ -317,7 +382,7 @@ class IdentityService:
         next_audit = time.monotonic()  # first pass: the initial watch state may be incomplete
         while True:
             try:
-                await asyncio.wait_for(self.dirty.wait(), timeout=self.config.gc_interval)
+                await asyncio.wait_for(self.dirty.wait(), timeout=self._wait_limit())
             except TimeoutError:
                 pass
             await asyncio.sleep(DEBOUNCE)
@@ -460,6 +525,14 @@ class IdentityService:
         pods = self.compute_pods()
         refs = label_refs(pods)
         cidr_refs = self.compute_cidrs()
+        fqdn_labels = self.compute_fqdn()
+        for prefix in fqdn_labels:
+            cidr_refs[prefix] = cidr_refs.get(prefix, 0) + 1
+
+        def prefix_labels(prefix: str) -> tuple[str, ...]:
+            extra = fqdn_labels.get(prefix)
+            return cidr_labels(prefix) if not extra else tuple(sorted((*cidr_labels(prefix), *extra)))
+
         sem = asyncio.Semaphore(PARALLEL_WRITES)
         failed = 0
 
@@ -477,14 +550,14 @@ class IdentityService:
         cidrs = sorted(cidr_refs)
         results = await _gather(
             *(allocate(labels, refs[labels], SCOPE_CLUSTER) for labels in pod_sets),
-            *(allocate(cidr_labels(prefix), cidr_refs[prefix], SCOPE_CIDR) for prefix in cidrs),
+            *(allocate(prefix_labels(prefix), cidr_refs[prefix], SCOPE_CIDR) for prefix in cidrs),
         )
         pod_ids = {labels: ident for labels, ident in zip(pod_sets, results[: len(pod_sets)], strict=True) if ident}
         cidr_ids = {p: ident for p, ident in zip(cidrs, results[len(pod_sets):], strict=True) if ident}
 
         # release what no pod or policy uses any more
         wanted = {schema.identity_labels_key(label_set_hash(labels)) for labels in pod_sets}
-        wanted |= {schema.identity_labels_key(label_set_hash(cidr_labels(p))) for p in cidrs}
+        wanted |= {schema.identity_labels_key(label_set_hash(prefix_labels(p))) for p in cidrs}
         async def release(lkey: str) -> None:
             async with sem:
                 await self.allocator.release(lkey, self.config.gc_grace)
@@ -548,6 +621,10 @@ class IdentityService:
         self.ctx.detail["endpoints"] = len(self.pods)
         self.ctx.detail["passes"] = self.passes
         self.ctx.detail["last_pass_ms"] = round(seconds * 1000, 1)
+        self.ctx.detail["fqdn_cache"] = self.names.size
+        self.ctx.detail["fqdn_selectors"] = len(self.fqdn_matcher.selectors)
+        if self.names.evicted:
+            self.ctx.detail["fqdn_evicted"] = self.names.evicted
 
     # ---------------------------------------------------------------- requests
 

@@ -32,7 +32,7 @@ from ciliary import config, schema
 from ciliary.bus import SYNCED, Bus, KVEntry, RevisionMismatch
 from ciliary.runtime import Context
 from ciliary.store import ResourceStore, kv_key
-from services.node import addressing, debug, netns, world
+from services.node import addressing, debug, dnsfeed, netns, world
 from services.node import layouts as L
 from services.node import maps as M
 from services.node.datapath import Datapath, MapSizes, ensure_bpffs
@@ -556,6 +556,7 @@ class NodeAgent:
             except Exception as err:
                 self.pump.lost_queue += len(events)
                 log.warning("publishing %d events failed: %s", len(events), err)
+            await dnsfeed.publish(self.bus, batch, self.ctx.detail)
             self.ctx.detail["events_published"] = self.pump.published
             self.ctx.detail["events_lost"] = self.pump.kernel_lost_seen + self.pump.lost_queue
 

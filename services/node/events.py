@@ -53,6 +53,8 @@ def to_raw(event: L.FlowEvent) -> schema.RawFlowEvent:
         payload=event.payload_bytes(),
         icmp_type=event.icmp_type,
         icmp_code=event.icmp_code,
+        policy_match=event.policy_match,
+        flags=event.flags,
     )
 
 

@@ -73,6 +73,7 @@ EVENT_DROP = 2
 VERDICT_FORWARDED = 1
 VERDICT_DROPPED = 2
 VERDICT_AUDIT = 4
+EVENT_F_POLICY_VERDICT = 1 << 0  # flow_event.flags: report the allowed connection's policy verdict
 
 EVENT_PAYLOAD_LEN = 128
 
@@ -360,6 +361,9 @@ class FlowEvent(Layout):
         ("payload_len", ct.c_uint16),
         ("icmp_type", ct.c_uint8),
         ("icmp_code", ct.c_uint8),
+        ("policy_match", ct.c_uint8),
+        ("flags", ct.c_uint8),
+        ("pad", ct.c_uint8 * 2),
         ("payload", ct.c_uint8 * EVENT_PAYLOAD_LEN),
     ]
 

@@ -30,8 +30,12 @@ Invariants:
   port (Cilium's encoding).
 - A section whose L3 clauses are all absent but which has ports/ICMP applies to every peer
   (``wildcard_peers``). A section with neither selects nothing but still counts for
-  default-deny. A section with only unsupported L3 clauses (toFQDNs, toServices, toGroups,
+  default-deny. A section with only unsupported L3 clauses (toServices, toGroups,
   fromNodes/toNodes, cidrGroupRef) is never widened to all peers.
+- ``toFQDNs`` entries are peers selecting the label ``fqdn:<name or pattern>`` that the
+  identity service gives the CIDR identities of DNS-learned addresses (``fqdn_selector``);
+  until a selected pod resolves a matching name they select nothing. DNS L7 rules
+  (``toPorts[].rules.dns``) stay unenforced (no DNS proxy) and are reported.
 - ``fromRequires``/``toRequires`` (deprecated) are ANDed into the same rule's
   ``fromEndpoints``/``toEndpoints`` selectors, as current Cilium does; they are not L3
   clauses of their own.
@@ -57,6 +61,7 @@ from .selectors import (
     Requirement,
     Selector,
     cidr_selector,
+    fqdn_selector,
     from_label_selector,
 )
 
@@ -391,9 +396,12 @@ def _cilium_peers(
         (f"{pfx}Groups", item.from_groups if direction == "ingress" else item.to_groups),
         (f"{pfx}Nodes", item.from_nodes if direction == "ingress" else item.to_nodes),
     ]
+    fqdns = getattr(item, "to_fqdns", []) if direction == "egress" else []
+    if fqdns:
+        clauses += 1
+        peers += [fqdn_selector(f.match_name, f.match_pattern) for f in fqdns]
     if direction == "egress":
         unsupported.append(("toServices", item.to_services))
-        unsupported.append(("toFQDNs", getattr(item, "to_fqdns", [])))
     for name, value in unsupported:
         if value:
             clauses += 1

@@ -12,6 +12,10 @@ Invariants:
   specific prefix lies inside ``cidr`` and inside none of ``excepts``; a ``/0`` prefix also
   selects the ``world`` identity. ``all`` selects everything and is the only selector that
   resolution emits as the wildcard peer 0. ``none`` selects nothing.
+- ``fqdn_selector`` (a ``toFQDNs`` entry) is the labels selector ``fqdn:<name> Exists``
+  over the normalised name or pattern (lower case, no trailing dot): it selects exactly
+  the identities the identity service labelled for that selector, i.e. the CIDR
+  identities of addresses that DNS answers for a matching name resolved to.
 - Selectors are frozen and hashable: equal selectors share one cache slot.
 - `SelectorCache` answers "which identities does this selector select"; after any sequence
   of `update` calls its answers equal those of a cache built from scratch over the same
@@ -278,6 +282,21 @@ def split_key(key: str, default_source: str) -> tuple[str, str]:
     if sep and source and "/" not in source and "." not in source:
         return source, rest
     return default_source, key
+
+
+LABEL_SOURCE_FQDN = "fqdn"
+
+
+def fqdn_label_key(match_name: str = "", match_pattern: str = "") -> str:
+    """The key of the ``fqdn:`` identity label of one ``toFQDNs`` entry ("" if empty)."""
+    return (match_name or match_pattern).strip().lower().rstrip(".")
+
+
+def fqdn_selector(match_name: str = "", match_pattern: str = "") -> Selector:
+    key = fqdn_label_key(match_name, match_pattern)
+    if not key:
+        return NONE
+    return Selector("labels", (Requirement(LABEL_SOURCE_FQDN, key, "Exists"),))
 
 
 def cidr_selector(cidr: str, excepts: Iterable[str] = ()) -> Selector:

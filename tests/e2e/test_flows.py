@@ -526,3 +526,81 @@ def test_service_map_in_headless_chromium(make_stack, tmp_path: Path) -> None:
     if os.environ.get("CILIARY_UPDATE_DOC_SCREENSHOT") == "1":  # refresh docs/img on request only
         SCREENSHOT_DOC.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT_DOC)
+
+
+# ------------------------------------------------------------------------------ (f) policy verdicts
+
+
+def test_allowed_connections_give_one_policy_verdict_each_naming_the_policy(make_stack) -> None:
+    """checkout -> payments:8080 is allowed by payments-ingress ({checkout, 8080, TCP}:
+    L3-L4) at payments' ingress; checkout's egress is not enforced. Every connection gives
+    exactly one FORWARDED policy-verdict flow, at its first packet; its later packets
+    (ACKs, data, FIN) none. A denied connection still gives the DENIED one."""
+    stack = make_stack()
+    pods = shop(stack)
+    payments_ip = pods["default/payments"]["podIP"]
+    checkout_ip = pods["default/checkout"]["podIP"]
+    started = time.time()
+    for _ in range(3):
+        ok = stack.workload(pods["default/checkout"], "connect", payments_ip, "8080", "--timeout", "3")
+        assert ok.returncode == 0 and ok.stdout.startswith("payments "), ok.stdout + ok.stderr
+    denied = stack.workload(pods["default/frontend"], "connect", payments_ip, "8080", "--timeout", "1")
+    assert denied.returncode != 0, denied.stdout
+
+    def fresh(lines: list[dict]) -> list[dict]:
+        return [x for x in lines if flowrender.flow_time_ns(schema.Flow(time=x["time"])) / 1e9 >= started - 0.5]
+
+    def is_pv(x: dict) -> bool:
+        return x["flow"]["event_type"]["type"] == 5
+
+    def from_checkout(x: dict) -> bool:
+        return x["flow"]["IP"]["source"] == checkout_ip
+
+    def everything() -> list[dict] | None:
+        lines = fresh(stack.observe("--to-pod", "default/payments", "--last", "500"))
+        allowed = [x for x in lines if is_pv(x) and from_checkout(x)]
+        fins = [x for x in lines if from_checkout(x) and x["flow"]["l4"]["TCP"]["flags"].get("FIN")
+                and x["flow"].get("trace_observation_point") == "TO_ENDPOINT"]
+        denials = [x for x in lines if is_pv(x) and x["flow"]["verdict"] == "DROPPED"]
+        return lines if len(allowed) >= 3 and len(fins) >= 3 and denials else None
+
+    lines = wait_for(everything, 15, "three allowed connections (with their FINs) and one denial")
+    conn_pvs = [x["flow"] for x in lines if is_pv(x) and from_checkout(x)]
+    syns = {x["flow"]["l4"]["TCP"]["source_port"] for x in lines if from_checkout(x)
+            and x["flow"].get("trace_observation_point") == "TO_ENDPOINT"
+            and x["flow"]["l4"]["TCP"]["flags"].get("SYN")}
+    fins = {x["flow"]["l4"]["TCP"]["source_port"] for x in lines if from_checkout(x)
+            and x["flow"].get("trace_observation_point") == "TO_ENDPOINT"
+            and x["flow"]["l4"]["TCP"]["flags"].get("FIN")}
+    ports = [f["l4"]["TCP"]["source_port"] for f in conn_pvs]
+    # exactly one verdict per connection: on its SYN, none for the packets after it
+    assert sorted(ports) == sorted(syns) and len(set(ports)) == len(ports) == 3, (ports, syns)
+    assert fins == syns  # the FIN of each connection went through the same hook, without a verdict
+    for f in conn_pvs:
+        assert f["verdict"] == "FORWARDED" and f["traffic_direction"] == "INGRESS"
+        assert f["policy_match_type"] == 2 and f["is_reply"] is False
+        assert f["l4"]["TCP"]["flags"] == {"SYN": True} and f["l4"]["TCP"]["destination_port"] == 8080
+        assert f["source"]["pod_name"] == "checkout" and f["destination"]["pod_name"] == "payments"
+        (pol,) = f["ingress_allowed_by"]
+        assert (pol["name"], pol["namespace"], pol["kind"]) == ("payments-ingress", "default", "CiliumNetworkPolicy")
+        assert pol["labels"] == ["k8s:io.cilium.k8s.policy.derived-from=CiliumNetworkPolicy",
+                                 "k8s:io.cilium.k8s.policy.name=payments-ingress",
+                                 "k8s:io.cilium.k8s.policy.namespace=default"]
+        assert int(pol["revision"]) > 0
+        assert not any(k in f for k in ("egress_allowed_by", "ingress_denied_by", "egress_denied_by"))
+    # checkout's egress is not enforced: no verdict at its own hook
+    egress = [x for x in fresh(stack.observe("--from-pod", "default/checkout", "--type", "policy-verdict",
+                                             "--last", "100")) if x["flow"]["traffic_direction"] == "EGRESS"]
+    assert egress == []
+    # the denied connection: a DENIED verdict without a match (default deny names no policy)
+    denials = [x["flow"] for x in lines if is_pv(x) and x["flow"]["verdict"] == "DROPPED"]
+    for deny in denials:  # one per SYN the client sent (retransmissions are dropped too)
+        assert deny["source"]["pod_name"] == "frontend" and deny["drop_reason_desc"] == "POLICY_DENIED"
+        assert "policy_match_type" not in deny and "ingress_denied_by" not in deny
+    # --type policy-verdict with --verdict FORWARDED, compact like hubble
+    compact = stack.cli("observe", "--type", "policy-verdict", "--verdict", "FORWARDED", "--from-pod",
+                        "default/checkout", "--last", "1").stdout
+    assert "-> default/payments:8080" in compact and "policy-verdict:L3-L4 INGRESS ALLOWED (TCP Flags: SYN)" in compact
+    m = stack.metrics()
+    assert m['hubble_policy_verdicts_total{action="forwarded",direction="ingress",match="l3-l4"}'] >= 3
+    assert m['hubble_policy_verdicts_total{action="dropped",direction="ingress",match="none"}'] >= 1

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from ciliary import schema
-from ciliary.bus import SYNCED, Bus, KVEntry, RevisionMismatch
+from ciliary.bus import SYNCED, Bus, BusError, KVEntry, RevisionMismatch
 
 
 async def _collect_until_synced(it) -> dict[str, bytes]:
@@ -163,5 +163,35 @@ async def test_trace_context_travels_in_headers(nats_server) -> None:
         assert trace_id in entries["traced"].headers["traceparent"]
         ctx = telemetry.extract_context(entries["traced"].headers)
         assert format(trace.get_current_span(ctx).get_span_context().trace_id, "032x") == trace_id
+    finally:
+        await bus.close()
+
+
+async def test_watch_retries_when_the_server_does_not_answer_consumer_info(nats_server, monkeypatch) -> None:
+    """A busy server (e.g. right after a slow-consumer disconnect) may time out the
+    consumer-info request; the watch re-subscribes instead of ending its service."""
+    from nats.js.client import JetStreamContext
+
+    real = JetStreamContext.PushSubscription.consumer_info
+    failures = {"left": 2}
+
+    async def flaky(self):  # noqa: ANN001
+        if failures["left"]:
+            failures["left"] -= 1
+            raise TimeoutError("consumer info timed out")
+        return await real(self)
+
+    monkeypatch.setattr(JetStreamContext.PushSubscription, "consumer_info", flaky)
+    bus = await Bus.connect(nats_server.url, "test")
+    try:
+        await bus.ensure_buckets()
+        await bus.kv_put(schema.BUCKET_ALLOCATIONS, "r.1", b"1")
+        it = bus.watch(schema.BUCKET_ALLOCATIONS, "r.>").__aiter__()
+        assert await asyncio.wait_for(_collect_until_synced(it), 10) == {"r.1": b"1"}
+        assert failures["left"] == 0
+        await it.aclose()
+        failures["left"] = 1
+        with pytest.raises(BusError):  # a one-shot read reports it instead
+            await bus.kv_list(schema.BUCKET_ALLOCATIONS, "r.>")
     finally:
         await bus.close()

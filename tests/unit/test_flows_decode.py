@@ -135,6 +135,115 @@ def test_audit_gives_policy_verdict_then_forwarded_trace() -> None:
     assert (trace.event_type.type, trace.verdict) == (4, "FORWARDED")
 
 
+PAYMENTS_INGRESS_RULE = "CiliumNetworkPolicy/default/payments-ingress spec[0].ingress[0]"
+
+
+def _policy_state(rules: dict[int, str], identity: int = 5678, revision: int = 42) -> EnrichmentState:
+    state = EnrichmentState("default")
+    record = schema.PolicyMapRecord(identity=identity, cluster="default", cluster_id=1,
+                                    ingress_enforced=True, egress_enforced=False, rules=rules)
+    state.apply_policy(schema.policy_key(identity), record, revision)
+    return state
+
+
+def _allowed(match: int = 2, rule_ref: int = 77, **kw: object) -> schema.RawFlowEvent:
+    fields: dict[str, object] = dict(saddr=CHECKOUT_IP, daddr=PAYMENTS_IP, sport=43210, dport=8080, proto=6,
+                                     src_identity=1234, dst_identity=5678, ep_id=102, direction=1,
+                                     tcp_flags=2, rule_ref=rule_ref, policy_match=match, flags=1)
+    fields.update(kw)
+    return ev(0, **fields)
+
+
+@pytest.mark.parametrize(("match", "name"), [
+    (2, "L3-L4"), (5, "L3-Proto"), (1, "L3-Only"), (3, "L4-Only"), (6, "Proto-Only"), (4, "all"),
+])
+def test_allowed_new_connection_gives_policy_verdict_then_trace(match: int, name: str) -> None:
+    pv, trace = one(_allowed(match), _policy_state({77: PAYMENTS_INGRESS_RULE}))
+    assert pv.event_type == schema.FlowEventType(type=5) and pv.verdict == "FORWARDED"
+    assert pv.policy_match_type == match and pv.traffic_direction == "INGRESS" and pv.is_reply is False
+    assert pv.ingress_allowed_by == [schema.FlowPolicy(
+        name="payments-ingress", namespace="default", kind="CiliumNetworkPolicy", revision="42",
+        labels=["k8s:io.cilium.k8s.policy.derived-from=CiliumNetworkPolicy",
+                "k8s:io.cilium.k8s.policy.name=payments-ingress",
+                "k8s:io.cilium.k8s.policy.namespace=default"])]
+    assert pv.egress_allowed_by == [] and pv.ingress_denied_by == [] and pv.egress_denied_by == []
+    assert f"policy-verdict:{name} INGRESS ALLOWED (TCP Flags: SYN)" in flowrender.format_compact(pv)
+    assert (trace.event_type.type, trace.verdict, trace.policy_match_type) == (4, "FORWARDED", 0)
+    assert trace.ingress_allowed_by == [] and pv.uuid != trace.uuid
+
+
+def test_allowed_egress_uses_the_source_identity_rules() -> None:
+    rule = "CiliumClusterwideNetworkPolicy/egress-to-payments spec[0].egress[0]"
+    pv, _ = one(_allowed(3, rule_ref=9, direction=2, ep_id=101), _policy_state({9: rule}, identity=1234))
+    assert pv.traffic_direction == "EGRESS" and pv.ingress_allowed_by == []
+    (pol,) = pv.egress_allowed_by
+    assert (pol.name, pol.namespace, pol.kind) == ("egress-to-payments", "", "CiliumClusterwideNetworkPolicy")
+    assert pol.labels == ["k8s:io.cilium.k8s.policy.derived-from=CiliumClusterwideNetworkPolicy",
+                          "k8s:io.cilium.k8s.policy.name=egress-to-payments"]
+
+
+@pytest.mark.parametrize("rule_ref", [0, 12345])
+def test_unknown_rule_ref_gives_no_policy_not_an_error(rule_ref: int) -> None:
+    pv, trace = one(_allowed(4, rule_ref=rule_ref), _policy_state({77: PAYMENTS_INGRESS_RULE}))
+    assert pv.verdict == "FORWARDED" and pv.policy_match_type == 4 and pv.ingress_allowed_by == []
+    assert b"allowed_by" not in schema.to_json(pv)  # an empty list is omitted, as protojson does
+    pv, _ = one(_allowed(4, rule_ref=rule_ref), StaticLookups())
+    assert pv.ingress_allowed_by == []
+
+
+def test_rule_ref_of_another_identity_record_still_resolves() -> None:
+    """The deciding identity's record may have been replaced meanwhile: any table knows the ref."""
+    state = _policy_state({77: PAYMENTS_INGRESS_RULE}, identity=4242)
+    pv, _ = one(_allowed(), state)
+    assert [p.name for p in pv.ingress_allowed_by] == ["payments-ingress"]
+    state.apply_policy(schema.policy_key(4242), None)
+    pv, _ = one(_allowed(), state)
+    assert pv.ingress_allowed_by == []
+
+
+def test_rules_without_a_policy_object_name_none() -> None:
+    state = _policy_state({5: "ingress-default-allow", 6: "allow-localhost", 7: "garbage/"})
+    for ref in (5, 6, 7):
+        pv, _ = one(_allowed(4, rule_ref=ref), state)
+        assert pv.ingress_allowed_by == []
+
+
+def test_no_policy_verdict_without_the_flag() -> None:
+    """Not enforced, or a later packet of the connection: the datapath leaves the flag clear."""
+    (trace,) = one(_allowed(flags=0))
+    assert trace.event_type.type == 4
+    (reply,) = one(_allowed(flags=0, is_reply=True, ct_state=2))
+    assert reply.event_type.type == 4
+
+
+def test_deny_rule_names_the_denying_policy() -> None:
+    rule = "CiliumNetworkPolicy/default/no-frontend spec[0].ingressDeny[0]"
+    pv, drop = one(_allowed(1, rule_ref=31, type=2, verdict=2, drop_reason=181, flags=0),
+                   _policy_state({31: rule}))
+    assert (pv.verdict, pv.policy_match_type, pv.drop_reason_desc) == ("DROPPED", 1, "POLICY_DENY")
+    assert [p.name for p in pv.ingress_denied_by] == ["no-frontend"] and pv.ingress_allowed_by == []
+    assert drop.ingress_denied_by == []  # only the policy-verdict flow names policies
+    # a default deny (133, no entry) names nobody
+    pv, _ = one(_allowed(0, rule_ref=0, type=2, verdict=2, drop_reason=133, flags=0), _policy_state({}))
+    assert pv.ingress_denied_by == [] and pv.policy_match_type == 0
+
+
+def test_audit_carries_the_match_type_but_no_policy() -> None:
+    pv, trace = one(_allowed(1, rule_ref=31, verdict=4, flags=0),
+                    _policy_state({31: "CiliumNetworkPolicy/default/no-frontend spec[0].ingressDeny[0]"}))
+    assert (pv.verdict, pv.policy_match_type) == ("AUDIT", 1)
+    assert pv.ingress_denied_by == [] and pv.ingress_allowed_by == []
+    assert trace.verdict == "FORWARDED"
+
+
+def test_allowed_dns_query_gives_verdict_trace_and_l7() -> None:
+    flows = one(ev(0, saddr=CHECKOUT_IP, daddr="10.0.2.3", sport=40000, dport=53, proto=17,
+                   src_identity=1234, dst_identity=102, ep_id=101, direction=2, payload=DNS_QUERY,
+                   policy_match=2, flags=1))
+    assert [(f.event_type.type, f.verdict) for f in flows] == [(5, "FORWARDED"), (4, "FORWARDED"), (129, "FORWARDED")]
+    assert len({f.uuid for f in flows}) == 3
+
+
 # every drop reason the datapath may emit (bpf/lib/drop.h) -> Cilium enum name and text
 DROP_CASES = [
     (132, "INVALID_SOURCE_IP", "Invalid source ip"),
@@ -236,7 +345,7 @@ def test_undecodable_payloads() -> None:
     assert decode_raw_batch(b"\x93garbage") is None
     assert decode_raw_batch(msgspec.msgpack.encode({"cluster": 1})) is None
     ok = decode_raw_batch(schema.encode(scenario_batch()), LOOKUPS)
-    assert ok is not None and ok.undecodable == 0 and len(ok.flows) == 20
+    assert ok is not None and ok.undecodable == 0 and len(ok.flows) == 29
 
 
 def test_empty_batch() -> None:

@@ -23,41 +23,51 @@ ALL = set(range(len(FLOWS)))
 #  7 checkout->coredns DNS query trace         17 checkout->1.1.1.1 policy-verdict DENIED
 #  8 DNS L7 request                            18 checkout->1.1.1.1 drop POLICY_DENY
 #  9 DNS answer reply trace                    19 payments->checkout RST reply
+# 20 checkout->payments policy-verdict ALLOWED (L3-L4, ingress), 21 its SYN to-endpoint,
+# 22 its FIN to-endpoint (established: no verdict); 23 world->frontend:80 policy-verdict
+# ALLOWED (L4-Only), 24 its SYN to-endpoint; 25 checkout->1.1.1.1:853 policy-verdict DENIED
+# (deny rule, L3-Only), 26 its drop POLICY_DENY; 27 checkout->coredns:5353 policy-verdict
+# ALLOWED (UDP, unpublished rule), 28 its from-endpoint trace
 CASES: list[tuple[str, list[schema.FlowFilter], list[schema.FlowFilter], set[int]]] = [
     ("no filters match everything", [], [], ALL),
-    ("verdict", [F(verdict=["DROPPED"])], [], {4, 5, 6, 17, 18}),
-    ("values of one field are OR'ed", [F(verdict=["DROPPED", "AUDIT"])], [], {4, 5, 6, 15, 17, 18}),
+    ("verdict", [F(verdict=["DROPPED"])], [], {4, 5, 6, 17, 18, 25, 26}),
+    ("values of one field are OR'ed", [F(verdict=["DROPPED", "AUDIT"])], [], {4, 5, 6, 15, 17, 18, 25, 26}),
     ("pod with namespace prefix", [F(source_pod=["default/frontend"])], [], {4, 5, 15, 16}),
     ("pod without namespace means default", [F(source_pod=["frontend"])], [], {4, 5, 15, 16}),
     ("pod name prefix in another namespace", [F(source_pod=["kube-system/frontend"])], [], set()),
-    ("namespace only", [F(destination_pod=["kube-system/"])], [], {7, 8}),
+    ("namespace only", [F(destination_pod=["kube-system/"])], [], {7, 8, 27, 28}),
     ("fields of one filter are AND'ed", [F(source_pod=["default/frontend"], verdict=["DROPPED"])], [], {4, 5}),
     ("filters of a whitelist are OR'ed", [F(source_pod=["frontend"]), F(destination_ip=["1.1.1.1"])], [],
-     {4, 5, 15, 16, 17, 18}),
+     {4, 5, 15, 16, 17, 18, 25, 26}),
     ("blacklist excludes", [F(verdict=["DROPPED"])], [F(drop_reason_desc=["POLICY_DENY"])], {4, 5, 6}),
-    ("blacklist alone", [], [F(protocol=["udp"])], ALL - {7, 8, 9, 10, 11, 12, 17, 18}),
-    ("source CIDR", [F(source_ip=["10.0.1.0/24"])], [], ALL - {9, 10, 11, 12, 14}),
+    ("blacklist alone", [], [F(protocol=["udp"])], ALL - {7, 8, 9, 10, 11, 12, 17, 18, 27, 28}),
+    ("source CIDR", [F(source_ip=["10.0.1.0/24"])], [], ALL - {9, 10, 11, 12, 14, 23, 24}),
     ("destination exact IP", [F(destination_ip=["93.184.216.34"])], [], {13}),
     ("label selector any source", [F(source_label=["app=frontend"])], [], {4, 5, 15, 16}),
     ("label set selector with source", [F(destination_label=["k8s:app in (payments,checkout)"])], [],
-     {0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 14, 15, 16, 19}),
+     {0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 14, 15, 16, 19, 20, 21, 22}),
     ("label selector AND inside", [F(source_label=["tier=backend,app!=payments"])], [],
-     {0, 1, 3, 6, 7, 8, 13, 17, 18}),
-    ("reserved label", [F(destination_label=["reserved:world"])], [], {6, 13, 17, 18}),
-    ("label absence", [F(source_label=["!app"])], [], {9, 10, 11, 12, 14}),
+     {0, 1, 3, 6, 7, 8, 13, 17, 18, 20, 21, 22, 25, 26, 27, 28}),
+    ("reserved label", [F(destination_label=["reserved:world"])], [], {6, 13, 17, 18, 25, 26}),
+    ("label absence", [F(source_label=["!app"])], [], {9, 10, 11, 12, 14, 23, 24}),
     ("source identity", [F(source_identity=[9012])], [], {4, 5, 15, 16}),
-    ("destination identity world", [F(destination_identity=[2])], [], {6, 13, 17, 18}),
+    ("destination identity world", [F(destination_identity=[2])], [], {6, 13, 17, 18, 25, 26}),
     ("protocol dns is L7", [F(protocol=["dns"])], [], {8, 10, 12}),
-    ("protocol udp", [F(protocol=["udp"])], [], {7, 8, 9, 10, 11, 12, 17, 18}),
+    ("protocol udp", [F(protocol=["udp"])], [], {7, 8, 9, 10, 11, 12, 17, 18, 27, 28}),
     ("protocol icmp", [F(protocol=["icmp"])], [], {13, 14}),
-    ("protocol and verdict", [F(protocol=["tcp"], verdict=["FORWARDED"])], [], {0, 1, 2, 3, 16, 19}),
-    ("destination port", [F(destination_port=["8080"])], [], {0, 1, 3, 4, 5}),
+    ("protocol and verdict", [F(protocol=["tcp"], verdict=["FORWARDED"])], [],
+     {0, 1, 2, 3, 16, 19, 20, 21, 22, 23, 24}),
+    ("destination port", [F(destination_port=["8080"])], [], {0, 1, 3, 4, 5, 20, 21, 22}),
     ("source port", [F(source_port=["8080"])], [], {2, 19}),
     ("--port as two filters", [F(source_port=["53"]), F(destination_port=["53"])], [], {7, 8, 9, 10, 11, 12}),
-    ("traffic direction", [F(traffic_direction=["INGRESS"])], [], {1, 4, 5, 15, 16, 19}),
-    ("event type drop", [F(event_type=[schema.FlowEventTypeFilter(type=1)])], [], {5, 6, 18}),
+    ("traffic direction", [F(traffic_direction=["INGRESS"])], [], {1, 4, 5, 15, 16, 19, 20, 21, 22, 23, 24}),
+    ("event type drop", [F(event_type=[schema.FlowEventTypeFilter(type=1)])], [], {5, 6, 18, 26}),
+    ("event type policy-verdict", [F(event_type=[schema.FlowEventTypeFilter(type=5)])], [],
+     {4, 15, 17, 20, 23, 25, 27}),
+    ("allowed policy verdicts", [F(event_type=[schema.FlowEventTypeFilter(type=5)], verdict=["FORWARDED"])], [],
+     {20, 23, 27}),
     ("event type with sub type", [F(event_type=[schema.FlowEventTypeFilter(type=4, match_sub_type=True)])],
-     [], {1, 2, 9, 11, 14, 16}),
+     [], {1, 2, 9, 11, 14, 16, 21, 22, 24}),
     ("drop reason desc", [F(drop_reason_desc=["POLICY_DENIED"])], [], {4, 5}),
     ("node name", [F(node_name=["node-1"])], [], ALL),
     ("node name with cluster", [F(node_name=["default/"])], [], ALL),
@@ -65,7 +75,7 @@ CASES: list[tuple[str, list[schema.FlowFilter], list[schema.FlowFilter], set[int
     ("node name glob", [F(node_name=["node-*"])], [], ALL),
     ("reply", [F(reply=[True])], [], {2, 9, 10, 11, 12, 14, 19}),
     ("dns query regex", [F(dns_query=[r"^payments\."])], [], {8, 10}),
-    ("tcp flag", [F(tcp_flags=[schema.TCPFlags(SYN=True)])], [], {0, 1, 2, 4, 5, 6, 15, 16}),
+    ("tcp flag", [F(tcp_flags=[schema.TCPFlags(SYN=True)])], [], {0, 1, 2, 4, 5, 6, 15, 16, 20, 21, 23, 24, 25, 26}),
     ("tcp flags all of one", [F(tcp_flags=[schema.TCPFlags(SYN=True, ACK=True)])], [], {2}),
     ("ip version", [F(ip_version=["IPv6"])], [], set()),
     ("uuid", [F(uuid=[FLOWS[3].uuid])], [], {3}),
@@ -179,7 +189,19 @@ def test_bad_flags(flags: list[tuple[str, str | None]], message: str) -> None:
 def test_built_filters_select_the_expected_flows() -> None:
     whitelist, blacklist = build_filters([("pod", "default/frontend"), ("not", None), ("verdict", "DROPPED")])
     got = {i for i, f in enumerate(FLOWS) if flowfilter.matches(f, whitelist, blacklist)}
-    assert got == {15, 16}
+    assert got == {15, 16, 23, 24}  # the audited connection, and world -> frontend:80
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ([("type", "policy-verdict")], {4, 15, 17, 20, 23, 25, 27}),
+    ([("type", "policy-verdict"), ("verdict", "FORWARDED")], {20, 23, 27}),
+    ([("type", "policy-verdict"), ("to-pod", "default/payments")], {4, 20}),
+    ([("verdict", "FORWARDED"), ("to-pod", "default/payments"), ("to-port", "8080")], {0, 1, 3, 20, 21, 22}),
+])
+def test_type_policy_verdict_selects_allowed_and_denied_verdicts(flags, expected: set[int]) -> None:
+    whitelist, blacklist = build_filters(flags)
+    got = {i for i, f in enumerate(FLOWS) if flowfilter.matches(f, whitelist, blacklist)}
+    assert got == expected
 
 
 @pytest.mark.parametrize(("text", "ns"), [

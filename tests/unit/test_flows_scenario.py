@@ -2,7 +2,11 @@
 
 The checkout/payments story: checkout (ID 1234) calls the payments Service VIP, talks DNS
 to kube-dns, pings the internet; frontend (ID 9012) is denied by policy; one call goes to
-a Service without backends. Also tests that the scenario decodes into the expected kinds.
+a Service without backends. Events 14-18 add policy verdicts of allowed connections: a
+new checkout -> payments connection allowed by payments-ingress (L3-L4) and a later packet
+of it (no verdict), world -> frontend:80 allowed by a NetworkPolicy (L4-Only), a deny rule
+of a clusterwide policy (L3-Only) and an allowing entry whose rule_ref nobody published.
+Also tests that the scenario decodes into the expected kinds.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import socket
 from ciliary import schema
 from services.flows.decode import BatchContext, IPInfo, StaticLookups, decode_batch
 from services.flows.dns import build_query, build_response
+from services.flows.enrich import flow_policy
 
 CLUSTER = "default"
 NODE = "node-1"
@@ -22,6 +27,18 @@ TS0 = 1795671896_123_456_789 - BOOT_NS
 CHECKOUT_IP, PAYMENTS_IP, FRONTEND_IP, COREDNS_IP = "10.0.1.5", "10.0.1.7", "10.0.1.9", "10.0.2.3"
 PAYMENTS_VIP, DNS_VIP, EMPTY_VIP = "10.96.0.20", "10.96.0.10", "10.96.0.30"
 WORLD_IP = "93.184.216.34"
+CLIENT_IP = "203.0.113.7"
+
+# rule_ref values as the policy service derives them (a hash of the rule text)
+RULE_PAYMENTS_INGRESS = 0x1A2B3C4D
+RULE_FRONTEND_WEB = 0x00C0FFEE
+RULE_DENY_DOT = 0x7E57AB1E
+RULE_UNPUBLISHED = 0x0BADF00D
+POLICIES = {
+    RULE_PAYMENTS_INGRESS: flow_policy("CiliumNetworkPolicy/default/payments-ingress spec[0].ingress[0]", 42),
+    RULE_FRONTEND_WEB: flow_policy("NetworkPolicy/default/frontend-web-only spec[0].ingress[0]", 43),
+    RULE_DENY_DOT: flow_policy("CiliumClusterwideNetworkPolicy/no-dns-over-tls spec[0].egressDeny[0]", 44),
+}
 
 LOOKUPS = StaticLookups(
     ips={
@@ -47,6 +64,7 @@ LOOKUPS = StaticLookups(
         (DNS_VIP, 53, "UDP"): ("kube-system", "kube-dns"),
         (EMPTY_VIP, 80, "TCP"): ("default", "empty"),
     },
+    policies={ref: pol for ref, pol in POLICIES.items() if pol is not None},
 )
 
 SYN, ACK, FIN, RST, PSH = 0x02, 0x10, 0x01, 0x04, 0x08
@@ -117,6 +135,27 @@ def scenario_events() -> list[schema.RawFlowEvent]:
         ev(13, saddr=PAYMENTS_IP, daddr=CHECKOUT_IP, sport=8080, dport=43210, proto=6,
            src_identity=5678, dst_identity=1234, ep_id=102, direction=EGRESS, tcp_flags=RST | ACK,
            is_reply=True, ct_state=2),
+        # 14: a new checkout -> payments connection allowed at payments' ingress by
+        # payments-ingress ({1234, 8080, TCP}: L3-L4): policy verdict + trace
+        ev(14, saddr=CHECKOUT_IP, daddr=PAYMENTS_IP, sport=43220, dport=8080, proto=6,
+           src_identity=1234, dst_identity=5678, ep_id=102, direction=INGRESS, tcp_flags=SYN,
+           rule_ref=RULE_PAYMENTS_INGRESS, policy_match=2, flags=1),
+        # 15: the FIN of that connection (established: same rule, no verdict)
+        ev(15, saddr=CHECKOUT_IP, daddr=PAYMENTS_IP, sport=43220, dport=8080, proto=6,
+           src_identity=1234, dst_identity=5678, ep_id=102, direction=INGRESS, tcp_flags=FIN | ACK,
+           ct_state=1, rule_ref=RULE_PAYMENTS_INGRESS, policy_match=2),
+        # 16: world -> frontend:80 allowed by a NetworkPolicy with ports only (L4-Only)
+        ev(16, saddr=CLIENT_IP, daddr=FRONTEND_IP, sport=55000, dport=80, proto=6,
+           src_identity=2, dst_identity=9012, ep_id=103, direction=INGRESS, tcp_flags=SYN,
+           rule_ref=RULE_FRONTEND_WEB, policy_match=3, flags=1),
+        # 17: checkout -> 1.1.1.1:853 denied by a clusterwide deny rule ({2, *, *}: L3-Only)
+        ev(17, saddr=CHECKOUT_IP, daddr="1.1.1.1", sport=41100, dport=853, proto=6,
+           src_identity=1234, dst_identity=2, ep_id=101, direction=EGRESS, tcp_flags=SYN,
+           type=2, verdict=2, drop_reason=181, rule_ref=RULE_DENY_DOT, policy_match=1),
+        # 18: checkout -> coredns allowed by an entry whose rule nobody published (L3-Proto)
+        ev(18, saddr=CHECKOUT_IP, daddr=COREDNS_IP, sport=40500, dport=5353, proto=17,
+           src_identity=1234, dst_identity=102, ep_id=101, direction=EGRESS,
+           rule_ref=RULE_UNPUBLISHED, policy_match=5, flags=1),
     ]
 
 
@@ -136,12 +175,14 @@ def test_scenario_decodes_every_event() -> None:
     result = decode_batch(scenario_batch(), LOOKUPS)
     assert result.undecodable == 0
     kinds = [(f.event_type.type if f.event_type else 0, f.verdict) for f in result.flows]
-    # 14 events -> 14 primary flows + 3 policy verdicts (133, 181, audit) + 3 DNS L7 flows
-    assert len(result.flows) == 20
-    assert kinds.count((4, "FORWARDED")) == 11
-    assert kinds.count((1, "DROPPED")) == 3
-    assert kinds.count((5, "DROPPED")) == 2
+    # 19 events -> 19 primary flows + 4 policy verdicts of drops/audits (133, 181 twice,
+    # audit) + 3 of allowed connections + 3 DNS L7 flows
+    assert len(result.flows) == 29
+    assert kinds.count((4, "FORWARDED")) == 15
+    assert kinds.count((1, "DROPPED")) == 4
+    assert kinds.count((5, "DROPPED")) == 3
     assert kinds.count((5, "AUDIT")) == 1
+    assert kinds.count((5, "FORWARDED")) == 3
     assert kinds.count((129, "FORWARDED")) == 3
     assert all(f.node_name == "default/node-1" for f in result.flows)
     assert len({f.uuid for f in result.flows}) == len(result.flows)

@@ -84,7 +84,7 @@ def test_scenario_query_round_trips_over_the_wire() -> None:
     q = schema.FlowQuery(whitelist=[schema.FlowFilter(verdict=["DROPPED"])], number=20)
     q = msgspec.msgpack.decode(schema.encode(q), type=schema.FlowQuery)
     got = store.query(q)
-    assert len(got) == 5 and all(f.verdict == "DROPPED" for f in got)
+    assert len(got) == 7 and all(f.verdict == "DROPPED" for f in got)
 
 
 def test_export_jsonl_with_filters_and_rotation(tmp_path) -> None:
@@ -100,7 +100,7 @@ def test_export_jsonl_with_filters_and_rotation(tmp_path) -> None:
     })
     assert cfg is not None
     lines = cfg.lines(FLOWS)
-    assert len(lines) == 15  # 5 dropped flows denied
+    assert len(lines) == 22  # 7 dropped flows denied
     for _ in range(3):
         write_lines(cfg, lines)
     files = sorted(p.name for p in tmp_path.iterdir())

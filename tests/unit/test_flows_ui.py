@@ -39,6 +39,8 @@ def test_scenario_service_map() -> None:
     audit = edges[("default/frontend-6b8c9d7e4-zzzzz", "default/checkout", "audit")]
     assert audit["colour"] == "#e0a100" and audit["flows"] == 1
     assert ("default/frontend-6b8c9d7e4-zzzzz", "default/checkout", "forwarded") not in edges
+    # an allowed connection's policy-verdict flow is not counted, its trace flow is
+    assert edges[("world", "default/frontend-6b8c9d7e4-zzzzz", "forwarded")]["flows"] == 1
     # a drop before load balancing lands on the Service it was addressed to
     assert edges[("default/checkout", "default/svc/empty", "dropped")]["drop_reasons"] == {
         "SERVICE_BACKEND_NOT_FOUND": 1}
@@ -105,6 +107,7 @@ def test_core_service_map_and_routes() -> None:
     core = FlowsCore("default")
     core.enrichment = _lookups_state()
     core.ingest(schema.encode(scenario_batch()))
+    assert core.metrics.value("hubble_lost_events_total", source="decode") == 0
     m = core.service_map()
     assert m["seen"] == core.store.seen and m["edges"]
     routes = core.http_routes()
@@ -126,6 +129,9 @@ def _lookups_state():
 
         def frontend(self, a, p, pr):  # noqa: ANN001, ANN202
             return LOOKUPS.frontend(a, p, pr)
+
+        def policy(self, i, ref):  # noqa: ANN001, ANN202
+            return LOOKUPS.policy(i, ref)
 
     return State()
 

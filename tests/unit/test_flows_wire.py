@@ -40,7 +40,7 @@ def test_a_single_flow_is_not_a_batch() -> None:
         schema.decode(schema.encode(FLOWS[0]), schema.FlowBatch)
 
 
-@pytest.mark.parametrize("limit", [1200, 4096, 1 << 20])
+@pytest.mark.parametrize("limit", [1400, 4096, 1 << 20])
 def test_reply_chunks_fit_and_end_with_the_counters(limit: int) -> None:
     chunks = reply_chunks(FLOWS, limit, seen=50, capacity=4095, lost=3, chunk_flows=7)
     replies = [schema.decode(c, schema.FlowQueryReply) for c in chunks]

@@ -111,7 +111,7 @@ POLICY = {
         "endpointSelector": {"matchLabels": {"app": "web"}},
         "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "frontend"}}],
                      "toPorts": [{"ports": [{"port": "http", "protocol": "TCP"}]}]}],
-        "egress": [{"toFQDNs": [{"matchName": "example.com"}]}],
+        "egress": [{"toServices": [{"k8sService": {"serviceName": "db", "namespace": "default"}}]}],
     },
 }
 POD = {
@@ -170,7 +170,7 @@ async def test_service_writes_policy_records_and_status() -> None:
         status = schema.decode(bus.data[schema.BUCKET_STATUS][key][1], schema.StatusRecord)
         assert status.status["state"] == "ok"
         assert status.status["selected_identities"] == [WEB]
-        assert any("toFQDNs" in w for w in status.status["warnings"])
+        assert any("toServices" in w for w in status.status["warnings"])
 
         # trace over the bus handler
         type_, handler = bus.handlers[schema.SUBJECT_POLICY_TRACE]
