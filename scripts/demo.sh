@@ -95,6 +95,9 @@ say "payments -> the world on 8443, dropped at payments' egress:"
 "$CILIARY" observe --verdict DROPPED --from-pod default/payments --last 2
 say "checkout -> payments, forwarded:"
 "$CILIARY" observe --from-pod default/checkout --to-pod default/payments --verdict FORWARDED --last 3
+ALLOWED_BY=$("$CILIARY" observe --type policy-verdict --from-pod default/checkout --to-pod default/payments --verdict FORWARDED --last 1 -o json \
+  | "$PY" -c 'import json,sys; f=json.loads(sys.stdin.readline())["flow"]; print(", ".join(p["kind"]+" "+p["namespace"]+"/"+p["name"] for p in f.get("ingress_allowed_by", [])) or "?")')
+say "   the policy verdict names the rule that let it in: $ALLOWED_BY"
 
 step "Every service, its health and what it watches"
 "$CILIARY" status
