@@ -237,18 +237,8 @@ class PodRunner:
         key = record_key(record)
         running = RunningPod(key, record.namespace, record.name, record.uid,
                              world.world_netns(self.cfg.cluster), world=True)
-        try:
-            running.containers, running.probes = self._containers(record, running.netns)
-        except Exception as err:
-            running.error = f"invalid pod spec: {err}"
-            self.pods[key] = running
-            return
-        self.pods[key] = running
-        for proc in running.containers:
-            proc.poll()
-        self._save()
-        await self._report(running)
-        log.info("pod %s running in the outside world (%s)", key, world.WORLD_CIDR)
+        if await self._start_without_cni(running, record):
+            log.info("pod %s running in the outside world (%s)", key, world.WORLD_CIDR)
 
     async def _start_host_network(self, record: schema.ResourceRecord) -> None:
         """A ``hostNetwork: true`` pod: its processes run in the node's namespace (and
@@ -257,20 +247,26 @@ class PodRunner:
         running = RunningPod(key, record.namespace, record.name, record.uid,
                              netns.node_netns(self.cfg.cluster, self.cfg.node),
                              ip=self.cfg.host_ip, host=True)
+        if await self._start_without_cni(running, record, self.cfg.cgroup):
+            log.info("pod %s running in the node's namespace at %s", key, running.ip)
+
+    async def _start_without_cni(self, running: RunningPod, record: schema.ResourceRecord,
+                                 cgroup: str = "") -> bool:
+        """Start the containers of a pod whose namespace exists already (world, node):
+        False (and the pod recorded with its error, no IP) when the spec is invalid."""
         try:
-            running.containers, running.probes = self._containers(record, running.netns,
-                                                                  self.cfg.cgroup)
+            running.containers, running.probes = self._containers(record, running.netns, cgroup)
         except Exception as err:
             running.ip = ""
             running.error = f"invalid pod spec: {err}"
-            self.pods[key] = running
-            return
-        self.pods[key] = running
+            self.pods[running.key] = running
+            return False
+        self.pods[running.key] = running
         for proc in running.containers:
             proc.poll()
         self._save()
         await self._report(running)
-        log.info("pod %s running in the node's namespace at %s", key, running.ip)
+        return True
 
     async def _replace(self, running: RunningPod, record: schema.ResourceRecord) -> None:
         await self._stop(running)

@@ -113,14 +113,16 @@ def _icmp_checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def icmp_ping(netns: str, ip: str, timeout: float = 2.0) -> bool:
-    """One ICMP echo over a raw socket in ``netns``; True when the reply arrives."""
+def icmp_request(netns: str, ip: str, icmp_type: int, reply_type: int, timeout: float = 2.0,
+                 extra: bytes = b"ciliary") -> bool:
+    """One ICMP request of ``icmp_type`` (id/sequence header) over a raw socket in ``netns``;
+    True when a ``reply_type`` message with the same id arrives from ``ip``."""
     s = N.run_in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW,
                                                     socket.IPPROTO_ICMP))
     ident = secrets.randbits(16)
     with s:
         s.settimeout(timeout)
-        body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"ciliary"
+        body = struct.pack("!BBHHH", icmp_type, 0, 0, ident, 1) + extra
         body = body[:2] + struct.pack("!H", _icmp_checksum(body)) + body[4:]
         s.sendto(body, (ip, 0))
         deadline = time.monotonic() + timeout
@@ -130,10 +132,15 @@ def icmp_ping(netns: str, ip: str, timeout: float = 2.0) -> bool:
             except TimeoutError:
                 return False
             ihl = (data[0] & 0x0F) * 4
-            typ, _, _, rid, _ = struct.unpack("!BBHHH", data[ihl:ihl + 8])
-            if typ == 0 and rid == ident and addr[0] == ip:
+            typ, _, _, rid = struct.unpack("!BBHH", data[ihl:ihl + 6])
+            if typ == reply_type and rid == ident and addr[0] == ip:
                 return True
     return False
+
+
+def icmp_ping(netns: str, ip: str, timeout: float = 2.0) -> bool:
+    """One ICMP echo over a raw socket in ``netns``; True when the reply arrives."""
+    return icmp_request(netns, ip, 8, 0, timeout)
 
 
 def send_spoofed_udp(netns: str, src: str, dst: str, dport: int, payload: bytes = b"spoof") -> None:

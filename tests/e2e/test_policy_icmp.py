@@ -9,22 +9,16 @@ with POLICY_DENIED (133), and the flow events carry the ICMP type and code.
 
 from __future__ import annotations
 
-import secrets
-import socket
-import struct
-import time
-
 import pytest
 
 from services.node import layouts as L
 from services.node import maps as M
-from services.node import netns as N
 from services.node.agent import policy_map_entries
 from services.policy.records import identity_record
 from services.policy.resolve import ResolveOptions, resolve_policy
 from services.policy.rules import rule_id
 
-from .podnet import icmp_ping
+from .podnet import icmp_ping, icmp_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -47,36 +41,9 @@ def pod_labels(app: str) -> frozenset[str]:
                       "k8s:io.cilium.k8s.policy.cluster=default"})
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def icmp_timestamp(netns: str, ip: str, timeout: float = 1.0) -> bool:
     """One ICMP timestamp request (type 13) from ``netns``; True when the reply arrives."""
-    s = N.run_in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW,
-                                                    socket.IPPROTO_ICMP))
-    ident = secrets.randbits(16)
-    with s:
-        s.settimeout(timeout)
-        body = struct.pack("!BBHHHIII", ICMP_TIMESTAMP, 0, 0, ident, 1, 0, 0, 0)
-        body = body[:2] + struct.pack("!H", _checksum(body)) + body[4:]
-        s.sendto(body, (ip, 0))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                data, addr = s.recvfrom(2048)
-            except TimeoutError:
-                return False
-            ihl = (data[0] & 0x0F) * 4
-            typ, _, _, rid = struct.unpack("!BBHH", data[ihl:ihl + 6])
-            if typ == ICMP_TIMESTAMP_REPLY and rid == ident and addr[0] == ip:
-                return True
-    return False
+    return icmp_request(netns, ip, ICMP_TIMESTAMP, ICMP_TIMESTAMP_REPLY, timeout, extra=bytes(12))
 
 
 def test_icmps_rule_allows_echo_by_type_and_drops_other_types(cluster):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,15 +69,60 @@ def run_cli(*args: str, data_dir: Path, stdin: str | None = None, timeout: float
     )
 
 
-def service_process(name: str, nats_url: str, *, node: str = "", log_path: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, CILIARY_NATS_URL=nats_url, CILIARY_INSTANCE=f"{name}-{node}" if node else name)
+def service_process(name: str, nats_url: str, *, node: str = "", log_path: Path, instance: str = "",
+                    env: dict[str, str] | None = None, unset: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """``python -m services.<name>`` against ``nats_url``, output appended to ``log_path``;
+    ``env`` adds to (and ``unset`` removes from) this process's environment."""
+    full = dict(os.environ, CILIARY_NATS_URL=nats_url,
+                CILIARY_INSTANCE=instance or (f"{name}-{node}" if node else name))
     if node:
-        env["CILIARY_NODE"] = node
-    out = open(log_path, "ab")
+        full["CILIARY_NODE"] = node
+    full.update(env or {})
+    for key in unset:
+        full.pop(key, None)
+    with open(log_path, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=full, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every process still running, then wait (kill after 10 s)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts; stopped at the end whatever happened."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    stop_processes(started)
+
+
+# Flows service settings a developer's shell may carry that would change what a test sees.
+FLOWS_SETTINGS = ("CILIARY_FLOWS_METRICS_PORT", "CILIARY_FLOWS_UI_PORT", "CILIARY_FLOWS_EXPORT_FILE")
+
+
+@contextmanager
+def running_service(name: str, nats_url: str, *, log_path: Path, **kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
+    """A service process for the block; on exit it must stop cleanly (exit 0) on SIGTERM."""
+    proc = service_process(name, nats_url, log_path=log_path, **kwargs)
     try:
-        return subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        yield proc
     finally:
-        out.close()
+        proc.terminate()
+        try:
+            assert proc.wait(timeout=10) == 0, log_path.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 async def ensure_buckets(url: str) -> None:

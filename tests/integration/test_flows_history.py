@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +15,13 @@ import pytest
 from ciliary import config, flowrender, schema
 from ciliary.bus import Bus
 from ciliary.cli_observe import ReplyChunks, query_flows
-from tests.integration.conftest import REPO, ensure_buckets, eventually, run_cli
+from tests.integration.conftest import (
+    FLOWS_SETTINGS,
+    ensure_buckets,
+    eventually,
+    run_cli,
+    running_service,
+)
 
 CLUSTER = "histit"
 NODES = ("node-1", "node-2")
@@ -55,26 +58,13 @@ def flows_service(nats_server, tmp_path: Path, request) -> Iterator[Path]:
     data_dir = tmp_path / "data"
     config.write_instance(data_dir, config.InstanceState(nats_url=nats_server.url, supervisor_pid=1))
     asyncio.run(ensure_buckets(nats_server.url))
-    env = dict(os.environ, **{config.ENV_NATS_URL: nats_server.url, config.ENV_CLUSTER: CLUSTER,
-                              config.ENV_INSTANCE: "flows-hist-it", config.ENV_DATA_DIR: str(data_dir),
+    unset = FLOWS_SETTINGS + (() if "CILIARY_FLOWS_HISTORY_MAX_SCAN" in extra else ("CILIARY_FLOWS_HISTORY_MAX_SCAN",))
+    with running_service("flows", nats_server.url, log_path=tmp_path / "flows.log", instance="flows-hist-it",
+                         env={config.ENV_CLUSTER: CLUSTER, config.ENV_DATA_DIR: str(data_dir),
                               "CILIARY_FLOWS_RING_CAPACITY": str(RING),
-                              "CILIARY_FLOWS_HISTORY_MARGIN": MARGIN_S}, **extra)
-    for name in ("CILIARY_FLOWS_METRICS_PORT", "CILIARY_FLOWS_UI_PORT", "CILIARY_FLOWS_EXPORT_FILE"):
-        env.pop(name, None)
-    if "CILIARY_FLOWS_HISTORY_MAX_SCAN" not in extra:
-        env.pop("CILIARY_FLOWS_HISTORY_MAX_SCAN", None)
-    with open(tmp_path / "flows.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.flows"], env=env, cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
+                              "CILIARY_FLOWS_HISTORY_MARGIN": MARGIN_S, **extra},
+                         unset=unset):
         yield data_dir
-    finally:
-        proc.terminate()
-        try:
-            assert proc.wait(timeout=10) == 0, (tmp_path / "flows.log").read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
 
 
 async def _counters(bus: Bus) -> schema.FlowQueryReply | None:

@@ -17,7 +17,14 @@ import pytest
 
 from ciliary import config, flowrender, schema
 from ciliary.bus import Bus
-from tests.integration.conftest import REPO, ensure_buckets, eventually, run_cli
+from tests.integration.conftest import (
+    FLOWS_SETTINGS,
+    REPO,
+    ensure_buckets,
+    eventually,
+    run_cli,
+    running_service,
+)
 
 CLUSTER = "flowsit"
 NODES = ("node-1", "node-2")
@@ -43,23 +50,10 @@ def flows_service(nats_server, tmp_path: Path) -> Iterator[Path]:
     data_dir = tmp_path / "data"
     config.write_instance(data_dir, config.InstanceState(nats_url=nats_server.url, supervisor_pid=1))
     asyncio.run(ensure_buckets(nats_server.url))
-    env = dict(os.environ, **{config.ENV_NATS_URL: nats_server.url, config.ENV_CLUSTER: CLUSTER,
-                              config.ENV_INSTANCE: "flows-it", config.ENV_DATA_DIR: str(data_dir)})
-    for name in ("CILIARY_FLOWS_METRICS_PORT", "CILIARY_FLOWS_UI_PORT", "CILIARY_FLOWS_EXPORT_FILE",
-                 "CILIARY_FLOWS_RING_CAPACITY"):
-        env.pop(name, None)
-    with open(tmp_path / "flows.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.flows"], env=env, cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with running_service("flows", nats_server.url, log_path=tmp_path / "flows.log", instance="flows-it",
+                         env={config.ENV_CLUSTER: CLUSTER, config.ENV_DATA_DIR: str(data_dir)},
+                         unset=FLOWS_SETTINGS + ("CILIARY_FLOWS_RING_CAPACITY",)):
         yield data_dir
-    finally:
-        proc.terminate()
-        try:
-            assert proc.wait(timeout=10) == 0, (tmp_path / "flows.log").read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
 
 
 async def _counters(bus: Bus) -> schema.FlowQueryReply | None:

@@ -5,23 +5,17 @@ and back out again when the answer expires."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from ciliary import schema
 from ciliary.bus import Bus
 from ciliary.dnswire import a_record, build_response
 from ciliary.resources import loads
 from ciliary.store import ResourceStore, kv_key, now_rfc3339
-from tests.integration.conftest import REPO, eventually
+from tests.integration.conftest import eventually, service_process
 
 CLUSTER = "fqdn-test"
 GATEWAY = "api.payment-gateway.example"
@@ -42,26 +36,8 @@ MANIFESTS = [
 
 
 def start(name: str, url: str, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    full = dict(os.environ, CILIARY_NATS_URL=url, CILIARY_INSTANCE=f"{name}-fqdn",
-                CILIARY_CLUSTER=CLUSTER, CILIARY_CLUSTER_ID="5", **env)
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=full, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in started:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return service_process(name, url, log_path=log, instance=f"{name}-fqdn",
+                           env={"CILIARY_CLUSTER": CLUSTER, "CILIARY_CLUSTER_ID": "5", **env})
 
 
 def dns_batch(name: str, answers: list[tuple[str, int]], seq: int) -> schema.RawEventBatch:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from ciliary import config, schema
 from ciliary.bus import SYNCED, Bus, KVEntry
 from ciliary.resources import loads
 from ciliary.store import ResourceStore, kv_key, now_rfc3339
-from tests.integration.conftest import REPO, eventually
+from tests.integration.conftest import REPO, eventually, service_process
 
 CLUSTER = "test-cluster"
 CLUSTER_ID = 3
@@ -29,28 +29,9 @@ CLUSTER_ID = 3
 def identity_process(
     nats_url: str, instance: str, *, log_path: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Like conftest.service_process, with a distinct instance and extra environment."""
-    full = dict(os.environ, CILIARY_NATS_URL=nats_url, CILIARY_INSTANCE=instance,
-                CILIARY_CLUSTER=CLUSTER, CILIARY_CLUSTER_ID=str(CLUSTER_ID))
-    full.update(env or {})
-    with open(log_path, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "services.identity"], env=full, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in started:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """An identity service of this module's cluster under its own instance name."""
+    return service_process("identity", nats_url, log_path=log_path, instance=instance,
+                           env={"CILIARY_CLUSTER": CLUSTER, "CILIARY_CLUSTER_ID": str(CLUSTER_ID), **(env or {})})
 
 
 async def connect(url: str) -> Bus:

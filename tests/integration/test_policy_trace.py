@@ -7,8 +7,6 @@ policy CIDR or world), and a pod traced to itself is reported as not subject to 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 import pytest
 
 from ciliary import config
-from tests.integration.conftest import run_cli, service_process
+from tests.integration.conftest import run_cli, service_process, stop_processes
 
 MANIFESTS = """
 apiVersion: v1
@@ -53,14 +51,7 @@ def stack(nats_server, tmp_path: Path) -> Iterator[Path]:
     try:
         yield data_dir
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(procs)
 
 
 def set_pod_ips(data_dir: Path) -> None:
