@@ -72,14 +72,16 @@ class DNSMessage:
     truncated: bool = False
     records: list[DNSRecord] = field(default_factory=list)
 
-    def address_ttls(self) -> dict[str, int]:
-        """Address -> TTL of the A/AAAA records reached from the query name through its
-        CNAME chain (the lowest TTL along the way, as a resolver caches it)."""
+    def cname_chain(self) -> tuple[dict[str, int], dict[str, str]]:
+        """The names reached from the query name through CNAME records (lower case, the
+        query name included) with the lowest TTL on the way to each, and the name each
+        was reached from. Records may come in any order."""
         if not self.query:
-            return {}
+            return {}, {}
         chain = {self.query.lower(): TTL_NONE}
+        parent: dict[str, str] = {}
         changed = True
-        while changed:  # records may come in any order; chains are short
+        while changed:  # chains are short
             changed = False
             for rec in self.records:
                 owner = rec.name.lower()
@@ -88,7 +90,14 @@ class DNSMessage:
                     ttl = min(chain[owner], rec.ttl)
                     if chain.get(target, TTL_NONE + 1) > ttl:
                         chain[target] = ttl
+                        parent.setdefault(target, owner)
                         changed = True
+        return chain, parent
+
+    def address_ttls(self) -> dict[str, int]:
+        """Address -> TTL of the A/AAAA records reached from the query name through its
+        CNAME chain (the lowest TTL along the way, as a resolver caches it)."""
+        chain, _ = self.cname_chain()
         out: dict[str, int] = {}
         for rec in self.records:
             owner = rec.name.lower()

@@ -9,6 +9,10 @@ Invariants (Hubble's semantics):
   ``--pod X``-style flags put the source side into the left filter and the destination
   side into the right; equal left and right collapse into one filter. ``--not`` sends the
   next flag to the blacklist.
+- FQDN filters (``--fqdn``/``--from-fqdn``/``--to-fqdn``) match ``source_names`` /
+  ``destination_names`` like Hubble: the pattern is lower-cased, trimmed of a trailing
+  dot, may hold only ``[-a-zA-Z0-9_.*]``, and must match a whole name, ``*`` standing for
+  any run of those characters (dots included); a flow without names never matches.
 - Nothing here does I/O; bad input raises ``FilterError`` with a user-facing message.
 """
 
@@ -293,7 +297,28 @@ def filter_matches(f: schema.FlowFilter, flow: schema.Flow) -> bool:
         return False
     if f.ip_version and ip.ipVersion not in f.ip_version:
         return False
+    if f.source_fqdn and not _fqdn_matches(f.source_fqdn, flow.source_names):
+        return False
+    if f.destination_fqdn and not _fqdn_matches(f.destination_fqdn, flow.destination_names):
+        return False
     return True
+
+
+_FQDN_VALID = re.compile(r"^[-a-zA-Z0-9_.*]+$")
+
+
+@lru_cache(maxsize=256)
+def fqdn_pattern(pattern: str) -> re.Pattern[str]:
+    """Hubble's FQDN filter: ``www.example.com`` or ``*.example.com`` as an anchored regex."""
+    text = pattern.strip().lower().removesuffix(".")
+    if not _FQDN_VALID.match(text):
+        raise FilterError(f'invalid FQDN filter {pattern!r}: only alphanumeric ASCII characters, '
+                          'the hyphen "-", "_", "." and "*" are allowed')
+    return re.compile("^" + text.replace(".", "[.]").replace("*", "[-a-zA-Z0-9_.]*") + "$")
+
+
+def _fqdn_matches(patterns: Sequence[str], names: Sequence[str]) -> bool:
+    return any(fqdn_pattern(p).match(name) for name in names for p in patterns)
 
 
 @lru_cache(maxsize=256)
@@ -323,6 +348,8 @@ def validate(filters: Iterable[schema.FlowFilter]) -> None:
             parse_selector(sel)
         for pattern in f.dns_query:
             _regex(pattern)
+        for pattern in (*f.source_fqdn, *f.destination_fqdn):
+            fqdn_pattern(pattern)
 
 
 # ---------------------------------------------------------------- flags -> filters
@@ -357,8 +384,8 @@ class _Tracker:
 
 
 CONFLICTS: tuple[tuple[str, ...], ...] = (
-    ("from-ip", "from-namespace", "from-pod", "ip", "namespace", "pod"),
-    ("to-ip", "to-namespace", "to-pod", "ip", "namespace", "pod"),
+    ("from-fqdn", "from-ip", "from-namespace", "from-pod", "fqdn", "ip", "namespace", "pod"),
+    ("to-fqdn", "to-ip", "to-namespace", "to-pod", "fqdn", "ip", "namespace", "pod"),
     ("label", "from-label"),
     ("label", "to-label"),
     ("service", "from-service"),
@@ -383,6 +410,9 @@ _FLAGS: dict[str, tuple[str, str, str]] = {
     "ip": ("split", "source_ip", "destination_ip"),
     "from-ip": ("both", "source_ip", "source_ip"),
     "to-ip": ("both", "destination_ip", "destination_ip"),
+    "fqdn": ("split", "source_fqdn", "destination_fqdn"),
+    "from-fqdn": ("both", "source_fqdn", "source_fqdn"),
+    "to-fqdn": ("both", "destination_fqdn", "destination_fqdn"),
     "label": ("split", "source_label", "destination_label"),
     "from-label": ("both", "source_label", "source_label"),
     "to-label": ("both", "destination_label", "destination_label"),
@@ -503,6 +533,9 @@ def _convert(name: str, value: str) -> object:
         return value
     if name == "dns-query":
         _regex(value)
+        return value
+    if name in ("fqdn", "from-fqdn", "to-fqdn"):
+        fqdn_pattern(value)
         return value
     if name == "tcp-flags":
         return parse_tcp_flags(value)

@@ -623,6 +623,8 @@ class FlowFilter(Record):
     node_name: list[str] = []  # "node-glob" or "cluster/node-glob"
     tcp_flags: list[TCPFlags] = []
     ip_version: list[str] = []  # "IPv4" | "IPv6"
+    source_fqdn: list[str] = []  # names or "*" patterns, against Flow.source_names
+    destination_fqdn: list[str] = []  # against Flow.destination_names
 
 
 class FlowQuery(Record):

@@ -26,6 +26,12 @@ Invariants:
   labels and, when known, cluster, namespace, pod and workloads; an IP nobody knows
   resolves to the ``world`` identity (2) with labels ``["reserved:world"]``.
 - A DNS payload that does not parse never fails the event: the flow just has no L7 part.
+- With a ``NameCache`` (``names.py``), a DNS response delivered to a local endpoint
+  (the client side, ingress) teaches the cache the names of its addresses, and every
+  flow gets Hubble's ``destination_names`` (names the source endpoint resolved to the
+  destination IP) and ``source_names`` (names the destination endpoint resolved to the
+  source IP), looked up at the flow's own time. The decoded flows then also depend on
+  the responses decoded before them, in order.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from ciliary.flowrender import (
 )
 
 from .dns import RCODE_NAMES, DNSMessage, parse_dns
+from .names import EndpointNames, NameCache
 
 EVENT_TRACE = 1
 EVENT_DROP = 2
@@ -367,8 +374,11 @@ def decode_event(
     ctx: BatchContext,
     lookups: Lookups = NO_LOOKUPS,
     index: int = 0,
+    names: NameCache | None = None,
+    node_names: EndpointNames | None = None,
 ) -> list[schema.Flow]:
-    """The flows for one raw event (see the module invariants)."""
+    """The flows for one raw event (see the module invariants). ``node_names`` is
+    ``names.node(ctx.node_name)``, passed by ``decode_batch`` so it is fetched once."""
     direction = ev.direction
     egress = direction == DIR_EGRESS
     ingress = direction == DIR_INGRESS
@@ -398,6 +408,19 @@ def decode_event(
         "source_service": src_svc,
         "destination_service": dst_svc,
     }
+    if names is not None:
+        if node_names is None:
+            node_names = names.node(ctx.node_name)
+        if node_names:  # empty unless some local endpoint of this node resolved a name
+            t = ctx.boot_time_ns + ev.ts_ns
+            if ev.saddr in node_names:
+                dst_names = names.lookup(node_names, ev.saddr, ev.daddr, t)
+                if dst_names:
+                    common["destination_names"] = dst_names
+            if ev.daddr in node_names:
+                src_names = names.lookup(node_names, ev.daddr, ev.saddr, t)
+                if src_names:
+                    common["source_names"] = src_names
     flow = schema.Flow
     prefix = ctx.uuid_prefix
     counter = (index << 2) & 0xFFFFFFFFFFFF
@@ -444,6 +467,8 @@ def decode_event(
             (not msg.response and egress) or (msg.response and ingress)
         )
         if msg is not None and client_side:
+            if names is not None and msg.response:
+                names.learn(ctx.node_name, ev.daddr, msg, ctx.boot_time_ns + ev.ts_ns)
             flows.append(flow(**common, uuid=f"{prefix}{counter | len(flows):012x}", flow_type="L7",
                               verdict=verdict, l7=_dns_layer7(msg), event_type=_event_type(MSG_ACCESS_LOG),
                               traffic_direction=conn_direction, is_reply=msg.response, reply=msg.response,
@@ -459,17 +484,19 @@ class DecodeResult:
 
 
 def decode_batch(
-    batch: schema.RawEventBatch, lookups: Lookups = NO_LOOKUPS
+    batch: schema.RawEventBatch, lookups: Lookups = NO_LOOKUPS, names: NameCache | None = None
 ) -> DecodeResult:
-    """Every flow of a batch in event order; an event that fails to decode is counted."""
+    """Every flow of a batch in event order; an event that fails to decode is counted.
+    With ``names``, DNS responses feed the cache and flows carry the names (see above)."""
     ctx = BatchContext.of(batch)
+    node_names = names.node(ctx.node_name) if names is not None else None
     out: list[schema.Flow] = []
     times: list[int] = []
     bad = 0
     boot = ctx.boot_time_ns
     for i, ev in enumerate(batch.events):
         try:
-            flows = decode_event(ev, ctx, lookups, i)
+            flows = decode_event(ev, ctx, lookups, i, names, node_names)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError, OSError):
             bad += 1
             continue

@@ -15,6 +15,8 @@ Invariants:
   written by the policy service). A ref is resolved in the table of the identity whose
   entry decided, then in any table (a record may be replaced meanwhile); an unknown ref
   resolves to no policy. The revision reported is the KV revision of that record.
+- With a ``NameCache``, an address a Pod no longer has (deleted Pod, changed status) is
+  forgotten there too, so a pod that reuses it does not inherit the old pod's names.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from ciliary import schema
 
 from .decode import IPInfo
+from .names import NameCache
 
 
 def pod_labels(namespace: str, labels: dict[str, str]) -> tuple[str, ...]:
@@ -76,8 +79,9 @@ def flow_policy(rule: str, revision: int = 0) -> schema.FlowPolicy | None:
 
 
 class EnrichmentState:
-    def __init__(self, cluster: str = schema.DEFAULT_CLUSTER_NAME) -> None:
+    def __init__(self, cluster: str = schema.DEFAULT_CLUSTER_NAME, names: NameCache | None = None) -> None:
         self.cluster = cluster
+        self.names = names
         self.ipcache: dict[str, schema.IPCacheRecord] = {}  # prefix -> record
         self._exact: dict[str, schema.IPCacheRecord] = {}
         self._prefixes: dict[str, tuple[Any, schema.IPCacheRecord]] = {}
@@ -171,8 +175,16 @@ class EnrichmentState:
         self._reindex_pod(ref)
 
     def _reindex_pod(self, ref: str) -> None:
-        for ip in [ip for ip, owner in self._pod_ips.items() if owner == ref]:
+        old = [ip for ip, owner in self._pod_ips.items() if owner == ref]
+        for ip in old:
             del self._pod_ips[ip]
+        self._index_pod(ref)
+        if self.names is not None:
+            for ip in old:
+                if ip not in self._pod_ips:
+                    self.names.forget_ip(ip)
+
+    def _index_pod(self, ref: str) -> None:
         manifest = self.pod_manifests.get(ref) or {}
         status = self.pod_status.get(ref) or manifest.get("status") or {}
         if (manifest.get("spec") or {}).get("hostNetwork"):

@@ -12,7 +12,10 @@ on ``CILIARY_FLOWS_METRICS_PORT`` (unset or 0: not served) and the service map p
 0: not served), both bound to ``CILIARY_FLOWS_HTTP_HOST`` (default 127.0.0.1). Flows are also kept in the
 JetStream stream ``FLOWS`` (``CILIARY_FLOWS_STREAM_MAX_MB``, default 64, 0 = off;
 ``CILIARY_FLOWS_STREAM_MAX_AGE`` seconds, default 3600) and, with
-``CILIARY_FLOWS_EXPORT_FILE``, appended as JSON lines (``export.py``).
+``CILIARY_FLOWS_EXPORT_FILE``, appended as JSON lines (``export.py``). DNS names local
+endpoints resolved are kept in a ``NameCache`` (``names.py``; ``CILIARY_FLOWS_NAMES_MAX``
+entries, default 100000; ``CILIARY_FLOWS_NAMES_MIN_TTL`` seconds, default 3600) for
+``source_names``/``destination_names``; its counters are in the health detail.
 
 Invariants:
 - A payload that is not a ``RawEventBatch`` (or an event that fails to decode) is counted
@@ -63,6 +66,7 @@ from .history import (
 )
 from .http import DEFAULT_HOST, Handler, Response, start_http_server
 from .metrics import LOST_BUS, LOST_DECODE, LOST_PUBLISH, LOST_RING_BUFFER, FlowMetrics
+from .names import DEFAULT_MAX_ENTRIES, DEFAULT_MIN_TTL_S, ENV_MAX_ENTRIES, ENV_MIN_TTL, NameCache
 from .servicemap import build_service_map
 from .store import FlowStore
 from .ui import PAGE
@@ -98,8 +102,10 @@ class QueryPlan(msgspec.Struct):
 class FlowsCore:
     """Everything the service does between the bus and the stores (no I/O)."""
 
-    def __init__(self, cluster: str, capacity: int = schema.FLOWS_RING_CAPACITY) -> None:
-        self.enrichment = EnrichmentState(cluster)
+    def __init__(self, cluster: str, capacity: int = schema.FLOWS_RING_CAPACITY,
+                 names: NameCache | None = None) -> None:
+        self.names = names if names is not None else NameCache()
+        self.enrichment = EnrichmentState(cluster, self.names)
         self.store = FlowStore(capacity)
         self.metrics = FlowMetrics()
         self.lost = 0
@@ -120,7 +126,7 @@ class FlowsCore:
             self.missed_batches += missed
             self.metrics.lost(LOST_BUS, missed)
             self.lost += missed
-        result = decode_batch(batch, self.enrichment)
+        result = decode_batch(batch, self.enrichment, self.names)
         self.metrics.lost(LOST_RING_BUFFER, batch.lost)
         self.metrics.lost(LOST_DECODE, result.undecodable)
         self.lost += batch.lost + result.undecodable
@@ -239,8 +245,9 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     # tracked containers; collecting every 700 allocations costs ~20% of the throughput.
     gc.set_threshold(*GC_THRESHOLDS)
     capacity = int(os.environ.get(ENV_RING_CAPACITY, schema.FLOWS_RING_CAPACITY))
-    core = FlowsCore(ctx.settings.cluster, capacity)
+    core = FlowsCore(ctx.settings.cluster, capacity, _name_cache())
     ctx.detail["flows"] = {"seen": 0, "stored": 0, "lost": 0}
+    ctx.detail["names"] = core.names.stats()
 
     async def on_resource(kind: str, entry: KVEntry) -> None:
         if kind != "Pod":
@@ -283,6 +290,7 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     async def on_raw(msg: Msg) -> None:
         flows = core.ingest(msg.data)
         ctx.detail["flows"] = {"seen": core.store.seen, "stored": len(core.store), "lost": core.lost}
+        ctx.detail["names"] = core.names.stats()
         if flows:
             cluster, _, node = flows[0].node_name.partition("/")
             subject = schema.SUBJECT_FLOWS.format(cluster=cluster, node=node)
@@ -345,6 +353,23 @@ async def _ensure_flows_stream(ctx: Context) -> bool:
         log.warning("flows: cannot create stream %s: %s", schema.STREAM_FLOWS, err)
         return False
     return True
+
+
+def _name_cache(env: dict[str, str] | os._Environ[str] = os.environ) -> NameCache:
+    """The DNS name cache from the environment; defaults (logged) for bad settings."""
+    try:
+        size_text = env.get(ENV_MAX_ENTRIES, "") or str(DEFAULT_MAX_ENTRIES)
+        ttl_text = env.get(ENV_MIN_TTL, "") or str(DEFAULT_MIN_TTL_S)
+        if not size_text.isdigit():
+            raise ValueError(f"{ENV_MAX_ENTRIES}: expected a whole number of entries, got {size_text!r}")
+        try:
+            min_ttl = float(ttl_text)
+        except ValueError:
+            raise ValueError(f"{ENV_MIN_TTL}: expected seconds, got {ttl_text!r}") from None
+        return NameCache(int(size_text), min_ttl)
+    except ValueError as err:
+        log.error("flows: DNS name cache uses its defaults, bad setting: %s", err)
+        return NameCache()
 
 
 def _history_limits(stream_on: bool) -> HistoryLimits:

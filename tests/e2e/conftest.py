@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from services.node import layouts as L
 from services.node import maps as M
 from services.node import netns as N
 
+from .instance import leftovers
 from .podnet import PIN_ROOT, SMALL_MAPS, EchoServer
 
 
@@ -67,22 +67,9 @@ def cluster_names() -> list[str]:
 def no_leaks(cluster_names) -> Iterator[None]:
     """Runs its check after every fixture that built a cluster was torn down."""
     yield
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     for name in cluster_names:
-        left = [line.split()[0] for line in listed.splitlines()
-                if line.startswith(f"ciliary-{name}-")]
-        assert not left, f"leaked namespaces: {left}"
-        assert not Path(PIN_ROOT, name).exists(), f"leaked pins: {PIN_ROOT}/{name}"
-        cgroups = _cluster_cgroups(name)
-        assert not cgroups, f"leaked cgroups: {cgroups}"
-
-
-def _cluster_cgroups(cluster: str) -> list[str]:
-    """Node cgroups ``ciliary-<cluster>-*`` (socket LB) left under the cgroup2 mount."""
-    with open("/proc/mounts") as f:
-        mounts = [line.split()[1] for line in f if len(line.split()) > 2
-                  and line.split()[2] == "cgroup2"]
-    return sorted(str(p) for m in mounts for p in Path(m).glob(f"ciliary-{cluster}-*"))
+        left = leftovers(name)
+        assert not left, f"cluster {name} left: {left}"
 
 
 @pytest.fixture

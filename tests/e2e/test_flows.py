@@ -30,6 +30,7 @@ import pytest
 from ciliary import config, flowrender, schema
 
 from .conftest import require_privileges
+from .instance import leftovers
 from .podnet import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,9 +163,8 @@ def make_stack(tmp_path: Path, cluster_names: list[str]) -> Iterator[Callable[..
             stack.cli("down", check=False, timeout=120)
             if state is not None:
                 assert not any(config.pid_alive(p.pid) for p in state.processes), "process left behind"
-            listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-            assert f"ciliary-{stack.cluster}-" not in listed, listed
-            assert not Path("/sys/fs/bpf/ciliary", stack.cluster).exists()
+            left = leftovers(stack.cluster)
+            assert not left, f"cluster {stack.cluster} left: {left}"
 
 
 def shop(stack: Stack, *, policies: bool = True, extra: str = "") -> dict[str, dict]:

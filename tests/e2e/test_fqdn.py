@@ -4,7 +4,9 @@ after its own DNS lookup returned it for the allowed name.
 Pods: a DNS server answering ``api.payment-gateway.example`` with 203.0.113.10, a world
 pod serving TCP 443 on the whole 203.0.113.0/24 range, and a client whose egress policy
 allows DNS to the DNS pod and ``toFQDNs: matchName`` on 443. Driven through the CLI and,
-for the timing-sensitive part, one script run inside the client's namespace.
+for the timing-sensitive part, one script run inside the client's namespace. The flows
+of those connections carry the resolved name (``destination_names``/``source_names``) and
+``ciliary observe --to-fqdn/--from-fqdn`` selects them.
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from ciliary import config
-
 from .conftest import require_privileges
+from .instance import ciliary, embedded_instance, pods_ready
 from .podnet import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,15 +100,7 @@ print(json.dumps({"rcode": rcode, "ips": ips, "reply": reply, "attempts": attemp
 """
 
 
-def cli(*args: str, data_dir: Path, check: bool = True, timeout: float = 60,
-        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "ciliary.cli", *args], capture_output=True, text=True, input=stdin,
-        env=dict(os.environ, CILIARY_DATA_DIR=str(data_dir)), cwd=REPO, timeout=timeout,
-    )
-    if check:
-        assert result.returncode == 0, f"ciliary {' '.join(args)}: {result.stdout}{result.stderr}"
-    return result
+cli = ciliary
 
 
 @pytest.fixture
@@ -115,29 +108,8 @@ def stack(tmp_path: Path, cluster_names: list[str]) -> Iterator[Path]:
     require_privileges()
     cluster = "q" + secrets.token_hex(2)
     cluster_names.append(cluster)
-    data_dir = tmp_path / "instance"
-    cli("up", "-d", "--nodes", "1", "--cluster", cluster, "--cluster-id", "9", data_dir=data_dir,
-        timeout=120)
-    try:
+    with embedded_instance(tmp_path / "instance", cluster, nodes=1, cluster_id=9) as data_dir:
         yield data_dir
-    finally:
-        state = config.read_instance(data_dir)
-        cli("down", data_dir=data_dir)
-        if state is not None:
-            assert not any(config.pid_alive(p.pid) for p in state.processes), "process left behind"
-        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert f"ciliary-{cluster}-" not in listed, listed
-
-
-def pods_ready(data_dir: Path) -> dict[str, dict] | None:
-    items = json.loads(cli("get", "pods", "-o", "json", data_dir=data_dir).stdout)["items"]
-    ready = {
-        p["metadata"]["name"]: p["status"] for p in items
-        if p.get("status", {}).get("phase") == "Running"
-        and (p["status"].get("podIP") or p["status"].get("ciliary", {}).get("outsideWorld"))
-        and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
-    }
-    return ready if len(ready) == 3 else None
 
 
 def egress_enforced(data_dir: Path) -> bool:
@@ -154,7 +126,7 @@ def connect(data_dir: Path, host: str, port: int, timeout: float = 1.5) -> subpr
 def test_to_fqdns_allows_only_resolved_addresses(stack: Path) -> None:
     data_dir = stack
     cli("apply", "-f", "-", data_dir=data_dir, stdin=MANIFESTS)
-    pods = wait_for(lambda: pods_ready(data_dir), 60, "dns, gateway and client running")
+    pods = wait_for(lambda: pods_ready(data_dir, 3), 60, "dns, gateway and client running")
     wait_for(lambda: egress_enforced(data_dir), 30, "client egress policy in the datapath")
     dns_ip = pods["dns"]["podIP"]
 
@@ -194,3 +166,21 @@ def test_to_fqdns_allows_only_resolved_addresses(stack: Path) -> None:
     denied = cli("policy", "trace", "--from", "default/client", "--to", OTHER, "--port", "443/TCP",
                  data_dir=data_dir).stdout
     assert "Final verdict: DENY" in denied, denied
+
+    # the flows to the gateway carry the name the client resolved (its own DNS cache) and
+    # Hubble's FQDN filters select them; the unselected name's address has its own name
+    def named_flows(*flags: str) -> list[dict] | None:
+        out = cli("observe", *flags, "--last", "100", "-o", "json", data_dir=data_dir).stdout
+        flows = [json.loads(line)["flow"] for line in out.splitlines() if line.strip()]
+        return flows or None
+
+    to_gateway = wait_for(lambda: named_flows("--to-fqdn", NAME), 20, "flows with destination_names")
+    assert all(f["destination_names"] == [NAME] and f["IP"]["destination"] == GATEWAY for f in to_gateway)
+    assert any(f["source"].get("pod_name") == "client" for f in to_gateway), to_gateway
+    from_gateway = wait_for(lambda: named_flows("--from-fqdn", "*.payment-gateway.example"), 20,
+                            "replies with source_names")
+    assert all(f["source_names"] == [NAME] and f["IP"]["source"] == GATEWAY for f in from_gateway)
+    to_other = wait_for(lambda: named_flows("--to-fqdn", "other.example"), 20, "flows to other.example")
+    assert all(f["IP"]["destination"] == OTHER for f in to_other), to_other
+    compact = cli("observe", "--to-fqdn", NAME, "--last", "5", data_dir=data_dir).stdout
+    assert f"-> {NAME}:443" in compact, compact

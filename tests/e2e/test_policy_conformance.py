@@ -56,6 +56,7 @@ import yaml
 from ciliary import config
 
 from .conftest import require_privileges
+from .instance import ciliary, leftovers
 from .podnet import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,21 +170,7 @@ def truth_table(m: dict[tuple[str, str], bool], title: str) -> str:
 # ---- the stack --------------------------------------------------------------------------------
 
 
-def cli(
-    *args: str, data_dir: Path, check: bool = True, timeout: float = 60, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "ciliary.cli", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        env=dict(os.environ, CILIARY_DATA_DIR=str(data_dir)),
-        cwd=REPO,
-        timeout=timeout,
-    )
-    if check:
-        assert result.returncode == 0, f"ciliary {' '.join(args)}: {result.stdout}{result.stderr}"
-    return result
+cli = ciliary
 
 
 def cli_json(*args: str, data_dir: Path) -> Any:
@@ -247,12 +234,8 @@ def _ready_pods(data_dir: Path) -> dict[str, dict] | None:
 
 
 def _leak_check(cluster: str) -> None:
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    left = [
-        line.split()[0] for line in listed.splitlines() if line.startswith(f"ciliary-{cluster}-")
-    ]
-    assert not left, f"leaked namespaces: {left}"
-    assert not Path(PIN_ROOT, cluster).exists(), f"leaked pins: {PIN_ROOT}/{cluster}"
+    left = leftovers(cluster)
+    assert not left, f"cluster {cluster} left: {left}"
 
 
 @pytest.fixture(scope="module")

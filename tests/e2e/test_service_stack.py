@@ -18,7 +18,6 @@ deletes them at the end. Nothing is routed through the machine's root namespace.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import select
 import subprocess
@@ -30,10 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from ciliary import config
-
 from .conftest import require_privileges
-from .podnet import PIN_ROOT, wait_for
+from .instance import ciliary, embedded_instance
+from .podnet import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PORT = 80
@@ -51,13 +49,7 @@ class Stack:
 def cli(stack: Stack | Path, *args: str, check: bool = True, timeout: float = 60,
         stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     data_dir = stack.data_dir if isinstance(stack, Stack) else stack
-    result = subprocess.run(
-        [sys.executable, "-m", "ciliary.cli", *args], capture_output=True, text=True, input=stdin,
-        env=dict(os.environ, CILIARY_DATA_DIR=str(data_dir)), cwd=REPO, timeout=timeout,
-    )
-    if check:
-        assert result.returncode == 0, f"ciliary {' '.join(args)}: {result.stdout}{result.stderr}"
-    return result
+    return ciliary(*args, data_dir=data_dir, check=check, timeout=timeout, stdin=stdin)
 
 
 def exec_argv(stack: Stack, pod: str, *workload: str) -> list[str]:
@@ -209,21 +201,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("service-stack")
     ready_dir = base / "ready"
     ready_dir.mkdir()
-    data_dir = base / "instance"
-    cli(data_dir, "up", "-d", "--nodes", "2", "--cluster", cluster, "--cluster-id", "9", timeout=120)
-    try:
+    with embedded_instance(base / "instance", cluster, nodes=2, cluster_id=9) as data_dir:
         s = Stack(data_dir, cluster, ready_dir)
         apply(s, client_pod("client-1", "node-1"), client_pod("client-2", "node-2"))
         wait_for(lambda: ready_pods(s, {"client-1", "client-2"}), 60, "two client pods")
         yield s
-    finally:
-        state = config.read_instance(data_dir)
-        cli(data_dir, "down", check=False, timeout=120)
-        if state is not None:
-            assert not any(config.pid_alive(p.pid) for p in state.processes), "process left behind"
-        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert f"ciliary-{cluster}-" not in listed, listed
-        assert not Path(PIN_ROOT, cluster).exists()
 
 
 # ---------------------------------------------------------------- 1. spread

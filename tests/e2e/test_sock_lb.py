@@ -24,6 +24,8 @@ from services.node import socklb as S
 from services.node.runner import CGROUP_PROLOGUE
 from services.servicelb import maglev
 
+from .instance import ciliary, embedded_instance
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 VIP, UDP_VIP, AFF_VIP, EMPTY_VIP, MAGLEV_VIP = (
@@ -325,13 +327,7 @@ spec:
 
 
 def _cli(*args: str, data_dir: Path, stdin: str | None = None, timeout: float = 60) -> str:
-    import os
-
-    done = subprocess.run([sys.executable, "-m", "ciliary.cli", *args], capture_output=True,
-                          text=True, input=stdin, timeout=timeout, cwd=Path(__file__).parents[2],
-                          env=dict(os.environ, CILIARY_DATA_DIR=str(data_dir)))
-    assert done.returncode == 0, f"ciliary {' '.join(args)}: {done.stdout}{done.stderr}"
-    return done.stdout
+    return ciliary(*args, data_dir=data_dir, stdin=stdin, timeout=timeout).stdout
 
 
 def _pod_status(data_dir: Path, name: str) -> dict:
@@ -343,10 +339,7 @@ def test_stack_host_network_pod_reaches_a_cluster_ip(tmp_path: Path, cluster_nam
     in node-1's namespace and cgroup, and its connection to a ClusterIP is answered."""
     from .podnet import wait_for
 
-    data_dir = tmp_path / "instance"
-    _cli("up", "-d", "--nodes", "1", "--cluster", cluster_name, "--cluster-id", "9",
-         data_dir=data_dir, timeout=120)
-    try:
+    with embedded_instance(tmp_path / "instance", cluster_name, nodes=1, cluster_id=9) as data_dir:
         _cli("apply", "-f", "-", stdin=WEB, data_dir=data_dir)
         wait_for(lambda: any(c["type"] == "Ready" and c["status"] == "True"
                              for c in _pod_status(data_dir, "web").get("conditions", [])),
@@ -364,5 +357,3 @@ def test_stack_host_network_pod_reaches_a_cluster_ip(tmp_path: Path, cluster_nam
         assert status["ciliary"]["cgroup"].endswith(f"/ciliary-{cluster_name}-node-1")
         log = (data_dir / "nodes" / cluster_name / "node-1" / "logs" / "default_hostclient" / "c.log")
         assert f"web {node_ip}" in log.read_text()  # the backend saw the node's address
-    finally:
-        _cli("down", data_dir=data_dir, timeout=120)

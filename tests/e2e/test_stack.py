@@ -21,6 +21,7 @@ import pytest
 from ciliary import config
 
 from .conftest import require_privileges
+from .instance import ciliary, embedded_instance, pods_ready
 from .podnet import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,17 +47,7 @@ print(ok, failed)
 """
 
 
-def cli(*args: str, data_dir: Path, check: bool = True, timeout: float = 60,
-        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "ciliary.cli", *args], capture_output=True, text=True, input=stdin,
-        env=dict(os.environ, CILIARY_DATA_DIR=str(data_dir)), cwd=REPO, timeout=timeout,
-    )
-    if check:
-        assert result.returncode == 0, f"ciliary {' '.join(args)}: {result.stdout}{result.stderr}"
-    return result
-
-
+cli = ciliary
 
 
 @pytest.fixture
@@ -64,29 +55,8 @@ def stack(tmp_path: Path, cluster_names: list[str]) -> Iterator[tuple[Path, str]
     require_privileges()
     cluster = "s" + secrets.token_hex(2)
     cluster_names.append(cluster)
-    data_dir = tmp_path / "instance"
-    cli("up", "-d", "--nodes", "2", "--cluster", cluster, "--cluster-id", "7", data_dir=data_dir, timeout=120)
-    try:
+    with embedded_instance(tmp_path / "instance", cluster, nodes=2, cluster_id=7) as data_dir:
         yield data_dir, cluster
-    finally:
-        state = config.read_instance(data_dir)
-        cli("down", data_dir=data_dir)
-        if state is not None:
-            assert not any(config.pid_alive(p.pid) for p in state.processes), "process left behind"
-        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert f"ciliary-{cluster}-" not in listed, listed
-        assert not Path("/sys/fs/bpf/ciliary", cluster).exists()
-
-
-def pods_ready(data_dir: Path, expected: int = 3) -> dict[str, dict] | None:
-    items = json.loads(cli("get", "pods", "-o", "json", data_dir=data_dir).stdout)["items"]
-    ready = {
-        p["metadata"]["name"]: p["status"] for p in items
-        if p.get("status", {}).get("phase") == "Running"
-        and (p["status"].get("podIP") or p["status"].get("ciliary", {}).get("outsideWorld"))
-        and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
-    }
-    return ready if len(ready) == expected else None
 
 
 def policy_in_force(data_dir: Path) -> bool:
@@ -217,7 +187,7 @@ def test_shop_with_real_packets(stack: tuple[Path, str]) -> None:
 def test_node_executor_sigkill_drops_nothing(stack: tuple[Path, str]) -> None:
     data_dir, cluster = stack
     cli("apply", "-f", str(SHOP / "10-workloads.yaml"), "-f", str(SHOP / "20-services.yaml"), data_dir=data_dir)
-    pods = wait_for(lambda: pods_ready(data_dir), 60, "three ready pods")
+    pods = wait_for(lambda: pods_ready(data_dir, 3), 60, "three ready pods")
     vip = wait_for(lambda: cluster_ip(data_dir, "payments"), 20, "a cluster IP")
     wait_for(lambda: connect(data_dir, "checkout", vip, 8080).returncode == 0, 20, "checkout -> payments")
     before = maps_snapshot(data_dir)

@@ -110,6 +110,19 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 FLOWS_SETTINGS = ("CILIARY_FLOWS_METRICS_PORT", "CILIARY_FLOWS_UI_PORT", "CILIARY_FLOWS_EXPORT_FILE")
 
 
+async def flows_counters(bus: Any) -> Any:
+    """The flows service's counters (a query that matches nothing, rings only), or None
+    while it does not answer."""
+    from ciliary import schema
+
+    try:
+        return await bus.request(schema.SUBJECT_FLOWS_QUERY,
+                                 schema.FlowQuery(whitelist=[schema.FlowFilter(uuid=["none"])], rings_only=True),
+                                 schema.FlowQueryReply, timeout=1.0)
+    except Exception:
+        return None
+
+
 @contextmanager
 def running_service(name: str, nats_url: str, *, log_path: Path, **kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
     """A service process for the block; on exit it must stop cleanly (exit 0) on SIGTERM."""

@@ -19,6 +19,7 @@ from tests.integration.conftest import (
     FLOWS_SETTINGS,
     ensure_buckets,
     eventually,
+    flows_counters,
     run_cli,
     running_service,
 )
@@ -67,15 +68,6 @@ def flows_service(nats_server, tmp_path: Path, request) -> Iterator[Path]:
         yield data_dir
 
 
-async def _counters(bus: Bus) -> schema.FlowQueryReply | None:
-    try:
-        return await bus.request(schema.SUBJECT_FLOWS_QUERY,
-                                 schema.FlowQuery(whitelist=[schema.FlowFilter(uuid=["none"])], rings_only=True),
-                                 schema.FlowQueryReply, timeout=1.0)
-    except Exception:
-        return None
-
-
 async def _stored(bus: Bus) -> int:
     info = await bus.js.stream_info(schema.STREAM_FLOWS)
     return info.state.messages
@@ -86,7 +78,7 @@ async def _publish(url: str) -> tuple[list[Key], list[Key]]:
     and in publishing order once the service has seen them all and the stream holds them."""
     bus = await Bus.connect(url, "test-history")
     try:
-        await eventually(lambda: _counters(bus), 30, "the flows service answering queries")
+        await eventually(lambda: flows_counters(bus), 30, "the flows service answering queries")
         base = time.time_ns() - 10 * 10**9
         keys: list[Key] = []
         seq = 0
@@ -103,7 +95,7 @@ async def _publish(url: str) -> tuple[list[Key], list[Key]]:
         assert len(keys) == expected
 
         async def all_stored() -> bool:
-            reply = await _counters(bus)
+            reply = await flows_counters(bus)
             return reply is not None and reply.seen == expected and await _stored(bus) == sum(GROUPS) * len(NODES)
 
         await eventually(all_stored, 30, f"{expected} flows seen and stored")

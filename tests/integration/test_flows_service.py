@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     REPO,
     ensure_buckets,
     eventually,
+    flows_counters,
     run_cli,
     running_service,
 )
@@ -56,27 +57,18 @@ def flows_service(nats_server, tmp_path: Path) -> Iterator[Path]:
         yield data_dir
 
 
-async def _counters(bus: Bus) -> schema.FlowQueryReply | None:
-    try:
-        return await bus.request(schema.SUBJECT_FLOWS_QUERY,
-                                 schema.FlowQuery(whitelist=[schema.FlowFilter(uuid=["none"])], rings_only=True),
-                                 schema.FlowQueryReply, timeout=1.0)
-    except Exception:
-        return None
-
-
 async def _publish_all(url: str) -> int:
     """Publish every node's raw batches once the service answers; returns flows expected."""
     bus = await Bus.connect(url, "test-flows")
     try:
-        await eventually(lambda: _counters(bus), 30, "the flows service answering queries")
+        await eventually(lambda: flows_counters(bus), 30, "the flows service answering queries")
         for seq in range(1, BATCHES + 1):
             for node in NODES:
                 await bus.publish(schema.SUBJECT_FLOWS_RAW.format(cluster=CLUSTER, node=node), raw_batch(node, seq))
         expected = BATCHES * EVENTS * len(NODES)
 
         async def all_seen() -> bool:
-            reply = await _counters(bus)
+            reply = await flows_counters(bus)
             return reply is not None and reply.seen == expected
 
         await eventually(all_seen, 30, f"{expected} flows seen")
@@ -123,7 +115,7 @@ def test_follow_and_stream_carry_flow_batches(flows_service: Path, nats_server) 
     async def scenario() -> tuple[list[str], list[schema.Flow]]:
         bus = await Bus.connect(nats_server.url, "test-flows")
         try:
-            await eventually(lambda: _counters(bus), 30, "the flows service answering queries")
+            await eventually(lambda: flows_counters(bus), 30, "the flows service answering queries")
             env = dict(os.environ, CILIARY_DATA_DIR=str(flows_service))
             follow = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "ciliary.cli", "observe", "--follow", "--node-name", "node-2",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from ciliary import flowfilter, schema
@@ -11,6 +12,13 @@ from tests.unit.test_flows_scenario import scenario_flows
 F = schema.FlowFilter
 FLOWS = scenario_flows()
 ALL = set(range(len(FLOWS)))
+# Names as the name cache gives them (test_flows_names covers how they get there): the
+# ICMP echo to the world went to an address checkout resolved as example.com / www.example.com,
+# its reply comes from it; 1.1.1.1 is one.one.one.one.
+_NAMED = {13: ([], ["example.com", "www.example.com"]), 14: (["example.com", "www.example.com"], []),
+          17: ([], ["one.one.one.one"]), 18: ([], ["one.one.one.one"])}
+for _i, (_src, _dst) in _NAMED.items():
+    FLOWS[_i] = msgspec.structs.replace(FLOWS[_i], source_names=_src, destination_names=_dst)
 
 # Scenario flows by index (see test_flows_scenario):
 #  0 checkout->payments SYN from-endpoint      10 DNS L7 response (A)
@@ -82,6 +90,18 @@ CASES: list[tuple[str, list[schema.FlowFilter], list[schema.FlowFilter], set[int
     ("destination service", [F(destination_service=["default/payments"])], [], {0}),
     ("destination service namespace", [F(destination_service=["default/"])], [], {0, 6}),
     ("source service", [F(source_service=["kube-system/kube-dns"])], [], {9, 10, 11, 12}),
+    ("to fqdn exact", [F(destination_fqdn=["example.com"])], [], {13}),
+    ("to fqdn trailing dot and case", [F(destination_fqdn=["WWW.Example.com."])], [], {13}),
+    ("to fqdn wildcard", [F(destination_fqdn=["*.example.com"])], [], {13}),
+    ("fqdn wildcard crosses dots", [F(destination_fqdn=["*.one"])], [], {17, 18}),
+    ("fqdn blacklist wildcard", [F(destination_fqdn=["*.example.com"])], [F(destination_fqdn=["www.*"])], set()),
+    ("from fqdn", [F(source_fqdn=["example.com"])], [], {14}),
+    ("fqdn values OR'ed", [F(destination_fqdn=["example.com", "one.one.one.one"])], [], {13, 17, 18}),
+    ("fqdn AND verdict", [F(destination_fqdn=["*"], verdict=["DROPPED"])], [], {17, 18}),
+    ("--fqdn as two filters", [F(source_fqdn=["example.com"]), F(destination_fqdn=["example.com"])], [], {13, 14}),
+    ("not --to-fqdn", [F(protocol=["icmp"])], [F(destination_fqdn=["*example.com"])], {14}),
+    ("fqdn partial name does not match", [F(destination_fqdn=["example"])], [], set()),
+    ("flows without names never match", [F(source_fqdn=["*"])], [], {14}),
 ]
 
 
@@ -138,6 +158,10 @@ FLAG_CASES: list[tuple[list[tuple[str, str | None]], str, str]] = [
      '[{"source_label":["app=x"]},{"destination_label":["app=x"]}]', "[]"),
     ([("from-identity", "world"), ("to-identity", "1234")],
      '[{"source_identity":[2],"destination_identity":[1234]}]', "[]"),
+    ([("fqdn", "*.example.com")],
+     '[{"source_fqdn":["*.example.com"]},{"destination_fqdn":["*.example.com"]}]', "[]"),
+    ([("to-fqdn", "a.com"), ("to-fqdn", "b.com"), ("not", None), ("from-fqdn", "c.com")],
+     '[{"destination_fqdn":["a.com","b.com"]}]', '[{"source_fqdn":["c.com"]}]'),
     ([("ip", "10.0.0.0/8")],
      '[{"source_ip":["10.0.0.0/8"]},{"destination_ip":["10.0.0.0/8"]}]', "[]"),
     ([("port", "53"), ("protocol", "UDP")],
@@ -180,6 +204,10 @@ def test_flags_to_filters(flags: list[tuple[str, str | None]], white: str, black
     ([("port", "99999")], "invalid port"),
     ([("protocol", "http2")], "invalid --protocol"),
     ([("drop-reason-desc", "NOPE")], "invalid --drop-reason-desc"),
+    ([("fqdn", "a.com"), ("to-fqdn", "b.com")], "cannot be combined"),
+    ([("from-fqdn", "a.com"), ("from-ip", "1.1.1.1")], "cannot be combined"),
+    ([("to-fqdn", "exa mple.com")], "invalid FQDN filter"),
+    ([("from-fqdn", "ex(ample).com")], "invalid FQDN filter"),
 ])
 def test_bad_flags(flags: list[tuple[str, str | None]], message: str) -> None:
     with pytest.raises(FilterError, match=message):
@@ -220,3 +248,8 @@ def test_time_args() -> None:
     assert flowfilter.parse_time_arg("2026-11-26", now) == 1795651200 * 10**9
     with pytest.raises(FilterError):
         flowfilter.parse_time_arg("yesterday", now)
+
+
+def test_fqdn_filter_from_a_query_is_validated() -> None:
+    with pytest.raises(FilterError, match="invalid FQDN filter 'a/b'"):
+        flowfilter.validate([F(destination_fqdn=["a/b"])])
