@@ -37,9 +37,10 @@ Key = tuple[int, str]  # (flow time ns, node name)
 
 def raw_batch(node: str, seq: int, base_ns: int) -> schema.RawEventBatch:
     # flow time = boot_time_ns + ts_ns: the wall clock when the batch is built, as on a node
-    offset = 500 if node == NODES[1] else 0  # times unique across nodes too
+    # times unique across nodes too: node-1's are whole microseconds, node-2's half past
+    start = time.time_ns() // 1000 * 1000 + (500 if node == NODES[1] else 0)
     events = [
-        schema.RawFlowEvent(ts_ns=time.time_ns() - base_ns + i * 1000 + offset, saddr=f"10.210.1.{10 + i % 50}",
+        schema.RawFlowEvent(ts_ns=start - base_ns + i * 1000, saddr=f"10.210.1.{10 + i % 50}",
                             daddr="10.210.2.10", sport=30000 + i, dport=8080, proto=6, tcp_flags=0x02,
                             direction=2, ep_id=1 + i % 7, src_identity=10000, dst_identity=20000,
                             ifindex=4, pkt_len=60)
