@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -97,3 +98,23 @@ def pid_alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def env_number(name: str, default: float, *, integer: bool = False, minimum: float | None = None,
+               env: dict[str, str] | None = None) -> float:
+    """A numeric setting from the environment. Unset or empty gives ``default``; a value
+    that is not a number (or an integer when ``integer``), or is below ``minimum``, is
+    logged as an error naming the variable and ``default`` is used: a bad setting never
+    stops a service."""
+    raw = (os.environ if env is None else env).get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value: float = int(raw) if integer else float(raw)
+        if minimum is not None and value < minimum:
+            raise ValueError(f"must be at least {minimum:g}")
+    except ValueError as err:
+        reason = str(err) if str(err).startswith("must") else f"not {'an integer' if integer else 'a number'}"
+        logging.getLogger("ciliary.config").error("%s=%r: %s; using %s", name, raw, reason, default)
+        return default
+    return value

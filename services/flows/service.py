@@ -46,7 +46,7 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from ciliary import flowfilter, schema
+from ciliary import config, flowfilter, schema
 from ciliary.bus import SYNCED, BusError, KVEntry
 from ciliary.runtime import Context, mirror_kinds
 
@@ -244,7 +244,7 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     # Flow records are not tracked by the cyclic GC, but each flow still allocates a few
     # tracked containers; collecting every 700 allocations costs ~20% of the throughput.
     gc.set_threshold(*GC_THRESHOLDS)
-    capacity = int(os.environ.get(ENV_RING_CAPACITY, schema.FLOWS_RING_CAPACITY))
+    capacity = int(config.env_number(ENV_RING_CAPACITY, schema.FLOWS_RING_CAPACITY, integer=True, minimum=1))
     core = FlowsCore(ctx.settings.cluster, capacity, _name_cache())
     ctx.detail["flows"] = {"seen": 0, "stored": 0, "lost": 0}
     ctx.detail["names"] = core.names.stats()
@@ -342,10 +342,10 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
 async def _ensure_flows_stream(ctx: Context) -> bool:
     """JetStream stream FLOWS over ``flows.enriched.>`` (bounded, oldest discarded);
     whether it exists."""
-    max_mb = float(os.environ.get(ENV_STREAM_MAX_MB, DEFAULT_STREAM_MAX_MB))
+    max_mb = config.env_number(ENV_STREAM_MAX_MB, DEFAULT_STREAM_MAX_MB, minimum=0)
     if max_mb <= 0:
         return False
-    max_age = float(os.environ.get(ENV_STREAM_MAX_AGE, DEFAULT_STREAM_MAX_AGE))
+    max_age = config.env_number(ENV_STREAM_MAX_AGE, DEFAULT_STREAM_MAX_AGE, minimum=0)
     try:
         await ctx.bus.ensure_stream(schema.STREAM_FLOWS, [schema.SUBJECT_FLOWS_ALL],
                                     max_bytes=int(max_mb * 1024 * 1024), max_age_s=max_age)

@@ -43,7 +43,7 @@ from typing import Any
 
 import msgspec
 
-from ciliary import schema
+from ciliary import config, schema
 from ciliary.bus import SYNCED, Bus, BusError, KVEntry, RevisionMismatch
 from ciliary.runtime import Context, mirror_kinds
 
@@ -87,10 +87,11 @@ class IdentityConfig:
     def from_env(cls) -> IdentityConfig:
         return cls(
             labels=os.environ.get(ENV_LABELS, ""),
-            gc_grace=float(os.environ.get(ENV_GC_GRACE, DEFAULT_GC_GRACE)),
-            orphan_age=float(os.environ.get(ENV_ORPHAN_AGE, DEFAULT_ORPHAN_AGE)),
-            fqdn_min_ttl=float(os.environ.get(fqdn.ENV_MIN_TTL, fqdn.DEFAULT_MIN_TTL)),
-            fqdn_max_entries=int(os.environ.get(fqdn.ENV_MAX_ENTRIES, fqdn.DEFAULT_MAX_ENTRIES)),
+            gc_grace=config.env_number(ENV_GC_GRACE, DEFAULT_GC_GRACE, minimum=0),
+            orphan_age=config.env_number(ENV_ORPHAN_AGE, DEFAULT_ORPHAN_AGE, minimum=0),
+            fqdn_min_ttl=config.env_number(fqdn.ENV_MIN_TTL, fqdn.DEFAULT_MIN_TTL, minimum=0),
+            fqdn_max_entries=int(config.env_number(fqdn.ENV_MAX_ENTRIES, fqdn.DEFAULT_MAX_ENTRIES,
+                                                   integer=True, minimum=1)),
         )
 
     @property

@@ -58,11 +58,10 @@ DEREGISTER_SETTLE = 0.5  # then this long, for the other nodes to apply the same
 
 def map_sizes_from_env() -> MapSizes:
     """Cilium's default sizes unless ``CILIARY_MAP_<NAME>`` overrides one."""
-    fields = {}
-    for name in MapSizes.__dataclass_fields__:
-        value = os.environ.get(f"CILIARY_MAP_{name.upper()}")
-        if value:
-            fields[name] = int(value)
+    defaults = MapSizes()
+    fields = {name: int(config.env_number(f"CILIARY_MAP_{name.upper()}", getattr(defaults, name),
+                                          integer=True, minimum=1))
+              for name in MapSizes.__dataclass_fields__}
     return MapSizes(**fields)
 
 

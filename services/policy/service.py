@@ -37,7 +37,7 @@ from typing import Any
 
 import msgspec
 
-from ciliary import schema
+from ciliary import config, schema
 from ciliary.bus import SYNCED, BusError, KVEntry, RevisionMismatch
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import now_rfc3339
@@ -74,7 +74,7 @@ def options_from_env(cluster: str, cluster_id: int) -> ResolveOptions:
     return ResolveOptions(
         cluster_name=cluster,
         cluster_id=cluster_id,
-        max_entries=int(os.environ.get(ENV_MAX_ENTRIES, DEFAULT_MAX_ENTRIES)),
+        max_entries=int(config.env_number(ENV_MAX_ENTRIES, DEFAULT_MAX_ENTRIES, integer=True, minimum=0)),
         audit_mode=_flag(ENV_AUDIT),
         local_cluster_only=not _flag(ENV_ALL_CLUSTERS),
         allow_localhost=os.environ.get(ENV_ALLOW_LOCALHOST, "always").lower() != "policy",
