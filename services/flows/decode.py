@@ -70,7 +70,6 @@ DIR_EGRESS = 2
 VERDICT_FORWARDED = 1
 VERDICT_DROPPED = 2
 VERDICT_AUDIT = 4
-CT_RELATED = 3
 EVENT_F_POLICY_VERDICT = 1 << 0  # bpf/lib/types.h: an allowed new connection's first packet
 DROP_POLICY_DENY = 181
 POLICY_DROP_REASONS = frozenset({133, DROP_POLICY_DENY})

@@ -401,10 +401,10 @@ def test_lost_events_are_counted(make_stack) -> None:
     lost_now = sum(lost.values()) - lost_before
     assert seen_now + lost_now >= sum(bursts), (seen_now, lost, bursts)
     assert stack.observe("--from-pod", "default/frontend", "--protocol", "udp", "--last", "5")
-    # a history too large for one bus message is refused with a clear error, not a timeout
+    # a history larger than one bus message arrives in chunks
     everything = stack.cli("observe", "--all", "-o", "json", check=False, timeout=30)
-    assert everything.returncode == 0 or "exceed the bus's maximum message size" in everything.stderr, (
-        everything.stderr[-500:])
+    assert everything.returncode == 0, everything.stderr[-500:]
+    assert len(everything.stdout.splitlines()) >= seen_now, (len(everything.stdout.splitlines()), seen_now)
     # undecodable payloads and losses reported by an executor are counted too, never dropped
     state = config.read_instance(stack.data_dir)
     assert state is not None

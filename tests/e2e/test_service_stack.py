@@ -158,6 +158,19 @@ def wait_states(stack: Stack, name: str, want: dict[str, str], timeout: float = 
         raise AssertionError(f"{err}; last: {backend_states(frontend(stack, name))}") from None
 
 
+def deploy(stack: Stack, name: str, pods: list[str], nodes: tuple[str, ...], *extra: dict,
+           **spec: object) -> dict:
+    """Service ``name`` (selector ``app: name``, ``spec`` added) with ready backend pods
+    ``pods`` on ``nodes`` (and ``extra`` objects); returns its ClusterIP frontend once every
+    pod is in the slots of every node's lb4 maps."""
+    apply(stack, service(name, name, **spec), *extra,
+          *(backend_pod(stack, p, name, n) for p, n in zip(pods, nodes, strict=True)))
+    wait_for(lambda: ready_pods(stack, set(pods)), 60, f"{len(pods)} ready backends")
+    fe = wait_states(stack, name, dict.fromkeys(pods, "slot"))
+    wait_datapath(stack, fe)
+    return fe
+
+
 def wait_datapath(stack: Stack, fe: dict) -> None:
     """Every node's lb4 maps hold the frontend with exactly its slot backends."""
     vip = f"{fe['address']}:{fe['port']}/{fe['proto']}"
@@ -214,12 +227,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def test_every_ready_backend_takes_connections(stack: Stack) -> None:
     pods = ["spread-1", "spread-2", "spread-3"]
     try:
-        apply(stack, service("spread", "spread"),
-              *(backend_pod(stack, p, "spread", n) for p, n in zip(pods, ("node-1", "node-2", "node-1"),
-                                                                  strict=True)))
-        wait_for(lambda: ready_pods(stack, set(pods)), 60, "three ready backends")
-        fe = wait_states(stack, "spread", dict.fromkeys(pods, "slot"))
-        wait_datapath(stack, fe)
+        fe = deploy(stack, "spread", pods, ("node-1", "node-2", "node-1"))
         for client in ("client-1", "client-2"):
             summary = loop(stack, client, fe["address"], "--count", "300", "--interval", "0")
             print(f"spread from {client}: {summary['by_backend']} failed {summary['failed']}")
@@ -265,12 +273,7 @@ def test_not_ready_backend_keeps_its_connections_and_gets_no_new_ones(stack: Sta
     pods = ["ready-1", "ready-2", "ready-3"]
     hold = None
     try:
-        apply(stack, service("readiness", "readiness"),
-              *(backend_pod(stack, p, "readiness", n) for p, n in zip(pods, ("node-1", "node-2", "node-2"),
-                                                                     strict=True)))
-        wait_for(lambda: ready_pods(stack, set(pods)), 60, "three ready backends")
-        fe = wait_states(stack, "readiness", dict.fromkeys(pods, "slot"))
-        wait_datapath(stack, fe)
+        fe = deploy(stack, "readiness", pods, ("node-1", "node-2", "node-2"))
         vip = fe["address"]
 
         hold = Hold(stack, "client-1", vip)
@@ -319,12 +322,7 @@ def test_scaling_during_traffic_fails_no_connection(stack: Stack) -> None:
     stop = stack.ready_dir / "stop-scale-loop"
     client = None
     try:
-        apply(stack, service("scale", "scale"),
-              *(backend_pod(stack, p, "scale", n) for p, n in zip(first, ("node-1", "node-2", "node-1"),
-                                                                  strict=True)))
-        wait_for(lambda: ready_pods(stack, set(first)), 60, "three ready backends")
-        fe = wait_states(stack, "scale", dict.fromkeys(first, "slot"))
-        wait_datapath(stack, fe)
+        fe = deploy(stack, "scale", first, ("node-1", "node-2", "node-1"))
         vip = fe["address"]
 
         client = subprocess.Popen(exec_argv(stack, "client-2", "loop", vip, str(PORT), "--interval", "0.02",
@@ -382,14 +380,9 @@ def test_scaling_during_traffic_fails_no_connection(stack: Stack) -> None:
 def test_client_ip_affinity_and_node_port(stack: Stack) -> None:
     pods = ["sticky-1", "sticky-2", "sticky-3"]
     try:
-        apply(stack, service("sticky", "sticky", sessionAffinity="ClientIP"),
-              service("sticky-np", "sticky", type="NodePort"),
-              *(backend_pod(stack, p, "sticky", n) for p, n in zip(pods, ("node-1", "node-2", "node-1"),
-                                                                  strict=True)))
-        wait_for(lambda: ready_pods(stack, set(pods)), 60, "three ready backends")
-        fe = wait_states(stack, "sticky", dict.fromkeys(pods, "slot"))
+        fe = deploy(stack, "sticky", pods, ("node-1", "node-2", "node-1"),
+                    service("sticky-np", "sticky", type="NodePort"), sessionAffinity="ClientIP")
         assert fe["affinity_timeout"] == 10800
-        wait_datapath(stack, fe)
         for client in ("client-1", "client-2"):
             summary = loop(stack, client, fe["address"], "--count", "20", "--interval", "0")
             print(f"affinity from {client}: {summary['by_backend']}")

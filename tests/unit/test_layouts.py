@@ -8,16 +8,11 @@ ctypes. No root, no kernel, no bcc.
 from __future__ import annotations
 
 import ctypes as ct
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from services.node import layouts
-
-BPF_LIB = Path(__file__).resolve().parents[2] / "bpf" / "lib"
+from tests.unit.cprog import run_c_program
 
 CONSTANTS = (
     "DROP_POLICY", "DROP_POLICY_DENY", "DROP_NO_SERVICE", "DROP_INVALID_SIP",
@@ -63,18 +58,7 @@ def _c_program() -> str:
 
 @pytest.fixture(scope="module")
 def c_layout(tmp_path_factory) -> dict[str, int]:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("no C compiler (gcc) on PATH (CI=true: not skipping)")
-        pytest.skip("no C compiler (gcc) on PATH")
-    d = tmp_path_factory.mktemp("layouts")
-    src = d / "layouts.c"
-    exe = d / "layouts"
-    src.write_text(_c_program())
-    subprocess.run([gcc, "-Wall", "-Werror", "-I", str(BPF_LIB), "-o", str(exe), str(src)],
-                   check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    out = run_c_program(_c_program(), tmp_path_factory.mktemp("layouts"))
     return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
 
 

@@ -4,9 +4,6 @@ the container cgroup prologue and hostNetwork pods (no root, no kernel)."""
 from __future__ import annotations
 
 import ctypes as ct
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,8 +14,7 @@ from ciliary import schema
 from services.node import socklb as S
 from services.node.pods import PodRunner, RunnerConfig, RunningPod, is_host_network_pod
 from services.node.runner import ContainerProcess, ContainerSpec, ContainerState
-
-BPF_LIB = Path(__file__).resolve().parents[2] / "bpf" / "lib"
+from tests.unit.cprog import run_c_program
 
 HYBRID = """\
 tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
@@ -94,15 +90,6 @@ def test_cflags_refuse_off_and_hostns_only_without_cookie() -> None:
 COOKIES = [0, 1, 2, 4096, 4097, 0xFFFFFFFF, 1 << 32, 0x123456789ABCDEF0, (1 << 64) - 1]
 
 
-def _gcc() -> str:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("no C compiler (gcc) on PATH (CI=true: not skipping)")
-        pytest.skip("no C compiler (gcc) on PATH")
-    return gcc
-
-
 def test_sock_h_layouts_and_hash_match_the_python_twins(tmp_path: Path) -> None:
     structs = {
         "sock_revnat_key": S.SockRevNatKey, "sock_revnat_value": S.SockRevNatValue,
@@ -119,12 +106,7 @@ def test_sock_h_layouts_and_hash_match_the_python_twins(tmp_path: Path) -> None:
             lines.append(f'printf("slot {c} {count} %u\\n", sock_slot(12345, {c}ULL, 1, {count}));')
     lines.append('printf("tcpslot %u\\n", sock_slot(12345, 7ULL, 0, 7));')
     lines.append("return 0; }")
-    src = tmp_path / "t.c"
-    src.write_text("\n".join(lines))
-    exe = tmp_path / "t"
-    subprocess.run([_gcc(), "-Wall", "-Werror", "-I", str(BPF_LIB), "-o", str(exe), str(src)],
-                   check=True, capture_output=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
+    out = run_c_program("\n".join(lines), tmp_path).split("\n")
     got = dict(line.rsplit(" ", 1) for line in out if line)
     for name, py in structs.items():
         assert int(got[f"size {name}"]) == ct.sizeof(py), name
