@@ -2,9 +2,12 @@
 
 Invariants:
 - Every NATS call in the project goes through ``Bus``; services and the CLI never import
-  ``nats`` themselves. Tests fake the bus at this module.
-- Every published message and KV write carries the current OpenTelemetry trace context in
-  its headers (see ``ciliary.telemetry``).
+  ``nats`` themselves (an import-linter contract holds this). Handlers receive a
+  ``Message`` of this module, never a nats object. Tests fake the bus at this module
+  (``ciliary.testing.FakeBus``).
+- Every published message, request, reply and KV write carries the current OpenTelemetry
+  trace context in its headers (see ``ciliary.telemetry``); a subscription handler runs
+  under the context its message was sent in.
 - ``watch`` is level-triggered: it yields the full current state of the bucket (one
   ``put`` per live key), then ``SYNCED``, then changes. After a reconnect it re-reads the
   bucket, yields ``delete`` for keys that vanished while disconnected, ``put`` for every
@@ -27,6 +30,7 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+from nats import micro
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api as js_api
@@ -460,29 +464,58 @@ class Bus:
 
     # ------------------------------------------------------------------ messaging
 
-    async def publish(self, subject: str, record: Any) -> None:
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server accepts (0 when not yet known)."""
+        return self.nc.max_payload or 0
+
+    async def publish(self, subject: str, record: Any, *, reply: str = "") -> None:
+        """Publish ``record`` (a Struct, or bytes as they are) with the trace context."""
         data = record if isinstance(record, bytes) else schema.encode(record)
-        await self.nc.publish(subject, data, headers=telemetry.inject_headers() or None)
+        await self.nc.publish(subject, data, reply=reply, headers=telemetry.inject_headers() or None)
+
+    async def subscribe_raw(
+        self,
+        subject: str,
+        handler: Callable[[Message], Awaitable[None]],
+        *,
+        queue: str = "",
+    ) -> Subscription:
+        """Untyped subscription: ``handler`` gets every ``Message`` as it arrived, run
+        under the trace context its sender published it in."""
+
+        async def on_msg(msg: Msg) -> None:
+            message = Message(self, msg.subject, msg.data, msg.reply, msg.headers)
+            if not msg.headers:
+                await handler(message)
+                return
+            token = telemetry.attach_context(msg.headers)
+            try:
+                await handler(message)
+            finally:
+                telemetry.detach_context(token)
+
+        return Subscription(await self.nc.subscribe(subject, queue=queue, cb=on_msg))
 
     async def subscribe(
         self,
         subject: str,
         type_: type[T],
-        handler: Callable[[T, Msg], Awaitable[None]],
+        handler: Callable[[T, Message], Awaitable[None]],
         *,
         queue: str = "",
-    ) -> Any:
+    ) -> Subscription:
         """Typed subscription; undecodable payloads are logged and dropped."""
 
-        async def on_msg(msg: Msg) -> None:
+        async def on_message(message: Message) -> None:
             try:
-                record = schema.decode(msg.data, type_)
+                record = schema.decode(message.data, type_)
             except msgspec.DecodeError as err:
-                log.warning("dropping bad payload on %s: %s", msg.subject, err)
+                log.warning("dropping bad payload on %s: %s", message.subject, err)
                 return
-            await handler(record, msg)
+            await handler(record, message)
 
-        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+        return await self.subscribe_raw(subject, on_message, queue=queue)
 
     async def request(self, subject: str, record: Any, type_: type[T], *, timeout: float = 2.0) -> T:
         data = record if isinstance(record, bytes) else schema.encode(record)
@@ -494,6 +527,40 @@ class Bus:
             raise BusError(f"no answer on {subject}") from err
         return schema.decode(msg.data, type_)
 
+    async def request_stream(
+        self, subject: str, record: Any, *, timeout: float
+    ) -> AsyncIterator[bytes]:
+        """Send one request and yield every reply payload as it arrives, for answers that
+        come in several messages. Raises ``NoReply`` when nothing arrives within
+        ``timeout`` seconds of the request or of the previous reply, or when no one
+        listens on ``subject``. The caller stops iterating when the answer is complete."""
+        data = record if isinstance(record, bytes) else schema.encode(record)
+        inbox = self.nc.new_inbox()
+        arrived: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def on_reply(msg: Msg) -> None:
+            if _no_responders(msg):
+                arrived.put_nowait(None)
+            else:
+                arrived.put_nowait(msg.data)
+
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        try:
+            await self.publish(subject, data, reply=inbox)
+            while True:
+                try:
+                    reply = await asyncio.wait_for(arrived.get(), timeout)
+                except TimeoutError:
+                    reply = None
+                if reply is None:
+                    raise NoReply(f"no answer on {subject}")
+                yield reply
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # connection already closing
+                pass
+
     async def request_many(
         self, subject: str, payload: bytes = b"", *, timeout: float = 1.0, quiet: float = 0.25
     ) -> list[bytes]:
@@ -503,14 +570,14 @@ class Bus:
         arrived = asyncio.Event()
 
         async def on_reply(msg: Msg) -> None:
-            if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-                return  # "no responders" notice, not a reply
+            if _no_responders(msg):
+                return
             replies.append(msg.data)
             arrived.set()
 
         sub = await self.nc.subscribe(inbox, cb=on_reply)
         try:
-            await self.nc.publish(subject, payload, reply=inbox, headers=telemetry.inject_headers() or None)
+            await self.publish(subject, payload, reply=inbox)
             deadline = asyncio.get_running_loop().time() + timeout
             while True:
                 remaining = deadline - asyncio.get_running_loop().time()
@@ -525,6 +592,85 @@ class Bus:
         finally:
             await sub.unsubscribe()
         return replies
+
+    # ------------------------------------------------------------------ service registry
+
+    async def register_service(
+        self,
+        name: str,
+        *,
+        version: str,
+        description: str,
+        metadata: dict[str, str],
+        endpoints: dict[str, tuple[str, Callable[[], bytes]]],
+    ) -> Registration:
+        """Register with the NATS micro-services API (``$SRV.PING|INFO|STATS``), each
+        endpoint ``name -> (subject, answer)`` replying with ``answer()``."""
+        service = await micro.add_service(
+            self.nc, name=name, version=version, description=description, metadata=metadata
+        )
+        for endpoint, (subject, answer) in endpoints.items():
+
+            async def on_request(req: micro.Request, answer: Callable[[], bytes] = answer) -> None:
+                await req.respond(answer())
+
+            await service.add_endpoint(name=endpoint, subject=subject, handler=on_request)
+        return Registration(service)
+
+
+class NoReply(BusError):
+    """A request got no (further) answer in time, or no one listens on its subject."""
+
+
+class Message:
+    """One received message; ``respond`` answers on its reply subject through the bus."""
+
+    __slots__ = ("_bus", "data", "headers", "reply", "subject")
+
+    def __init__(self, bus: Bus, subject: str, data: bytes, reply: str = "",
+                 headers: dict[str, str] | None = None) -> None:
+        self._bus = bus
+        self.subject = subject
+        self.data = data
+        self.reply = reply
+        self.headers = headers
+
+    async def respond(self, record: Any) -> None:
+        """Answer (a Struct, or bytes as they are); a message without a reply subject is
+        not answered."""
+        if self.reply:
+            await self._bus.publish(self.reply, record)
+
+
+class Subscription:
+    """A live subscription; ``unsubscribe`` is safe on a closing connection."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    async def unsubscribe(self) -> None:
+        try:
+            await self._sub.unsubscribe()
+        except Exception:  # connection already closing
+            pass
+
+
+class Registration:
+    """A micro-services registration; ``stop`` deregisters."""
+
+    def __init__(self, service: Any) -> None:
+        self._service = service
+
+    async def stop(self) -> None:
+        try:
+            await self._service.stop()
+        except Exception:  # connection already closing
+            pass
+
+
+def _no_responders(msg: Msg) -> bool:
+    """The server's "no responders" notice, not a reply."""
+    return not msg.data and bool(msg.headers) and msg.headers.get("Status") == "503"
 
 
 def _entry_from_msg(bucket: str, msg: Msg) -> KVEntry:

@@ -22,11 +22,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nats import micro
-from nats.aio.msg import Msg
-
 from ciliary import __version__, config, schema, telemetry
-from ciliary.bus import SYNCED, Bus, BusError, KVEntry
+from ciliary.bus import SYNCED, Bus, BusError, KVEntry, Message, Synced
+from ciliary.watch import Mirror, PassLoop
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +90,24 @@ class Context:
         )
 
 
+    def mirror(
+        self,
+        tg: asyncio.TaskGroup,
+        bucket: str,
+        pattern: str = ">",
+        *,
+        name: str = "",
+        decode: Callable[[KVEntry], Any] | None = None,
+    ) -> Mirror[Any]:
+        """Start following ``bucket``/``pattern`` into a new ``Mirror``; the service is
+        unhealthy until it has synced. Add listeners before the next ``await``."""
+        mirror: Mirror[Any] = Mirror(bucket, pattern, name=name, decode=decode)
+        self.declare_watch(mirror.name)
+        self.detail.setdefault("watching", []).append(mirror.name)
+        tg.create_task(mirror.follow(self.bus, self), name=f"watch-{mirror.name}")
+        return mirror
+
+
 Main = Callable[[Context, asyncio.TaskGroup], Awaitable[None]]
 
 
@@ -99,40 +115,27 @@ def mirror_kinds(
     ctx: Context,
     tg: asyncio.TaskGroup,
     kinds: tuple[str, ...],
-    on_change: Callable[[str, KVEntry], Awaitable[None]] | None = None,
-) -> dict[str, dict[str, KVEntry]]:
-    """Start one watch per resource kind; keep ``state[kind][key]`` current.
-
-    Returns the live state dict (filled in the background). Counts per kind are reported
-    in the health detail under ``resources``.
-    """
-    state: dict[str, dict[str, KVEntry]] = {kind: {} for kind in kinds}
+    loop: PassLoop | None = None,
+) -> dict[str, Mirror[Any]]:
+    """One mirror of ``resources`` per kind (named ``resources/<kind>``), each marking
+    ``loop`` dirty; counts per kind are reported in the health detail under ``resources``."""
     counts: dict[str, int] = {}
-    ctx.detail.setdefault("watching", []).extend(
-        f"{schema.BUCKET_RESOURCES}/{kind}" for kind in kinds
-    )
     ctx.detail["resources"] = counts
-
-    async def follow(kind: str) -> None:
-        name = f"resources/{kind}"
-        ctx.declare_watch(name)
-        async for event in ctx.bus.watch(schema.BUCKET_RESOURCES, f"{kind}.>"):
-            if event is SYNCED:
-                ctx.watch_synced(name)
-                log.info("%s: %d %s objects", ctx.service, len(state[kind]), kind)
-                continue
-            assert isinstance(event, KVEntry)
-            if event.deleted:
-                state[kind].pop(event.key, None)
-            else:
-                state[kind][event.key] = event
-            counts[kind] = len(state[kind])
-            if on_change is not None:
-                await on_change(kind, event)
-
+    mirrors: dict[str, Mirror[Any]] = {}
     for kind in kinds:
-        tg.create_task(follow(kind), name=f"watch-{kind}")
-    return state
+        mirror = ctx.mirror(tg, schema.BUCKET_RESOURCES, f"{kind}.>",
+                            name=f"{schema.BUCKET_RESOURCES}/{kind}")
+
+        def count(event: KVEntry | Synced, kind: str = kind, mirror: Mirror[Any] = mirror) -> None:
+            counts[kind] = len(mirror.entries)
+            if event is SYNCED:
+                log.info("%s: %d %s objects", ctx.service, len(mirror.entries), kind)
+
+        mirror.listen(count)
+        if loop is not None:
+            mirror.notify(loop)
+        mirrors[kind] = mirror
+    return mirrors
 
 
 async def _serve(service: str, main: Main, settings: Settings) -> None:
@@ -141,16 +144,15 @@ async def _serve(service: str, main: Main, settings: Settings) -> None:
     await bus.ensure_buckets()
     ctx = Context(service=service, settings=settings, bus=bus)
 
-    async def on_health(msg: Msg) -> None:
-        await msg.respond(schema.encode(ctx.health()))
+    async def on_health(msg: Message) -> None:
+        await msg.respond(ctx.health())
 
     health_subs = [
-        await bus.nc.subscribe(schema.SUBJECT_HEALTH.format(instance=settings.instance), cb=on_health),
-        await bus.nc.subscribe(schema.SUBJECT_HEALTH_ALL, cb=on_health),
+        await bus.subscribe_raw(schema.SUBJECT_HEALTH.format(instance=settings.instance), on_health),
+        await bus.subscribe_raw(schema.SUBJECT_HEALTH_ALL, on_health),
     ]
-    registration = await micro.add_service(
-        bus.nc,
-        name=f"ciliary-{service}",
+    registration = await bus.register_service(
+        f"ciliary-{service}",
         version=__version__,
         description=f"ciliary {service} service",
         metadata={
@@ -160,13 +162,8 @@ async def _serve(service: str, main: Main, settings: Settings) -> None:
             "node": settings.node,
             "health_subject": schema.SUBJECT_HEALTH.format(instance=settings.instance),
         },
-    )
-
-    async def on_ping(req: micro.Request) -> None:
-        await req.respond(schema.to_json(ctx.health()))
-
-    await registration.add_endpoint(
-        name="health", subject=f"ciliary.health.{service}.{settings.instance}", handler=on_ping
+        endpoints={"health": (f"ciliary.health.{service}.{settings.instance}",
+                              lambda: schema.to_json(ctx.health()))},
     )
 
     stop = asyncio.Event()

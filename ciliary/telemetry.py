@@ -53,3 +53,13 @@ def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
 def extract_context(headers: dict[str, str] | None) -> context.Context:
     """The trace context a message was sent under (empty context when none)."""
     return propagate.extract(headers or {})
+
+
+def attach_context(headers: dict[str, str] | None) -> object:
+    """Make the trace context a message was sent under current; returns the token for
+    ``detach_context``."""
+    return context.attach(extract_context(headers))
+
+
+def detach_context(token: object) -> None:
+    context.detach(token)  # type: ignore[arg-type]
