@@ -26,7 +26,8 @@ Invariants:
   slots, then slot 0; shrinking writes slot 0 before extra slots are deleted).
 - A failed batch falls back to one call per entry, so one bad entry does not
   block the others. A failed entry is retried after 100 ms, doubling per
-  consecutive failure, capped at 60 s; a new desired value retries at once.
+  consecutive failure, capped at 60 s (``backoff.ENTRY_CAP``); a new desired value
+  retries at once.
 - While an owner has an upsert that failed fewer than ``hold_deletes`` times,
   that owner's deletes wait for it (a shrinking service keeps its extra slots
   until slot 0 holds the new count). After that the deletes go ahead anyway, so
@@ -61,14 +62,13 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from ciliary.backoff import ENTRY_CAP, backoff_delay
 from services.node import layouts as L
 from services.node.layouts import Layout
 from services.node.maps import Entry, MapOps, MapOpsError
 
 log = logging.getLogger(__name__)
 
-BACKOFF_BASE = 0.1
-BACKOFF_MAX = 60.0
 DEFAULT_BATCH_SIZE = 1024
 DEFAULT_HOLD_DELETES = 5  # ~1.5 s of retries (0.1 + 0.2 + 0.4 + 0.8)
 DEFAULT_NOT_OWNED = frozenset({L.CT, L.METRICS})
@@ -92,13 +92,6 @@ UNKNOWN = _Unknown()
 
 ORPHAN_OWNER = ""
 """Owner recorded on rows found in the kernel that no owner ever desired."""
-
-
-def backoff_delay(attempts: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX) -> float:
-    """Seconds to wait after ``attempts`` consecutive failures (1 → base)."""
-    if attempts <= 0:
-        return 0.0
-    return min(cap, base * 2.0 ** min(attempts - 1, 64))
 
 
 def _copy(layout: Layout) -> Layout:
@@ -385,7 +378,7 @@ class Reconciler:
         row.attempts += 1
         row.status = Status.ERROR
         row.last_error = str(err)
-        row.next_retry = now + backoff_delay(row.attempts)
+        row.next_retry = now + backoff_delay(row.attempts, cap=ENTRY_CAP)
         self._dirty.add((row.map, bytes(row.key)))
         self._total_errors += 1
 
@@ -610,7 +603,7 @@ class ReconcileLoop:
                 break
             except MapOpsError as err:
                 attempts += 1
-                delay = backoff_delay(attempts)
+                delay = backoff_delay(attempts, cap=ENTRY_CAP)
                 log.warning("restore failed: %s; retrying in %.1fs", err, delay)
                 await asyncio.sleep(delay)
         self.restored.set()
@@ -633,7 +626,7 @@ class ReconcileLoop:
 
 
 __all__ = [
-    "BACKOFF_BASE", "BACKOFF_MAX", "DEFAULT_HOLD_DELETES", "DEFAULT_NOT_OWNED", "EntryStatus", "MapStats",
+    "DEFAULT_HOLD_DELETES", "DEFAULT_NOT_OWNED", "EntryStatus", "MapStats",
     "ORPHAN_OWNER", "ReconcileLoop", "ReconcileResult", "Reconciler", "ReconcilerStats",
-    "ResyncResult", "Status", "UNKNOWN", "backoff_delay",
+    "ResyncResult", "Status", "UNKNOWN",
 ]

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ciliary.backoff import backoff_delay
 from services.node import layouts as L
 from services.node import maps as M
 from services.node.layouts import Layout
@@ -17,7 +18,6 @@ from services.node.reconciler import (
     ReconcileLoop,
     Reconciler,
     Status,
-    backoff_delay,
 )
 
 
