@@ -61,7 +61,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ciliary import config, flowrender, schema  # noqa: E402
+from ciliary import config, hubble, schema  # noqa: E402
 from services.flows.dns import build_query, build_response  # noqa: E402
 from services.flows.service import GC_THRESHOLDS, FlowsCore  # noqa: E402
 
@@ -475,7 +475,7 @@ def latency(stack: Stack, pods: dict[str, dict], count: int) -> dict[str, Any]:
                 if (f.ip and f.ip.source == client_ip and f.ip.destination == payments_ip and f.l4 and f.l4.TCP
                         and f.l4.TCP.flags and f.l4.TCP.flags.SYN and not f.l4.TCP.flags.ACK
                         and f.trace_observation_point == "FROM_ENDPOINT"):
-                    got.append((now - flowrender.flow_time_ns(f)) / 1e6)
+                    got.append((now - hubble.flow_time_ns(f)) / 1e6)
 
         sub = await nc.subscribe(schema.SUBJECT_FLOWS_ALL, cb=on_flow)
         await nc.flush()
@@ -508,7 +508,7 @@ def latency(stack: Stack, pods: dict[str, dict], count: int) -> dict[str, Any]:
                 continue
             if flow["flow"].get("l4", {}).get("TCP", {}).get("flags", {}).get("ACK"):
                 continue
-            cli_got.append((t - flowrender.flow_time_ns(schema.Flow(time=flow["time"]))) / 1e6)
+            cli_got.append((t - hubble.flow_time_ns(schema.Flow(time=flow["time"]))) / 1e6)
         await sub.unsubscribe()
         await nc.close()
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from ciliary import flowfilter, flowrender, schema
+from ciliary import flowfilter, flowrender, hubble, schema
 from ciliary.bus import Bus, BusError
 
 RunWithBus = Callable[[argparse.Namespace, Callable[[Bus], Awaitable[Any]]], Any]
@@ -357,7 +357,7 @@ class _Commands:
                     flow = await live.get()
                     if flow.uuid in seen:
                         continue
-                    if query.until_ns and flowrender.flow_time_ns(flow) > query.until_ns:
+                    if query.until_ns and hubble.flow_time_ns(flow) > query.until_ns:
                         continue
                     emit(flow)
             finally:

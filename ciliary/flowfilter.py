@@ -14,6 +14,8 @@ Invariants (Hubble's semantics):
   dot, may hold only ``[-a-zA-Z0-9_.*]``, and must match a whole name, ``*`` standing for
   any run of those characters (dots included); a flow without names never matches.
 - Nothing here does I/O; bad input raises ``FilterError`` with a user-facing message.
+- Names and numbers (verdicts, drop reasons, event types, reserved identities) are
+  ``ciliary.hubble``'s; this module never imports the CLI.
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ from functools import lru_cache
 import msgspec
 
 from ciliary import schema
-from ciliary.flowrender import (
+from ciliary.hubble import (
     DROP_REASON_CODES,
     MESSAGE_TYPE_NAMES,
     MSG_TRACE,
     RESERVED_IDENTITY_IDS,
     TRACE_POINTS,
     VERDICT_NAMES,
+    l4_ports,
+    parse_rfc3339,
 )
 
 
@@ -178,16 +182,6 @@ def _ip_matches(patterns: Sequence[str], ip: str) -> bool:
     return any(addr in _network(p) for p in patterns)
 
 
-def _l4_ports(flow: schema.Flow) -> tuple[int, int] | None:
-    l4 = flow.l4
-    if l4 is None:
-        return None
-    for proto in (l4.TCP, l4.UDP, l4.SCTP):
-        if proto is not None:
-            return proto.source_port, proto.destination_port
-    return None
-
-
 def _protocols(flow: schema.Flow) -> set[str]:
     out: set[str] = set()
     if flow.l4 is not None:
@@ -278,12 +272,12 @@ def filter_matches(f: schema.FlowFilter, flow: schema.Flow) -> bool:
     if f.protocol and not ({p.lower() for p in f.protocol} & _protocols(flow)):
         return False
     if f.source_port or f.destination_port:
-        l4_ports = _l4_ports(flow)
-        if l4_ports is None:
+        ports = l4_ports(flow)
+        if ports is None:
             return False
-        if f.source_port and str(l4_ports[0]) not in f.source_port:
+        if f.source_port and str(ports[0]) not in f.source_port:
             return False
-        if f.destination_port and str(l4_ports[1]) not in f.destination_port:
+        if f.destination_port and str(ports[1]) not in f.destination_port:
             return False
     if f.reply and (flow.is_reply is None or flow.is_reply not in f.reply):
         return False
@@ -616,8 +610,6 @@ def parse_duration(text: str) -> int:
 
 def parse_time_arg(text: str, now_ns: int) -> int:
     """``--since``/``--until`` value: a duration ago, RFC 3339, or ``YYYY-MM-DD`` -> unix ns."""
-    from ciliary.flowrender import parse_rfc3339
-
     s = text.strip()
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", s):
         s += "T00:00:00Z"

@@ -43,13 +43,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ciliary import schema
-from ciliary.flowrender import (
+from ciliary.hubble import (
     IDENTITY_WORLD,
     MSG_ACCESS_LOG,
     MSG_DROP,
     MSG_POLICY_VERDICT,
     MSG_TRACE,
-    RESERVED_IDENTITIES,
     TRACE_FROM_ENDPOINT,
     TRACE_POINTS,
     TRACE_TO_ENDPOINT,
@@ -227,7 +226,7 @@ def _layer4(ev: schema.RawFlowEvent) -> tuple[schema.FlowLayer4 | None, str]:
 
 
 def _reserved_labels(identity: int) -> list[str]:
-    name = RESERVED_IDENTITIES.get(identity)
+    name = schema.RESERVED_IDENTITIES.get(identity)
     return [f"reserved:{name}"] if name else []
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from ciliary import flowfilter, flowrender, schema
+from ciliary import flowfilter, hubble, schema
 
 ENV_EXPORT_FILE = "CILIARY_FLOWS_EXPORT_FILE"
 ENV_EXPORT_MAX_MB = "CILIARY_FLOWS_EXPORT_MAX_MB"
@@ -58,7 +58,7 @@ class ExportConfig:
 
     def lines(self, flows: Sequence[schema.Flow]) -> list[str]:
         return [
-            flowrender.format_jsonpb(f) + "\n"
+            hubble.format_jsonpb(f) + "\n"
             for f in flows
             if flowfilter.matches(f, self.allowlist, self.denylist)
         ]

@@ -41,7 +41,7 @@ from typing import Protocol
 import msgspec
 
 from ciliary import flowfilter, schema
-from ciliary.flowrender import parse_rfc3339
+from ciliary.hubble import parse_rfc3339
 
 ENV_MAX_SCAN = "CILIARY_FLOWS_HISTORY_MAX_SCAN"  # 0 = queries read the rings only
 ENV_MARGIN = "CILIARY_FLOWS_HISTORY_MARGIN"  # seconds

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ciliary import schema
-from ciliary.flowrender import (
+from ciliary.hubble import (
     MSG_ACCESS_LOG,
     MSG_DROP,
     MSG_POLICY_VERDICT,

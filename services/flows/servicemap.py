@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ciliary import schema
-from ciliary.flowrender import MSG_ACCESS_LOG, MSG_DROP, MSG_POLICY_VERDICT, MSG_TRACE, flow_time_ns
+from ciliary.hubble import MSG_ACCESS_LOG, MSG_DROP, MSG_POLICY_VERDICT, MSG_TRACE, flow_time_ns
 
 VERDICT_CLASSES = ("forwarded", "dropped", "audit")
 COLOURS = {"forwarded": "#2e9d4f", "dropped": "#d93636", "audit": "#e0a100"}

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
 from ciliary import flowfilter, schema
-from ciliary.flowrender import flow_time_ns
+from ciliary.hubble import flow_time_ns
 
 NO_HORIZON = 1 << 62  # the rings cover no time range at all
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from ciliary import config, flowrender, schema
+from ciliary import config, hubble, schema
 
 from .conftest import require_privileges
 from .instance import leftovers
@@ -182,7 +182,7 @@ def shop(stack: Stack, *, policies: bool = True, extra: str = "") -> dict[str, d
 
 
 def flow_age_s(line: dict) -> float:
-    return time.time() - flowrender.flow_time_ns(schema.Flow(time=line["time"])) / 1e9
+    return time.time() - hubble.flow_time_ns(schema.Flow(time=line["time"])) / 1e9
 
 
 # ------------------------------------------------------------------------------ (a) drops
@@ -202,7 +202,7 @@ def test_policy_drop_is_observed_within_2s(make_stack) -> None:
 
         def dropped() -> list[dict]:
             lines = stack.observe("--verdict", "DROPPED", "--to-pod", "default/payments", "--last", "10")
-            fresh = [x for x in lines if flowrender.flow_time_ns(schema.Flow(time=x["time"])) / 1e9
+            fresh = [x for x in lines if hubble.flow_time_ns(schema.Flow(time=x["time"])) / 1e9
                      >= attempt_started - 0.5]
             found[:] = fresh
             return fresh
@@ -216,7 +216,7 @@ def test_policy_drop_is_observed_within_2s(make_stack) -> None:
     drop = next(x for x in found if x["flow"]["event_type"]["type"] == 1)
     flow = drop["flow"]
     # within 2 s of the packet (the drop's own kernel timestamp)
-    packet_time = flowrender.flow_time_ns(schema.Flow(time=drop["time"])) / 1e9
+    packet_time = hubble.flow_time_ns(schema.Flow(time=drop["time"])) / 1e9
     assert seen_at - packet_time < 2.0, f"drop visible {seen_at - packet_time:.2f}s after the packet"
     assert flow["verdict"] == "DROPPED"
     assert flow["drop_reason_desc"] == "POLICY_DENIED" and flow["drop_reason"] == 133
@@ -316,7 +316,7 @@ def test_observe_follow_streams_new_flows(make_stack) -> None:
     assert flow["source"]["pod_name"] == "checkout" and flow["l4"]["TCP"]["destination_port"] == 8080
     assert flow["trace_observation_point"] == "FROM_ENDPOINT"  # the client's hook: before/at DNAT
     assert flow["destination_service"] == {"name": "payments", "namespace": "default"}
-    assert flowrender.flow_time_ns(schema.Flow(time=got["time"])) / 1e9 >= started - 1  # a new flow
+    assert hubble.flow_time_ns(schema.Flow(time=got["time"])) / 1e9 >= started - 1  # a new flow
     assert flow_age_s(got) < 30
 
 
@@ -569,7 +569,7 @@ def test_allowed_connections_give_one_policy_verdict_each_naming_the_policy(make
     assert denied.returncode != 0, denied.stdout
 
     def fresh(lines: list[dict]) -> list[dict]:
-        return [x for x in lines if flowrender.flow_time_ns(schema.Flow(time=x["time"])) / 1e9 >= started - 0.5]
+        return [x for x in lines if hubble.flow_time_ns(schema.Flow(time=x["time"])) / 1e9 >= started - 0.5]
 
     def is_pv(x: dict) -> bool:
         return x["flow"]["event_type"]["type"] == 5

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ciliary import config, flowrender, schema
+from ciliary import config, hubble, schema
 from ciliary.bus import Bus
 from ciliary.cli_observe import ReplyChunks, query_flows
 from tests.integration.conftest import (
@@ -109,7 +109,7 @@ def _observe(data_dir: Path, *args: str) -> tuple[list[Key], str]:
     result = run_cli("observe", *args, "-o", "json", data_dir=data_dir, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    return [(flowrender.parse_rfc3339(line["time"]), line["node_name"]) for line in lines], result.stderr
+    return [(hubble.parse_rfc3339(line["time"]), line["node_name"]) for line in lines], result.stderr
 
 
 def _stamp(t: int) -> str:
@@ -123,7 +123,7 @@ async def _query(url: str, query: schema.FlowQuery) -> tuple[list[Key], schema.F
         chunks = ReplyChunks()
         got: list[Key] = []
         async for flows in query_flows(bus, query, 30, chunks=chunks):
-            got += [(flowrender.parse_rfc3339(f.time), f.node_name) for f in flows]
+            got += [(hubble.parse_rfc3339(f.time), f.node_name) for f in flows]
         assert chunks.final is not None
         return got, chunks.final
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ciliary import config, flowrender, schema
+from ciliary import config, hubble, schema
 from ciliary.bus import Bus
 from tests.integration.conftest import (
     FLOWS_SETTINGS,
@@ -93,7 +93,7 @@ def test_history_larger_than_one_message(flows_service: Path, nats_server) -> No
     wire = sum(len(schema.encode(schema.msgspec.json.decode(json.dumps(line["flow"]), type=schema.Flow)))
                for line in last)
     assert wire > 1024 * 1024, "the answer must not fit one NATS message"
-    times = [flowrender.parse_rfc3339(line["time"]) for line in last]
+    times = [hubble.parse_rfc3339(line["time"]) for line in last]
     assert times == sorted(times)
     assert len({line["flow"]["uuid"] for line in last}) == ring
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from ciliary import flowrender, schema
+from ciliary import flowrender, hubble, schema
 from services.flows.decode import (
     BatchContext,
     IPInfo,
@@ -417,10 +417,10 @@ def test_decode_never_raises(raw: schema.RawFlowEvent) -> None:
     assert result.undecodable + bool(result.flows) == 1
     for flow in result.flows:
         flowrender.format_compact(flow)
-        flowrender.format_jsonpb(flow)
+        hubble.format_jsonpb(flow)
 
 
 def test_trace_carries_interface_index() -> None:
     (flow,) = one(ev(0, saddr=CHECKOUT_IP, daddr=PAYMENTS_IP, proto=17, direction=2, ifindex=17))
     assert flow.interface == {"index": 17}
-    assert '"interface":{"index":17}' in flowrender.format_jsonpb(flow)
+    assert '"interface":{"index":17}' in hubble.format_jsonpb(flow)

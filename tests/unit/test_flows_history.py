@@ -45,7 +45,7 @@ def batch(*flows: schema.Flow) -> bytes:
 
 
 def timed(flows: Sequence[schema.Flow]) -> list[tuple[int, schema.Flow]]:
-    from ciliary.flowrender import flow_time_ns
+    from ciliary.hubble import flow_time_ns
 
     return [(flow_time_ns(f), f) for f in flows]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ciliary import flowrender, schema
+from ciliary import flowrender, hubble, schema
 from ciliary.dnswire import a_record, build_response, encode_name, parse_dns
 from services.flows.decode import decode_batch
 from services.flows.enrich import EnrichmentState
@@ -173,7 +173,7 @@ def test_flows_carry_the_names_the_local_endpoint_resolved() -> None:
     assert flowrender.host_names(connect)[1] == "api.example.com:443"
     assert " -> api.example.com:443 " in flowrender.format_compact(connect)
     assert "api.example.com:443" in flowrender.format_table([connect])
-    assert flowrender.flow_dict(connect)["destination_names"] == ["api.example.com"]
+    assert hubble.flow_dict(connect)["destination_names"] == ["api.example.com"]
 
 
 def test_names_expire_with_the_answer_and_need_a_cache() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ciliary import flowrender, schema
+from ciliary import flowrender, hubble, schema
 from tests.unit.test_flows_scenario import scenario_flows
 
 DATA = Path(__file__).parent / "data" / "flows"
@@ -58,25 +58,25 @@ def test_jsonpb_shape() -> None:
         assert flow["time"] == obj["time"] and flow["node_name"] == obj["node_name"]
         assert flow["Type"] in ("L3_L4", "L7")
         assert flow["IP"]["ipVersion"] == "IPv4"
-        assert flow["verdict"] in flowrender.VERDICT_NAMES
+        assert flow["verdict"] in hubble.VERDICT_NAMES
         assert "Summary" in flow and "uuid" in flow
         assert {"source", "destination", "event_type"} <= set(flow)
-    drop = json.loads(flowrender.format_jsonpb(FLOWS[5]))["flow"]
+    drop = json.loads(hubble.format_jsonpb(FLOWS[5]))["flow"]
     assert drop["drop_reason"] == 133 and drop["drop_reason_desc"] == "POLICY_DENIED"
     assert "is_reply" not in drop
-    dns = json.loads(flowrender.format_jsonpb(FLOWS[10]))["flow"]
+    dns = json.loads(hubble.format_jsonpb(FLOWS[10]))["flow"]
     assert dns["l7"]["type"] == "RESPONSE" and dns["l7"]["dns"]["ips"] == ["10.96.0.20"]
 
 
 def test_json_round_trips_to_flow() -> None:
     for flow in FLOWS:
-        data = json.dumps(flowrender.response_dict(flow)["flow"]).encode()
+        data = json.dumps(hubble.response_dict(flow)["flow"]).encode()
         assert schema.msgspec.json.decode(data, type=schema.Flow) == flow
 
 
 def test_go_json_escapes_html() -> None:
     flow = schema.Flow(summary="a<b>&c")
-    assert '"Summary":"a\\u003cb\\u003e\\u0026c"' in flowrender.format_jsonpb(flow)
+    assert '"Summary":"a\\u003cb\\u003e\\u0026c"' in hubble.format_jsonpb(flow)
 
 
 def test_unset_time_prints_na() -> None:
@@ -100,11 +100,11 @@ def test_printer_streams_and_buffers_table() -> None:
 
 
 def test_rfc3339_precision_like_protojson() -> None:
-    assert flowrender.rfc3339_nano(0) == "1970-01-01T00:00:00Z"
-    assert flowrender.rfc3339_nano(1_500_000_000) == "1970-01-01T00:00:01.500Z"
-    assert flowrender.rfc3339_nano(1_000_001_000) == "1970-01-01T00:00:01.000001Z"
-    assert flowrender.rfc3339_nano(1_000_000_001) == "1970-01-01T00:00:01.000000001Z"
-    assert flowrender.parse_rfc3339("1970-01-01T00:00:01.000000001Z") == 1_000_000_001
+    assert hubble.rfc3339_nano(0) == "1970-01-01T00:00:00Z"
+    assert hubble.rfc3339_nano(1_500_000_000) == "1970-01-01T00:00:01.500Z"
+    assert hubble.rfc3339_nano(1_000_001_000) == "1970-01-01T00:00:01.000001Z"
+    assert hubble.rfc3339_nano(1_000_000_001) == "1970-01-01T00:00:01.000000001Z"
+    assert hubble.parse_rfc3339("1970-01-01T00:00:01.000000001Z") == 1_000_000_001
 
 
 def test_stamp_milli_pads_day_like_go() -> None:

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from ciliary import schema
-from ciliary.flowrender import flow_time_ns, rfc3339_nano
+from ciliary.hubble import flow_time_ns, rfc3339_nano
 from services.flows.store import FlowRing, FlowStore
 from tests.unit.test_flows_scenario import scenario_flows
 

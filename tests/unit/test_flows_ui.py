@@ -9,7 +9,7 @@ import re
 import msgspec
 
 from ciliary import schema
-from ciliary.flowrender import rfc3339_nano
+from ciliary.hubble import rfc3339_nano
 from services.flows.http import parse_target, start_http_server
 from services.flows.service import ENV_METRICS_PORT, ENV_UI_PORT, FlowsCore, http_plan
 from services.flows.servicemap import build_service_map, endpoint_node, verdict_class
