@@ -98,10 +98,11 @@ class Context:
         *,
         name: str = "",
         decode: Callable[[KVEntry], Any] | None = None,
+        keep: bool = True,
     ) -> Mirror[Any]:
         """Start following ``bucket``/``pattern`` into a new ``Mirror``; the service is
         unhealthy until it has synced. Add listeners before the next ``await``."""
-        mirror: Mirror[Any] = Mirror(bucket, pattern, name=name, decode=decode)
+        mirror: Mirror[Any] = Mirror(bucket, pattern, name=name, decode=decode, keep=keep)
         self.declare_watch(mirror.name)
         self.detail.setdefault("watching", []).append(mirror.name)
         tg.create_task(mirror.follow(self.bus, self), name=f"watch-{mirror.name}")

@@ -5,8 +5,9 @@
 its loop and writes only its pass.
 
 Invariants:
-- A mirror holds exactly the live keys the bus watch delivered (``entries``), and, with a
-  ``decode``, their decoded values (``values``; a payload that fails to decode is logged,
+- A mirror holds exactly the live keys the bus watch delivered (``entries``; none with
+  ``keep=False``, for listeners that keep their own view), and, with a ``decode``, their
+  decoded values (``values``; a payload that fails to decode is logged,
   counted in ``bad`` and absent from ``values``). Listeners see every event after the
   mirror applied it, in bus order; ``SYNCED`` is passed to listeners too.
 - A mirror is registered with the service's health (``Context.declare_watch``) under its
@@ -70,11 +71,12 @@ class Mirror(Generic[T]):
     """The live keys of ``bucket`` matching ``pattern``, kept current by ``follow``."""
 
     def __init__(self, bucket: str, pattern: str = ">", *, name: str = "",
-                 decode: Callable[[KVEntry], T | None] | None = None) -> None:
+                 decode: Callable[[KVEntry], T | None] | None = None, keep: bool = True) -> None:
         self.bucket = bucket
         self.pattern = pattern
         self.name = name or (bucket if pattern == ">" else f"{bucket}/{pattern}")
         self.decode = decode
+        self.keep = keep
         self.entries: dict[str, KVEntry] = {}
         self.values: dict[str, T] = {}
         self.bad: set[str] = set()
@@ -105,7 +107,8 @@ class Mirror(Generic[T]):
                 self.values.pop(key, None)
                 self.bad.discard(key)
             else:
-                self.entries[key] = event
+                if self.keep:
+                    self.entries[key] = event
                 if self.decode is not None:
                     self._decode(event)
         for listener in self.listeners:
@@ -228,3 +231,13 @@ def _unexpected(err: BaseException) -> bool:
     from ciliary.bus import BusError
 
     return not isinstance(err, BusError | OSError)
+
+
+def entries_only(handler: Callable[[KVEntry], None]) -> Listener:
+    """A listener calling ``handler`` for key events only (not ``SYNCED``)."""
+
+    def listener(event: KVEntry | Synced) -> None:
+        if event is not SYNCED:
+            handler(event)  # type: ignore[arg-type]
+
+    return listener

@@ -44,11 +44,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
 
 from ciliary import config, flowfilter, schema
-from ciliary.bus import SYNCED, BusError, KVEntry
+from ciliary.bus import BusError, KVEntry, Message
 from ciliary.runtime import Context, mirror_kinds
+from ciliary.watch import entries_only
 
 from .decode import decode_batch
 from .enrich import EnrichmentState
@@ -249,9 +249,7 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     ctx.detail["flows"] = {"seen": 0, "stored": 0, "lost": 0}
     ctx.detail["names"] = core.names.stats()
 
-    async def on_resource(kind: str, entry: KVEntry) -> None:
-        if kind != "Pod":
-            return
+    def on_pod(entry: KVEntry) -> None:
         ref = _ref(entry.key)
         if entry.deleted:
             core.enrichment.apply_pod(ref, None)
@@ -259,19 +257,21 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
         record = _decode(entry, schema.ResourceRecord)
         core.enrichment.apply_pod(ref, record.manifest if record else None)
 
-    mirror_kinds(ctx, tg, WATCHED_KINDS, on_change=on_resource)
-    _follow(ctx, tg, schema.BUCKET_STATUS, "Pod.>", lambda e: core.enrichment.apply_pod_status(
-        _ref(e.key), (r.status if (r := _decode(e, schema.StatusRecord)) else None)))
-    _follow(ctx, tg, schema.BUCKET_IPCACHE, ">", lambda e: core.enrichment.apply_ipcache(
-        e.key, _decode(e, schema.IPCacheRecord)))
-    _follow(ctx, tg, schema.BUCKET_IDENTITIES, f"{schema.IDENTITY_ID_PREFIX}>",
-            lambda e: core.enrichment.apply_identity(e.key, _decode(e, schema.IdentityRecord)))
-    _follow(ctx, tg, schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>",
-            lambda e: core.enrichment.apply_frontend(e.key, _decode(e, schema.LBFrontend)))
-    _follow(ctx, tg, schema.BUCKET_POLICY, f"{schema.POLICY_ID_PREFIX}>", lambda e: core.enrichment.apply_policy(
-        e.key, _decode(e, schema.PolicyMapRecord), e.revision))
+    mirror_kinds(ctx, tg, WATCHED_KINDS)["Pod"].listen(entries_only(on_pod))
+    for bucket, pattern, apply in (
+        (schema.BUCKET_STATUS, "Pod.>", lambda e: core.enrichment.apply_pod_status(
+            _ref(e.key), (r.status if (r := _decode(e, schema.StatusRecord)) else None))),
+        (schema.BUCKET_IPCACHE, ">", lambda e: core.enrichment.apply_ipcache(
+            e.key, _decode(e, schema.IPCacheRecord))),
+        (schema.BUCKET_IDENTITIES, f"{schema.IDENTITY_ID_PREFIX}>", lambda e: core.enrichment.apply_identity(
+            e.key, _decode(e, schema.IdentityRecord))),
+        (schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>", lambda e: core.enrichment.apply_frontend(
+            e.key, _decode(e, schema.LBFrontend))),
+        (schema.BUCKET_POLICY, f"{schema.POLICY_ID_PREFIX}>", lambda e: core.enrichment.apply_policy(
+            e.key, _decode(e, schema.PolicyMapRecord), e.revision)),
+    ):
+        ctx.mirror(tg, bucket, pattern, name=f"{bucket}/{pattern}", keep=False).listen(entries_only(apply))
 
-    nc = ctx.bus.nc
     stream_on = await _ensure_flows_stream(ctx)
     if stream_on:
         try:  # flows stored before this start are in the stream only
@@ -287,15 +287,15 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     if export is not None:
         tg.create_task(_export_writer(export, export_queue), name="flows-export")
 
-    async def on_raw(msg: Msg) -> None:
+    async def on_raw(msg: Message) -> None:
         flows = core.ingest(msg.data)
         ctx.detail["flows"] = {"seen": core.store.seen, "stored": len(core.store), "lost": core.lost}
         ctx.detail["names"] = core.names.stats()
         if flows:
             cluster, _, node = flows[0].node_name.partition("/")
             subject = schema.SUBJECT_FLOWS.format(cluster=cluster, node=node)
-            for data in core.publish_payloads(flows, nc.max_payload or 0):
-                await nc.publish(subject, data)
+            for data in core.publish_payloads(flows, ctx.bus.max_payload):
+                await ctx.bus.publish(subject, data)
         if export is not None and flows:
             try:
                 export_queue.put_nowait(export.lines(flows))
@@ -306,37 +306,33 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     history = _history_limits(stream_on)
     readers = asyncio.Semaphore(HISTORY_READERS)
 
-    async def on_query(msg: Msg) -> None:
+    async def on_query(msg: Message) -> None:
         if not msg.reply:
             return
         plan = core.plan_query(msg.data, history=history.enabled)
         if isinstance(plan, schema.FlowQueryReply):
-            await nc.publish(msg.reply, schema.encode(plan))
+            await msg.respond(plan)
         elif not plan.stream:
-            for data in core.answer_chunks(plan, nc.max_payload or 0):
-                await nc.publish(msg.reply, data)
+            for data in core.answer_chunks(plan, ctx.bus.max_payload):
+                await msg.respond(data)
         else:
             tg.create_task(_answer_from_history(ctx, core, plan, msg.reply, history, readers),
                            name="flows-history-query")
 
-    async def on_metrics(msg: Msg) -> None:
-        if msg.reply:
-            await msg.respond(schema.encode(schema.FlowMetricsReply(text=core.metrics.render())))
+    async def on_metrics(msg: Message) -> None:
+        await msg.respond(schema.FlowMetricsReply(text=core.metrics.render()))
 
     subs = [
-        await nc.subscribe(schema.SUBJECT_FLOWS_RAW_ALL, cb=on_raw),
-        await nc.subscribe(schema.SUBJECT_FLOWS_QUERY, queue=QUEUE_GROUP, cb=on_query),
-        await nc.subscribe(schema.SUBJECT_FLOWS_METRICS, queue=QUEUE_GROUP, cb=on_metrics),
+        await ctx.bus.subscribe_raw(schema.SUBJECT_FLOWS_RAW_ALL, on_raw),
+        await ctx.bus.subscribe_raw(schema.SUBJECT_FLOWS_QUERY, on_query, queue=QUEUE_GROUP),
+        await ctx.bus.subscribe_raw(schema.SUBJECT_FLOWS_METRICS, on_metrics, queue=QUEUE_GROUP),
     ]
     await _start_http(ctx, tg, core)
     try:
         await asyncio.Event().wait()
     finally:
         for sub in subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # connection already closing
-                pass
+            await sub.unsubscribe()
 
 
 async def _ensure_flows_stream(ctx: Context) -> bool:
@@ -387,12 +383,12 @@ async def _answer_from_history(ctx: Context, core: FlowsCore, plan: QueryPlan, r
                                limits: HistoryLimits, readers: asyncio.Semaphore) -> None:
     """Answer a query that needs the ``FLOWS`` stream: progress chunks while reading, then
     the merged answer. A stream that cannot be read gives the rings' answer with a notice."""
-    nc = ctx.bus.nc
+    bus = ctx.bus
     sent = 0
 
     async def progress(scanned: int) -> None:
         nonlocal sent
-        await nc.publish(reply, schema.encode(schema.FlowQueryReply(chunk=sent, more=True, scanned=scanned)))
+        await bus.publish(reply, schema.FlowQueryReply(chunk=sent, more=True, scanned=scanned))
         sent += 1
 
     try:
@@ -416,17 +412,17 @@ async def _answer_from_history(ctx: Context, core: FlowsCore, plan: QueryPlan, r
             readers.release()
         if scan.undecodable:
             log.warning("flows: %d messages in %s are not flow batches", scan.undecodable, schema.STREAM_FLOWS)
-        for i, data in enumerate(core.answer_chunks(plan, nc.max_payload or 0, scan, first_chunk=sent,
+        for i, data in enumerate(core.answer_chunks(plan, bus.max_payload, scan, first_chunk=sent,
                                                     notice=notice)):
-            await nc.publish(reply, data)
+            await bus.publish(reply, data)
             sent += 1
             if i % 8 == 7:
                 await asyncio.sleep(0)  # let ingest run between parts of a large answer
     except Exception as err:  # a failed answer must not take the service down
         log.exception("flows: history query failed")
         try:
-            await nc.publish(reply, schema.encode(schema.FlowQueryReply(ok=False, chunk=sent,
-                                                                        error=f"history query failed: {err}")))
+            await bus.publish(reply, schema.FlowQueryReply(ok=False, chunk=sent,
+                                                           error=f"history query failed: {err}"))
         except Exception:  # connection gone
             pass
 
@@ -457,23 +453,6 @@ def _decode(entry: KVEntry, type_: type[Any]) -> Any:
     except (msgspec.DecodeError, msgspec.ValidationError) as err:
         log.warning("flows: bad %s entry %s: %s", entry.bucket, entry.key, err)
         return None
-
-
-def _follow(ctx: Context, tg: asyncio.TaskGroup, bucket: str, pattern: str,
-            apply: Callable[[KVEntry], None]) -> None:
-    name = f"{bucket}/{pattern}"
-    ctx.declare_watch(name)
-    ctx.detail.setdefault("watching", []).append(name)
-
-    async def follow() -> None:
-        async for event in ctx.bus.watch(bucket, pattern):
-            if event is SYNCED:
-                ctx.watch_synced(name)
-                continue
-            assert isinstance(event, KVEntry)
-            apply(event)
-
-    tg.create_task(follow(), name=f"watch-{bucket}")
 
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -44,8 +44,9 @@ from typing import Any
 import msgspec
 
 from ciliary import config, schema
-from ciliary.bus import SYNCED, Bus, BusError, KVEntry, RevisionMismatch
+from ciliary.bus import Bus, BusError, KVEntry, RevisionMismatch
 from ciliary.runtime import Context, mirror_kinds
+from ciliary.watch import PassLoop, entries_only
 
 from . import fqdn
 from .allocator import (
@@ -69,7 +70,6 @@ ENV_GC_GRACE = "CILIARY_IDENTITY_GC_GRACE"
 ENV_ORPHAN_AGE = "CILIARY_IDENTITY_ORPHAN_AGE"
 DEFAULT_GC_GRACE = 15 * 60.0  # Cilium's identity GC interval
 DEFAULT_ORPHAN_AGE = 60.0
-DEBOUNCE = 0.02
 PARALLEL_WRITES = 64
 AUDIT_INTERVAL = 300.0  # seconds between full listings of the output buckets
 QUEUE_GROUP = "identity"
@@ -254,8 +254,10 @@ class IdentityService:
         self.allocator = IdentityAllocator(self.identities, self.cluster, self.cluster_id)
         self.resources: dict[str, dict[str, KVEntry]] = {}
         self.status: dict[str, dict[str, KVEntry]] = {"Pod": {}, "Node": {}}
-        self.dirty = asyncio.Event()
-        self.synced = asyncio.Event()
+        self.loop = PassLoop("identity", self._pass, ready=lambda: not self.ctx.pending_watches,
+                             wake_at=lambda: time.monotonic() + self._wait_limit())
+        self.reserved_ensured = False
+        self.next_audit = 0.0
         self.passes = 0
         self._decoded: dict[str, tuple[int, Any]] = {}
         self._pods: dict[str, tuple[tuple[int, int, int], PodInfo | None]] = {}
@@ -268,20 +270,15 @@ class IdentityService:
     # ---------------------------------------------------------------- wiring
 
     async def start(self, tg: asyncio.TaskGroup) -> None:
-        async def on_change(kind: str, entry: KVEntry) -> None:
-            self.dirty.set()
-
-        self.resources = mirror_kinds(self.ctx, tg, WATCHED_KINDS, on_change)
+        self.resources = {kind: mirror.entries for kind, mirror in
+                          mirror_kinds(self.ctx, tg, WATCHED_KINDS, self.loop).items()}
         for kind in ("Pod", "Node"):
-            tg.create_task(self._follow(schema.BUCKET_STATUS, f"{kind}.>", self._on_status(kind)),
-                           name=f"watch-status-{kind}")
-        tg.create_task(self._follow(schema.BUCKET_IDENTITIES, ">", self.identities.observe),
-                       name="watch-identities")
-        tg.create_task(self._follow(schema.BUCKET_IPCACHE, ">", self.ipcache.observe),
-                       name="watch-ipcache")
-        self.ctx.detail.setdefault("watching", []).extend(
-            ["status/Pod", "status/Node", schema.BUCKET_IDENTITIES, schema.BUCKET_IPCACHE]
-        )
+            self.status[kind] = self.ctx.mirror(
+                tg, schema.BUCKET_STATUS, f"{kind}.>", name=f"{schema.BUCKET_STATUS}/{kind}",
+            ).notify(self.loop).entries
+        for store in (self.identities, self.ipcache):
+            self.ctx.mirror(tg, store.bucket, keep=False).listen(
+                entries_only(store.observe)).notify(self.loop)
         await self.ctx.bus.subscribe(schema.SUBJECT_IDENTITY_EXPLAIN, schema.IdentityExplainRequest,
                                      self._answer(self.explain, schema.IdentityExplainReply), queue=QUEUE_GROUP)
         await self.ctx.bus.subscribe(schema.SUBJECT_IDENTITY_REPORT, schema.IdentityReportRequest,
@@ -293,27 +290,7 @@ class IdentityService:
             log.error("%s=%r: %s; the pattern is ignored", ENV_LABELS, self.config.labels, error)
         if self.pattern_errors:
             self.ctx.detail["label_pattern_errors"] = self.pattern_errors
-        tg.create_task(self._loop(), name="identity-reconcile")
-
-    def _on_status(self, kind: str) -> Callable[[KVEntry], None]:
-        def observe(entry: KVEntry) -> None:
-            if entry.deleted:
-                self.status[kind].pop(entry.key, None)
-            else:
-                self.status[kind][entry.key] = entry
-        return observe
-
-    async def _follow(self, bucket: str, pattern: str, observe: Callable[[KVEntry], None]) -> None:
-        name = f"{bucket}/{pattern}"
-        self.ctx.declare_watch(name)
-        async for event in self.ctx.bus.watch(bucket, pattern):
-            if event is SYNCED:
-                self.ctx.watch_synced(name)
-                self.dirty.set()
-                continue
-            assert isinstance(event, KVEntry)
-            observe(event)
-            self.dirty.set()
+        tg.create_task(self.loop.run(), name="identity-reconcile")
 
     async def _on_dns(self, batch: schema.RawEventBatch, _msg: Any) -> None:
         """DNS responses seen by a node: learn the addresses of names a toFQDNs selects."""
@@ -329,7 +306,7 @@ class IdentityService:
             log.exception("fqdn.dns batch from %s/%s skipped", batch.cluster, batch.node)
             return
         if added:
-            self.dirty.set()
+            self.loop.mark_dirty()
 
     def fqdn_selectors(self) -> frozenset[fqdn.FQDNSelector]:
         """The toFQDNs selectors of every policy (recomputed when a policy changed)."""
@@ -375,33 +352,15 @@ class IdentityService:
 
     # ---------------------------------------------------------------- the loop
 
-    async def _loop(self) -> None:
-        while self.ctx.pending_watches:
-            await asyncio.sleep(0.02)
-        await self.allocator.ensure_reserved()
-        backoff = 0.1
-        next_audit = time.monotonic()  # first pass: the initial watch state may be incomplete
-        while True:
-            try:
-                await asyncio.wait_for(self.dirty.wait(), timeout=self._wait_limit())
-            except TimeoutError:
-                pass
-            await asyncio.sleep(DEBOUNCE)
-            self.dirty.clear()
-            try:
-                if time.monotonic() >= next_audit:
-                    next_audit = time.monotonic() + AUDIT_INTERVAL
-                    await self.audit()
-                again = await self.reconcile()
-                backoff = 0.1
-            except Exception as err:  # NATS down, timeouts, a bug on odd input: retry, never die
-                log.warning("reconcile pass failed: %s: %s; retrying in %.1fs",
-                            type(err).__name__, err, backoff, exc_info=not isinstance(err, BusError))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                again = True
-            if again:
-                self.dirty.set()
+    async def _pass(self) -> bool:
+        """Reserved identities once, the periodic audit when due, then one reconcile."""
+        if not self.reserved_ensured:
+            await self.allocator.ensure_reserved()
+            self.reserved_ensured = True
+        if time.monotonic() >= self.next_audit:  # first pass: the watched view may be incomplete
+            self.next_audit = time.monotonic() + AUDIT_INTERVAL
+            await self.audit()
+        return await self.reconcile()
 
     async def audit(self) -> None:
         """Heal the output mirrors from a full listing (a watch may miss initial keys)."""

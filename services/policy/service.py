@@ -38,9 +38,10 @@ from typing import Any
 import msgspec
 
 from ciliary import config, schema
-from ciliary.bus import SYNCED, BusError, KVEntry, RevisionMismatch
+from ciliary.bus import SYNCED, KVEntry, RevisionMismatch, Synced
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import now_rfc3339
+from ciliary.watch import PassLoop, entries_only
 
 from .incremental import PolicyEngine, Step
 from .records import named_ports_from_pods, plan_writes, status_payload, update_desired
@@ -58,7 +59,6 @@ WATCHED_KINDS = (
     "Namespace",
     "Pod",
 )
-DEBOUNCE = 0.05
 QUEUE_GROUP = "ciliary-policy"
 ENV_AUDIT = "CILIARY_POLICY_AUDIT_MODE"
 ENV_MAX_ENTRIES = "CILIARY_POLICY_MAX_ENTRIES"
@@ -133,7 +133,9 @@ class PolicyService:
         self.norm: list[NormPolicy] = []
         self.named_ports: dict[int, dict[str, tuple[int, int]]] = {}
         self.last: Resolution | None = None
-        self.dirty = asyncio.Event()
+        self.loop = PassLoop("policy", self.reconcile, ready=lambda: not self.ctx.pending_watches,
+                             on_error=self._on_pass_error)
+        self.dirty = self.loop.dirty  # set: a pass is due
         self._decoded: dict[str, tuple[int, NormPolicy | None, int]] = {}
         self._pods: dict[str, tuple[int, str, dict[str, Any]]] = {}  # key -> rev, ref, manifest
         self._pending: list[tuple[dict[int, frozenset[str]], list[int]]] = []
@@ -143,33 +145,25 @@ class PolicyService:
     # ---------------------------------------------------------------- wiring
 
     async def start(self, tg: asyncio.TaskGroup) -> None:
-        async def on_change(kind: str, entry: KVEntry) -> None:
-            self.dirty.set()
-
-        self.resources = mirror_kinds(self.ctx, tg, WATCHED_KINDS, on_change)
+        self.resources = {kind: m.entries for kind, m in
+                          mirror_kinds(self.ctx, tg, WATCHED_KINDS, self.loop).items()}
         for bucket, handler in (
             (schema.BUCKET_IDENTITIES, self._on_identity),
             (schema.BUCKET_IPCACHE, self._on_ipcache),
             (schema.BUCKET_POLICY, self._on_policy),
         ):
-            tg.create_task(self._follow(bucket, handler), name=f"watch-{bucket}")
-        self.ctx.detail.setdefault("watching", []).extend(
-            [schema.BUCKET_IDENTITIES, schema.BUCKET_IPCACHE, schema.BUCKET_POLICY]
-        )
+            self.ctx.mirror(tg, bucket).listen(entries_only(handler)).listen(self._on_sync)
         await self.ctx.bus.subscribe(schema.SUBJECT_POLICY_TRACE, schema.PolicyTraceRequest,
                                      self._on_trace, queue=QUEUE_GROUP)
-        tg.create_task(self._loop(), name="policy-reconcile")
+        tg.create_task(self.loop.run(), name="policy-reconcile")
 
-    async def _follow(self, bucket: str, handler: Any) -> None:
-        name = bucket
-        self.ctx.declare_watch(name)
-        async for event in self.ctx.bus.watch(bucket, ">"):
-            if event is SYNCED:
-                self.ctx.watch_synced(name)
-                self.dirty.set()
-                continue
-            assert isinstance(event, KVEntry)
-            handler(event)
+    def _on_sync(self, event: KVEntry | Synced) -> None:
+        if event is SYNCED:
+            self.loop.mark_dirty()
+
+    def _on_pass_error(self, err: BaseException) -> None:
+        if isinstance(err, RevisionMismatch):
+            self.counters["conflicts"] += 1
 
     def _on_identity(self, entry: KVEntry) -> None:
         if not entry.key.startswith(schema.IDENTITY_ID_PREFIX):
@@ -188,7 +182,7 @@ class PolicyService:
             change = ({decoded[0]: decoded[1]}, [])
             self.identities[decoded[0]] = IdentityView(decoded[0], decoded[1])
         self._pending.append(change)  # handed to the engine by the next pass
-        self.dirty.set()
+        self.loop.mark_dirty()
 
     def _on_ipcache(self, entry: KVEntry) -> None:
         prefix = None if entry.deleted else decode_ipcache_prefix(entry)
@@ -201,7 +195,7 @@ class PolicyService:
         if new is not None:
             self.ipcache_pods[entry.key] = new
         if old != new:
-            self.dirty.set()
+            self.loop.mark_dirty()
 
     def _on_policy(self, entry: KVEntry) -> None:
         if entry.deleted or entry.value is None:
@@ -209,28 +203,7 @@ class PolicyService:
         else:
             self.policy_bucket[entry.key] = (entry.revision, entry.value)
 
-    # ---------------------------------------------------------------- the loop
-
-    async def _loop(self) -> None:
-        backoff = 0.1
-        while True:
-            await self.dirty.wait()
-            await asyncio.sleep(DEBOUNCE)
-            if self.ctx.pending_watches:
-                continue
-            self.dirty.clear()
-            try:
-                await self.reconcile()
-                backoff = 0.1
-            except RevisionMismatch as err:
-                self.counters["conflicts"] += 1
-                log.info("policy write conflict (%s); another pass", err)
-                self.dirty.set()
-            except BusError as err:
-                log.warning("policy pass failed: %s; retrying in %.1fs", err, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                self.dirty.set()
+    # ---------------------------------------------------------------- the pass
 
     def _policies(self) -> tuple[list[NormPolicy], dict[PolicyKey, str], dict[PolicyKey, int]]:
         norm: list[NormPolicy] = []

@@ -33,9 +33,10 @@ from typing import Any
 import msgspec
 
 from ciliary import schema
-from ciliary.bus import SYNCED, BusError, KVEntry, RevisionMismatch
+from ciliary.bus import BusError, KVEntry, RevisionMismatch
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import kv_key, now_rfc3339
+from ciliary.watch import PassLoop
 from services.servicelb import allocator, departures, maglev, model
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,7 @@ ENV_MAGLEV_TABLE_SIZE = "CILIARY_MAGLEV_TABLE_SIZE"
 ENV_DERIVE_SLICES = "CILIARY_SERVICELB_DERIVE_SLICES"
 ENV_NODE_PORT_RANGE = "CILIARY_NODE_PORT_RANGE"
 
-DEBOUNCE_S = 0.05
 RESYNC_S = 60.0
-BACKOFF_S = (0.1, 60.0)
 
 
 def config_from_env(cluster: str, cluster_id: int, env: dict[str, str] | None = None) -> model.Config:
@@ -96,7 +95,10 @@ class ServiceLB:
         self.status: dict[str, dict[str, KVEntry]] = {kind: {} for kind in STATUS_KINDS}
         self.written: dict[str, bytes] = {}  # bucket services: key -> value as stored
         self.service_status: dict[str, tuple[int, dict[str, Any]]] = {}  # status key -> (gen, status)
-        self.dirty = asyncio.Event()
+        self.loop = PassLoop("servicelb", self._pass, ready=self.inputs_synced, wake_at=self._wake_at,
+                             on_error=self._on_error, on_success=self._on_success)
+        self.loaded = False  # allocations and current output read since the last failure
+        self.resync_at = 0.0
         self.logged: set[str] = set()
         self.reconciles = 0
         self.departures = departures.Departures()
@@ -110,29 +112,13 @@ class ServiceLB:
 
     def start(self, tg: asyncio.TaskGroup) -> None:
         self.ctx.declare_watch(RECONCILE)
-        self.resources = mirror_kinds(self.ctx, tg, WATCHED_KINDS, on_change=self._changed)
-        self.ctx.detail["watching"].extend(f"{schema.BUCKET_STATUS}/{k}" for k in STATUS_KINDS)
+        mirrors = mirror_kinds(self.ctx, tg, WATCHED_KINDS, self.loop)
+        self.resources = {kind: mirror.entries for kind, mirror in mirrors.items()}
         for kind in STATUS_KINDS:
-            tg.create_task(self._follow_status(kind), name=f"watch-status-{kind}")
-        tg.create_task(self._run(), name="servicelb-reconcile")
-
-    async def _changed(self, kind: str, event: KVEntry) -> None:
-        self.dirty.set()
-
-    async def _follow_status(self, kind: str) -> None:
-        name = f"status/{kind}"
-        self.ctx.declare_watch(name)
-        async for event in self.ctx.bus.watch(schema.BUCKET_STATUS, f"{kind}.>"):
-            if event is SYNCED:
-                self.ctx.watch_synced(name)
-                self.dirty.set()
-                continue
-            assert isinstance(event, KVEntry)
-            if event.deleted:
-                self.status[kind].pop(event.key, None)
-            else:
-                self.status[kind][event.key] = event
-            self.dirty.set()
+            self.status[kind] = self.ctx.mirror(
+                tg, schema.BUCKET_STATUS, f"{kind}.>", name=f"{schema.BUCKET_STATUS}/{kind}",
+            ).notify(self.loop).entries
+        tg.create_task(self.loop.run(), name="servicelb-reconcile")
 
     def inputs_synced(self) -> bool:
         return not (self.ctx.pending_watches - {RECONCILE})
@@ -202,42 +188,27 @@ class ServiceLB:
 
     # ------------------------------------------------------------------ the loop
 
-    async def _run(self) -> None:
-        delay = BACKOFF_S[0]
-        loaded = False
-        resync_at = 0.0
-        while True:
-            if loaded:
-                wake_at = min(resync_at, self.departures_expire or resync_at)
-                try:
-                    await asyncio.wait_for(self.dirty.wait(), timeout=max(0.0, wake_at - time.monotonic()))
-                except TimeoutError:
-                    if time.monotonic() >= resync_at:
-                        loaded = False  # periodic full resync: re-read what the buckets hold
-            else:
-                await asyncio.sleep(0.1)
-            if not self.inputs_synced():
-                continue
-            await asyncio.sleep(DEBOUNCE_S)
-            self.dirty.clear()
-            try:
-                if not loaded:
-                    await self.load()
-                    loaded = True
-                    resync_at = time.monotonic() + RESYNC_S
-                await self.reconcile()
-            except (BusError, OSError) as err:
-                log.warning("reconcile failed: %s; retrying in %.1fs", err, delay)
-                self.ctx.detail["last_error"] = str(err)
-                self.ctx.declare_watch(RECONCILE)  # unhealthy until a reconcile succeeds
-                loaded = False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_S[1])
-                self.dirty.set()
-                continue
-            delay = BACKOFF_S[0]
-            self.ctx.detail.pop("last_error", None)
-            self.ctx.watch_synced(RECONCILE)
+    def _wake_at(self) -> float | None:
+        """The periodic full resync, or the end of a departing pod's grace period."""
+        if not self.loaded:
+            return None
+        return min(self.resync_at, self.departures_expire or self.resync_at)
+
+    async def _pass(self) -> None:
+        if not self.loaded or time.monotonic() >= self.resync_at:
+            await self.load()  # first pass, and periodically: re-read what the buckets hold
+            self.loaded = True
+            self.resync_at = time.monotonic() + RESYNC_S
+        await self.reconcile()
+
+    def _on_error(self, err: BaseException) -> None:
+        self.ctx.detail["last_error"] = str(err)
+        self.ctx.declare_watch(RECONCILE)  # unhealthy until a reconcile succeeds
+        self.loaded = False
+
+    def _on_success(self) -> None:
+        self.ctx.detail.pop("last_error", None)
+        self.ctx.watch_synced(RECONCILE)
 
     async def load(self) -> None:
         """Read the persisted allocations, the current output and the Service statuses."""
@@ -346,7 +317,7 @@ class ServiceLB:
                                                  last_revision=revision)
                 except RevisionMismatch:
                     await self._load_pool(pool)
-                    self.dirty.set()
+                    self.loop.mark_dirty()
                     return
                 log.info("released %s (was %s)", pool.key(value), pool.owners.get(value))
                 pool.released(value)
