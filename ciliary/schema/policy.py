@@ -1,0 +1,112 @@
+"""Policy resolution: the records of bucket ``policy``, policy status and policy trace.
+
+Invariants:
+- Bucket ``policy`` (writer: policy) holds one key per local identity that at least one
+  policy selects: ``policy_key(identity)`` = ``id.<identity>`` -> PolicyMapRecord. No key
+  means no policy selects the identity: allow all in both directions. The writer puts new
+  and changed keys before it deletes stale ones.
+- Policy status goes to bucket ``status`` under the policy object's own key
+  (``CiliumNetworkPolicy.<ns>.<name>``, ...) as a StatusRecord whose ``status`` is
+  PolicyStatusRecord's fields.
+- ``ciliary policy trace`` asks SUBJECT_POLICY_TRACE (PolicyTraceRequest ->
+  PolicyTraceReply).
+"""
+
+from __future__ import annotations
+
+from .wire import Record
+
+__all__ = [
+    "POLICY_DIRECTIONS",
+    "POLICY_ID_PREFIX",
+    "POLICY_VERDICTS",
+    "PolicyEntryRecord",
+    "PolicyMapRecord",
+    "PolicyStatusRecord",
+    "PolicyTraceReply",
+    "PolicyTraceRequest",
+    "PolicyTraceStep",
+    "policy_key",
+]
+
+POLICY_ID_PREFIX = "id."
+POLICY_DIRECTIONS = ("ingress", "egress")
+POLICY_VERDICTS = ("allow", "deny")
+
+
+def policy_key(identity: int) -> str:
+    """Key of a local identity's entries in bucket ``policy``."""
+    return f"{POLICY_ID_PREFIX}{identity}"
+
+
+class PolicyEntryRecord(Record):
+    """One policy map entry {local, peer, dport, proto, direction} -> {verdict, audit, rule}.
+
+    ``peer``/``port``/``proto`` 0 are wildcards; ``proto`` is 0 only together with ``port``
+    0. ``end_port`` > 0 is the range ``port..end_port`` that the executor expands into one
+    map key per port. ICMP (proto 1 / 58) carries the ICMP type in ``port``.
+    """
+
+    peer: int
+    port: int
+    proto: int
+    direction: str  # POLICY_DIRECTIONS
+    verdict: str  # POLICY_VERDICTS; deny wins over allow at lookup
+    end_port: int = 0
+    audit: bool = False  # a deny that is only logged (policy audit mode)
+    rule_ref: int = 0  # u32 for the map value and flow events; 0 = default allow-all
+
+
+class PolicyMapRecord(Record):
+    """``policy`` ``id.<identity>``: everything the executor writes for one local identity."""
+
+    identity: int
+    cluster: str
+    cluster_id: int
+    ingress_enforced: bool  # EP_F_POLICY_INGRESS: consult the map, miss = drop
+    egress_enforced: bool  # EP_F_POLICY_EGRESS
+    audit_ingress: bool = False  # EP_F_AUDIT_INGRESS: drops become audit verdicts
+    audit_egress: bool = False  # EP_F_AUDIT_EGRESS
+    entries: list[PolicyEntryRecord] = []  # sorted, one per key
+    rules: dict[int, str] = {}  # rule_ref -> "CiliumNetworkPolicy/ns/name spec[0].ingress[1]"
+    policies: list[str] = []  # status keys of the policies selecting this identity
+    error: str = ""  # set when the identity's policy could not be applied (e.g. overflow)
+
+
+class PolicyStatusRecord(Record):
+    """``status`` of one policy object (stored as StatusRecord.status)."""
+
+    state: str  # "ok" | "error"
+    error: str = ""
+    warnings: list[str] = []  # accepted but not enforced (toFQDNs, L7, ...)
+    selected_identities: list[int] = []  # local identities (endpoints) the policy selects
+
+
+class PolicyTraceRequest(Record):
+    """Would traffic from ``from_labels`` (or ``from_cidr``) to ``to_labels`` (or ``to_cidr``)
+    pass? An IP/CIDR side is the identity the ipcache maps it to (longest prefix)."""
+
+    from_labels: list[str]
+    to_labels: list[str] = []
+    to_cidr: str = ""  # an IP or CIDR outside the cluster instead of to_labels
+    port: int = 0
+    proto: str = "TCP"  # TCP | UDP | SCTP | ICMP | ICMPv6
+    from_identity: int = 0  # optional: the numeric identities, when known
+    to_identity: int = 0
+    from_cidr: str = ""  # an IP or CIDR instead of from_labels (resolved as the ipcache does)
+
+
+class PolicyTraceStep(Record):
+    direction: str
+    verdict: str  # allow | deny
+    reason: str  # rule | default-deny | no-default-deny | not-enforced | not-local
+    rules: list[str] = []
+    audit: bool = False
+
+
+class PolicyTraceReply(Record):
+    ok: bool = True
+    error: str = ""
+    verdict: str = ""  # allow | deny
+    egress: PolicyTraceStep | None = None
+    ingress: PolicyTraceStep | None = None
