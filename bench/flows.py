@@ -2,7 +2,7 @@
 
 Measures, in one run:
 1. ``pipeline``: flows decoded + enriched + stored (+ counted in metrics) per second on
-   one core at steady state, driving ``services.flows.service.FlowsCore.ingest`` with
+   one core at steady state, driving ``services.flows.core.FlowsCore.ingest`` with
    synthetic ``RawEventBatch`` payloads (512 events per batch, as the node executor
    sends at most; a mix of TCP trace events, policy drops, DNS requests/responses with
    payload and ICMP, over 256 pods known to the enrichment state), with the garbage
@@ -62,8 +62,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ciliary import config, hubble, schema  # noqa: E402
+from services.flows.core import FlowsCore  # noqa: E402
 from services.flows.dns import build_query, build_response  # noqa: E402
-from services.flows.service import GC_THRESHOLDS, FlowsCore  # noqa: E402
+from services.flows.service import GC_THRESHOLDS  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "flows.json"
 CLUSTER = "bench"

@@ -40,8 +40,9 @@ sys.path.insert(0, str(REPO))
 from bench.flows import CLUSTER, batches, enrichment, free_port  # noqa: E402
 from ciliary import schema  # noqa: E402
 from ciliary.bus import Bus  # noqa: E402
+from services.flows.core import FlowsCore, QueryPlan  # noqa: E402
 from services.flows.history import HistoryLimits, StreamScan, read_history  # noqa: E402
-from services.flows.service import GC_THRESHOLDS, FlowsCore, QueryPlan  # noqa: E402
+from services.flows.service import GC_THRESHOLDS  # noqa: E402
 from services.flows.store import NO_HORIZON  # noqa: E402
 
 LIMITS = HistoryLimits(max_scan=10**9)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pytest
 
 from ciliary import schema
-from services.flows import service
+from services.flows import core as service
+from services.flows.core import FlowsCore
 from services.flows.history import (
     ENV_MARGIN,
     ENV_MAX_SCAN,
@@ -23,7 +24,6 @@ from services.flows.history import (
     read_history,
     start_time_ns,
 )
-from services.flows.service import FlowsCore
 from services.flows.store import NO_HORIZON, FlowStore
 
 S = 10**9

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ciliary import schema
+from services.flows.core import FlowsCore
 from services.flows.metrics import FlowMetrics, flow_protocol
-from services.flows.service import FlowsCore
 from tests.unit.test_flows_scenario import scenario_batch, scenario_flows
 
 DATA = Path(__file__).parent / "data" / "flows"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ciliary import flowrender, hubble, schema
+from ciliary import hubble, schema
+from ciliary.cli import flowrender
 from ciliary.dnswire import a_record, build_response, encode_name, parse_dns
 from services.flows.decode import decode_batch
 from services.flows.enrich import EnrichmentState
 from services.flows.names import NameCache, answer_names
-from services.flows.service import _name_cache
+from services.flows.settings import name_cache_from_env as _name_cache
 from tests.unit.test_flows_scenario import LOOKUPS
 
 S = 1_000_000_000

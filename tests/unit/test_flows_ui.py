@@ -10,9 +10,10 @@ import msgspec
 
 from ciliary import schema
 from ciliary.hubble import rfc3339_nano
+from services.flows.core import FlowsCore
 from services.flows.http import parse_target, start_http_server
-from services.flows.service import ENV_METRICS_PORT, ENV_UI_PORT, FlowsCore, http_plan
 from services.flows.servicemap import build_service_map, endpoint_node, verdict_class
+from services.flows.settings import ENV_METRICS_PORT, ENV_UI_PORT, http_plan
 from services.flows.ui import PAGE
 from tests.unit.test_flows_scenario import BOOT_NS, LOOKUPS, TS0, ev, scenario_batch, scenario_flows
 

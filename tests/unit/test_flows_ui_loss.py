@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ciliary import schema
-from services.flows.service import FlowsCore
+from services.flows.core import FlowsCore
 from tests.unit.test_flows_scenario import scenario_batch
 
 

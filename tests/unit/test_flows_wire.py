@@ -6,8 +6,8 @@ import msgspec
 import pytest
 
 from ciliary import schema
+from services.flows.core import FlowsCore
 from services.flows.decode import BatchContext, decode_batch, flow_uuid
-from services.flows.service import FlowsCore
 from services.flows.wire import REPLY_MARGIN, flow_batches, reply_chunks
 from tests.unit.test_flows_scenario import LOOKUPS, scenario_batch, scenario_flows
 
