@@ -1,7 +1,11 @@
 """Readable dumps of this node's BPF maps for ``ciliary bpf …`` and ``ciliary endpoint list``.
 
-Invariant: pure formatting over dumped map entries (``{Layout: Layout}``) and the agent's
-endpoint records; rows are plain dicts of JSON-able values, sorted for stable output.
+Invariants:
+- The ``*_rows`` functions are pure formatting over dumped map entries (``{Layout: Layout}``)
+  and the agent's endpoint records; rows are plain dicts of JSON-able values, sorted for
+  stable output.
+- ``view_rows`` is the one reader: it dumps the maps a view needs through ``MapOps`` (its
+  caller runs it off the event loop) and formats them.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ciliary import schema
 from services.node import layouts as L
+from services.node.maps import MapOps
 
 PROTO_NAMES = {0: "ANY", L.IPPROTO_ICMP: "ICMP", L.IPPROTO_TCP: "TCP", L.IPPROTO_UDP: "UDP"}
 DIRECTIONS = {L.DIR_INGRESS: "ingress", L.DIR_EGRESS: "egress", L.DIR_SERVICE: "service"}
@@ -136,3 +142,20 @@ def metrics_rows(dump: Mapping[L.Layout, L.Layout]) -> list[dict[str, Any]]:
         "bytes": v.bytes,
     } for k, v in dump.items()]
     return sorted(rows, key=lambda r: (r["reason"], r["direction"]))
+
+
+def view_rows(view: str, maps: MapOps, endpoints: Iterable[Any], identity: int = 0) -> list[dict[str, Any]]:
+    """Rows of one of ``schema.NODE_DEBUG_VIEWS`` (``identity`` filters the policy view)."""
+    if view == "ipcache":
+        return ipcache_rows(maps.dump(L.IPCACHE))
+    if view == "ct":
+        return ct_rows(maps.dump(L.CT))
+    if view == "policy":
+        return policy_rows(maps.dump(L.POLICY), identity)
+    if view == "lb":
+        return lb_rows(maps.dump(L.LB4_SERVICES), maps.dump(L.LB4_BACKENDS), maps.dump(L.LB4_REVERSE_NAT))
+    if view == "endpoints":
+        return endpoint_rows(endpoints, maps.dump(L.LXC))
+    if view == "metrics":
+        return metrics_rows(maps.dump(L.METRICS))
+    raise ValueError(f"unknown view {view!r}; one of {', '.join(schema.NODE_DEBUG_VIEWS)}")

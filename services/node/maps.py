@@ -15,7 +15,8 @@ Invariants:
 - ``dump`` decodes every entry; per-CPU values are summed across CPUs.
 - Every failure is raised as ``MapOpsError``.
 - The entry builders (``ipcache_entry`` ...) are pure and are the one place
-  that turns desired-state fields into map keys and values.
+  that turns desired-state fields into map keys and values; which entries a
+  whole record becomes (a policy, a frontend) is ``translate``'s.
 """
 
 from __future__ import annotations
@@ -341,51 +342,6 @@ def lb_affinity_match_entries(rev_nat_id: int, backend_ids: Iterable[int]) -> li
                   L.LbAffinityMatchValue()) for bid in sorted(set(backend_ids))]
 
 
-_SVC_TYPE_FLAGS = {"NodePort": L.SVC_FLAG_NODEPORT, "ExternalIP": L.SVC_FLAG_EXTERNAL_IP,
-                   "LoadBalancer": L.SVC_FLAG_LOADBALANCER}
-
-
-def lb_frontend_entries(fe: Any, node: str, maglev_table_size: int = L.LB_MAGLEV_TABLE_SIZE) -> list[Entry]:
-    """Every lb map entry of one ``schema.LBFrontend`` on ``node``, in write order:
-    backends, reverse NAT, affinity match, Maglev table, backend slots, slot 0.
-
-    - slots (and the Maglev table) are the node's own (``slots_by_node`` /
-      ``maglev_by_node``) when the frontend's traffic policy is ``Local``;
-    - slot 0 carries the type flag, the traffic-policy scopes, ``SVC_FLAG_AFFINITY``
-      with the timeout, and ``SVC_FLAG2_MAGLEV`` when a Maglev table is written;
-    - a Maglev table whose length is not ``maglev_table_size`` (the datapath's M) is
-      resampled to it (``fit_maglev_table``).
-    Frontends that are not TCP/UDP give no entries."""
-    if fe.proto not in ("TCP", "UDP"):
-        return []
-    local = fe.traffic_policy == "Local"
-    slots = list(fe.slots_by_node.get(node, []) if local else fe.slots)
-    flags = _SVC_TYPE_FLAGS.get(fe.type, 0)
-    flags2 = 0
-    if fe.ext_traffic_policy == "Local" and fe.type != "ClusterIP":
-        flags |= L.SVC_FLAG_EXT_LOCAL_SCOPE
-    if fe.int_traffic_policy == "Local" and fe.type == "ClusterIP":
-        flags2 |= L.SVC_FLAG2_INT_LOCAL_SCOPE
-    timeout = max(0, int(fe.affinity_timeout or 0))
-    if timeout:
-        flags |= L.SVC_FLAG_AFFINITY
-    table: list[int] = []
-    if fe.algorithm == "maglev" and slots:
-        table = fit_maglev_table(fe.maglev_by_node.get(node, []) if local else fe.maglev,
-                                 maglev_table_size)
-        if table:
-            flags2 |= L.SVC_FLAG2_MAGLEV
-    entries = [lb_backend_entry(b.id, b.ip, b.port, b.proto.lower())
-               for b in fe.backends if b.proto in ("TCP", "UDP")]
-    entries.append(lb_revnat_entry(fe.rev_nat_id, fe.address, fe.port))
-    if timeout:
-        entries += lb_affinity_match_entries(fe.rev_nat_id, slots)
-    entries += lb_maglev_entries(fe.rev_nat_id, table)
-    entries += lb_service_entries(fe.address, fe.port, fe.proto.lower(), fe.rev_nat_id, slots,
-                                  flags=flags, flags2=flags2, affinity_timeout=timeout)
-    return entries
-
-
 def lb_backend_entry(backend_id: int, ip: str, port: int, proto: str | int) -> Entry:
     return Entry(L.LB4_BACKENDS, L.Lb4BackendKey(backend_id=backend_id),
                  L.Lb4Backend(address=L.ip4(ip), port=L.port(port), proto=proto_number(proto)))
@@ -435,6 +391,6 @@ def gc_conntrack(ops: MapOps, now_ns: int | None = None) -> int:
 __all__ = [
     "BccMapOps", "Entry", "FakeMapOps", "FaultyMapOps", "MapOps", "MapOpsError", "apply",
     "endpoint_entry", "fit_maglev_table", "gc_conntrack", "gc_nat", "ipcache_entry", "jhash_3words",
-    "lb_affinity_match_entries", "lb_backend_entry", "lb_frontend_entries", "lb_maglev_entries",
+    "lb_affinity_match_entries", "lb_backend_entry", "lb_maglev_entries",
     "lb_revnat_entry", "lb_service_entries", "maglev_hash", "policy_entry", "proto_number", "remove",
 ]

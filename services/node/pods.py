@@ -17,6 +17,10 @@ Invariants:
   balancer (``socklb``) is attached; pods of the outside world never do.
 - Readiness probes run inside the pod's namespace (tcpSocket against 127.0.0.1, exec via
   ``ip netns exec``), so they never depend on the datapath's policy.
+- Pod namespaces are created and removed through the node's kernel facade
+  (``PodNamespaces``, i.e. ``kernel.NodeKernel``); the runner's own blocking work
+  (reading ``pods.json``, signalling and reaping containers, probes) runs in worker
+  threads.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ciliary import schema
 from ciliary.bus import KVEntry
@@ -85,6 +89,14 @@ class RunningPod:
 StatusWriter = Callable[[str, str, str, dict[str, Any]], Awaitable[None]]
 
 
+class PodNamespaces(Protocol):
+    """The kernel operations the runner needs (``kernel.NodeKernel``)."""
+
+    async def create_pod_namespace(self, name: str) -> None: ...
+
+    async def remove_pod_namespace(self, name: str) -> None: ...
+
+
 def netconf(cfg: RunnerConfig) -> dict[str, Any]:
     return {
         "cniVersion": "1.0.0",
@@ -98,9 +110,11 @@ def netconf(cfg: RunnerConfig) -> dict[str, Any]:
 
 
 class PodRunner:
-    def __init__(self, cfg: RunnerConfig, write_status: StatusWriter) -> None:
+    def __init__(self, cfg: RunnerConfig, write_status: StatusWriter,
+                 kernel: PodNamespaces | None = None) -> None:
         self.cfg = cfg
         self.write_status = write_status
+        self._kernel = kernel
         self.desired: dict[str, schema.ResourceRecord] = {}
         self.pods: dict[str, RunningPod] = {}
         self._busy: set[str] = set()
@@ -109,6 +123,12 @@ class PodRunner:
         self.state_file = cfg.state_dir / "pods.json"
         # Set by the agent: waits until no service selects a pod IP for new connections.
         self.deregister: Callable[[str], Awaitable[None]] | None = None
+
+    @property
+    def kernel(self) -> PodNamespaces:
+        if self._kernel is None:
+            raise RuntimeError("pod runner without a kernel: it cannot create pod namespaces")
+        return self._kernel
 
     # ------------------------------------------------------------------ inputs
 
@@ -214,7 +234,7 @@ class PodRunner:
             return
         self.pods[key] = running
         await self._report(running)
-        await asyncio.to_thread(netns.ensure_netns, pns)
+        await self.kernel.create_pod_namespace(pns)
         code, result = await self._cni("ADD", running)
         if code != 0 or result is None:
             running.error = f"CNI ADD failed: {result}"
@@ -291,7 +311,7 @@ class PodRunner:
         if running.world or running.host:
             return  # the world's and the node's namespaces are not the pod's
         await self._cni("DEL", running)
-        await asyncio.to_thread(netns.remove_netns, running.netns)
+        await self.kernel.remove_pod_namespace(running.netns)
 
     async def _cni(self, command: str, running: RunningPod) -> tuple[int, dict[str, Any] | None]:
         env = {

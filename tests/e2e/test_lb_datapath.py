@@ -2,8 +2,8 @@
 
 One cluster per test (see conftest): node-1 (pod-a, pod-b) and node-2 (pod-c), joined
 by an underlay bridge, all inside ``ciliary-t<hex>-*`` namespaces. Frontends are written
-with ``maps.lb_frontend_entries`` from ``schema.LBFrontend`` records, exactly as the
-node agent's ``_sync_frontend`` does.
+with ``translate.lb_frontend_entries`` from ``schema.LBFrontend`` records, exactly as the
+node agent does.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ciliary import schema
 from services.node import layouts as L
 from services.node import maps as M
 from services.node import netns as N
+from services.node import translate as T
 from services.servicelb import maglev
 
 from .podnet import tcp_connect, udp_roundtrip
@@ -45,7 +46,7 @@ def _frontend(address: str, port: int, rev: int, backends: list[schema.LBBackend
 
 
 def _program(dp, fe: schema.LBFrontend, node: str) -> list[M.Entry]:
-    entries = M.lb_frontend_entries(fe, node, dp.map_sizes.maglev_table)
+    entries = T.lb_frontend_entries(fe, node, dp.map_sizes.maglev_table)
     M.apply(dp.maps, entries)
     return entries
 

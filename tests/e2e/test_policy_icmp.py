@@ -13,7 +13,7 @@ import pytest
 
 from services.node import layouts as L
 from services.node import maps as M
-from services.node.agent import policy_map_entries
+from services.node.translate import policy_map_entries
 from services.policy.records import identity_record
 from services.policy.resolve import ResolveOptions, resolve_policy
 from services.policy.rules import rule_id

@@ -5,7 +5,7 @@ the tc datapath loaded on both nodes and the socket-LB programs attached to the
 cgroup ``ciliary-<cluster>-node-1``. Clients are separate processes that join that
 cgroup before they enter a namespace (as the pod runner starts containers), because a
 socket belongs to the cgroup of the task that creates it. Frontends are written with
-``maps.lb_frontend_entries`` as the node agent does.
+``translate.lb_frontend_entries`` as the node agent does.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ciliary import schema
 from services.node import layouts as L
 from services.node import maps as M
 from services.node import socklb as S
+from services.node import translate as T
 from services.node.runner import CGROUP_PROLOGUE
 from services.servicelb import maglev
 
@@ -96,7 +97,7 @@ def _frontend(address: str, port: int, rev: int, backends: list[schema.LBBackend
 
 
 def _program(dp, fe: schema.LBFrontend) -> None:
-    M.apply(dp.maps, M.lb_frontend_entries(fe, "node-1", dp.map_sizes.maglev_table))
+    M.apply(dp.maps, T.lb_frontend_entries(fe, "node-1", dp.map_sizes.maglev_table))
 
 
 def _who(row: dict) -> str:

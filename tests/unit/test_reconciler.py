@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from ciliary.backoff import backoff_delay
 from services.node import layouts as L
 from services.node import maps as M
+from services.node import translate as T
 from services.node.layouts import Layout
 from services.node.reconciler import (
     ORPHAN_OWNER,
@@ -773,7 +774,7 @@ def test_lb_scaling_and_draining_never_expose_a_missing_slot_or_drop_a_kept_back
     for now, (active, terminating) in enumerate(generations):
         current = set(active) | set(terminating)
         ops.keep = previous & current  # established connections may use these throughout
-        rec.set_desired("lb:fe.10-96-0-10.80.TCP", M.lb_frontend_entries(frontend(active, terminating), "node-1"))
+        rec.set_desired("lb:fe.10-96-0-10.80.TCP", T.lb_frontend_entries(frontend(active, terminating), "node-1"))
         assert rec.unsettled("lb:")
         converge(rec, ops, float(now))
         assert not rec.unsettled("lb:")
