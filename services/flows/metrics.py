@@ -38,8 +38,6 @@ FAMILIES: dict[str, str] = {
     "hubble_lost_events_total": "Number of lost events",
     "hubble_policy_verdicts_total": "Total number of Cilium network policy verdicts",
 }
-IDENTITY_HOST = 1
-IDENTITY_HEALTH = 4
 
 LOST_RING_BUFFER = "perf_event_ring_buffer"
 LOST_DECODE = "decode"
@@ -156,7 +154,7 @@ class FlowMetrics:
     def _policy_verdict(self, flow: schema.Flow) -> None:
         src = flow.source.identity if flow.source is not None else 0
         dst = flow.destination.identity if flow.destination is not None else 0
-        if src == IDENTITY_HOST or IDENTITY_HEALTH in (src, dst):
+        if src == schema.IDENTITY_HOST or schema.IDENTITY_HEALTH in (src, dst):
             return
         match = POLICY_MATCH_TYPES.get(flow.policy_match_type, "unknown").lower()
         direction = (flow.traffic_direction or "TRAFFIC_DIRECTION_UNKNOWN").lower()

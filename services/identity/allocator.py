@@ -3,13 +3,10 @@
 Pure code: no NATS. The service runs it against the ``identities`` bucket through a
 ``CasStore`` adapter; tests run it against ``MemoryCasStore``.
 
-Numbering (Cilium ``pkg/identity``):
-- 0 unknown; reserved 1 host, 2 world, 3 unmanaged, 4 health, 5 init, 6 remote-node,
-  7 kube-apiserver, 8 ingress, 9 world-ipv4, 10 world-ipv6, 11 encrypted-overlay.
-- Cluster-scoped identities: ``cluster_id << 16 | n``. Cluster 0 allocates 256..65535
-  (below 256 is reserved); cluster ``c > 0`` allocates the whole ``c << 16 .. (c+1) << 16 - 1``
-  as Cilium's ClusterMesh layout does (bits 16-23 carry the cluster ID).
-- Local (CIDR) identities: ``1 << 24 | n`` with n in 1..0xFFFFFF.
+Numbering is ``ciliary.schema.identity``'s (Cilium ``pkg/identity``): reserved 1..11,
+cluster-scoped identities in ``schema.identity_cluster_range(cluster_id)`` (cluster ID in
+bits 16-23), local (CIDR) identities ``1 << 24 | n`` with n in 1..0xFFFFFF. Scope
+``cluster`` allocates from the cluster range, scope ``cidr`` from the local range.
 
 Allocation invariants (held by compare-and-set alone, never by in-memory locks, so any
 number of allocators may share one store):
@@ -33,23 +30,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ciliary import schema
+from ciliary.schema import identity_cluster_range as cluster_range
 
 from .labels import label_set_hash
 
 # ---------------------------------------------------------------- numbering
-
-IDENTITY_UNKNOWN = 0
-RESERVED: dict[int, str] = schema.RESERVED_IDENTITIES
-RESERVED_BY_NAME = {name: ident for ident, name in RESERVED.items()}
-HOST, WORLD, UNMANAGED, HEALTH, INIT, REMOTE_NODE, KUBE_APISERVER, INGRESS = range(1, 9)
-WORLD_IPV4, WORLD_IPV6, ENCRYPTED_OVERLAY = 9, 10, 11
-
-CLUSTER_ID_SHIFT = 16
-CLUSTER_ID_MAX = 255  # 8 bits: bits 16-23
-MINIMAL_NUMERIC_IDENTITY = 256
-LOCAL_IDENTITY_FLAG = 1 << 24
-LOCAL_MIN = LOCAL_IDENTITY_FLAG | 1
-LOCAL_MAX = LOCAL_IDENTITY_FLAG | 0xFFFFFF
 
 SCOPE_RESERVED = "reserved"
 SCOPE_CLUSTER = "cluster"
@@ -58,45 +43,17 @@ SCOPE_CIDR = "cidr"
 
 def reserved_labels(identity: int) -> list[str]:
     """Labels of a reserved identity (kube-apiserver also carries remote-node, as in Cilium)."""
-    name = RESERVED[identity]
-    if identity == KUBE_APISERVER:
+    name = schema.RESERVED_IDENTITIES[identity]
+    if identity == schema.IDENTITY_KUBE_APISERVER:
         return ["reserved:kube-apiserver", "reserved:remote-node"]
     return [f"reserved:{name}"]
 
 
-def cluster_range(cluster_id: int) -> tuple[int, int]:
-    """Inclusive ``(min, max)`` of cluster-scoped identities for ``cluster_id``."""
-    if not 0 <= cluster_id <= CLUSTER_ID_MAX:
-        raise ValueError(f"cluster ID {cluster_id} out of range 0..{CLUSTER_ID_MAX}")
-    low = MINIMAL_NUMERIC_IDENTITY if cluster_id == 0 else cluster_id << CLUSTER_ID_SHIFT
-    return low, ((cluster_id + 1) << CLUSTER_ID_SHIFT) - 1
-
-
 def scope_range(scope: str, cluster_id: int) -> tuple[int, int]:
-    return (LOCAL_MIN, LOCAL_MAX) if scope == SCOPE_CIDR else cluster_range(cluster_id)
-
-
-def cluster_of(identity: int) -> int:
-    """Cluster ID bits of a cluster-scoped identity (0 for reserved and local ones)."""
-    if identity & LOCAL_IDENTITY_FLAG:
-        return 0
-    return (identity >> CLUSTER_ID_SHIFT) & 0xFF
-
-
-def is_local(identity: int) -> bool:
-    return bool(identity & LOCAL_IDENTITY_FLAG)
-
-
-def is_reserved(identity: int) -> bool:
-    return identity in RESERVED
-
-
-def describe(identity: int) -> str:
-    if identity in RESERVED:
-        return f"reserved:{RESERVED[identity]}"
-    if is_local(identity):
-        return f"local {identity & 0xFFFFFF}"
-    return f"cluster {cluster_of(identity)} #{identity & 0xFFFF}"
+    """Inclusive ``(min, max)`` of the identities allocated in ``scope``."""
+    if scope == SCOPE_CIDR:
+        return schema.IDENTITY_LOCAL_MIN, schema.IDENTITY_LOCAL_MAX
+    return cluster_range(cluster_id)
 
 
 # ---------------------------------------------------------------- the store
@@ -373,7 +330,7 @@ class IdentityAllocator:
 
     async def ensure_reserved(self) -> None:
         """Write the reserved identities (1..11) so ``identity list`` shows them."""
-        for ident in RESERVED:
+        for ident in schema.RESERVED_IDENTITIES:
             key = schema.identity_id_key(ident)
             if self.store.peek(key) is not None:
                 continue

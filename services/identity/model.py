@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ciliary import schema
+from ciliary.schema import IDENTITY_REMOTE_NODE as REMOTE_NODE
+from ciliary.schema import IDENTITY_WORLD as WORLD
 
-from .allocator import REMOTE_NODE, WORLD
 from .labels import LabelFilter, identity_labels
 
 WORLD_PREFIX_V4 = "0.0.0.0/0"

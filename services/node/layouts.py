@@ -17,11 +17,13 @@ import ctypes as ct
 import socket
 import struct
 
+from ciliary import schema
+
 # ---- constants (bpf/lib/types.h, bpf/lib/drop.h) -------------------------
 
-IDENTITY_UNKNOWN = 0
-IDENTITY_HOST = 1
-IDENTITY_WORLD = 2
+IDENTITY_UNKNOWN = schema.IDENTITY_UNKNOWN
+IDENTITY_HOST = schema.IDENTITY_HOST
+IDENTITY_WORLD = schema.IDENTITY_WORLD
 
 DIR_INGRESS = 1
 DIR_EGRESS = 2

@@ -2,8 +2,9 @@
 
 Invariants:
 - An identity is plain data: a numeric id and a frozenset of labels ``source:key=value``
-  (``reserved:host`` has no value). `IdentityView` parses that once; reserved identities
-  1-8 always carry their ``reserved:<name>`` label even if the caller's set omits it.
+  (``reserved:host`` has no value). `IdentityView` parses that once; a reserved identity
+  (``schema.RESERVED_IDENTITIES``) always carries its ``reserved:<name>`` label even if
+  the caller's set omits it.
 - A `Requirement` key carries a label source. Source ``any`` matches a label of any source
   with that key (Cilium's ``any:app`` ≡ ``app``); any other source matches only labels of
   that source. A `Selector` of kind ``labels`` is the AND of its requirements; the empty
@@ -32,50 +33,29 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
+from ciliary import schema
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# ---------------------------------------------------------------- reserved identities
+# ---------------------------------------------------------------- identity numbering
+# The reserved identities and the bit layout are ``ciliary.schema``'s; the policy modules
+# use them under these names.
 
-ID_UNKNOWN = 0
-ID_HOST = 1
-ID_WORLD = 2
-ID_UNMANAGED = 3
-ID_HEALTH = 4
-ID_INIT = 5
-ID_REMOTE_NODE = 6
-ID_KUBE_APISERVER = 7
-ID_INGRESS = 8
-
-RESERVED_NAMES: dict[int, str] = {
-    ID_HOST: "host",
-    ID_WORLD: "world",
-    ID_UNMANAGED: "unmanaged",
-    ID_HEALTH: "health",
-    ID_INIT: "init",
-    ID_REMOTE_NODE: "remote-node",
-    ID_KUBE_APISERVER: "kube-apiserver",
-    ID_INGRESS: "ingress",
-}
-CIDR_IDENTITY_FLAG = 1 << 24
-CLUSTER_ID_SHIFT = 16
-MIN_CLUSTER_IDENTITY = 256
+ID_HOST = schema.IDENTITY_HOST
+ID_WORLD = schema.IDENTITY_WORLD
+ID_HEALTH = schema.IDENTITY_HEALTH
+ID_INIT = schema.IDENTITY_INIT
+ID_INGRESS = schema.IDENTITY_INGRESS
+CIDR_IDENTITY_FLAG = schema.IDENTITY_LOCAL_FLAG
+MIN_CLUSTER_IDENTITY = schema.IDENTITY_MIN_CLUSTER
+is_cidr_identity = schema.is_local_identity
+cluster_of = schema.identity_cluster_id  # cluster ID of a cluster identity, else 0
 
 # label keys Cilium gives every pod identity
 LABEL_NAMESPACE = "io.kubernetes.pod.namespace"
 LABEL_NAMESPACE_LABELS = "io.cilium.k8s.namespace.labels."
 LABEL_CLUSTER = "io.cilium.k8s.policy.cluster"
 LABEL_SERVICEACCOUNT = "io.cilium.k8s.policy.serviceaccount"
-
-
-def is_cidr_identity(identity: int) -> bool:
-    return bool(identity & CIDR_IDENTITY_FLAG)
-
-
-def cluster_of(identity: int) -> int:
-    """Cluster ID of a cluster identity (0 for reserved and CIDR identities)."""
-    if identity < MIN_CLUSTER_IDENTITY or is_cidr_identity(identity):
-        return 0
-    return (identity >> CLUSTER_ID_SHIFT) & 0xFF
 
 
 def parse_label(label: str) -> tuple[str, str, str]:
@@ -113,7 +93,7 @@ class IdentityView:
 
     def __post_init__(self) -> None:
         labels = set(self.labels)
-        name = RESERVED_NAMES.get(self.id)
+        name = schema.RESERVED_IDENTITIES.get(self.id)
         if name is not None:
             labels.add(f"reserved:{name}")
         object.__setattr__(self, "labels", frozenset(labels))

@@ -13,17 +13,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ciliary import schema
+from ciliary.schema import IDENTITY_LOCAL_FLAG as LOCAL_IDENTITY_FLAG
+from ciliary.schema import RESERVED_IDENTITIES as RESERVED
+from ciliary.schema import describe_identity as describe
+from ciliary.schema import identity_cluster_id as cluster_of
+from ciliary.schema import identity_cluster_range as cluster_range
+from ciliary.schema import is_local_identity as is_local
 from services.identity.allocator import (
-    LOCAL_IDENTITY_FLAG,
-    RESERVED,
     SCOPE_CIDR,
     AllocationError,
     IdentityAllocator,
     MemoryCasStore,
-    cluster_of,
-    cluster_range,
-    describe,
-    is_local,
     reserved_labels,
 )
 from services.identity.labels import cidr_labels, label_set_hash
