@@ -14,8 +14,8 @@ Invariants (Hubble's semantics):
   dot, may hold only ``[-a-zA-Z0-9_.*]``, and must match a whole name, ``*`` standing for
   any run of those characters (dots included); a flow without names never matches.
 - Nothing here does I/O; bad input raises ``FilterError`` with a user-facing message.
-- Names and numbers (verdicts, drop reasons, event types, reserved identities) are
-  ``ciliary.hubble``'s; this module never imports the CLI.
+- Names and numbers (verdicts, drop reasons, event types) are ``ciliary.hubble``'s,
+  reserved identities ``ciliary.schema``'s; this module never imports the CLI.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from ciliary.hubble import (
     DROP_REASON_CODES,
     MESSAGE_TYPE_NAMES,
     MSG_TRACE,
-    RESERVED_IDENTITY_IDS,
     TRACE_POINTS,
     VERDICT_NAMES,
     l4_ports,
@@ -433,14 +432,14 @@ FILTER_FLAGS = tuple(_FLAGS)
 
 
 def parse_identity(value: str) -> int:
-    if value in RESERVED_IDENTITY_IDS:
-        return RESERVED_IDENTITY_IDS[value]
+    if value in schema.RESERVED_IDENTITY_IDS:
+        return schema.RESERVED_IDENTITY_IDS[value]
     try:
         num = int(value)
     except ValueError:
         num = -1
     if not 0 <= num <= 0xFFFFFFFF:
-        names = ", ".join(RESERVED_IDENTITY_IDS)
+        names = ", ".join(schema.RESERVED_IDENTITY_IDS)
         raise FilterError(f"invalid security identity {value!r}, expected one of [{names}] or a numeric value")
     return num
 

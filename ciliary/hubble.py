@@ -5,14 +5,14 @@ Invariants:
   names, monitor message types, trace observation points, policy match types, ICMP type
   names, TCP flag order) are Cilium's/Hubble's, so the flows service writes flows the way
   Hubble does and ``ciliary observe`` filters and prints them with the same values.
-- Reserved identity names are ``schema.RESERVED_IDENTITIES``; this module only derives
-  the name -> number map from it.
+- Reserved identities (``RESERVED_IDENTITIES``, ``RESERVED_IDENTITY_IDS``,
+  ``IDENTITY_WORLD``…) are ``ciliary.schema``'s; this module does not repeat them.
 - Flow times are RFC 3339 text in UTC with 0/3/6/9 fractional digits (protojson's
   Timestamp); ``parse_rfc3339`` reads any RFC 3339 offset back to unix nanoseconds.
 - The JSON form of a flow is Hubble's ``GetFlowsResponse`` as protojson writes it
   (``{"flow": …, "node_name": …, "time": …}``, zero values omitted, Go's HTML-safe
   escapes): what ``hubble observe -o json`` prints and Hubble's exporter writes.
-- Pure: no I/O; imports nothing but ``ciliary.schema``.
+- Pure: no I/O; of ciliary it imports only ``ciliary.schema``.
 """
 
 from __future__ import annotations
@@ -151,11 +151,6 @@ def drop_reason_text(code: int) -> str:
     """Cilium's human-readable drop reason (``api.DropReason``)."""
     return DROP_REASONS[code][1] if code in DROP_REASONS else str(code)
 
-
-# ---------------------------------------------------------------- identities
-
-RESERVED_IDENTITY_IDS: dict[str, int] = {name: num for num, name in schema.RESERVED_IDENTITIES.items()}
-IDENTITY_WORLD = RESERVED_IDENTITY_IDS["world"]
 
 # ---------------------------------------------------------------- L4
 

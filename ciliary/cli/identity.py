@@ -11,45 +11,29 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
 from ciliary import output, schema
 from ciliary.bus import Bus, BusError
-
-RunWithBus = Callable[[argparse.Namespace, Callable[[Bus], Awaitable[Any]]], Any]
-
-REQUEST_TIMEOUT = 5.0
+from ciliary.cli import common
 
 
-def add_commands(
-    subparsers: Any,
-    common_parent: argparse.ArgumentParser,
-    *,
-    run_with_bus: RunWithBus | None = None,
-    cli_error: type[Exception] | None = None,
-) -> argparse.ArgumentParser:
-    """Add ``identity list|get|explain|report`` to the ``ciliary`` parser.
-
-    Pass ``run_with_bus`` and ``cli_error`` from the module that owns ``main`` (so that
-    ``python -m ciliary.cli`` catches the same ``CliError`` class); when omitted they are
-    imported from ``ciliary.cli`` at call time.
-    """
-    commands = _Commands(run_with_bus, cli_error)
+def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
+    """Add ``identity list|get|explain|report`` to the ``ciliary`` parser."""
     parser = subparsers.add_parser("identity", parents=[common_parent],
                                    help="security identities: list, get, explain, report")
     sub = parser.add_subparsers(dest="identity_command", required=True, parser_class=type(parser))
 
     p = sub.add_parser("list", parents=[common_parent], help="every identity with its labels and users")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    p.set_defaults(func=commands.cmd_list)
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("get", parents=[common_parent], help="one identity by numeric ID")
     p.add_argument("id", type=int)
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    p.set_defaults(func=commands.cmd_get)
+    p.set_defaults(func=cmd_get)
 
     p = sub.add_parser("explain", parents=[common_parent],
                        help="which labels of a pod decide its identity, and why")
@@ -58,15 +42,14 @@ def add_commands(
     p.add_argument("-n", "--namespace", default="default", help="namespace for --labels")
     p.add_argument("--service-account", default="", help="service account for --labels")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    p.set_defaults(func=commands.cmd_explain)
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("report", parents=[common_parent],
                        help="label hygiene: labels that multiply identities")
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--min-pods", type=int, default=5)
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    p.set_defaults(func=commands.cmd_report)
-    return parser
+    p.set_defaults(func=cmd_report)
 
 
 def parse_label_list(text: str) -> dict[str, str]:
@@ -128,114 +111,103 @@ async def read_identities(bus: Bus) -> list[dict[str, Any]]:
     return out
 
 
-class _Commands:
-    def __init__(self, run_with_bus: RunWithBus | None, cli_error: type[Exception] | None) -> None:
-        self._run = run_with_bus
-        self._error = cli_error
+# ---------------------------------------------------------------- list / get
 
-    def run(self, args: argparse.Namespace, work: Callable[[Bus], Awaitable[Any]]) -> Any:
-        run = self._run
-        if run is None:
-            from ciliary.cli import run_with_bus as run
-        return run(args, work)
 
-    def error(self, message: str) -> Exception:
-        error = self._error
-        if error is None:
-            from ciliary.cli import CliError as error
-        return error(message)
-
-    # ---------------------------------------------------------------- list / get
-
-    def cmd_list(self, args: argparse.Namespace) -> int:
-        identities = self.run(args, read_identities)
-        identities = [i for i in identities if i["committed"]]
-        if args.output == "json":
-            print(output.to_json(identities))
-            return 0
-        rows = [[i["id"], i["scope"], "-" if i["refs"] is None else i["refs"], " ".join(i["labels"])]
-                for i in identities]
-        print(output.table(["ID", "SCOPE", "REFS", "LABELS"], rows))
+def cmd_list(args: argparse.Namespace) -> int:
+    identities = common.run_with_bus(args, read_identities)
+    identities = [i for i in identities if i["committed"]]
+    if args.output == "json":
+        print(output.to_json(identities))
         return 0
+    rows = [[i["id"], i["scope"], "-" if i["refs"] is None else i["refs"], " ".join(i["labels"])]
+            for i in identities]
+    print(output.table(["ID", "SCOPE", "REFS", "LABELS"], rows))
+    return 0
 
-    def cmd_get(self, args: argparse.Namespace) -> int:
-        async def work(bus: Bus) -> dict[str, Any] | None:
-            found = await bus.kv_get_record(schema.BUCKET_IDENTITIES, schema.identity_id_key(args.id),
-                                            schema.IdentityRecord)
-            if found is None:
-                return None
-            for item in await read_identities(bus):
-                if item["id"] == args.id:
-                    return item
+
+def cmd_get(args: argparse.Namespace) -> int:
+    async def work(bus: Bus) -> dict[str, Any] | None:
+        found = await bus.kv_get_record(schema.BUCKET_IDENTITIES, schema.identity_id_key(args.id),
+                                        schema.IdentityRecord)
+        if found is None:
             return None
+        for item in await read_identities(bus):
+            if item["id"] == args.id:
+                return item
+        return None
 
-        item = self.run(args, work)
-        if item is None:
-            raise self.error(f"identity {args.id} not found")
-        if args.output == "json":
-            print(output.to_json(item))
-            return 0
-        rows = [["ID", item["id"]], ["SCOPE", item["scope"]],
-                ["CLUSTER", f"{item['cluster']} (id {item['cluster_id']})"],
-                ["REFS", "-" if item["refs"] is None else item["refs"]]]
-        rows += [["LABELS" if i == 0 else "", label] for i, label in enumerate(item["labels"])]
-        print("\n".join(f"{k:<8}  {v}" for k, v in rows))
+    item = common.run_with_bus(args, work)
+    if item is None:
+        raise common.CliError(f"identity {args.id} not found")
+    if args.output == "json":
+        print(output.to_json(item))
         return 0
+    rows = [["ID", item["id"]], ["SCOPE", item["scope"]],
+            ["CLUSTER", f"{item['cluster']} (id {item['cluster_id']})"],
+            ["REFS", "-" if item["refs"] is None else item["refs"]]]
+    rows += [["LABELS" if i == 0 else "", label] for i, label in enumerate(item["labels"])]
+    print("\n".join(f"{k:<8}  {v}" for k, v in rows))
+    return 0
 
-    # ---------------------------------------------------------------- explain / report
 
-    def _request(self, args: argparse.Namespace, subject: str, request: Any, reply_type: type) -> Any:
-        async def work(bus: Bus) -> Any:
-            try:
-                return await bus.request(subject, request, reply_type, timeout=REQUEST_TIMEOUT)
-            except BusError as err:
-                raise self.error(f"{err}: is the identity service running? try: ciliary status") from err
+# ---------------------------------------------------------------- explain / report
 
-        reply = self.run(args, work)
-        if not reply.ok:
-            raise self.error(reply.error)
-        return reply
 
-    def cmd_explain(self, args: argparse.Namespace) -> int:
-        if bool(args.pod) == bool(args.labels):
-            raise self.error("give either --pod NS/NAME or --labels K=V,... [--namespace NS]")
-        if args.pod:
-            namespace, sep, name = args.pod.partition("/")
-            if not sep:
-                namespace, name = args.namespace or "default", args.pod
-            request = schema.IdentityExplainRequest(namespace=namespace, pod=name)
-        else:
-            try:
-                labels = parse_label_list(args.labels)
-            except ValueError as err:
-                raise self.error(str(err)) from err
-            request = schema.IdentityExplainRequest(namespace=args.namespace or "default", labels=labels,
-                                                    service_account=args.service_account)
-        reply = self._request(args, schema.SUBJECT_IDENTITY_EXPLAIN, request, schema.IdentityExplainReply)
-        if args.output == "json":
-            print(output.to_json(plain(reply)))
-            return 0
-        rows = [[v.label, v.origin, "kept" if v.kept else "EXCLUDED", v.rule or "-", v.reason]
-                for v in reply.verdicts]
-        print(output.table(["LABEL", "FROM", "VERDICT", "RULE", "REASON"], rows))
-        ident = reply.identity or "not allocated yet"
-        print(f"\nidentity {ident}: {len(reply.identity_labels)} identity labels")
+def _request(args: argparse.Namespace, subject: str, request: Any, reply_type: type) -> Any:
+    async def work(bus: Bus) -> Any:
+        try:
+            return await bus.request(subject, request, reply_type, timeout=common.REQUEST_TIMEOUT)
+        except BusError as err:
+            raise common.CliError(f"{err}: is the identity service running? try: ciliary status") from err
+
+    reply = common.run_with_bus(args, work)
+    if not reply.ok:
+        raise common.CliError(reply.error)
+    return reply
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    if bool(args.pod) == bool(args.labels):
+        raise common.CliError("give either --pod NS/NAME or --labels K=V,... [--namespace NS]")
+    if args.pod:
+        namespace, sep, name = args.pod.partition("/")
+        if not sep:
+            namespace, name = args.namespace or "default", args.pod
+        request = schema.IdentityExplainRequest(namespace=namespace, pod=name)
+    else:
+        try:
+            labels = parse_label_list(args.labels)
+        except ValueError as err:
+            raise common.CliError(str(err)) from err
+        request = schema.IdentityExplainRequest(namespace=args.namespace or "default", labels=labels,
+                                                service_account=args.service_account)
+    reply = _request(args, schema.SUBJECT_IDENTITY_EXPLAIN, request, schema.IdentityExplainReply)
+    if args.output == "json":
+        print(output.to_json(plain(reply)))
         return 0
+    rows = [[v.label, v.origin, "kept" if v.kept else "EXCLUDED", v.rule or "-", v.reason]
+            for v in reply.verdicts]
+    print(output.table(["LABEL", "FROM", "VERDICT", "RULE", "REASON"], rows))
+    ident = reply.identity or "not allocated yet"
+    print(f"\nidentity {ident}: {len(reply.identity_labels)} identity labels")
+    return 0
 
-    def cmd_report(self, args: argparse.Namespace) -> int:
-        request = schema.IdentityReportRequest(top=args.top, min_pods=args.min_pods)
-        reply = self._request(args, schema.SUBJECT_IDENTITY_REPORT, request, schema.IdentityReportReply)
-        if args.output == "json":
-            print(output.to_json(plain(reply)))
-            return 0
-        print(f"cluster {reply.cluster} (id {reply.cluster_id}): {reply.pods} pods -> "
-              f"{reply.identities_estimated} identities estimated, {reply.identities_allocated} allocated, "
-              f"limit {reply.limit}")
-        rows = [[r.key, r.pods, r.values, f"{r.uniqueness:.2f}", r.identities_without,
-                 "FLAG" if r.flagged else "", r.reason or ", ".join(r.examples)]
-                for r in reply.labels]
-        if rows:
-            print(output.table(["LABEL", "PODS", "VALUES", "UNIQUE", "IDS-WITHOUT", "", "WHY / EXAMPLES"], rows))
-        for line in reply.advice:
-            print(f"advice: {line}")
+
+def cmd_report(args: argparse.Namespace) -> int:
+    request = schema.IdentityReportRequest(top=args.top, min_pods=args.min_pods)
+    reply = _request(args, schema.SUBJECT_IDENTITY_REPORT, request, schema.IdentityReportReply)
+    if args.output == "json":
+        print(output.to_json(plain(reply)))
         return 0
+    print(f"cluster {reply.cluster} (id {reply.cluster_id}): {reply.pods} pods -> "
+          f"{reply.identities_estimated} identities estimated, {reply.identities_allocated} allocated, "
+          f"limit {reply.limit}")
+    rows = [[r.key, r.pods, r.values, f"{r.uniqueness:.2f}", r.identities_without,
+             "FLAG" if r.flagged else "", r.reason or ", ".join(r.examples)]
+            for r in reply.labels]
+    if rows:
+        print(output.table(["LABEL", "PODS", "VALUES", "UNIQUE", "IDS-WITHOUT", "", "WHY / EXAMPLES"], rows))
+    for line in reply.advice:
+        print(f"advice: {line}")
+    return 0

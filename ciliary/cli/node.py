@@ -19,12 +19,8 @@ from typing import Any
 
 from ciliary import output, schema
 from ciliary.bus import Bus, BusError
-
-
-def _cli():  # late import: ciliary.cli imports this module
-    from ciliary import cli
-
-    return cli
+from ciliary.cli import common
+from ciliary.store import ResourceStore
 
 
 async def _nodes(bus: Bus) -> list[str]:
@@ -35,7 +31,7 @@ async def _nodes(bus: Bus) -> list[str]:
 async def _ask(bus: Bus, cluster: str, node: str, req: schema.NodeDebugRequest) -> schema.NodeDebugReply:
     subject = schema.SUBJECT_NODE_DEBUG.format(cluster=cluster, node=node)
     try:
-        return await bus.request(subject, req, schema.NodeDebugReply, timeout=5.0)
+        return await bus.request(subject, req, schema.NodeDebugReply, timeout=common.REQUEST_TIMEOUT)
     except BusError as err:
         return schema.NodeDebugReply(ok=False, node=node, error=f"no answer from node executor: {err}")
 
@@ -46,10 +42,10 @@ async def _collect(bus: Bus, cluster: str, nodes: list[str], req: schema.NodeDeb
 
 def _pod_status(bus_result: Any, namespace: str, name: str) -> dict[str, Any]:
     if bus_result is None:
-        raise _cli().CliError(f"pod {namespace}/{name} not found")
+        raise common.CliError(f"pod {namespace}/{name} not found")
     status = bus_result.status or {}
     if not status.get("ciliary", {}).get("netns"):
-        raise _cli().CliError(f"pod {namespace}/{name} is not running on any node yet (no network namespace reported)")
+        raise common.CliError(f"pod {namespace}/{name} is not running on any node yet (no network namespace reported)")
     return status
 
 
@@ -57,23 +53,20 @@ def _pod_status(bus_result: Any, namespace: str, name: str) -> dict[str, Any]:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    cli = _cli()
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise cli.CliError("usage: ciliary exec [-n NS] POD -- COMMAND [ARGS…]")
+        raise common.CliError("usage: ciliary exec [-n NS] POD -- COMMAND [ARGS…]")
     namespace = args.namespace or "default"
 
     async def work(bus: Bus) -> dict[str, Any]:
-        from ciliary.store import ResourceStore
-
         return _pod_status(await ResourceStore(bus).get("Pod", namespace, args.pod), namespace, args.pod)
 
-    status = cli.run_with_bus(args, work)
+    status = common.run_with_bus(args, work)
     netns_name = status["ciliary"]["netns"]
     if not os.path.exists(f"/var/run/netns/{netns_name}"):
-        raise cli.CliError(f"the network namespace of pod {namespace}/{args.pod} is gone ({netns_name})")
+        raise common.CliError(f"the network namespace of pod {namespace}/{args.pod} is gone ({netns_name})")
     _join_pod_cgroup(status.get("ciliary", {}).get("cgroup"))
     sys.stdout.flush()
     os.execvp("ip", ["ip", "netns", "exec", netns_name, *command])
@@ -117,7 +110,7 @@ def _render(view: str, replies: list[schema.NodeDebugReply], fmt: str) -> str:
     rows = []
     for reply in replies:
         if not reply.ok:
-            print(f"error: node {reply.node}: {reply.error}", file=sys.stderr)
+            common.print_error(f"node {reply.node}: {reply.error}")
             continue
         for row in reply.rows:
             values = []
@@ -133,16 +126,15 @@ def _render(view: str, replies: list[schema.NodeDebugReply], fmt: str) -> str:
 
 
 def _run_view(args: argparse.Namespace, view: str, identity: int = 0) -> int:
-    cli = _cli()
-    state = cli.running_instance(args.data_dir_path)
+    state = common.running_instance(args.data_dir_path)
 
     async def work(bus: Bus) -> list[schema.NodeDebugReply]:
         nodes = [args.node] if getattr(args, "node", None) else await _nodes(bus)
         if not nodes:
-            raise cli.CliError("no node has reported status yet")
+            raise common.CliError("no node has reported status yet")
         return await _collect(bus, state.cluster, nodes, schema.NodeDebugRequest(view=view, identity=identity))
 
-    replies = cli.run_with_bus(args, work)
+    replies = common.run_with_bus(args, work)
     print(_render(view, replies, args.output))
     return 0 if all(r.ok for r in replies) else 1
 
@@ -156,57 +148,54 @@ def cmd_bpf_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bpf_policy_get(args: argparse.Namespace) -> int:
-    cli = _cli()
     namespace = args.namespace or "default"
 
     async def work(bus: Bus) -> tuple[str, int]:
-        from ciliary.store import ResourceStore
-
         status = _pod_status(await ResourceStore(bus).get("Pod", namespace, args.pod), namespace, args.pod)
         ip = status.get("podIP", "")
         found = await bus.kv_get_record(schema.BUCKET_IPCACHE, schema.ipcache_key(f"{ip}/32"), schema.IPCacheRecord)
         if found is None:
-            raise cli.CliError(f"pod {namespace}/{args.pod} ({ip}) has no identity in the ipcache yet")
+            raise common.CliError(f"pod {namespace}/{args.pod} ({ip}) has no identity in the ipcache yet")
         return status["ciliary"]["node"], found[0].identity
 
-    node, identity = cli.run_with_bus(args, work)
+    node, identity = common.run_with_bus(args, work)
     args.node = node
     print(f"pod {namespace}/{args.pod}: identity {identity} on {node}", file=sys.stderr)
     return _run_view(args, "policy", identity)
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("exec", parents=[common], help="run a command inside a pod's network namespace")
+def add_commands(sub: Any, common_parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("exec", parents=[common_parent], help="run a command inside a pod's network namespace")
     p.add_argument("-n", "--namespace")
     p.add_argument("pod")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_exec)
 
-    ep = sub.add_parser("endpoint", parents=[common], help="endpoints of the node executors")
+    ep = sub.add_parser("endpoint", parents=[common_parent], help="endpoints of the node executors")
     ep_sub = ep.add_subparsers(dest="endpoint_command", required=True)
-    p = ep_sub.add_parser("list", parents=[common], help="every endpoint, its identity and enforcement")
+    p = ep_sub.add_parser("list", parents=[common_parent], help="every endpoint, its identity and enforcement")
     p.add_argument("--node")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_endpoint_list)
 
-    bpf = sub.add_parser("bpf", parents=[common], help="the BPF maps of the node executors")
+    bpf = sub.add_parser("bpf", parents=[common_parent], help="the BPF maps of the node executors")
     bpf_sub = bpf.add_subparsers(dest="bpf_map", required=True)
     for view, help_text in (("ct", "conntrack entries"), ("ipcache", "IP prefix → identity"),
                             ("lb", "service frontends and backends"), ("metrics", "forward/drop counters")):
-        m = bpf_sub.add_parser(view, parents=[common], help=help_text)
+        m = bpf_sub.add_parser(view, parents=[common_parent], help=help_text)
         m_sub = m.add_subparsers(dest="bpf_verb", required=True)
-        p = m_sub.add_parser("list", parents=[common])
+        p = m_sub.add_parser("list", parents=[common_parent])
         p.add_argument("--node")
         p.add_argument("-o", "--output", choices=["table", "json"], default="table")
         p.set_defaults(func=cmd_bpf_list, view=view)
-    pol = bpf_sub.add_parser("policy", parents=[common], help="policy map entries of a pod's identity")
+    pol = bpf_sub.add_parser("policy", parents=[common_parent], help="policy map entries of a pod's identity")
     pol_sub = pol.add_subparsers(dest="bpf_verb", required=True)
-    p = pol_sub.add_parser("get", parents=[common])
+    p = pol_sub.add_parser("get", parents=[common_parent])
     p.add_argument("pod")
     p.add_argument("-n", "--namespace")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_bpf_policy_get)
-    p = pol_sub.add_parser("list", parents=[common])
+    p = pol_sub.add_parser("list", parents=[common_parent])
     p.add_argument("--node")
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_bpf_list, view="policy")

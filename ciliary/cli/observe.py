@@ -4,11 +4,12 @@ Invariants:
 - Filter flags are Hubble's and build the same ``FlowFilter`` lists (``ciliary.flowfilter
   .build_filters``, in command-line order, ``--not`` applying to the next flag).
 - History comes from the flows service over NATS request/reply (``SUBJECT_FLOWS_QUERY``),
-  answered as a stream of ``FlowQueryReply`` chunks on the request's reply inbox, so an
+  answered as a stream of ``FlowQueryReply`` chunks (``Bus.request_stream``), so an
   answer of any size arrives (``ReplyChunks`` checks they arrive complete and in order,
   and a missing chunk is an error, never a silently shorter answer); ``--follow``
-  subscribes to ``SUBJECT_FLOWS_ALL`` (``FlowBatch`` messages) and filters locally with
-  the same matcher. This module never imports a service package.
+  subscribes to ``SUBJECT_FLOWS_ALL`` (``FlowBatch`` messages, ``Bus.subscribe_raw``) and
+  filters locally with the same matcher. The bus is used only through its public API;
+  this module never imports a service package.
 - The service reads its ``FLOWS`` stream for history the rings no longer hold; while it
   reads it sends empty progress chunks (``scanned``), shown on stderr only on a terminal
   or with ``--progress``. An answer cut short by the service's scan bound (``truncated``)
@@ -23,13 +24,14 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
-from ciliary import flowfilter, flowrender, hubble, schema
-from ciliary.bus import Bus, BusError
-
-RunWithBus = Callable[[argparse.Namespace, Callable[[Bus], Awaitable[Any]]], Any]
+from ciliary import flowfilter, hubble, schema
+from ciliary.bus import Bus, BusError, Message, NoReply
+from ciliary.cli import common, flowrender
+from ciliary.status import gather_health
 
 
 class QueryError(Exception):
@@ -116,39 +118,21 @@ async def query_flows(
     when there is no answer within ``timeout`` seconds (from the request or the previous
     chunk) or the answer is incomplete. ``chunks`` (a fresh ``ReplyChunks``) is left
     holding the final chunk; ``progress`` gets the flows scanned from each progress chunk."""
-    nc = bus.nc
-    inbox = nc.new_inbox()
-    arrived: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-    async def on_chunk(msg: Any) -> None:
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
-            arrived.put_nowait(None)  # no responders
-        else:
-            arrived.put_nowait(msg.data)
-
-    sub = await nc.subscribe(inbox, cb=on_chunk)
-    try:
-        await nc.publish(schema.SUBJECT_FLOWS_QUERY, schema.encode(query), reply=inbox)
-        chunks = ReplyChunks() if chunks is None else chunks
+    chunks = ReplyChunks() if chunks is None else chunks
+    replies = bus.request_stream(schema.SUBJECT_FLOWS_QUERY, query, timeout=timeout)
+    async with aclosing(replies):
         while not chunks.done:
             try:
-                data = await asyncio.wait_for(arrived.get(), timeout)
-            except TimeoutError:
-                data = None
-            if data is None:
+                data = await anext(replies)
+            except NoReply as err:
                 what = "no answer" if chunks.next == 0 else f"the answer stopped after {chunks.next} chunks"
-                raise QueryError(f"{what} on {schema.SUBJECT_FLOWS_QUERY}", unanswered=True)
+                raise QueryError(f"{what} on {schema.SUBJECT_FLOWS_QUERY}", unanswered=True) from err
             flows = chunks.feed(data)
             if progress is not None and not flows and not chunks.done:
                 progress(chunks.scanned)
             yield flows
-    finally:
-        try:
-            await sub.unsubscribe()
-        except Exception:  # connection already closing
-            pass
 
-REQUEST_TIMEOUT = 5.0
+
 DEFAULT_LAST = 20
 
 # (flags, filter name, help)
@@ -218,7 +202,7 @@ def add_observe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="follow new flows")
     p.add_argument("-o", "--output", choices=list(flowrender.OUTPUTS), default="compact")
     p.add_argument("--print-node-name", action="store_true", help="print the node name in each line")
-    p.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, help="query timeout in seconds")
+    p.add_argument("--timeout", type=float, default=common.REQUEST_TIMEOUT, help="query timeout in seconds")
     p.add_argument("--progress", action="store_true",
                    help="report progress of long history reads on stderr (default: only on a terminal)")
     p.add_argument("--print-raw-filters", action="store_true",
@@ -260,133 +244,106 @@ def build_query(args: argparse.Namespace, now_ns: int | None = None) -> schema.F
                             until_ns=until, number=number, first=first, rings_only=rings_only)
 
 
-def add_commands(
-    subparsers: Any,
-    common_parent: argparse.ArgumentParser,
-    *,
-    run_with_bus: RunWithBus | None = None,
-    cli_error: type[Exception] | None = None,
-) -> None:
+def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
     """Add ``observe`` and ``metrics`` to the ``ciliary`` parser."""
-    commands = _Commands(run_with_bus, cli_error)
     p = subparsers.add_parser("observe", parents=[common_parent],
                               help="observe flows (hubble observe)")
     add_observe_arguments(p)
-    p.set_defaults(func=commands.cmd_observe)
+    p.set_defaults(func=cmd_observe)
 
     p = subparsers.add_parser("metrics", parents=[common_parent],
                               help="flow metrics in Prometheus text format")
-    p.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT)
-    p.set_defaults(func=commands.cmd_metrics)
+    p.add_argument("--timeout", type=float, default=common.REQUEST_TIMEOUT)
+    p.set_defaults(func=cmd_metrics)
 
 
-class _Commands:
-    def __init__(self, run_with_bus: RunWithBus | None, cli_error: type[Exception] | None) -> None:
-        self._run_with_bus = run_with_bus
-        self._cli_error = cli_error
+def cmd_observe(args: argparse.Namespace) -> int:
+    try:
+        query = build_query(args)
+    except flowfilter.FilterError as err:
+        raise common.CliError(str(err)) from err
+    if args.print_raw_filters:
+        text = raw_filters_text(query)
+        if text:
+            print(text)
+        return 0
+    printer = flowrender.FlowPrinter(args.output, node_name=args.print_node_name)
 
-    def run(self, args: argparse.Namespace, work: Callable[[Bus], Awaitable[Any]]) -> Any:
-        if self._run_with_bus is None:
-            from ciliary.cli import run_with_bus
+    def emit(flow: schema.Flow) -> None:
+        text = printer.write(flow)
+        if text is not None:
+            print(text, flush=args.follow)
 
-            return run_with_bus(args, work)
-        return self._run_with_bus(args, work)
-
-    def error(self, message: str) -> Exception:
-        if self._cli_error is None:
-            from ciliary.cli import CliError
-
-            return CliError(message)
-        return self._cli_error(message)
-
-    def cmd_observe(self, args: argparse.Namespace) -> int:
-        try:
-            query = build_query(args)
-        except flowfilter.FilterError as err:
-            raise self.error(str(err)) from err
-        if args.print_raw_filters:
-            text = raw_filters_text(query)
-            if text:
-                print(text)
-            return 0
-        printer = flowrender.FlowPrinter(args.output, node_name=args.print_node_name)
-
-        def emit(flow: schema.Flow) -> None:
-            text = printer.write(flow)
-            if text is not None:
-                print(text, flush=args.follow)
-
-        async def work(bus: Bus) -> int:
-            live: asyncio.Queue[schema.Flow] = asyncio.Queue()
-            sub = None
-            if args.follow:
-                async def on_flow(msg: Any) -> None:
-                    try:
-                        batch = schema.decode(msg.data, schema.FlowBatch)
-                    except Exception:  # a payload that is not a flow batch is skipped
-                        return
-                    for flow in batch.flows:
-                        if flowfilter.matches(flow, query.whitelist, query.blacklist):
-                            live.put_nowait(flow)
-
-                sub = await bus.nc.subscribe(schema.SUBJECT_FLOWS_ALL, cb=on_flow)
-            seen: set[str] = set()
-            if not args.follow or query.number or query.since_ns:
-                chunks = ReplyChunks()
-                progress = Progress(sys.stderr, enabled=args.progress or sys.stderr.isatty())
+    async def work(bus: Bus) -> int:
+        live: asyncio.Queue[schema.Flow] = asyncio.Queue()
+        sub = None
+        if args.follow:
+            async def on_flow(msg: Message) -> None:
                 try:
-                    async for flows in query_flows(bus, query, args.timeout, chunks=chunks,
-                                                   progress=progress.update):
-                        if flows:
-                            progress.clear()
-                        for flow in flows:
-                            if sub is not None:
-                                seen.add(flow.uuid)
-                            emit(flow)
-                except QueryError as err:
-                    hint = "\n  is the flows service running? try: ciliary status" if err.unanswered else ""
-                    raise self.error(f"{err}{hint}") from err
-                finally:
-                    progress.clear()
-                for notice in chunks.notices():
-                    print(f"notice: {notice}", file=sys.stderr)
-            if sub is None:
-                return 0
+                    batch = schema.decode(msg.data, schema.FlowBatch)
+                except Exception:  # a payload that is not a flow batch is skipped
+                    return
+                for flow in batch.flows:
+                    if flowfilter.matches(flow, query.whitelist, query.blacklist):
+                        live.put_nowait(flow)
+
+            sub = await bus.subscribe_raw(schema.SUBJECT_FLOWS_ALL, on_flow)
+        seen: set[str] = set()
+        if not args.follow or query.number or query.since_ns:
+            chunks = ReplyChunks()
+            progress = Progress(sys.stderr, enabled=args.progress or sys.stderr.isatty())
             try:
-                while True:
-                    flow = await live.get()
-                    if flow.uuid in seen:
-                        continue
-                    if query.until_ns and hubble.flow_time_ns(flow) > query.until_ns:
-                        continue
-                    emit(flow)
+                async for flows in query_flows(bus, query, args.timeout, chunks=chunks,
+                                               progress=progress.update):
+                    if flows:
+                        progress.clear()
+                    for flow in flows:
+                        if sub is not None:
+                            seen.add(flow.uuid)
+                        emit(flow)
+            except QueryError as err:
+                hint = "\n  is the flows service running? try: ciliary status" if err.unanswered else ""
+                raise common.CliError(f"{err}{hint}") from err
             finally:
-                await sub.unsubscribe()
-
+                progress.clear()
+            for notice in chunks.notices():
+                print(f"notice: {notice}", file=sys.stderr)
+        if sub is None:
+            return 0
         try:
-            self.run(args, work)
+            while True:
+                flow = await live.get()
+                if flow.uuid in seen:
+                    continue
+                if query.until_ns and hubble.flow_time_ns(flow) > query.until_ns:
+                    continue
+                emit(flow)
         finally:
-            tail = printer.close()
-            if tail is not None:
-                print(tail)
-            sys.stdout.flush()
-        return 0
+            await sub.unsubscribe()
 
-    def cmd_metrics(self, args: argparse.Namespace) -> int:
-        async def work(bus: Bus) -> tuple[schema.FlowMetricsReply, list[schema.HealthReport]]:
-            from ciliary.status import gather_health
+    try:
+        common.run_with_bus(args, work)
+    finally:
+        tail = printer.close()
+        if tail is not None:
+            print(tail)
+        sys.stdout.flush()
+    return 0
 
-            try:
-                reply = await bus.request(schema.SUBJECT_FLOWS_METRICS, schema.FlowMetricsRequest(),
-                                          schema.FlowMetricsReply, timeout=args.timeout)
-            except BusError as err:
-                raise self.error(f"{err}\n  is the flows service running? try: ciliary status") from err
-            return reply, await gather_health(bus, timeout=0.5)
 
-        reply, health = self.run(args, work)
-        print(reply.text, end="")
-        print(node_metrics_text(health), end="")
-        return 0
+def cmd_metrics(args: argparse.Namespace) -> int:
+    async def work(bus: Bus) -> tuple[schema.FlowMetricsReply, list[schema.HealthReport]]:
+        try:
+            reply = await bus.request(schema.SUBJECT_FLOWS_METRICS, schema.FlowMetricsRequest(),
+                                      schema.FlowMetricsReply, timeout=args.timeout)
+        except BusError as err:
+            raise common.CliError(f"{err}\n  is the flows service running? try: ciliary status") from err
+        return reply, await gather_health(bus, timeout=0.5)
+
+    reply, health = common.run_with_bus(args, work)
+    print(reply.text, end="")
+    print(node_metrics_text(health), end="")
+    return 0
 
 
 def node_metrics_text(reports: list[schema.HealthReport]) -> str:

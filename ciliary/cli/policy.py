@@ -21,16 +21,14 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from ciliary import output, schema
 from ciliary.bus import Bus, BusError
+from ciliary.cli import common
+from ciliary.store import ResourceStore
 
 POLICY_KINDS = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy")
-
-
-def _cli():  # late import: ciliary.cli imports this module
-    from ciliary import cli
-
-    return cli
 
 
 def parse_port(value: str) -> tuple[int, str]:
@@ -40,11 +38,11 @@ def parse_port(value: str) -> tuple[int, str]:
     try:
         port = int(port_s)
     except ValueError:
-        raise _cli().CliError(f"--port: expected PORT[/PROTO], got {value!r}") from None
+        raise common.CliError(f"--port: expected PORT[/PROTO], got {value!r}") from None
     if not 0 <= port <= 65535:
-        raise _cli().CliError(f"--port: {port} is not between 0 and 65535")
+        raise common.CliError(f"--port: {port} is not between 0 and 65535")
     if proto not in ("TCP", "UDP", "SCTP", "ICMP", "ANY"):
-        raise _cli().CliError(f"--port: unknown protocol {proto!r} (TCP, UDP, SCTP, ICMP, ANY)")
+        raise common.CliError(f"--port: unknown protocol {proto!r} (TCP, UDP, SCTP, ICMP, ANY)")
     return port, proto
 
 
@@ -53,7 +51,7 @@ def parse_labels(value: str) -> list[str]:
     labels = []
     for part in filter(None, (p.strip() for p in value.split(","))):
         if "=" not in part:
-            raise _cli().CliError(f"label {part!r}: expected key=value")
+            raise common.CliError(f"label {part!r}: expected key=value")
         labels.append(part if ":" in part.split("=", 1)[0] else f"k8s:{part}")
     if not any(label.startswith("k8s:io.kubernetes.pod.namespace=") for label in labels):
         labels.append("k8s:io.kubernetes.pod.namespace=default")
@@ -108,17 +106,17 @@ async def _pod_labels(bus: Bus, ref: str) -> tuple[list[str], int]:
     status = await bus.kv_get_record(schema.BUCKET_STATUS, f"Pod.{namespace}.{name}", schema.StatusRecord)
     pod = await bus.kv_get(schema.BUCKET_RESOURCES, f"Pod.{namespace}.{name}")
     if pod is None:
-        raise _cli().CliError(f"pod {namespace}/{name} not found")
+        raise common.CliError(f"pod {namespace}/{name} not found")
     ip = (status[0].status if status else {}).get("podIP", "")
     if not ip:
-        raise _cli().CliError(f"pod {namespace}/{name} has no IP yet")
+        raise common.CliError(f"pod {namespace}/{name} has no IP yet")
     found = await bus.kv_get_record(schema.BUCKET_IPCACHE, schema.ipcache_key(f"{ip}/32"), schema.IPCacheRecord)
     if found is None:
-        raise _cli().CliError(f"pod {namespace}/{name} ({ip}) has no identity yet")
+        raise common.CliError(f"pod {namespace}/{name} ({ip}) has no identity yet")
     identity = found[0].identity
     record = await bus.kv_get_record(schema.BUCKET_IDENTITIES, schema.identity_id_key(identity), schema.IdentityRecord)
     if record is None:
-        raise _cli().CliError(f"identity {identity} of pod {namespace}/{name} is not in the identities bucket")
+        raise common.CliError(f"identity {identity} of pod {namespace}/{name} is not in the identities bucket")
     return list(record[0].labels), identity
 
 
@@ -131,7 +129,6 @@ def _is_cidr(value: str) -> bool:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    cli = _cli()
     port, proto = parse_port(args.port)
 
     async def work(bus: Bus) -> schema.PolicyTraceReply:
@@ -145,16 +142,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
             port=port, proto=proto,
         )
         try:
-            return await bus.request(schema.SUBJECT_POLICY_TRACE, req, schema.PolicyTraceReply, timeout=5)
+            return await bus.request(schema.SUBJECT_POLICY_TRACE, req, schema.PolicyTraceReply, timeout=common.REQUEST_TIMEOUT)
         except BusError as err:
-            raise cli.CliError(f"the policy service did not answer: {err}") from err
+            raise common.CliError(f"the policy service did not answer: {err}") from err
 
-    reply = cli.run_with_bus(args, work)
+    reply = common.run_with_bus(args, work)
     if not reply.ok:
-        raise cli.CliError(reply.error)
+        raise common.CliError(reply.error)
     if args.output == "json":
-        import msgspec
-
         print(output.to_json(msgspec.to_builtins(reply)))
         return 0
     print(f"Tracing {args.source} -> {args.destination} {port}/{proto}")
@@ -173,11 +168,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    cli = _cli()
 
     async def work(bus: Bus) -> list[dict[str, Any]]:
-        from ciliary.store import ResourceStore
-
         store = ResourceStore(bus)
         rows = []
         for kind in POLICY_KINDS:
@@ -194,9 +186,9 @@ def cmd_get(args: argparse.Namespace) -> int:
                 })
         return rows
 
-    rows = cli.run_with_bus(args, work)
+    rows = common.run_with_bus(args, work)
     if args.name and not rows:
-        raise cli.CliError(f"policy {args.name} not found")
+        raise common.CliError(f"policy {args.name} not found")
     if args.output == "json":
         print(output.to_json(rows))
         return 0
@@ -209,16 +201,16 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    pol = sub.add_parser("policy", parents=[common], help="policy trace and status")
+def add_commands(sub: Any, common_parent: argparse.ArgumentParser) -> None:
+    pol = sub.add_parser("policy", parents=[common_parent], help="policy trace and status")
     pol_sub = pol.add_subparsers(dest="policy_command", required=True)
-    p = pol_sub.add_parser("trace", parents=[common], help="verdict and rules for a flow, without sending it")
+    p = pol_sub.add_parser("trace", parents=[common_parent], help="verdict and rules for a flow, without sending it")
     p.add_argument("--from", dest="source", required=True, help="POD (ns/name), labels k=v,... or an IP/CIDR")
     p.add_argument("--to", dest="destination", required=True, help="POD, labels k=v,... or a CIDR/IP")
     p.add_argument("--port", required=True, help="PORT[/PROTO], e.g. 8080/TCP")
     p.add_argument("-o", "--output", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_trace)
-    p = pol_sub.add_parser("get", parents=[common], help="policies, their state and what they select")
+    p = pol_sub.add_parser("get", parents=[common_parent], help="policies, their state and what they select")
     p.add_argument("name", nargs="?")
     p.add_argument("-n", "--namespace")
     p.add_argument("-A", "--all-namespaces", action="store_true")

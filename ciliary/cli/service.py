@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from ciliary import output, schema
+from ciliary.cli import common
 
 
 def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
@@ -88,9 +89,7 @@ def _json(frontends: list[schema.LBFrontend]) -> list[Any]:
 
 
 def cmd_service_list(args: argparse.Namespace) -> int:
-    from ciliary.cli import run_with_bus
-
-    frontends, _ = run_with_bus(args, read_services)
+    frontends, _ = common.run_with_bus(args, read_services)
     if args.output == "json":
         print(output.to_json(_json(frontends)))
     elif frontends:
@@ -101,14 +100,12 @@ def cmd_service_list(args: argparse.Namespace) -> int:
 
 
 def cmd_service_get(args: argparse.Namespace) -> int:
-    from ciliary.cli import CliError, run_with_bus
-
-    frontends, endpoints = run_with_bus(args, read_services)
+    frontends, endpoints = common.run_with_bus(args, read_services)
     ref = f"{args.namespace}/{args.name}"
     mine = [fe for fe in frontends if fe.namespace == args.namespace and fe.name == args.name]
     derived = endpoints.get(ref)
     if not mine and derived is None:
-        raise CliError(
+        raise common.CliError(
             f"service {ref} has no load-balancer frontends "
             "(not found, headless, ExternalName, or not reconciled yet)"
         )

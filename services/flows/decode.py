@@ -44,7 +44,6 @@ from typing import Protocol
 
 from ciliary import schema
 from ciliary.hubble import (
-    IDENTITY_WORLD,
     MSG_ACCESS_LOG,
     MSG_DROP,
     MSG_POLICY_VERDICT,
@@ -255,7 +254,7 @@ def _make_endpoint(
 ) -> schema.FlowEndpoint:
     info = lookups.ip(address)
     if identity == 0:
-        identity = info.identity if info is not None and info.identity else IDENTITY_WORLD
+        identity = info.identity if info is not None and info.identity else schema.IDENTITY_WORLD
     labels = lookups.labels(identity)
     if labels is None:
         labels = list(info.labels) if info is not None and info.labels else _reserved_labels(identity)

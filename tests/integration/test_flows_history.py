@@ -14,7 +14,7 @@ import pytest
 
 from ciliary import config, hubble, schema
 from ciliary.bus import Bus
-from ciliary.cli_observe import ReplyChunks, query_flows
+from ciliary.cli.observe import ReplyChunks, query_flows
 from tests.integration.conftest import (
     FLOWS_SETTINGS,
     ensure_buckets,

@@ -455,19 +455,9 @@ async def test_ipcache_follows_pod_ips_and_moves_atomically(nats_server, tmp_pat
 # ---------------------------------------------------------------- the CLI
 
 DRIVER = """
-import argparse, sys
-from ciliary import cli, cli_identity
-build = cli.build_parser
-def wired():
-    parser = build()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "identity" not in sub.choices:  # until ciliary/cli.py wires it in
-        common = cli._Parser(add_help=False)
-        common.add_argument("--data-dir", default=argparse.SUPPRESS)
-        cli_identity.add_commands(sub, common, run_with_bus=cli.run_with_bus, cli_error=cli.CliError)
-    return parser
-cli.build_parser = wired
-cli.main(sys.argv[1:])
+import sys
+from ciliary.cli import main
+main(sys.argv[1:])
 """
 
 

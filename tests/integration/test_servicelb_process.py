@@ -16,7 +16,7 @@ import pytest
 
 from ciliary import config, schema
 from ciliary.bus import Bus, KVEntry
-from ciliary.cli_service import add_commands
+from ciliary.cli.service import add_commands
 from ciliary.resources import loads
 from ciliary.store import ResourceStore
 from tests.integration.conftest import NatsServer, eventually, service_process

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from ciliary import cli_observe, flowfilter, flowrender, schema
+from ciliary import flowfilter, schema
+from ciliary.bus import NoReply
+from ciliary.cli import common, flowrender, observe
+from ciliary.cli.common import CliError
 from services.flows.service import start_metrics_server
 from services.flows.wire import reply_chunks
 from tests.unit.test_flows_scenario import scenario_flows
@@ -17,52 +21,35 @@ FLOWS = scenario_flows()
 NOW = 1_800_000_000 * 10**9
 
 
-class Boom(Exception):
-    pass
-
-
-class FakeMsg:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.headers = None
-
-
 class FakeSub:
     async def unsubscribe(self) -> None:
         pass
 
 
-class FakeNC:
-    """Answers a flow query published with a reply inbox with the bus's reply chunks."""
-
-    def __init__(self, bus: FakeBus) -> None:
-        self.bus = bus
-        self.inboxes: dict[str, Any] = {}
-
-    def new_inbox(self) -> str:
-        return f"_INBOX.{len(self.inboxes)}"
-
-    async def subscribe(self, subject: str, cb: Any = None, **_: Any) -> FakeSub:
-        self.inboxes[subject] = cb
-        return FakeSub()
-
-    async def publish(self, subject: str, payload: bytes = b"", reply: str = "", **_: Any) -> None:
-        self.bus.requests.append((subject, schema.decode(payload, schema.FlowQuery)))
-        for chunk in self.bus.chunks():
-            await self.inboxes[reply](FakeMsg(chunk))
-
-
 class FakeBus:
+    """The bus API the commands use: a flow query is answered with the reply chunks, then
+    nothing more (``NoReply``, as the real bus reports a silent service)."""
+
     def __init__(self, reply: Any) -> None:
         self.reply = reply
         self.requests: list[tuple[str, Any]] = []
-        self.nc = FakeNC(self)
+        self.subscribed: list[str] = []
 
     def chunks(self) -> list[bytes]:
         """The reply as the flows service sends it: one chunk, or the given chunks."""
         if isinstance(self.reply, list):
             return self.reply
         return [schema.encode(self.reply)] if self.reply is not None else []
+
+    async def request_stream(self, subject: str, record: Any, *, timeout: float) -> AsyncIterator[bytes]:
+        self.requests.append((subject, record))
+        for chunk in self.chunks():
+            yield chunk
+        raise NoReply(f"no answer on {subject}")
+
+    async def subscribe_raw(self, subject: str, handler: Any, *, queue: str = "") -> FakeSub:
+        self.subscribed.append(subject)
+        return FakeSub()
 
     async def request(self, subject: str, record: Any, type_: Any, *, timeout: float = 2.0) -> Any:
         self.requests.append((subject, record))
@@ -77,28 +64,26 @@ class FakeBus:
         return [schema.encode(node)]
 
 
-def parser(bus: FakeBus) -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir")
+def parser() -> argparse.ArgumentParser:
+    common_parent = argparse.ArgumentParser(add_help=False)
+    common_parent.add_argument("--data-dir")
     p = argparse.ArgumentParser(prog="ciliary")
     sub = p.add_subparsers(dest="command", required=True)
-
-    def run_with_bus(args: argparse.Namespace, work: Any) -> Any:
-        return asyncio.run(work(bus))
-
-    cli_observe.add_commands(sub, common, run_with_bus=run_with_bus, cli_error=Boom)
+    observe.add_commands(sub, common_parent)
     return p
 
 
 def run(argv: list[str], reply: Any) -> tuple[int, FakeBus]:
     bus = FakeBus(reply)
-    args = parser(bus).parse_args(argv)
-    return args.func(args), bus
+    args = parser().parse_args(argv)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "run_with_bus", lambda args, work: asyncio.run(work(bus)))
+        return args.func(args), bus
 
 
 def query_of(argv: list[str]) -> schema.FlowQuery:
-    args = parser(FakeBus(None)).parse_args(["observe", *argv])
-    return cli_observe.build_query(args, now_ns=NOW)
+    args = parser().parse_args(["observe", *argv])
+    return observe.build_query(args, now_ns=NOW)
 
 
 @pytest.mark.parametrize(("argv", "white", "black", "number", "first", "since"), [
@@ -153,9 +138,9 @@ def test_observe_outputs(output: str, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_observe_error_reply_and_bad_flags() -> None:
-    with pytest.raises(Boom, match="nope"):
+    with pytest.raises(CliError, match="nope"):
         run(["observe"], schema.FlowQueryReply(ok=False, error="nope"))
-    with pytest.raises(Boom, match="cannot be combined"):
+    with pytest.raises(CliError, match="cannot be combined"):
         run(["observe", "--pod", "a", "--from-pod", "b"], schema.FlowQueryReply())
 
 
@@ -168,24 +153,24 @@ def test_observe_prints_every_chunk_in_order(capsys: pytest.CaptureFixture[str])
 
 def test_observe_missing_chunk_is_an_error() -> None:
     chunks = reply_chunks(FLOWS, 2048)
-    with pytest.raises(Boom, match="chunk 1 is missing"):
+    with pytest.raises(CliError, match="chunk 1 is missing"):
         run(["observe", "--all"], [chunks[0], *chunks[2:]])
 
 
 def test_observe_without_an_answer_times_out() -> None:
-    with pytest.raises(Boom, match="no answer on ciliary.flows.query"):
+    with pytest.raises(CliError, match="no answer on ciliary.flows.query"):
         run(["observe", "--timeout", "0.05"], [])
-    with pytest.raises(Boom, match="stopped after 1 chunks"):
+    with pytest.raises(CliError, match="stopped after 1 chunks"):
         run(["observe", "--all", "--timeout", "0.05"], reply_chunks(FLOWS, 2048)[:1])
 
 
 def test_reply_chunks_reassemble() -> None:
-    chunks = cli_observe.ReplyChunks()
+    chunks = observe.ReplyChunks()
     got = [f for data in reply_chunks(FLOWS, 4096, seen=7, lost=2) for f in chunks.feed(data)]
     assert got == FLOWS and chunks.done
     assert chunks.final is not None and (chunks.final.seen, chunks.final.lost) == (7, 2)
-    with pytest.raises(cli_observe.QueryError, match="bad answer"):
-        cli_observe.ReplyChunks().feed(b"\xc1")
+    with pytest.raises(observe.QueryError, match="bad answer"):
+        observe.ReplyChunks().feed(b"\xc1")
 
 
 def test_metrics_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from ciliary import flowrender, hubble, schema
+from ciliary import hubble, schema
+from ciliary.cli import flowrender
 from services.flows.decode import (
     BatchContext,
     IPInfo,

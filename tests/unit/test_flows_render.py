@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ciliary import flowrender, hubble, schema
+from ciliary import hubble, schema
+from ciliary.cli import flowrender
 from tests.unit.test_flows_scenario import scenario_flows
 
 DATA = Path(__file__).parent / "data" / "flows"

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from ciliary import config, output, schema
-from ciliary.cli import build_parser
+from ciliary.cli.app import build_parser
 from ciliary.status import missing_or_unhealthy
 from ciliary.store import kv_key, split_kv_key
 

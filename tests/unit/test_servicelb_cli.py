@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ciliary import schema
-from ciliary.cli_service import (
+from ciliary.cli.service import (
     add_commands,
     cmd_service_get,
     cmd_service_list,

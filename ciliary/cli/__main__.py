@@ -1,0 +1,5 @@
+"""``python -m ciliary.cli``: the same as the ``ciliary`` console script."""
+
+from ciliary.cli.app import main
+
+main()

@@ -1,0 +1,64 @@
+"""What every ``ciliary`` command shares: the failure type, finding the running
+instance, one bus connection per command, and error lines.
+
+Invariants:
+- Every command finds its instance through ``--data-dir`` / ``CILIARY_DATA_DIR`` / the
+  per-user default (``args.data_dir_path``), and fails with ``CliError`` and a hint when
+  none is running.
+- A command's bus work runs through ``run_with_bus``: one connection, no reconnects,
+  closed when the work is done. Command modules call it as ``common.run_with_bus`` (one
+  seam for tests to put a fake bus behind every command).
+- A user-facing failure is a ``CliError``: ``main`` prints it as one ``error: <message>``
+  line (``print_error``) and exits with code 1 — never a traceback.
+- This module imports no command module and no service package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ciliary import config
+from ciliary.bus import Bus, BusError
+
+REQUEST_TIMEOUT = 5.0  # seconds a command waits for a service's answer
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as ``error: <message>``, exit code 1."""
+
+
+def print_error(message: str) -> None:
+    """One ``error: <message>`` line on stderr."""
+    print(f"error: {message}", file=sys.stderr)
+
+
+def running_instance(data_dir: Path) -> config.InstanceState:
+    state = config.read_instance(data_dir)
+    if state is None or not config.pid_alive(state.supervisor_pid):
+        raise CliError(
+            f"no ciliary instance is running for data dir {data_dir}\n"
+            f"  start one with: ciliary up -d --data-dir {data_dir}"
+        )
+    return state
+
+
+async def _with_bus(data_dir: Path, work: Callable[[Bus], Awaitable[Any]]) -> Any:
+    state = running_instance(data_dir)
+    try:
+        bus = await Bus.connect(state.nats_url, "ciliary-cli", allow_reconnect=False)
+    except BusError as err:
+        raise CliError(f"{err}\n  is the instance healthy? try: ciliary status") from err
+    try:
+        return await work(bus)
+    finally:
+        await bus.close()
+
+
+def run_with_bus(args: argparse.Namespace, work: Callable[[Bus], Awaitable[Any]]) -> Any:
+    """``work(bus)`` on a fresh connection to the instance of ``args.data_dir_path``."""
+    return asyncio.run(_with_bus(args.data_dir_path, work))

@@ -1,0 +1,203 @@
+"""``ciliary up``, ``down`` and ``status``: the embedded instance and its health.
+
+Invariants:
+- ``up`` refuses to start a second instance for one data dir; ``up -d`` starts the
+  supervisor detached and returns only once every expected service (one node executor
+  per node) reports healthy, or stops it again and fails after ``--timeout``.
+- ``down`` stops the supervisor, then kills what is left after ``--timeout``; it is not
+  an error when nothing runs.
+- Health comes from the services themselves (``ciliary.status.gather_health``), never
+  from the supervisor's bookkeeping; ``status`` exits 1 while any is missing or unhealthy.
+- ``status`` has ``-o json``; tables are aligned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ciliary import config, output, schema, supervisor
+from ciliary.bus import Bus, BusError
+from ciliary.cli import common
+from ciliary.status import gather_health, missing_or_unhealthy
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir_path
+    existing = config.read_instance(data_dir)
+    if existing is not None and config.pid_alive(existing.supervisor_pid):
+        raise common.CliError(
+            f"an instance is already running for {data_dir} (nats {existing.nats_url}); "
+            "stop it with: ciliary down"
+        )
+    config.remove_instance(data_dir)
+    if args.nodes < 1:
+        raise common.CliError("--nodes must be at least 1")
+    argv = [
+        sys.executable, "-m", "ciliary.supervisor", "--data-dir", str(data_dir),
+        "--nats-port", str(args.nats_port), "--nodes", str(args.nodes),
+        "--cluster", args.cluster, "--cluster-id", str(args.cluster_id),
+    ]
+    if not args.detach:
+        print(f"ciliary up: data dir {data_dir}; Ctrl-C stops everything", file=sys.stderr)
+        supervisor.main(argv[3:])
+        return 0
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "logs").mkdir(exist_ok=True)
+    started = time.monotonic()
+    with open(data_dir / "logs" / "supervisor.log", "ab") as log_file:
+        proc = subprocess.Popen(
+            argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    nodes = [f"node-{i}" for i in range(1, args.nodes + 1)]
+    deadline = started + args.timeout
+    missing: list[str] = ["nats-server"]
+    last_report = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise common.CliError(
+                f"the supervisor exited with code {proc.returncode}; see {data_dir / 'logs'}"
+            )
+        state = config.read_instance(data_dir)
+        if state is not None:
+            try:
+                reports = asyncio.run(_health(state.nats_url))
+            except BusError:
+                reports = []
+            missing = missing_or_unhealthy(reports, nodes)
+            if not missing:
+                elapsed = time.monotonic() - started
+                print(f"ciliary is up in {elapsed:.1f}s: nats {state.nats_url}, "
+                      f"{len(reports)} services healthy, data dir {data_dir}")
+                if state.ui_url:
+                    print(f"service map: {state.ui_url}   metrics: {state.metrics_url}")
+                return 0
+        report = f"waiting for: {', '.join(missing)}"
+        if report != last_report and sys.stderr.isatty():
+            print(report, file=sys.stderr)
+        last_report = report
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    raise common.CliError(
+        f"not healthy after {args.timeout:.0f}s (still waiting for {', '.join(missing)}); "
+        f"stopped it; logs in {data_dir / 'logs'}"
+    )
+
+
+async def _health(url: str) -> list[schema.HealthReport]:
+    bus = await Bus.connect(url, "ciliary-cli", allow_reconnect=False)
+    try:
+        return await gather_health(bus, timeout=0.5)
+    finally:
+        await bus.close()
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    data_dir: Path = args.data_dir_path
+    state = config.read_instance(data_dir)
+    if state is None or not config.pid_alive(state.supervisor_pid):
+        config.remove_instance(data_dir)
+        print(f"no ciliary instance is running for {data_dir}")
+        return 0
+    os.kill(state.supervisor_pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    pids = [state.supervisor_pid] + [p.pid for p in state.processes]
+    while time.monotonic() < deadline and any(config.pid_alive(p) for p in pids):
+        time.sleep(0.05)
+    survivors = [p for p in pids if config.pid_alive(p)]
+    for pid in survivors:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    config.remove_instance(data_dir)
+    print(f"ciliary stopped ({len(pids)} processes{', ' + str(len(survivors)) + ' killed' if survivors else ''})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = common.running_instance(args.data_dir_path)
+    reports = common.run_with_bus(args, lambda bus: gather_health(bus, timeout=args.timeout))
+    now = time.time()
+    missing = missing_or_unhealthy(reports, state.nodes)
+    if args.output == "json":
+        print(output.to_json({
+            "nats_url": state.nats_url,
+            "cluster": state.cluster,
+            "cluster_id": state.cluster_id,
+            "data_dir": str(args.data_dir_path),
+            "ui_url": state.ui_url,
+            "metrics_url": state.metrics_url,
+            "healthy": not missing,
+            "missing": missing,
+            "services": [
+                {
+                    "name": r.service,
+                    "instance": r.instance,
+                    "node": r.node,
+                    "pid": r.pid,
+                    "version": r.version,
+                    "healthy": r.healthy,
+                    "uptime_seconds": round(now - r.started, 1),
+                    "watching": r.watching,
+                    "detail": r.detail,
+                }
+                for r in reports
+            ],
+        }))
+        return 0 if not missing else 1
+    print(f"cluster {state.cluster} (id {state.cluster_id})   nats {state.nats_url}   data dir {args.data_dir_path}")
+    if state.ui_url:
+        print(f"service map {state.ui_url}   metrics {state.metrics_url}")
+    rows = [
+        [r.service, r.node or "-", r.pid, r.version, "yes" if r.healthy else "NO",
+         output.age(now - r.started), _watching(r)]
+        for r in reports
+    ]
+    rows += [[name, "-", "-", "-", "MISSING", "-", ""] for name in missing if not any(
+        (f"node/{r.node}" if r.service == "node" else r.service) == name for r in reports)]
+    print(output.table(["SERVICE", "NODE", "PID", "VERSION", "HEALTHY", "UPTIME", "WATCHING"], rows))
+    return 0 if not missing else 1
+
+
+def _watching(report: schema.HealthReport) -> str:
+    """``Pod=3 Namespace=2`` for each resource kind the service watches."""
+    if report.service == "node":
+        keys = ("pods", "endpoints", "ipcache", "frontends", "policy_entries")
+        text = " ".join(f"{key}={report.detail[key]}" for key in keys if key in report.detail)
+        if "map_pressure_max" in report.detail:
+            text += f" map-pressure={report.detail['map_pressure_max']:.2%}"
+        return text
+    counts = report.detail.get("resources") or {}
+    kinds = [w.split("/", 1)[1] for w in report.watching if w.startswith("resources/")]
+    return " ".join(f"{kind}={counts.get(kind, 0)}" for kind in kinds)
+
+
+def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
+    """Add ``up``, ``down`` and ``status`` to the ``ciliary`` parser."""
+    p = subparsers.add_parser("up", parents=[common_parent], help="start NATS and every service")
+    p.add_argument("-d", "--detach", action="store_true", help="return once every service is healthy")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nats-port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--cluster", default=schema.DEFAULT_CLUSTER_NAME)
+    p.add_argument("--cluster-id", type=int, default=schema.DEFAULT_CLUSTER_ID)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for health with -d")
+    p.set_defaults(func=cmd_up)
+
+    p = subparsers.add_parser("down", parents=[common_parent], help="stop a detached instance")
+    p.add_argument("--timeout", type=float, default=20.0)
+    p.set_defaults(func=cmd_down)
+
+    p = subparsers.add_parser("status", parents=[common_parent], help="show every service and its health")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument("--timeout", type=float, default=1.0)
+    p.set_defaults(func=cmd_status)
