@@ -10,7 +10,7 @@ Invariants:
   converges; nothing is written before every watch has delivered its initial state.
 - Any number of replicas may run: every write is a compare-and-set against the revision
   this replica saw; a conflict only schedules another pass.
-- Passes are debounced and serial; within a pass, writes to different keys run in
+- Passes are serial (``ciliary.watch.PassLoop``: a burst of changes becomes one pass); within a pass, writes to different keys run in
   parallel (bounded), each key is written at most once.
 - An ipcache key changes owner with one put that replaces its value; it is deleted only
   when no source claims it any more.
@@ -35,16 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
-from ciliary import config, schema
-from ciliary.bus import Bus, BusError, KVEntry, RevisionMismatch
+from ciliary import schema
+from ciliary.bus import BusError
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.watch import PassLoop, entries_only
 
@@ -57,169 +53,19 @@ from .allocator import (
     IdentityAllocator,
     cluster_range,
 )
-from .labels import LabelFilter, LabelPattern, PatternError, cidr_labels, explain, label_set_hash
-from .model import PodInfo, desired_ipcache, label_refs, node_addresses, pod_info, policy_cidrs
+from .casstore import BusCasStore, decode_identity, decode_ipcache
+from .inputs import POLICY_KINDS, IdentityInputs
+from .labels import cidr_labels, explain, label_set_hash
+from .model import desired_ipcache, label_refs
 from .report import cardinality_report
+from .settings import ENV_LABELS, IdentityConfig, label_filter
 
 log = logging.getLogger(__name__)
 
-POLICY_KINDS = ("NetworkPolicy", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
 WATCHED_KINDS = ("Pod", "Namespace", "Node", *POLICY_KINDS)
-ENV_LABELS = "CILIARY_IDENTITY_LABELS"
-ENV_GC_GRACE = "CILIARY_IDENTITY_GC_GRACE"
-ENV_ORPHAN_AGE = "CILIARY_IDENTITY_ORPHAN_AGE"
-DEFAULT_GC_GRACE = 15 * 60.0  # Cilium's identity GC interval
-DEFAULT_ORPHAN_AGE = 60.0
 PARALLEL_WRITES = 64
 AUDIT_INTERVAL = 300.0  # seconds between full listings of the output buckets
 QUEUE_GROUP = "identity"
-
-
-@dataclass(frozen=True)
-class IdentityConfig:
-    labels: str = ""
-    gc_grace: float = DEFAULT_GC_GRACE
-    orphan_age: float = DEFAULT_ORPHAN_AGE
-    fqdn_min_ttl: float = fqdn.DEFAULT_MIN_TTL
-    fqdn_max_entries: int = fqdn.DEFAULT_MAX_ENTRIES
-
-    @classmethod
-    def from_env(cls) -> IdentityConfig:
-        return cls(
-            labels=os.environ.get(ENV_LABELS, ""),
-            gc_grace=config.env_number(ENV_GC_GRACE, DEFAULT_GC_GRACE, minimum=0),
-            orphan_age=config.env_number(ENV_ORPHAN_AGE, DEFAULT_ORPHAN_AGE, minimum=0),
-            fqdn_min_ttl=config.env_number(fqdn.ENV_MIN_TTL, fqdn.DEFAULT_MIN_TTL, minimum=0),
-            fqdn_max_entries=int(config.env_number(fqdn.ENV_MAX_ENTRIES, fqdn.DEFAULT_MAX_ENTRIES,
-                                                   integer=True, minimum=1)),
-        )
-
-    @property
-    def gc_interval(self) -> float:
-        return min(30.0, max(0.2, self.gc_grace / 4))
-
-
-class BusCasStore:
-    """``CasStore`` over one KV bucket, with the watch mirror as the ``peek`` view."""
-
-    def __init__(self, bus: Bus, bucket: str, decoder: Callable[[str, bytes], Any]) -> None:
-        self.bus = bus
-        self.bucket = bucket
-        self.decoder = decoder
-        self.entries: dict[str, tuple[Any, int]] = {}
-        self.bad: set[str] = set()
-        self.tombstones: dict[str, int] = {}
-
-    # -- mirror
-    def observe(self, entry: KVEntry) -> None:
-        key = entry.key
-        held = self.entries.get(key)
-        tombstone = self.tombstones.get(key)
-        if tombstone is not None and entry.revision > tombstone:
-            del self.tombstones[key]  # the watch has caught up with our delete
-        if entry.deleted:
-            if held is None or entry.revision == 0 or entry.revision >= held[1]:
-                self.entries.pop(key, None)
-                self.bad.discard(key)
-            return
-        if held is not None and entry.revision < held[1]:
-            return
-        if entry.revision <= self.tombstones.get(key, 0):
-            return
-        assert entry.value is not None
-        try:
-            value = self.decoder(key, entry.value)
-        except (msgspec.DecodeError, ValueError) as err:
-            log.warning("%s/%s: skipping bad payload: %s", self.bucket, key, err)
-            self.bad.add(key)
-            self.entries.pop(key, None)
-            return
-        self.bad.discard(key)
-        self.entries[key] = (value, entry.revision)
-
-    def _wrote(self, key: str, value: Any, revision: int) -> None:
-        held = self.entries.get(key)
-        if held is None or revision > held[1]:
-            self.entries[key] = (value, revision)
-
-    async def refresh(self, key: str) -> None:
-        """Re-read ``key`` after a failed CAS, so a view that missed a change heals."""
-        try:
-            entry = await self.bus.kv_get(self.bucket, key)
-        except BusError:
-            return
-        if entry is None or entry.value is None:
-            self.entries.pop(key, None)
-            self.bad.discard(key)
-        else:
-            self.entries.pop(key, None)  # accept the store's revision even if lower than ours
-            self.observe(entry)
-
-    async def audit(self) -> int:
-        """Add keys the watch never delivered (list the bucket); returns how many were missing."""
-        listed = await self.bus.kv_list(self.bucket)
-        missing = [entry for key, entry in listed.items() if not self.exists(key)]
-        for entry in missing:
-            self.observe(entry)
-        return len(missing)
-
-    # -- CasStore
-    def peek(self, key: str) -> tuple[Any, int] | None:
-        return self.entries.get(key)
-
-    def keys(self, prefix: str) -> list[str]:
-        return [k for k in (*self.entries, *self.bad) if k.startswith(prefix)]
-
-    def exists(self, key: str) -> bool:
-        return key in self.entries or key in self.bad
-
-    async def get(self, key: str) -> tuple[Any, int] | None:
-        entry = await self.bus.kv_get(self.bucket, key)
-        if entry is None or entry.value is None:
-            return None
-        try:
-            value = self.decoder(key, entry.value)
-        except (msgspec.DecodeError, ValueError) as err:
-            raise Conflict(f"{key}: bad payload: {err}") from err
-        self._wrote(key, value, entry.revision)
-        return value, entry.revision
-
-    async def create(self, key: str, value: Any) -> int:
-        return await self.update(key, value, 0)
-
-    async def update(self, key: str, value: Any, revision: int) -> int:
-        try:
-            new = await self.bus.kv_put(self.bucket, key, value, last_revision=revision)
-        except RevisionMismatch as err:
-            await self.refresh(key)
-            raise Conflict(str(err)) from err
-        self._wrote(key, value, new)
-        return new
-
-    async def delete(self, key: str, revision: int) -> None:
-        try:
-            await self.bus.kv_delete(self.bucket, key, last_revision=revision)
-        except RevisionMismatch as err:
-            await self.refresh(key)
-            raise Conflict(str(err)) from err
-        held = self.entries.get(key)
-        if held is not None and held[1] <= revision:
-            self.entries.pop(key, None)
-        self.tombstones[key] = revision
-
-
-def label_filter(config: str) -> tuple[LabelFilter, list[str]]:
-    """The filter for ``CILIARY_IDENTITY_LABELS``; invalid patterns are reported and skipped."""
-    good, errors = [], []
-    for text in config.split():
-        try:
-            LabelPattern.parse(text)
-        except PatternError as err:
-            errors.append(str(err))
-            continue
-        good.append(text)
-    return LabelFilter.from_config(good), errors
-
 
 async def _gather(*aws: Awaitable[Any]) -> list[Any]:
     """``asyncio.gather`` that lets every write finish before raising the first error."""
@@ -228,18 +74,6 @@ async def _gather(*aws: Awaitable[Any]) -> list[Any]:
         if isinstance(result, BaseException):
             raise result
     return results
-
-
-def decode_identity(key: str, data: bytes) -> Any:
-    if key.startswith(schema.IDENTITY_ID_PREFIX):
-        return schema.decode(data, schema.IdentityRecord)
-    if key.startswith(schema.IDENTITY_LABELS_PREFIX):
-        return schema.decode(data, schema.IdentityLabelsRecord)
-    raise ValueError(f"unknown key {key!r} in bucket identities")
-
-
-def decode_ipcache(key: str, data: bytes) -> Any:
-    return schema.decode(data, schema.IPCacheRecord)
 
 
 class IdentityService:
@@ -252,28 +86,22 @@ class IdentityService:
         self.identities = BusCasStore(ctx.bus, schema.BUCKET_IDENTITIES, decode_identity)
         self.ipcache = BusCasStore(ctx.bus, schema.BUCKET_IPCACHE, decode_ipcache)
         self.allocator = IdentityAllocator(self.identities, self.cluster, self.cluster_id)
-        self.resources: dict[str, dict[str, KVEntry]] = {}
-        self.status: dict[str, dict[str, KVEntry]] = {"Pod": {}, "Node": {}}
+        self.inputs = IdentityInputs(self.filter, self.cluster)
         self.loop = PassLoop("identity", self._pass, ready=lambda: not self.ctx.pending_watches,
                              wake_at=lambda: time.monotonic() + self._wait_limit())
         self.reserved_ensured = False
         self.next_audit = 0.0
         self.passes = 0
-        self._decoded: dict[str, tuple[int, Any]] = {}
-        self._pods: dict[str, tuple[tuple[int, int, int], PodInfo | None]] = {}
-        self._ns_versions: dict[str, int] = {}
-        self.pods: list[PodInfo] = []
         self.names = fqdn.NameCache(min_ttl=config.fqdn_min_ttl, max_entries=config.fqdn_max_entries)
         self.fqdn_matcher = fqdn.SelectorMatcher()
-        self._fqdn_policies: tuple[tuple[str, int], ...] = ()
 
     # ---------------------------------------------------------------- wiring
 
     async def start(self, tg: asyncio.TaskGroup) -> None:
-        self.resources = {kind: mirror.entries for kind, mirror in
+        self.inputs.resources = {kind: mirror.entries for kind, mirror in
                           mirror_kinds(self.ctx, tg, WATCHED_KINDS, self.loop).items()}
         for kind in ("Pod", "Node"):
-            self.status[kind] = self.ctx.mirror(
+            self.inputs.status[kind] = self.ctx.mirror(
                 tg, schema.BUCKET_STATUS, f"{kind}.>", name=f"{schema.BUCKET_STATUS}/{kind}",
             ).notify(self.loop).entries
         for store in (self.identities, self.ipcache):
@@ -295,7 +123,7 @@ class IdentityService:
     async def _on_dns(self, batch: schema.RawEventBatch, _msg: Any) -> None:
         """DNS responses seen by a node: learn the addresses of names a toFQDNs selects."""
         try:
-            self.fqdn_selectors()
+            self.inputs.fqdn_selectors(self.fqdn_matcher)
             if not self.fqdn_matcher.selectors:
                 return
             now = time.monotonic()
@@ -308,27 +136,10 @@ class IdentityService:
         if added:
             self.loop.mark_dirty()
 
-    def fqdn_selectors(self) -> frozenset[fqdn.FQDNSelector]:
-        """The toFQDNs selectors of every policy (recomputed when a policy changed)."""
-        version = tuple(sorted(
-            (key, entry.revision) for kind in POLICY_KINDS
-            for key, entry in self.resources.get(kind, {}).items()
-        ))
-        if version != self._fqdn_policies:
-            found: set[fqdn.FQDNSelector] = set()
-            for kind in POLICY_KINDS:
-                for entry in list(self.resources.get(kind, {}).values()):
-                    record = self._record(entry)
-                    if record is not None:
-                        found |= fqdn.policy_selectors(kind, record.manifest)
-            self.fqdn_matcher.set_selectors(found)
-            self._fqdn_policies = version
-        return self.fqdn_matcher.selectors
-
     def compute_fqdn(self) -> dict[str, tuple[str, ...]]:
         """Host prefix -> ``fqdn:`` labels of the addresses the name cache holds now."""
         self.names.expire(time.monotonic())
-        self.fqdn_selectors()
+        self.inputs.fqdn_selectors(self.fqdn_matcher)
         return fqdn.fqdn_prefixes(self.names, self.fqdn_matcher)
 
     def _wait_limit(self) -> float:
@@ -369,110 +180,6 @@ class IdentityService:
             if missing:
                 log.warning("%s: %d keys were missing from the watched view; added", store.bucket, missing)
 
-    def _record(self, entry: KVEntry) -> schema.ResourceRecord | None:
-        cached = self._decoded.get(entry.key)
-        if cached is not None and cached[0] == entry.revision:
-            return cached[1]
-        try:
-            assert entry.value is not None
-            record = schema.decode(entry.value, schema.ResourceRecord)
-        except (msgspec.DecodeError, AssertionError) as err:
-            log.warning("resources/%s: skipping bad payload: %s", entry.key, err)
-            record = None
-        self._decoded[entry.key] = (entry.revision, record)
-        return record
-
-    def _status(self, kind: str, key: str) -> tuple[dict[str, Any] | None, int]:
-        entry = self.status[kind].get(key)
-        if entry is None or entry.value is None:
-            return None, 0
-        cached = self._decoded.get("status:" + key)
-        if cached is not None and cached[0] == entry.revision:
-            return cached[1], entry.revision
-        try:
-            status = schema.decode(entry.value, schema.StatusRecord).status
-        except msgspec.DecodeError as err:
-            log.warning("status/%s: skipping bad payload: %s", key, err)
-            status = None
-        self._decoded["status:" + key] = (entry.revision, status)
-        return status, entry.revision
-
-    def namespace_labels(self) -> dict[str, tuple[int, dict[str, str]]]:
-        out: dict[str, tuple[int, dict[str, str]]] = {}
-        for entry in list(self.resources.get("Namespace", {}).values()):
-            record = self._record(entry)
-            if record is None:
-                continue
-            labels = (record.manifest.get("metadata") or {}).get("labels") or {}
-            out[record.name] = (entry.revision, {str(k): str(v) for k, v in labels.items()})
-        return out
-
-    def compute_pods(self) -> list[PodInfo]:
-        namespaces = self.namespace_labels()
-        pods: list[PodInfo] = []
-        seen = set()
-        for key, entry in list(self.resources.get("Pod", {}).items()):
-            seen.add(key)
-            status, status_rev = self._status("Pod", key)
-            ns = key.split(".", 2)[1]
-            ns_rev, ns_labels = namespaces.get(ns, (0, {}))
-            version = (entry.revision, status_rev, ns_rev)
-            cached = self._pods.get(key)
-            if cached is not None and cached[0] == version:
-                if cached[1] is not None:
-                    pods.append(cached[1])
-                continue
-            record = self._record(entry)
-            info = None
-            if record is not None:
-                try:
-                    info = pod_info(self.filter, self.cluster, key, record.manifest, entry.revision,
-                                    ns_labels, status, status_rev)
-                except (AttributeError, TypeError, ValueError) as err:
-                    log.warning("resources/%s: cannot derive identity: %s", key, err)
-            self._pods[key] = (version, info)
-            if info is not None:
-                pods.append(info)
-        for key in set(self._pods) - seen:
-            del self._pods[key]
-        if len(self._decoded) > 2 * (len(self._pods) + 64):
-            live = self._live_keys()
-            for key in [k for k in self._decoded if k.split(":", 1)[-1] not in live]:
-                self._decoded.pop(key, None)
-        self.pods = pods
-        return pods
-
-    def _live_keys(self) -> set[str]:
-        live = set()
-        for kind_state in self.resources.values():
-            live.update(kind_state)
-        for kind_state in self.status.values():
-            live.update(kind_state)
-        return live
-
-    def compute_cidrs(self) -> dict[str, int]:
-        refs: dict[str, int] = {}
-        for kind in POLICY_KINDS:
-            for entry in list(self.resources.get(kind, {}).values()):
-                record = self._record(entry)
-                if record is None:
-                    continue
-                for prefix in policy_cidrs(kind, record.manifest):
-                    refs[prefix] = refs.get(prefix, 0) + 1
-        return refs
-
-    def compute_nodes(self) -> dict[str, list[str]]:
-        nodes: dict[str, list[str]] = {}
-        for key, entry in list(self.resources.get("Node", {}).items()):
-            record = self._record(entry)
-            if record is None:
-                continue
-            status, _ = self._status("Node", key)
-            prefixes = node_addresses(record.manifest, status)
-            if prefixes:
-                nodes[record.name] = prefixes
-        return nodes
-
     async def reconcile(self) -> bool:
         """One pass; True when another pass is needed (conflicts, failed writes)."""
         started = time.monotonic()
@@ -482,9 +189,9 @@ class IdentityService:
         # newer inputs meanwhile has a newer revision, so our CAS fails instead of undoing it
         ipcache_view = dict(self.ipcache.entries)
         ipcache_bad = set(self.ipcache.bad)
-        pods = self.compute_pods()
+        pods = self.inputs.compute_pods()
         refs = label_refs(pods)
-        cidr_refs = self.compute_cidrs()
+        cidr_refs = self.inputs.compute_cidrs()
         fqdn_labels = self.compute_fqdn()
         for prefix in fqdn_labels:
             cidr_refs[prefix] = cidr_refs.get(prefix, 0) + 1
@@ -529,7 +236,7 @@ class IdentityService:
         await self.allocator.sweep_orphans(self.config.orphan_age)
 
         # ipcache
-        desired = desired_ipcache(pods, pod_ids, self.compute_nodes(), cidr_ids,
+        desired = desired_ipcache(pods, pod_ids, self.inputs.compute_nodes(), cidr_ids,
                                   self.cluster, self.cluster_id)
         writes = []
         for key, record in desired.items():
@@ -578,7 +285,7 @@ class IdentityService:
         self.ctx.detail["identities"] = len(ids)
         self.ctx.detail["label_sets"] = len(self.identities.keys(schema.IDENTITY_LABELS_PREFIX))
         self.ctx.detail["ipcache"] = ipcache_entries
-        self.ctx.detail["endpoints"] = len(self.pods)
+        self.ctx.detail["endpoints"] = len(self.inputs.pods)
         self.ctx.detail["passes"] = self.passes
         self.ctx.detail["last_pass_ms"] = round(seconds * 1000, 1)
         self.ctx.detail["fqdn_cache"] = self.names.size
@@ -589,21 +296,16 @@ class IdentityService:
     # ---------------------------------------------------------------- requests
 
     def explain(self, request: schema.IdentityExplainRequest) -> schema.IdentityExplainReply:
-        namespaces = self.namespace_labels()
+        namespaces = self.inputs.namespace_labels()
         namespace = request.namespace or "default"
         labels = dict(request.labels)
         service_account = request.service_account or "default"
         if request.pod:
-            key = f"Pod.{namespace}.{request.pod}"
-            entry = self.resources.get("Pod", {}).get(key)
-            record = self._record(entry) if entry is not None else None
-            if record is None:
+            source = self.inputs.pod_source(namespace, request.pod)
+            if source is None:
                 return schema.IdentityExplainReply(ok=False, error=f"pod {namespace}/{request.pod} not found",
                                                    namespace=namespace, pod=request.pod)
-            meta = record.manifest.get("metadata") or {}
-            spec = record.manifest.get("spec") or {}
-            labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
-            service_account = str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default")
+            labels, service_account = source
         ns_labels = namespaces.get(namespace, (0, {}))[1]
         verdicts = explain(self.filter, labels, namespace, ns_labels, service_account, self.cluster)
         kept = sorted(str(v.label) for v in verdicts if v.kept)
@@ -616,7 +318,7 @@ class IdentityService:
         )
 
     def report(self, request: schema.IdentityReportRequest) -> schema.IdentityReportReply:
-        pods = self.pods or self.compute_pods()
+        pods = self.inputs.pods or self.inputs.compute_pods()
         low, high = cluster_range(self.cluster_id)
         allocated = sum(
             1 for key in self.identities.keys(schema.IDENTITY_ID_PREFIX)

@@ -1,0 +1,177 @@
+"""The identity service's inputs: mirrored objects decoded into what identities need.
+
+Holds the mirrored ``resources`` (Pods, Namespaces, Nodes, policies) and ``status``
+(Pods, Nodes) entries and turns them into ``PodInfo``s, policy CIDR references, node
+addresses and toFQDNs selectors.
+
+Invariants:
+- Pure over the mirrored entries: no bus, no clock. Each decode is cached by KV revision
+  (a pod's by its own, its status' and its namespace's revision), so a pass re-decodes
+  only what changed; caches drop keys no mirror holds any more.
+- A payload that does not decode, or a pod whose identity cannot be derived, is logged
+  and left out; it never fails a pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+
+from ciliary import schema
+from ciliary.bus import KVEntry
+
+from . import fqdn
+from .labels import LabelFilter
+from .model import PodInfo, node_addresses, pod_info, policy_cidrs
+
+log = logging.getLogger(__name__)
+
+POLICY_KINDS = ("NetworkPolicy", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy")
+
+
+class IdentityInputs:
+    """Mirrored objects → pods, policy CIDRs, node addresses, toFQDNs selectors."""
+
+    def __init__(self, label_filter: LabelFilter, cluster: str) -> None:
+        self.filter = label_filter
+        self.cluster = cluster
+        self.resources: dict[str, dict[str, KVEntry]] = {}
+        self.status: dict[str, dict[str, KVEntry]] = {"Pod": {}, "Node": {}}
+        self.pods: list[PodInfo] = []
+        self._decoded: dict[str, tuple[int, Any]] = {}
+        self._pods: dict[str, tuple[tuple[int, int, int], PodInfo | None]] = {}
+        self._fqdn_policies: tuple[tuple[str, int], ...] = ()
+
+    def record(self, entry: KVEntry) -> schema.ResourceRecord | None:
+        cached = self._decoded.get(entry.key)
+        if cached is not None and cached[0] == entry.revision:
+            return cached[1]
+        try:
+            assert entry.value is not None
+            record = schema.decode(entry.value, schema.ResourceRecord)
+        except (msgspec.DecodeError, AssertionError) as err:
+            log.warning("resources/%s: skipping bad payload: %s", entry.key, err)
+            record = None
+        self._decoded[entry.key] = (entry.revision, record)
+        return record
+
+    def status_of(self, kind: str, key: str) -> tuple[dict[str, Any] | None, int]:
+        entry = self.status[kind].get(key)
+        if entry is None or entry.value is None:
+            return None, 0
+        cached = self._decoded.get("status:" + key)
+        if cached is not None and cached[0] == entry.revision:
+            return cached[1], entry.revision
+        try:
+            status = schema.decode(entry.value, schema.StatusRecord).status
+        except msgspec.DecodeError as err:
+            log.warning("status/%s: skipping bad payload: %s", key, err)
+            status = None
+        self._decoded["status:" + key] = (entry.revision, status)
+        return status, entry.revision
+
+    def namespace_labels(self) -> dict[str, tuple[int, dict[str, str]]]:
+        out: dict[str, tuple[int, dict[str, str]]] = {}
+        for entry in list(self.resources.get("Namespace", {}).values()):
+            record = self.record(entry)
+            if record is None:
+                continue
+            labels = (record.manifest.get("metadata") or {}).get("labels") or {}
+            out[record.name] = (entry.revision, {str(k): str(v) for k, v in labels.items()})
+        return out
+
+    def compute_pods(self) -> list[PodInfo]:
+        namespaces = self.namespace_labels()
+        pods: list[PodInfo] = []
+        seen = set()
+        for key, entry in list(self.resources.get("Pod", {}).items()):
+            seen.add(key)
+            status, status_rev = self.status_of("Pod", key)
+            ns = key.split(".", 2)[1]
+            ns_rev, ns_labels = namespaces.get(ns, (0, {}))
+            version = (entry.revision, status_rev, ns_rev)
+            cached = self._pods.get(key)
+            if cached is not None and cached[0] == version:
+                if cached[1] is not None:
+                    pods.append(cached[1])
+                continue
+            record = self.record(entry)
+            info = None
+            if record is not None:
+                try:
+                    info = pod_info(self.filter, self.cluster, key, record.manifest, entry.revision,
+                                    ns_labels, status, status_rev)
+                except (AttributeError, TypeError, ValueError) as err:
+                    log.warning("resources/%s: cannot derive identity: %s", key, err)
+            self._pods[key] = (version, info)
+            if info is not None:
+                pods.append(info)
+        for key in set(self._pods) - seen:
+            del self._pods[key]
+        if len(self._decoded) > 2 * (len(self._pods) + 64):
+            live = self._live_keys()
+            for key in [k for k in self._decoded if k.split(":", 1)[-1] not in live]:
+                self._decoded.pop(key, None)
+        self.pods = pods
+        return pods
+
+    def _live_keys(self) -> set[str]:
+        live = set()
+        for kind_state in self.resources.values():
+            live.update(kind_state)
+        for kind_state in self.status.values():
+            live.update(kind_state)
+        return live
+
+    def compute_cidrs(self) -> dict[str, int]:
+        refs: dict[str, int] = {}
+        for kind in POLICY_KINDS:
+            for entry in list(self.resources.get(kind, {}).values()):
+                record = self.record(entry)
+                if record is None:
+                    continue
+                for prefix in policy_cidrs(kind, record.manifest):
+                    refs[prefix] = refs.get(prefix, 0) + 1
+        return refs
+
+    def compute_nodes(self) -> dict[str, list[str]]:
+        nodes: dict[str, list[str]] = {}
+        for key, entry in list(self.resources.get("Node", {}).items()):
+            record = self.record(entry)
+            if record is None:
+                continue
+            status, _ = self.status_of("Node", key)
+            prefixes = node_addresses(record.manifest, status)
+            if prefixes:
+                nodes[record.name] = prefixes
+        return nodes
+
+    def fqdn_selectors(self, matcher: fqdn.SelectorMatcher) -> frozenset[fqdn.FQDNSelector]:
+        """The toFQDNs selectors of every policy (recomputed when a policy changed)."""
+        version = tuple(sorted(
+            (key, entry.revision) for kind in POLICY_KINDS
+            for key, entry in self.resources.get(kind, {}).items()
+        ))
+        if version != self._fqdn_policies:
+            found: set[fqdn.FQDNSelector] = set()
+            for kind in POLICY_KINDS:
+                for entry in list(self.resources.get(kind, {}).values()):
+                    record = self.record(entry)
+                    if record is not None:
+                        found |= fqdn.policy_selectors(kind, record.manifest)
+            matcher.set_selectors(found)
+            self._fqdn_policies = version
+        return matcher.selectors
+
+    def pod_source(self, namespace: str, pod: str) -> tuple[dict[str, str], str] | None:
+        """A pod's labels and service account, as its identity is derived from them."""
+        entry = self.resources.get("Pod", {}).get(f"Pod.{namespace}.{pod}")
+        record = self.record(entry) if entry is not None else None
+        if record is None:
+            return None
+        meta = record.manifest.get("metadata") or {}
+        spec = record.manifest.get("spec") or {}
+        labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+        return labels, str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default")
