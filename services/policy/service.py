@@ -32,23 +32,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any
 
-import msgspec
-
-from ciliary import config, schema
+from ciliary import schema
 from ciliary.bus import SYNCED, KVEntry, RevisionMismatch, Synced
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import now_rfc3339
 from ciliary.watch import PassLoop, entries_only
 
 from .incremental import PolicyEngine, Step
-from .records import named_ports_from_pods, plan_writes, status_payload, update_desired
-from .resolve import DEFAULT_MAX_ENTRIES, Resolution, ResolveOptions
-from .rules import POLICY_KINDS, PROTOCOLS, NormPolicy, PolicyKey, normalize
-from .selectors import IdentityView, is_cidr_identity
-from .trace import ipcache_lookup, trace
+from .inputs import PolicyInputs, decode_identity, decode_ipcache_prefix, decode_pod_ip
+from .records import plan_writes, status_payload, update_desired
+from .resolve import Resolution
+from .rules import NormPolicy, PolicyKey
+from .selectors import IdentityView
+from .settings import options_from_env
+from .trace_request import TraceView, answer_trace
 
 log = logging.getLogger(__name__)
 
@@ -60,63 +59,6 @@ WATCHED_KINDS = (
     "Pod",
 )
 QUEUE_GROUP = "ciliary-policy"
-ENV_AUDIT = "CILIARY_POLICY_AUDIT_MODE"
-ENV_MAX_ENTRIES = "CILIARY_POLICY_MAX_ENTRIES"
-ENV_ALL_CLUSTERS = "CILIARY_POLICY_ALL_CLUSTERS"
-ENV_ALLOW_LOCALHOST = "CILIARY_POLICY_ALLOW_LOCALHOST"
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
-
-
-def options_from_env(cluster: str, cluster_id: int) -> ResolveOptions:
-    return ResolveOptions(
-        cluster_name=cluster,
-        cluster_id=cluster_id,
-        max_entries=int(config.env_number(ENV_MAX_ENTRIES, DEFAULT_MAX_ENTRIES, integer=True, minimum=0)),
-        audit_mode=_flag(ENV_AUDIT),
-        local_cluster_only=not _flag(ENV_ALL_CLUSTERS),
-        allow_localhost=os.environ.get(ENV_ALLOW_LOCALHOST, "always").lower() != "policy",
-    )
-
-
-def decode_identity(entry: KVEntry) -> tuple[int, frozenset[str]] | None:
-    if not entry.key.startswith(schema.IDENTITY_ID_PREFIX) or entry.value is None:
-        return None
-    try:
-        raw = msgspec.msgpack.decode(entry.value)
-        return int(raw["id"]), frozenset(str(x) for x in raw.get("labels") or [])
-    except (msgspec.DecodeError, KeyError, TypeError, ValueError) as err:
-        log.warning("identities/%s: skipping bad payload: %s", entry.key, err)
-        return None
-
-
-def decode_pod_ip(entry: KVEntry) -> tuple[str, int] | None:
-    if entry.value is None:
-        return None
-    try:
-        raw = msgspec.msgpack.decode(entry.value)
-        if raw.get("source") != "pod" or not raw.get("pod"):
-            return None
-        return f"{raw.get('namespace') or 'default'}/{raw['pod']}", int(raw["identity"])
-    except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-        log.warning("ipcache/%s: skipping bad payload: %s", entry.key, err)
-        return None
-
-
-def decode_ipcache_prefix(entry: KVEntry) -> tuple[str, int] | None:
-    """``(prefix, identity)`` of any ipcache record (trace resolves addresses with it)."""
-    if entry.value is None:
-        return None
-    try:
-        raw = msgspec.msgpack.decode(entry.value)
-        return str(raw["prefix"]), int(raw["identity"])
-    except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-        log.warning("ipcache/%s: skipping bad payload: %s", entry.key, err)
-        return None
-
-
 class PolicyService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -129,15 +71,13 @@ class PolicyService:
         self.ipcache_prefixes: dict[str, tuple[str, int]] = {}  # ipcache key -> (prefix, id)
         self.policy_bucket: dict[str, tuple[int, bytes]] = {}  # key -> (revision, value)
         self.status_written: dict[str, dict[str, Any]] = {}  # status key -> payload
-        self.resources: dict[str, dict[str, KVEntry]] = {}
+        self.inputs = PolicyInputs(self.options)
         self.norm: list[NormPolicy] = []
         self.named_ports: dict[int, dict[str, tuple[int, int]]] = {}
         self.last: Resolution | None = None
         self.loop = PassLoop("policy", self.reconcile, ready=lambda: not self.ctx.pending_watches,
                              on_error=self._on_pass_error)
         self.dirty = self.loop.dirty  # set: a pass is due
-        self._decoded: dict[str, tuple[int, NormPolicy | None, int]] = {}
-        self._pods: dict[str, tuple[int, str, dict[str, Any]]] = {}  # key -> rev, ref, manifest
         self._pending: list[tuple[dict[int, frozenset[str]], list[int]]] = []
         self.counters = {"passes": 0, "writes": 0, "deletes": 0, "overflow": 0, "conflicts": 0}
         ctx.detail["policy"] = self.counters
@@ -145,7 +85,7 @@ class PolicyService:
     # ---------------------------------------------------------------- wiring
 
     async def start(self, tg: asyncio.TaskGroup) -> None:
-        self.resources = {kind: m.entries for kind, m in
+        self.inputs.resources = {kind: m.entries for kind, m in
                           mirror_kinds(self.ctx, tg, WATCHED_KINDS, self.loop).items()}
         for bucket, handler in (
             (schema.BUCKET_IDENTITIES, self._on_identity),
@@ -205,63 +145,11 @@ class PolicyService:
 
     # ---------------------------------------------------------------- the pass
 
-    def _policies(self) -> tuple[list[NormPolicy], dict[PolicyKey, str], dict[PolicyKey, int]]:
-        norm: list[NormPolicy] = []
-        keys: dict[PolicyKey, str] = {}
-        generations: dict[PolicyKey, int] = {}
-        for kind in POLICY_KINDS:
-            for key, entry in sorted(self.resources.get(kind, {}).items()):
-                cached = self._decoded.get(key)
-                if cached is None or cached[0] != entry.revision:
-                    pol, gen = self._decode_policy(kind, key, entry)
-                    cached = (entry.revision, pol, gen)
-                    self._decoded[key] = cached
-                _, pol, gen = cached
-                if pol is None:
-                    continue
-                norm.append(pol)
-                keys[pol.key] = key
-                generations[pol.key] = gen
-        live = {k for kind in POLICY_KINDS for k in self.resources.get(kind, {})}
-        for stale in [k for k in self._decoded if k not in live]:
-            del self._decoded[stale]
-        return norm, keys, generations
-
-    def _decode_policy(self, kind: str, key: str, entry: KVEntry) -> tuple[NormPolicy | None, int]:
-        try:
-            assert entry.value is not None
-            record = schema.decode(entry.value, schema.ResourceRecord)
-        except (msgspec.DecodeError, AssertionError) as err:
-            log.warning("resources/%s: skipping bad payload: %s", key, err)
-            return None, 0
-        pol = normalize(record.manifest, self.options.cluster_name,
-                        self.options.local_cluster_only)
-        return pol, record.generation
-
-    def _named_ports(self) -> dict[int, dict[str, tuple[int, int]]]:
-        pod_identity = dict(self.ipcache_pods.values())
-        pods = []
-        live = self.resources.get("Pod", {})
-        for key, entry in live.items():
-            cached = self._pods.get(key)
-            if cached is None or cached[0] != entry.revision:
-                try:
-                    assert entry.value is not None
-                    record = schema.decode(entry.value, schema.ResourceRecord)
-                except (msgspec.DecodeError, AssertionError):
-                    continue
-                cached = (entry.revision, f"{record.namespace}/{record.name}", record.manifest)
-                self._pods[key] = cached
-            pods.append((cached[1], cached[2]))
-        for stale in [k for k in self._pods if k not in live]:
-            del self._pods[stale]
-        return named_ports_from_pods(pods, pod_identity)
-
     async def reconcile(self) -> None:
         self.counters["passes"] += 1
-        norm, status_keys, generations = self._policies()
+        norm, status_keys, generations = self.inputs.policies()
         self.norm = norm
-        self.named_ports = self._named_ports()
+        self.named_ports = self.inputs.named_ports(self.ipcache_pods.values())
         step = await self._resolve(norm)
         res = step.resolution
         self.last = res
@@ -323,53 +211,8 @@ class PolicyService:
     # ---------------------------------------------------------------- trace
 
     def answer_trace(self, req: schema.PolicyTraceRequest) -> schema.PolicyTraceReply:
-        proto = PROTOCOLS.get(req.proto.upper())
-        if proto is None:
-            return schema.PolicyTraceReply(ok=False, error=f"unknown protocol {req.proto!r}")
-        try:
-            from_labels, from_identity = self._trace_side(
-                "from", req.from_cidr, req.from_labels, req.from_identity)
-            to_labels, to_identity = self._trace_side(
-                "to", req.to_cidr, req.to_labels, req.to_identity)
-        except ValueError as err:
-            return schema.PolicyTraceReply(ok=False, error=str(err))
-        named = self.named_ports.get(to_identity, {})
-        every: dict[str, set[tuple[int, int]]] = {}
-        for ports in self.named_ports.values():
-            for name, value in ports.items():
-                every.setdefault(name, set()).add(value)
-        t = trace(from_labels, to_labels, req.port, proto, self.norm,
-                  from_identity=from_identity or None, to_identity=to_identity or None,
-                  named_ports=named, all_named_ports=every, options=self.options)
-
-        def step(d: Any) -> schema.PolicyTraceStep:
-            return schema.PolicyTraceStep(direction=d.direction, verdict=d.verdict,
-                                          reason=d.reason, rules=[str(r) for r in d.rules],
-                                          audit=d.audit)
-
-        return schema.PolicyTraceReply(verdict=t.verdict, egress=step(t.egress),
-                                       ingress=step(t.ingress))
-
-    def _trace_side(self, side: str, cidr: str, labels: list[str], identity: int
-                    ) -> tuple[list[str], int]:
-        """Labels and identity of one side of a trace: an IP/CIDR is the identity the
-        ipcache maps it to (pod, node, policy CIDR or world); labels without an identity
-        get the identity with exactly those labels, when there is one."""
-        if cidr:
-            try:
-                ident, prefix = ipcache_lookup(cidr, self.ipcache_prefixes.values())
-            except ValueError:
-                raise ValueError(f"{side}_cidr: {cidr!r} is not an IP address or CIDR") from None
-            view = self.identities.get(ident)
-            if view is not None:
-                return sorted(view.labels), ident
-            found = ["reserved:world"] + ([f"cidr:{prefix}"] if is_cidr_identity(ident) else [])
-            return found, ident
-        if not identity:
-            wanted = frozenset(labels)
-            identity = next((i for i, v in sorted(self.identities.items())
-                             if v.labels == wanted), 0)
-        return list(labels), identity
+        return answer_trace(req, TraceView(self.norm, self.named_ports, self.identities,
+                                           self.ipcache_prefixes, self.options))
 
     async def _on_trace(self, req: schema.PolicyTraceRequest, msg: Any) -> None:
         try:
