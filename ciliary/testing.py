@@ -44,6 +44,7 @@ Ordering and timing:
   is not a scheduling point (nats buffers it).
 - A handler that raises is logged and recorded in ``handler_errors``; the subscription
   keeps going, as with the real client.
+- After ``close`` every operation raises ``BusError`` (a bus that is down).
 
 Test helpers (not part of ``Bus``): ``put``/``delete`` write synchronously to seed state
 (not logged); ``log`` (alias ``ops``) lists every successful ``kv_put``/``kv_delete`` as
@@ -53,8 +54,8 @@ requests and replies included; ``services`` holds the current ``register_service
 registrations. Not modelled: reconnects (``reconnects`` stays 0), KV history beyond the
 last write, ``$SRV`` discovery subjects, and ``bus.nc``/``bus.js`` (no NATS connection).
 Known difference: where the real ``Bus`` lets a nats exception through (a write to a
-missing bucket, an oversized publish) the fake raises ``BusError``; the parity test pins
-this.
+missing bucket, an oversized publish, any call on a closed connection) the fake raises
+``BusError``; the parity test pins the first two.
 """
 
 from __future__ import annotations
@@ -316,6 +317,7 @@ class FakeBus(Bus):
 
     async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
         await asyncio.sleep(0)
+        self._check_open()
         state = self._buckets.get(bucket)
         if state is None:
             raise BusError(f"KV bucket {bucket!r} does not exist")
@@ -330,6 +332,7 @@ class FakeBus(Bus):
         data = record if isinstance(record, bytes) else schema.encode(record)
         headers = telemetry.inject_headers()
         await asyncio.sleep(0)
+        self._check_open()
         state = self._writable(bucket)
         if last_revision is not None:
             current = state.last.get(key)
@@ -346,6 +349,7 @@ class FakeBus(Bus):
     async def kv_delete(self, bucket: str, key: str, *, last_revision: int | None = None) -> None:
         headers = telemetry.inject_headers({KV_OPERATION: "DEL"})
         await asyncio.sleep(0)
+        self._check_open()
         state = self._writable(bucket)
         if last_revision is not None:
             current = state.last.get(key)
@@ -359,6 +363,7 @@ class FakeBus(Bus):
         self, bucket: str, pattern: str = ">", *, once: bool = False
     ) -> AsyncIterator[KVEntry | Synced]:
         await asyncio.sleep(0)
+        self._check_open()
         while bucket not in self._buckets:
             if once:
                 raise BusError(f"watch {bucket}: stream not found")
@@ -423,12 +428,14 @@ class FakeBus(Bus):
         *,
         queue: str = "",
     ) -> Subscription:
+        self._check_open()
         sub = FakeSubscription(self, subject, queue, handler)
         self._subs.append(sub)
         return sub
 
     async def request(self, subject: str, record: Any, type_: type[T], *, timeout: float = 2.0) -> T:
         data = record if isinstance(record, bytes) else schema.encode(record)
+        self._check_open()
         if not self._has_interest(subject):
             raise BusError(f"no answer on {subject}")
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -527,6 +534,10 @@ class FakeBus(Bus):
         }
         return registration
 
+    def _check_open(self) -> None:
+        if self.closing:
+            raise BusError(f"{self.name}: the bus is closed")
+
     def _new_inbox(self) -> str:
         return f"_INBOX.{self.name}.{next(self._inboxes)}"
 
@@ -535,6 +546,7 @@ class FakeBus(Bus):
 
     def _send(self, subject: str, data: bytes, reply: str) -> None:
         """Store and deliver one message: every plain subscription, one per queue group."""
+        self._check_open()
         if len(data) > self._max_payload:
             raise BusError(f"{subject}: {len(data)} bytes exceed the maximum payload "
                            f"({self._max_payload})")

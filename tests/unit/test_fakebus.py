@@ -329,10 +329,15 @@ async def test_close() -> None:
         got.append(msg.data)
 
     await bus.subscribe_raw("x", handler)
+    await bus.publish("x", b"0")
     await bus.close()
     assert not bus.connected and bus.closing
-    await bus.publish("x", b"1")
+    for call in (bus.publish("x", b"1"), bus.kv_put(B, "k", b"1"), bus.kv_get(B, "k"),
+                 bus.kv_list(B), bus.request("x", b"", bytes), bus.subscribe_raw("x", handler)):
+        with pytest.raises(BusError):
+            await call
     await asyncio.sleep(0)
-    assert got == []
+    assert got == []  # what was pending when it closed is dropped
+    assert bus.published == [("x", b"0")]
     bus.connected = True
     assert bus.connected
