@@ -2,47 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import pytest
 import yaml
 
 from ciliary import schema
-from ciliary.bus import KVEntry, RevisionMismatch
+from ciliary.bus import KVEntry
 from ciliary.runtime import Context, Settings
+from ciliary.testing import FakeBus
 from services.servicelb import model
 from services.servicelb.service import ServiceLB
-
-
-class FakeBus:
-    """Just the KV calls servicelb makes, with NATS's compare-and-set semantics."""
-
-    def __init__(self) -> None:
-        self.kv: dict[str, dict[str, tuple[int, bytes]]] = {}
-        self.seq = 0
-        self.ops: list[tuple[str, str, str]] = []
-        self.connected = True
-
-    async def kv_list(self, bucket: str, pattern: str = ">") -> dict[str, KVEntry]:
-        prefix = "" if pattern == ">" else pattern.removesuffix(">")
-        return {k: KVEntry(bucket, k, rev, val) for k, (rev, val) in sorted(self.kv.get(bucket, {}).items())
-                if k.startswith(prefix)}
-
-    async def kv_put(self, bucket: str, key: str, record: Any, *, last_revision: int | None = None) -> int:
-        current = self.kv.setdefault(bucket, {}).get(key)
-        if last_revision is not None and (current[0] if current else 0) != last_revision:
-            raise RevisionMismatch(key)
-        self.seq += 1
-        self.kv[bucket][key] = (self.seq, record if isinstance(record, bytes) else schema.encode(record))
-        self.ops.append(("put", bucket, key))
-        return self.seq
-
-    async def kv_delete(self, bucket: str, key: str, *, last_revision: int | None = None) -> None:
-        current = self.kv.setdefault(bucket, {}).get(key)
-        if last_revision is not None and current and current[0] != last_revision:
-            raise RevisionMismatch(key)
-        self.kv[bucket].pop(key, None)
-        self.ops.append(("delete", bucket, key))
 
 
 def resource_entries(text: str) -> dict[str, dict[str, KVEntry]]:
@@ -85,7 +52,7 @@ endpoints:{endpoints}
 
 
 def make_lb(bus: FakeBus) -> ServiceLB:
-    ctx = Context(service="servicelb", settings=Settings(nats_url="nats://fake"), bus=bus)  # type: ignore[arg-type]
+    ctx = Context(service="servicelb", settings=Settings(nats_url="nats://fake"), bus=bus)
     return ServiceLB(ctx, model.Config())
 
 
@@ -181,11 +148,3 @@ async def test_garbage_inputs_are_skipped_and_a_broken_service_keeps_its_values(
     assert lb.ctx.detail["problems"] == 1
     assert any("undecodable" in p for p in lb.logged)
 
-
-def test_fake_bus_rejects_a_stale_create() -> None:
-    import asyncio
-
-    bus = FakeBus()
-    asyncio.run(bus.kv_put("b", "k", b"x", last_revision=0))
-    with pytest.raises(RevisionMismatch):
-        asyncio.run(bus.kv_put("b", "k", b"y", last_revision=0))
