@@ -6,6 +6,7 @@ import pytest
 
 from ciliary import schema
 from ciliary.bus import KVEntry
+from ciliary.testing import FakeBus
 from services.identity.allocator import Conflict
 from services.identity.service import (
     BusCasStore,
@@ -20,42 +21,8 @@ def ipc(prefix: str, ident: int) -> bytes:
     return schema.encode(schema.IPCacheRecord(prefix=prefix, identity=ident, source="pod", cluster="c", cluster_id=1))
 
 
-class FakeBus:
-    """Just enough of ``Bus`` for ``BusCasStore``: a dict with revisions and CAS."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, tuple[bytes, int]] = {}
-        self.seq = 0
-
-    async def kv_put(self, bucket: str, key: str, record: object, *, last_revision: int | None = None) -> int:
-        from ciliary.bus import RevisionMismatch
-
-        current = self.data.get(key)
-        if last_revision is not None and (current[1] if current else 0) != last_revision:
-            raise RevisionMismatch(key)
-        self.seq += 1
-        self.data[key] = (schema.encode(record), self.seq)
-        return self.seq
-
-    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
-        current = self.data.get(key)
-        return None if current is None else KVEntry(bucket, key, current[1], current[0])
-
-    async def kv_list(self, bucket: str) -> dict[str, KVEntry]:
-        return {key: KVEntry(bucket, key, rev, value) for key, (value, rev) in self.data.items()}
-
-    async def kv_delete(self, bucket: str, key: str, *, last_revision: int | None = None) -> None:
-        from ciliary.bus import RevisionMismatch
-
-        current = self.data.get(key)
-        if last_revision is not None and (current[1] if current else 0) != last_revision:
-            raise RevisionMismatch(key)
-        self.data.pop(key, None)
-        self.seq += 1
-
-
 def test_mirror_ignores_stale_events_and_bad_payloads() -> None:
-    store = BusCasStore(FakeBus(), schema.BUCKET_IPCACHE, decode_ipcache)  # type: ignore[arg-type]
+    store = BusCasStore(FakeBus(), schema.BUCKET_IPCACHE, decode_ipcache)
     store.observe(KVEntry("ipcache", "10.0.0.1_32", 5, ipc("10.0.0.1/32", 300)))
     store.observe(KVEntry("ipcache", "10.0.0.1_32", 3, ipc("10.0.0.1/32", 299)))  # older: ignored
     assert store.peek("10.0.0.1_32")[0].identity == 300  # type: ignore[index]
@@ -71,14 +38,14 @@ def test_mirror_ignores_stale_events_and_bad_payloads() -> None:
 
 async def test_writes_update_the_mirror_and_map_conflicts() -> None:
     bus = FakeBus()
-    store = BusCasStore(bus, schema.BUCKET_IPCACHE, decode_ipcache)  # type: ignore[arg-type]
+    store = BusCasStore(bus, schema.BUCKET_IPCACHE, decode_ipcache)
     record = schema.IPCacheRecord(prefix="10.0.0.2/32", identity=7, source="pod", cluster="c", cluster_id=1)
     rev = await store.create("10.0.0.2_32", record)
     assert store.peek("10.0.0.2_32") == (record, rev)
     with pytest.raises(Conflict):
         await store.create("10.0.0.2_32", record)
     # a conflict re-reads the key: a view that missed a write heals
-    bus.data["10.0.0.2_32"] = (ipc("10.0.0.2/32", 8), 99)
+    bus.put(schema.BUCKET_IPCACHE, "10.0.0.2_32", ipc("10.0.0.2/32", 8), revision=99)
     with pytest.raises(Conflict):
         await store.update("10.0.0.2_32", record, rev)
     assert store.peek("10.0.0.2_32")[0].identity == 8 and store.peek("10.0.0.2_32")[1] == 99  # type: ignore[index]
@@ -109,9 +76,9 @@ def test_decoders_and_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_audit_adds_keys_the_watch_missed() -> None:
     bus = FakeBus()
-    store = BusCasStore(bus, schema.BUCKET_IPCACHE, decode_ipcache)  # type: ignore[arg-type]
-    bus.data["10.0.0.3_32"] = (ipc("10.0.0.3/32", 5), 4)
-    bus.data["10.0.0.4_32"] = (ipc("10.0.0.4/32", 6), 5)
+    store = BusCasStore(bus, schema.BUCKET_IPCACHE, decode_ipcache)
+    bus.put(schema.BUCKET_IPCACHE, "10.0.0.3_32", ipc("10.0.0.3/32", 5), revision=4)
+    bus.put(schema.BUCKET_IPCACHE, "10.0.0.4_32", ipc("10.0.0.4/32", 6), revision=5)
     store.observe(KVEntry("ipcache", "10.0.0.4_32", 5, ipc("10.0.0.4/32", 6)))
     assert await store.audit() == 1
     assert store.peek("10.0.0.3_32")[0].identity == 5  # type: ignore[index]
