@@ -11,77 +11,16 @@ import msgspec
 import pytest
 
 from ciliary import schema
-from ciliary.bus import SYNCED, KVEntry, RevisionMismatch
+from ciliary.bus import KVEntry
 from ciliary.runtime import Context, Settings
+from ciliary.testing import FakeBus
 from services.policy.records import named_ports_from_pods, plan_writes
 from services.policy.rules import normalize
 from services.policy.service import PolicyService, decode_identity, decode_pod_ip
 from services.policy.trace import ipcache_lookup
 
 
-class MemBus:
-    """Just enough of `ciliary.bus.Bus` for the policy service."""
-
-    connected = True
-
-    def __init__(self) -> None:
-        self.data: dict[str, dict[str, tuple[int, bytes]]] = {}
-        self.rev = 0
-        self.watchers: list[tuple[str, str, asyncio.Queue[KVEntry]]] = []
-        self.log: list[tuple[str, str, str]] = []
-        self.handlers: dict[str, Any] = {}
-
-    @staticmethod
-    def _match(pattern: str, key: str) -> bool:
-        return pattern == ">" or (pattern.endswith(">") and key.startswith(pattern[:-1]))
-
-    def _emit(self, bucket: str, key: str, value: bytes | None) -> None:
-        for b, pattern, queue in self.watchers:
-            if b == bucket and self._match(pattern, key):
-                queue.put_nowait(KVEntry(bucket, key, self.rev, value))
-
-    def put(self, bucket: str, key: str, record: Any) -> int:
-        data = record if isinstance(record, bytes) else schema.encode(record)
-        self.rev += 1
-        self.data.setdefault(bucket, {})[key] = (self.rev, data)
-        self._emit(bucket, key, data)
-        return self.rev
-
-    def delete(self, bucket: str, key: str) -> None:
-        self.rev += 1
-        self.data.get(bucket, {}).pop(key, None)
-        self._emit(bucket, key, None)
-
-    async def kv_put(self, bucket: str, key: str, record: Any, *,
-                     last_revision: int | None = None) -> int:
-        current = self.data.get(bucket, {}).get(key)
-        if last_revision is not None and (current[0] if current else 0) != last_revision:
-            raise RevisionMismatch(f"{bucket}/{key}")
-        self.log.append(("put", bucket, key))
-        return self.put(bucket, key, record)
-
-    async def kv_delete(self, bucket: str, key: str, *, last_revision: int | None = None) -> None:
-        self.log.append(("delete", bucket, key))
-        self.delete(bucket, key)
-
-    async def watch(self, bucket: str, pattern: str) -> AsyncIterator[Any]:
-        queue: asyncio.Queue[KVEntry] = asyncio.Queue()
-        self.watchers.append((bucket, pattern, queue))
-        for key, (rev, value) in sorted(self.data.get(bucket, {}).items()):
-            if self._match(pattern, key):
-                yield KVEntry(bucket, key, rev, value)
-        yield SYNCED
-        while True:
-            yield await queue.get()
-
-    async def subscribe(self, subject: str, type_: Any, handler: Any, *, queue: str = "") -> None:
-        self.handlers[subject] = (type_, handler)
-
-    def records(self, bucket: str) -> dict[str, Any]:
-        return {k: msgspec.msgpack.decode(v) for k, (_, v) in self.data.get(bucket, {}).items()}
-
-
-def resource(bus: MemBus, manifest: dict[str, Any]) -> str:
+def resource(bus: FakeBus, manifest: dict[str, Any]) -> str:
     kind = manifest["kind"]
     meta = manifest["metadata"]
     ns = "" if kind == "CiliumClusterwideNetworkPolicy" else meta.get("namespace", "default")
@@ -92,7 +31,7 @@ def resource(bus: MemBus, manifest: dict[str, Any]) -> str:
     return key
 
 
-def identity(bus: MemBus, ident: int, labels: list[str]) -> None:
+def identity(bus: FakeBus, ident: int, labels: list[str]) -> None:
     bus.put(schema.BUCKET_IDENTITIES, schema.identity_id_key(ident), schema.IdentityRecord(
         id=ident, labels=sorted(labels), scope="cluster", cluster="default", cluster_id=1))
 
@@ -130,9 +69,9 @@ async def wait_for(predicate: Any, timeout: float = 3.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(bus: MemBus) -> AsyncIterator[PolicyService]:
+async def running(bus: FakeBus) -> AsyncIterator[PolicyService]:
     ctx = Context(service="policy", settings=Settings(nats_url="mem://", instance="policy-t"),
-                  bus=bus)  # type: ignore[arg-type]
+                  bus=bus)
     svc = PolicyService(ctx)
     with contextlib.suppress(asyncio.CancelledError):
         async with asyncio.TaskGroup() as tg:
@@ -145,7 +84,7 @@ async def running(bus: MemBus) -> AsyncIterator[PolicyService]:
 
 
 async def test_service_writes_policy_records_and_status() -> None:
-    bus = MemBus()
+    bus = FakeBus()
     key = resource(bus, POLICY)
     resource(bus, POD)
     identity(bus, WEB, pod_labels("web"))
@@ -173,9 +112,9 @@ async def test_service_writes_policy_records_and_status() -> None:
         assert any("toServices" in w for w in status.status["warnings"])
 
         # trace over the bus handler
-        type_, handler = bus.handlers[schema.SUBJECT_POLICY_TRACE]
-        reply = svc.answer_trace(type_(from_labels=pod_labels("frontend"),
-                                       to_labels=pod_labels("web"), port=8080, proto="TCP"))
+        reply = await bus.request(schema.SUBJECT_POLICY_TRACE, schema.PolicyTraceRequest(
+            from_labels=pod_labels("frontend"), to_labels=pod_labels("web"), port=8080,
+            proto="TCP"), schema.PolicyTraceReply)
         assert reply.verdict == "allow"
         assert reply.ingress is not None and reply.ingress.rules == [
             "CiliumNetworkPolicy/default/web spec[0].ingress[0]"]
@@ -202,7 +141,7 @@ async def test_service_writes_policy_records_and_status() -> None:
 
 async def test_service_overflow_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CILIARY_POLICY_MAX_ENTRIES", "0")
-    bus = MemBus()
+    bus = FakeBus()
     key = resource(bus, POLICY)
     identity(bus, WEB, pod_labels("web"))
     identity(bus, FRONT, pod_labels("frontend"))
@@ -249,9 +188,9 @@ def test_lenient_decoders() -> None:
 
 
 def test_identity_changes_are_queued_for_the_next_pass() -> None:
-    bus = MemBus()
+    bus = FakeBus()
     ctx = Context(service="policy", settings=Settings(nats_url="mem://", instance="policy-t"),
-                  bus=bus)  # type: ignore[arg-type]
+                  bus=bus)
     svc = PolicyService(ctx)
     value = schema.encode(schema.IdentityRecord(id=WEB, labels=pod_labels("web"),
                                                 scope="cluster", cluster="default", cluster_id=1))
@@ -267,9 +206,9 @@ def test_identity_changes_are_queued_for_the_next_pass() -> None:
 
 
 async def test_resolve_hands_queued_changes_to_the_engine_in_order() -> None:
-    bus = MemBus()
+    bus = FakeBus()
     ctx = Context(service="policy", settings=Settings(nats_url="mem://", instance="policy-t"),
-                  bus=bus)  # type: ignore[arg-type]
+                  bus=bus)
     svc = PolicyService(ctx)
     svc._pending += [({WEB: frozenset(pod_labels("web"))}, []), ({}, [FRONT]),
                      ({FRONT: frozenset(pod_labels("frontend"))}, []), ({}, [WEB])]
@@ -292,9 +231,9 @@ def test_ipcache_lookup_is_longest_prefix_else_world() -> None:
 
 
 def test_trace_from_a_cidr_resolves_through_the_ipcache_and_rejects_garbage() -> None:
-    bus = MemBus()
+    bus = FakeBus()
     ctx = Context(service="policy", settings=Settings(nats_url="mem://", instance="policy-t"),
-                  bus=bus)  # type: ignore[arg-type]
+                  bus=bus)
     svc = PolicyService(ctx)
     svc.norm = [normalize({
         "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
