@@ -7,6 +7,7 @@ from typing import Any
 
 from ciliary import schema
 from ciliary.dnswire import a_record, build_query, build_response
+from ciliary.testing import FakeBus
 from services.node import dnsfeed
 
 ANSWER = build_response("a.example", 1, [(1, 30, a_record("203.0.113.9"))])
@@ -45,25 +46,16 @@ def test_keeps_only_forwarded_responses_into_endpoints() -> None:
     assert dnsfeed.dns_batch(batch()) is None
 
 
-class RecordingBus:
-    def __init__(self, fail: bool = False) -> None:
-        self.sent: list[tuple[str, Any]] = []
-        self.fail = fail
-
-    async def publish(self, subject: str, record: Any) -> None:
-        if self.fail:
-            raise ConnectionError("bus down")
-        self.sent.append((subject, record))
-
-
 def test_publish_sends_on_the_node_subject_and_never_raises() -> None:
-    bus, counters = RecordingBus(), {}
+    bus, counters = FakeBus(), {}
     asyncio.run(dnsfeed.publish(bus, batch(event(), event(direction=2)), counters))
-    assert [s for s, _ in bus.sent] == ["fqdn.dns.c1.n1"]
-    assert len(bus.sent[0][1].events) == 1
+    assert [s for s, _ in bus.published] == ["fqdn.dns.c1.n1"]
+    assert len(schema.decode(bus.published[0][1], schema.RawEventBatch).events) == 1
     assert counters == {"dns_responses_published": 1}
     asyncio.run(dnsfeed.publish(bus, batch(event(direction=2)), counters))
-    assert len(bus.sent) == 1
+    assert len(bus.published) == 1
     down: dict[str, Any] = {}
-    asyncio.run(dnsfeed.publish(RecordingBus(fail=True), batch(event()), down))
+    closed = FakeBus()
+    asyncio.run(closed.close())
+    asyncio.run(dnsfeed.publish(closed, batch(event()), down))
     assert down == {"dns_responses_lost": 1}
