@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Iterable
 from typing import Any
-
-import msgspec
 
 from ciliary import schema
 from ciliary.bus import BusError, KVEntry, RevisionMismatch
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import kv_key, now_rfc3339
 from ciliary.watch import PassLoop
-from services.servicelb import allocator, departures, maglev, model
+from services.servicelb import allocator, departures, model
+from services.servicelb.inputs import InputDecoder
+from services.servicelb.settings import config_from_env
 
 log = logging.getLogger(__name__)
 
@@ -45,43 +44,7 @@ WATCHED_KINDS = ("Service", "EndpointSlice", "Pod", "Node")
 STATUS_KINDS = ("Pod", "Node")
 RECONCILE = "servicelb/reconcile"
 
-ENV_SERVICE_CIDR = "CILIARY_SERVICE_CIDR"
-ENV_MAGLEV_TABLE_SIZE = "CILIARY_MAGLEV_TABLE_SIZE"
-ENV_DERIVE_SLICES = "CILIARY_SERVICELB_DERIVE_SLICES"
-ENV_NODE_PORT_RANGE = "CILIARY_NODE_PORT_RANGE"
-
 RESYNC_S = 60.0
-
-
-def config_from_env(cluster: str, cluster_id: int, env: dict[str, str] | None = None) -> model.Config:
-    """Settings from the environment; a bad value is logged and the default used."""
-    env = dict(os.environ) if env is None else env
-    cfg = model.Config(cluster=cluster, cluster_id=cluster_id)
-    cidr = env.get(ENV_SERVICE_CIDR, cfg.service_cidr)
-    try:
-        allocator.ip_pool("check", cidr)
-    except ValueError as err:
-        log.error("%s=%r is not an IPv4 CIDR (%s); using %s", ENV_SERVICE_CIDR, cidr, err, cfg.service_cidr)
-        cidr = cfg.service_cidr
-    size = cfg.maglev_table_size
-    try:
-        size = maglev.check_table_size(int(env.get(ENV_MAGLEV_TABLE_SIZE, size)))
-    except ValueError as err:
-        log.error("%s: %s; using %d", ENV_MAGLEV_TABLE_SIZE, err, cfg.maglev_table_size)
-        size = cfg.maglev_table_size
-    derive = env.get(ENV_DERIVE_SLICES, "1").strip().lower() not in ("0", "false", "no", "off")
-    port_range = cfg.node_port_range
-    raw = env.get(ENV_NODE_PORT_RANGE, "")
-    if raw:
-        try:
-            lo, hi = (int(x) for x in raw.split("-", 1))
-            if not 0 < lo < hi <= 65535:
-                raise ValueError(raw)
-            port_range = (lo, hi)
-        except ValueError:
-            log.error("%s=%r is not LOW-HIGH; using %d-%d", ENV_NODE_PORT_RANGE, raw, *port_range)
-    return model.Config(cluster=cluster, cluster_id=cluster_id, service_cidr=cidr,
-                        maglev_table_size=size, derive_slices=derive, node_port_range=port_range)
 
 
 class ServiceLB:
@@ -103,10 +66,7 @@ class ServiceLB:
         self.reconciles = 0
         self.departures = departures.Departures()
         self.departures_expire: float | None = None  # monotonic time the next departed pod ends
-        # Decoded KV records by (bucket, key) -> (revision, record), and decoded manifests:
-        # a reconcile re-decodes only what changed since the previous one.
-        self.records: dict[tuple[str, str], tuple[int, bytes, Any]] = {}
-        self.memo = model.DecodeMemo()
+        self.decoder = InputDecoder(self._log_once)
 
     # ------------------------------------------------------------------ inputs
 
@@ -122,64 +82,6 @@ class ServiceLB:
 
     def inputs_synced(self) -> bool:
         return not (self.ctx.pending_watches - {RECONCILE})
-
-    def inputs(self) -> model.Inputs:
-        inputs = model.Inputs(memo=self.memo)
-        live: dict[tuple[str, str], tuple[int, bytes, Any]] = {}
-        for kind, entries in self.resources.items():
-            for entry in entries.values():
-                record = self._decode_cached(entry, schema.ResourceRecord, live)
-                if record is None:
-                    continue
-                ref = (record.namespace, record.name)
-                if kind == "Service":
-                    inputs.services[ref] = (record.manifest, record.generation)
-                elif kind == "EndpointSlice":
-                    inputs.slices[ref] = record.manifest
-                elif kind == "Pod":
-                    inputs.pods[ref] = record.manifest
-                elif kind == "Node":
-                    inputs.nodes[record.name] = record.manifest
-        for kind, entries in self.status.items():
-            for key, entry in entries.items():
-                status = self._decode_cached(entry, schema.StatusRecord, live)
-                if status is None:
-                    continue
-                try:
-                    _, namespace, name = key.split(".", 2)
-                except ValueError:
-                    continue
-                values = dict(status.status)
-                if kind == "Pod":
-                    if not values.get("nodeName") and status.reporter.startswith("node/"):
-                        values["nodeName"] = status.reporter.split("/", 1)[1]
-                    inputs.pod_status[(namespace, name)] = values
-                else:
-                    inputs.node_status[name] = values
-        self.records = live
-        return inputs
-
-    def _decode_cached(self, entry: KVEntry, type_: Any,
-                       live: dict[tuple[str, str], tuple[int, bytes, Any]]) -> Any:
-        """``_decode`` once per KV revision and value: the same entry yields the same record
-        object (and so the same manifest dict, which ``DecodeMemo`` relies on)."""
-        slot = (entry.bucket, entry.key)
-        hit = self.records.get(slot)
-        if hit is not None and hit[0] == entry.revision and hit[1] == entry.value:
-            live[slot] = hit
-            return hit[2]
-        record = self._decode(entry, type_)
-        if record is not None and entry.value is not None:
-            live[slot] = (entry.revision, entry.value, record)
-        return record
-
-    def _decode(self, entry: KVEntry, type_: Any) -> Any:
-        try:
-            assert entry.value is not None
-            return schema.decode(entry.value, type_)
-        except (msgspec.DecodeError, AssertionError) as err:
-            self._log_once(f"{entry.bucket}/{entry.key}@{entry.revision}: undecodable: {err}")
-            return None
 
     def _log_once(self, problem: str) -> None:
         if problem not in self.logged:
@@ -219,7 +121,7 @@ class ServiceLB:
         statuses = await self.ctx.bus.kv_list(schema.BUCKET_STATUS, "Service.>")
         self.service_status = {}
         for key, entry in statuses.items():
-            record = self._decode(entry, schema.StatusRecord)
+            record = self.decoder.decode(entry, schema.StatusRecord)
             if record is not None and record.reporter == "servicelb":
                 self.service_status[key] = (record.observed_generation, record.status)
         log.log(logging.DEBUG if self.reconciles else logging.INFO, "loaded %s; %d rows in bucket services",
@@ -230,7 +132,7 @@ class ServiceLB:
         values: dict[int, tuple[str, int]] = {}
         for key, entry in entries.items():
             value = allocator.parse_value(pool, key[len(pool.name) + 1:])
-            record = self._decode(entry, schema.LBAllocation)
+            record = self.decoder.decode(entry, schema.LBAllocation)
             if value is None or record is None:
                 self._log_once(f"allocations/{key}: not a {pool.name} allocation; ignored")
                 continue
@@ -239,7 +141,7 @@ class ServiceLB:
 
     async def reconcile(self) -> None:
         started = time.monotonic()
-        inputs = self.inputs()
+        inputs = self.decoder.inputs(self.resources, self.status)
         self.departures_expire = self.departures.apply(inputs, started)
         for _attempt in range(5):
             desired = model.compute(inputs, self.alloc, self.cfg)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from ciliary import schema
 from services.servicelb import allocator, model
-from services.servicelb.service import config_from_env
+from services.servicelb.settings import config_from_env
 
 
 def svc(name: str, ns: str = "default", **spec: Any) -> dict[str, Any]:
