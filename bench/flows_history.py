@@ -112,7 +112,7 @@ async def _stream_read(url: str, payloads: list[bytes]) -> dict[str, Any]:
         core = FlowsCore(CLUSTER)
         plan = QueryPlan(schema.FlowQuery(), [], NO_HORIZON, True)
         start = time.process_time()
-        sizes = [len(c) for c in core.answer_chunks(plan, bus.nc.max_payload, scan)]
+        sizes = [len(c) for c in core.answer_chunks(plan, bus.max_payload, scan)]
         answer_cpu = time.process_time() - start
         return {"flows": scan.scanned, "kept": len(scan.entries()), "seconds": round(wall, 2),
                 "flows_per_s": round(scan.scanned / wall), "flows_per_cpu_s": round(scan.scanned / spent),

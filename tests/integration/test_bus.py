@@ -145,11 +145,13 @@ async def test_trace_context_travels_in_headers(nats_server) -> None:
     try:
         await bus.ensure_buckets()
         seen: list[dict] = []
+        handled_in: list[str] = []
 
         async def on_msg(msg) -> None:
-            seen.append(dict(msg.header or {}))
+            seen.append(dict(msg.headers or {}))
+            handled_in.append(format(trace.get_current_span().get_span_context().trace_id, "032x"))
 
-        await bus.nc.subscribe("t.trace", cb=on_msg)
+        await bus.subscribe_raw("t.trace", on_msg)
         with tracer.start_as_current_span("apply") as span:
             trace_id = format(span.get_span_context().trace_id, "032x")
             await bus.publish("t.trace", b"x")
@@ -159,6 +161,7 @@ async def test_trace_context_travels_in_headers(nats_server) -> None:
                 break
             await asyncio.sleep(0.02)
         assert trace_id in seen[0]["traceparent"]
+        assert handled_in == [trace_id]  # the handler ran under the sender's trace context
         entries = await bus.kv_list(schema.BUCKET_ALLOCATIONS, "traced")
         assert trace_id in entries["traced"].headers["traceparent"]
         ctx = telemetry.extract_context(entries["traced"].headers)

@@ -72,7 +72,7 @@ async def _publish_all(url: str) -> int:
             return reply is not None and reply.seen == expected
 
         await eventually(all_seen, 30, f"{expected} flows seen")
-        assert bus.nc.max_payload == 1024 * 1024
+        assert bus.max_payload == 1024 * 1024
         return expected
     finally:
         await bus.close()
