@@ -21,19 +21,19 @@ Invariants:
   lowest along the chain, as a resolver caches it. A newer answer extends, never
   shortens, an entry. Times are the flows' own timestamps (boot time + kernel ns), so
   the cache is a pure function of the flows fed to it.
-- Expired entries are pruned lazily: on lookup, and from the oldest expiry on every
-  ``learn``. At most ``max_entries`` (endpoint, peer, name) entries are kept; beyond
-  that the entries with the oldest expiry are evicted (``evicted``). The expiry heap
-  may hold stale items for refreshed or pruned entries; it is rebuilt when it grows past
-  four times the live entries.
+- The cache is a ``ciliary.dnscache.DNSCache`` of (node, endpoint, peer, name) -> expiry
+  ns. Expired entries are pruned lazily: on lookup (that endpoint and peer only), and on
+  every ``learn`` all entries expired at that response's time. At most ``max_entries``
+  (endpoint, peer, name) entries are kept; beyond that the entries with the oldest
+  expiry are evicted (``evicted``). A node's endpoint map, once created, is never
+  removed, so a caller may hold it across ``learn`` calls (``decode_batch`` does).
 - A lookup is two dict probes when the endpoint has no entry; names come back sorted
   and deduplicated, as a new list the caller may keep.
 """
 
 from __future__ import annotations
 
-import heapq
-
+from ciliary.dnscache import DNSCache
 from ciliary.dnswire import DNSMessage
 
 DEFAULT_MAX_ENTRIES = 100_000
@@ -71,7 +71,7 @@ def answer_names(msg: DNSMessage) -> dict[str, dict[str, int]]:
     return out
 
 
-class NameCache:
+class NameCache(DNSCache):
     """Names local endpoints resolved, per node (see the module invariants)."""
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, min_ttl_s: float = DEFAULT_MIN_TTL_S) -> None:
@@ -79,21 +79,28 @@ class NameCache:
             raise ValueError(f"{ENV_MAX_ENTRIES}: must be at least 1, got {max_entries}")
         if min_ttl_s < 0:
             raise ValueError(f"{ENV_MIN_TTL}: must not be negative, got {min_ttl_s}")
-        self.max_entries = max_entries
-        self.min_ttl_ns = int(min_ttl_s * _NS)
-        self.nodes: dict[str, EndpointNames] = {}
-        self.entries = 0
-        self.evicted = 0
-        self.expired = 0
-        self._heap: list[tuple[int, str, str, str, str]] = []  # (expiry, node, endpoint, peer, name)
+        # (node, endpoint ip, peer ip, name) -> expiry ns; node dicts are never removed
+        super().__init__(depth=4, max_entries=max_entries, min_ttl=int(min_ttl_s * _NS), pinned_levels=1)
+
+    @property
+    def nodes(self) -> dict[str, EndpointNames]:
+        return self.root
+
+    @property
+    def entries(self) -> int:
+        return self.size
+
+    @property
+    def min_ttl_ns(self) -> int:
+        return int(self.min_ttl)
 
     # ------------------------------------------------------------ feeding
 
     def node(self, node_name: str) -> EndpointNames:
         """The (live, possibly empty) endpoint map of one node, for ``lookup``."""
-        hit = self.nodes.get(node_name)
+        hit = self.root.get(node_name)
         if hit is None:
-            hit = self.nodes[node_name] = {}
+            hit = self.root[node_name] = {}
         return hit
 
     def learn(self, node_name: str, endpoint_ip: str, msg: DNSMessage, now_ns: int) -> int:
@@ -101,34 +108,18 @@ class NameCache:
         answers = answer_names(msg)
         if not answers:
             return 0
-        self._prune(now_ns)
-        peers = self.node(node_name).setdefault(endpoint_ip, {})
+        self.expire(now_ns)
         changed = 0
         for address, names in answers.items():
-            entry = peers.setdefault(address, {})
             for name, ttl in names.items():
-                expiry = now_ns + max(ttl * _NS, self.min_ttl_ns)
-                old = entry.get(name)
-                if old is not None and old >= expiry:
-                    continue
-                if old is None:
-                    self.entries += 1
-                entry[name] = expiry
-                heapq.heappush(self._heap, (expiry, node_name, endpoint_ip, address, name))
-                changed += 1
-        while self.entries > self.max_entries:
-            if not self._pop(evict=True):
-                break
-        if len(self._heap) > 4 * self.entries + 1024:
-            self._rebuild()
+                changed += self.put((node_name, endpoint_ip, address, name), ttl * _NS, now_ns)
+        self.evict()
         return changed
 
     def forget_ip(self, ip: str) -> None:
         """Drop the names of an endpoint whose address is gone, on every node."""
-        for endpoints in self.nodes.values():
-            peers = endpoints.pop(ip, None)
-            if peers:
-                self.entries -= sum(len(names) for names in peers.values())
+        for node_name in list(self.root):
+            self.discard((node_name, ip))
 
     # ------------------------------------------------------------ lookups
 
@@ -142,63 +133,10 @@ class NameCache:
             return []
         live = [name for name, expiry in names.items() if expiry > now_ns]
         if len(live) != len(names):
-            for name in [n for n, expiry in names.items() if expiry <= now_ns]:
-                del names[name]
-                self.entries -= 1
-                self.expired += 1
-            if not names:
-                del peers[peer_ip]
-                if not peers:
-                    del endpoints[endpoint_ip]
+            self.drop_expired(((endpoints, endpoint_ip), (peers, peer_ip)), now_ns, level=1)
         live.sort()
         return live
 
     def names_of(self, node_name: str, endpoint_ip: str, peer_ip: str, now_ns: int) -> list[str]:
-        endpoints = self.nodes.get(node_name)
+        endpoints = self.root.get(node_name)
         return self.lookup(endpoints, endpoint_ip, peer_ip, now_ns) if endpoints else []
-
-    def stats(self) -> dict[str, int]:
-        """For the service's health detail."""
-        return {"entries": self.entries, "max": self.max_entries, "evicted": self.evicted,
-                "expired": self.expired}
-
-    # ------------------------------------------------------------ upkeep
-
-    def _prune(self, now_ns: int) -> None:
-        heap = self._heap
-        while heap and heap[0][0] <= now_ns:
-            self._pop(evict=False)
-
-    def _pop(self, *, evict: bool) -> bool:
-        """Remove the entry with the oldest expiry (skipping stale heap items); False
-        when the heap is empty."""
-        heap = self._heap
-        while heap:
-            expiry, node_name, endpoint_ip, peer_ip, name = heapq.heappop(heap)
-            endpoints = self.nodes.get(node_name)
-            peers = endpoints.get(endpoint_ip) if endpoints is not None else None
-            names = peers.get(peer_ip) if peers is not None else None
-            if names is None or names.get(name) != expiry:
-                continue  # refreshed, expired on lookup or forgotten meanwhile
-            del names[name]
-            self.entries -= 1
-            if evict:
-                self.evicted += 1
-            else:
-                self.expired += 1
-            if not names:
-                del peers[peer_ip]  # type: ignore[union-attr]
-                if not peers:
-                    del endpoints[endpoint_ip]  # type: ignore[union-attr]
-            return True
-        return False
-
-    def _rebuild(self) -> None:
-        self._heap = [
-            (expiry, node_name, endpoint_ip, peer_ip, name)
-            for node_name, endpoints in self.nodes.items()
-            for endpoint_ip, peers in endpoints.items()
-            for peer_ip, names in peers.items()
-            for name, expiry in names.items()
-        ]
-        heapq.heapify(self._heap)

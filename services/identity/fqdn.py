@@ -13,11 +13,11 @@ Invariants:
   matches zero or more DNS characters ``[-a-zA-Z0-9_]`` *within one label*, so
   ``*.example.com`` matches ``a.example.com`` but neither ``a.b.example.com`` nor
   ``example.com``. Matching is case-insensitive on whole names.
-- The `NameCache` maps name -> {ip: expiry}. A DNS answer keeps an address for
-  ``max(TTL, min_ttl)`` seconds from the moment it was seen (Cilium's
-  ``tofqdns-min-ttl``); a later answer only ever extends an entry. Only answers with
-  rcode 0 teach addresses, only A/AAAA records reached from the query name through its
-  CNAME chain count, and the name learned is the query name.
+- The `NameCache` is a ``ciliary.dnscache.DNSCache`` of name -> {ip: expiry}, times in
+  seconds. A DNS answer keeps an address for ``max(TTL, min_ttl)`` seconds from the
+  moment it was seen (Cilium's ``tofqdns-min-ttl``); a later answer only ever extends an
+  entry. Only answers with rcode 0 teach addresses, only A/AAAA records reached from the
+  query name through its CNAME chain count, and the name learned is the query name.
 - The cache holds at most ``max_entries`` (name, ip) pairs: inserting beyond that evicts
   the entries that expire first, and every eviction is counted (``evicted``).
 - ``expire(now)`` removes exactly the entries whose expiry is ``<= now``;
@@ -29,14 +29,14 @@ Invariants:
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from ciliary.dnscache import DNSCache
 from ciliary.dnswire import parse_dns
 
 ENV_MIN_TTL = "CILIARY_FQDN_MIN_TTL"
@@ -127,35 +127,24 @@ def host_prefix(ip: str) -> str:
 # ---------------------------------------------------------------- the name cache
 
 
-@dataclass
-class NameCache:
+class NameCache(DNSCache):
     """name -> {ip: expiry}, bounded; see module invariants."""
 
-    min_ttl: float = DEFAULT_MIN_TTL
-    max_entries: int = DEFAULT_MAX_ENTRIES
-    names: dict[str, dict[str, float]] = field(default_factory=dict)
-    size: int = 0
-    evicted: int = 0
-    expired: int = 0
-    _heap: list[tuple[float, str, str]] = field(default_factory=list, repr=False)
+    def __init__(self, min_ttl: float = DEFAULT_MIN_TTL, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        super().__init__(depth=2, max_entries=max_entries, min_ttl=min_ttl)
+
+    @property
+    def names(self) -> dict[str, dict[str, float]]:
+        return self.root
 
     def add(self, name: str, ip: str, ttl: float, now: float) -> bool:
         """Learn ``name -> ip``; True when the pair is new (the desired set changed)."""
-        name = normalize_name(name)
-        expiry = now + max(float(ttl), self.min_ttl)
-        ips = self.names.setdefault(name, {})
-        held = ips.get(ip)
-        if held is not None and held >= expiry:
+        path = (normalize_name(name), ip)
+        new = self.get(path) is None
+        if not self.put(path, float(ttl), now):
             return False
-        ips[ip] = expiry
-        heapq.heappush(self._heap, (expiry, name, ip))
-        if held is None:
-            self.size += 1
-            self._evict()
-        if len(self._heap) > 2 * self.size + 64:
-            self._heap = [(e, n, i) for n, held_ips in self.names.items() for i, e in held_ips.items()]
-            heapq.heapify(self._heap)
-        return held is None and self.names.get(name, {}).get(ip) == expiry
+        self.evict()
+        return new and self.get(path) is not None
 
     def ingest(self, payload: bytes, now: float, wanted: Any = None) -> int:
         """Learn the addresses of one DNS response payload; returns how many (name, ip)
@@ -170,49 +159,6 @@ class NameCache:
         for ip, ttl in msg.address_ttls().items():
             added += self.add(name, ip, ttl, now)
         return added
-
-    def _pop(self) -> tuple[float, str, str] | None:
-        """The live entry that expires first, removed from the heap (stale ones skipped)."""
-        while self._heap:
-            expiry, name, ip = heapq.heappop(self._heap)
-            if self.names.get(name, {}).get(ip) == expiry:
-                return expiry, name, ip
-        return None
-
-    def _remove(self, name: str, ip: str) -> None:
-        ips = self.names[name]
-        del ips[ip]
-        if not ips:
-            del self.names[name]
-        self.size -= 1
-
-    def _evict(self) -> None:
-        while self.size > self.max_entries:
-            found = self._pop()
-            if found is None:
-                return
-            self._remove(found[1], found[2])
-            self.evicted += 1
-
-    def expire(self, now: float) -> int:
-        """Drop every entry with expiry <= now; returns how many."""
-        gone = 0
-        while self._heap and self._heap[0][0] <= now:
-            expiry, name, ip = heapq.heappop(self._heap)
-            if self.names.get(name, {}).get(ip) == expiry:
-                self._remove(name, ip)
-                gone += 1
-        self.expired += gone
-        return gone
-
-    @property
-    def next_expiry(self) -> float | None:
-        while self._heap:
-            expiry, name, ip = self._heap[0]
-            if self.names.get(name, {}).get(ip) == expiry:
-                return expiry
-            heapq.heappop(self._heap)
-        return None
 
 
 # ---------------------------------------------------------------- cache x selectors

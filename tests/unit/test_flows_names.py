@@ -114,6 +114,15 @@ def test_expired_entries_are_pruned_when_learning() -> None:
     assert set(cache.nodes[NODE][POD]) == {WORLD}
 
 
+def test_pruning_keeps_an_entry_a_later_answer_extended() -> None:
+    cache = NameCache(min_ttl_s=0)
+    cache.learn(NODE, POD, response("example.com", a("example.com", WORLD, 100)), 0)
+    cache.learn(NODE, POD, response("example.com", a("example.com", WORLD, 200)), 0)
+    cache.learn(NODE, POD, response("other.example", a("other.example", "203.0.113.9", 1000)), 150 * S)
+    assert cache.names_of(NODE, POD, WORLD, 160 * S) == ["example.com"]
+    assert cache.stats()["expired"] == 0
+
+
 def test_forget_ip_and_pod_deletion() -> None:
     cache = NameCache(min_ttl_s=0)
     state = EnrichmentState("default", cache)
