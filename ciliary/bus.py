@@ -36,6 +36,7 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 
 from ciliary import schema, telemetry
+from ciliary.kv import SYNCED, KVEntry, Synced
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +61,6 @@ class StreamMessage(msgspec.Struct, frozen=True):
     time_ns: int  # when the server stored it (unix ns)
     subject: str
     data: bytes
-
-
-class Synced:
-    """Marker yielded by ``Bus.watch`` once the initial state has been delivered."""
-
-    def __repr__(self) -> str:
-        return "SYNCED"
-
-
-SYNCED = Synced()
-
-
-class KVEntry(msgspec.Struct, frozen=True):
-    """One key of a bucket as seen by a watch or a get."""
-
-    bucket: str
-    key: str
-    revision: int
-    value: bytes | None  # None for a delete/purge
-    headers: dict[str, str] = {}
-
-    @property
-    def deleted(self) -> bool:
-        return self.value is None
 
 
 def kv_subject(bucket: str, key: str) -> str:

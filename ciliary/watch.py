@@ -33,7 +33,8 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgspec
 
 from ciliary import backoff, schema
-from ciliary.bus import SYNCED, KVEntry, Synced
+from ciliary.bus import BusError
+from ciliary.kv import SYNCED, KVEntry, Synced
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +229,6 @@ class PassLoop:
 
 def _unexpected(err: BaseException) -> bool:
     """Whether a failed pass deserves a traceback (not a bus or OS error)."""
-    from ciliary.bus import BusError
-
     return not isinstance(err, BusError | OSError)
 
 

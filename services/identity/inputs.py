@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from ciliary import schema
-from ciliary.bus import KVEntry
+from ciliary.kv import KVEntry
 
 from . import fqdn
 from .labels import LabelFilter

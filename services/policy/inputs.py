@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from ciliary import schema
-from ciliary.bus import KVEntry
+from ciliary.kv import KVEntry
 
 from .records import named_ports_from_pods
 from .resolve import ResolveOptions

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from ciliary import schema
-from ciliary.bus import KVEntry
+from ciliary.kv import KVEntry
 from services.servicelb import model
 
 

@@ -1,0 +1,41 @@
+"""What a bucket watch delivers: ``KVEntry`` and the ``SYNCED`` marker.
+
+Defined apart from the bus so pure modules can take mirrored entries without depending on
+NATS; ``ciliary.bus`` produces them and re-exports both names.
+
+Invariants:
+- A ``KVEntry`` with ``value`` None is a delete (or purge); ``revision`` is the bucket
+  stream's sequence of that write (0 for a delete the watch inferred after a reconnect).
+- ``SYNCED`` is a singleton: compare with ``is``.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Synced:
+    """Marker yielded by ``Bus.watch`` once the initial state has been delivered."""
+
+    def __repr__(self) -> str:
+        return "SYNCED"
+
+
+SYNCED = Synced()
+
+
+class KVEntry(msgspec.Struct, frozen=True):
+    """One key of a bucket as seen by a watch or a get."""
+
+    bucket: str
+    key: str
+    revision: int
+    value: bytes | None  # None for a delete/purge
+    headers: dict[str, str] = {}
+
+    @property
+    def deleted(self) -> bool:
+        return self.value is None
+
+
+__all__ = ["SYNCED", "KVEntry", "Synced"]
