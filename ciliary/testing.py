@@ -26,8 +26,8 @@ Invariants (each as the real bus behaves):
 - Messaging: a publish reaches every matching plain subscription and one member (round
   robin) of each matching queue group. Requests to a subject nobody subscribes fail at
   once (``BusError``, ``NoReply`` for ``request_stream``); ``request_many`` then waits
-  out its timeout and returns ``[]``. A payload over ``max_payload`` raises
-  ``nats.errors.MaxPayloadError``.
+  out its timeout and returns ``[]``. A payload over ``max_payload`` (1 MiB unless set)
+  raises ``BusError``.
 - Streams (``ensure_stream``) store every publish on their subjects with a sequence and
   a time (microsecond resolution); ``max_age_s`` is enforced, ``max_bytes`` roughly (the
   server's per-message overhead is estimated).
