@@ -305,6 +305,8 @@ class Bus:
                         return await self.kv_put(bucket, key, record, last_revision=deleted_rev)
                 raise RevisionMismatch(f"{bucket}/{key}: revision changed") from err
             raise BusError(f"write {bucket}/{key}: {err}") from err
+        except (nats.js.errors.NoStreamResponseError, nats.errors.MaxPayloadError) as err:
+            raise BusError(f"write {bucket}/{key}: {err or type(err).__name__}") from err
         return ack.seq
 
     async def _deleted_revision(self, bucket: str, key: str) -> int | None:
@@ -327,6 +329,8 @@ class Bus:
             if err.err_code in (10071, 10164):
                 raise RevisionMismatch(f"{bucket}/{key}: revision changed") from err
             raise BusError(f"delete {bucket}/{key}: {err}") from err
+        except nats.js.errors.NoStreamResponseError as err:
+            raise BusError(f"delete {bucket}/{key}: {err or type(err).__name__}") from err
 
     async def kv_list(self, bucket: str, pattern: str = ">") -> dict[str, KVEntry]:
         """A snapshot of every live key matching ``pattern``."""
@@ -449,7 +453,11 @@ class Bus:
     async def publish(self, subject: str, record: Any, *, reply: str = "") -> None:
         """Publish ``record`` (a Struct, or bytes as they are) with the trace context."""
         data = record if isinstance(record, bytes) else schema.encode(record)
-        await self.nc.publish(subject, data, reply=reply, headers=telemetry.inject_headers() or None)
+        try:
+            await self.nc.publish(subject, data, reply=reply, headers=telemetry.inject_headers() or None)
+        except nats.errors.MaxPayloadError as err:
+            raise BusError(f"publish {subject}: {len(data)} bytes exceed the server's maximum "
+                           f"of {self.max_payload}") from err
 
     async def subscribe_raw(
         self,

@@ -7,8 +7,6 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import pytest
-
 from ciliary import schema
 from ciliary.bus import SYNCED, Bus, BusError, KVEntry, Message, Synced
 from ciliary.testing import FakeBus
@@ -252,8 +250,6 @@ async def nats_errors(bus: Bus, seen: Seen) -> None:
             seen.append((label, isinstance(err, BusError)))
 
 
-@pytest.mark.xfail(strict=True, reason="the real Bus lets nats exceptions through here "
-                   "(NoStreamResponseError, MaxPayloadError); FakeBus raises BusError")
 async def test_failures_are_bus_errors(nats_server: Any) -> None:
     await on_both(nats_server, nats_errors)
 
