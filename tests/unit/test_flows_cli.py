@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from ciliary import flowfilter, schema
-from ciliary.bus import NoReply
+from ciliary.bus import Message
 from ciliary.cli import common, flowrender, observe
 from ciliary.cli.common import CliError
+from ciliary.testing import FakeBus
 from services.flows.service import start_metrics_server
 from services.flows.wire import reply_chunks
 from tests.unit.test_flows_scenario import scenario_flows
@@ -21,47 +21,34 @@ FLOWS = scenario_flows()
 NOW = 1_800_000_000 * 10**9
 
 
-class FakeSub:
-    async def unsubscribe(self) -> None:
-        pass
+NODE_HEALTH = schema.HealthReport(
+    service="node", instance="node-node-1", pid=1, version="0", started=0.0, healthy=True,
+    node="node-1", detail={"maps": {"ciliary_policy": {"entries": 4, "max": 16, "fill": 0.25}},
+                           "endpoints": 2},
+)
 
 
-class FakeBus:
-    """The bus API the commands use: a flow query is answered with the reply chunks, then
-    nothing more (``NoReply``, as the real bus reports a silent service)."""
+async def serve_flows(bus: FakeBus, reply: Any) -> None:
+    """A flows service that answers a flow query with ``reply`` (one record, or the chunks
+    as given; nothing for None or []) and a metrics request with ``reply``, and one node
+    executor that answers health requests. What was asked is kept in ``bus.requests``."""
 
-    def __init__(self, reply: Any) -> None:
-        self.reply = reply
-        self.requests: list[tuple[str, Any]] = []
-        self.subscribed: list[str] = []
+    async def on_query(msg: Message) -> None:
+        bus.requests.append((msg.subject, schema.decode(msg.data, schema.FlowQuery)))  # type: ignore[attr-defined]
+        chunks = reply if isinstance(reply, list) else [] if reply is None else [reply]
+        for chunk in chunks:
+            await msg.respond(chunk)
 
-    def chunks(self) -> list[bytes]:
-        """The reply as the flows service sends it: one chunk, or the given chunks."""
-        if isinstance(self.reply, list):
-            return self.reply
-        return [schema.encode(self.reply)] if self.reply is not None else []
+    async def on_metrics(msg: Message) -> None:
+        bus.requests.append((msg.subject, msg.data))  # type: ignore[attr-defined]
+        await msg.respond(reply)
 
-    async def request_stream(self, subject: str, record: Any, *, timeout: float) -> AsyncIterator[bytes]:
-        self.requests.append((subject, record))
-        for chunk in self.chunks():
-            yield chunk
-        raise NoReply(f"no answer on {subject}")
+    async def on_health(msg: Message) -> None:
+        await msg.respond(NODE_HEALTH)
 
-    async def subscribe_raw(self, subject: str, handler: Any, *, queue: str = "") -> FakeSub:
-        self.subscribed.append(subject)
-        return FakeSub()
-
-    async def request(self, subject: str, record: Any, type_: Any, *, timeout: float = 2.0) -> Any:
-        self.requests.append((subject, record))
-        return self.reply
-
-    async def request_many(self, subject: str, payload: bytes = b"", **_: Any) -> list[bytes]:
-        node = schema.HealthReport(
-            service="node", instance="node-node-1", pid=1, version="0", started=0.0, healthy=True,
-            node="node-1", detail={"maps": {"ciliary_policy": {"entries": 4, "max": 16, "fill": 0.25}},
-                                   "endpoints": 2},
-        )
-        return [schema.encode(node)]
+    await bus.subscribe_raw(schema.SUBJECT_FLOWS_QUERY, on_query)
+    await bus.subscribe_raw(schema.SUBJECT_FLOWS_METRICS, on_metrics)
+    await bus.subscribe_raw(schema.SUBJECT_HEALTH_ALL, on_health)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,10 +61,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str], reply: Any) -> tuple[int, FakeBus]:
-    bus = FakeBus(reply)
+    bus = FakeBus()
+    bus.requests = []  # type: ignore[attr-defined]
     args = parser().parse_args(argv)
+
+    async def with_services(work: Any) -> Any:
+        await serve_flows(bus, reply)
+        return await work(bus)
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "run_with_bus", lambda args, work: asyncio.run(work(bus)))
+        patch.setattr(common, "run_with_bus", lambda args, work: asyncio.run(with_services(work)))
         return args.func(args), bus
 
 
