@@ -3,8 +3,9 @@
 Invariants:
 - On start the executor makes sure a Node object named after it exists (as a kubelet
   registers itself); it never overwrites a Node someone else wrote.
-- Everything privileged happens in ``NodeAgent``; this shell only wires it to the
-  service runtime and stops it (tearing down only when ``CILIARY_TEARDOWN_ON_EXIT=1``).
+- Everything privileged happens in the agent's ``NodeKernel``; this shell only wires
+  ``NodeAgent`` to the service runtime and stops it (tearing down only when
+  ``CILIARY_TEARDOWN_ON_EXIT=1``).
 """
 
 from __future__ import annotations

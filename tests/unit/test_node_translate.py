@@ -179,3 +179,15 @@ def test_peer_routes_of_other_nodes_with_address_and_cidr() -> None:
                 "Node._.node-3": _node_status("", "10.200.3.0/24"),
                 "Node._.node-4": _node_status("172.30.4.1", "")}
     assert T.peer_routes(statuses, "node-1") == {"10.200.2.0/24": ("172.30.2.1", "node-2")}
+
+
+def test_translation_imports_no_kernel_bus_or_event_loop() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import sys, services.node.translate; "
+             "print(sorted(m for m in ('asyncio', 'bcc', 'pyroute2', 'nats', 'ciliary.bus') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
