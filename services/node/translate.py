@@ -36,7 +36,7 @@ IPCACHE_OWNER = "ipcache"
 ENDPOINTS_OWNER = "endpoints"
 POLICY_OWNER_PREFIX = "policy:"
 LB_OWNER_PREFIX = "lb:"
-IDENTITY_INIT = 5  # reserved:init, until the endpoint's identity resolves
+IDENTITY_INIT = schema.IDENTITY_INIT  # until the endpoint's identity resolves
 
 
 def policy_owner(identity: int) -> str:
