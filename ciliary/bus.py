@@ -519,19 +519,15 @@ class Bus:
         come in several messages. Raises ``NoReply`` when nothing arrives within
         ``timeout`` seconds of the request or of the previous reply, or when no one
         listens on ``subject``. The caller stops iterating when the answer is complete."""
-        data = record if isinstance(record, bytes) else schema.encode(record)
-        inbox = self.nc.new_inbox()
         arrived: asyncio.Queue[bytes | None] = asyncio.Queue()
 
-        async def on_reply(msg: Msg) -> None:
-            if _no_responders(msg):
-                arrived.put_nowait(None)
-            else:
-                arrived.put_nowait(msg.data)
+        async def on_reply(msg: Message) -> None:
+            arrived.put_nowait(None if no_responders(msg) else msg.data)
 
-        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        inbox = self._new_inbox()
+        sub = await self.subscribe_raw(inbox, on_reply)
         try:
-            await self.publish(subject, data, reply=inbox)
+            await self.publish(subject, record, reply=inbox)
             while True:
                 try:
                     reply = await asyncio.wait_for(arrived.get(), timeout)
@@ -541,42 +537,39 @@ class Bus:
                     raise NoReply(f"no answer on {subject}")
                 yield reply
         finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # connection already closing
-                pass
+            await sub.unsubscribe()
 
     async def request_many(
         self, subject: str, payload: bytes = b"", *, timeout: float = 1.0, quiet: float = 0.25
     ) -> list[bytes]:
         """Scatter-gather: every reply that arrives before ``timeout`` (or ``quiet`` idle)."""
-        inbox = self.nc.new_inbox()
         replies: list[bytes] = []
         arrived = asyncio.Event()
 
-        async def on_reply(msg: Msg) -> None:
-            if _no_responders(msg):
-                return
-            replies.append(msg.data)
-            arrived.set()
+        async def on_reply(msg: Message) -> None:
+            if not no_responders(msg):
+                replies.append(msg.data)
+                arrived.set()
 
-        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        inbox = self._new_inbox()
+        sub = await self.subscribe_raw(inbox, on_reply)
         try:
             await self.publish(subject, payload, reply=inbox)
-            deadline = asyncio.get_running_loop().time() + timeout
-            while True:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    break
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while (remaining := deadline - loop.time()) > 0:
                 arrived.clear()
                 try:
-                    await asyncio.wait_for(arrived.wait(), timeout=min(remaining, quiet) if replies else remaining)
+                    await asyncio.wait_for(arrived.wait(), min(remaining, quiet) if replies else remaining)
                 except TimeoutError:
                     if replies:
                         break
         finally:
             await sub.unsubscribe()
         return replies
+
+    def _new_inbox(self) -> str:
+        return self.nc.new_inbox()
 
     # ------------------------------------------------------------------ service registry
 
@@ -653,9 +646,12 @@ class Registration:
             pass
 
 
-def _no_responders(msg: Msg) -> bool:
-    """The server's "no responders" notice, not a reply."""
-    return not msg.data and bool(msg.headers) and msg.headers.get("Status") == "503"
+NO_RESPONDERS_STATUS = "503"
+
+
+def no_responders(msg: Message) -> bool:
+    """The server's "no responders" notice on a request's inbox, not a reply."""
+    return not msg.data and bool(msg.headers) and msg.headers.get("Status") == NO_RESPONDERS_STATUS
 
 
 def _entry_from_msg(bucket: str, msg: Msg) -> KVEntry:

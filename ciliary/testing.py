@@ -72,12 +72,12 @@ from ciliary import schema, telemetry
 from ciliary.bus import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
     KV_OPERATION,
+    NO_RESPONDERS_STATUS,
     SYNCED,
     Bus,
     BusError,
     KVEntry,
     Message,
-    NoReply,
     Registration,
     RevisionMismatch,
     StreamMessage,
@@ -456,58 +456,6 @@ class FakeBus(Bus):
             await sub.unsubscribe()
         return schema.decode(reply, type_)
 
-    async def request_stream(
-        self, subject: str, record: Any, *, timeout: float
-    ) -> AsyncIterator[bytes]:
-        data = record if isinstance(record, bytes) else schema.encode(record)
-        arrived: asyncio.Queue[bytes] = asyncio.Queue()
-
-        async def on_reply(msg: Message) -> None:
-            arrived.put_nowait(msg.data)
-
-        inbox = self._new_inbox()
-        sub = await self.subscribe_raw(inbox, on_reply)
-        try:
-            if not self._has_interest(subject):
-                raise NoReply(f"no answer on {subject}")
-            self._send(subject, data, inbox)
-            while True:
-                try:
-                    reply = await asyncio.wait_for(arrived.get(), timeout)
-                except TimeoutError as err:
-                    raise NoReply(f"no answer on {subject}") from err
-                yield reply
-        finally:
-            await sub.unsubscribe()
-
-    async def request_many(
-        self, subject: str, payload: bytes = b"", *, timeout: float = 1.0, quiet: float = 0.25
-    ) -> list[bytes]:
-        replies: list[bytes] = []
-        arrived = asyncio.Event()
-
-        async def on_reply(msg: Message) -> None:
-            replies.append(msg.data)
-            arrived.set()
-
-        inbox = self._new_inbox()
-        sub = await self.subscribe_raw(inbox, on_reply)
-        try:
-            self._send(subject, payload, inbox)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while (remaining := deadline - loop.time()) > 0:
-                arrived.clear()
-                try:
-                    await asyncio.wait_for(arrived.wait(),
-                                           min(remaining, quiet) if replies else remaining)
-                except TimeoutError:
-                    if replies:
-                        break
-        finally:
-            await sub.unsubscribe()
-        return replies
-
     async def register_service(
         self,
         name: str,
@@ -545,28 +493,37 @@ class FakeBus(Bus):
         return any(subject_matches(sub.subject, subject) for sub in self._subs)
 
     def _send(self, subject: str, data: bytes, reply: str) -> None:
-        """Store and deliver one message: every plain subscription, one per queue group."""
+        """Store and deliver one message: every plain subscription, one per queue group; a
+        request nobody listens to gets the server's "no responders" notice on its inbox."""
         self._check_open()
         if len(data) > self._max_payload:
             raise BusError(f"{subject}: {len(data)} bytes exceed the maximum payload "
                            f"({self._max_payload})")
-        headers = telemetry.inject_headers() or None
         self.published.append((subject, data))
         for stream in self._streams.values():
             if any(subject_matches(pattern, subject) for pattern in stream.subjects):
                 stream.store(subject, data)
+        delivered = self._route(Message(self, subject, data, reply, telemetry.inject_headers() or None))
+        if reply and not delivered:
+            self._route(Message(self, reply, b"", "", {"Status": NO_RESPONDERS_STATUS}))
+
+    def _route(self, message: Message) -> bool:
+        """Hand ``message`` to its subscribers; whether anyone took it."""
         groups: dict[str, list[FakeSubscription]] = {}
+        delivered = False
         for sub in self._subs:
-            if not subject_matches(sub.subject, subject):
+            if not subject_matches(sub.subject, message.subject):
                 continue
+            delivered = True
             if sub.queue:
                 groups.setdefault(sub.queue, []).append(sub)
             else:
-                self._deliver(sub, Message(self, subject, data, reply, headers))
+                self._deliver(sub, message)
         for queue, members in groups.items():
             turn = self._queue_turns.get(queue, 0)
             self._queue_turns[queue] = turn + 1
-            self._deliver(members[turn % len(members)], Message(self, subject, data, reply, headers))
+            self._deliver(members[turn % len(members)], message)
+        return delivered
 
     def _deliver(self, sub: FakeSubscription, message: Message) -> None:
         sub.pending.append(message)
