@@ -6,7 +6,6 @@ import pytest
 
 from services.node import layouts as L
 from services.node import maps as M
-from services.node import translate as T
 
 
 def desired() -> list[M.Entry]:
@@ -130,76 +129,7 @@ def test_protocols_are_satisfied():
     assert isinstance(M.BccMapOps({}), M.MapOps)
 
 
-# ---- LBFrontend -> lb map entries (translate.lb_frontend_entries) ------------------------
-
-
-def _fe(**kw):
-    from ciliary import schema
-
-    base = dict(namespace="default", name="web", type="ClusterIP", address="10.96.0.20", port=80,
-                proto="TCP", service_id=9, rev_nat_id=9,
-                backends=[schema.LBBackend(id=5, ip="10.200.1.10", port=8080, proto="TCP", node="node-1"),
-                          schema.LBBackend(id=6, ip="10.200.2.10", port=8080, proto="TCP", node="node-2"),
-                          schema.LBBackend(id=7, ip="10.200.2.11", port=8080, proto="TCP", node="node-2",
-                                           state="terminating")],
-                slots=[5, 6], slots_by_node={"node-1": [5], "node-2": [6]})
-    base.update(kw)
-    return schema.LBFrontend(**base)
-
-
-def _slot0(entries: list[M.Entry]) -> L.Lb4Service:
-    (v,) = [e.value for e in entries if e.map == L.LB4_SERVICES and e.key.backend_slot == 0]
-    return v
-
-
-def test_frontend_entries_random_default_order_and_slot0():
-    entries = T.lb_frontend_entries(_fe(), "node-1")
-    assert [e.map for e in entries] == [L.LB4_BACKENDS] * 3 + [L.LB4_REVERSE_NAT] + [L.LB4_SERVICES] * 3
-    assert entries[-1].key.backend_slot == 0  # slot 0 last
-    s0 = _slot0(entries)
-    assert (s0.count, s0.rev_nat_index, s0.flags, s0.flags2, s0.backend_id) == (2, 9, 0, 0, 0)
-    # the same bytes as the plain builder: random ClusterIP frontends are unchanged
-    assert entries[4:] == M.lb_service_entries("10.96.0.20", 80, "tcp", 9, [5, 6])
-
-
-def test_frontend_entries_maglev_affinity_local_and_types():
-    table = [5, 6, 6, 5, 5, 6, 5]
-    fe = _fe(algorithm="maglev", maglev=table, affinity_timeout=10800)
-    entries = T.lb_frontend_entries(fe, "node-1", maglev_table_size=7)
-    maps_in_order = [e.map for e in entries]
-    first = {m: maps_in_order.index(m) for m in set(maps_in_order)}
-    assert first[L.LB_AFFINITY_MATCH] < first[L.LB4_MAGLEV] < first[L.LB4_SERVICES]
-    s0 = _slot0(entries)
-    assert s0.flags == L.SVC_FLAG_AFFINITY and s0.flags2 == L.SVC_FLAG2_MAGLEV
-    assert s0.backend_id == 10800  # the affinity timeout in the slot-0 union
-    mag = {e.key.index: e.value.backend_id for e in entries if e.map == L.LB4_MAGLEV}
-    assert [mag[i] for i in range(7)] == table
-    assert all(e.key.rev_nat_id == 9 for e in entries if e.map == L.LB4_MAGLEV)
-    match = [(e.key.backend_id, e.key.rev_nat_id) for e in entries if e.map == L.LB_AFFINITY_MATCH]
-    assert match == [(5, 9), (6, 9)]  # slot backends only, not the terminating one
-
-    # a table for another M is resampled to the datapath's M
-    assert len([e for e in T.lb_frontend_entries(fe, "node-1", 13) if e.map == L.LB4_MAGLEV]) == 13
-    assert M.fit_maglev_table(table, 14) == [t for t in table for _ in (0, 1)]
-
-    # traffic policy Local: the node's own slots and table
-    local = _fe(type="NodePort", address="172.30.1.1", port=30080, node="node-1",
-                traffic_policy="Local", ext_traffic_policy="Local", algorithm="maglev",
-                maglev_by_node={"node-1": [5] * 7, "node-2": [6] * 7})
-    entries = T.lb_frontend_entries(local, "node-1", 7)
-    s0 = _slot0(entries)
-    assert s0.count == 1 and s0.flags == L.SVC_FLAG_NODEPORT | L.SVC_FLAG_EXT_LOCAL_SCOPE
-    assert {e.value.backend_id for e in entries if e.map == L.LB4_MAGLEV} == {5}
-    # Local without local backends: count 0 (drops 158), no Maglev table
-    empty = T.lb_frontend_entries(local, "node-3", 7)
-    assert _slot0(empty).count == 0 and not [e for e in empty if e.map == L.LB4_MAGLEV]
-    assert _slot0(empty).flags2 == 0
-
-    assert _slot0(T.lb_frontend_entries(_fe(type="ExternalIP"), "n")).flags == L.SVC_FLAG_EXTERNAL_IP
-    assert _slot0(T.lb_frontend_entries(_fe(type="LoadBalancer"), "n")).flags == L.SVC_FLAG_LOADBALANCER
-    assert _slot0(T.lb_frontend_entries(_fe(int_traffic_policy="Local", traffic_policy="Local"),
-                                        "node-1")).flags2 == L.SVC_FLAG2_INT_LOCAL_SCOPE
-    assert T.lb_frontend_entries(_fe(proto="SCTP"), "node-1") == []
+# ---- lb map helpers ---------------------------------------------------------------------
 
 
 def test_maglev_hash_is_the_datapath_jhash():
