@@ -128,9 +128,10 @@ def mirror_kinds(
                             name=f"{schema.BUCKET_RESOURCES}/{kind}")
 
         def count(event: KVEntry | Synced, kind: str = kind, mirror: Mirror[Any] = mirror) -> None:
-            counts[kind] = len(mirror.entries)
             if event is SYNCED:
                 log.info("%s: %d %s objects", ctx.service, len(mirror.entries), kind)
+            else:  # a kind that never had an object is not listed
+                counts[kind] = len(mirror.entries)
 
         mirror.listen(count)
         if loop is not None:
