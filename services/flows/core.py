@@ -26,7 +26,7 @@ from .enrich import EnrichmentState
 from .history import Entry, StreamScan, answer_entries, decode_entries, needs_stream
 from .http import Handler, Response
 from .metrics import LOST_BUS, LOST_DECODE, LOST_PUBLISH, LOST_RING_BUFFER, FlowMetrics
-from .names import NameCache
+from .names import EndpointNameCache
 from .servicemap import build_service_map
 from .store import FlowStore
 from .ui import PAGE
@@ -50,8 +50,8 @@ class FlowsCore:
     """Everything the service does between the bus and the stores (no I/O)."""
 
     def __init__(self, cluster: str, capacity: int = schema.FLOWS_RING_CAPACITY,
-                 names: NameCache | None = None) -> None:
-        self.names = names if names is not None else NameCache()
+                 names: EndpointNameCache | None = None) -> None:
+        self.names = names if names is not None else EndpointNameCache()
         self.enrichment = EnrichmentState(cluster, self.names)
         self.store = FlowStore(capacity)
         self.metrics = FlowMetrics()

@@ -26,7 +26,7 @@ Invariants:
   labels and, when known, cluster, namespace, pod and workloads; an IP nobody knows
   resolves to the ``world`` identity (2) with labels ``["reserved:world"]``.
 - A DNS payload that does not parse never fails the event: the flow just has no L7 part.
-- With a ``NameCache`` (``names.py``), a DNS response delivered to a local endpoint
+- With a ``EndpointNameCache`` (``names.py``), a DNS response delivered to a local endpoint
   (the client side, ingress) teaches the cache the names of its addresses, and every
   flow gets Hubble's ``destination_names`` (names the source endpoint resolved to the
   destination IP) and ``source_names`` (names the destination endpoint resolved to the
@@ -59,7 +59,7 @@ from ciliary.hubble import (
 )
 
 from .dns import RCODE_NAMES, DNSMessage, parse_dns
-from .names import EndpointNames, NameCache
+from .names import EndpointNameCache, EndpointNames
 
 EVENT_TRACE = 1
 EVENT_DROP = 2
@@ -371,7 +371,7 @@ def decode_event(
     ctx: BatchContext,
     lookups: Lookups = NO_LOOKUPS,
     index: int = 0,
-    names: NameCache | None = None,
+    names: EndpointNameCache | None = None,
     node_names: EndpointNames | None = None,
 ) -> list[schema.Flow]:
     """The flows for one raw event (see the module invariants). ``node_names`` is
@@ -481,7 +481,7 @@ class DecodeResult:
 
 
 def decode_batch(
-    batch: schema.RawEventBatch, lookups: Lookups = NO_LOOKUPS, names: NameCache | None = None
+    batch: schema.RawEventBatch, lookups: Lookups = NO_LOOKUPS, names: EndpointNameCache | None = None
 ) -> DecodeResult:
     """Every flow of a batch in event order; an event that fails to decode is counted.
     With ``names``, DNS responses feed the cache and flows carry the names (see above)."""

@@ -15,7 +15,7 @@ Invariants:
   written by the policy service). A ref is resolved in the table of the identity whose
   entry decided, then in any table (a record may be replaced meanwhile); an unknown ref
   resolves to no policy. The revision reported is the KV revision of that record.
-- With a ``NameCache``, an address a Pod no longer has (deleted Pod, changed status) is
+- With a ``EndpointNameCache``, an address a Pod no longer has (deleted Pod, changed status) is
   forgotten there too, so a pod that reuses it does not inherit the old pod's names.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 from ciliary import schema
 
 from .decode import IPInfo
-from .names import NameCache
+from .names import EndpointNameCache
 
 
 def pod_labels(namespace: str, labels: dict[str, str]) -> tuple[str, ...]:
@@ -79,7 +79,7 @@ def flow_policy(rule: str, revision: int = 0) -> schema.FlowPolicy | None:
 
 
 class EnrichmentState:
-    def __init__(self, cluster: str = schema.DEFAULT_CLUSTER_NAME, names: NameCache | None = None) -> None:
+    def __init__(self, cluster: str = schema.DEFAULT_CLUSTER_NAME, names: EndpointNameCache | None = None) -> None:
         self.cluster = cluster
         self.names = names
         self.ipcache: dict[str, schema.IPCacheRecord] = {}  # prefix -> record

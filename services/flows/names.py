@@ -71,7 +71,7 @@ def answer_names(msg: DNSMessage) -> dict[str, dict[str, int]]:
     return out
 
 
-class NameCache(DNSCache):
+class EndpointNameCache(DNSCache):
     """Names local endpoints resolved, per node (see the module invariants)."""
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, min_ttl_s: float = DEFAULT_MIN_TTL_S) -> None:

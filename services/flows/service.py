@@ -13,7 +13,7 @@ on ``CILIARY_FLOWS_METRICS_PORT`` (unset or 0: not served) and the service map p
 JetStream stream ``FLOWS`` (``CILIARY_FLOWS_STREAM_MAX_MB``, default 64, 0 = off;
 ``CILIARY_FLOWS_STREAM_MAX_AGE`` seconds, default 3600) and, with
 ``CILIARY_FLOWS_EXPORT_FILE``, appended as JSON lines (``export.py``). DNS names local
-endpoints resolved are kept in a ``NameCache`` (``names.py``; ``CILIARY_FLOWS_NAMES_MAX``
+endpoints resolved are kept in a ``EndpointNameCache`` (``names.py``; ``CILIARY_FLOWS_NAMES_MAX``
 entries, default 100000; ``CILIARY_FLOWS_NAMES_MIN_TTL`` seconds, default 3600) for
 ``source_names``/``destination_names``; its counters are in the health detail.
 

@@ -11,7 +11,13 @@ import logging
 import os
 
 from .history import HistoryLimits
-from .names import DEFAULT_MAX_ENTRIES, DEFAULT_MIN_TTL_S, ENV_MAX_ENTRIES, ENV_MIN_TTL, NameCache
+from .names import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MIN_TTL_S,
+    ENV_MAX_ENTRIES,
+    ENV_MIN_TTL,
+    EndpointNameCache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,7 @@ DEFAULT_STREAM_MAX_MB = 64.0
 DEFAULT_STREAM_MAX_AGE = 3600.0
 
 
-def name_cache_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> NameCache:
+def name_cache_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> EndpointNameCache:
     """The DNS name cache from the environment; defaults (logged) for bad settings."""
     try:
         size_text = env.get(ENV_MAX_ENTRIES, "") or str(DEFAULT_MAX_ENTRIES)
@@ -36,10 +42,10 @@ def name_cache_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> 
             min_ttl = float(ttl_text)
         except ValueError:
             raise ValueError(f"{ENV_MIN_TTL}: expected seconds, got {ttl_text!r}") from None
-        return NameCache(int(size_text), min_ttl)
+        return EndpointNameCache(int(size_text), min_ttl)
     except ValueError as err:
         log.error("flows: DNS name cache uses its defaults, bad setting: %s", err)
-        return NameCache()
+        return EndpointNameCache()
 
 
 def history_limits(stream_on: bool) -> HistoryLimits:

@@ -13,7 +13,7 @@ Invariants:
   matches zero or more DNS characters ``[-a-zA-Z0-9_]`` *within one label*, so
   ``*.example.com`` matches ``a.example.com`` but neither ``a.b.example.com`` nor
   ``example.com``. Matching is case-insensitive on whole names.
-- The `NameCache` is a ``ciliary.dnscache.DNSCache`` of name -> {ip: expiry}, times in
+- The `FQDNAddressCache` is a ``ciliary.dnscache.DNSCache`` of name -> {ip: expiry}, times in
   seconds. A DNS answer keeps an address for ``max(TTL, min_ttl)`` seconds from the
   moment it was seen (Cilium's ``tofqdns-min-ttl``); a later answer only ever extends an
   entry. Only answers with rcode 0 teach addresses, only A/AAAA records reached from the
@@ -127,7 +127,7 @@ def host_prefix(ip: str) -> str:
 # ---------------------------------------------------------------- the name cache
 
 
-class NameCache(DNSCache):
+class FQDNAddressCache(DNSCache):
     """name -> {ip: expiry}, bounded; see module invariants."""
 
     def __init__(self, min_ttl: float = DEFAULT_MIN_TTL, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
@@ -202,7 +202,7 @@ class SelectorMatcher:
         return bool(self.labels(normalize_name(name)))
 
 
-def fqdn_prefixes(cache: NameCache, matcher: SelectorMatcher) -> dict[str, tuple[str, ...]]:
+def fqdn_prefixes(cache: FQDNAddressCache, matcher: SelectorMatcher) -> dict[str, tuple[str, ...]]:
     """Host prefix -> sorted ``fqdn:`` labels (see module invariants)."""
     out: dict[str, set[str]] = {}
     for name, ips in cache.names.items():

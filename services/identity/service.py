@@ -17,7 +17,7 @@ Invariants:
 - Bad payloads in any bucket are logged and skipped; requests for ``explain``/``report``
   are answered by one replica (queue group).
 - toFQDNs: every replica hears the DNS responses the node executors publish on
-  ``fqdn.dns.<cluster>.<node>`` and keeps its own name cache (``fqdn.NameCache``) of the
+  ``fqdn.dns.<cluster>.<node>`` and keeps its own name cache (``fqdn.FQDNAddressCache``) of the
   names a policy's ``toFQDNs`` selects. Each cached address joins the policy CIDRs as a
   host prefix whose identity labels are the CIDR labels plus ``fqdn:<selector>`` for
   every matching selector; an expired address leaves the set and its identity goes the
@@ -92,7 +92,7 @@ class IdentityService:
         self.reserved_ensured = False
         self.next_audit = 0.0
         self.passes = 0
-        self.names = fqdn.NameCache(min_ttl=config.fqdn_min_ttl, max_entries=config.fqdn_max_entries)
+        self.names = fqdn.FQDNAddressCache(min_ttl=config.fqdn_min_ttl, max_entries=config.fqdn_max_entries)
         self.fqdn_matcher = fqdn.SelectorMatcher()
 
     # ---------------------------------------------------------------- wiring

@@ -9,7 +9,7 @@ from ciliary.cli import flowrender
 from ciliary.dnswire import a_record, build_response, encode_name, parse_dns
 from services.flows.decode import decode_batch
 from services.flows.enrich import EnrichmentState
-from services.flows.names import NameCache, answer_names
+from services.flows.names import EndpointNameCache, answer_names
 from services.flows.settings import name_cache_from_env as _name_cache
 from tests.unit.test_flows_scenario import LOOKUPS
 
@@ -57,11 +57,11 @@ def test_failed_or_empty_answers_teach_nothing(msg) -> None:  # noqa: ANN001
     assert answer_names(msg) == {}
 
 
-# ---------------------------------------------------------------- NameCache
+# ---------------------------------------------------------------- EndpointNameCache
 
 
 def test_ttl_is_respected_without_a_floor() -> None:
-    cache = NameCache(min_ttl_s=0)
+    cache = EndpointNameCache(min_ttl_s=0)
     cache.learn(NODE, POD, response("example.com", a("example.com", WORLD, 30)), 100 * S)
     assert cache.names_of(NODE, POD, WORLD, 129 * S) == ["example.com"]
     assert cache.names_of(NODE, POD, WORLD, 130 * S) == []
@@ -69,7 +69,7 @@ def test_ttl_is_respected_without_a_floor() -> None:
 
 
 def test_min_ttl_floor_and_refresh_only_extends() -> None:
-    cache = NameCache(min_ttl_s=600)
+    cache = EndpointNameCache(min_ttl_s=600)
     cache.learn(NODE, POD, response("example.com", a("example.com", WORLD, 0)), 100 * S)
     assert cache.names_of(NODE, POD, WORLD, 699 * S) == ["example.com"]
     cache.learn(NODE, POD, response("example.com", a("example.com", WORLD, 30)), 90 * S)  # earlier expiry
@@ -79,7 +79,7 @@ def test_min_ttl_floor_and_refresh_only_extends() -> None:
 
 
 def test_several_names_for_one_address_sorted() -> None:
-    cache = NameCache(min_ttl_s=0)
+    cache = EndpointNameCache(min_ttl_s=0)
     cache.learn(NODE, POD, response("www.example.com", a("www.example.com", WORLD)), 0)
     cache.learn(NODE, POD, response("api.example.com", a("api.example.com", WORLD)), 0)
     cache.learn(NODE, POD, response("api.example.com", a("api.example.com", WORLD)), 0)
@@ -88,7 +88,7 @@ def test_several_names_for_one_address_sorted() -> None:
 
 
 def test_endpoints_and_nodes_are_isolated() -> None:
-    cache = NameCache(min_ttl_s=0)
+    cache = EndpointNameCache(min_ttl_s=0)
     cache.learn(NODE, POD, response("example.com", a("example.com", WORLD)), 0)
     assert cache.names_of(NODE, OTHER_POD, WORLD, S) == []
     assert cache.names_of("default/node-2", POD, WORLD, S) == []
@@ -96,7 +96,7 @@ def test_endpoints_and_nodes_are_isolated() -> None:
 
 
 def test_bounded_oldest_expiry_evicted() -> None:
-    cache = NameCache(max_entries=3, min_ttl_s=0)
+    cache = EndpointNameCache(max_entries=3, min_ttl_s=0)
     for i, ttl in enumerate([50, 10, 40, 30]):
         cache.learn(NODE, POD, response(f"n{i}.example.com", a(f"n{i}.example.com", f"203.0.113.{i}", ttl)), 0)
     assert cache.entries == 3 and cache.evicted == 1
@@ -106,7 +106,7 @@ def test_bounded_oldest_expiry_evicted() -> None:
 
 
 def test_expired_entries_are_pruned_when_learning() -> None:
-    cache = NameCache(max_entries=10, min_ttl_s=0)
+    cache = EndpointNameCache(max_entries=10, min_ttl_s=0)
     for i in range(5):
         cache.learn(NODE, POD, response(f"n{i}.example.com", a(f"n{i}.example.com", f"203.0.113.{i}", 1)), 0)
     cache.learn(NODE, POD, response("late.example.com", a("late.example.com", WORLD, 1)), 5 * S)
@@ -115,7 +115,7 @@ def test_expired_entries_are_pruned_when_learning() -> None:
 
 
 def test_pruning_keeps_an_entry_a_later_answer_extended() -> None:
-    cache = NameCache(min_ttl_s=0)
+    cache = EndpointNameCache(min_ttl_s=0)
     cache.learn(NODE, POD, response("example.com", a("example.com", WORLD, 100)), 0)
     cache.learn(NODE, POD, response("example.com", a("example.com", WORLD, 200)), 0)
     cache.learn(NODE, POD, response("other.example", a("other.example", "203.0.113.9", 1000)), 150 * S)
@@ -124,7 +124,7 @@ def test_pruning_keeps_an_entry_a_later_answer_extended() -> None:
 
 
 def test_forget_ip_and_pod_deletion() -> None:
-    cache = NameCache(min_ttl_s=0)
+    cache = EndpointNameCache(min_ttl_s=0)
     state = EnrichmentState("default", cache)
     state.apply_pod("default/client", {"metadata": {"name": "client"}, "status": {"podIP": POD}})
     cache.learn(NODE, POD, response("example.com", a("example.com", WORLD)), 0)
@@ -172,7 +172,7 @@ OTHER = _ev(2.2, saddr=OTHER_POD, daddr=WORLD, sport=43001, dport=443, proto=6, 
 
 
 def test_flows_carry_the_names_the_local_endpoint_resolved() -> None:
-    cache = NameCache(min_ttl_s=0)
+    cache = EndpointNameCache(min_ttl_s=0)
     flows = decode_batch(_batch(LEARN, CONNECT, REPLY, OTHER), LOOKUPS, cache).flows
     by_ip = [(f.ip.source, f.ip.destination, f.source_names, f.destination_names) for f in flows]
     assert (POD, WORLD, [], ["api.example.com"]) in by_ip  # egress: the source's names for the peer
@@ -189,7 +189,7 @@ def test_flows_carry_the_names_the_local_endpoint_resolved() -> None:
 def test_names_expire_with_the_answer_and_need_a_cache() -> None:
     late = _ev(40, saddr=POD, daddr=WORLD, sport=43002, dport=443, proto=6, src_identity=1234,
                dst_identity=2, ep_id=101, direction=2, tcp_flags=0x02)
-    cache = NameCache(min_ttl_s=0)
+    cache = EndpointNameCache(min_ttl_s=0)
     decode_batch(_batch(LEARN), LOOKUPS, cache)
     assert decode_batch(_batch(CONNECT, seq=2), LOOKUPS, cache).flows[0].destination_names == ["api.example.com"]
     assert decode_batch(_batch(late, seq=3), LOOKUPS, cache).flows[0].destination_names == []
@@ -199,6 +199,6 @@ def test_names_expire_with_the_answer_and_need_a_cache() -> None:
 def test_a_dns_response_seen_leaving_the_server_teaches_nothing() -> None:
     leaving = _ev(1, saddr=DNS_SERVER, daddr=POD, sport=53, dport=40000, proto=17, src_identity=102,
                   dst_identity=1234, ep_id=55, direction=2, payload=DNS_RESPONSE)
-    cache = NameCache(min_ttl_s=0)
+    cache = EndpointNameCache(min_ttl_s=0)
     decode_batch(_batch(leaving), LOOKUPS, cache)
     assert cache.entries == 0

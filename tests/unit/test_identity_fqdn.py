@@ -6,7 +6,7 @@ import pytest
 
 from ciliary.dnswire import a_record, build_query, build_response, encode_name
 from services.identity import fqdn
-from services.identity.fqdn import FQDNSelector, NameCache, SelectorMatcher
+from services.identity.fqdn import FQDNAddressCache, FQDNSelector, SelectorMatcher
 
 
 @pytest.mark.parametrize(("spec", "name", "hit"), [
@@ -69,7 +69,7 @@ def response(name: str, *answers: tuple[str, int], rcode: int = 0) -> bytes:
 
 
 def test_min_ttl_and_expiry() -> None:
-    cache = NameCache(min_ttl=60, max_entries=100)
+    cache = FQDNAddressCache(min_ttl=60, max_entries=100)
     assert cache.ingest(response("a.example", ("203.0.113.1", 5), ("203.0.113.2", 600)), now=1000) == 2
     assert cache.names == {"a.example": {"203.0.113.1": 1060.0, "203.0.113.2": 1600.0}}
     assert cache.next_expiry == 1060.0
@@ -83,7 +83,7 @@ def test_min_ttl_and_expiry() -> None:
 
 
 def test_later_answers_extend_never_shorten() -> None:
-    cache = NameCache(min_ttl=0, max_entries=100)
+    cache = FQDNAddressCache(min_ttl=0, max_entries=100)
     assert cache.add("a.example", "203.0.113.1", 100, now=0) is True
     assert cache.add("a.example", "203.0.113.1", 10, now=50) is False  # 60 < 100: kept
     assert cache.names["a.example"]["203.0.113.1"] == 100
@@ -94,7 +94,7 @@ def test_later_answers_extend_never_shorten() -> None:
 
 
 def test_cap_evicts_what_expires_first_and_counts() -> None:
-    cache = NameCache(min_ttl=0, max_entries=3)
+    cache = FQDNAddressCache(min_ttl=0, max_entries=3)
     for i, ttl in enumerate((50, 10, 30)):
         cache.add(f"n{i}.example", f"203.0.113.{i}", ttl, now=0)
     assert cache.add("n3.example", "203.0.113.3", 40, now=0) is True
@@ -107,7 +107,7 @@ def test_cap_evicts_what_expires_first_and_counts() -> None:
 
 
 def test_heap_stays_bounded_under_refreshes() -> None:
-    cache = NameCache(min_ttl=0, max_entries=10)
+    cache = FQDNAddressCache(min_ttl=0, max_entries=10)
     for t in range(1000):
         cache.add("a.example", "203.0.113.1", 10, now=t)
     assert len(cache._heap) <= 2 * cache.size + 65
@@ -115,7 +115,7 @@ def test_heap_stays_bounded_under_refreshes() -> None:
 
 
 def test_ingest_ignores_queries_errors_garbage_and_unwanted_names() -> None:
-    cache = NameCache(min_ttl=0)
+    cache = FQDNAddressCache(min_ttl=0)
     assert cache.ingest(build_query("a.example"), now=0) == 0
     assert cache.ingest(response("a.example", ("203.0.113.1", 5), rcode=2), now=0) == 0
     assert cache.ingest(b"\x00\x01garbage", now=0) == 0
@@ -130,7 +130,7 @@ def test_ingest_ignores_queries_errors_garbage_and_unwanted_names() -> None:
 
 
 def test_prefixes_carry_every_matching_selector_label() -> None:
-    cache = NameCache(min_ttl=0)
+    cache = FQDNAddressCache(min_ttl=0)
     cache.add("api.example.com", "203.0.113.5", 60, now=0)
     cache.add("www.example.com", "203.0.113.5", 60, now=0)
     cache.add("www.example.com", "203.0.113.6", 60, now=0)
