@@ -12,6 +12,8 @@ Invariants:
   ``put`` per live key), then ``SYNCED``, then changes. After a reconnect it re-reads the
   bucket, yields ``delete`` for keys that vanished while disconnected, ``put`` for every
   live key, and ``SYNCED`` again; consumers therefore must treat events idempotently.
+  A bucket keeps one value per key, so a value overwritten before the server delivered it
+  is never seen: a watch reports the latest state of every key, not every write.
 - Payloads that fail to decode are logged and skipped, never raised into a service loop.
 - ``read_stream`` reads a fixed range of a stream (from a start time or sequence up to the
   last sequence when it starts) through its own ephemeral pull consumer, one fetched batch

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,7 +90,7 @@ def test_pod_to_pod_with_programs(cluster, servers):
 
     # Conntrack GC: nothing expired now; everything expired an hour from now.
     assert dp1.gc_conntrack() == 0
-    tracked = len(dp1.maps.dump(L.CT))
+    tracked = len(settled_conntrack(dp1))
     assert tracked > 0
     assert M.gc_conntrack(dp1.maps, time.monotonic_ns() + 3600 * 10**9) == tracked
     assert dp1.maps.dump(L.CT) == {}
@@ -345,3 +346,18 @@ def test_datapath_survives_loader_sigkill(topology, servers):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=5)
+
+
+def settled_conntrack(dp: Any, quiet_s: float = 0.2, timeout_s: float = 5.0) -> dict[Any, Any]:
+    """The conntrack map once packets stopped updating it: the last connections' teardown
+    packets still update entries, and a dump taken while an LRU entry is replaced can miss
+    a key."""
+    deadline = time.monotonic() + timeout_s
+    last = dp.maps.dump(L.CT)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = dp.maps.dump(L.CT)
+        if now.keys() == last.keys():
+            return now
+        last = now
+    return last

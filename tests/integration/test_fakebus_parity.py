@@ -9,7 +9,7 @@ from typing import Any
 
 from ciliary import schema
 from ciliary.bus import SYNCED, Bus, BusError, KVEntry, Message, Synced
-from ciliary.testing import FakeBus
+from ciliary.testing import FakeBus, subject_matches
 
 Seen = list[tuple[str, Any]]
 Scenario = Callable[[Bus, Seen], Awaitable[None]]
@@ -57,12 +57,14 @@ async def until_synced(it: AsyncIterator[KVEntry | Synced]) -> list[KVEntry]:
     return events
 
 
-async def until_value(it: AsyncIterator[KVEntry | Synced], value: bytes) -> list[KVEntry | Synced]:
+async def until_write(it: AsyncIterator[KVEntry | Synced], key: str,
+                      value: bytes | None) -> list[KVEntry | Synced]:
+    """Events up to and including the one that writes ``value`` (None: deletes) to ``key``."""
     events: list[KVEntry | Synced] = []
     while True:
         event = await asyncio.wait_for(it.__anext__(), 5)
         events.append(event)
-        if isinstance(event, KVEntry) and event.value == value:
+        if isinstance(event, KVEntry) and event.key == key and event.value == value:
             return events
 
 
@@ -123,15 +125,32 @@ async def watching(bus: Bus, seen: Seen) -> None:
     watches = {p: bus.watch(RES, p).__aiter__() for p in patterns}
     for pattern, it in watches.items():
         seen.append((f"initial {pattern}", await until_synced(it)))
+    changes: dict[str, list[KVEntry | Synced]] = {p: [] for p in patterns}
+
+    async def delivered(key: str, value: bytes | None) -> None:
+        """Wait until every watch whose pattern matches ``key`` saw this write. A bucket
+        keeps one value per key, so a value superseded before the server delivered it is
+        legitimately never seen; waiting makes every intermediate value observable."""
+        for pattern, it in watches.items():
+            if subject_matches(pattern, key):
+                changes[pattern] += await until_write(it, key, value)
+
     await bus.kv_put(RES, "Pod.default.a", b"a3", last_revision=4)
+    await delivered("Pod.default.a", b"a3")
     await bus.kv_delete(RES, "Pod.default.a")
+    await delivered("Pod.default.a", None)
     await bus.kv_delete(RES, "Pod.never.a")  # never written: a delete event nonetheless
+    await delivered("Pod.never.a", None)
     await bus.kv_put(RES, "Service.default.t", b"t1")
+    await delivered("Service.default.t", b"t1")
     await bus.kv_put(RES, "Pod", b"bare2")
+    await delivered("Pod", b"bare2")
     await bus.kv_put(RES, "Pod.default.a", b"a4", last_revision=0)
+    await delivered("Pod.default.a", b"a4")
     await bus.kv_put(RES, "Pod.default.a", b"end")
-    for pattern, it in watches.items():
-        seen.append((f"changes {pattern}", await until_value(it, b"bare2" if pattern == "Pod" else b"end")))
+    await delivered("Pod.default.a", b"end")
+    for pattern in patterns:
+        seen.append((f"changes {pattern}", changes[pattern]))
     for it in watches.values():
         await it.aclose()  # type: ignore[attr-defined]
     seen.append(("once", [e async for e in bus.watch(RES, "Pod.>", once=True)]))
