@@ -43,7 +43,6 @@ import datetime as dt
 import gc
 import json
 import os
-import platform
 import queue
 import secrets
 import shutil
@@ -60,6 +59,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import sandbox as S  # noqa: E402
 
 from ciliary import config, hubble, schema  # noqa: E402
 from services.flows.core import FlowsCore  # noqa: E402
@@ -633,16 +635,7 @@ def visibility_cost(stack: Stack, pods: dict[str, dict], seconds: float, rounds:
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count(),
-            "cpu_model": model}
+    return S.machine()
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:

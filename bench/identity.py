@@ -33,6 +33,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import sandbox as S  # noqa: E402
 
 from ciliary import output, schema  # noqa: E402
 from ciliary.bus import SYNCED, Bus, KVEntry  # noqa: E402
@@ -273,7 +276,7 @@ async def main(argv: list[str] | None = None) -> None:
     rss = await run_rss(args.rss_identities, log_dir)
     result = {
         "command": " ".join([".venv/bin/python bench/identity.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {**S.machine(), "platform": platform.platform()},
         "date": now_rfc3339(),
         "note": "median of --repeat runs per replica count; churn/s is the median of its own samples",
         "runs": runs,

@@ -446,7 +446,22 @@ def machine(tools: tuple[str, ...] = ()) -> dict[str, Any]:
             out[Path(tool).name] = "?"
     out["date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     out["load_average_1m"] = round(os.getloadavg()[0], 2)
+    out["git"] = git_state()
     return out
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the numbers were measured on and whether the tree had uncommitted changes
+    (``dirty``); ``{}`` outside a git checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"commit": commit, "dirty": bool(status.strip())}
 
 
 # ---- pinned maps (read-only) ----------------------------------------------------------------
