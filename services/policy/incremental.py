@@ -45,6 +45,7 @@ from .resolve import (
     PolicyStatus,
     Resolution,
     ResolveOptions,
+    SectionEntries,
     _resolve_identity,
     is_local,
     make_entries,
@@ -178,8 +179,9 @@ class PolicyEngine:
                     self._add_slices(rules, {peer}, full, slices)
 
         step = Step(Resolution({}, {}, {}), set())
+        memo = SectionEntries(self.cache, self._named)  # both are final for this step
         for ident in sorted(full):
-            self._resolve_full(ident, step, dirty)
+            self._resolve_full(ident, step, dirty, memo)
         for ident in sorted(slices):
             if ident not in full:
                 self._resolve_peers(ident, sorted(slices[ident]), step, dirty)
@@ -291,13 +293,14 @@ class PolicyEngine:
         step.old_parts[ident] = list(old.entries)
         step.new_parts.setdefault(ident, [])
 
-    def _resolve_full(self, ident: int, step: Step, dirty: set[PolicyKey]) -> None:
+    def _resolve_full(self, ident: int, step: Step, dirty: set[PolicyKey],
+                      memo: SectionEntries) -> None:
         rules = self._rules_for(ident) if self.cache.view(ident) is not None else []
         if not rules:
             self._forget(ident, step, dirty)
             return
         ip = _resolve_identity(ident, [r.rule for r in rules], self.cache, self._named,
-                               self.opts)
+                               self.opts, memo)
         old = self._subjects.get(ident)
         self._subjects[ident] = _Subject(rules, [e.key for e in ip.entries], list(ip.entries),
                                          map_keys(ip.entries), ip)

@@ -28,12 +28,15 @@ Invariants:
   ranges counted expanded) gets ``error`` set (its entries are still returned, never
   truncated), every policy selecting it gets an error
   status, and ``counters["overflow"]`` counts such identities.
+- Cost: each rule section's entries are built once per resolution (`SectionEntries`)
+  and merged per selected identity by dict updates in precedence order, so a section
+  shared by many identities is not re-expanded for each of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .rules import (
@@ -201,8 +204,9 @@ def resolve_policy(
         statuses[pol.key].selected = sorted(selected)
     result: dict[int, IdentityPolicy] = {}
     counters = {"identities": 0, "entries": 0, "overflow": 0}
+    memo = SectionEntries(cache, named)
     for ident in sorted(selecting):
-        ip = _resolve_identity(ident, selecting[ident], cache, named, opts)
+        ip = _resolve_identity(ident, selecting[ident], cache, named, opts, memo)
         result[ident] = ip
         counters["identities"] += 1
         counters["entries"] += len(ip.entries)
@@ -228,44 +232,91 @@ def resolve(
 
 def _resolve_identity(
     ident: int, rules: list[NormRule], cache: SelectorCache, named: NamedPorts,
-    opts: ResolveOptions,
+    opts: ResolveOptions, memo: SectionEntries | None = None,
 ) -> IdentityPolicy:
+    """`memo`, when given, must have been made over the same `cache` and `named` (and
+    neither may have changed since)."""
+    memo = memo or SectionEntries(cache, named)
     audit = opts.audit_mode or ident in opts.audit_identities
-    merged: Merged = {}
     default_deny = [False, False]
     has = [False, False]
+    parts: list[tuple[tuple[bool, RuleRef], dict[EntryKey, PolicyEntry]]] = []
     for rule in rules:
         for d in (0, 1):
             default_deny[d] |= rule.default_deny[d]
             has[d] |= rule.has_sections[d]
         for section in rule.sections:
-            verdict = DENY if section.deny else ALLOW
-            peers = section_peers(section, cache)
-            if not peers:
-                continue
-            per_peer = any(spec.name for spec in section.ports)
-            ports = [] if per_peer else section_ports(section, ident, 0, named)
-            for peer in peers:
-                if per_peer:
-                    ports = section_ports(section, ident, peer, named)
-                for port, end, proto in ports:
-                    merge_entry(merged, (section.direction, peer, proto, port, end), verdict,
-                                section.ref)
+            part = memo.entries(section, ident)
+            if part:
+                parts.append(((not section.deny, section.ref), part))
+    # lowest rank last: deny beats allow, then the smallest ref (as `merge_entry`)
+    parts.sort(key=lambda p: p[0], reverse=True)
+    merged: dict[EntryKey, PolicyEntry] = dict(parts[0][1]) if parts else {}
+    for _, part in parts[1:]:
+        merged.update(part)
     enforced = [default_deny[d] or has[d] for d in (0, 1)]
     for d, direction in enumerate(DIRECTIONS):
         # the allow-all that keeps a direction without default deny open; a rule that
         # already produced this key (allow or deny) keeps it
         if has[d] and not default_deny[d]:
-            merged.setdefault((direction, 0, PROTO_ANY, 0, 0),
-                              (ALLOW, default_allow_ref(direction)))
+            entry = _DEFAULT_ALLOW[direction]
+            merged.setdefault(entry.key, entry)
     if opts.allow_localhost and enforced[0] and ident != ID_HOST:
-        merged.setdefault(("ingress", ID_HOST, PROTO_ANY, 0, 0), (ALLOW, LOCALHOST_REF))
-    entries = tuple(make_entries(merged, audit))
+        merged.setdefault(_LOCALHOST.key, _LOCALHOST)
+    entries = tuple(merged[k] for k in sorted(merged))
+    if audit:
+        entries = tuple(replace(e, audit=True) if e.verdict == DENY else e for e in entries)
     error = overflow_error(ident, map_keys(entries), opts)
     return IdentityPolicy(
         ident, enforced[0], enforced[1], default_deny[0], default_deny[1], audit, entries,
         tuple(sorted({r.policy for r in rules})), error,
     )
+
+
+class SectionEntries:
+    """What each rule section contributes to the identities it applies to, computed once
+    per section over one selector cache and named-port table: key → entry (``audit``
+    unset). Every contribution is independent of the local identity except the ports of
+    an ingress section with named ports (the local endpoint's), memoised per named-port
+    table of the local identity."""
+
+    def __init__(self, cache: SelectorCache, named: NamedPorts) -> None:
+        self.cache = cache
+        self.named = named
+        self._memo: dict[tuple[int, Any], dict[EntryKey, PolicyEntry]] = {}
+        self._sections: list[Section] = []  # keeps memoised sections alive (ids stay unique)
+
+    def entries(self, section: Section, ident: int) -> dict[EntryKey, PolicyEntry]:
+        per_local = section.direction == "ingress" and any(s.name for s in section.ports)
+        local_ports = _named_key(self.named.get(ident)) if per_local else None
+        key = (id(section), local_ports)
+        found = self._memo.get(key)
+        if found is None:
+            found = self._compute(section, ident)
+            self._memo[key] = found
+            self._sections.append(section)
+        return found
+
+    def _compute(self, section: Section, ident: int) -> dict[EntryKey, PolicyEntry]:
+        peers = section_peers(section, self.cache)
+        if not peers:
+            return {}
+        verdict = DENY if section.deny else ALLOW
+        direction, ref = section.direction, section.ref
+        out: dict[EntryKey, PolicyEntry] = {}
+        per_peer = any(spec.name for spec in section.ports)
+        ports = [] if per_peer else section_ports(section, ident, 0, self.named)
+        for peer in peers:
+            if per_peer:
+                ports = section_ports(section, ident, peer, self.named)
+            for port, end, proto in ports:
+                out[(direction, peer, proto, port, end)] = PolicyEntry(
+                    peer, port, end, proto, direction, verdict, False, ref)
+        return out
+
+
+def _named_key(ports: Mapping[str, tuple[int, int]] | None) -> tuple[Any, ...]:
+    return tuple(sorted(ports.items())) if ports else ()
 
 
 EntryKey = tuple[str, int, int, int, int]  # direction, peer, proto, port, end_port
@@ -287,6 +338,12 @@ def make_entries(merged: Merged, audit: bool) -> list[PolicyEntry]:
         PolicyEntry(peer, port, end, proto, direction, verdict, audit and verdict == DENY, ref)
         for (direction, peer, proto, port, end), (verdict, ref) in sorted(merged.items())
     ]
+
+
+_DEFAULT_ALLOW = {
+    d: PolicyEntry(0, 0, 0, PROTO_ANY, d, ALLOW, False, default_allow_ref(d)) for d in DIRECTIONS
+}
+_LOCALHOST = PolicyEntry(ID_HOST, 0, 0, PROTO_ANY, "ingress", ALLOW, False, LOCALHOST_REF)
 
 
 def overflow_error(ident: int, keys: int, opts: ResolveOptions) -> str:

@@ -21,7 +21,9 @@ Invariants:
 - `SelectorCache` answers "which identities does this selector select"; after any sequence
   of `update` calls its answers equal those of a cache built from scratch over the same
   identities, and `update` returns exactly the selectors whose selections changed
-  (`update_delta`: with the identities each gained and lost).
+  (`update_delta`: with the identities each gained and lost). A labels selector is
+  registered through the cache's `LabelIndex` of the current identities, so its first
+  selection costs the sizes of the label sets it names, not a scan of every identity.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from functools import cached_property
 from typing import Literal
 
 from ciliary import schema
+
+from .label_index import LabelIndex
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -295,6 +299,7 @@ class SelectorCache:
     def __init__(self, identities: Mapping[int, Iterable[str]] | None = None) -> None:
         self._identities: dict[int, IdentityView] = {}
         self._selections: dict[Selector, set[int]] = {}
+        self._index = LabelIndex()  # the labels of `_identities`, for registering selectors
         if identities:
             self.update(identities, ())
 
@@ -307,11 +312,15 @@ class SelectorCache:
 
     def add_selector(self, selector: Selector) -> frozenset[int]:
         """Register `selector` (idempotent) and return its current selections."""
-        found = self._selections.get(selector)
-        if found is None:
+        return frozenset(self.members(selector))
+
+    def _register(self, selector: Selector) -> set[int]:
+        if selector.kind == "labels":  # by label index: no scan over every identity
+            found = self._index.select(selector.requirements)
+        else:
             found = {i for i, v in self._identities.items() if selector.matches(v)}
-            self._selections[selector] = found
-        return frozenset(found)
+        self._selections[selector] = found
+        return found
 
     def remove_selector(self, selector: Selector) -> None:
         self._selections.pop(selector, None)
@@ -333,8 +342,7 @@ class SelectorCache:
         only valid until the next `update`: no copy, for hot loops."""
         found = self._selections.get(selector)
         if found is None:
-            self.add_selector(selector)
-            found = self._selections[selector]
+            found = self._register(selector)
         return found
 
     def update(
@@ -352,8 +360,10 @@ class SelectorCache:
         labels changes nothing)."""
         before: dict[Selector, dict[int, bool]] = {}
         for ident in removed:
-            if self._identities.pop(ident, None) is None:
+            gone = self._identities.pop(ident, None)
+            if gone is None:
                 continue
+            self._index.remove(ident, gone.pairs)
             for sel, found in self._selections.items():
                 if ident in found:
                     before.setdefault(sel, {}).setdefault(ident, True)
@@ -363,6 +373,9 @@ class SelectorCache:
             old = self._identities.get(ident)
             if old is not None and old.labels == view.labels:
                 continue
+            if old is not None:
+                self._index.remove(ident, old.pairs)
+            self._index.add(ident, view.pairs)
             self._identities[ident] = view
             for sel, found in self._selections.items():
                 now = sel.matches(view)
