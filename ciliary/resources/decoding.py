@@ -90,10 +90,13 @@ def _dicts(value: Any) -> list[dict[str, Any]]:
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
-def convert(kind: str, manifest: dict[str, Any]) -> tuple[Any, list[FieldError]]:
-    """``(object, [])`` or ``(None, [error])`` for a manifest of a known `kind`."""
+def convert(kind: str, manifest: dict[str, Any], *, nulls: bool = True) -> tuple[Any, list[FieldError]]:
+    """``(object, [])`` or ``(None, [error])`` for a manifest of a known `kind`.
+
+    ``nulls=False`` promises that no value in `manifest` is ``None``; then a kind whose
+    normal form only differs by nulls is decoded from `manifest` itself (not copied)."""
     model = KINDS[kind].model
-    data = normalize(kind, manifest)
+    data = manifest if not nulls and kind not in _CILIUM_KINDS else normalize(kind, manifest)
     try:
         return msgspec.convert(data, model), []
     except msgspec.ValidationError as exc:
