@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import msgspec
@@ -54,6 +54,20 @@ class BusError(Exception):
 
 class RevisionMismatch(BusError):
     """Compare-and-set failed: the key changed (or exists) since the given revision."""
+
+
+class PutManyError(BusError):
+    """``kv_put_many`` stopped: ``key`` is the first write that failed and ``__cause__``
+    what it raised (a ``RevisionMismatch`` for a lost compare-and-set); ``failed`` holds
+    every failed key with its error, ``written`` every key written with its new revision.
+    A failed write that is not a ``RevisionMismatch`` may still have been stored."""
+
+    def __init__(self, message: str, *, key: str, failed: dict[str, Exception],
+                 written: dict[str, int]) -> None:
+        super().__init__(message)
+        self.key = key
+        self.failed = failed
+        self.written = written
 
 
 class StreamMessage(msgspec.Struct, frozen=True):
@@ -310,6 +324,48 @@ class Bus:
         except (nats.js.errors.NoStreamResponseError, nats.errors.MaxPayloadError) as err:
             raise BusError(f"write {bucket}/{key}: {err or type(err).__name__}") from err
         return ack.seq
+
+    async def kv_put_many(
+        self,
+        bucket: str,
+        items: Iterable[tuple[str, Any, int | None]],
+        *,
+        concurrency: int = 256,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, int]:
+        """Write every ``(key, record, last_revision)`` of ``items`` as ``kv_put`` does
+        (``last_revision`` None: unconditional), keeping up to ``concurrency`` writes in
+        flight on the connection instead of waiting a round trip per key, started in
+        item order. Keys must be distinct. Returns each key's new revision; ``progress``
+        gets the number written so far after each write.
+
+        At the first failure no further write is started; the writes in flight finish
+        and ``PutManyError`` is raised. The writes that succeeded stay: undoing them
+        (compare-and-set against ``written``) is the caller's decision."""
+        pending = iter(items)
+        written: dict[str, int] = {}
+        failed: dict[str, Exception] = {}
+        first: list[str] = []
+
+        async def writer() -> None:
+            for key, record, last_revision in pending:
+                try:
+                    written[key] = await self.kv_put(bucket, key, record, last_revision=last_revision)
+                except Exception as err:  # reported through PutManyError, whatever it is
+                    failed[key] = err
+                    first.append(key)
+                if first:
+                    return
+                if progress is not None:
+                    progress(len(written))
+
+        await asyncio.gather(*(writer() for _ in range(max(1, concurrency))))
+        if first:
+            key = first[0]
+            err = failed[key]
+            raise PutManyError(f"write {bucket}/{key}: {err}", key=key, failed=failed,
+                               written=written) from err
+        return written
 
     async def _deleted_revision(self, bucket: str, key: str) -> int | None:
         kv = await self._kv(bucket)

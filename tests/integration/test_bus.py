@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from ciliary import schema
-from ciliary.bus import SYNCED, Bus, BusError, KVEntry, RevisionMismatch
+from ciliary.bus import SYNCED, Bus, BusError, KVEntry, PutManyError, RevisionMismatch
 
 
 async def _collect_until_synced(it) -> dict[str, bytes]:
@@ -196,5 +196,41 @@ async def test_watch_retries_when_the_server_does_not_answer_consumer_info(nats_
         failures["left"] = 1
         with pytest.raises(BusError):  # a one-shot read reports it instead
             await bus.kv_list(schema.BUCKET_ALLOCATIONS, "r.>")
+    finally:
+        await bus.close()
+
+
+async def test_kv_put_many_pipelines_compare_and_set_writes(nats_server) -> None:
+    bus = await Bus.connect(nats_server.url, "test")
+    try:
+        await bus.ensure_buckets()
+        bucket = schema.BUCKET_ALLOCATIONS
+        done: list[int] = []
+        items = [(f"m.{i}", str(i).encode(), 0) for i in range(1000)]
+        revisions = await bus.kv_put_many(bucket, items, concurrency=64, progress=done.append)
+        assert sorted(revisions) == sorted(key for key, _, _ in items)
+        assert done == list(range(1, 1001))
+        stored = await bus.kv_list(bucket, "m.>")
+        assert {k: (e.revision, e.value) for k, e in stored.items()} == {
+            key: (revisions[key], value) for key, value, _ in items}
+        # updates against the revisions read; a stale one stops the batch and names its key
+        await bus.kv_put(bucket, "m.500", b"theirs", last_revision=revisions["m.500"])
+        updates = [(key, b"new", revisions[key]) for key, _, _ in items]
+        with pytest.raises(PutManyError) as caught:
+            await bus.kv_put_many(bucket, updates, concurrency=8)
+        err = caught.value
+        assert err.key == "m.500" and list(err.failed) == ["m.500"]
+        assert isinstance(err.__cause__, RevisionMismatch) and "m.500" in str(err)
+        assert "m.500" not in err.written and len(err.written) < 1000
+        after = await bus.kv_list(bucket, "m.>")
+        assert {k for k, e in after.items() if e.value == b"new"} == set(err.written)
+        assert after["m.500"].value == b"theirs"
+        assert all(after[k].revision == rev for k, rev in err.written.items())
+        # unconditional writes (None) and creations over deleted keys
+        await bus.kv_delete(bucket, "m.1")
+        again = await bus.kv_put_many(bucket, [("m.1", b"back", 0), ("m.2", b"any", None)])
+        assert set(again) == {"m.1", "m.2"}
+        assert (await bus.kv_get(bucket, "m.1")).value == b"back"
+        assert await bus.kv_put_many(bucket, []) == {}
     finally:
         await bus.close()
