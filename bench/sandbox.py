@@ -578,6 +578,14 @@ class EmbeddedInstance:
             raise RuntimeError(f"no instance state in {self.data_dir}")
         return state.nats_url
 
+    def pids(self) -> dict[str, int]:
+        """Process name (``identity``, ``node/node-1``, ``nats-server`` ...) -> pid."""
+        from ciliary import config
+
+        state = config.read_instance(self.data_dir)
+        return {p.name: p.pid for p in state.processes} if state else {}
+
+
     def __enter__(self) -> EmbeddedInstance:
         t0 = time.monotonic()
         try:
@@ -608,3 +616,27 @@ class EmbeddedInstance:
             problems.append(f"pins left: {Path(PIN_ROOT, self.cluster)}")
         shutil.rmtree(self.data_dir, ignore_errors=True)
         return problems
+
+
+def process_memory(pid: int) -> dict[str, float]:
+    """Resident set size now and at its peak (``VmRSS``, ``VmHWM``), MiB; ``{}`` when gone."""
+    out: dict[str, float] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    name, value = line.split(":", 1)
+                    out["rss_mib" if name == "VmRSS" else "peak_rss_mib"] = round(int(value.split()[0]) / 1024, 1)
+    except OSError:
+        return {}
+    return out
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (0.0 when gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

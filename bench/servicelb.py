@@ -50,9 +50,13 @@ For N in 100, 1,000, 5,000, 10,000 services (3 endpoints each; --quick: 100, 1,0
    then --kv-reps times one EndpointSlice change (the third backend replaced) written through
    the store API, timed from the KV write until the new backend is in one of the frontend's
    slots in the node's pinned lb4 maps, read directly from the pins with bpf(2) lookups;
-   ``ciliary down`` at the end, also on error.
+   servicelb's CPU time per change (from /proc); then ``BURSTS`` bursts: one apply changing the
+   slices of ``BURST`` services at once, timed until every new backend is in the kernel; the
+   RSS (now and peak) of every process of the instance after the load and at the end;
+   ``ciliary down`` at the end, also on error. ``--kv-sizes`` picks other N for this part
+   (e.g. 50000; the lb maps are raised above Cilium's 65,536 entries when N needs it).
 
-Usage: .venv/bin/python bench/servicelb.py [--quick] [--kv-only] [--kv-max N]
+Usage: .venv/bin/python bench/servicelb.py [--quick] [--kv-only] [--kv-max N] [--kv-sizes N,...]
 Writes bench/results/servicelb.json and servicelb.png (not with --quick unless --output); a
 ``supplementary`` block of an earlier run in that file is kept.
 """
@@ -503,6 +507,8 @@ class Bench:
 # ---- ciliary through its control plane: KV write -> pinned map -------------------------------
 
 KV_NODE = "node-1"
+BURST = 100  # services changed by one apply in the burst measurement
+BURSTS = 5
 
 
 def kv_service_doc(svc: K.ServicePort) -> str:
@@ -608,10 +614,60 @@ async def _kv_churn(url: str, svc: K.ServicePort, reps: int, fe: KernelFrontend)
         await bus.close()
 
 
+async def _kv_bursts(url: str, inst: S.EmbeddedInstance, svcs: list[K.ServicePort], size: int,
+                     bursts: int) -> list[tuple[float, float]]:
+    """``bursts`` times: one ``apply`` that replaces the third endpoint of ``size`` services at
+    once. Per burst, seconds from just before the write until (a) the apply returned and (b)
+    every one of the new backends is in its frontend's slots in the kernel."""
+    from ciliary.bus import Bus
+    from ciliary.resources.loader import loads
+    from ciliary.store import ResourceStore
+
+    bus = await Bus.connect(url, "bench-servicelb-burst", allow_reconnect=False)
+    fes = {svc.name: KernelFrontend(inst, svc.cluster_ip, svc.port) for svc in svcs[:size]}
+    try:
+        store = ResourceStore(bus)
+        out = []
+        for burst in range(bursts):
+            changed = [kv_replace_endpoint(svc, 1000 + burst * size + i) for i, svc in enumerate(svcs[:size])]
+            resources = loads("---\n".join(kv_slice_doc(new) for new, _ in changed), "<bench>")
+            t0 = time.perf_counter()
+            await store.apply(resources)
+            t_ack = time.perf_counter()
+            t_seen = t_ack
+            for (new, ip) in changed:
+                t_seen = max(t_seen, await fes[new.name].wait(lambda addrs, ip=ip: ip in addrs, 120,
+                                                              f"burst backend {ip}"))
+            out.append((t_ack - t0, t_seen - t0))
+            await asyncio.sleep(0.5)
+        await store.apply(loads("---\n".join(kv_slice_doc(svc) for svc in svcs[:size]), "<bench>"))
+        return out
+    finally:
+        for fe in fes.values():
+            fe.close()
+        await bus.close()
+
+
+def process_stats(inst: S.EmbeddedInstance) -> dict[str, dict[str, float]]:
+    """RSS now and at peak for every process of the instance."""
+    return {name: S.process_memory(pid) for name, pid in sorted(inst.pids().items())}
+
+
 def servicelb_detail(inst: S.EmbeddedInstance) -> dict[str, Any]:
     """servicelb's health detail (``ciliary status -o json``): frontends, last_reconcile_ms ..."""
     st = json.loads(inst.cli("status", "-o", "json", check=False).stdout or "{}")
     return next((s.get("detail") or {} for s in st.get("services", []) if s.get("name") == "servicelb"), {})
+
+
+def lb_map_size(n: int) -> int:
+    """Entries the lb maps need for ``n`` services of 3 backends (0: the default 65,536 fits)."""
+    need = 4 * n + 4 * BURST * BURSTS
+    if need <= 65536:
+        return 0
+    size = 65536
+    while size < need:
+        size *= 2
+    return size
 
 
 def kv_kernel(n: int, reps: int, load_timeout: float) -> dict[str, Any]:
@@ -621,6 +677,12 @@ def kv_kernel(n: int, reps: int, load_timeout: float) -> dict[str, Any]:
     the new backend is in the node's pinned lb4 maps (read directly, no CLI)."""
     svcs = K.synthetic_services(n)
     churned = svcs[n // 2 + 1 if n > 2 else 0]
+    # lb4_services holds slot 0 plus 3 slots per service: raise the map above Cilium's default
+    lb_entries = lb_map_size(n)
+    if lb_entries:
+        os.environ["CILIARY_MAP_LB"] = str(lb_entries)
+    else:
+        os.environ.pop("CILIARY_MAP_LB", None)
     with S.EmbeddedInstance("k", cluster_id=200 + secrets.randbelow(50)) as inst:
         print(f"  kv N={n}: instance {inst.cluster} up in {inst.up_seconds:.1f}s", flush=True)
         path = inst.data_dir / "services.yaml"
@@ -644,18 +706,33 @@ def kv_kernel(n: int, reps: int, load_timeout: float) -> dict[str, Any]:
             print(f"  kv N={n}: all {want} lb4 service entries in the kernel after {load_s:.1f}s", flush=True)
             if churned.endpoints[2][0] not in fe.slot_addresses():
                 raise RuntimeError(f"kv N={n}: {churned.name} not in the kernel as generated")
+            memory_loaded = process_stats(inst)
+            servicelb_pid = inst.pids().get("servicelb", 0)
+            cpu0 = S.process_cpu_s(servicelb_pid)
             samples = asyncio.run(_kv_churn(inst.nats_url(), churned, reps, fe))
+            servicelb_cpu_ms = (S.process_cpu_s(servicelb_pid) - cpu0) * 1000 / max(1, reps)
             detail = servicelb_detail(inst)
+            burst_size = min(BURST, n)
+            bursts = asyncio.run(_kv_bursts(inst.nats_url(), inst, [s for s in svcs if s is not churned],
+                                            burst_size, BURSTS))
+            memory = process_stats(inst)
         finally:
             fe.close()
     problems = inst.problems
     if problems:
         raise RuntimeError(f"kv N={n}: " + "; ".join(problems))
     return {"instance_up_s": round(inst.up_seconds, 1), "apply_s": round(apply_s, 2),
+            "lb_map_entries": lb_entries or 65536,
             "load_to_kernel_s": round(load_s, 2), "churned_service": f"{churned.namespace}/{churned.name}",
             "kv_write_ack_ms": S.ms_stats([a for a, _ in samples]),
             "kv_to_kernel_ms": S.ms_stats([k for _, k in samples]),
             "servicelb_last_reconcile_ms": detail.get("last_reconcile_ms"),
+            "servicelb_cpu_ms_per_change": round(servicelb_cpu_ms, 2),
+            "burst_size": burst_size,
+            "burst_apply_ms": S.ms_stats([a for a, _ in bursts]),
+            "burst_to_kernel_ms": S.ms_stats([k for _, k in bursts]),
+            "memory_after_load": memory_loaded,
+            "memory": memory,
             "servicelb_detail": detail}
 
 
@@ -734,6 +811,18 @@ def render(res: dict[str, Any]) -> str:
             [[n, r["kv_to_kernel_ms"]["p50"], r["kv_to_kernel_ms"]["p99"], r["kv_to_kernel_ms"]["min"],
               r["kv_to_kernel_ms"]["max"], r["kv_to_kernel_ms"]["samples"], r["kv_write_ack_ms"]["p50"],
               r.get("servicelb_last_reconcile_ms"), r["apply_s"], r["load_to_kernel_s"]] for n, r in kv.items()]))
+        with_bursts = {n: r for n, r in kv.items() if "burst_to_kernel_ms" in r}
+        if with_bursts:
+            out.append("")
+            out.append("bursts (one apply changing the slices of many services) and the processes' memory")
+            out.append(output.table(
+                ["N", "burst", "apply p50 ms", "all in kernel p50 ms", "p99 ms", "servicelb CPU ms/change",
+                 "node RSS MiB", "servicelb", "identity", "policy"],
+                [[n, r["burst_size"], r["burst_apply_ms"]["p50"], r["burst_to_kernel_ms"]["p50"],
+                  r["burst_to_kernel_ms"]["p99"], r["servicelb_cpu_ms_per_change"],
+                  *(r["memory"].get(name, {}).get("rss_mib", "?")
+                    for name in (f"node/{KV_NODE}", "servicelb", "identity", "policy"))]
+                 for n, r in with_bursts.items()]))
     if not res["by_n"]:
         return "\n".join(out)
     out.append("")
@@ -846,7 +935,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-max", type=int, default=10000,
                         help="largest N measured through the embedded control plane (0: skip that part)")
     parser.add_argument("--kv-reps", type=int, default=None,
-                        help="one-endpoint changes per N through the control plane (default 20; --quick 10)")
+                        help="one-endpoint changes per N through the control plane (default 100; --quick 20)")
+    parser.add_argument("--kv-sizes", default=None,
+                        help="comma-separated N values for the control-plane part (default: the sizes; "
+                             "lb maps are raised for N above 16,000, e.g. 50000)")
     parser.add_argument("--kv-only", action="store_true",
                         help="only the control-plane part (no sandbox, no iptables)")
     parser.add_argument("--output", type=Path, default=None,
@@ -859,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sizes, args.update_reps, args.conns, args.conn_seconds, args.warmup, args.rounds = \
             [100, 1000, 5000, 10000], 5, 1000, 3.0, 100, 3
     if args.kv_reps is None:
-        args.kv_reps = 10 if args.quick else 20
+        args.kv_reps = 20 if args.quick else 100
     if args.sizes_arg:
         args.sizes = [int(x) for x in args.sizes_arg.split(",")][:MAX_SIZES]
     if os.geteuid() != 0:
@@ -883,11 +975,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.kv_only:
         problems += sandbox_part(args, res)
     res["sandbox_seconds"] = round(time.monotonic() - t_start, 1)
-    kv_sizes = [n for n in args.sizes if n <= args.kv_max]
+    wanted_kv = [int(x) for x in args.kv_sizes.split(",")] if args.kv_sizes else args.sizes
+    kv_sizes = [n for n in wanted_kv if n <= args.kv_max]
     if kv_sizes:
         t0 = time.monotonic()
         res["kv_kernel"] = {}
-        skipped = [n for n in args.sizes if n > args.kv_max]
+        skipped = [n for n in wanted_kv if n > args.kv_max]
         if skipped:
             res["kv_kernel_skipped"] = f"N > --kv-max {args.kv_max}: {skipped}"
         print(f"ciliary through the control plane (KV write -> pinned lb4 map), N = {kv_sizes}", flush=True)
