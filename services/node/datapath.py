@@ -19,11 +19,12 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,24 @@ TC_PRIO = 1
 TC_HANDLE = 1
 
 _compile_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def compiling() -> Iterator[None]:
+    """One bcc compilation at a time in this process. Afterwards the heap LLVM freed is handed
+    back to the system: glibc would keep it, about 30 MB of the node executor's RSS."""
+    with _compile_lock:
+        try:
+            yield
+        finally:
+            _release_freed_heap()
+
+
+def _release_freed_heap() -> None:
+    try:
+        ct.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +195,7 @@ class Datapath:
         ensure_bpffs()
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
-        with _compile_lock:
+        with compiling():
             bpf = BPF(src_file=str(PROGRAM).encode(), cflags=self.cflags())
             progs = {name: bpf.load_func(name.encode(), BPF.SCHED_CLS)
                      for name in ("from_container", "to_container", "from_netdev", "to_netdev")}

@@ -333,7 +333,7 @@ class SockLB:
                        self.revnat_size, self.affinity_size)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
-        with datapath._compile_lock:
+        with datapath.compiling():
             bpf = BPF(src_file=str(PROGRAM).encode(), cflags=flags)
             progs = {name: bpf.load_func(name.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=at)
                      for name, at in PROGRAMS.items()}
