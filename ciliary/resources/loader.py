@@ -16,19 +16,22 @@ Invariants:
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import sys
-from typing import Any, TextIO
+import threading
+from typing import Any, NamedTuple, TextIO
 
 import msgspec
 
-from . import yamlio
+from . import documents, yamlio
 from .decoding import convert
 from .errors import ManifestError, Problem
 from .kinds import DEFAULT_NAMESPACE, KINDS, Resource
 from .validate import validate
 
 STDIN = "-"
+PARALLEL_MIN_CHARS = 256 * 1024  # smallest text `load_manifests(workers > 1)` loads in parts
 STDIN_SOURCE = "<stdin>"
 SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -50,15 +53,24 @@ class _Place:
         return text if self.item is None else f"{text} item {self.item}"
 
 
-def load_manifests(paths: list[str], stdin: TextIO | None = None) -> list[Resource]:
-    """Validated resources from `paths`, in input order; raises `ManifestError`."""
+def load_manifests(
+    paths: list[str], stdin: TextIO | None = None, *, workers: int = 1
+) -> list[Resource]:
+    """Validated resources from `paths`, in input order; raises `ManifestError`.
+
+    With ``workers > 1`` a YAML text of ``PARALLEL_MIN_CHARS`` or more is parsed and
+    validated in that many parts at once (forked processes), with the same result."""
     if isinstance(paths, str):
         paths = [paths]
     problems: list[Problem] = []
     resources: list[Resource] = []
     for source, text in _read_inputs(paths, stdin, problems):
         json_input = None if source == STDIN_SOURCE else source.endswith(".json")
-        resources.extend(_load_text(text, source, json_input, problems))
+        if workers > 1 and len(text) >= PARALLEL_MIN_CHARS and not json_input and not (
+                json_input is None and text.lstrip().startswith("{")):
+            resources.extend(_load_yaml_in_parts(text, source, problems, workers))
+        else:
+            resources.extend(_load_text(text, source, json_input, problems))
     _check_duplicates(resources, problems)
     if problems:
         raise ManifestError(problems)
@@ -112,6 +124,14 @@ def _load_text(
     text: str, source: str, json_input: bool | None, problems: list[Problem]
 ) -> list[tuple[Resource, _Place]]:
     docs, syntax = yamlio.parse(text, json_input=json_input)
+    out = _load_documents(docs, source, problems)
+    if syntax is not None:
+        problems.append(_Place(source, syntax.document).problem(
+            syntax.message, line=syntax.line, column=syntax.column))
+    return out
+
+
+def _load_documents(docs: list[Any], source: str, problems: list[Problem]) -> list[tuple[Resource, _Place]]:
     out: list[tuple[Resource, _Place]] = []
     for index, doc in enumerate(docs):
         if doc is None:
@@ -120,9 +140,75 @@ def _load_text(
             resource = _load_object(obj, place, problems)
             if resource is not None:
                 out.append((resource, place))
+    return out
+
+
+class _Part(NamedTuple):
+    """What one part of a text loaded to: its document count, whether it had a syntax
+    error, and its resources and problems placed relative to the part's first document."""
+
+    documents: int
+    syntax_error: bool
+    resources: list[tuple[Resource, int, int | None]]  # (resource, document, item)
+    problems: list[Problem]
+
+
+def _load_part(text: str, source: str) -> _Part:
+    docs, syntax = yamlio.parse(text, json_input=False)
     if syntax is not None:
-        problems.append(_Place(source, syntax.document).problem(
-            syntax.message, line=syntax.line, column=syntax.column))
+        return _Part(len(docs), True, [], [])
+    problems: list[Problem] = []
+    loaded = _load_documents(docs, source, problems)
+    return _Part(len(docs), False, [(r, p.document, p.item) for r, p in loaded], problems)
+
+
+def _part_worker(sender: Any, text: str, source: str) -> None:
+    """A forked worker: loads its part and sends the `_Part` back (nothing on failure)."""
+    try:
+        sender.send(_load_part(text, source))
+    finally:
+        sender.close()
+
+
+def _load_yaml_in_parts(
+    text: str, source: str, problems: list[Problem], workers: int
+) -> list[tuple[Resource, _Place]]:
+    """`_load_text` of a YAML text, its parts loaded at once: the first here, the others
+    in forked processes. Falls back to `_load_text` for a syntax error anywhere (so its
+    position and cut-off are the whole text's), a worker that fails, or a process with
+    threads (forking those is unsafe)."""
+    parts = documents.split_documents(text, workers)
+    if len(parts) < 2 or threading.active_count() > 1:
+        return _load_text(text, source, False, problems)
+    context = multiprocessing.get_context("fork")
+    children: list[tuple[Any, Any]] = []
+    try:
+        for part in parts[1:]:
+            receiver, sender = context.Pipe(duplex=False)
+            child = context.Process(target=_part_worker, args=(sender, part, source), daemon=True)
+            child.start()
+            sender.close()
+            children.append((child, receiver))
+        loaded = [_load_part(parts[0], source)]
+        loaded += [receiver.recv() for _, receiver in children]
+    except (EOFError, OSError):
+        loaded = []
+    finally:
+        for child, receiver in children:
+            receiver.close()
+            child.join(timeout=1)
+            if child.is_alive():
+                child.kill()
+                child.join()
+    if not loaded or any(part.syntax_error for part in loaded):
+        return _load_text(text, source, False, problems)
+    out: list[tuple[Resource, _Place]] = []
+    first = 0
+    for part in loaded:
+        out += [(r, _Place(source, first + doc, item)) for r, doc, item in part.resources]
+        problems += [msgspec.structs.replace(p, document=first + p.document)
+                     if p.document is not None else p for p in part.problems]
+        first += part.documents
     return out
 
 
