@@ -9,23 +9,31 @@ Invariants:
   ``creationTimestamp`` are fixed at creation.
 - ``apply`` is all-or-nothing: every object was validated before it gets here, each write
   is a compare-and-set against the revision read, and if any write fails the writes
-  already made are rolled back to what was there before.
+  already made are rolled back to what was there before (each roll-back write again a
+  compare-and-set, so a newer write by someone else is never undone). Reads and writes
+  are pipelined: existing objects are read in bulk, writes and roll-back writes go out
+  with a bounded number in flight, in no promised order among different keys.
 - Status lives in bucket ``status`` under the same key, written by the owning service;
   readers merge it into ``status`` of the object.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from ciliary import schema
-from ciliary.bus import Bus, BusError, RevisionMismatch
+from ciliary.bus import Bus, BusError, KVEntry, PutManyError, RevisionMismatch
 from ciliary.resources import Resource
+
+T = TypeVar("T")
 
 CLUSTER_SCOPE = "_"
 
@@ -53,13 +61,39 @@ _SERVER_FIELDS = ("uid", "resourceVersion", "generation", "creationTimestamp")
 
 
 def _content(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The part of a manifest the user owns (server-filled metadata and status removed)."""
-    body = copy.deepcopy(manifest)
+    """The part of a manifest the user owns (server-filled metadata and status removed).
+    Shares everything but the top level and ``metadata`` with ``manifest``."""
+    body = dict(manifest)
     body.pop("status", None)
-    meta = body.get("metadata") or {}
-    for field in _SERVER_FIELDS:
-        meta.pop(field, None)
+    meta = body.get("metadata")
+    if isinstance(meta, dict) and any(field in meta for field in _SERVER_FIELDS):
+        body["metadata"] = {k: v for k, v in meta.items() if k not in _SERVER_FIELDS}
     return body
+
+
+def _ref(kind: str, namespace: str, name: str) -> str:
+    """How messages name an object: ``Service default/web``, ``Namespace shop``."""
+    return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
+
+
+async def _each(items: list[T], work: Callable[[T], Awaitable[None]], *, concurrency: int) -> None:
+    """``work(item)`` for every item, up to ``concurrency`` at a time; the first error
+    raised is raised once all started work has ended."""
+    pending = iter(items)
+    errors: list[BaseException] = []
+
+    async def worker() -> None:
+        for item in pending:
+            if errors:
+                return
+            try:
+                await work(item)
+            except Exception as err:  # re-raised below, after the others stopped
+                errors.append(err)
+
+    await asyncio.gather(*(worker() for _ in range(min(max(1, concurrency), len(items)))))
+    if errors:
+        raise errors[0]
 
 
 @dataclass(frozen=True)
@@ -95,74 +129,160 @@ class StoredObject:
         return manifest
 
 
+READ_BY_LIST_MIN = 32  # objects of one kind and namespace from which one kv_list reads them
+WRITE_CONCURRENCY = 256  # writes (and reads, roll-back writes) in flight during an apply
+
+Progress = Callable[[int, int], None]  # (writes done, writes planned)
+
+
+@dataclass(frozen=True)
+class _Write:
+    resource: Resource
+    old: schema.ResourceRecord | None
+    revision: int  # read revision the write is a compare-and-set against (0: absent)
+    data: bytes  # the encoded new record
+
+
 class ResourceStore:
     """Apply, delete and read resources over the bus."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
 
-    async def apply(self, resources: Iterable[Resource]) -> list[ApplyResult]:
+    async def apply(
+        self, resources: Iterable[Resource], *, concurrency: int = WRITE_CONCURRENCY,
+        progress: Progress | None = None,
+    ) -> list[ApplyResult]:
+        """Create or update every object, all or nothing; results in input order.
+
+        The existing objects are read in bulk (one ``kv_list`` per kind and namespace
+        with at least ``READ_BY_LIST_MIN`` objects, else one ``kv_get`` each), the writes
+        go out with up to ``concurrency`` in flight, each a compare-and-set against the
+        revision read. If any write fails, every write that succeeded is rolled back and
+        ``BusError`` names the object that failed. ``progress(done, planned)`` follows
+        the writes."""
         resources = list(resources)
-        planned: list[tuple[str, schema.ResourceRecord | None, int, schema.ResourceRecord]] = []
+        keys = [kv_key(r.kind, r.namespace, r.name) for r in resources]
+        seen: set[str] = set()
+        for key in keys:
+            if key in seen:
+                raise BusError(f"apply failed, nothing changed: {_ref(*split_kv_key(key))} "
+                               f"is given twice")
+            seen.add(key)
+        existing = await self._read(resources, keys, concurrency)
+        created = now_rfc3339()
+        writes: dict[str, _Write] = {}
         results: list[ApplyResult] = []
-        for res in resources:
-            key = kv_key(res.kind, res.namespace, res.name)
-            existing = await self.bus.kv_get_record(schema.BUCKET_RESOURCES, key, schema.ResourceRecord)
-            if existing is None:
+        for res, key in zip(resources, keys, strict=True):
+            found = existing.get(key)
+            content = _content(res.manifest)
+            if found is None:
                 record = schema.ResourceRecord(
-                    kind=res.kind,
-                    api_version=res.api_version,
-                    namespace=res.namespace,
-                    name=res.name,
-                    uid=str(uuid.uuid4()),
-                    generation=1,
-                    created=now_rfc3339(),
-                    manifest=_content(res.manifest),
+                    kind=res.kind, api_version=res.api_version, namespace=res.namespace,
+                    name=res.name, uid=str(uuid.uuid4()), generation=1, created=created,
+                    manifest=content,
                 )
-                planned.append((key, None, 0, record))
+                writes[key] = _Write(res, None, 0, schema.encode(record))
                 results.append(ApplyResult(res.kind, res.namespace, res.name, "created"))
                 continue
-            old, revision = existing
-            new_content = _content(res.manifest)
-            if new_content == _content(old.manifest) and old.api_version == res.api_version:
+            old, revision = found
+            if content == _content(old.manifest) and old.api_version == res.api_version:
                 results.append(ApplyResult(res.kind, res.namespace, res.name, "unchanged"))
                 continue
             record = schema.ResourceRecord(
-                kind=res.kind,
-                api_version=res.api_version,
-                namespace=res.namespace,
-                name=res.name,
-                uid=old.uid,
-                generation=old.generation + 1,
-                created=old.created,
-                manifest=new_content,
+                kind=res.kind, api_version=res.api_version, namespace=res.namespace,
+                name=res.name, uid=old.uid, generation=old.generation + 1, created=old.created,
+                manifest=content,
             )
-            planned.append((key, old, revision, record))
+            writes[key] = _Write(res, old, revision, schema.encode(record))
             results.append(ApplyResult(res.kind, res.namespace, res.name, "configured"))
 
-        done: list[tuple[str, schema.ResourceRecord | None, int]] = []
+        total = len(writes)
         try:
-            for key, old, revision, record in planned:
-                new_revision = await self.bus.kv_put(
-                    schema.BUCKET_RESOURCES, key, record, last_revision=revision
-                )
-                done.append((key, old, new_revision))
-        except (BusError, RevisionMismatch) as err:
-            await self._roll_back(done)
-            raise BusError(f"apply failed, nothing changed: {err}") from err
+            await self.bus.kv_put_many(
+                schema.BUCKET_RESOURCES,
+                ((key, w.data, w.revision) for key, w in writes.items()),
+                concurrency=concurrency,
+                progress=None if progress is None else lambda done: progress(done, total),
+            )
+        except PutManyError as err:
+            written = dict(err.written)
+            for key, failure in err.failed.items():
+                if not isinstance(failure, RevisionMismatch):  # it may have been stored
+                    stored = await self._stored_revision(key, writes[key].data)
+                    if stored is not None:
+                        written[key] = stored
+            await self._roll_back(writes, written, concurrency)
+            failed = writes[err.key].resource
+            reason = ("it changed since it was read (written by someone else meanwhile)"
+                      if isinstance(err.__cause__, RevisionMismatch) else str(err.__cause__))
+            raise BusError(f"apply failed, nothing changed: "
+                           f"{_ref(failed.kind, failed.namespace, failed.name)}: {reason}") from err
         return results
 
-    async def _roll_back(self, done: list[tuple[str, schema.ResourceRecord | None, int]]) -> None:
-        for key, old, new_revision in reversed(done):
+    async def _read(
+        self, resources: list[Resource], keys: list[str], concurrency: int
+    ) -> dict[str, tuple[schema.ResourceRecord, int]]:
+        """The stored records of ``keys`` with their revisions (absent keys left out)."""
+        groups: dict[str, list[str]] = {}
+        for res, key in zip(resources, keys, strict=True):
+            groups.setdefault(kind_pattern(res.kind, res.namespace), []).append(key)
+        listed = [(pattern, set(group)) for pattern, group in groups.items()
+                  if len(group) >= READ_BY_LIST_MIN]
+        single = [key for group in groups.values() if len(group) < READ_BY_LIST_MIN for key in group]
+        entries: dict[str, KVEntry] = {}
+
+        async def read_pattern(item: tuple[str, set[str]]) -> None:
+            pattern, wanted = item
+            for key, entry in (await self.bus.kv_list(schema.BUCKET_RESOURCES, pattern)).items():
+                if key in wanted:
+                    entries[key] = entry
+
+        async def read_key(key: str) -> None:
+            entry = await self.bus.kv_get(schema.BUCKET_RESOURCES, key)
+            if entry is not None:
+                entries[key] = entry
+
+        await _each(listed, read_pattern, concurrency=8)
+        await _each(single, read_key, concurrency=concurrency)
+        out: dict[str, tuple[schema.ResourceRecord, int]] = {}
+        for key, entry in entries.items():
+            if entry.value is None:
+                continue
+            try:
+                out[key] = (schema.decode(entry.value, schema.ResourceRecord), entry.revision)
+            except msgspec.DecodeError as err:  # a foreign writer stored something else
+                raise BusError(f"apply failed, nothing changed: the stored "
+                               f"{_ref(*split_kv_key(key))} cannot be read: {err}") from err
+        return out
+
+    async def _stored_revision(self, key: str, data: bytes) -> int | None:
+        """The revision of ``key`` if it holds ``data`` (a write whose answer was lost)."""
+        try:
+            entry = await self.bus.kv_get(schema.BUCKET_RESOURCES, key)
+        except BusError:
+            return None
+        return entry.revision if entry is not None and entry.value == data else None
+
+    async def _roll_back(
+        self, writes: dict[str, _Write], written: dict[str, int], concurrency: int
+    ) -> None:
+        """Put back what was there before each write in ``written`` (key -> the revision
+        it made), each a compare-and-set against that revision, with ``concurrency`` in
+        flight. A key changed since by someone else keeps their newer value."""
+
+        async def undo(item: tuple[str, int]) -> None:
+            key, revision = item
+            old = writes[key].old
             try:
                 if old is None:
-                    await self.bus.kv_delete(schema.BUCKET_RESOURCES, key, last_revision=new_revision)
+                    await self.bus.kv_delete(schema.BUCKET_RESOURCES, key, last_revision=revision)
                 else:
-                    await self.bus.kv_put(
-                        schema.BUCKET_RESOURCES, key, old, last_revision=new_revision
-                    )
+                    await self.bus.kv_put(schema.BUCKET_RESOURCES, key, old, last_revision=revision)
             except BusError:
                 pass  # someone else changed it since; theirs is the newer truth
+
+        await _each(list(written.items()), undo, concurrency=concurrency)
 
     async def create_if_absent(self, resource: Resource) -> bool:
         """Create ``resource`` unless an object with its key exists. True when created."""
