@@ -10,6 +10,9 @@ Invariants:
   seam for tests to put a fake bus behind every command).
 - A user-facing failure is a ``CliError``: ``main`` prints it as one ``error: <message>``
   line (``print_error``) and exits with code 1 — never a traceback.
+- Progress reports (``Progress``) go to stderr only, never stdout, and only when enabled
+  (a terminal, or asked for): on a terminal one line rewritten in place and cleared at the
+  end, otherwise one line per report.
 - This module imports no command module and no service package.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -62,3 +66,40 @@ async def _with_bus(data_dir: Path, work: Callable[[Bus], Awaitable[Any]]) -> An
 def run_with_bus(args: argparse.Namespace, work: Callable[[Bus], Awaitable[Any]]) -> Any:
     """``work(bus)`` on a fresh connection to the instance of ``args.data_dir_path``."""
     return asyncio.run(_with_bus(args.data_dir_path, work))
+
+
+class Progress:
+    """A one-line progress report on ``stream`` (stderr): rewritten in place on a terminal,
+    one line per report otherwise; silent unless ``enabled``. Reports closer together
+    than ``min_interval`` seconds are skipped unless forced (the last one should be)."""
+
+    def __init__(self, stream: Any, *, enabled: bool, min_interval: float = 0.0) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.min_interval = min_interval
+        self.shown = False
+        self._last = float("-inf")
+
+    def show(self, text: str, *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < self.min_interval:
+            return
+        self._last = now
+        self.stream.write(f"\r{text}\x1b[K" if self.tty else text + "\n")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.enabled and self.shown and self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        self.shown = False
+
+
+def progress_bar(done: int, total: int, *, width: int = 30) -> str:
+    """``[######........]  1,234/5,678`` for ``done`` of ``total``."""
+    filled = width if total <= 0 else min(width, width * done // total)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done:>{len(f'{total:,}')},}/{total:,}"

@@ -85,29 +85,11 @@ class ReplyChunks:
         return out
 
 
-class Progress:
-    """A one-line progress report of a long history read on stderr: rewritten in place on a
-    terminal, one line per update otherwise (only when asked for with ``--progress``)."""
-
-    def __init__(self, stream: Any, *, enabled: bool) -> None:
-        self.stream = stream
-        self.enabled = enabled
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.shown = False
+class Progress(common.Progress):
+    """The progress of a long history read: flows of the stream scanned so far."""
 
     def update(self, scanned: int) -> None:
-        if not self.enabled:
-            return
-        text = f"reading flow history: {scanned:,} flows scanned"
-        self.stream.write(f"\r{text}\x1b[K" if self.tty else text + "\n")
-        self.stream.flush()
-        self.shown = True
-
-    def clear(self) -> None:
-        if self.enabled and self.shown and self.tty:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-        self.shown = False
+        self.show(f"reading flow history: {scanned:,} flows scanned")
 
 
 async def query_flows(
