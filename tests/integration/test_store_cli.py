@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ciliary import config
+from ciliary import config, schema
+from ciliary.bus import Bus
 from tests.integration.conftest import REPO, ensure_buckets, run_cli
 
 SHOP = REPO / "examples" / "shop"
@@ -102,3 +103,70 @@ def test_cli_errors_are_clear(instance: Path, tmp_path: Path) -> None:
     nothing = run_cli("get", "pods", data_dir=tmp_path / "empty")
     assert nothing.returncode == 1
     assert "no ciliary instance is running" in nothing.stderr and "ciliary up -d" in nothing.stderr
+
+
+def _bulk_manifest(n: int, *, port: int = 80, changed: int = 0) -> str:
+    """A Namespace, then per i a Service and its EndpointSlice; the first ``changed``
+    Services carry ``port + 1``."""
+    docs = ["apiVersion: v1\nkind: Namespace\nmetadata: {name: bulk}\n"]
+    for i in range(n):
+        docs.append(f"apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i:05d}, namespace: bulk}}\n"
+                    f"spec:\n  ports:\n  - {{name: http, port: {port + (i < changed)}}}\n")
+        docs.append(f"apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n"
+                    f"  name: svc-{i:05d}-1\n  namespace: bulk\n"
+                    f"  labels: {{kubernetes.io/service-name: svc-{i:05d}}}\n"
+                    f"addressType: IPv4\nports:\n- {{name: http, port: 8080}}\n"
+                    f"endpoints:\n- addresses: [10.208.{i // 250}.{i % 250 + 1}]\n")
+    return "---\n".join(docs)
+
+
+async def _stored(url: str) -> dict[str, tuple[int, schema.ResourceRecord]]:
+    bus = await Bus.connect(url, "test-read")
+    try:
+        entries = await bus.kv_list(schema.BUCKET_RESOURCES)
+    finally:
+        await bus.close()
+    return {key: (e.revision, schema.decode(e.value, schema.ResourceRecord)) for key, e in entries.items()}
+
+
+def test_bulk_apply_writes_every_object_once_and_reapply_changes_only_what_changed(
+        instance: Path, nats_server, tmp_path: Path) -> None:
+    n = 1500
+    path = tmp_path / "bulk.yaml"
+    path.write_text(_bulk_manifest(n))
+    result = run_cli("apply", "-f", str(path), "--progress", data_dir=instance)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "namespace/bulk created" and len(lines) == 2 * n + 1
+    assert lines[1:3] == ["service/svc-00000 -n bulk created", "endpointslice/svc-00000-1 -n bulk created"]
+    assert f"{2 * n + 1:,}/{2 * n + 1:,} written" in result.stderr and "created" not in result.stderr
+
+    first = asyncio.run(_stored(nats_server.url))
+    want = {"Namespace._.bulk"} | {f"Service.bulk.svc-{i:05d}" for i in range(n)} | {
+        f"EndpointSlice.bulk.svc-{i:05d}-1" for i in range(n)}
+    assert set(first) == want
+    assert {record.generation for _, record in first.values()} == {1}
+    assert sorted(revision for revision, _ in first.values()) == list(range(1, 2 * n + 2)), \
+        "one write per object, nothing else"
+    assert len({record.uid for _, record in first.values()}) == 2 * n + 1
+    svc = first["Service.bulk.svc-01234"][1]
+    assert (svc.kind, svc.namespace, svc.name) == ("Service", "bulk", "svc-01234")
+    assert svc.manifest["spec"]["ports"] == [{"name": "http", "port": 80}]
+    got = _get_json(instance, "service", "svc-01234", "-n", "bulk")
+    assert got["metadata"]["resourceVersion"] == str(first["Service.bulk.svc-01234"][0])
+
+    path.write_text(_bulk_manifest(n, changed=100))
+    again = run_cli("apply", "-f", str(path), data_dir=instance)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == "", "no progress off a terminal without --progress"
+    configured = [line for line in again.stdout.splitlines() if line.endswith(" configured")]
+    assert configured == [f"service/svc-{i:05d} -n bulk configured" for i in range(100)]
+    second = asyncio.run(_stored(nats_server.url))
+    assert set(second) == want
+    for key, (revision, record) in second.items():
+        old_revision, old = first[key]
+        if key < "Service.bulk.svc-00100" and key.startswith("Service."):
+            assert record.generation == 2 and revision > old_revision
+            assert (record.uid, record.created) == (old.uid, old.created)
+        else:
+            assert (revision, record) == (old_revision, old), key
