@@ -9,12 +9,19 @@ Invariants:
 - ``instance.json`` is written once NATS answers and rewritten whenever a pid changes; it
   is removed after every child has exited. On SIGTERM/SIGINT children get SIGTERM, then
   SIGKILL after a grace period, services before nats-server.
+- Before starting anything the supervisor claims its data directory and its cluster name
+  (``ciliary.claims``); every child inherits both claims, so while any process of the
+  instance lives, no second instance starts on the same store or under the same cluster
+  name on this machine.
+- Children die with the supervisor: each gets SIGTERM when the supervisor exits, however it
+  exits (``PR_SET_PDEATHSIG``), so a killed supervisor leaves no orphan behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import shutil
@@ -23,10 +30,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ciliary import config, schema
+from ciliary import claims, config, schema
 from ciliary.bus import Bus, BusError
 from ciliary.resources import resource_from_manifest
 from ciliary.runtime import install_stop_handlers
@@ -73,6 +81,23 @@ def node_names(count: int) -> list[str]:
     return [f"node-{i}" for i in range(1, count + 1)]
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGTERM when the process that started it exits (and
+    stops at once if that already happened between fork and exec)."""
+    libc = ctypes.CDLL(None, use_errno=True)  # resolved before the fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 @dataclass
 class Child:
     name: str  # "nats-server", "identity", "node/node-1"
@@ -80,6 +105,7 @@ class Child:
     env: dict[str, str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    keep_fds: tuple[int, ...] = ()  # the instance's claims, held by every child too
     started_at: float = 0.0
     backoff: float = BACKOFF_START
     restarts: int = 0
@@ -90,7 +116,7 @@ class Child:
         try:
             self.proc = subprocess.Popen(
                 self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, pass_fds=self.keep_fds, preexec_fn=die_with_parent(),
             )
         finally:
             out.close()
@@ -110,6 +136,7 @@ class Supervisor:
     cluster_id: int = schema.DEFAULT_CLUSTER_ID
     children: list[Child] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    claims: tuple[int, ...] = ()
 
     http_port: int = 0  # flows service: metrics and service map (0 = pick a free port)
 
@@ -134,6 +161,11 @@ class Supervisor:
         return env
 
     def _plan(self) -> None:
+        self._plan_children()
+        for child in self.children:
+            child.keep_fds = self.claims
+
+    def _plan_children(self) -> None:
         logs = self.data_dir / "logs"
         self.children.append(Child(
             "nats-server",
@@ -187,8 +219,24 @@ class Supervisor:
             return
         raise RuntimeError(f"nats-server did not answer within {timeout:.0f}s")
 
+    def claim(self) -> None:
+        """Claim the data directory and the cluster name; ``RuntimeError`` naming the holder
+        when another instance has either."""
+        holder = (f"the ciliary instance of cluster {self.cluster} in {self.data_dir} "
+                  f"(supervisor pid {os.getpid()})")
+        taken: list[int] = []
+        try:
+            for path in (claims.data_dir_claim(self.data_dir), claims.cluster_claim(self.cluster)):
+                taken.append(claims.take(path, holder))
+        except claims.ClaimError as err:
+            for fd in taken:
+                os.close(fd)
+            raise RuntimeError(f"cannot start: {err}") from None
+        self.claims = tuple(taken)
+
     async def run(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.claim()
         if not self.nats_port:
             self.nats_port = free_port()
         if not self.http_port:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ciliary import config, output, schema, supervisor
+from ciliary import claims, config, output, schema, supervisor
 from ciliary.bus import Bus, BusError
 from ciliary.cli import common
 from ciliary.status import gather_health, missing_or_unhealthy
@@ -37,6 +37,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"an instance is already running for {data_dir} (nats {existing.nats_url}); "
             "stop it with: ciliary down"
         )
+    data_claim = claims.data_dir_claim(data_dir)
+    if claims.is_held(data_claim):
+        raise common.CliError(
+            f"{data_dir} is still in use by {claims.holder_of(data_claim) or 'another process'}; "
+            "its processes must exit before an instance starts on the same store")
+    cluster_claim = claims.cluster_claim(args.cluster)
+    if claims.is_held(cluster_claim):
+        raise common.CliError(
+            f"cluster {args.cluster} already runs on this machine: "
+            f"{claims.holder_of(cluster_claim) or 'another instance'}; instances on one machine "
+            "need distinct --cluster names (their node namespaces are named by cluster)")
     config.remove_instance(data_dir)
     if args.nodes < 1:
         raise common.CliError("--nodes must be at least 1")
