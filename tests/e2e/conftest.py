@@ -9,8 +9,9 @@ Invariants:
 - The autouse ``no_leaks`` fixture fails a test that leaves a namespace, pin
   directory or node cgroup (``ciliary-<cluster>-*`` under the cgroup2 mount) of any
   cluster it registered.
-- Without root or bcc the tests skip with the reason printed, except under
-  CI=true, where they fail.
+- Without root or bcc the tier does not pass quietly: every e2e test fails naming what is
+  missing, unless ``CILIARY_SKIP_E2E=1`` asks to skip it (never under CI=true), and the
+  session ends with one line saying the tier did not run.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def _unavailable() -> str | None:
     return None
 
 
+SKIP_ENV = "CILIARY_SKIP_E2E"
+
+
 def require_privileges() -> None:
     reason = _unavailable()
     if reason is None:
@@ -52,7 +56,16 @@ def require_privileges() -> None:
     print(f"e2e: {reason}")
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: not skipping)")
-    pytest.skip(reason)
+    if os.environ.get(SKIP_ENV) == "1":
+        pytest.skip(f"{reason} ({SKIP_ENV}=1)")
+    pytest.fail(f"{reason}: run the tests as root, or set {SKIP_ENV}=1 to skip the e2e tier")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    reason = _unavailable()
+    if reason is not None:
+        verdict = "SKIPPED" if os.environ.get(SKIP_ENV) == "1" else "FAILED"
+        terminalreporter.write_line(f"e2e tier {verdict}: {reason}", red=True, bold=True)
 
 
 # ---- leak check ----------------------------------------------------------------
