@@ -17,7 +17,10 @@ Invariants:
     recomputed and spliced into its sorted entries (keys are sorted by direction, then
     peer, so they are one contiguous run per direction);
   * a change of the node-wide set of named ports (egress named ports to the wildcard
-    peer) re-resolves the subjects that use such a port.
+    peer) re-resolves the subjects that use such a port;
+  * a policy change rebinds only that policy's rules to the selector cache; a selector
+    stays registered while a bound rule uses it (reference count), and is dropped
+    from the cache when the last one goes.
 - `Step.ops()` equals `diff(old, new)` over the whole resolution, computed only from
   the parts that changed.
 - Not thread-safe: one thread at a time. Named-port tables passed in must not be mutated
@@ -113,7 +116,9 @@ class PolicyEngine:
         self._policies: dict[PolicyKey, NormPolicy] = {}
         self._named: dict[int, Mapping[str, tuple[int, int]]] = {}
         self._every: dict[str, Counter[tuple[int, int]]] = {}
-        self._rules: list[_Rule] = []
+        self._rules: list[_Rule] = []  # every policy's, in policy key order
+        self._bound: dict[PolicyKey, list[_Rule]] = {}  # policy -> its rules' bindings
+        self._uses: Counter[Selector] = Counter()  # bound rules using each selector
         self._peer_rules: dict[Selector, list[_Rule]] = {}
         self._subjects: dict[int, _Subject] = {}
         self._result: dict[int, IdentityPolicy] = {}
@@ -211,27 +216,42 @@ class PolicyEngine:
             if key in old:
                 full |= self._rule_subjects(old[key].rules)
         self._policies = new
-        used: set[Selector] = set()
-        for pol in norm:
-            for rule in pol.rules:
-                used.add(rule.subject)
-                used.update(sel for section in rule.sections for sel in section.peers)
-        self.cache.retain(used)
-        self._rules = []
-        self._peer_rules = {}
-        for pol in norm:
-            for n, rule in enumerate(pol.rules):
-                bound = _Rule(rule, (pol.key, n), self.cache)
-                self._rules.append(bound)
-                for sel in {sel for section in rule.sections for sel in section.peers}:
-                    self._peer_rules.setdefault(sel, []).append(bound)
-        # rebind subjects to the new bindings by position; the subjects of a changed policy
-        # are in `full` (re-resolved with their new rules), so positions in unchanged
-        # policies are all that is looked up
-        bound_at = {b.pos: b for b in self._rules}
-        for subj in self._subjects.values():
-            subj.rules = [bound_at[r.pos] for r in subj.rules if r.pos in bound_at]
+        released: set[Selector] = set()
+        for key in changed:
+            for bound in self._bound.pop(key, []):
+                released |= self._unbind(bound)
+        for key in sorted(changed):
+            pol = new.get(key)
+            if pol is not None:
+                self._bound[key] = [self._bind(rule, (key, n)) for n, rule in enumerate(pol.rules)]
+        for sel in released:
+            if not self._uses.get(sel):
+                self._uses.pop(sel, None)
+                self.cache.remove_selector(sel)
+        # unchanged policies keep their bindings (and their subjects the bound rules);
+        # the subjects of a changed policy are in `full`, re-resolved with the new ones
+        self._rules = [bound for pol in norm for bound in self._bound[pol.key]]
         return changed
+
+    def _bind(self, rule: NormRule, pos: tuple[PolicyKey, int]) -> _Rule:
+        bound = _Rule(rule, pos, self.cache)
+        for sel in _rule_selectors(rule):
+            self._uses[sel] += 1
+        for sel in _peer_selectors(rule):
+            self._peer_rules.setdefault(sel, []).append(bound)
+        return bound
+
+    def _unbind(self, bound: _Rule) -> set[Selector]:
+        """Forget a binding; returns the selectors it used."""
+        for sel in _peer_selectors(bound.rule):
+            rules = self._peer_rules[sel]
+            rules.remove(bound)
+            if not rules:
+                del self._peer_rules[sel]
+        used = _rule_selectors(bound.rule)
+        for sel in used:
+            self._uses[sel] -= 1
+        return used
 
     def _set_named(self, named: NamedPorts, full: set[int]) -> set[int]:
         old = self._named
@@ -377,6 +397,14 @@ class PolicyEngine:
                 st.error = st.error or error
                 break
         return st
+
+
+def _peer_selectors(rule: NormRule) -> set[Selector]:
+    return {sel for section in rule.sections for sel in section.peers}
+
+
+def _rule_selectors(rule: NormRule) -> set[Selector]:
+    return _peer_selectors(rule) | {rule.subject}
 
 
 def _uses_every_named(rule: NormRule, names: set[str]) -> bool:

@@ -15,7 +15,12 @@ import pytest
 
 from services.policy.diff import apply, diff
 from services.policy.incremental import PolicyEngine
-from services.policy.resolve import ResolveOptions, resolve_policy
+from services.policy.resolve import (
+    ResolveOptions,
+    normalize_all,
+    policy_selectors,
+    resolve_policy,
+)
 
 NAMESPACES = ("n1", "n2")
 APPS = ("a", "b", "c")
@@ -243,6 +248,9 @@ def test_incremental_equals_from_scratch(seed: int) -> None:
             i for i in prev.identities.keys() | scratch.identities.keys()
             if prev.identities.get(i) != scratch.identities.get(i)
         }
+        # the selector cache keeps no selector the current policies do not use
+        assert set(engine.cache.selectors()) <= policy_selectors(
+            normalize_all(policies.values(), opts)), f"seed {seed} step {n}"
         prev = scratch
 
 
