@@ -22,19 +22,21 @@ import msgspec
 from ciliary import schema
 
 from .resolve import IdentityPolicy, PolicyStatus, Resolution
-from .rules import PROTOCOLS, PolicyKey, rule_id
+from .rules import PROTOCOLS, PolicyKey, rule_id, rule_text
 
 
 def identity_record(ip: IdentityPolicy, cluster: str, cluster_id: int,
                     status_keys: Mapping[PolicyKey, str]) -> schema.PolicyMapRecord:
-    entries = [
-        schema.PolicyEntryRecord(
+    entries = []
+    rules: dict[int, str] = {}
+    for e in ip.entries:
+        ref_id = rule_id(e.rule)
+        entries.append(schema.PolicyEntryRecord(
             peer=e.peer, port=e.port, proto=e.proto, direction=e.direction, verdict=e.verdict,
-            end_port=e.end_port, audit=e.audit, rule_ref=rule_id(e.rule),
-        )
-        for e in ip.entries
-    ]
-    rules = {rule_id(e.rule): str(e.rule) for e in ip.entries if e.rule.kind}
+            end_port=e.end_port, audit=e.audit, rule_ref=ref_id,
+        ))
+        if e.rule.kind:
+            rules[ref_id] = rule_text(e.rule)
     return schema.PolicyMapRecord(
         identity=ip.identity, cluster=cluster, cluster_id=cluster_id,
         ingress_enforced=ip.ingress_enforced, egress_enforced=ip.egress_enforced,

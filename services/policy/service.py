@@ -12,9 +12,13 @@ Invariants:
   what those changes affect; only the records of identities whose policy changed are
   re-encoded, and only differences are written. Nothing is written before every watch has
   delivered its initial state.
-- Puts precede deletes within a pass (add before remove); writes to ``policy`` are
-  compare-and-set against the revision last seen, so a concurrent replica only causes
-  another pass.
+- Puts precede deletes within a pass (add before remove); puts (and then deletes) to
+  different keys run in parallel, at most ``PARALLEL_WRITES`` in flight. Writes to
+  ``policy`` are compare-and-set against the revision last seen, so a concurrent replica
+  only causes another pass. A policy's status is re-encoded only when the engine made
+  a new status for it, and written only when its payload changed.
+- Health detail ``last_pass_ms`` is the wall time of the last pass and ``last_pass``
+  its parts (inputs, resolve, encode, write, status).
 - Resolution runs in a worker thread that alone touches the engine; identity changes are
   queued on the event loop and handed over at the start of a pass (changes arriving during
   a pass trigger another one). Trace requests use the service's own identity mirror.
@@ -32,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Coroutine
 from typing import Any
 
 from ciliary import schema
@@ -42,8 +48,8 @@ from ciliary.watch import PassLoop, entries_only
 
 from .incremental import PolicyEngine, Step
 from .inputs import PolicyInputs, decode_identity, decode_ipcache_prefix, decode_pod_ip
-from .records import plan_writes, status_payload, update_desired
-from .resolve import Resolution
+from .records import WritePlan, plan_writes, status_payload, update_desired
+from .resolve import PolicyStatus, Resolution
 from .rules import NormPolicy, PolicyKey
 from .selectors import IdentityView
 from .settings import options_from_env
@@ -59,6 +65,43 @@ WATCHED_KINDS = (
     "Pod",
 )
 QUEUE_GROUP = "ciliary-policy"
+PARALLEL_WRITES = 64
+
+
+async def bounded_gather(writes: list[Coroutine[Any, Any, None]]) -> None:
+    """Run `writes` with at most PARALLEL_WRITES in flight; every one finishes before the
+    first error is raised."""
+    sem = asyncio.Semaphore(PARALLEL_WRITES)
+
+    async def bounded(write: Coroutine[Any, Any, None]) -> None:
+        async with sem:
+            await write
+
+    results = await asyncio.gather(*(bounded(w) for w in writes), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+class PassClock:
+    """Wall time of the parts of one pass, for the service health."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.mark
+        self.mark = now
+
+    def total_ms(self) -> float:
+        return round((self.mark - self.start) * 1000, 2)
+
+    def laps_ms(self) -> dict[str, float]:
+        return {name: round(s * 1000, 2) for name, s in self.laps.items()}
+
+
 class PolicyService:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -71,6 +114,7 @@ class PolicyService:
         self.ipcache_prefixes: dict[str, tuple[str, int]] = {}  # ipcache key -> (prefix, id)
         self.policy_bucket: dict[str, tuple[int, bytes]] = {}  # key -> (revision, value)
         self.status_written: dict[str, dict[str, Any]] = {}  # status key -> payload
+        self.status_source: dict[str, PolicyStatus] = {}  # status key -> what it was made of
         self.inputs = PolicyInputs(self.options)
         self.norm: list[NormPolicy] = []
         self.named_ports: dict[int, dict[str, tuple[int, int]]] = {}
@@ -147,10 +191,13 @@ class PolicyService:
 
     async def reconcile(self) -> None:
         self.counters["passes"] += 1
+        clock = PassClock()
         norm, status_keys, generations = self.inputs.policies()
         self.norm = norm
         self.named_ports = self.inputs.named_ports(self.ipcache_pods.values())
+        clock.lap("inputs")
         step = await self._resolve(norm)
+        clock.lap("resolve")
         res = step.resolution
         self.last = res
         self.counters["overflow"] = res.counters["overflow"]
@@ -160,18 +207,13 @@ class PolicyService:
         update_desired(self.desired, res, step.changed, self.options.cluster_name,
                        self.options.cluster_id, status_keys, current)
         plan = plan_writes(current, self.desired)
-        for key, value in plan.puts:
-            rev = self.policy_bucket.get(key, (0, b""))[0]
-            new_rev = await self.ctx.bus.kv_put(schema.BUCKET_POLICY, key, value,
-                                                last_revision=rev)
-            self.policy_bucket[key] = (new_rev, value)
-            self.counters["writes"] += 1
-        for key in plan.deletes:
-            rev = self.policy_bucket[key][0]
-            await self.ctx.bus.kv_delete(schema.BUCKET_POLICY, key, last_revision=rev)
-            self.policy_bucket.pop(key, None)
-            self.counters["deletes"] += 1
+        clock.lap("encode")
+        await self._write_policy(plan)
+        clock.lap("write")
         await self._write_statuses(res, status_keys, generations)
+        clock.lap("status")
+        self.ctx.detail["last_pass_ms"] = clock.total_ms()
+        self.ctx.detail["last_pass"] = clock.laps_ms()
 
     async def _resolve(self, norm: list[NormPolicy]) -> Step:
         """Hand the changes since the last pass to the engine, in a worker thread (a full
@@ -189,24 +231,53 @@ class PolicyService:
         return await asyncio.to_thread(self.engine.apply, norm, added, sorted(removed),
                                        self.named_ports)
 
+    async def _write_policy(self, plan: WritePlan) -> None:
+        """Every put (in parallel, at most PARALLEL_WRITES in flight), then every delete."""
+        async def put(key: str, value: bytes) -> None:
+            rev = self.policy_bucket.get(key, (0, b""))[0]
+            new_rev = await self.ctx.bus.kv_put(schema.BUCKET_POLICY, key, value,
+                                                last_revision=rev)
+            self.policy_bucket[key] = (new_rev, value)
+            self.counters["writes"] += 1
+
+        async def delete(key: str) -> None:
+            rev = self.policy_bucket[key][0]
+            await self.ctx.bus.kv_delete(schema.BUCKET_POLICY, key, last_revision=rev)
+            self.policy_bucket.pop(key, None)
+            self.counters["deletes"] += 1
+
+        await bounded_gather([put(k, v) for k, v in plan.puts])
+        await bounded_gather([delete(k) for k in plan.deletes])
+
     async def _write_statuses(self, res: Resolution, status_keys: dict[PolicyKey, str],
                               generations: dict[PolicyKey, int]) -> None:
+        """The status of every policy whose payload changed; a status object the engine
+        kept from the previous pass has the payload already written."""
         reporter = f"policy/{self.ctx.settings.instance}"
-        wanted: dict[str, tuple[dict[str, Any], int]] = {}
+        wanted: dict[str, tuple[PolicyStatus, int]] = {}
         for pkey, st in res.statuses.items():
             key = status_keys.get(pkey)
             if key is not None:
-                wanted[key] = (status_payload(st), generations.get(pkey, 0))
-        for key, (payload, gen) in sorted(wanted.items()):
-            if self.status_written.get(key) == payload:
-                continue
-            record = schema.StatusRecord(reporter=reporter, observed_generation=gen,
-                                         status=payload, updated=now_rfc3339())
-            await self.ctx.bus.kv_put(schema.BUCKET_STATUS, key, record)
-            self.status_written[key] = payload
-        for key in sorted(k for k in self.status_written if k not in wanted):
+                wanted[key] = (st, generations.get(pkey, 0))
+
+        async def put(key: str, st: PolicyStatus, gen: int) -> None:
+            payload = status_payload(st)
+            if self.status_written.get(key) != payload:
+                record = schema.StatusRecord(reporter=reporter, observed_generation=gen,
+                                             status=payload, updated=now_rfc3339())
+                await self.ctx.bus.kv_put(schema.BUCKET_STATUS, key, record)
+                self.status_written[key] = payload
+            self.status_source[key] = st
+
+        async def delete(key: str) -> None:
             await self.ctx.bus.kv_delete(schema.BUCKET_STATUS, key)
             del self.status_written[key]
+            self.status_source.pop(key, None)
+
+        await bounded_gather([put(key, st, gen) for key, (st, gen) in sorted(wanted.items())
+                              if self.status_source.get(key) is not st])
+        await bounded_gather([delete(key) for key in sorted(self.status_written)
+                              if key not in wanted])
 
     # ---------------------------------------------------------------- trace
 
