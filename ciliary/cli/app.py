@@ -2,7 +2,7 @@
 
 Invariants:
 - Each command group lives in its own module (``objects``, ``instance``, ``service``,
-  ``observe``, ``node``, ``policy``, ``identity``) and adds its sub-commands through
+  ``observe``, ``node``, ``policy``, ``identity``, ``connectivity``) and adds its sub-commands through
   ``add_commands(subparsers, common_parent)``; every sub-command takes ``--data-dir``.
 - ``main`` turns every failure into one ``error: <message>`` line and exit code 1
   (``CliError``, ``ManifestError``, ``BusError``, anything unexpected), 2 for bad
@@ -18,10 +18,20 @@ import sys
 
 from ciliary import config
 from ciliary.bus import BusError
-from ciliary.cli import common, identity, instance, node, objects, observe, policy, service
+from ciliary.cli import (
+    common,
+    connectivity,
+    identity,
+    instance,
+    node,
+    objects,
+    observe,
+    policy,
+    service,
+)
 from ciliary.resources import ManifestError
 
-COMMAND_GROUPS = (objects, instance, service, observe, node, policy, identity)
+COMMAND_GROUPS = (objects, instance, service, observe, node, policy, identity, connectivity)
 
 
 class Parser(argparse.ArgumentParser):
