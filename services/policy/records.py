@@ -29,14 +29,18 @@ def identity_record(ip: IdentityPolicy, cluster: str, cluster_id: int,
                     status_keys: Mapping[PolicyKey, str]) -> schema.PolicyMapRecord:
     entries = []
     rules: dict[int, str] = {}
+    seen: dict[int, tuple[int, str]] = {}  # id(ref) -> (rule id, text): few refs, many uses
     for e in ip.entries:
-        ref_id = rule_id(e.rule)
+        found = seen.get(id(e.rule))
+        if found is None:
+            found = seen[id(e.rule)] = (rule_id(e.rule), rule_text(e.rule) if e.rule.kind else "")
+        ref_id, text = found
+        if text:
+            rules[ref_id] = text
         entries.append(schema.PolicyEntryRecord(
             peer=e.peer, port=e.port, proto=e.proto, direction=e.direction, verdict=e.verdict,
             end_port=e.end_port, audit=e.audit, rule_ref=ref_id,
         ))
-        if e.rule.kind:
-            rules[ref_id] = rule_text(e.rule)
     return schema.PolicyMapRecord(
         identity=ip.identity, cluster=cluster, cluster_id=cluster_id,
         ingress_enforced=ip.ingress_enforced, egress_enforced=ip.egress_enforced,

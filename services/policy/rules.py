@@ -45,6 +45,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -141,29 +142,22 @@ class RuleRef:
         return f"{self.policy} spec[{self.spec}].{self.section}[{self.index}]"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def rule_id(ref: RuleRef) -> int:
     """The u32 the datapath echoes in flow events for `ref` (``rule_ref``): a stable hash
     of the rule's text, never 0 (0 is "no rule": the default allow-all entry). Records in
     bucket ``policy`` carry the id → rule table, so a collision is visible, not silent.
-    Computed once per `RuleRef` object (a record names the same refs many times)."""
-    found = ref.__dict__.get("_rule_id")
-    if found is None:
-        if not ref.kind:
-            found = 0
-        else:
-            digest = hashlib.sha256(str(ref).encode()).digest()
-            found = int.from_bytes(digest[:4], "big") or 1
-        object.__setattr__(ref, "_rule_id", found)
-    return found
+    Memoised: a record names the same few refs many times."""
+    if not ref.kind:
+        return 0
+    digest = hashlib.sha256(str(ref).encode()).digest()
+    return int.from_bytes(digest[:4], "big") or 1
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def rule_text(ref: RuleRef) -> str:
-    """``str(ref)``, computed once per `RuleRef` object."""
-    found = ref.__dict__.get("_rule_text")
-    if found is None:
-        found = str(ref)
-        object.__setattr__(ref, "_rule_text", found)
-    return found
+    """``str(ref)``, memoised."""
+    return str(ref)
 
 
 LOCALHOST_REF = RuleRef("", "", "", 0, "allow-localhost", 0)
