@@ -335,17 +335,39 @@ class Bus:
     ) -> dict[str, int]:
         """Write every ``(key, record, last_revision)`` of ``items`` as ``kv_put`` does
         (``last_revision`` None: unconditional), keeping up to ``concurrency`` writes in
-        flight on the connection instead of waiting a round trip per key, started in
-        item order. Keys must be distinct. Returns each key's new revision; ``progress``
-        gets the number written so far after each write.
+        flight instead of waiting a round trip per key, started in item order. Keys must
+        be distinct. Returns each key's new revision; ``progress`` gets the number written
+        so far after each write.
 
         At the first failure no further write is started; the writes in flight finish
-        and ``PutManyError`` is raised. The writes that succeeded stay: undoing them
-        (compare-and-set against ``written``) is the caller's decision."""
-        pending = iter(items)
+        (or time out) and ``PutManyError`` is raised. The writes that succeeded stay:
+        undoing them (compare-and-set against ``written``) is the caller's decision.
+
+        Over NATS the writes are published back to back and their acknowledgements come
+        to one reply subscription; a subclass with a ``kv_put`` of its own
+        (``ciliary.testing.FakeBus``) gets the same semantics through that ``kv_put``."""
         written: dict[str, int] = {}
         failed: dict[str, Exception] = {}
-        first: list[str] = []
+        window = max(1, concurrency)
+        if type(self).kv_put is Bus.kv_put:
+            creations = await self._put_pipelined(bucket, items, window, progress, written, failed)
+            if creations and not failed:  # a create that met a delete marker: kv_put retries it
+                await self._put_each(bucket, creations, window, progress, written, failed)
+        else:
+            await self._put_each(bucket, items, window, progress, written, failed)
+        if failed:
+            key, err = next(iter(failed.items()))
+            raise PutManyError(str(err), key=key, failed=failed,
+                               written=written) from err
+        return written
+
+    async def _put_each(
+        self, bucket: str, items: Iterable[tuple[str, Any, int | None]], window: int,
+        progress: Callable[[int], None] | None, written: dict[str, int],
+        failed: dict[str, Exception],
+    ) -> None:
+        """``kv_put`` per item, ``window`` at a time, until one fails."""
+        pending = iter(items)
 
         async def writer() -> None:
             for key, record, last_revision in pending:
@@ -353,19 +375,89 @@ class Bus:
                     written[key] = await self.kv_put(bucket, key, record, last_revision=last_revision)
                 except Exception as err:  # reported through PutManyError, whatever it is
                     failed[key] = err
-                    first.append(key)
-                if first:
+                if failed:
                     return
                 if progress is not None:
                     progress(len(written))
 
-        await asyncio.gather(*(writer() for _ in range(max(1, concurrency))))
-        if first:
-            key = first[0]
-            err = failed[key]
-            raise PutManyError(f"write {bucket}/{key}: {err}", key=key, failed=failed,
-                               written=written) from err
-        return written
+        await asyncio.gather(*(writer() for _ in range(window)))
+
+    async def _put_pipelined(
+        self, bucket: str, items: Iterable[tuple[str, Any, int | None]], window: int,
+        progress: Callable[[int], None] | None, written: dict[str, int],
+        failed: dict[str, Exception], *, ack_timeout: float = 5.0,
+    ) -> list[tuple[str, Any, int | None]]:
+        """Publish every write with up to ``window`` unacknowledged, until one fails; a
+        write with no acknowledgement for ``ack_timeout`` seconds fails (it may have been
+        stored). Returns the creations refused by a compare-and-set, to retry with
+        ``kv_put`` (the key may hold a delete marker)."""
+        loop = asyncio.get_running_loop()
+        inbox = self.nc.new_inbox()
+        pending: dict[str, tuple[str, bytes, int | None]] = {}  # reply token -> write
+        creations: list[tuple[str, Any, int | None]] = []
+        free = asyncio.Semaphore(window)
+        drained = asyncio.Event()
+        last_answer = loop.time()
+
+        def settle(token: str, outcome: int | Exception) -> None:
+            nonlocal last_answer
+            key, data, last_revision = pending.pop(token)
+            last_answer = loop.time()
+            if isinstance(outcome, int):
+                written[key] = outcome
+            elif isinstance(outcome, RevisionMismatch) and last_revision == 0:
+                creations.append((key, data, 0))
+            else:
+                failed[key] = outcome
+            free.release()
+            if not pending:
+                drained.set()
+            if progress is not None and isinstance(outcome, int):
+                progress(len(written))
+
+        async def on_ack(msg: Msg) -> None:
+            token = msg.subject[len(inbox) + 1:]
+            if token in pending:
+                settle(token, _ack_outcome(msg, bucket, pending[token][0]))
+
+        async def watchdog() -> None:
+            while True:
+                await asyncio.sleep(ack_timeout / 4)
+                if pending and loop.time() - last_answer > ack_timeout:
+                    for token in list(pending):
+                        key = pending[token][0]
+                        settle(token, BusError(f"write {bucket}/{key}: no answer within {ack_timeout:g}s"))
+
+        sub = await self.nc.subscribe(f"{inbox}.*", cb=on_ack)
+        guard = asyncio.ensure_future(watchdog())
+        try:
+            headers = telemetry.inject_headers()
+            for number, (key, record, last_revision) in enumerate(items):
+                await free.acquire()
+                if failed:
+                    break
+                data = record if isinstance(record, bytes) else schema.encode(record)
+                token = str(number)
+                pending[token] = (key, data, last_revision)
+                drained.clear()
+                if len(pending) == 1:  # the first in flight: its answer is due from now
+                    last_answer = loop.time()
+                write_headers = dict(headers)
+                if last_revision is not None:
+                    write_headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last_revision)
+                try:
+                    await self.nc.publish(kv_subject(bucket, key), data, reply=f"{inbox}.{token}",
+                                          headers=write_headers or None)
+                except nats.errors.Error as err:
+                    settle(token, BusError(f"write {bucket}/{key}: {err or type(err).__name__}"))
+                    break
+            if pending:
+                await drained.wait()
+        finally:
+            guard.cancel()
+            await asyncio.gather(guard, return_exceptions=True)
+            await Subscription(sub).unsubscribe()
+        return creations
 
     async def _deleted_revision(self, bucket: str, key: str) -> int | None:
         kv = await self._kv(bucket)
@@ -725,3 +817,22 @@ def _entry_from_msg(bucket: str, msg: Msg) -> KVEntry:
         None if deleted else msg.data,
         headers,
     )
+
+
+def _ack_outcome(msg: Msg, bucket: str, key: str) -> int | Exception:
+    """The new revision a JetStream publish acknowledgement reports, or the error it is
+    (``RevisionMismatch`` for a lost compare-and-set), as ``Bus.kv_put`` reports them."""
+    if not msg.data:
+        status = (msg.headers or {}).get("Status", "")
+        what = "no stream for the bucket" if status == NO_RESPONDERS_STATUS else f"status {status}"
+        return BusError(f"write {bucket}/{key}: {what}")
+    try:
+        ack = msgspec.json.decode(msg.data)
+        error = ack.get("error")
+        if error:
+            if error.get("err_code") in (10071, 10164):
+                return RevisionMismatch(f"{bucket}/{key}: revision changed")
+            return BusError(f"write {bucket}/{key}: {error.get('description', error)}")
+        return int(ack["seq"])
+    except (msgspec.DecodeError, AttributeError, KeyError, TypeError, ValueError) as err:
+        return BusError(f"write {bucket}/{key}: bad acknowledgement {msg.data[:100]!r}: {err}")

@@ -232,5 +232,22 @@ async def test_kv_put_many_pipelines_compare_and_set_writes(nats_server) -> None
         assert set(again) == {"m.1", "m.2"}
         assert (await bus.kv_get(bucket, "m.1")).value == b"back"
         assert await bus.kv_put_many(bucket, []) == {}
+        # creations over many delete markers; failures that are not compare-and-set
+        for key, _, _ in items:
+            await bus.kv_delete(bucket, key)
+        again = await bus.kv_put_many(bucket, items, concurrency=32)
+        assert {k: e.value for k, e in (await bus.kv_list(bucket, "m.>")).items()} == {
+            key: value for key, value, _ in items}
+        assert all(again[k] > revisions[k] for k in revisions)
+        with pytest.raises(PutManyError) as caught:
+            await bus.kv_put_many("no-such-bucket", [("a", b"1", None), ("b", b"2", 0)])
+        assert caught.value.key == "a" and not caught.value.written
+        assert not isinstance(caught.value.__cause__, RevisionMismatch)
+        huge = b"x" * (bus.max_payload + 1)
+        with pytest.raises(PutManyError) as caught:
+            await bus.kv_put_many(bucket, [("big.1", b"1", None), ("big.2", huge, None), ("big.3", b"3", None)],
+                                  concurrency=1)
+        assert caught.value.key == "big.2" and set(caught.value.written) == {"big.1"}
+        assert await bus.kv_get(bucket, "big.3") is None, "nothing is started after a failure"
     finally:
         await bus.close()
