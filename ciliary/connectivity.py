@@ -322,12 +322,16 @@ def judge(scenario: Scenario, outcome: Outcome, flows: Sequence[schema.Flow]) ->
     expect = scenario.expect
     if expect.answered:
         if not outcome.answered:
-            return FAIL, f"no answer: {outcome.error or 'the probe failed'}"
+            return FAIL, f"no answer ({outcome.error or 'the probe failed'}){drops_seen(flows)}"
         if expect.answered_by and outcome.responder not in expect.answered_by:
             return FAIL, f"answered by {outcome.responder or '?'}, expected {' or '.join(expect.answered_by)}"
         if expect.policy and not naming_flows(expect, flows):
             return FAIL, f"answered, but no FORWARDED policy verdict names {NAMESPACE}/{expect.policy}"
-        who = outcome.output if expect.answered_by else f"DNS answer: {outcome.output}"
+        if expect.answered_by:
+            peer = outcome.output.split()[1:2]
+            who = f"{outcome.responder} answered" + (f" (it saw the client as {peer[0]})" if peer else "")
+        else:
+            who = f"DNS answer {outcome.output}"
         allowed = f", allowed by {NAMESPACE}/{expect.policy}" if expect.policy else ""
         return PASS, f"{who}{allowed}"
     if outcome.answered:
@@ -335,10 +339,15 @@ def judge(scenario: Scenario, outcome: Outcome, flows: Sequence[schema.Flow]) ->
     if expect.policy:
         if naming_flows(expect, flows):
             return PASS, f"dropped, denied by {NAMESPACE}/{expect.policy}"
-        drops = sorted({f.drop_reason_desc or f.verdict for f in flows if f.verdict == "DROPPED"})
-        seen = f" (drops seen: {', '.join(drops)})" if drops else " (no drop seen)"
-        return FAIL, f"no answer, but no DROPPED flow names {NAMESPACE}/{expect.policy}{seen}"
+        return FAIL, f"no answer, but no DROPPED flow names {NAMESPACE}/{expect.policy}{drops_seen(flows) or '; no drop seen'}"
     return PASS, "no answer"
+
+
+def drops_seen(flows: Sequence[schema.Flow]) -> str:
+    """``; dropped: POLICY_DENIED at EGRESS`` for the drops among ``flows`` ("" for none)."""
+    drops = sorted({f"{f.drop_reason_desc or 'DROPPED'}" + (f" at {f.traffic_direction}" if f.traffic_direction else "")
+                    for f in flows if f.verdict == "DROPPED"})
+    return f"; dropped: {', '.join(drops)}" if drops else ""
 
 
 PROOF_FLOWS = 4

@@ -183,6 +183,7 @@ class Run:
                 say(f"notice: {self.flows_notice}")
             return [results[s.name] for s in self.scenarios]
         except asyncio.CancelledError:
+            say("interrupted: stopping the tests")
             if self.terminated:
                 raise common.CliError(f"terminated (SIGTERM); namespace {C.NAMESPACE} cleaned up") from None
             raise
