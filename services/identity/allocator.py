@@ -222,6 +222,18 @@ class IdentityAllocator:
             return Usage(ident, True)
         raise AllocationError(f"no identity for {label_list} after {self.max_attempts} attempts")
 
+    def held(self, lkey: str, labels: Iterable[str], refs: int) -> int:
+        """The identity of ``labels`` (whose ``labels.`` key is ``lkey``) when the store's
+        view shows it allocated with exactly this usage, i.e. when `allocate` would return
+        it without a write; else 0. Synchronous: the pass skips `allocate` for it."""
+        current = self.store.peek(lkey)
+        if current is None:
+            return 0
+        record = current[0]
+        if list(record.labels) != list(labels) or self._usage(record, refs) != record:
+            return 0
+        return record.id
+
     def _usage(self, record: schema.IdentityLabelsRecord, refs: int) -> schema.IdentityLabelsRecord:
         if refs > 0:
             unused_since = 0.0

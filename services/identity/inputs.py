@@ -6,8 +6,9 @@ addresses and toFQDNs selectors.
 
 Invariants:
 - Pure over the mirrored entries: no bus, no clock. Each decode is cached by KV revision
-  (a pod's by its own, its status' and its namespace's revision), so a pass re-decodes
-  only what changed; caches drop keys no mirror holds any more.
+  (a pod's by its own, its status' and its namespace's revision; a policy's CIDRs by
+  its revision), so a pass re-decodes only what changed; caches drop keys no mirror
+  holds any more.
 - A payload that does not decode, or a pod whose identity cannot be derived, is logged
   and left out; it never fails a pass.
 """
@@ -43,6 +44,7 @@ class IdentityInputs:
         self._decoded: dict[str, tuple[int, Any]] = {}
         self._pods: dict[str, tuple[tuple[int, int, int], PodInfo | None]] = {}
         self._fqdn_policies: tuple[tuple[str, int], ...] = ()
+        self._cidrs: dict[str, tuple[int, set[str]]] = {}  # policy key -> revision, CIDRs
 
     def record(self, entry: KVEntry) -> schema.ResourceRecord | None:
         cached = self._decoded.get(entry.key)
@@ -127,13 +129,18 @@ class IdentityInputs:
 
     def compute_cidrs(self) -> dict[str, int]:
         refs: dict[str, int] = {}
+        cidrs: dict[str, tuple[int, set[str]]] = {}
         for kind in POLICY_KINDS:
             for entry in list(self.resources.get(kind, {}).values()):
-                record = self.record(entry)
-                if record is None:
-                    continue
-                for prefix in policy_cidrs(kind, record.manifest):
+                cached = self._cidrs.get(entry.key)
+                if cached is None or cached[0] != entry.revision:
+                    record = self.record(entry)
+                    found = set() if record is None else policy_cidrs(kind, record.manifest)
+                    cached = (entry.revision, found)
+                cidrs[entry.key] = cached
+                for prefix in cached[1]:
                     refs[prefix] = refs.get(prefix, 0) + 1
+        self._cidrs = cidrs
         return refs
 
     def compute_nodes(self) -> dict[str, list[str]]:

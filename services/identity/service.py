@@ -11,7 +11,13 @@ Invariants:
 - Any number of replicas may run: every write is a compare-and-set against the revision
   this replica saw; a conflict only schedules another pass.
 - Passes are serial (``ciliary.watch.PassLoop``: a burst of changes becomes one pass); within a pass, writes to different keys run in
-  parallel (bounded), each key is written at most once.
+  parallel (bounded), each key is written at most once. A label set the view already
+  shows allocated with its current usage costs neither a write nor a task. Order within
+  a pass: allocations, then ``ipcache``, then releases and the orphan sweep (housekeeping
+  never delays a relabelled pod's new identity reaching the ipcache). The orphan sweep
+  runs at most every ``min(gc_interval, orphan_age / 2)`` seconds; passes come at
+  least every ``gc_interval``, so an orphan older than ``orphan_age`` goes within about
+  two ``gc_interval``s.
 - An ipcache key changes owner with one put that replaces its value; it is deleted only
   when no source claims it any more.
 - Bad payloads in any bucket are logged and skipped; requests for ``explain``/``report``
@@ -90,7 +96,9 @@ class IdentityService:
         self.loop = PassLoop("identity", self._pass, ready=lambda: not self.ctx.pending_watches,
                              wake_at=lambda: time.monotonic() + self._wait_limit())
         self.reserved_ensured = False
+        self._lkeys: dict[tuple[str, ...], str] = {}  # label set -> its labels. key
         self.next_audit = 0.0
+        self.next_sweep = 0.0
         self.passes = 0
         self.names = fqdn.FQDNAddressCache(min_ttl=config.fqdn_min_ttl, max_entries=config.fqdn_max_entries)
         self.fqdn_matcher = fqdn.SelectorMatcher()
@@ -215,27 +223,19 @@ class IdentityService:
 
         pod_sets = list(refs)
         cidrs = sorted(cidr_refs)
-        results = await _gather(
-            *(allocate(labels, refs[labels], SCOPE_CLUSTER) for labels in pod_sets),
-            *(allocate(prefix_labels(prefix), cidr_refs[prefix], SCOPE_CIDR) for prefix in cidrs),
-        )
+        jobs = [(labels, refs[labels], SCOPE_CLUSTER) for labels in pod_sets]
+        jobs += [(prefix_labels(prefix), cidr_refs[prefix], SCOPE_CIDR) for prefix in cidrs]
+        lkeys = self._labels_keys(labels for labels, _, _ in jobs)
+        # label sets already allocated with this usage need no write: no task for them
+        results = [self.allocator.held(lkeys[labels], labels, count) for labels, count, _ in jobs]
+        slow = [n for n, ident in enumerate(results) if not ident]
+        for n, ident in zip(slow, await _gather(*(allocate(*jobs[n]) for n in slow)), strict=True):
+            results[n] = ident
         pod_ids = {labels: ident for labels, ident in zip(pod_sets, results[: len(pod_sets)], strict=True) if ident}
         cidr_ids = {p: ident for p, ident in zip(cidrs, results[len(pod_sets):], strict=True) if ident}
 
-        # release what no pod or policy uses any more
-        wanted = {schema.identity_labels_key(label_set_hash(labels)) for labels in pod_sets}
-        wanted |= {schema.identity_labels_key(label_set_hash(prefix_labels(p))) for p in cidrs}
-        async def release(lkey: str) -> None:
-            async with sem:
-                await self.allocator.release(lkey, self.config.gc_grace)
-
-        await _gather(*(
-            release(lkey) for lkey in self.identities.keys(schema.IDENTITY_LABELS_PREFIX)
-            if lkey not in wanted and self.identities.peek(lkey) is not None
-        ))
-        await self.allocator.sweep_orphans(self.config.orphan_age)
-
-        # ipcache
+        # ipcache, before the housekeeping below: a relabelled pod's new identity is what
+        # its peers wait for
         desired = desired_ipcache(pods, pod_ids, self.inputs.compute_nodes(), cidr_ids,
                                   self.cluster, self.cluster_id)
         writes = []
@@ -250,9 +250,33 @@ class IdentityService:
         outcomes = await _gather(*writes)
         failed += outcomes.count(False)
 
+        # release what no pod or policy uses any more
+        wanted = set(lkeys.values())
+
+        async def release(lkey: str) -> None:
+            async with sem:
+                await self.allocator.release(lkey, self.config.gc_grace)
+
+        await _gather(*(
+            release(lkey) for lkey in self.identities.keys(schema.IDENTITY_LABELS_PREFIX)
+            if lkey not in wanted and self.identities.peek(lkey) is not None
+        ))
+        if time.monotonic() >= self.next_sweep:  # a full scan of both key spaces
+            self.next_sweep = time.monotonic() + min(self.config.gc_interval, self.config.orphan_age / 2)
+            await self.allocator.sweep_orphans(self.config.orphan_age)
+
         self._report(len(desired), time.monotonic() - started)
         conflicted = self.allocator.conflicts != conflicts_before
         return bool(failed or conflicted)
+
+    def _labels_keys(self, label_sets: Iterable[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+        """``labels.`` key of each label set; hashes are kept for the sets still in use."""
+        known = self._lkeys
+        self._lkeys = {
+            labels: known.get(labels) or schema.identity_labels_key(label_set_hash(labels))
+            for labels in label_sets
+        }
+        return self._lkeys
 
     async def _put_ipcache(self, sem: asyncio.Semaphore, key: str, record: schema.IPCacheRecord, revision: int) -> bool:
         async with sem:
