@@ -134,7 +134,7 @@ class LabelFilter:
 
     patterns: list[LabelPattern] = field(default_factory=list)
     whitelist: bool = False  # a user inclusion pattern exists
-    _memo: dict[Label, tuple[bool, str, str]] = field(default_factory=dict, repr=False, compare=False)
+    _memo: dict[tuple[str, str], tuple[bool, str, str]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, extra: Iterable[str] = ()) -> LabelFilter:
@@ -156,12 +156,14 @@ class LabelFilter:
         return cls.from_config(config.split())
 
     def decide(self, label: Label) -> tuple[bool, str, str]:
-        """``(kept, deciding pattern, reason)`` for one label."""
-        found = self._memo.get(label)
+        """``(kept, deciding pattern, reason)`` for one label (patterns match the source and
+        key only, so the decision is remembered per source and key)."""
+        memo_key = (label.source, label.key)
+        found = self._memo.get(memo_key)
         if found is None:
             if len(self._memo) > 100_000:
                 self._memo.clear()
-            found = self._memo[label] = self._decide(label)
+            found = self._memo[memo_key] = self._decide(label)
         return found
 
     def _decide(self, label: Label) -> tuple[bool, str, str]:
@@ -260,14 +262,14 @@ def identity_labels(
     service_account: str,
     cluster: str,
 ) -> tuple[str, ...]:
-    """The sorted identity label set (``source:key=value`` strings) of a pod."""
-    return tuple(
-        sorted(
-            str(v.label)
-            for v in explain(flt, pod_labels, namespace, namespace_labels, service_account, cluster)
-            if v.kept
-        )
-    )
+    """The sorted identity label set (``source:key=value`` strings) of a pod: the labels
+    ``explain`` keeps."""
+    return tuple(sorted(
+        str(label)
+        for label, _origin, note in pod_identity_input(
+            pod_labels, namespace, namespace_labels, service_account, cluster)
+        if not note and flt.decide(label)[0]
+    ))
 
 
 def label_set_hash(labels: Iterable[str]) -> str:
