@@ -100,6 +100,9 @@ class Step:
 
     resolution: Resolution
     changed: set[int]  # local identities whose IdentityPolicy was added, replaced or removed
+    # identities resolved in full (their own labels, rules or named ports changed), as
+    # opposed to subjects that only had entries of a peer recomputed
+    resolved: set[int] = field(default_factory=set)
     old_parts: dict[int, list[PolicyEntry]] = field(default_factory=dict)
     new_parts: dict[int, list[PolicyEntry]] = field(default_factory=dict)
 
@@ -183,7 +186,7 @@ class PolicyEngine:
                 if peer in self.cache.members(sel):
                     self._add_slices(rules, {peer}, full, slices)
 
-        step = Step(Resolution({}, {}, {}), set())
+        step = Step(Resolution({}, {}, {}), set(), full)
         memo = SectionEntries(self.cache, self._named)  # both are final for this step
         for ident in sorted(full):
             self._resolve_full(ident, step, dirty, memo)

@@ -282,6 +282,7 @@ def test_one_identity_change_touches_only_its_peer_entries() -> None:
     engine.apply([pol], {1: frozenset(), 65792: web, 65793: client})
     step = engine.apply(None, {65794: client})
     assert step.changed == {65792}
+    assert 65794 in step.resolved and 65792 not in step.resolved  # web: only a peer slice
     assert [(op.action, op.identity, op.entry.peer, op.entry.port) for op in step.ops()] == [
         ("add", 65792, 65794, 80), ("add", 65792, 65794, 443)]
     assert step.old_parts == {65792: []}  # nothing else of 65792 was recomputed

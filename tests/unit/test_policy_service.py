@@ -139,6 +139,33 @@ async def test_service_writes_policy_records_and_status() -> None:
         assert [op for op, b, _ in bus.log if b == schema.BUCKET_POLICY] == ["delete", "delete"]
 
 
+async def test_records_of_identities_resolved_in_full_are_written_first() -> None:
+    """A new identity that a policy selects and that is also a new peer of another
+    subject: its own record goes out before the peer update of the other one."""
+    bus = FakeBus()
+    resource(bus, {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                   "metadata": {"name": "web", "namespace": "default"},
+                   "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+                            "ingress": [{"fromEndpoints": [{}]}]}})
+    resource(bus, {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                   "metadata": {"name": "lock", "namespace": "default"},
+                   "spec": {"podSelector": {"matchLabels": {"locked": "yes"}},
+                            "policyTypes": ["Ingress"], "ingress": []}})
+    identity(bus, WEB, pod_labels("web"))
+    async with running(bus) as svc:
+        await wait_for(lambda: schema.policy_key(WEB) in bus.data.get(schema.BUCKET_POLICY, {}))
+        await wait_for(lambda: svc.counters["passes"] >= 1 and not svc.loop.dirty.is_set())
+        bus.log.clear()
+        locked = 65799  # sorts after WEB: written first only because it was resolved in full
+        identity(bus, locked, pod_labels("server") + ["k8s:locked=yes"])
+        await wait_for(lambda: sum(1 for op, b, _ in bus.log if b == schema.BUCKET_POLICY) >= 2)
+        puts = [key for op, b, key in bus.log if b == schema.BUCKET_POLICY and op == "put"]
+        assert puts[:2] == [schema.policy_key(locked), schema.policy_key(WEB)]
+        assert svc.ctx.detail["last_pass_ms"] >= 0
+        assert set(svc.ctx.detail["last_pass"]) == {"inputs", "resolve", "encode", "write",
+                                                     "status"}
+
+
 async def test_service_overflow_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CILIARY_POLICY_MAX_ENTRIES", "0")
     bus = FakeBus()
