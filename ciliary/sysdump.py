@@ -58,7 +58,8 @@ _TEXT_PATTERNS = (
     # scheme://user:password@host
     (re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]*@"), rf"\1{REDACTED}@"),
     # "password": "x"  /  token=x  /  secret: x
-    (re.compile(rf"""(["']?[\w.-]*(?:{_SECRET_WORDS})[\w.-]*["']?\s*[:=]\s*)("[^"]*"|'[^']*'|[^\s,;}}\]]+)""",
+    (re.compile(rf"""(["']?[\w.-]*(?:{_SECRET_WORDS})[\w.-]*["']?\s*[:=]\s*)"""
+                rf"""((?:Bearer|Basic)\s+)?("[^"]*"|'[^']*'|[^\s,;}}\]]+)""",
                 re.IGNORECASE), rf"\1{REDACTED}"),
     (re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE), rf"\1 {REDACTED}"),
     (re.compile(r"\beyJ[\w-]+\.[\w-]+\.[\w-]*"), REDACTED),  # JWTs
@@ -217,7 +218,7 @@ class Index:
             "created": self.created,
             "data_dir": self.data_dir,
             "cluster": self.cluster,
-            "members": [{k: v for k, v in vars(m).items() if v not in ("", False)}
+            "members": [{k: v for k, v in vars(m).items() if v != "" and v is not False}
                         for m in sorted(self.members, key=lambda m: m.path)],
             "left_out_as_credentials": self.left_out,
             "redaction": f"values of keys naming a password, token, secret, credential, API or private key, "
