@@ -2,7 +2,7 @@
 
 Invariants:
 - Each command group lives in its own module (``objects``, ``instance``, ``service``,
-  ``observe``, ``node``, ``policy``, ``identity``, ``connectivity``, ``sysdump``) and adds its sub-commands through
+  ``observe``, ``node``, ``policy``, ``identity``, ``connectivity``, ``sysdump``, ``preflight``) and adds its sub-commands through
   ``add_commands(subparsers, common_parent)``; every sub-command takes ``--data-dir``.
 - ``main`` turns every failure into one ``error: <message>`` line and exit code 1
   (``CliError``, ``ManifestError``, ``BusError``, anything unexpected), 2 for bad
@@ -27,12 +27,14 @@ from ciliary.cli import (
     objects,
     observe,
     policy,
+    preflight,
     service,
     sysdump,
 )
 from ciliary.resources import ManifestError
 
-COMMAND_GROUPS = (objects, instance, service, observe, node, policy, identity, connectivity, sysdump)
+COMMAND_GROUPS = (objects, instance, service, observe, node, policy, identity, connectivity, sysdump,
+                  preflight)
 
 
 class Parser(argparse.ArgumentParser):
