@@ -1,8 +1,12 @@
 """Client side of ``ciliary status``: who is running, and are they healthy.
 
-Invariant: the answer comes from the services themselves (scatter-gather on
-``ciliary.health``), never from the supervisor's bookkeeping, so it is equally true for an
-embedded instance and for services running as Kubernetes Deployments.
+Invariants:
+- The answer comes from the services themselves (scatter-gather on ``ciliary.health``),
+  never from the supervisor's bookkeeping, so it is equally true for an embedded instance
+  and for services running as Kubernetes Deployments.
+- Map pressure alerts are the maps of the node executors' reports at or above
+  ``ciliary.mappressure.WARN``, each with the ``CILIARY_MAP_<NAME>`` setting that raises it
+  (``ciliary.preflight.sizing``); they warn, they do not make a service unhealthy.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import logging
 
 import msgspec
 
-from ciliary import schema
+from ciliary import mappressure, schema
 from ciliary.bus import Bus
+from ciliary.preflight.sizing import MAPS_BY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +44,15 @@ def missing_or_unhealthy(reports: list[schema.HealthReport], nodes: list[str]) -
     expected = [name for name in schema.SERVICE_NAMES if name != "node"]
     expected += [f"node/{node}" for node in nodes]
     return [name for name in expected if name not in healthy]
+
+
+def map_pressure_alerts(reports: list[schema.HealthReport]) -> list[dict[str, object]]:
+    """Every map at ``warn`` or ``critical`` (critical first), with the setting that raises it."""
+    out: list[dict[str, object]] = []
+    for alert in mappressure.map_alerts(reports):
+        spec = MAPS_BY_NAME.get(alert.map)
+        setting = spec.setting if spec else ""
+        out.append({"node": alert.node, "map": alert.map, "entries": alert.entries,
+                    "max_entries": alert.max_entries, "fill": round(alert.fill, 6), "band": alert.band,
+                    "setting": setting, "message": mappressure.alert_line(alert, setting)})
+    return out

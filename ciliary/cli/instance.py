@@ -8,6 +8,9 @@ Invariants:
   an error when nothing runs.
 - Health comes from the services themselves (``ciliary.status.gather_health``), never
   from the supervisor's bookkeeping; ``status`` exits 1 while any is missing or unhealthy.
+- ``status`` warns (``WARNING map pressure …`` lines, ``map_alerts`` in JSON) for every
+  node map at or above 80 % fill, critical from 95 % (``ciliary.mappressure``); a warning
+  does not change the exit code.
 - ``status`` has ``-o json``; tables are aligned.
 """
 
@@ -26,7 +29,7 @@ from typing import Any
 from ciliary import claims, config, output, schema, supervisor
 from ciliary.bus import Bus, BusError
 from ciliary.cli import common
-from ciliary.status import gather_health, missing_or_unhealthy
+from ciliary.status import gather_health, map_pressure_alerts, missing_or_unhealthy
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -140,6 +143,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     reports = common.run_with_bus(args, lambda bus: gather_health(bus, timeout=args.timeout))
     now = time.time()
     missing = missing_or_unhealthy(reports, state.nodes)
+    alerts = map_pressure_alerts(reports)
     if args.output == "json":
         print(output.to_json({
             "nats_url": state.nats_url,
@@ -164,6 +168,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 }
                 for r in reports
             ],
+            "map_alerts": alerts,
         }))
         return 0 if not missing else 1
     print(f"cluster {state.cluster} (id {state.cluster_id})   nats {state.nats_url}   data dir {args.data_dir_path}")
@@ -177,6 +182,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows += [[name, "-", "-", "-", "MISSING", "-", ""] for name in missing if not any(
         (f"node/{r.node}" if r.service == "node" else r.service) == name for r in reports)]
     print(output.table(["SERVICE", "NODE", "PID", "VERSION", "HEALTHY", "UPTIME", "WATCHING"], rows))
+    for alert in alerts:
+        print(f"WARNING map pressure {alert['message']}")
     return 0 if not missing else 1
 
 
