@@ -74,6 +74,10 @@ class Decision:
         return VERDICTS[self.verdict]
 
 
+def _topic(answer: Answer) -> str:
+    return answer.question.replace("_", " ")
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -94,6 +98,8 @@ def answer_kernel(features: Sequence[kernel.FeatureVerdict] | None) -> Answer:
     if "socket_lb" in optional_missing:
         reasons.append("without socket LB, set CILIARY_SOCKET_LB=off: services are balanced per packet")
     answer = NO if missing else UNKNOWN if unknown else YES
+    if not reasons:
+        reasons.append("every feature ciliary builds is available")
     return Answer("kernel", answer, reasons)
 
 
@@ -164,7 +170,8 @@ def decide(features: Sequence[kernel.FeatureVerdict] | None, checks: Sequence[ke
     if deciding:
         reasons = [r for a in deciding for r in a.reasons]
     else:
-        reasons = [f"{a.question}: {a.answer}" for a in answers.values() if a.answer == YES]
-        reasons += [f"not verified: {a.question} ({'; '.join(a.reasons) or 'no data'})"
+        reasons = [f"{_topic(a)}: {a.answer}" + (f" ({a.reasons[0]})" if a.reasons else "")
+                   for a in answers.values() if a.answer == YES]
+        reasons += [f"not verified: {_topic(a)} ({'; '.join(a.reasons) or 'no data'})"
                     for a in answers.values() if a.answer == UNKNOWN]
     return Decision(verdict, answers, reasons)

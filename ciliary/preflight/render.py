@@ -8,8 +8,9 @@ Invariants:
   ``--no-kernel``, ``labels`` without pods, ``live`` and ``operations`` without a running
   instance). Every check and feature is listed in the JSON.
 - The text shows every feature, only the checks that are not ok (all with ``verbose``),
-  the flagged and top labels, every map, live fill with its band, each operations check,
-  then the verdict with its reasons and the answer to each question.
+  the flagged and top labels, every map, the live fill of the fullest node per map with
+  its band (every node's in the JSON), each operations check, then the verdict with its
+  reasons and the answer to each question.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def _bytes(n: int | None) -> str:
         return "-"
     if n >= 2**20:
         return f"{n / 2**20:,.1f} MiB"
-    return f"{n / 2**10:,.0f} KiB"
+    if n >= 2**10:
+        return f"{n / 2**10:,.0f} KiB"
+    return f"{n} B"
 
 
 def to_json(f: Findings) -> dict[str, Any]:
@@ -170,9 +173,16 @@ def text(f: Findings, *, verbose: bool = False) -> str:
     if f.live is None:
         out.append("LIVE MAP FILL: no running instance")
     else:
-        out.append(f"LIVE MAP FILL (warn {mappressure.WARN:.0%}, critical {mappressure.CRITICAL:.0%})")
-        out.append(output.table(["NODE", "MAP", "ENTRIES", "MAX", "FILL", "BAND"], [
-            [m.node, m.map, f"{m.entries:,}", f"{m.max_entries:,}", _pct(m.fill), m.band] for m in f.live]))
+        nodes = len({m.node for m in f.live})
+        out.append(f"LIVE MAP FILL of {nodes} nodes, the fullest node per map "
+                   f"(warn {mappressure.WARN:.0%}, critical {mappressure.CRITICAL:.0%})")
+        fullest: dict[str, mappressure.MapFill] = {}
+        for m in f.live:
+            if m.map not in fullest or m.fill > fullest[m.map].fill:
+                fullest[m.map] = m
+        out.append(output.table(["MAP", "NODE", "ENTRIES", "MAX", "FILL", "BAND"], [
+            [m.map, m.node, f"{m.entries:,}", f"{m.max_entries:,}", _pct(m.fill), m.band]
+            for m in sorted(fullest.values(), key=lambda m: m.map)]))
     out.append("")
     if f.operations is None:
         out.append("OPERATIONS: no running instance to check")
