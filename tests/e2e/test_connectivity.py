@@ -4,6 +4,7 @@ One instance (two nodes, the shop's cluster DNS) serves the module:
 
 - ``connectivity test`` passes every test (none skipped: two nodes and a cluster DNS),
   each with the flows that prove it, and leaves nothing of ``ciliary-test`` behind;
+- Ctrl-C (SIGINT) in the middle of a run exits 130 and removes what it deployed;
 - with a deny-all NetworkPolicy applied to ``ciliary-test`` first, every test fails, the
   exit code is 1, the failing tests are named, and the namespace (the deny-all included)
   is gone afterwards;
@@ -16,7 +17,11 @@ Everything runs through the public CLI; nothing is routed through the root names
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import signal
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +104,23 @@ def test_connectivity_test_passes_then_fails_under_deny_all(instance: Path) -> N
     assert "0 passed, 8 failed, 0 skipped" in run.stdout
     assert "POLICY_DENIED" in run.stdout  # the drops are shown
     namespace_gone(instance)  # the deny-all went with it
+
+
+def test_ctrl_c_during_the_run_cleans_up(instance: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "ciliary.cli", "connectivity", "test"], cwd=REPO,
+                            env={**os.environ, "CILIARY_DATA_DIR": str(instance)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: json.loads(ciliary("get", "pods", "-n", C.NAMESPACE, "-o", "json",
+                                            data_dir=instance).stdout)["items"], 30, "the test pods")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in err and f"removed 8 objects and namespace {C.NAMESPACE}" in err, err
+    namespace_gone(instance)
 
 
 def test_sysdump_contains_what_its_index_lists_and_no_credentials(instance: Path, tmp_path: Path) -> None:
