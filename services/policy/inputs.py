@@ -2,7 +2,9 @@
 
 Invariants:
 - Pure over the mirrored entries: no bus, no clock. Policies are decoded and normalized
-  once per KV revision, pods once per revision; caches drop keys no mirror holds.
+  once per KV revision; caches drop keys no mirror holds. Pods come as events
+  (`on_pod`), decoded once per revision; the named-port table is recomputed only when
+  a pod's named container ports (or name) or the ipcache's pod identities changed.
 - Identity and ipcache payloads are decoded leniently (only ``id``/``labels`` and
   ``prefix``/``identity``/``source``/``namespace``/``pod`` are read), so a newer writer's
   extra fields never stop resolution; a payload that does not decode is logged and skipped.
@@ -69,7 +71,10 @@ class PolicyInputs:
         self.options = options
         self.resources: dict[str, dict[str, KVEntry]] = {}
         self._decoded: dict[str, tuple[int, NormPolicy | None, int]] = {}
-        self._pods: dict[str, tuple[int, str, dict[str, Any]]] = {}  # key -> rev, ref, manifest
+        # Pod key -> revision, namespace/name, manifest, named container ports (`on_pod`)
+        self._pods: dict[str, tuple[int, str, dict[str, Any], tuple[Any, ...]]] = {}
+        self._pods_version = 0  # counts changes of what named ports are made of
+        self._named: tuple[Any, dict[int, dict[str, tuple[int, int]]]] | None = None
 
     def policies(self) -> tuple[list[NormPolicy], dict[PolicyKey, str], dict[PolicyKey, int]]:
         norm: list[NormPolicy] = []
@@ -104,22 +109,48 @@ class PolicyInputs:
                         self.options.local_cluster_only)
         return pol, record.generation
 
+    def on_pod(self, entry: KVEntry) -> bool:
+        """Record one Pod event; whether it can change the named-port table (a pod with
+        named container ports appeared, went, or changed its name or those ports)."""
+        old = self._pods.get(entry.key)
+        if entry.deleted or entry.value is None:
+            self._pods.pop(entry.key, None)
+            changed = old is not None and bool(old[3])
+        else:
+            if old is not None and old[0] == entry.revision:
+                return False
+            try:
+                record = schema.decode(entry.value, schema.ResourceRecord)
+            except msgspec.DecodeError:
+                self._pods.pop(entry.key, None)
+                return old is not None and bool(old[3])
+            ref = f"{record.namespace}/{record.name}"
+            ports = pod_named_ports(record.manifest)
+            self._pods[entry.key] = (entry.revision, ref, record.manifest, ports)
+            changed = bool(ports) if old is None else (old[1], old[3]) != (ref, ports)
+        if changed:
+            self._pods_version += 1
+        return changed
+
     def named_ports(self, ipcache_pods: Iterable[tuple[str, int]]) -> dict[int, dict[str, tuple[int, int]]]:
-        """Named container ports per identity, for the pods the ipcache maps to one."""
+        """Named container ports per identity, for the pods the ipcache maps to one
+        (recomputed only when a pod's named ports or the ipcache's pods changed)."""
         pod_identity = dict(ipcache_pods)
-        pods = []
-        live = self.resources.get("Pod", {})
-        for key, entry in live.items():
-            cached = self._pods.get(key)
-            if cached is None or cached[0] != entry.revision:
-                try:
-                    assert entry.value is not None
-                    record = schema.decode(entry.value, schema.ResourceRecord)
-                except (msgspec.DecodeError, AssertionError):
-                    continue
-                cached = (entry.revision, f"{record.namespace}/{record.name}", record.manifest)
-                self._pods[key] = cached
-            pods.append((cached[1], cached[2]))
-        for stale in [k for k in self._pods if k not in live]:
-            del self._pods[stale]
-        return named_ports_from_pods(pods, pod_identity)
+        version = (self._pods_version, tuple(sorted(pod_identity.items())))
+        if self._named is not None and self._named[0] == version:
+            return self._named[1]
+        pods = [(ref, manifest) for _, ref, manifest, _ in self._pods.values()]
+        table = named_ports_from_pods(pods, pod_identity)
+        self._named = (version, table)
+        return table
+
+
+def pod_named_ports(manifest: dict[str, Any]) -> tuple[tuple[Any, Any, Any], ...]:
+    """The container ports with a name, as the manifest gives them (what the named-port
+    table is made of)."""
+    spec = manifest.get("spec") or {}
+    return tuple(
+        (port.get("name"), port.get("containerPort"), port.get("protocol"))
+        for container in spec.get("containers") or [] if isinstance(container, dict)
+        for port in container.get("ports") or [] if isinstance(port, dict) and port.get("name")
+    )

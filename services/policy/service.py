@@ -4,7 +4,9 @@ Watches CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy, Name
 Pods in ``resources``, the identity service's ``identities`` (``id.<n>`` keys) and
 ``ipcache`` (pod IP → identity, for named ports), and its own output ``policy``.
 Writes ``policy`` (one key per selected local identity) and the status of every policy
-object in ``status``; answers ``ciliary policy trace`` on SUBJECT_POLICY_TRACE.
+object in ``status``; answers ``ciliary policy trace`` on SUBJECT_POLICY_TRACE. A pass is
+due when a policy, an identity or the ipcache's pod identities changed, or a Pod's named
+container ports; a Pod's labels reach resolution only as its new identity.
 
 Invariants:
 - Level-triggered: each pass hands the long-lived `PolicyEngine` what changed since the
@@ -52,7 +54,7 @@ from .incremental import PolicyEngine, Step
 from .inputs import PolicyInputs, decode_identity, decode_ipcache_prefix, decode_pod_ip
 from .records import WritePlan, plan_writes, status_payload, update_desired
 from .resolve import PolicyStatus, Resolution
-from .rules import NormPolicy, PolicyKey
+from .rules import POLICY_KINDS, NormPolicy, PolicyKey
 from .selectors import IdentityView
 from .settings import options_from_env
 from .trace_request import TraceView, answer_trace
@@ -131,8 +133,14 @@ class PolicyService:
     # ---------------------------------------------------------------- wiring
 
     async def start(self, tg: asyncio.TaskGroup) -> None:
-        self.inputs.resources = {kind: m.entries for kind, m in
-                          mirror_kinds(self.ctx, tg, WATCHED_KINDS, self.loop).items()}
+        mirrors = mirror_kinds(self.ctx, tg, WATCHED_KINDS)
+        self.inputs.resources = {kind: m.entries for kind, m in mirrors.items()}
+        for kind in POLICY_KINDS:
+            mirrors[kind].notify(self.loop)
+        # a Pod matters only through its named ports; a Namespace not at all (namespace
+        # labels reach resolution through the identities)
+        mirrors["Pod"].listen(entries_only(self._on_pod)).listen(self._on_sync)
+        mirrors["Namespace"].listen(self._on_sync)
         for bucket, handler in (
             (schema.BUCKET_IDENTITIES, self._on_identity),
             (schema.BUCKET_IPCACHE, self._on_ipcache),
@@ -145,6 +153,10 @@ class PolicyService:
 
     def _on_sync(self, event: KVEntry | Synced) -> None:
         if event is SYNCED:
+            self.loop.mark_dirty()
+
+    def _on_pod(self, entry: KVEntry) -> None:
+        if self.inputs.on_pod(entry):
             self.loop.mark_dirty()
 
     def _on_pass_error(self, err: BaseException) -> None:
@@ -186,8 +198,13 @@ class PolicyService:
     def _on_policy(self, entry: KVEntry) -> None:
         if entry.deleted or entry.value is None:
             self.policy_bucket.pop(entry.key, None)
-        else:
-            self.policy_bucket[entry.key] = (entry.revision, entry.value)
+            return
+        value = entry.value
+        held = self.policy_bucket.get(entry.key)
+        if held is not None and held[1] == value:
+            value = held[1]  # the echo of our own write: keep the object desired holds, so
+            # each pass's comparison of every key with the desired value is by identity
+        self.policy_bucket[entry.key] = (entry.revision, value)
 
     # ---------------------------------------------------------------- the pass
 

@@ -287,3 +287,37 @@ def test_trace_from_a_cidr_resolves_through_the_ipcache_and_rejects_garbage() ->
     bad = svc.answer_trace(schema.PolicyTraceRequest(
         from_labels=[], from_cidr="10.0.0.300", to_labels=pod_labels("web"), port=80))
     assert not bad.ok and bad.error == "from_cidr: '10.0.0.300' is not an IP address or CIDR"
+
+
+def test_only_named_port_changes_of_pods_call_for_a_pass() -> None:
+    from services.policy.inputs import PolicyInputs
+    from services.policy.resolve import ResolveOptions
+
+    inputs = PolicyInputs(ResolveOptions())
+    key = "Pod.default.web-1"
+    rev = iter(range(1, 100))
+
+    def event(manifest: dict[str, Any] | None) -> bool:
+        if manifest is None:
+            return inputs.on_pod(KVEntry(schema.BUCKET_RESOURCES, key, next(rev), None))
+        return inputs.on_pod(KVEntry(schema.BUCKET_RESOURCES, key, next(rev), schema.encode(
+            schema.ResourceRecord(kind="Pod", api_version="v1", namespace="default",
+                                  name="web-1", uid="u", generation=1, created="",
+                                  manifest=manifest))))
+
+    plain = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1"},
+             "spec": {"containers": [{"name": "c", "image": "x"}]}}
+    assert not event(plain)  # no named ports: nothing for the table
+    assert event(POD)  # named port http appears
+    table = inputs.named_ports([("default/web-1", WEB)])
+    assert table == {WEB: {"http": (8080, 6)}}
+    relabelled = {**POD, "metadata": {**POD["metadata"], "labels": {"app": "web"}}}
+    assert not event(relabelled)  # labels only: the new identity comes through the ipcache
+    assert inputs.named_ports([("default/web-1", WEB)]) is table  # not recomputed
+    assert inputs.named_ports([("default/web-1", FRONT)]) == {FRONT: {"http": (8080, 6)}}
+    moved = {**POD, "spec": {"containers": [{"name": "c", "image": "x",
+                                             "ports": [{"containerPort": 9090, "name": "http"}]}]}}
+    assert event(moved)
+    assert inputs.named_ports([("default/web-1", WEB)]) == {WEB: {"http": (9090, 6)}}
+    assert event(None)  # gone with its named port
+    assert inputs.named_ports([("default/web-1", WEB)]) == {}
