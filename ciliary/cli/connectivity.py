@@ -252,8 +252,10 @@ class Run:
         waiting: list[str] = []
         for w in workloads:
             status = by_name.get(w.name, {})
+            netns = status.get("ciliary", {}).get("netns", "")
             ok = (status.get("phase") == "Running"
                   and (status.get("podIP") or status.get("ciliary", {}).get("outsideWorld"))
+                  and os.path.exists(f"/var/run/netns/{netns}")  # not the status of a pod gone
                   and any(c.get("type") == "Ready" and c.get("status") == "True"
                           for c in status.get("conditions", [])))
             if ok:
