@@ -16,7 +16,8 @@ Invariants:
   where one fits the key, else as generic msgpack, else as JSON, else base64 — it never
   raises.
 - ``Index`` lists every member of the archive (path, what it is, where it came from,
-  its size, and the error when collecting it failed); the index is itself a member.
+  its size, a note) and every part that could not be collected (with ``error``, and not
+  in the archive); the index is itself a member.
 - No I/O here but ``select_files`` walking the directory it is given.
 """
 
@@ -198,7 +199,8 @@ class Member:
     what: str
     source: str  # the command or file it came from
     bytes: int = 0
-    error: str = ""
+    error: str = ""  # nothing was collected: the member is not in the archive
+    note: str = ""  # collected, with something to know (a non-zero exit code, a node's error)
     truncated: bool = False
 
 

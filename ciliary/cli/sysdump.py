@@ -8,9 +8,11 @@ Invariants:
   against the instance, so the archive holds exactly what an operator would have seen;
   every KV bucket read over the bus and decoded with the schema; the chosen files of the
   data directory; versions (ciliary, Python, kernel, bcc, nats-server).
-- A part that cannot be collected (a command failing, a node not answering, the
-  instance not running at all) is recorded in the index with its error; the archive is
-  still written. Only an unwritable output path is a failure.
+- A part that cannot be collected (a command without output, a bucket that cannot be
+  read, the instance not running at all) is recorded in the index with its ``error`` and
+  is not in the archive; a part collected with something to know (a non-zero exit code,
+  a node that did not answer) is in the archive with a ``note``. The archive is always
+  written; only an unwritable output path is a failure.
 - Credential files are never opened. Every member is redacted before it is written.
 - Progress goes to stderr; stdout gets the archive's path and nothing else.
 - Never imports a service package or another command module.
@@ -107,7 +109,7 @@ def cmd_sysdump(args: argparse.Namespace) -> int:
         dump.add_json("index.json", "", "", index.to_dict(),
                       record=False, redact=False)
     failed = [m for m in index.members if m.error]
-    say(f"{len(index.members)} members, {len(failed)} with errors" + (
+    say(f"{len(index.members) - len(failed)} members, {len(failed)} parts not collected" + (
         f" ({', '.join(m.path for m in failed[:5])}{', …' if len(failed) > 5 else ''})" if failed else ""))
     print(target)
     return 0
@@ -125,7 +127,7 @@ class Dump:
         self.top = top
         self.index = index
 
-    def add_bytes(self, path: str, what: str, source: str, data: bytes, *, error: str = "",
+    def add_bytes(self, path: str, what: str, source: str, data: bytes, *, note: str = "",
                   truncated: bool = False, record: bool = True) -> None:
         info = tarfile.TarInfo(f"{self.top}/{path}")
         info.size = len(data)
@@ -133,12 +135,12 @@ class Dump:
         info.mode = 0o644
         self.tar.addfile(info, io.BytesIO(data))
         if record:
-            self.index.add(S.Member(path, what, source, len(data), error, truncated))
+            self.index.add(S.Member(path, what, source, len(data), note=note, truncated=truncated))
 
-    def add_json(self, path: str, what: str, source: str, data: Any, *, record: bool = True,
+    def add_json(self, path: str, what: str, source: str, data: Any, *, note: str = "", record: bool = True,
                  redact: bool = True) -> None:
         text = json.dumps(S.redact(data) if redact else data, indent=2, default=str) + "\n"
-        self.add_bytes(path, what, source, text.encode(), record=record)
+        self.add_bytes(path, what, source, text.encode(), note=note, record=record)
 
     # ---------------------------------------------------------------- CLI views
 
@@ -162,8 +164,12 @@ class Dump:
 
     def add_view(self, path: str, what: str, argv: tuple[str, ...], code: int, out: bytes, err: bytes) -> None:
         source = "ciliary " + " ".join(argv)
-        error = "" if code == 0 else (err.decode(errors="replace").strip() or f"exit code {code}")
-        if path.startswith("nodes/") and code in (0, 1):
+        stderr = S.redact_text(err.decode(errors="replace").strip())
+        note = "" if code == 0 else f"exit code {code}" + (f": {stderr.splitlines()[-1]}" if stderr else "")
+        if not out.strip():
+            self.index.add(S.Member(path, what, source, error=note or "no output"))
+            return
+        if path.startswith("nodes/"):
             try:
                 per_node = json.loads(out)
             except ValueError:
@@ -171,14 +177,12 @@ class Dump:
             if isinstance(per_node, list) and all(isinstance(n, dict) and "node" in n for n in per_node):
                 for reply in per_node:
                     self.add_json(f"nodes/{reply['node']}/{path.removeprefix('nodes/')}", f"{what} ({reply['node']})",
-                                  source, reply)
-                    if not reply.get("ok", True):
-                        self.index.members[-1].error = reply.get("error", "") or "the node did not answer"
+                                  source, reply, note="" if reply.get("ok", True) else
+                                  f"the node did not answer: {reply.get('error', '')}")
                 return
         if path.endswith(".json"):
             try:
-                self.add_json(path, what, source, json.loads(out))
-                self.index.members[-1].error = error
+                self.add_json(path, what, source, json.loads(out), note=note)
                 return
             except ValueError:
                 pass
@@ -192,7 +196,7 @@ class Dump:
             data = ("\n".join(lines) + "\n").encode() if lines else b""
         else:
             data = S.redact_text(out.decode(errors="replace")).encode()
-        self.add_bytes(path, what, source, data, error=error)
+        self.add_bytes(path, what, source, data, note=note)
 
     # ---------------------------------------------------------------- buckets
 

@@ -141,7 +141,8 @@ def test_sysdump_contains_what_its_index_lists_and_no_credentials(instance: Path
     for path in present - {"index.json"}:
         assert listed[path]["bytes"] == len(contents[path]), path
     errors = {p: m["error"] for p, m in listed.items() if "error" in m}
-    assert set(errors) <= {"preflight.json"}, errors  # preflight only when this ciliary has the command
+    assert errors == {}, errors
+    assert json.loads(contents["preflight.json"])["kernel"]["features"]  # the preflight report
 
     status = json.loads(contents["status.json"])
     assert status["healthy"] and {s["name"] for s in status["services"]} >= set(schema.SERVICE_NAMES) - {"mesh"}

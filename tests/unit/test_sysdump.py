@@ -5,6 +5,7 @@ what its index lists."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -171,3 +172,27 @@ def test_an_output_directory_gets_the_default_name(tmp_path: Path, capsys: pytes
     written = Path(capsys.readouterr().out.strip())
     assert written.parent == tmp_path / "dumps" and written.name.startswith("ciliary-sysdump-")
     assert written.name.endswith(".tar.gz") and tarfile.is_tarfile(written)
+
+
+def test_a_view_with_output_is_kept_with_a_note_and_one_without_is_an_error() -> None:
+    buffer = io.BytesIO()
+    index = S.Index(created="", data_dir="/d")
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        dump = cli.Dump(tar, "top", index)
+        dump.add_view("status.json", "status", ("status", "-o", "json"), 1, b'{"healthy": false, "token": "t"}',
+                      b"error: unhealthy\n")
+        dump.add_view("metrics.txt", "metrics", ("metrics",), 1, b"", b"error: no answer on ciliary.flows.metrics\n")
+        nodes = [{"node": "node-1", "ok": True, "rows": [1]}, {"node": "node-2", "ok": False, "error": "timeout"}]
+        dump.add_view("nodes/bpf-ct.json", "ct", ("bpf", "ct", "list", "-o", "json"), 1,
+                      json.dumps(nodes).encode(), b"")
+    buffer.seek(0)
+    with tarfile.open(fileobj=buffer) as tar:
+        names = sorted(n.removeprefix("top/") for n in tar.getnames())
+        status = json.loads(tar.extractfile("top/status.json").read())
+    assert names == ["nodes/node-1/bpf-ct.json", "nodes/node-2/bpf-ct.json", "status.json"]
+    assert status == {"healthy": False, "token": S.REDACTED}
+    members = {m.path: m for m in index.members}
+    assert members["status.json"].note == "exit code 1: error: unhealthy" and not members["status.json"].error
+    assert members["metrics.txt"].error == "exit code 1: error: no answer on ciliary.flows.metrics"
+    assert members["nodes/node-2/bpf-ct.json"].note == "the node did not answer: timeout"
+    assert members["nodes/node-1/bpf-ct.json"].note == ""
