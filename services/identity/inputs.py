@@ -6,9 +6,11 @@ addresses and toFQDNs selectors.
 
 Invariants:
 - Pure over the mirrored entries: no bus, no clock. Each decode is cached by KV revision
-  (a pod's by its own, its status' and its namespace's revision; a policy's CIDRs by
-  its revision), so a pass re-decodes only what changed; caches drop keys no mirror
-  holds any more.
+  (a pod's by its own, its status' and its namespace's revision; the CIDRs and toFQDNs
+  selectors a policy names by its revision), so a pass re-decodes only what changed;
+  caches drop keys no mirror holds any more.
+- A policy matters to identities only through the CIDRs and toFQDNs selectors it names:
+  `on_policy` tells whether one event changed them.
 - A payload that does not decode, or a pod whose identity cannot be derived, is logged
   and left out; it never fails a pass.
 """
@@ -44,7 +46,8 @@ class IdentityInputs:
         self._decoded: dict[str, tuple[int, Any]] = {}
         self._pods: dict[str, tuple[tuple[int, int, int], PodInfo | None]] = {}
         self._fqdn_policies: tuple[tuple[str, int], ...] = ()
-        self._cidrs: dict[str, tuple[int, set[str]]] = {}  # policy key -> revision, CIDRs
+        # policy key -> (revision, CIDRs, toFQDNs selectors) it names
+        self._facts: dict[str, tuple[int, frozenset[str], frozenset[Any]]] = {}
 
     def record(self, entry: KVEntry) -> schema.ResourceRecord | None:
         cached = self._decoded.get(entry.key)
@@ -129,19 +132,40 @@ class IdentityInputs:
 
     def compute_cidrs(self) -> dict[str, int]:
         refs: dict[str, int] = {}
-        cidrs: dict[str, tuple[int, set[str]]] = {}
+        live: set[str] = set()
         for kind in POLICY_KINDS:
             for entry in list(self.resources.get(kind, {}).values()):
-                cached = self._cidrs.get(entry.key)
-                if cached is None or cached[0] != entry.revision:
-                    record = self.record(entry)
-                    found = set() if record is None else policy_cidrs(kind, record.manifest)
-                    cached = (entry.revision, found)
-                cidrs[entry.key] = cached
-                for prefix in cached[1]:
+                live.add(entry.key)
+                for prefix in self._policy_facts(kind, entry)[1]:
                     refs[prefix] = refs.get(prefix, 0) + 1
-        self._cidrs = cidrs
+        for stale in [k for k in self._facts if k not in live]:
+            del self._facts[stale]
         return refs
+
+    def on_policy(self, kind: str, entry: KVEntry) -> bool:
+        """Record one policy event; whether it can change identities, i.e. whether the
+        CIDRs or toFQDNs selectors it names changed (appeared, went or differ)."""
+        old = self._facts.get(entry.key)
+        if entry.deleted or entry.value is None:
+            self._facts.pop(entry.key, None)
+            return old is None or bool(old[1] or old[2])
+        new = self._policy_facts(kind, entry)
+        if old is None:
+            return bool(new[1] or new[2])
+        return (old[1], old[2]) != (new[1], new[2])
+
+    def _policy_facts(self, kind: str, entry: KVEntry) -> tuple[int, frozenset[str], frozenset[Any]]:
+        """(revision, CIDRs, toFQDNs selectors) of a policy entry, cached by revision."""
+        cached = self._facts.get(entry.key)
+        if cached is None or cached[0] != entry.revision:
+            record = self.record(entry)
+            if record is None:
+                cached = (entry.revision, frozenset(), frozenset())
+            else:
+                cached = (entry.revision, frozenset(policy_cidrs(kind, record.manifest)),
+                          frozenset(fqdn.policy_selectors(kind, record.manifest)))
+            self._facts[entry.key] = cached
+        return cached
 
     def compute_nodes(self) -> dict[str, list[str]]:
         nodes: dict[str, list[str]] = {}

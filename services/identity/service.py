@@ -2,7 +2,8 @@
 
 Watches Pods, Namespaces, Nodes and the policy kinds in ``resources``, Pod and Node status
 in ``status``, and its own outputs ``identities`` and ``ipcache``. Writes ``identities``
-(through ``IdentityAllocator``) and ``ipcache``.
+(through ``IdentityAllocator``) and ``ipcache``. A policy change calls for a pass only
+when the CIDRs or toFQDNs selectors it names changed.
 
 Invariants:
 - Level-triggered: every pass recomputes the desired state from the mirrored buckets and
@@ -46,7 +47,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from ciliary import schema
-from ciliary.bus import BusError
+from ciliary.bus import BusError, KVEntry, Synced
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.watch import PassLoop, entries_only
 
@@ -106,8 +107,13 @@ class IdentityService:
     # ---------------------------------------------------------------- wiring
 
     async def start(self, tg: asyncio.TaskGroup) -> None:
-        self.inputs.resources = {kind: mirror.entries for kind, mirror in
-                          mirror_kinds(self.ctx, tg, WATCHED_KINDS, self.loop).items()}
+        mirrors = mirror_kinds(self.ctx, tg, WATCHED_KINDS)
+        self.inputs.resources = {kind: mirror.entries for kind, mirror in mirrors.items()}
+        for kind, mirror in mirrors.items():
+            if kind in POLICY_KINDS:  # only their CIDRs and toFQDNs selectors matter
+                mirror.listen(lambda event, kind=kind: self._on_policy(kind, event))
+            else:
+                mirror.notify(self.loop)
         for kind in ("Pod", "Node"):
             self.inputs.status[kind] = self.ctx.mirror(
                 tg, schema.BUCKET_STATUS, f"{kind}.>", name=f"{schema.BUCKET_STATUS}/{kind}",
@@ -127,6 +133,10 @@ class IdentityService:
         if self.pattern_errors:
             self.ctx.detail["label_pattern_errors"] = self.pattern_errors
         tg.create_task(self.loop.run(), name="identity-reconcile")
+
+    def _on_policy(self, kind: str, event: KVEntry | Synced) -> None:
+        if not isinstance(event, KVEntry) or self.inputs.on_policy(kind, event):
+            self.loop.mark_dirty()  # a sync, or a change of the policy's CIDRs / toFQDNs
 
     async def _on_dns(self, batch: schema.RawEventBatch, _msg: Any) -> None:
         """DNS responses seen by a node: learn the addresses of names a toFQDNs selects."""
