@@ -23,12 +23,15 @@ Invariants:
   setting's suggestion: the next power of two that brings the fill below the warn
   threshold; one setting (``CILIARY_MAP_LB``) sizes several maps, so its suggestion is the
   largest of theirs and every map it sizes shows it.
-- Memory is an estimate of the kernel's allocation on x86-64 Linux 6.x: hash maps have
-  ``roundup_pow_of_two(max_entries)`` 16-byte buckets and 48-byte element headers plus key
-  and value rounded to 8 bytes (per-CPU values once per CPU); preallocated maps (hash,
-  lru_hash, percpu_hash) pay for ``max_entries`` elements at creation, the others
-  (``BPF_F_NO_PREALLOC`` hash, lpm_trie: 64-byte nodes, about two per entry) per entry
-  held; the ring buffer is its pages.
+- Memory is the kernel's own accounting (``htab_map_mem_usage``, shown as ``memlock`` in
+  a map's fdinfo) on x86-64 Linux 6.x: a hash map is its 896-byte ``bpf_htab``, then
+  ``roundup_pow_of_two(max_entries)`` 16-byte buckets and elements of a 48-byte header
+  plus key and value rounded to 8 bytes (per-CPU values once per CPU). Preallocated maps
+  (hash, lru_hash, percpu_hash) pay for ``max_entries`` elements at creation, a plain hash
+  one spare element and pointer per CPU more; the others (``BPF_F_NO_PREALLOC`` hash,
+  lpm_trie: 64-byte nodes, about two per entry) pay per entry held; the ring buffer is
+  its pages. The e2e test compares the estimate with ``memlock`` of the maps the datapath
+  creates.
 - Hard limits the settings cannot raise: 16-bit backend slots (65,535 backends per
   service) and 16-bit reverse-NAT ids (65,535 frontends).
 """
@@ -42,6 +45,7 @@ from ciliary import mappressure
 
 HASH, LRU_HASH, PERCPU_HASH, LPM_TRIE, RINGBUF = "hash", "lru_hash", "percpu_hash", "lpm_trie", "ringbuf"
 PAGE = 4096
+HTAB_BYTES = 896  # struct bpf_htab
 BUCKET_BYTES = 16
 ELEM_HEADER_BYTES = 48
 LPM_NODE_BYTES = 64
@@ -177,12 +181,16 @@ def map_memory(spec: MapSpec, entries_max: int, held: int | None, ncpus: int = 1
         return entries_max * PAGE
     if spec.kind == LPM_TRIE:
         return min(held or 0, entries_max) * LPM_NODE_BYTES * LPM_NODES_PER_ENTRY
-    buckets = _pow2(entries_max) * BUCKET_BYTES
+    cpus = max(1, ncpus)
+    buckets = HTAB_BYTES + _pow2(entries_max) * BUCKET_BYTES
     if spec.kind == PERCPU_HASH:
-        elem = ELEM_HEADER_BYTES + _round8(spec.key_size) + 8 + _round8(spec.value_size) * max(1, ncpus)
+        elem = ELEM_HEADER_BYTES + _round8(spec.key_size) + 8 + _round8(spec.value_size) * cpus
     else:
         elem = ELEM_HEADER_BYTES + _round8(spec.key_size) + _round8(spec.value_size)
     count = entries_max if spec.prealloc else min(held or 0, entries_max)
+    if spec.kind == HASH and spec.prealloc:  # a spare element per CPU for updates, and its pointer
+        count += cpus
+        buckets += 8 * cpus
     return buckets + count * elem
 
 

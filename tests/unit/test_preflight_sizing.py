@@ -77,16 +77,20 @@ def test_suggestion_is_a_power_of_two_below_warn() -> None:
 
 
 def test_memory_of_each_kind() -> None:
-    hash_ = MAPS_BY_NAME["ciliary_policy"]  # 12-byte key, 8-byte value, preallocated
-    assert sizing.map_memory(hash_, 16_384, 0) == 16_384 * 16 + 16_384 * (48 + 16 + 8)
-    assert sizing.map_memory(hash_, 16_384, 10) == sizing.map_memory(hash_, 16_384, 0)
+    htab = sizing.HTAB_BYTES
+    hash_ = MAPS_BY_NAME["ciliary_policy"]  # 12-byte key, 8-byte value, preallocated, a spare per CPU
+    assert sizing.map_memory(hash_, 16_384, 0, ncpus=2) == (
+        htab + 16_384 * 16 + 2 * 8 + (16_384 + 2) * (48 + 16 + 8))
+    assert sizing.map_memory(hash_, 16_384, 10, ncpus=2) == sizing.map_memory(hash_, 16_384, 0, ncpus=2)
     lxc = MAPS_BY_NAME["ciliary_lxc"]  # 65,535 entries: the buckets round up to 65,536
-    assert sizing.map_memory(lxc, 65_535, 0) == 65_536 * 16 + 65_535 * (48 + 8 + 16)
+    assert sizing.map_memory(lxc, 65_535, 0) == htab + 65_536 * 16 + 8 + 65_536 * (48 + 8 + 16)
+    ct = MAPS_BY_NAME["ciliary_ct4_global"]  # LRU: no spare elements
+    assert sizing.map_memory(ct, 65_536, 0, ncpus=2) == htab + 65_536 * 16 + 65_536 * (48 + 16 + 48)
     maglev = MAPS_BY_NAME["ciliary_lb4_maglev"]  # no prealloc: buckets now, elements per entry
-    assert sizing.map_memory(maglev, 1024, 0) == 1024 * 16
-    assert sizing.map_memory(maglev, 1024, 100) == 1024 * 16 + 100 * (48 + 8 + 8)
+    assert sizing.map_memory(maglev, 1024, 0) == htab + 1024 * 16
+    assert sizing.map_memory(maglev, 1024, 100) == htab + 1024 * 16 + 100 * (48 + 8 + 8)
     metrics = MAPS_BY_NAME["ciliary_metrics"]  # per-CPU values
-    assert sizing.map_memory(metrics, 1024, 0, ncpus=4) == 1024 * 16 + 1024 * (48 + 8 + 8 + 16 * 4)
+    assert sizing.map_memory(metrics, 1024, 0, ncpus=4) == htab + 1024 * 16 + 1024 * (48 + 8 + 8 + 16 * 4)
     ipcache = MAPS_BY_NAME["ciliary_ipcache"]
     assert sizing.map_memory(ipcache, 512_000, 1_000) == 1_000 * 128
     assert sizing.map_memory(MAPS_BY_NAME["ciliary_events"], 256, None) == 256 * 4096
