@@ -120,7 +120,8 @@ def answer_upgrade_cost(kernel_answer: Answer, checks: Sequence[kernel.CheckResu
         reasons.append(f"maps fit their default sizes ({_mib(sizing_report.memory)} of map memory per node)")
     for fill in live:
         if fill.band != mappressure.OK:
-            reasons.append(f"live map pressure {mappressure.alert_line(fill)}")
+            spec = sizing.MAPS_BY_NAME.get(fill.map)
+            reasons.append(f"live map pressure {mappressure.alert_line(fill, spec.setting if spec else '')}")
     answer = NO if kernel_answer.answer == NO or limits else YES
     return Answer("upgrade_cost", answer, reasons)
 
