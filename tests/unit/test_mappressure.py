@@ -1,9 +1,19 @@
-"""Map pressure bands and the alerts ``ciliary status`` prints."""
+"""Map pressure bands and the warnings ``ciliary status`` prints."""
 
 from __future__ import annotations
 
-from ciliary import mappressure, schema
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ciliary import config, mappressure, schema
+from ciliary.bus import Message
+from ciliary.cli import app, common
 from ciliary.status import map_pressure_alerts
+from ciliary.testing import FakeBus
 
 
 def node(name: str, maps: dict[str, tuple[int, int]]) -> schema.HealthReport:
@@ -44,3 +54,38 @@ def test_status_alerts_carry_the_setting() -> None:
     assert alerts[0]["setting"] == "CILIARY_MAP_POLICY" and alerts[0]["band"] == "warn"
     assert alerts[0]["message"].endswith("raise CILIARY_MAP_POLICY")
     assert map_pressure_alerts([node("node-1", {"ciliary_policy": (1, 16_384)})]) == []
+
+
+def test_status_prints_the_warnings_and_keeps_its_exit_code(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    reports = [schema.HealthReport(service=s, instance=s, pid=1, version="0", started=0.0, healthy=True)
+               for s in schema.SERVICE_NAMES if s != "node"]
+    reports.append(node("node-1", {"ciliary_policy": (16_000, 16_384), "ciliary_lxc": (1, 10)}))
+    config.write_instance(tmp_path, config.InstanceState(nats_url="nats://fake", supervisor_pid=os.getpid(),
+                                                         nodes=["node-1"]))
+
+    async def with_services(work):
+        bus = FakeBus()
+
+        async def on_health(msg: Message) -> None:
+            for report in reports:
+                await msg.respond(report)
+
+        await bus.subscribe_raw(schema.SUBJECT_HEALTH_ALL, on_health)
+        return await work(bus)
+
+    def status(*args: str) -> tuple[int, str]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(common, "run_with_bus", lambda _args, work: asyncio.run(with_services(work)))
+            with pytest.raises(SystemExit) as done:
+                app.main(["status", "--data-dir", str(tmp_path), *args])
+        return int(done.value.code or 0), capsys.readouterr().out
+
+    code, out = status()
+    assert code == 0
+    assert out.splitlines()[-1] == ("WARNING map pressure critical: node-1 ciliary_policy 16,000/16,384 (97.7%); "
+                                    "raise CILIARY_MAP_POLICY")
+    code, out = status("-o", "json")
+    alerts = json.loads(out)["map_alerts"]
+    assert code == 0 and [(a["map"], a["band"], a["setting"]) for a in alerts] == [
+        ("ciliary_policy", "critical", "CILIARY_MAP_POLICY")]
