@@ -157,7 +157,7 @@ def text(f: Findings, *, verbose: bool = False) -> str:
     out.append("")
     scale = f.scale
     out.append(f"MAPS per node for {_num(scale.services)} services x {_num(scale.backends)} backends x "
-               f"{scale.ports} ports, {_num(scale.endpoints)} endpoints ({_num(scale.endpoints_per_node)} on "
+               f"{scale.ports} port{'' if scale.ports == 1 else 's'}, {_num(scale.endpoints)} endpoints ({_num(scale.endpoints_per_node)} on "
                f"the busiest node), {_num(scale.identities)} identities, {_num(scale.policy_entries)} policy "
                f"entries per identity")
     out.append(output.table(["MAP", "TYPE", "EXPECTED", "MAX", "FILL", "BAND", "SETTING", "SUGGESTED", "MEMORY"], [
