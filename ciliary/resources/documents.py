@@ -18,14 +18,16 @@ import re
 _DOCUMENT_START = re.compile(r"^---(?=[ \t\r\n]|$)", re.M)
 
 
-def split_documents(text: str, parts: int) -> list[str]:
-    """``text`` in at most ``parts`` pieces of roughly equal size, cut at document starts."""
+def split_documents(text: str, parts: int, *, first_share: float | None = None) -> list[str]:
+    """``text`` in at most ``parts`` pieces cut at document starts: the first about
+    ``first_share`` of the text (default: an equal share), the others equal."""
     if parts <= 1 or re.search(r"^%", text, re.M):
         return [text]
+    first = 1 / parts if first_share is None else min(max(first_share, 0.0), 1.0)
     starts = [m.start() for m in _DOCUMENT_START.finditer(text) if m.start() > 0]
     cuts: list[int] = []
     for i in range(1, parts):
-        target = len(text) * i // parts
+        target = int(len(text) * (first + (1 - first) * (i - 1) / (parts - 1)))
         at = _first_at_or_after(starts, target)
         if at is not None and (not cuts or at > cuts[-1]):
             cuts.append(at)

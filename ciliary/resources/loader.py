@@ -16,7 +16,6 @@ Invariants:
 from __future__ import annotations
 
 import copy
-import multiprocessing
 import os
 import sys
 import threading
@@ -32,6 +31,7 @@ from .validate import validate
 
 STDIN = "-"
 PARALLEL_MIN_CHARS = 256 * 1024  # smallest text `load_manifests(workers > 1)` loads in parts
+OWN_PART_SHARE = 0.9  # the calling process's part, relative to a forked worker's
 STDIN_SOURCE = "<stdin>"
 SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -177,9 +177,12 @@ def _load_yaml_in_parts(
     in forked processes. Falls back to `_load_text` for a syntax error anywhere (so its
     position and cut-off are the whole text's), a worker that fails, or a process with
     threads (forking those is unsafe)."""
-    parts = documents.split_documents(text, workers)
+    # this process also takes in the others' results: a smaller part of its own
+    parts = documents.split_documents(text, workers, first_share=OWN_PART_SHARE / workers)
     if len(parts) < 2 or threading.active_count() > 1:
         return _load_text(text, source, False, problems)
+    import multiprocessing  # only here: most processes never load in parts
+
     context = multiprocessing.get_context("fork")
     children: list[tuple[Any, Any]] = []
     try:

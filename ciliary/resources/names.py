@@ -143,7 +143,15 @@ def parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
         return None
 
 
+# A dotted-quad IPv4 address exactly as ``ipaddress`` accepts it (no leading zeros, each
+# octet 0-255): the common case, checked without building an address object.
+_IPV4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+                   r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])")
+
+
 def check_ip(value: str, *, family: int | None = None) -> str | None:
+    if family != 6 and _IPV4.fullmatch(value):
+        return None
     ip = parse_ip(value)
     if ip is None:
         return f"must be a valid IP address, got {_quote(value)}"

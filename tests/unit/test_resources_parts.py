@@ -23,6 +23,9 @@ def test_cuts_only_at_document_starts_and_keeps_every_character() -> None:
     assert split_documents(text, 1) == [text]
     assert split_documents("%YAML 1.1\n---\na: 1\n---\nb: 2\n", 2) == ["%YAML 1.1\n---\na: 1\n---\nb: 2\n"]
     assert split_documents("no markers: here\n", 4) == ["no markers: here\n"]
+    many = "---\n".join(f"k: {i}\n" for i in range(1000))
+    first, second = split_documents(many, 2, first_share=0.25)
+    assert first + second == many and 0.2 < len(first) / len(many) < 0.3
 
 
 @settings(max_examples=200, deadline=None)
