@@ -14,10 +14,13 @@ bench/servicelb.py's control-plane part), measures:
   per object, one after another), both in this process on the same connection;
 - cli: the real ``python -m ciliary.cli apply -f FILE`` (a data dir whose instance file
   points at the server), created and unchanged, against the same command of commit
-  ``--before`` (exported with ``git archive`` to a temporary directory and run from there).
+  ``--before`` (exported with ``git archive`` to a temporary directory and run from there);
+  both with compiled byte code cached, as after an install (``PYTHONDONTWRITEBYTECODE``
+  is dropped from their environment and one ``ciliary --help`` runs first).
 
-Each cell is the median of ``--runs`` runs (min and max in the JSON); every run applies
-into a namespace of its own. Writes bench/results/apply.json (with the git commit, whether
+Each cell is the median wall time of ``--runs`` runs (min and max in the JSON; for the
+CLI also its CPU time, user + system with its forked workers, which a busy machine
+distorts less); every run applies into a namespace of its own. Writes bench/results/apply.json (with the git commit, whether
 the tree was dirty, the machine's CPU count and load) and prints an aligned table.
 
     .venv/bin/python bench/apply.py [--sizes 2001,20001] [--runs 3] [--before REV]
@@ -31,6 +34,7 @@ import copy
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -171,18 +175,34 @@ class Server:
             self.proc.wait(timeout=10)
 
 
-def cli_seconds(python_path: Path | None, data_dir: Path, path: Path, expect: int) -> float:
-    """Wall time of one ``ciliary apply -f path`` (from process start to exit)."""
+def cli_env(python_path: Path | None, data_dir: Path) -> dict[str, str]:
+    """The CLI's environment: as installed, with byte code cached (``warm_up`` writes it)."""
     env = dict(os.environ, CILIARY_DATA_DIR=str(data_dir))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     if python_path is not None:
         env["PYTHONPATH"] = str(python_path)
+    return env
+
+
+def warm_up(python_path: Path | None, data_dir: Path) -> None:
+    """One ``ciliary --help``, so the timed runs find compiled byte code, as after an install."""
+    subprocess.run([sys.executable, "-m", "ciliary.cli", "--help"], capture_output=True, check=True,
+                   env=cli_env(python_path, data_dir), cwd=python_path or REPO)
+
+
+def cli_seconds(python_path: Path | None, data_dir: Path, path: Path, expect: int) -> tuple[float, float]:
+    """Wall and CPU time (user + system, its forked workers included) of one
+    ``ciliary apply -f path``, from process start to exit."""
+    env = cli_env(python_path, data_dir)
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "ciliary.cli", "apply", "-f", str(path)],
                           capture_output=True, text=True, env=env, cwd=python_path or REPO)
     seconds = time.perf_counter() - started
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0 or done.stdout.count("\n") != expect:
         raise RuntimeError(f"ciliary apply failed ({done.returncode}): {done.stderr[-2000:]}")
-    return seconds
+    return seconds, now.ru_utime - used.ru_utime + now.ru_stime - used.ru_stime
 
 
 def export_before(rev: str, dest: Path) -> Path | None:
@@ -263,7 +283,7 @@ def measure(size: int, runs: int, server: Server, root: Path, before: Path | Non
     for run in range(runs):
         for variant, make in variants.items():
             resources = load_manifests([str(path)], workers=1)
-            namespace = f"s{variant[0]}{run}"
+            namespace = f"s{variant[0]}{size}r{run}"
             resources = [_in_namespace(r, namespace) for r in resources]
             create, unchanged = asyncio.run(store_seconds(server.url, make, resources))
             store[variant]["create"].append(create)
@@ -277,16 +297,22 @@ def measure(size: int, runs: int, server: Server, root: Path, before: Path | Non
     if before is not None:
         clis = {"before": before, **clis}
     cli: dict[str, dict[str, list[float]]] = {v: {"create": [], "unchanged": []} for v in clis}
+    cpu: dict[str, dict[str, list[float]]] = {v: {"create": [], "unchanged": []} for v in clis}
+    for python_path in clis.values():
+        warm_up(python_path, data_dir)
     for run in range(runs):
         for variant, python_path in clis.items():
             file = root / f"cli-{size}-{variant}-{run}.yaml"
-            file.write_text(manifest(services, f"c{variant[0]}{run}"))
+            file.write_text(manifest(services, f"c{variant[0]}{size}r{run}"))
             for action in ("create", "unchanged"):
-                cli[variant][action].append(cli_seconds(python_path, data_dir, file, size))
+                wall, used = cli_seconds(python_path, data_dir, file, size)
+                cli[variant][action].append(wall)
+                cpu[variant][action].append(used)
             print(f"  {size:,} objects: CLI {variant} run {run + 1}: {cli[variant]['create'][-1]:.2f}s create, "
                   f"{cli[variant]['unchanged'][-1]:.2f}s unchanged", flush=True)
             file.unlink()
     out["cli_s"] = {v: {k: stats(s) for k, s in d.items()} for v, d in cli.items()}
+    out["cli_cpu_s"] = {v: {k: stats(s) for k, s in d.items()} for v, d in cpu.items()}
     return out
 
 
@@ -308,9 +334,10 @@ def render(results: dict[str, Any]) -> str:
     def s(cell: dict[str, float] | None) -> str:
         return "" if cell is None else f"{cell['median']:.2f} s"
 
-    def row(n: str, step: str, before: dict[str, float] | None, after: dict[str, float]) -> list[str]:
+    def row(n: str, step: str, before: dict[str, float] | None, after: dict[str, float],
+            cpu: dict[str, float] | None = None) -> list[str]:
         speedup = "" if before is None else f"{before['median'] / max(after['median'], 1e-9):.1f}x"
-        return [n, step, s(before), s(after), speedup]
+        return [n, step, s(before), s(after), speedup, s(cpu)]
 
     rows = []
     for size, r in results["sizes"].items():
@@ -326,11 +353,11 @@ def render(results: dict[str, Any]) -> str:
             row(n, "ResourceStore.apply, all unchanged: sequential -> pipelined",
                 st["sequential"]["unchanged"], st["pipelined"]["unchanged"]),
             row(n, "ciliary apply -f FILE, all created: before -> after", before.get("create"),
-                cli["after"]["create"]),
+                cli["after"]["create"], r["cli_cpu_s"]["after"]["create"]),
             row(n, "ciliary apply -f FILE, all unchanged: before -> after", before.get("unchanged"),
-                cli["after"]["unchanged"]),
+                cli["after"]["unchanged"], r["cli_cpu_s"]["after"]["unchanged"]),
         ]
-    return table(["OBJECTS", "STEP", "BEFORE", "AFTER", "SPEED-UP"], rows)
+    return table(["OBJECTS", "STEP", "BEFORE", "AFTER", "SPEED-UP", "AFTER, CPU"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
