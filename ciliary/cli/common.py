@@ -81,6 +81,10 @@ class Progress:
         self.shown = False
         self._last = float("-inf")
 
+    def due(self) -> bool:
+        """Whether a report now would be shown (so a caller can skip building it)."""
+        return self.enabled and time.monotonic() - self._last >= self.min_interval
+
     def show(self, text: str, *, force: bool = False) -> None:
         if not self.enabled:
             return

@@ -54,11 +54,12 @@ def _apply(args: argparse.Namespace, resources: list[Resource]) -> int:
     label = f"applying {len(resources):,} objects"
 
     def report(done: int, planned: int) -> None:
-        progress.show(f"{label}: {common.progress_bar(done, planned)} written", force=done == planned)
+        if done == planned or progress.due():
+            progress.show(f"{label}: {common.progress_bar(done, planned)} written", force=True)
 
     async def work(bus: Bus) -> list[Any]:
         progress.show(f"{label}: reading what is stored", force=True)
-        return await ResourceStore(bus).apply(resources, progress=report)
+        return await ResourceStore(bus).apply(resources, progress=report if progress.enabled else None)
 
     try:
         results = common.run_with_bus(args, work)
