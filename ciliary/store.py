@@ -197,6 +197,8 @@ class ResourceStore:
             writes[key] = _Write(res, old, revision, schema.encode(record))
             results.append(ApplyResult(res.kind, res.namespace, res.name, "configured"))
 
+        if not writes:
+            return results
         total = len(writes)
         try:
             await self.bus.kv_put_many(
@@ -207,11 +209,15 @@ class ResourceStore:
             )
         except PutManyError as err:
             written = dict(err.written)
-            for key, failure in err.failed.items():
-                if not isinstance(failure, RevisionMismatch):  # it may have been stored
-                    stored = await self._stored_revision(key, writes[key].data)
-                    if stored is not None:
-                        written[key] = stored
+            uncertain = [key for key, failure in err.failed.items()
+                         if not isinstance(failure, RevisionMismatch)]  # they may have been stored
+
+            async def check(key: str) -> None:
+                stored = await self._stored_revision(key, writes[key].data)
+                if stored is not None:
+                    written[key] = stored
+
+            await _each(uncertain, check, concurrency=concurrency)
             await self._roll_back(writes, written, concurrency)
             failed = writes[err.key].resource
             reason = ("it changed since it was read (written by someone else meanwhile)"
