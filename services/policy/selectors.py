@@ -94,6 +94,8 @@ class IdentityView:
     id: int
     labels: frozenset[str]
     pairs: tuple[tuple[str, str, str], ...] = field(init=False, compare=False, repr=False)
+    # (source, key) -> values, source "any" for every source: what requirements look up
+    by_key: dict[tuple[str, str], list[str]] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         labels = set(self.labels)
@@ -101,10 +103,17 @@ class IdentityView:
         if name is not None:
             labels.add(f"reserved:{name}")
         object.__setattr__(self, "labels", frozenset(labels))
-        object.__setattr__(self, "pairs", tuple(sorted(parse_label(lbl) for lbl in labels)))
+        pairs = tuple(sorted(parse_label(lbl) for lbl in labels))
+        object.__setattr__(self, "pairs", pairs)
+        by_key: dict[tuple[str, str], list[str]] = {}
+        for s, k, v in pairs:
+            by_key.setdefault((s, k), []).append(v)
+            if s != "any":
+                by_key.setdefault(("any", k), []).append(v)
+        object.__setattr__(self, "by_key", by_key)
 
     def values(self, source: str, key: str) -> list[str]:
-        return [v for s, k, v in self.pairs if k == key and (source == "any" or s == source)]
+        return self.by_key.get((source, key), [])
 
     def has_source(self, source: str) -> bool:
         return any(s == source for s, _, _ in self.pairs)
