@@ -21,6 +21,9 @@ Invariants:
   two ``gc_interval``s.
 - An ipcache key changes owner with one put that replaces its value; it is deleted only
   when no source claims it any more.
+- Health detail: ``last_pass_ms``, ``last_pass`` (its parts: inputs, allocate,
+  ipcache, housekeeping) and ``recent_passes`` (the last ``RECENT_PASSES``, each with
+  its start as Unix time).
 - Bad payloads in any bucket are logged and skipped; requests for ``explain``/``report``
   are answered by one replica (queue group).
 - toFQDNs: every replica hears the DNS responses the node executors publish on
@@ -43,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -73,6 +77,29 @@ WATCHED_KINDS = ("Pod", "Namespace", "Node", *POLICY_KINDS)
 PARALLEL_WRITES = 64
 AUDIT_INTERVAL = 300.0  # seconds between full listings of the output buckets
 QUEUE_GROUP = "identity"
+RECENT_PASSES = 16
+
+
+class PassLaps:
+    """Wall time of the parts of one pass, for the health detail."""
+
+    def __init__(self) -> None:
+        self.wall_start = time.time()
+        self.start = self.mark = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round((now - self.mark) * 1000, 2)
+        self.mark = now
+
+    def report(self, detail: dict[str, Any], recent: deque[dict[str, Any]]) -> None:
+        """``last_pass`` (the parts in ms) and ``recent_passes`` (the last RECENT_PASSES:
+        start as Unix time, total and parts in ms) in `detail`."""
+        detail["last_pass"] = dict(self.laps)
+        recent.append({"start": round(self.wall_start, 4),
+                       "ms": round((self.mark - self.start) * 1000, 2), **self.laps})
+        detail["recent_passes"] = list(recent)
 
 async def _gather(*aws: Awaitable[Any]) -> list[Any]:
     """``asyncio.gather`` that lets every write finish before raising the first error."""
@@ -100,6 +127,7 @@ class IdentityService:
         self._lkeys: dict[tuple[str, ...], str] = {}  # label set -> its labels. key
         self.next_audit = 0.0
         self.next_sweep = 0.0
+        self.recent_passes: deque[dict[str, Any]] = deque(maxlen=RECENT_PASSES)
         self.passes = 0
         self.names = fqdn.FQDNAddressCache(min_ttl=config.fqdn_min_ttl, max_entries=config.fqdn_max_entries)
         self.fqdn_matcher = fqdn.SelectorMatcher()
@@ -201,6 +229,7 @@ class IdentityService:
     async def reconcile(self) -> bool:
         """One pass; True when another pass is needed (conflicts, failed writes)."""
         started = time.monotonic()
+        laps = PassLaps()
         self.passes += 1
         conflicts_before = self.allocator.conflicts
         # ipcache as it was *before* reading the inputs: a write another replica made from
@@ -211,6 +240,7 @@ class IdentityService:
         refs = label_refs(pods)
         cidr_refs = self.inputs.compute_cidrs()
         fqdn_labels = self.compute_fqdn()
+        laps.lap("inputs")
         for prefix in fqdn_labels:
             cidr_refs[prefix] = cidr_refs.get(prefix, 0) + 1
 
@@ -241,6 +271,7 @@ class IdentityService:
         slow = [n for n, ident in enumerate(results) if not ident]
         for n, ident in zip(slow, await _gather(*(allocate(*jobs[n]) for n in slow)), strict=True):
             results[n] = ident
+        laps.lap("allocate")
         pod_ids = {labels: ident for labels, ident in zip(pod_sets, results[: len(pod_sets)], strict=True) if ident}
         cidr_ids = {p: ident for p, ident in zip(cidrs, results[len(pod_sets):], strict=True) if ident}
 
@@ -259,6 +290,7 @@ class IdentityService:
                 writes.append(self._delete_ipcache(sem, key, held[1] if held else None))
         outcomes = await _gather(*writes)
         failed += outcomes.count(False)
+        laps.lap("ipcache")
 
         # release what no pod or policy uses any more
         wanted = set(lkeys.values())
@@ -274,8 +306,10 @@ class IdentityService:
         if time.monotonic() >= self.next_sweep:  # a full scan of both key spaces
             self.next_sweep = time.monotonic() + min(self.config.gc_interval, self.config.orphan_age / 2)
             await self.allocator.sweep_orphans(self.config.orphan_age)
+        laps.lap("housekeeping")
 
         self._report(len(desired), time.monotonic() - started)
+        laps.report(self.ctx.detail, self.recent_passes)
         conflicted = self.allocator.conflicts != conflicts_before
         return bool(failed or conflicted)
 

@@ -21,8 +21,9 @@ Invariants:
   ``policy`` are compare-and-set against the revision last seen, so a concurrent replica
   only causes another pass. A policy's status is re-encoded only when the engine made
   a new status for it, and written only when its payload changed.
-- Health detail ``last_pass_ms`` is the wall time of the last pass and ``last_pass``
-  its parts (inputs, resolve, encode, write, status).
+- Health detail ``last_pass_ms`` is the wall time of the last pass, ``last_pass`` its
+  parts (inputs, resolve, encode, write, status) and ``recent_passes`` the same for the
+  last ``RECENT_PASSES`` passes, each with its start (Unix time).
 - Resolution runs in a worker thread that alone touches the engine; identity changes are
   queued on the event loop and handed over at the start of a pass (changes arriving during
   a pass trigger another one). Trace requests use the service's own identity mirror.
@@ -41,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
@@ -70,6 +72,7 @@ WATCHED_KINDS = (
 )
 QUEUE_GROUP = "ciliary-policy"
 PARALLEL_WRITES = 64
+RECENT_PASSES = 16
 
 
 async def bounded_gather(writes: list[Coroutine[Any, Any, None]]) -> None:
@@ -91,6 +94,7 @@ class PassClock:
     """Wall time of the parts of one pass (a part that recurs adds up), for the health."""
 
     def __init__(self) -> None:
+        self.wall_start = time.time()
         self.start = self.mark = time.perf_counter()
         self.laps: dict[str, float] = {}
 
@@ -104,6 +108,15 @@ class PassClock:
 
     def laps_ms(self) -> dict[str, float]:
         return {name: round(s * 1000, 2) for name, s in self.laps.items()}
+
+    def report(self, detail: dict[str, Any], recent: deque[dict[str, Any]]) -> None:
+        """``last_pass_ms``, ``last_pass`` (its parts) and ``recent_passes`` (the last
+        RECENT_PASSES: start as Unix time, total and parts in ms) in `detail`."""
+        detail["last_pass_ms"] = self.total_ms()
+        detail["last_pass"] = self.laps_ms()
+        recent.append({"start": round(self.wall_start, 4), "ms": self.total_ms(),
+                       **self.laps_ms()})
+        detail["recent_passes"] = list(recent)
 
 
 class PolicyService:
@@ -127,6 +140,7 @@ class PolicyService:
                              on_error=self._on_pass_error)
         self.dirty = self.loop.dirty  # set: a pass is due
         self._pending: list[tuple[dict[int, frozenset[str]], list[int]]] = []
+        self.recent_passes: deque[dict[str, Any]] = deque(maxlen=RECENT_PASSES)
         self.counters = {"passes": 0, "writes": 0, "deletes": 0, "overflow": 0, "conflicts": 0}
         ctx.detail["policy"] = self.counters
 
@@ -239,8 +253,7 @@ class PolicyService:
         clock.lap("write")
         await self._write_statuses(res, status_keys, generations)
         clock.lap("status")
-        self.ctx.detail["last_pass_ms"] = clock.total_ms()
-        self.ctx.detail["last_pass"] = clock.laps_ms()
+        clock.report(self.ctx.detail, self.recent_passes)
 
     async def _resolve(self, norm: list[NormPolicy]) -> Step:
         """Hand the changes since the last pass to the engine, in a worker thread (a full
