@@ -10,17 +10,31 @@ Measures:
   incremental.py: selector cache delta, then only the affected entries) + ``Step.ops()``
   (the map operations); the final state is checked against a resolve from scratch;
 - apply → enforced in kernel, with real packets on the embedded stack (``ciliary up -d
-  --nodes 2``): a client pod on node-1 connects in a tight loop (a fresh TCP connection
-  per attempt, from inside its namespace) to a server pod on node-2 while a policy change
-  is written to the bus; the latency is from the write to the first attempt that sees the
-  new behaviour. Three kinds, ``--iterations`` each: ``deny`` (create a NetworkPolicy that
-  isolates the server), ``lift`` (delete it), ``update`` (replace the peer of an allow rule:
-  the server's enforcement flags stay, only policy map entries change).
+  --nodes 2``) that also carries the big policy set (``--kernel-identities`` pods,
+  ``--kernel-rules`` policies, default 1,000 × 500): the synthetic universe's namespaces,
+  one Pod per identity bound to a node that does not exist (``VIRTUAL_NODE``: never
+  started, no IP; the identity service allocates its identity from its labels and
+  namespace exactly as for a running pod, a ``unit`` label makes every label set
+  distinct) and the synthetic policies. A client pod on node-1 connects in a tight loop
+  (a fresh TCP connection per attempt, from inside its namespace) to a server pod on
+  node-2 while a change is written to the bus; the latency is from the write (the
+  manifest already parsed and validated, as ``ciliary apply`` does before it writes) to
+  the first attempt that sees the new behaviour. Five kinds, ``--iterations`` each:
+  ``deny`` (create a NetworkPolicy that isolates the server), ``lift`` (delete it),
+  ``update`` (replace the peer of an allow rule: the server's enforcement flags stay, only
+  policy map entries change), ``relabel_deny`` / ``relabel_lift`` (the server Pod gets a
+  label set never seen before, with or without ``locked=yes``, which the ``lock``
+  NetworkPolicy isolates: a new identity, resolved into or out of that policy, and the
+  endpoint moved to it on both nodes). For every change it also records the bus write's
+  own duration and, from the services' health (``recent_passes``), the identity and
+  policy passes that started between the write and the flip (count, summed and longest
+  time, the policy passes' resolve / encode / write parts).
 
 Usage: .venv/bin/python bench/policy.py [--identities 1000] [--rules 500] [--repeat 5]
-       [--iterations 20] [--no-kernel]
-Writes bench/results/policy.json and prints an aligned table. The kernel part needs root
-and creates only ``ciliary-<cluster>-*`` namespaces, removed by ``ciliary down``.
+       [--iterations 20] [--kernel-identities 1000] [--kernel-rules 500] [--no-kernel]
+Writes bench/results/policy.json (with the git commit and whether the tree was dirty) and
+prints aligned tables. The kernel part needs root and creates only
+``ciliary-<cluster>-*`` namespaces, removed by ``ciliary down``.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -281,61 +296,160 @@ class Writer:
         self.bus = self.loop.run_until_complete(Bus.connect(state.nats_url, "bench-policy"))
         self.loop.run_until_complete(self.bus.ensure_buckets())
 
-    def apply(self, text: str) -> None:
-        from ciliary.resources import load_manifests
+    def parse(self, text: str) -> list[Any]:
+        """Validated resources, as ``ciliary apply`` reads them before it writes."""
+        from ciliary.resources import loads
+
+        return loads(text)
+
+    def store(self, resources: list[Any]) -> None:
+        """Write already parsed resources (``ciliary apply``'s bus part)."""
         from ciliary.store import ResourceStore
 
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-            f.write(text)
-            f.flush()
-            resources = load_manifests([f.name])
         self.loop.run_until_complete(ResourceStore(self.bus).apply(resources))
+
+    def apply(self, text: str) -> None:
+        self.store(self.parse(text))
 
     def delete(self, kind: str, name: str) -> None:
         from ciliary.store import ResourceStore
 
         self.loop.run_until_complete(ResourceStore(self.bus).delete(kind, "default", name))
 
+    def health(self) -> list[Any]:
+        from ciliary.status import gather_health
+
+        return self.loop.run_until_complete(gather_health(self.bus, timeout=0.3))
+
+    def wait_settled(self, n_identities: int, timeout: float) -> dict[str, Any]:
+        """Until the identity service holds at least `n_identities` identities and neither
+        it nor the policy service has run a pass for a second."""
+        deadline = time.monotonic() + timeout
+        last: tuple[Any, ...] | None = None
+        while True:
+            reports = self.health()
+            ident = service_detail(reports, "identity")
+            policy = service_detail(reports, "policy")
+            counters = policy.get("policy") or {}
+            now = (ident.get("passes"), counters.get("passes"), counters.get("writes"))
+            if (ident.get("identities") or 0) >= n_identities and now == last and None not in now:
+                return {"identities": ident.get("identities"),
+                        "identities_with_policy": policy.get("identities_with_policy"),
+                        "entries": policy.get("entries")}
+            assert time.monotonic() < deadline, f"not settled after {timeout}s: {ident} {policy}"
+            last = now
+            time.sleep(1.0)
+
     def close(self) -> None:
         self.loop.run_until_complete(self.bus.close())
         self.loop.close()
 
 
-def bench_kernel(iterations: int) -> dict[str, Any]:
+VIRTUAL_NODE = "bench-unscheduled"  # no executor runs it: its pods never start
+
+
+def scale_manifests(n_identities: int, n_rules: int) -> list[dict[str, Any]]:
+    """The big policy set for the embedded stack: the synthetic universe's namespaces,
+    ``n_identities`` pods bound to a node that does not exist (never started, no IP: the
+    identity service allocates one identity per distinct label set, and the ``unit``
+    label makes every pod's set distinct) and ``n_rules`` policies."""
+    out: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": f"ns-{ns}", "labels": {"team": f"team-{ns % 4}"}}}
+        for ns in range(NAMESPACES)
+    ]
+    for i in range(n_identities):
+        app = i % APPS
+        out.append({"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": f"u{i}", "namespace": f"ns-{i % NAMESPACES}",
+            "labels": {"app": f"app-{app}", "tier": f"tier-{i % 5}", "version": f"v{i % 3}",
+                       "unit": f"u{i}"}},
+            "spec": {"nodeName": VIRTUAL_NODE, "serviceAccountName": f"sa-{app}", "containers": [
+                {"name": "c", "image": "ciliary/workload", "command": ["sleep", "infinity"],
+                 "ports": [{"name": "http", "containerPort": 8080},
+                           {"name": "metrics", "containerPort": 9090}]}]}})
+    return out + make_policies(n_rules)
+
+
+def server_manifest(labels: dict[str, str]) -> str:
+    doc = yaml_load(WORKLOADS)[1]
+    doc["metadata"]["labels"] = labels
+    return json.dumps(doc)
+
+
+def yaml_load(text: str) -> list[dict[str, Any]]:
+    import yaml
+
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def lock_manifest() -> str:
+    """Isolates (empty ingress) every pod of namespace default labelled ``locked=yes``."""
+    return ("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n"
+            "metadata: {name: lock, namespace: default}\n"
+            "spec: {podSelector: {matchLabels: {locked: 'yes'}}, policyTypes: [Ingress], ingress: []}\n")
+
+
+def passes_in(reports: list[Any], window: tuple[float, float]) -> dict[str, float]:
+    """Per service (identity, policy): the passes that started between the write and the
+    first attempt with the new verdict (``recent_passes`` in the service health): how
+    many, their summed time and the longest, and the summed parts of the policy passes."""
+    out: dict[str, float] = {}
+    for service in ("identity", "policy"):
+        recent = service_detail(reports, service).get("recent_passes") or []
+        ran = [p for p in recent if window[0] <= p.get("start", 0) <= window[1]]
+        out[f"{service}_passes"] = len(ran)
+        out[f"{service}_pass_sum_ms"] = round(sum(p.get("ms", 0) for p in ran), 2)
+        out[f"{service}_pass_max_ms"] = max((p.get("ms", 0) for p in ran), default=0.0)
+        if service == "policy":
+            for part in ("resolve", "encode", "write"):
+                out[f"policy_{part}_sum_ms"] = round(sum(p.get(part, 0) for p in ran), 2)
+    return out
+
+
+def service_detail(reports: list[Any], service: str) -> dict[str, Any]:
+    return next((dict(r.detail) for r in reports if r.service == service), {})
+
+
+def bench_kernel(iterations: int, n_identities: int, n_rules: int) -> dict[str, Any]:
     cluster = "b" + secrets.token_hex(2)
     data_dir = Path(tempfile.mkdtemp(prefix="ciliary-bench-policy-")) / "instance"
     ctl(data_dir, "up", "-d", "--nodes", "2", "--cluster", cluster, "--cluster-id", "13")
     prober = writer = None
     try:
+        writer = Writer(data_dir)
+        loaded: dict[str, Any] = {"identities_requested": n_identities, "rules": n_rules}
+        if n_identities or n_rules:
+            t = time.monotonic()
+            docs = scale_manifests(n_identities, n_rules)
+            writer.apply("\n---\n".join(json.dumps(d) for d in docs))
+            loaded["write_s"] = round(time.monotonic() - t, 2)
+            loaded.update(writer.wait_settled(n_identities, timeout=600))
+            loaded["settle_s"] = round(time.monotonic() - t, 2)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
             f.write(WORKLOADS)
             f.flush()
             ctl(data_dir, "apply", "-f", f.name)
         deadline = time.monotonic() + 90
         while True:
-            items = json.loads(ctl(data_dir, "get", "pods", "-o", "json"))["items"]
+            items = json.loads(ctl(data_dir, "get", "pods", "-n", "default", "-o", "json"))["items"]
             st = {p["metadata"]["name"]: p.get("status", {}) for p in items}
             if all(st.get(n, {}).get("phase") == "Running" and st[n].get("podIP") for n in ("client", "server")):
                 break
             assert time.monotonic() < deadline, f"pods not running: {st}"
             time.sleep(0.5)
+        writer.wait_settled(n_identities, timeout=120)
         server_ip = st["server"]["podIP"]
         prober = subprocess.Popen(
             ["ip", "netns", "exec", st["client"]["ciliary"]["netns"], sys.executable, "-u", "-c", FLIP_PROBER],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert prober.stdin is not None and prober.stdout is not None
         assert prober.stdout.readline().strip() == "ready"
-        writer = Writer(data_dir)
 
-        def flip(expect: str, change) -> tuple[float, int]:
-            prober.stdin.write(f"{expect} {server_ip} 80\n")  # type: ignore[union-attr]
-            prober.stdin.flush()  # type: ignore[union-attr]
-            time.sleep(0.05)
-            t0 = time.monotonic()
-            change()
-            line = prober.stdout.readline().split()  # type: ignore[union-attr]
-            t_flip, attempts = float(line[0]), int(line[1])
-            return t_flip - t0, attempts
+        samples: dict[str, list[float]] = {kind: [] for kind, _ in KERNEL_KINDS}
+        writes: dict[str, list[float]] = {kind: [] for kind, _ in KERNEL_KINDS}
+        passes: dict[str, dict[str, list[float]]] = {}
+        early = 0
 
         def settle(expect: str) -> None:  # the state is stable before the next change
             prober.stdin.write(f"{expect} {server_ip} 80\n")  # type: ignore[union-attr]
@@ -343,29 +457,59 @@ def bench_kernel(iterations: int) -> dict[str, Any]:
             prober.stdout.readline()  # type: ignore[union-attr]
             time.sleep(0.3)
 
+        def measure(kind: str, expect: str, change: Callable[[], None]) -> None:
+            """One change: write -> first attempt with the new verdict; then, once stable,
+            the passes the services ran from the write to that attempt."""
+            nonlocal early
+            prober.stdin.write(f"{expect} {server_ip} 80\n")  # type: ignore[union-attr]
+            prober.stdin.flush()  # type: ignore[union-attr]
+            time.sleep(0.05)
+            wall0, t0 = time.time(), time.monotonic()
+            change()
+            writes[kind].append(time.monotonic() - t0)
+            t_flip = float(prober.stdout.readline().split()[0])  # type: ignore[union-attr]
+            early += t_flip < t0
+            samples[kind].append(t_flip - t0)
+            settle(expect)
+            window = (wall0, wall0 + (t_flip - t0))
+            for name, value in passes_in(writer.health(), window).items():
+                passes.setdefault(kind, {}).setdefault(name, []).append(value)
+
         settle("open")
-        samples: dict[str, list[float]] = {"deny": [], "lift": [], "update": []}
-        early = 0
+        isolate = writer.parse(np_manifest("isolate", None))
         for _ in range(iterations):
-            lat, attempts = flip("closed", lambda: writer.apply(np_manifest("isolate", None)))
-            early += lat < 0
-            samples["deny"].append(lat)
-            settle("closed")
-            lat, attempts = flip("open", lambda: writer.delete("NetworkPolicy", "isolate"))
-            early += lat < 0
-            samples["lift"].append(lat)
-            settle("open")
+            measure("deny", "closed", lambda: writer.store(isolate))
+            measure("lift", "open", lambda: writer.delete("NetworkPolicy", "isolate"))
         writer.apply(np_manifest("allow-peer", "client"))
         settle("open")
+        peers = {p: writer.parse(np_manifest("allow-peer", p)) for p in ("nobody", "client")}
         for i in range(iterations):
             expect, peer = ("closed", "nobody") if i % 2 == 0 else ("open", "client")
-            lat, attempts = flip(expect, lambda peer=peer: writer.apply(np_manifest("allow-peer", peer)))
-            early += lat < 0
-            samples["update"].append(lat)
-            settle(expect)
+            measure("update", expect, lambda peer=peer: writer.store(peers[peer]))
+        # relabel: every change gives the server a label set never seen before, so the
+        # identity service allocates a new identity, the policy service resolves it (into
+        # or out of the `lock` policy) and both executors move the endpoint to it
+        writer.delete("NetworkPolicy", "allow-peer")
+        writer.apply(lock_manifest())
+        settle("open")
+        for i in range(iterations):
+            locked = writer.parse(server_manifest({"app": "server", "gen": f"g{2 * i}", "locked": "yes"}))
+            measure("relabel_deny", "closed", lambda res=locked: writer.store(res))
+            free = writer.parse(server_manifest({"app": "server", "gen": f"g{2 * i + 1}"}))
+            measure("relabel_lift", "open", lambda res=free: writer.store(res))
         assert not early, f"{early} flips happened before the write"
+        reports = writer.health()
+        loaded["identities"] = service_detail(reports, "identity").get("identities")
+        policy = service_detail(reports, "policy")
+        loaded["identities_with_policy"] = policy.get("identities_with_policy")
+        loaded["entries"] = policy.get("entries")
         return {"iterations": iterations, "cluster_nodes": 2, "path": "client node-1 -> server node-2, TCP 80",
-                **{f"{k}_ms": summary(v) for k, v in samples.items()}}
+                "loaded": loaded,
+                **{f"{k}_ms": summary(v) for k, v in samples.items()},
+                "write_ms": {k: summary(v) for k, v in writes.items()},
+                "passes_until_flip_ms": {
+                    kind: {name: summary([v / 1000 for v in values]) for name, values in by.items()}
+                    for kind, by in passes.items()}}
     finally:
         if writer is not None:
             writer.close()
@@ -378,18 +522,40 @@ def bench_kernel(iterations: int) -> dict[str, Any]:
         shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
+def git_state() -> dict[str, Any]:
+    """The commit measured and the uncommitted changes to code that runs in the bench."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+    code = [p for p in changed if p.startswith(("ciliary/", "services/", "bpf/", "bench/policy.py"))]
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed), "dirty_code": code}
+
+
+KERNEL_KINDS = (
+    ("deny", "create isolating NP"), ("lift", "delete it"), ("update", "change allow peer"),
+    ("relabel_deny", "server relabelled into isolating NP"),
+    ("relabel_lift", "server relabelled out of it"),
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--identities", type=int, default=1000)
     parser.add_argument("--rules", type=int, default=500)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--kernel-identities", type=int, default=1000,
+                        help="pods (one identity each) loaded into the embedded stack")
+    parser.add_argument("--kernel-rules", type=int, default=500,
+                        help="policies loaded into the embedded stack")
     parser.add_argument("--no-kernel", action="store_true", help="skip the embedded-stack part")
     args = parser.parse_args()
     load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews the resolver times
 
     resolver = bench_resolver(args.identities, args.rules, args.repeat)
-    kernel = None if args.no_kernel else bench_kernel(args.iterations)
+    kernel = None if args.no_kernel else bench_kernel(args.iterations, args.kernel_identities,
+                                                     args.kernel_rules)
     base = resolver["from_scratch_ms"]["p50"]
     rows = [
         ["resolve from scratch (manifests)", f"{args.identities} ids x {args.rules} rules",
@@ -402,11 +568,10 @@ def main() -> None:
          f"{resolver['incremental_ms']['p50'] / base:.2f}"],
     ]
     if kernel:
-        for kind, what in (("deny", "create isolating NP"), ("lift", "delete it"),
-                           ("update", "change allow peer")):
+        for kind, what in KERNEL_KINDS:
             s = kernel[f"{kind}_ms"]
             rows.append([f"apply -> enforced in kernel: {kind}", what, s["p50"], s["p99"], f"{s['p50'] / base:.2f}"])
-        for kind in ("deny", "lift", "update"):
+        for kind, _ in KERNEL_KINDS:
             kernel[f"{kind}_vs_resolve_from_scratch_p50"] = round(kernel[f"{kind}_ms"]["p50"] / base, 2)
     result = {
         "command": " ".join([".venv/bin/python bench/policy.py", *sys.argv[1:]]),
@@ -415,10 +580,16 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": ("times in ms; ratio = p50 / p50 of resolve from scratch (manifests). Kernel latency: "
                  "bus write -> first TCP attempt from the client pod that sees the new verdict"),
-        "resolver": resolver, "kernel": kernel,
+        "git": git_state(), "resolver": resolver, "kernel": kernel,
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(output.table(["MEASURE", "WHAT", "P50 MS", "P99 MS", "X RESOLVE"], rows))
+    if kernel:
+        print(f"loaded: {kernel['loaded']}")
+        prow = [[kind, name, s["p50"], s["p99"]] for kind, by in kernel["passes_until_flip_ms"].items()
+                for name, s in by.items()]
+        prow += [[kind, "bus write (ResourceStore)", s["p50"], s["p99"]] for kind, s in kernel["write_ms"].items()]
+        print(output.table(["CHANGE", "WRITE -> FLIP: PASSES (SERVICE HEALTH)", "P50", "P99"], prow))
     print(f"wrote {RESULTS.relative_to(REPO)}")
 
 
