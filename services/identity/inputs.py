@@ -9,6 +9,9 @@ Invariants:
   (a pod's by its own, its status' and its namespace's revision; the CIDRs and toFQDNs
   selectors a policy names by its revision), so a pass re-decodes only what changed;
   caches drop keys no mirror holds any more.
+- Pods are re-derived only when touched (`touch_pod`: the Pod or its status changed;
+  `touch_all`: a sync or a Namespace change), so a pass costs what changed, not the
+  number of pods; the result equals deriving every pod afresh.
 - A policy matters to identities only through the CIDRs and toFQDNs selectors it names:
   `on_policy` tells whether one event changed them.
 - A payload that does not decode, or a pod whose identity cannot be derived, is logged
@@ -45,6 +48,7 @@ class IdentityInputs:
         self.pods: list[PodInfo] = []
         self._decoded: dict[str, tuple[int, Any]] = {}
         self._pods: dict[str, tuple[tuple[int, int, int], PodInfo | None]] = {}
+        self._dirty: set[str] | None = None  # Pod keys touched since compute_pods; None: all
         self._fqdn_policies: tuple[tuple[str, int], ...] = ()
         # policy key -> (revision, CIDRs, toFQDNs selectors) it names
         self._facts: dict[str, tuple[int, frozenset[str], frozenset[Any]]] = {}
@@ -87,20 +91,38 @@ class IdentityInputs:
             out[record.name] = (entry.revision, {str(k): str(v) for k, v in labels.items()})
         return out
 
+    def touch_pod(self, key: str) -> None:
+        """A Pod or its status changed: the next `compute_pods` re-derives it."""
+        if self._dirty is not None:
+            self._dirty.add(key)
+
+    def touch_all(self) -> None:
+        """Anything may have changed (a sync, a Namespace): re-check every pod."""
+        self._dirty = None
+
     def compute_pods(self) -> list[PodInfo]:
+        """Every endpoint; only pods touched since the last call are re-derived (all of
+        them after `touch_all`, and on the first call)."""
         namespaces = self.namespace_labels()
-        pods: list[PodInfo] = []
-        seen = set()
-        for key, entry in list(self.resources.get("Pod", {}).items()):
-            seen.add(key)
+        mirror = self.resources.get("Pod", {})
+        if self._dirty is None:
+            keys: Any = list(mirror)
+            for key in [k for k in self._pods if k not in mirror]:
+                del self._pods[key]
+        else:
+            keys = self._dirty
+        self._dirty = set()
+        for key in keys:
+            entry = mirror.get(key)
+            if entry is None:
+                self._pods.pop(key, None)
+                continue
             status, status_rev = self.status_of("Pod", key)
             ns = key.split(".", 2)[1]
             ns_rev, ns_labels = namespaces.get(ns, (0, {}))
             version = (entry.revision, status_rev, ns_rev)
             cached = self._pods.get(key)
             if cached is not None and cached[0] == version:
-                if cached[1] is not None:
-                    pods.append(cached[1])
                 continue
             record = self.record(entry)
             info = None
@@ -111,16 +133,12 @@ class IdentityInputs:
                 except (AttributeError, TypeError, ValueError) as err:
                     log.warning("resources/%s: cannot derive identity: %s", key, err)
             self._pods[key] = (version, info)
-            if info is not None:
-                pods.append(info)
-        for key in set(self._pods) - seen:
-            del self._pods[key]
         if len(self._decoded) > 2 * (len(self._pods) + 64):
             live = self._live_keys()
             for key in [k for k in self._decoded if k.split(":", 1)[-1] not in live]:
                 self._decoded.pop(key, None)
-        self.pods = pods
-        return pods
+        self.pods = [info for _, info in self._pods.values() if info is not None]
+        return self.pods
 
     def _live_keys(self) -> set[str]:
         live = set()

@@ -140,12 +140,19 @@ class IdentityService:
         for kind, mirror in mirrors.items():
             if kind in POLICY_KINDS:  # only their CIDRs and toFQDNs selectors matter
                 mirror.listen(lambda event, kind=kind: self._on_policy(kind, event))
-            else:
-                mirror.notify(self.loop)
+                continue
+            if kind == "Pod":
+                mirror.listen(self._touch_pod)
+            elif kind == "Namespace":
+                mirror.listen(lambda _event: self.inputs.touch_all())
+            mirror.notify(self.loop)
         for kind in ("Pod", "Node"):
-            self.inputs.status[kind] = self.ctx.mirror(
+            status = self.ctx.mirror(
                 tg, schema.BUCKET_STATUS, f"{kind}.>", name=f"{schema.BUCKET_STATUS}/{kind}",
-            ).notify(self.loop).entries
+            )
+            if kind == "Pod":
+                status.listen(self._touch_pod)
+            self.inputs.status[kind] = status.notify(self.loop).entries
         for store in (self.identities, self.ipcache):
             self.ctx.mirror(tg, store.bucket, keep=False).listen(
                 entries_only(store.observe)).notify(self.loop)
@@ -161,6 +168,12 @@ class IdentityService:
         if self.pattern_errors:
             self.ctx.detail["label_pattern_errors"] = self.pattern_errors
         tg.create_task(self.loop.run(), name="identity-reconcile")
+
+    def _touch_pod(self, event: KVEntry | Synced) -> None:
+        if isinstance(event, KVEntry):
+            self.inputs.touch_pod(event.key)
+        else:
+            self.inputs.touch_all()
 
     def _on_policy(self, kind: str, event: KVEntry | Synced) -> None:
         if not isinstance(event, KVEntry) or self.inputs.on_policy(kind, event):
