@@ -21,26 +21,18 @@ import msgspec
 
 from ciliary import schema
 
-from .resolve import IdentityPolicy, PolicyStatus, Resolution
+from .resolve import IdentityPolicy, PolicyEntry, PolicyStatus, Resolution
 from .rules import PROTOCOLS, PolicyKey, rule_id, rule_text
 
 
 def identity_record(ip: IdentityPolicy, cluster: str, cluster_id: int,
                     status_keys: Mapping[PolicyKey, str]) -> schema.PolicyMapRecord:
-    entries = []
+    entries = [e.__dict__.get("_record") or entry_record(e) for e in ip.entries]
+    # the id -> rule table; were two rules to share an id, the one named last wins
     rules: dict[int, str] = {}
-    seen: dict[int, tuple[int, str]] = {}  # id(ref) -> (rule id, text): few refs, many uses
-    for e in ip.entries:
-        found = seen.get(id(e.rule))
-        if found is None:
-            found = seen[id(e.rule)] = (rule_id(e.rule), rule_text(e.rule) if e.rule.kind else "")
-        ref_id, text = found
-        if text:
-            rules[ref_id] = text
-        entries.append(schema.PolicyEntryRecord(
-            peer=e.peer, port=e.port, proto=e.proto, direction=e.direction, verdict=e.verdict,
-            end_port=e.end_port, audit=e.audit, rule_ref=ref_id,
-        ))
+    for ref in {id(e.rule): e.rule for e in reversed(ip.entries)}.values():
+        if ref.kind:
+            rules.setdefault(rule_id(ref), rule_text(ref))
     return schema.PolicyMapRecord(
         identity=ip.identity, cluster=cluster, cluster_id=cluster_id,
         ingress_enforced=ip.ingress_enforced, egress_enforced=ip.egress_enforced,
@@ -48,6 +40,19 @@ def identity_record(ip: IdentityPolicy, cluster: str, cluster_id: int,
         rules=dict(sorted(rules.items())),
         policies=sorted(status_keys.get(k, str(k)) for k in ip.policies), error=ip.error,
     )
+
+
+def entry_record(e: PolicyEntry) -> schema.PolicyEntryRecord:
+    """`e` as a record; built once per entry object (entries are shared by the records of
+    many identities and kept across passes) and never mutated afterwards."""
+    found = e.__dict__.get("_record")
+    if found is None:
+        found = schema.PolicyEntryRecord(
+            peer=e.peer, port=e.port, proto=e.proto, direction=e.direction, verdict=e.verdict,
+            end_port=e.end_port, audit=e.audit, rule_ref=rule_id(e.rule),
+        )
+        object.__setattr__(e, "_record", found)
+    return found
 
 
 def fail_closed_record(ip: IdentityPolicy, cluster: str, cluster_id: int,
