@@ -10,7 +10,7 @@ Pure. The questions, in order:
    image change (question 1 is ``no``) or the scale passes a limit no setting raises.
 3. ``labels``: is our label design clean enough for identities? ``no`` when the label
    hygiene fails (over the identity ceiling, or labels that multiply identities),
-   ``unknown`` without a pod list, else ``yes``.
+   ``unknown`` without a pod list or when none of its pods gets an identity, else ``yes``.
 4. ``operations``: can our operations troubleshoot with flows, maps and identities?
    ``no`` when an operations check failed, ``unknown`` when none ran (no instance), else
    ``yes``; checks that did not run are named.
@@ -130,6 +130,8 @@ def answer_labels(hygiene: labels.LabelHygiene | None) -> Answer:
     if hygiene is None:
         return Answer("labels", UNKNOWN, ["no pod list: give --pods FILE (kubectl get pods -A -o json) "
                                           "or run against an instance"])
+    if hygiene.endpoints == 0:
+        return Answer("labels", UNKNOWN, ["the pod list has no pods that get an identity"])
     reasons = list(hygiene.reasons)
     if hygiene.suggested_patterns:
         reasons.append("suggested filter: CILIARY_IDENTITY_LABELS=\"" + " ".join(hygiene.suggested_patterns) + "\"")

@@ -102,6 +102,8 @@ def test_pilot_names_what_was_not_verified() -> None:
     assert d.answers["labels"].answer == D.UNKNOWN and d.answers["operations"].answer == D.UNKNOWN
     assert any(r.startswith("not verified: labels") for r in d.reasons)
     assert any(r.startswith("not verified: operations (no running instance") for r in d.reasons)
+    no_endpoints = labels.analyse([pods.PodFacts("ns", "agent", "w1", {}, "default", False)], {})
+    assert D.answer_labels(no_endpoints).answer == D.UNKNOWN
     not_probed = D.decide(None, [], clean_labels(), sizing.size_maps(sizing.Scale()), PASSING_OPS)
     assert not_probed.verdict == D.PILOT and not_probed.answers["kernel"].answer == D.UNKNOWN
 
