@@ -37,7 +37,7 @@ from ciliary.cli import common
 from ciliary.identitylabels import PatternError
 from ciliary.preflight import decision as D
 from ciliary.preflight import kernel as K
-from ciliary.preflight import labels, pods, render, sizing
+from ciliary.preflight import labels, pods, probe, render, sizing
 from ciliary.resources import ManifestError
 from ciliary.status import gather_health, missing_or_unhealthy
 from ciliary.store import ResourceStore
@@ -143,8 +143,6 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
     checks = features = None
     if not args.no_kernel:
-        from ciliary.preflight import probe
-
         checks = probe.probe_kernel()
         features = K.feature_verdicts(checks)
     decision = D.decide(features, list((checks or {}).values()), hygiene, report,

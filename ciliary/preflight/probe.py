@@ -164,14 +164,11 @@ class Probe:
         self.token = f"{os.getpid()}-{secrets.token_hex(2)}"
         self._bpf: Bpf | None = None
         self._bpf_error: str = ""
-        self._results: dict[str, CheckResult] = {}
 
     # ------------------------------------------------------------ driver
 
     def run(self, specs: Iterable[CheckSpec] = CHECKS) -> dict[str, CheckResult]:
-        for spec in specs:
-            self._results[spec.name] = self.check(spec)
-        return dict(self._results)
+        return {spec.name: self.check(spec) for spec in specs}
 
     def check(self, spec: CheckSpec) -> CheckResult:
         method = getattr(self, f"_check_{spec.kind}", None)
