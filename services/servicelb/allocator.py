@@ -14,7 +14,8 @@ Invariants:
   released service/backend id is not reused at once.
 - `Pool.begin` starts a pass; every value looked up or allocated in the pass is "used".
   `Pool.unused` after a pass lists what may be released once the output without it is
-  written.
+  written. `Pool.misses` counts failed claims and allocations, so a caller can tell who
+  waits for a value to become free.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Pool:
     pending: dict[int, str] = field(default_factory=dict)  # created this pass, not persisted
     used: set[int] = field(default_factory=set)
     rotate: bool = False  # ids: continue after the last value handed out (no quick reuse)
+    misses: int = 0  # claims and allocations that failed (a value taken, the pool exhausted)
     _next: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +98,7 @@ class Pool:
         """Hold a specific ``value`` for ``owner``; False when another owner has it."""
         holder = self.owners.get(value)
         if holder is not None and holder != owner:
+            self.misses += 1
             return False
         old = self.by_owner.get(owner)
         if old is not None and old != value:
@@ -122,6 +125,7 @@ class Pool:
                 self.used.add(candidate)
                 self._next = candidate + 1
                 return candidate
+        self.misses += 1
         return None
 
     def _candidates(self) -> Iterator[int]:

@@ -40,6 +40,7 @@ class Departed:
     manifest: dict[str, Any]
     status: dict[str, Any]
     until: float
+    effective: dict[str, Any] | None = None  # the status it stands in the inputs with
 
 
 @dataclass
@@ -51,22 +52,49 @@ class Departures:
         """Record the live pods of ``inputs``, add the departed ones to it, and return when
         the next departed pod expires (None: none left)."""
         for ref, manifest in inputs.pods.items():
-            self.departed.pop(ref, None)
-            status = inputs.pod_status.get(ref) or _own_status(manifest)
-            if not _pod_ip(status):
-                previous = self.seen.get(ref)
-                status = previous[1] if previous and _uid(previous[0]) == _uid(manifest) else status
-            self.seen[ref] = (manifest, status)
+            self.observe(ref, manifest, inputs.pod_status.get(ref))
         for ref in [r for r in self.seen if r not in inputs.pods]:
-            manifest, status = self.seen.pop(ref)
-            if _pod_ip(status) and status.get("phase") not in ("Succeeded", "Failed"):
-                self.departed[ref] = Departed(manifest, status, now + grace_seconds(manifest))
-        for ref in [r for r, d in self.departed.items() if d.until <= now]:
+            self.gone(ref, now)
+        self.expire(now)
+        for ref in self.departed:
+            inputs.pods[ref], inputs.pod_status[ref] = self.effective(ref)
+        return self.next_expiry()
+
+    # ------------------------------------------------------------------ one pod at a time
+
+    def observe(self, ref: Ref, manifest: dict[str, Any], status: dict[str, Any] | None) -> None:
+        """``ref`` is a live pod with this manifest and status (from the status bucket)."""
+        self.departed.pop(ref, None)
+        status = status or _own_status(manifest)
+        if not _pod_ip(status):
+            previous = self.seen.get(ref)
+            status = previous[1] if previous and _uid(previous[0]) == _uid(manifest) else status
+        self.seen[ref] = (manifest, status)
+
+    def gone(self, ref: Ref, now: float) -> None:
+        """``ref`` is no longer a live pod: it departs if it was running with an IP."""
+        if ref not in self.seen:
+            return
+        manifest, status = self.seen.pop(ref)
+        if _pod_ip(status) and status.get("phase") not in ("Succeeded", "Failed"):
+            self.departed[ref] = Departed(manifest, status, now + grace_seconds(manifest))
+
+    def expire(self, now: float) -> list[Ref]:
+        """Forget the departed pods whose grace period has ended; their refs."""
+        ended = [r for r, d in self.departed.items() if d.until <= now]
+        for ref in ended:
             del self.departed[ref]
-        for ref, gone in self.departed.items():
-            inputs.pods[ref] = gone.manifest
-            inputs.pod_status[ref] = {**gone.status, "terminating": True,
-                                      "conditions": [{"type": "Ready", "status": "False"}]}
+        return ended
+
+    def effective(self, ref: Ref) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A departed pod's manifest and the status it stands in the inputs with."""
+        gone = self.departed[ref]
+        if gone.effective is None:
+            gone.effective = {**gone.status, "terminating": True,
+                              "conditions": [{"type": "Ready", "status": "False"}]}
+        return gone.manifest, gone.effective
+
+    def next_expiry(self) -> float | None:
         return min((d.until for d in self.departed.values()), default=None)
 
 

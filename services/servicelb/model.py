@@ -4,6 +4,13 @@ Pure code over plain data: no NATS, no clock, no randomness. `compute` is a func
 its inputs and the allocator state, so a restarted servicelb that re-reads the same
 inputs and allocations produces byte-identical output.
 
+`compute` is made of per-object steps that `incremental.Engine` reuses to recompute
+single Services: `Views` decodes each Node, Pod and EndpointSlice on its own; per
+Service, `claim_requested` (every Service's, before any dynamic allocation), then
+`plan_service` (frontends, status, derived slices; Service order), then `build_rows`
+(frontend rows, service and backend ids; Service order) fill its `ServicePart`, and
+`assemble` puts the parts together.
+
 Invariants:
 - Frontends per Service (Kubernetes semantics): ClusterIP (allocated from the service
   CIDR when ``clusterIP`` is empty; none when headless), NodePort on every node's
@@ -28,12 +35,15 @@ Invariants:
 - Backend order: slot backends first, then the others; each group by (IP, port).
 - IDs: service id (= rev-NAT id) per frontend address, backend id per backend address,
   both from persistent pools, so the same address keeps its id across restarts.
+- A Service that exists but does not decode keeps its cluster IP and node ports.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +115,41 @@ class Allocations:
         for pool in self.pools():
             pool.begin()
 
+    @contextmanager
+    def tracking(self) -> Iterator[Usage]:
+        """The values looked up, claimed or allocated inside the block, per pool (they also
+        count as used by the pass, as without tracking), and the pools where a claim or an
+        allocation failed."""
+        pools = self.pools()
+        usage = Usage(tuple(set() for _ in pools))
+        before = [pool.used for pool in pools]
+        misses = [pool.misses for pool in pools]
+        for pool, fresh in zip(pools, usage.sets, strict=True):
+            pool.used = fresh
+        try:
+            yield usage
+        finally:
+            for i, (pool, used, fresh) in enumerate(zip(pools, before, usage.sets, strict=True)):
+                used |= fresh
+                pool.used = used
+                if pool.misses != misses[i]:
+                    usage.missed.add(i)
+
+
+@dataclass
+class Usage:
+    """Values used per pool (`Allocations.pools` order); ``missed``: indexes of the pools
+    where a claim or an allocation failed."""
+
+    sets: tuple[set[int], ...]
+    missed: set[int] = field(default_factory=set)
+
+    def frozen(self) -> tuple[frozenset[int], ...]:
+        return tuple(frozenset(s) if s else _EMPTY for s in self.sets)
+
+
+_EMPTY: frozenset[int] = frozenset()
+
 
 class DecodeMemo:
     """Decoded manifests of earlier computes, keyed by the identity of the manifest dict.
@@ -129,6 +174,12 @@ class DecodeMemo:
         value = decode(kind, manifest)
         self._items[key] = (kind, manifest, value)
         return value
+
+    def forget(self, manifest: dict[str, Any]) -> None:
+        """Drop ``manifest`` (it was replaced or removed)."""
+        hit = self._items.get(id(manifest))
+        if hit is not None and hit[1] is manifest:
+            del self._items[id(manifest)]
 
     def prune(self) -> None:
         self._items = {k: v for k, v in self._items.items() if k in self._seen}
@@ -174,6 +225,8 @@ class Desired:
     statuses: dict[Ref, dict[str, Any]] = field(default_factory=dict)
     generations: dict[Ref, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    views: Views = field(default_factory=lambda: Views())  # what compute decoded
+    parts: dict[Ref, ServicePart] = field(default_factory=dict)  # per Service, in Service order
 
 
 # ---------------------------------------------------------------- views of the inputs
@@ -218,63 +271,131 @@ class BackendView:
         return 0 if self.state == LB_STATE_ACTIVE else (1 if self.serving else 2)
 
 
-def _nodes(inputs: Inputs, problems: list[str]) -> dict[str, NodeView]:
-    views: dict[str, NodeView] = {}
-    for name in sorted(inputs.nodes):
-        try:
-            node: Node = inputs.memo.decode("Node", inputs.nodes[name])
-        except Exception as err:
-            problems.append(f"Node {name}: {err}")
-            continue
-        ip = node.status.address("InternalIP")
-        extra = inputs.node_status.get(name) or {}
-        for addr in extra.get("addresses") or []:
-            if isinstance(addr, dict) and addr.get("type") == "InternalIP" and addr.get("address"):
-                ip = str(addr["address"])
-                break
-        views[name] = NodeView(name, ip, node.metadata.labels.get(ZONE_LABEL, ""))
-    return views
+def node_view(name: str, manifest: dict[str, Any], status: dict[str, Any] | None, memo: DecodeMemo) -> NodeView:
+    """One Node as the model sees it (its InternalIP from the status bucket wins). Raises when
+    the manifest does not decode."""
+    node: Node = memo.decode("Node", manifest)
+    ip = node.status.address("InternalIP")
+    for addr in (status or {}).get("addresses") or []:
+        if isinstance(addr, dict) and addr.get("type") == "InternalIP" and addr.get("address"):
+            ip = str(addr["address"])
+            break
+    return NodeView(name, ip, node.metadata.labels.get(ZONE_LABEL, ""))
 
 
-def _pods(inputs: Inputs, problems: list[str]) -> list[PodView]:
-    views: list[PodView] = []
-    for ref in sorted(inputs.pods):
-        manifest = inputs.pods[ref]
+def pod_view(ref: Ref, manifest: dict[str, Any], status: dict[str, Any] | None, memo: DecodeMemo) -> PodView | None:
+    """One Pod as the model sees it (status from the status bucket wins over the manifest's);
+    None for a finished pod. Raises when the manifest does not decode."""
+    pod: Pod = memo.decode("Pod", manifest)
+    status = status or {}
+    own = pod.status
+    phase = str(status.get("phase") or (own.phase if own else "") or "")
+    ip = str(status.get("podIP") or (own.pod_ip if own else "") or "")
+    if "conditions" in status and isinstance(status["conditions"], list):
+        conditions = [c for c in status["conditions"] if isinstance(c, dict)]
+        has_conditions = True
+    elif own is not None and own.conditions:
+        conditions = [{"type": c.type, "status": c.status} for c in own.conditions]
+        has_conditions = True
+    else:
+        conditions, has_conditions = [], False
+    if has_conditions:
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    else:  # a runner that reports no conditions: running means ready
+        ready = phase == "Running"
+    if phase in ("Succeeded", "Failed"):
+        return None
+    serving = ready and phase in ("Running", "Terminating")
+    raw_meta = manifest.get("metadata") or {}
+    terminating = bool(
+        status.get("terminating") or phase == "Terminating" or raw_meta.get("deletionTimestamp")
+    )
+    node = pod.spec.node_name or str(status.get("nodeName") or "")
+    ports = tuple(
+        (p.name, p.container_port, p.protocol) for c in pod.spec.containers for p in c.ports
+    )
+    return PodView(ref[0], ref[1], pod.metadata.uid, dict(pod.metadata.labels), node,
+                   ip, serving, terminating, ports)
+
+
+@dataclass
+class Views:
+    """The decoded non-Service inputs, one entry per object, and each object's decoding problem.
+
+    ``set_node``/``set_pod``/``set_slice`` recompute one object; ``build`` does all of them.
+    Pods are left out (no views, no problems) unless ``Config.derive_slices``.
+    """
+
+    nodes: dict[str, NodeView] = field(default_factory=dict)
+    pods: dict[Ref, PodView] = field(default_factory=dict)
+    slices: dict[Ref, EndpointSlice] = field(default_factory=dict)
+    node_problems: dict[str, str] = field(default_factory=dict)
+    pod_problems: dict[Ref, str] = field(default_factory=dict)
+    slice_problems: dict[Ref, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, inputs: Inputs, cfg: Config) -> Views:
+        views = cls()
+        for name in sorted(inputs.nodes):
+            views.set_node(name, inputs.nodes[name], inputs.node_status.get(name), inputs.memo)
+        if cfg.derive_slices:
+            for ref in sorted(inputs.pods):
+                views.set_pod(ref, inputs.pods[ref], inputs.pod_status.get(ref), inputs.memo)
+        for ref in sorted(inputs.slices):
+            views.set_slice(ref, inputs.slices[ref], inputs.memo)
+        return views
+
+    def set_node(self, name: str, manifest: dict[str, Any] | None, status: dict[str, Any] | None,
+                 memo: DecodeMemo) -> NodeView | None:
+        """Recompute one Node (``manifest`` None: gone); its view, or None."""
+        self.nodes.pop(name, None)
+        self.node_problems.pop(name, None)
+        if manifest is None:
+            return None
         try:
-            pod: Pod = inputs.memo.decode("Pod", manifest)
+            self.nodes[name] = node_view(name, manifest, status, memo)
         except Exception as err:
-            problems.append(f"Pod {ref[0]}/{ref[1]}: {err}")
-            continue
-        status = inputs.pod_status.get(ref) or {}
-        own = pod.status
-        phase = str(status.get("phase") or (own.phase if own else "") or "")
-        ip = str(status.get("podIP") or (own.pod_ip if own else "") or "")
-        if "conditions" in status and isinstance(status["conditions"], list):
-            conditions = [c for c in status["conditions"] if isinstance(c, dict)]
-            has_conditions = True
-        elif own is not None and own.conditions:
-            conditions = [{"type": c.type, "status": c.status} for c in own.conditions]
-            has_conditions = True
-        else:
-            conditions, has_conditions = [], False
-        if has_conditions:
-            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-        else:  # a runner that reports no conditions: running means ready
-            ready = phase == "Running"
-        if phase in ("Succeeded", "Failed"):
-            continue
-        serving = ready and phase in ("Running", "Terminating")
-        raw_meta = manifest.get("metadata") or {}
-        terminating = bool(
-            status.get("terminating") or phase == "Terminating" or raw_meta.get("deletionTimestamp")
-        )
-        node = pod.spec.node_name or str(status.get("nodeName") or "")
-        ports = tuple(
-            (p.name, p.container_port, p.protocol) for c in pod.spec.containers for p in c.ports
-        )
-        views.append(PodView(ref[0], ref[1], pod.metadata.uid, dict(pod.metadata.labels), node,
-                             ip, serving, terminating, ports))
-    return views
+            self.node_problems[name] = f"Node {name}: {err}"
+            return None
+        return self.nodes[name]
+
+    def set_pod(self, ref: Ref, manifest: dict[str, Any] | None, status: dict[str, Any] | None,
+                memo: DecodeMemo) -> PodView | None:
+        """Recompute one Pod (``manifest`` None: gone); its view, or None."""
+        self.pods.pop(ref, None)
+        self.pod_problems.pop(ref, None)
+        if manifest is None:
+            return None
+        try:
+            view = pod_view(ref, manifest, status, memo)
+        except Exception as err:
+            self.pod_problems[ref] = f"Pod {ref[0]}/{ref[1]}: {err}"
+            return None
+        if view is not None:
+            self.pods[ref] = view
+        return view
+
+    def set_slice(self, ref: Ref, manifest: dict[str, Any] | None, memo: DecodeMemo) -> EndpointSlice | None:
+        """Recompute one EndpointSlice (``manifest`` None: gone); the decoded slice, or None."""
+        self.slices.pop(ref, None)
+        self.slice_problems.pop(ref, None)
+        if manifest is None:
+            return None
+        try:
+            self.slices[ref] = memo.decode("EndpointSlice", manifest)
+        except Exception as err:
+            self.slice_problems[ref] = f"EndpointSlice {ref[0]}/{ref[1]}: {err}"
+            return None
+        return self.slices[ref]
+
+    def sorted_nodes(self) -> dict[str, NodeView]:
+        return dict(sorted(self.nodes.items()))
+
+    def problems(self) -> list[str]:
+        """Decoding problems in the model's order: nodes, pods, slices, each by name."""
+        return ([self.node_problems[k] for k in sorted(self.node_problems)]
+                + [self.pod_problems[k] for k in sorted(self.pod_problems)]
+                + [self.slice_problems[k] for k in sorted(self.slice_problems)])
 
 
 # ---------------------------------------------------------------- derived endpoint slices
@@ -301,7 +422,7 @@ def derive_slices(svc: Service, pods: list[PodView], nodes: dict[str, NodeView])
     publish = svc.spec.publish_not_ready_addresses
     groups: dict[tuple[tuple[str, int, str], ...], list[dict[str, Any]]] = {}
     for pod in pods:
-        if pod.namespace != ns or not pod.ip or not _is_ipv4(pod.ip):
+        if pod.namespace != ns or not has_address(pod):
             continue
         if any(pod.labels.get(k) != v for k, v in selector.items()):
             continue
@@ -343,6 +464,11 @@ def derive_slices(svc: Service, pods: list[PodView], nodes: dict[str, NodeView])
             "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports_key],
         })
     return slices
+
+
+def has_address(pod: PodView) -> bool:
+    """Whether a pod can be a derived backend: it has an IPv4 address."""
+    return bool(pod.ip) and _is_ipv4(pod.ip)
 
 
 def _is_ipv4(address: str) -> bool:
@@ -408,88 +534,130 @@ class FrontendPlan:
     proto: str
     node: str = ""
 
+    @property
+    def key(self) -> str:
+        return lb_frontend_key(self.address, self.port, self.proto)
+
+
+NO_USE: tuple[frozenset[int], ...] = (frozenset(),) * 4
+
+
+@dataclass
+class ServicePart:
+    """What one Service contributes to the desired state, and what it was computed from.
+
+    Three steps fill it: `claim_requested` and `plan_service` (its frontends, allocating its
+    cluster IP and node ports; ``used_plan``), then `build_rows` once every Service's plans
+    are known (who owns which frontend address, service and backend ids; ``used_rows``).
+    ``used_*`` are the values per pool (`Allocations.pools` order) the steps looked up or
+    allocated: what the Service keeps from being released; ``missed_*`` the pools where
+    it wanted a value it did not get (it may get it once values are released).
+    """
+
+    ref: Ref
+    manifest: dict[str, Any]
+    generation: int
+    svc: Service | None = None
+    decode_problem: str = ""  # the Service does not decode: no frontends, its values kept
+    status: dict[str, Any] = field(default_factory=dict)
+    plans: list[tuple[ServicePort, FrontendPlan]] = field(default_factory=list)
+    slices: list[EndpointSlice] = field(default_factory=list)  # manual, then derived
+    endpoints: LBEndpoints | None = None  # the derived slices' row
+    plan_problems: list[str] = field(default_factory=list)
+    clash_problems: list[str] = field(default_factory=list)
+    frontends: dict[str, LBFrontend] = field(default_factory=dict)
+    row_problems: list[str] = field(default_factory=list)
+    used_plan: tuple[frozenset[int], ...] = NO_USE
+    used_rows: tuple[frozenset[int], ...] = NO_USE
+    missed_plan: frozenset[int] = frozenset()  # pools (indexes) where a claim/allocation failed
+    missed_rows: frozenset[int] = frozenset()
+
+    @property
+    def endpoints_key(self) -> str:
+        return f"{LB_ENDPOINTS_PREFIX}.{self.ref[0]}.{self.ref[1]}"
+
+    def wanted(self) -> list[str]:
+        """The frontend keys this Service's plans ask for, first occurrence first."""
+        return list(dict.fromkeys(plan.key for _, plan in self.plans))
+
+    def problems(self) -> bool:
+        return bool(self.decode_problem or self.plan_problems or self.clash_problems or self.row_problems)
+
 
 def compute(inputs: Inputs, alloc: Allocations, cfg: Config) -> Desired:
     """Desired ``services`` rows, derived endpoints and Service statuses.
 
     New allocations are left in the pools' ``pending``; the caller persists them before
-    publishing the result.
+    publishing the result. ``Desired.views`` and ``Desired.parts`` keep what every Service
+    was computed from, for a caller that recomputes single Services afterwards.
     """
     alloc.begin()
-    out = Desired()
-    problems = out.problems
-    nodes = _nodes(inputs, problems)
-    pods = _pods(inputs, problems) if cfg.derive_slices else []
-
+    views = Views.build(inputs, cfg)
+    nodes = views.sorted_nodes()
+    pods = [views.pods[ref] for ref in sorted(views.pods)]
     manual: dict[Ref, list[EndpointSlice]] = {}
-    for ref in sorted(inputs.slices):
-        try:
-            eps: EndpointSlice = inputs.memo.decode("EndpointSlice", inputs.slices[ref])
-        except Exception as err:
-            problems.append(f"EndpointSlice {ref[0]}/{ref[1]}: {err}")
-            continue
+    for ref in sorted(views.slices):
+        eps = views.slices[ref]
         if eps.service_name:
             manual.setdefault((ref[0], eps.service_name), []).append(eps)
 
-    services: list[tuple[Ref, Service, dict[str, Any]]] = []
-    for ref in sorted(inputs.services):
-        manifest, generation = inputs.services[ref]
-        try:
-            services.append((ref, inputs.memo.decode("Service", manifest), manifest))
-        except Exception as err:
-            problems.append(f"Service {ref[0]}/{ref[1]}: {err}")
-            continue
-        out.generations[ref] = generation
-    _claim_requested(services, alloc, cfg)
-
-    claimed: dict[str, Ref] = {}
-    plans: list[tuple[Ref, Service, ServicePort, list[BackendView], FrontendPlan]] = []
-    for ref, svc, manifest in services:
-        slices = list(manual.get(ref, []))
-        if cfg.derive_slices and svc.spec.selector:
-            derived = derive_slices(svc, pods, nodes)
-            if derived:
-                out.endpoints[f"{LB_ENDPOINTS_PREFIX}.{ref[0]}.{ref[1]}"] = LBEndpoints(
-                    namespace=ref[0], name=ref[1], slices=derived)
-            slices += [decode("EndpointSlice", d) for d in derived]
-        frontends, status = _frontends(ref, svc, manifest, nodes, alloc, cfg, problems)
-        out.statuses[ref] = status
-        for sport, plan in frontends:
-            key = lb_frontend_key(plan.address, plan.port, plan.proto)
-            if key in claimed and claimed[key] != ref:
-                owner = claimed[key]
-                problems.append(
-                    f"Service {ref[0]}/{ref[1]}: frontend {plan.address}:{plan.port}/{plan.proto} "
-                    f"is already used by Service {owner[0]}/{owner[1]}; skipped")
-                continue
-            if key in claimed:
-                continue  # the same frontend twice in one Service (e.g. externalIP = LB IP)
-            claimed[key] = ref
-            plans.append((ref, svc, sport, port_backends(sport, slices, nodes), plan))
-
-    for ref, svc, sport, backends, plan in plans:
-        key = lb_frontend_key(plan.address, plan.port, plan.proto)
-        service_id = alloc.service_id.allocate(f"{plan.address}:{plan.port}/{plan.proto}")
-        if service_id is None:
-            problems.append(f"Service {ref[0]}/{ref[1]}: service ids exhausted")
-            continue
-        frontend = _frontend(ref, svc, sport, backends, plan, service_id, alloc, cfg, problems)
-        if frontend is not None:
-            out.frontends[key] = frontend
-    out.frontends = dict(sorted(out.frontends.items()))
-    out.problems[:] = list(dict.fromkeys(out.problems))
-    out.endpoints = dict(sorted(out.endpoints.items()))
+    parts = {ref: new_part(ref, *inputs.services[ref], inputs.memo) for ref in sorted(inputs.services)}
+    claims = {ref: claim_requested(part, alloc, cfg) for ref, part in parts.items()}
+    for ref, part in parts.items():
+        plan_service(part, manual.get(ref, []), pods, nodes, alloc, cfg, claims[ref])
+    owners: dict[str, Ref] = {}
+    for ref, part in parts.items():
+        for key in part.wanted():
+            owners.setdefault(key, ref)
+    for part in parts.values():
+        build_rows(part, owners, nodes, alloc, cfg)
     inputs.memo.prune()
+    return assemble(views, parts)
+
+
+def new_part(ref: Ref, manifest: dict[str, Any], generation: int, memo: DecodeMemo) -> ServicePart:
+    """A Service's part with its manifest decoded (or its decoding problem)."""
+    part = ServicePart(ref, manifest, generation)
+    try:
+        part.svc = memo.decode("Service", manifest)
+    except Exception as err:
+        part.decode_problem = f"Service {ref[0]}/{ref[1]}: {err}"
+    return part
+
+
+def assemble(views: Views, parts: dict[Ref, ServicePart]) -> Desired:
+    """The desired state from the parts of every Service (``parts`` in Service order)."""
+    out = Desired(views=views, parts=parts)
+    problems = views.problems()
+    problems += [part.decode_problem for part in parts.values() if part.decode_problem]
+    for part in parts.values():
+        problems += part.plan_problems + part.clash_problems
+    for part in parts.values():
+        problems += part.row_problems
+    out.problems = list(dict.fromkeys(problems))
+    for ref, part in parts.items():
+        out.frontends.update(part.frontends)
+        if part.svc is None:
+            continue
+        out.generations[ref] = part.generation
+        out.statuses[ref] = part.status
+        if part.endpoints is not None:
+            out.endpoints[part.endpoints_key] = part.endpoints
+    out.frontends = dict(sorted(out.frontends.items()))
+    out.endpoints = dict(sorted(out.endpoints.items()))
     return out
 
 
-def _claim_requested(services: list[tuple[Ref, Service, dict[str, Any]]], alloc: Allocations,
-                     cfg: Config) -> None:
-    """Claim every explicitly requested cluster IP and node port before any dynamic
-    allocation, so a dynamic value never takes one a later Service asks for."""
-    lo, hi = cfg.node_port_range
-    for (ns, name), svc, _ in services:
-        owner = f"{ns}/{name}"
+def claim_requested(part: ServicePart, alloc: Allocations, cfg: Config) -> Usage:
+    """Claim the cluster IP and node ports a Service asks for explicitly. Every Service's
+    claims come before any dynamic allocation, so a dynamic value never takes one a later
+    Service asks for. Returns the values used."""
+    with alloc.tracking() as used:
+        svc = part.svc
+        if svc is None:
+            return used
+        lo, hi = cfg.node_port_range
+        owner = f"{part.ref[0]}/{part.ref[1]}"
         ip = svc.spec.cluster_ip
         if ip and not svc.spec.is_headless() and allocator.ip_in_pool(alloc.cluster_ip, ip):
             alloc.cluster_ip.claim(owner, allocator.ip_token(ip))
@@ -497,6 +665,74 @@ def _claim_requested(services: list[tuple[Ref, Service, dict[str, Any]]], alloc:
             for p in svc.spec.ports:
                 if p.node_port and lo <= p.node_port <= hi:
                     alloc.node_port.claim(f"{owner}:{p.port}/{p.protocol}", p.node_port)
+    return used
+
+
+def plan_service(
+    part: ServicePart, manual: list[EndpointSlice], pods: list[PodView], nodes: dict[str, NodeView],
+    alloc: Allocations, cfg: Config, claimed: Usage | None = None,
+) -> None:
+    """A Service's frontends (allocating its cluster IP and node ports), status and slices.
+
+    ``pods`` need only hold the pods the selector may pick (in Pod order); ``claimed`` is
+    what `claim_requested` used. A Service that does not decode keeps its cluster IP and
+    node ports."""
+    part.status, part.plans, part.slices, part.endpoints, part.plan_problems = {}, [], [], None, []
+    with alloc.tracking() as used:
+        svc = part.svc
+        if svc is None:
+            owner = f"{part.ref[0]}/{part.ref[1]}"
+            alloc.cluster_ip.lookup(owner)
+            for node_owner in [o for o in alloc.node_port.by_owner if o.startswith(owner + ":")]:
+                alloc.node_port.lookup(node_owner)
+        else:
+            part.slices = list(manual)
+            if cfg.derive_slices and svc.spec.selector:
+                derived = derive_slices(svc, pods, nodes)
+                if derived:
+                    part.endpoints = LBEndpoints(namespace=part.ref[0], name=part.ref[1], slices=derived)
+                part.slices += [decode("EndpointSlice", d) for d in derived]
+            part.plans, part.status = _frontends(part.ref, svc, part.manifest, nodes, alloc, cfg,
+                                                 part.plan_problems)
+    if claimed is not None:
+        for mine, theirs in zip(used.sets, claimed.sets, strict=True):
+            mine |= theirs
+        used.missed |= claimed.missed
+    part.used_plan, part.missed_plan = used.frozen(), frozenset(used.missed)
+
+
+def build_rows(part: ServicePart, owners: dict[str, Ref], nodes: dict[str, NodeView],
+               alloc: Allocations, cfg: Config) -> None:
+    """A Service's frontend rows, given who owns each frontend key (on a clash the Service
+    that sorts first); allocates service ids and backend ids."""
+    part.clash_problems, part.frontends, part.row_problems = [], {}, []
+    ref, svc = part.ref, part.svc
+    owned: list[tuple[ServicePort, FrontendPlan]] = []
+    taken: set[str] = set()
+    for sport, plan in part.plans:
+        key = plan.key
+        owner = owners[key]
+        if owner != ref:
+            part.clash_problems.append(
+                f"Service {ref[0]}/{ref[1]}: frontend {plan.address}:{plan.port}/{plan.proto} "
+                f"is already used by Service {owner[0]}/{owner[1]}; skipped")
+            continue
+        if key in taken:
+            continue  # the same frontend twice in one Service (e.g. externalIP = LB IP)
+        taken.add(key)
+        owned.append((sport, plan))
+    with alloc.tracking() as used:
+        for sport, plan in owned:
+            assert svc is not None
+            backends = port_backends(sport, part.slices, nodes)
+            service_id = alloc.service_id.allocate(f"{plan.address}:{plan.port}/{plan.proto}")
+            if service_id is None:
+                part.row_problems.append(f"Service {ref[0]}/{ref[1]}: service ids exhausted")
+                continue
+            frontend = _frontend(ref, svc, sport, backends, plan, service_id, alloc, cfg, part.row_problems)
+            if frontend is not None:
+                part.frontends[plan.key] = frontend
+    part.used_rows, part.missed_rows = used.frozen(), frozenset(used.missed)
 
 
 def _lb_ips(svc: Service) -> list[str]:
