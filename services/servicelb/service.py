@@ -1,24 +1,30 @@
 """Service load-balancing shell: Services + EndpointSlices (+ Pods, Nodes) -> bucket ``services``.
 
 Invariants:
-- Level-triggered: every reconcile recomputes the whole desired state from the mirrored
-  inputs (`model.compute`), diffs it against what bucket ``services`` holds and writes only
-  the difference; a restart re-reads inputs, allocations and output and writes nothing
-  when nothing changed.
+- Level-triggered: the first pass and a periodic resync recompute the whole desired state
+  from every mirrored input (`model.compute`, through `incremental.Engine.rebuild`) and
+  diff it against what bucket ``services`` holds. In between, the mirrors' listeners
+  collect the keys that changed; a pass hands their current values to the engine, which
+  recomputes only the Services they touch, and diffs only those rows. Either way only the
+  difference is written; a restart re-reads inputs, allocations and output and writes
+  nothing when nothing changed.
 - Nothing is computed before every input watch (resources Service/EndpointSlice/Pod/Node,
   status Pod/Node) has delivered its initial state and the allocations and the current
   output have been read.
 - Allocations are persisted (KV create = compare-and-set) before any output uses them; a
-  lost create re-reads the pools and recomputes. Writes go add/update first, deletes
-  last, so an update never removes a frontend or backend before its replacement exists;
-  values no longer used are released only after the output without them is written.
+  lost create re-reads the pool and recomputes everything. Writes go add/update first,
+  deletes last, so an update never removes a frontend or backend before its replacement
+  exists; values no longer used are released only after the output without them is
+  written. Within each of these steps the writes are in flight together (at most
+  ``WRITES_IN_FLIGHT``); a step starts when the one before it has been acknowledged.
 - Only this service writes bucket ``services``, ``allocations`` keys ``servicelb-*.*`` and
   the ``status`` of Services (cluster IP, node ports, LoadBalancer ingress).
 - A deleted Pod stays a terminating, not-serving backend for its grace period
   (`departures`), so its established connections finish while the node executor stops
-  it; a reconcile runs when such a period ends.
+  it; a pass runs when such a period ends.
 - Bad objects and failed writes are logged (each problem once) and retried; they never
-  end the service. Healthy = connected, inputs synced and the last reconcile succeeded.
+  end the service. A failed pass or a lost release makes the next pass a whole one.
+  Healthy = connected, inputs synced and the last pass succeeded.
 """
 
 from __future__ import annotations
@@ -26,15 +32,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from ciliary import schema
 from ciliary.bus import BusError, KVEntry, RevisionMismatch
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import kv_key, now_rfc3339
-from ciliary.watch import PassLoop
-from services.servicelb import allocator, departures, model
+from ciliary.watch import PassLoop, entries_only
+from services.servicelb import allocator, incremental, model
 from services.servicelb.inputs import InputDecoder
 from services.servicelb.settings import config_from_env
 
@@ -45,6 +51,11 @@ STATUS_KINDS = ("Pod", "Node")
 RECONCILE = "servicelb/reconcile"
 
 RESYNC_S = 60.0
+WRITES_IN_FLIGHT = 128  # unacknowledged KV writes at a time
+ALLOCATION_ATTEMPTS = 5
+
+T = TypeVar("T")
+Change = tuple[str, str]  # (resource kind, or "status/<kind>"; key)
 
 
 class ServiceLB:
@@ -54,18 +65,18 @@ class ServiceLB:
         self.ctx = ctx
         self.cfg = cfg
         self.alloc = model.Allocations.create(cfg)
+        self.engine = incremental.Engine(self.alloc, cfg)
         self.resources: dict[str, dict[str, KVEntry]] = {}
         self.status: dict[str, dict[str, KVEntry]] = {kind: {} for kind in STATUS_KINDS}
+        self.changes: set[Change] = set()  # keys changed since the last pass took them
         self.written: dict[str, bytes] = {}  # bucket services: key -> value as stored
         self.service_status: dict[str, tuple[int, dict[str, Any]]] = {}  # status key -> (gen, status)
         self.loop = PassLoop("servicelb", self._pass, ready=self.inputs_synced, wake_at=self._wake_at,
                              on_error=self._on_error, on_success=self._on_success)
-        self.loaded = False  # allocations and current output read since the last failure
+        self.loaded = False  # allocations and current output read, engine built, since the last failure
         self.resync_at = 0.0
         self.logged: set[str] = set()
         self.reconciles = 0
-        self.departures = departures.Departures()
-        self.departures_expire: float | None = None  # monotonic time the next departed pod ends
         self.decoder = InputDecoder(self._log_once)
 
     # ------------------------------------------------------------------ inputs
@@ -73,12 +84,17 @@ class ServiceLB:
     def start(self, tg: asyncio.TaskGroup) -> None:
         self.ctx.declare_watch(RECONCILE)
         mirrors = mirror_kinds(self.ctx, tg, WATCHED_KINDS, self.loop)
+        for kind, mirror in mirrors.items():
+            mirror.listen(self._collect(kind))
         self.resources = {kind: mirror.entries for kind, mirror in mirrors.items()}
         for kind in STATUS_KINDS:
-            self.status[kind] = self.ctx.mirror(
-                tg, schema.BUCKET_STATUS, f"{kind}.>", name=f"{schema.BUCKET_STATUS}/{kind}",
-            ).notify(self.loop).entries
+            mirror = self.ctx.mirror(tg, schema.BUCKET_STATUS, f"{kind}.>", name=f"{schema.BUCKET_STATUS}/{kind}")
+            mirror.notify(self.loop).listen(self._collect(f"status/{kind}"))
+            self.status[kind] = mirror.entries
         tg.create_task(self.loop.run(), name="servicelb-reconcile")
+
+    def _collect(self, source: str) -> Callable[[Any], None]:
+        return entries_only(lambda entry: self.changes.add((source, entry.key)))
 
     def inputs_synced(self) -> bool:
         return not (self.ctx.pending_watches - {RECONCILE})
@@ -91,17 +107,21 @@ class ServiceLB:
     # ------------------------------------------------------------------ the loop
 
     def _wake_at(self) -> float | None:
-        """The periodic full resync, or the end of a departing pod's grace period."""
+        """The periodic whole pass, or the end of a departing pod's grace period."""
         if not self.loaded:
             return None
-        return min(self.resync_at, self.departures_expire or self.resync_at)
+        expiry = self.engine.next_expiry()
+        return self.resync_at if expiry is None else min(self.resync_at, expiry)
 
-    async def _pass(self) -> None:
+    async def _pass(self) -> bool:
         if not self.loaded or time.monotonic() >= self.resync_at:
             await self.load()  # first pass, and periodically: re-read what the buckets hold
             self.loaded = True
             self.resync_at = time.monotonic() + RESYNC_S
-        await self.reconcile()
+            await self.reconcile()
+        else:
+            await self.reconcile_changes()
+        return self.engine.has_work()
 
     def _on_error(self, err: BaseException) -> None:
         self.ctx.detail["last_error"] = str(err)
@@ -139,103 +159,207 @@ class ServiceLB:
             values[value] = (record.owner, entry.revision)
         pool.load(values)
 
+    # ------------------------------------------------------------------ passes
+
     async def reconcile(self) -> None:
+        """The whole pass: every input decoded, every Service recomputed, every row diffed."""
         started = time.monotonic()
-        inputs = self.decoder.inputs(self.resources, self.status)
-        self.departures_expire = self.departures.apply(inputs, started)
-        for _attempt in range(5):
-            desired = model.compute(inputs, self.alloc, self.cfg)
-            _keep_bad_services(inputs, desired, self.alloc)
+        self.changes.clear()  # what they changed is in the mirrors read now
+        self.engine.load(self.decoder.inputs(self.resources, self.status), started)
+        await self._rebuild_and_write(started)
+
+    async def reconcile_changes(self) -> None:
+        """A pass over the keys changed since the last one: only the Services they touch."""
+        started = time.monotonic()
+        changes, self.changes = self.changes, set()
+        for source, key in changes:
+            self._feed(source, key)
+        delta = self.engine.update(started)
+        if not await self._persist_pending():  # lost a race: pools re-read, everything recomputed
+            await self._rebuild_and_write(started)
+            return
+        for problem in delta.problems:
+            self._log_once(problem)
+        rows: dict[str, bytes | None] = {}
+        for key in delta.frontends:
+            frontend = self.engine.frontends.get(key)
+            rows[key] = None if frontend is None else schema.encode(frontend)
+        for key in delta.endpoints:
+            endpoints = self.engine.endpoints.get(key)
+            rows[key] = None if endpoints is None else schema.encode(endpoints)
+        statuses = {kv_key("Service", *ref): self._status_of(ref) for ref in delta.statuses}
+        await self._write(rows, statuses, started, delta.recomputed)
+
+    def _feed(self, source: str, key: str) -> None:
+        """Hand the engine what one changed key gives the model now."""
+        engine = self.engine
+        if source.startswith("status/"):
+            kind = source.split("/", 1)[1]
+            before, now = self.decoder.status(kind, key, self.status[kind].get(key))
+            set_status = engine.set_pod_status if kind == "Pod" else engine.set_node_status
+            if before is not None and (now is None or now[0] != before[0]):
+                set_status(before[0], None)
+            if now is not None:
+                set_status(*now)
+            return
+        before, now = self.decoder.resource(source, key, self.resources[source].get(key))
+        setter: Callable[..., None] = {"Service": engine.set_service, "EndpointSlice": engine.set_slice,
+                                       "Pod": engine.set_pod, "Node": engine.set_node}[source]
+        if before is not None and (now is None or now[0] != before[0]):
+            setter(before[0], None)
+        if now is not None:
+            ref, manifest, generation = now
+            if source == "Service":
+                setter(ref, manifest, generation)
+            else:
+                setter(ref, manifest)
+
+    def _status_of(self, ref: model.Ref) -> tuple[int, dict[str, Any]] | None:
+        part = self.engine.parts.get(ref)
+        if part is None or part.svc is None or not part.status:
+            return None
+        return part.generation, part.status
+
+    async def _rebuild_and_write(self, started: float) -> None:
+        for _attempt in range(ALLOCATION_ATTEMPTS):
+            desired = self.engine.rebuild()
             if await self._persist_pending():
                 break
         else:
             raise BusError("allocation kept conflicting with another writer")
         for problem in desired.problems:
             self._log_once(problem)
-
-        rows: dict[str, bytes] = {k: schema.encode(v) for k, v in desired.endpoints.items()}
+        rows: dict[str, bytes | None] = {k: schema.encode(v) for k, v in desired.endpoints.items()}
         rows.update((k, schema.encode(v)) for k, v in desired.frontends.items())
-        puts = [k for k, v in rows.items() if self.written.get(k) != v]
-        deletes = sorted(k for k in self.written if k not in rows)
-        for key in puts:  # add and update first ...
-            await self.ctx.bus.kv_put(schema.BUCKET_SERVICES, key, rows[key])
-            self.written[key] = rows[key]
-        for key in deletes:  # ... remove last
-            await self.ctx.bus.kv_delete(schema.BUCKET_SERVICES, key)
-            del self.written[key]
-        await self._write_statuses(desired)
-        await self._release_unused()
-
-        self.reconciles += 1
-        backends = {b.id for fe in desired.frontends.values() for b in fe.backends}
-        self.ctx.detail.update(
-            frontends=len(desired.frontends), backends=len(backends),
-            services=len(desired.generations), problems=len(desired.problems),
-            reconciles=self.reconciles,
-            last_reconcile_ms=round((time.monotonic() - started) * 1000, 1),
-        )
-        if puts or deletes:
-            log.info("reconciled: %d rows written, %d removed (%d frontends, %d backends)",
-                     len(puts), len(deletes), len(desired.frontends), len(backends))
-
-    async def _persist_pending(self) -> bool:
-        """Create every newly allocated value; False (pool re-read) when one was taken."""
-        for pool in self.alloc.pools():
-            for value, owner in sorted(pool.pending.items()):
-                try:
-                    revision = await self.ctx.bus.kv_put(
-                        schema.BUCKET_ALLOCATIONS, pool.key(value),
-                        schema.LBAllocation(owner=owner, created=now_rfc3339()), last_revision=0)
-                except RevisionMismatch:
-                    log.info("%s: lost the race for %s; re-reading", pool.name, pool.key(value))
-                    await self._load_pool(pool)
-                    return False
-                pool.persisted(value, revision)
-        return True
-
-    async def _write_statuses(self, desired: model.Desired) -> None:
-        wanted: dict[str, tuple[int, dict[str, Any]]] = {
+        rows.update((k, None) for k in self.written if k not in rows)
+        statuses: dict[str, tuple[int, dict[str, Any]] | None] = {
             kv_key("Service", ns, name): (desired.generations.get((ns, name), 0), status)
             for (ns, name), status in desired.statuses.items()
             if status
         }
-        for key, (generation, status) in sorted(wanted.items()):
-            if self.service_status.get(key) == (generation, status):
-                continue
+        statuses.update((k, None) for k in self.service_status if k not in statuses)
+        await self._write(rows, statuses, started, len(desired.parts))
+
+    async def _write(self, rows: dict[str, bytes | None], statuses: dict[str, tuple[int, dict[str, Any]] | None],
+                     started: float, recomputed: int) -> None:
+        """Write what differs from what the buckets hold (adds and updates first, deletes
+        last), then release the values no Service holds."""
+        puts = [(k, v) for k, v in rows.items() if v is not None and self.written.get(k) != v]
+        deletes = sorted(k for k, v in rows.items() if v is None and k in self.written)
+        await in_flight(puts, self._put_row)  # add and update first ...
+        await in_flight(deletes, self._delete_row)  # ... remove last
+        await self._write_statuses(statuses)
+        await self._release_unused()
+
+        self.reconciles += 1
+        self.ctx.detail.update(
+            frontends=len(self.engine.frontends), backends=self.engine.backends(),
+            services=self.engine.services(), problems=len(self.engine.problems()),
+            reconciles=self.reconciles, services_recomputed=recomputed,
+            last_reconcile_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        if puts or deletes:
+            log.info("reconciled: %d rows written, %d removed (%d services recomputed, %d frontends)",
+                     len(puts), len(deletes), recomputed, len(self.engine.frontends))
+
+    async def _put_row(self, item: tuple[str, bytes]) -> None:
+        key, value = item
+        await self.ctx.bus.kv_put(schema.BUCKET_SERVICES, key, value)
+        self.written[key] = value
+
+    async def _delete_row(self, key: str) -> None:
+        await self.ctx.bus.kv_delete(schema.BUCKET_SERVICES, key)
+        del self.written[key]
+
+    async def _persist_pending(self) -> bool:
+        """Create every newly allocated value; False (pools re-read) when one was taken."""
+        lost: list[allocator.Pool] = []
+
+        async def create(item: tuple[allocator.Pool, int, str]) -> None:
+            pool, value, owner = item
+            try:
+                revision = await self.ctx.bus.kv_put(
+                    schema.BUCKET_ALLOCATIONS, pool.key(value),
+                    schema.LBAllocation(owner=owner, created=now_rfc3339()), last_revision=0)
+            except RevisionMismatch:
+                log.info("%s: lost the race for %s; re-reading", pool.name, pool.key(value))
+                if pool not in lost:
+                    lost.append(pool)
+                return
+            pool.persisted(value, revision)
+
+        await in_flight([(pool, value, owner) for pool in self.alloc.pools()
+                         for value, owner in sorted(pool.pending.items())], create)
+        for pool in lost:
+            await self._load_pool(pool)
+        return not lost
+
+    async def _write_statuses(self, statuses: dict[str, tuple[int, dict[str, Any]] | None]) -> None:
+        puts = sorted(k for k, v in statuses.items() if v is not None and self.service_status.get(k) != v)
+        deletes = sorted(k for k, v in statuses.items() if v is None and k in self.service_status)
+
+        async def put(key: str) -> None:
+            generation, status = wanted = statuses[key]  # type: ignore[misc]
             await self.ctx.bus.kv_put(schema.BUCKET_STATUS, key, schema.StatusRecord(
                 reporter="servicelb", observed_generation=generation, status=status,
                 updated=now_rfc3339()))
-            self.service_status[key] = (generation, status)
-        for key in sorted(set(self.service_status) - set(wanted)):
+            self.service_status[key] = wanted
+
+        async def delete(key: str) -> None:
             await self.ctx.bus.kv_delete(schema.BUCKET_STATUS, key)
             del self.service_status[key]
 
+        await in_flight(puts, put)
+        await in_flight(deletes, delete)
+
     async def _release_unused(self) -> None:
-        for pool in self.alloc.pools():
-            for value in pool.unused():
-                revision = pool.revisions.get(value)
-                try:
-                    await self.ctx.bus.kv_delete(schema.BUCKET_ALLOCATIONS, pool.key(value),
-                                                 last_revision=revision)
-                except RevisionMismatch:
-                    await self._load_pool(pool)
-                    self.loop.mark_dirty()
-                    return
-                log.info("released %s (was %s)", pool.key(value), pool.owners.get(value))
-                pool.released(value)
+        lost: list[allocator.Pool] = []
+
+        async def release(item: tuple[allocator.Pool, int]) -> None:
+            pool, value = item
+            try:
+                await self.ctx.bus.kv_delete(schema.BUCKET_ALLOCATIONS, pool.key(value),
+                                             last_revision=pool.revisions.get(value))
+            except RevisionMismatch:
+                if pool not in lost:
+                    lost.append(pool)
+                return
+            log.info("released %s (was %s)", pool.key(value), pool.owners.get(value))
+            pool.released(value)
+
+        unused = self.engine.take_unused()
+        await in_flight([(pool, value) for pool, values in zip(self.alloc.pools(), unused, strict=True)
+                         for value in values], release)
+        if lost:  # another writer changed the pool: start over from what the buckets hold
+            for pool in lost:
+                await self._load_pool(pool)
+            self.loaded = False
+            self.loop.mark_dirty()
 
 
-def _keep_bad_services(inputs: model.Inputs, desired: model.Desired, alloc: model.Allocations) -> None:
-    """A Service that exists but failed to decode keeps its cluster IP and node ports."""
-    for ns, name in _bad(inputs.services, desired.generations):
-        owner = f"{ns}/{name}"
-        alloc.cluster_ip.lookup(owner)
-        for node_owner in [o for o in alloc.node_port.by_owner if o.startswith(owner + ":")]:
-            alloc.node_port.lookup(node_owner)
+async def in_flight(items: Sequence[T], write: Callable[[T], Awaitable[None]],
+                    limit: int = WRITES_IN_FLIGHT) -> None:
+    """``write`` every item, at most ``limit`` at a time; once one fails no further item
+    starts, and the first failure is raised when the started ones have ended."""
+    if len(items) <= 1:
+        for item in items:
+            await write(item)
+        return
+    pending = iter(items)
+    failures: list[Exception] = []
 
+    async def worker() -> None:
+        for item in pending:
+            try:
+                await write(item)
+            except Exception as err:
+                failures.append(err)
+            if failures:
+                return
 
-def _bad(services: dict[model.Ref, Any], decoded: dict[model.Ref, int]) -> Iterable[model.Ref]:
-    return [ref for ref in services if ref not in decoded]
+    await asyncio.gather(*(worker() for _ in range(min(limit, len(items)))))
+    if failures:
+        raise failures[0]
 
 
 async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:

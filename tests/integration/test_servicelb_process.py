@@ -200,6 +200,10 @@ async def test_servicelb_process_end_to_end(nats_server: NatsServer, tmp_path: P
                     and f"{schema.ALLOC_LB_NODE_PORT}.{nodeport.port}" not in allocs)
 
         await eventually(np_gone, what="web-np removed and its node port released")
+        # that pass recomputed the deleted Service only (the first pass after a start
+        # recomputes all of them)
+        report = await eventually(lambda: healthy(bus), what="healthy")
+        assert report.detail["services_recomputed"] == 1 and report.detail["services"] == 1
     finally:
         code = stop(proc)
         await bus.close()

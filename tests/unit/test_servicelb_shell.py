@@ -1,15 +1,20 @@
-"""The servicelb shell against a fake bus: write ordering, CAS races, restart, bad input."""
+"""The servicelb shell against a fake bus: write ordering, CAS races, restart, bad input,
+passes over changed keys between resyncs, writes in flight together."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import pytest
 import yaml
 
 from ciliary import schema
-from ciliary.bus import KVEntry
+from ciliary.bus import BusError, KVEntry
 from ciliary.runtime import Context, Settings
 from ciliary.testing import FakeBus
 from services.servicelb import model
-from services.servicelb.service import ServiceLB
+from services.servicelb.service import WRITES_IN_FLIGHT, ServiceLB, in_flight
 
 
 def resource_entries(text: str) -> dict[str, dict[str, KVEntry]]:
@@ -148,3 +153,215 @@ async def test_garbage_inputs_are_skipped_and_a_broken_service_keeps_its_values(
     assert lb.ctx.detail["problems"] == 1
     assert any("undecodable" in p for p in lb.logged)
 
+
+
+# ---------------------------------------------------------------- passes between resyncs
+
+
+def many_services(n: int, changed: int | None = None) -> str:
+    """``n`` selector-less Services with one slice each; ``changed``: that one's second
+    endpoint is another address."""
+    docs = []
+    for i in range(n):
+        second = "10.2.0.9" if i == changed else f"10.1.{i}.2"
+        docs.append(f"""apiVersion: v1
+kind: Service
+metadata: {{name: s{i}}}
+spec:
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: s{i}-1
+  labels: {{kubernetes.io/service-name: s{i}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: [10.1.{i}.1]}}, {{addresses: [{second}]}}]
+""")
+    return "---\n".join(docs)
+
+
+def changed_entries(lb: ServiceLB, text: str) -> None:
+    """Put the entries of ``text`` that differ into the mirrors, as a watch would, with
+    revisions past the current ones, and note their keys as changed."""
+    top = max(e.revision for entries in lb.resources.values() for e in entries.values())
+    for kind, entries in resource_entries(text).items():
+        for key, entry in entries.items():
+            old = lb.resources[kind].get(key)
+            if old is None or schema.decode(old.value, schema.ResourceRecord).manifest != \
+                    schema.decode(entry.value, schema.ResourceRecord).manifest:
+                top += 1
+                lb.resources[kind][key] = KVEntry(entry.bucket, key, top, entry.value)
+                lb.changes.add((kind, key))
+
+
+async def test_a_changed_slice_rewrites_only_its_service() -> None:
+    bus = FakeBus()
+    lb = make_lb(bus)
+    lb.resources = resource_entries(many_services(40))
+    await lb.load()
+    await lb.reconcile()
+    assert lb.ctx.detail["services_recomputed"] == 40
+    cluster_ip = lb.service_status["Service.default.s7"][1]["clusterIP"]
+    row = schema.lb_frontend_key(cluster_ip, 80, "TCP")
+    (old_id,) = [b.id for b in schema.decode(bus.kv[schema.BUCKET_SERVICES][row][1], schema.LBFrontend).backends
+                 if b.ip == "10.1.7.2"]
+    bus.ops.clear()
+    changed_entries(lb, many_services(40, changed=7))
+    await lb.reconcile_changes()
+    assert bus.ops == [
+        ("put", schema.BUCKET_ALLOCATIONS, f"{schema.ALLOC_LB_BACKEND_ID}.81"),  # 10.2.0.9: a new id
+        ("put", schema.BUCKET_SERVICES, row),
+        ("delete", schema.BUCKET_ALLOCATIONS, f"{schema.ALLOC_LB_BACKEND_ID}.{old_id}"),  # 10.1.7.2's
+    ]
+    assert lb.ctx.detail["services_recomputed"] == 1 and lb.ctx.detail["frontends"] == 40
+    # a whole pass over the same inputs finds nothing left to write
+    bus.ops.clear()
+    await lb.load()
+    await lb.reconcile()
+    assert bus.ops == []
+
+
+async def test_a_deleted_service_goes_with_its_rows_status_and_values() -> None:
+    bus = FakeBus()
+    lb = make_lb(bus)
+    lb.resources = resource_entries(many_services(3))
+    await lb.load()
+    await lb.reconcile()
+    bus.ops.clear()
+    del lb.resources["Service"]["Service.default.s1"]
+    lb.changes.add(("Service", "Service.default.s1"))
+    await lb.reconcile_changes()
+    kinds = [(op, bucket) for op, bucket, _ in bus.ops]
+    assert kinds == [("delete", schema.BUCKET_SERVICES), ("delete", schema.BUCKET_STATUS)] + [
+        ("delete", schema.BUCKET_ALLOCATIONS)] * 4  # cluster IP, service id, 2 backend ids
+    assert "Service.default.s1" not in bus.kv[schema.BUCKET_STATUS]
+    assert lb.ctx.detail["services"] == 2
+
+
+async def test_a_lost_allocation_race_between_resyncs_recomputes_everything() -> None:
+    bus = FakeBus()
+    lb = make_lb(bus)
+    lb.resources = resource_entries(many_services(2))
+    await lb.load()
+    await lb.reconcile()
+    taken = f"{schema.ALLOC_LB_CLUSTER_IP}.10-96-1-3"  # the next dynamic cluster IP
+    await bus.kv_put(schema.BUCKET_ALLOCATIONS, taken, schema.LBAllocation(owner="other/svc"), last_revision=0)
+    changed_entries(lb, many_services(3))
+    await lb.reconcile_changes()
+    assert lb.service_status["Service.default.s2"][1]["clusterIP"] == "10.96.1.4"
+    assert lb.ctx.detail["services_recomputed"] == 3
+    owners = [schema.decode(v, schema.LBAllocation).owner for _, v in bus.kv[schema.BUCKET_ALLOCATIONS].values()]
+    assert len(owners) == len(set(owners))
+
+
+async def test_a_lost_release_makes_the_next_pass_a_whole_one() -> None:
+    bus = FakeBus()
+    lb = make_lb(bus)
+    lb.resources = resource_entries(many_services(2))
+    lb.loaded = True
+    await lb.load()
+    await lb.reconcile()
+    old_id = f"{schema.ALLOC_LB_BACKEND_ID}.2"  # 10.1.0.2
+    await bus.kv_put(schema.BUCKET_ALLOCATIONS, old_id, schema.LBAllocation(owner="10.1.0.2:8080/TCP"))
+    changed_entries(lb, many_services(2, changed=0))
+    await lb.reconcile_changes()
+    assert not lb.loaded and lb.loop.dirty.is_set()
+    assert old_id in bus.kv[schema.BUCKET_ALLOCATIONS]  # someone else's write: not ours to delete
+
+
+class SlowBus(FakeBus):
+    """Every KV write takes a moment; counts how many were in flight together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight = 0
+        self.peak = 0
+
+    async def kv_put(self, bucket: str, key: str, record: Any, *, last_revision: int | None = None) -> int:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            return await super().kv_put(bucket, key, record, last_revision=last_revision)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_writes_are_in_flight_together_and_stay_ordered() -> None:
+    bus = SlowBus()
+    lb = make_lb(bus)
+    lb.resources = resource_entries(many_services(300))
+    await lb.load()
+    await lb.reconcile()
+    assert 1 < bus.peak <= WRITES_IN_FLIGHT
+    creates = positions(bus.ops, "put", schema.BUCKET_ALLOCATIONS)
+    rows = positions(bus.ops, "put", schema.BUCKET_SERVICES)
+    statuses = positions(bus.ops, "put", schema.BUCKET_STATUS)
+    assert len(rows) == 300 and max(creates) < min(rows) and max(rows) < min(statuses)
+    # the Services go: every row removed before any value is released
+    bus.ops.clear()
+    lb.resources = {k: {} for k in lb.resources}
+    await lb.reconcile()
+    assert max(positions(bus.ops, "delete", schema.BUCKET_SERVICES)) < min(
+        positions(bus.ops, "delete", schema.BUCKET_ALLOCATIONS))
+    assert bus.kv[schema.BUCKET_SERVICES] == {} and bus.kv[schema.BUCKET_ALLOCATIONS] == {}
+
+
+async def test_in_flight_stops_starting_writes_after_a_failure() -> None:
+    started: list[int] = []
+
+    async def write(item: int) -> None:
+        started.append(item)
+        await asyncio.sleep(0)
+        if item == 3:
+            raise BusError("down")
+
+    with pytest.raises(BusError):
+        await in_flight(list(range(100)), write, limit=4)
+    assert len(started) < 10
+
+
+async def test_the_mirrors_feed_changed_keys_to_the_passes() -> None:
+    """The service on its own mirrors and pass loop: a changed slice reaches bucket
+    ``services`` through one pass that recomputes one Service."""
+    bus = FakeBus()
+    for entries in resource_entries(many_services(5)).values():
+        for key, entry in entries.items():
+            bus.put(schema.BUCKET_RESOURCES, key, entry.value)
+    lb = make_lb(bus)
+
+    async def rows() -> dict[str, schema.LBFrontend]:
+        return {k: schema.decode(v, schema.LBFrontend) for k, (_, v) in bus.kv[schema.BUCKET_SERVICES].items()}
+
+    async def until(condition: Any) -> None:
+        for _ in range(500):
+            if await condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition never held")
+
+    with pytest.raises(ExceptionGroup) as stopped:
+        async with asyncio.TaskGroup() as tg:
+            lb.start(tg)
+
+            async def loaded() -> bool:
+                return len(await rows()) == 5 and lb.ctx.healthy
+
+            await until(loaded)
+            passes = lb.loop.passes
+            changed = resource_entries(many_services(5, changed=3))["EndpointSlice"]["EndpointSlice.default.s3-1"]
+            bus.put(schema.BUCKET_RESOURCES, "EndpointSlice.default.s3-1", changed.value)
+
+            async def moved() -> bool:
+                return any(b.ip == "10.2.0.9" for fe in (await rows()).values() for b in fe.backends)
+
+            await until(moved)
+            assert lb.loop.passes > passes and lb.ctx.detail["services_recomputed"] == 1
+            raise Stop
+    assert stopped.group_contains(Stop)
+
+
+class Stop(Exception):
+    """Ends a test's task group."""
