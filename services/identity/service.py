@@ -125,6 +125,7 @@ class IdentityService:
                              wake_at=lambda: time.monotonic() + self._wait_limit())
         self.reserved_ensured = False
         self._lkeys: dict[tuple[str, ...], str] = {}  # label set -> its labels. key
+        self._held: dict[tuple[str, ...], tuple[Any, int, int]] = {}  # -> (view entry, refs, id)
         self.next_audit = 0.0
         self.next_sweep = 0.0
         self.recent_passes: deque[dict[str, Any]] = deque(maxlen=RECENT_PASSES)
@@ -280,7 +281,7 @@ class IdentityService:
         jobs += [(prefix_labels(prefix), cidr_refs[prefix], SCOPE_CIDR) for prefix in cidrs]
         lkeys = self._labels_keys(labels for labels, _, _ in jobs)
         # label sets already allocated with this usage need no write: no task for them
-        results = [self.allocator.held(lkeys[labels], labels, count) for labels, count, _ in jobs]
+        results = self._held_now(jobs, lkeys)
         slow = [n for n, ident in enumerate(results) if not ident]
         for n, ident in zip(slow, await _gather(*(allocate(*jobs[n]) for n in slow)), strict=True):
             results[n] = ident
@@ -325,6 +326,25 @@ class IdentityService:
         laps.report(self.ctx.detail, self.recent_passes)
         conflicted = self.allocator.conflicts != conflicts_before
         return bool(failed or conflicted)
+
+    def _held_now(self, jobs: list[tuple[tuple[str, ...], int, str]],
+                  lkeys: dict[tuple[str, ...], str]) -> list[int]:
+        """Per job, its identity if the view shows it allocated with this usage, else 0.
+        A label set whose view entry (the very object) and usage are those of the last
+        pass is not checked again."""
+        known, self._held = self._held, {}
+        results = []
+        for labels, count, _ in jobs:
+            entry = self.identities.peek(lkeys[labels])
+            memo = known.get(labels)
+            if memo is not None and memo[0] is entry and memo[1] == count:
+                ident = memo[2]
+            else:
+                ident = self.allocator.held(lkeys[labels], labels, count)
+            if ident:
+                self._held[labels] = (entry, count, ident)
+            results.append(ident)
+        return results
 
     def _labels_keys(self, label_sets: Iterable[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
         """``labels.`` key of each label set; hashes are kept for the sets still in use."""
