@@ -24,9 +24,13 @@ Invariants:
 - Health detail ``last_pass_ms`` is the wall time of the last pass, ``last_pass`` its
   parts (inputs, resolve, encode, write, status) and ``recent_passes`` the same for the
   last ``RECENT_PASSES`` passes, each with its start (Unix time).
-- Resolution runs in a worker thread that alone touches the engine; identity changes are
-  queued on the event loop and handed over at the start of a pass (changes arriving during
-  a pass trigger another one). Trace requests use the service's own identity mirror.
+- One pass at a time touches the engine. A pass whose changes involve at most
+  ``SMALL_PASS`` identities (identity changes, plus what the rules of every added,
+  updated or deleted policy select) with an unchanged named-port table resolves on the
+  event loop; any other (the first pass, big policy changes) in a worker thread, so the
+  loop keeps answering health and trace meanwhile. Identity changes are queued on the
+  event loop and handed over at the start of a pass (changes arriving during a pass
+  trigger another one). Trace requests use the service's own identity mirror.
 - Identity and ipcache payloads are decoded leniently (only ``id``/``labels`` and
   ``identity``/``source``/``namespace``/``pod`` are read); bad payloads are skipped.
 
@@ -72,6 +76,7 @@ WATCHED_KINDS = (
 )
 QUEUE_GROUP = "ciliary-policy"
 PARALLEL_WRITES = 64
+SMALL_PASS = 32  # subjects / identity changes a pass resolves on the event loop
 RECENT_PASSES = 16
 
 
@@ -140,6 +145,7 @@ class PolicyService:
                              on_error=self._on_pass_error)
         self.dirty = self.loop.dirty  # set: a pass is due
         self._pending: list[tuple[dict[int, frozenset[str]], list[int]]] = []
+        self._applied: tuple[list[NormPolicy], Any] | None = None  # last pass: policies, ports
         self.recent_passes: deque[dict[str, Any]] = deque(maxlen=RECENT_PASSES)
         self.counters = {"passes": 0, "writes": 0, "deletes": 0, "overflow": 0, "conflicts": 0}
         ctx.detail["policy"] = self.counters
@@ -256,8 +262,9 @@ class PolicyService:
         clock.report(self.ctx.detail, self.recent_passes)
 
     async def _resolve(self, norm: list[NormPolicy]) -> Step:
-        """Hand the changes since the last pass to the engine, in a worker thread (a full
-        resolve can take seconds on big clusters); only that thread touches the engine."""
+        """Hand the changes since the last pass to the engine: on the event loop when
+        they are small (`_small`), else in a worker thread (a full resolve can take
+        seconds on big clusters). One pass at a time touches the engine."""
         pending, self._pending = self._pending, []
         added: dict[int, frozenset[str]] = {}
         removed: set[int] = set()
@@ -268,8 +275,30 @@ class PolicyService:
             for ident, labels in adds.items():
                 removed.discard(ident)
                 added[ident] = labels
+        small = self._small(norm, len(added) + len(removed))
+        self._applied = (norm, self.named_ports)
+        if small:
+            return self.engine.apply(norm, added, sorted(removed), self.named_ports)
         return await asyncio.to_thread(self.engine.apply, norm, added, sorted(removed),
                                        self.named_ports)
+
+    def _small(self, norm: list[NormPolicy], identity_changes: int) -> bool:
+        """Whether this pass's changes are few enough to resolve without the thread hop:
+        at most SMALL_PASS subjects or identities involved (each changed policy counts
+        the identities its rules select now), the named-port table unchanged."""
+        if self._applied is None or self.named_ports is not self._applied[1]:
+            return False
+        before = {id(p): p for p in self._applied[0]}
+        now = {id(p) for p in norm}
+        changed = [p for p in norm if id(p) not in before]  # new objects: new or updated
+        changed += [p for i, p in before.items() if i not in now]  # old versions, deleted
+        involved = identity_changes + len(changed)
+        for pol in changed:
+            for rule in pol.rules:
+                if involved > SMALL_PASS:
+                    return False
+                involved += len(self.engine.cache.members(rule.subject))
+        return involved <= SMALL_PASS
 
     async def _write_policy(self, plan: WritePlan) -> None:
         """Every put (in parallel, at most PARALLEL_WRITES in flight), then every delete."""

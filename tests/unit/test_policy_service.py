@@ -244,6 +244,36 @@ async def test_resolve_hands_queued_changes_to_the_engine_in_order() -> None:
     assert FRONT in svc.engine.cache.identities and WEB not in svc.engine.cache.identities
 
 
+async def test_small_passes_resolve_on_the_loop_big_ones_in_a_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import services.policy.service as service_module
+
+    threaded: list[int] = []
+    real_to_thread = asyncio.to_thread
+
+    async def to_thread(fn: Any, *args: Any) -> Any:
+        threaded.append(1)
+        return await real_to_thread(fn, *args)
+
+    monkeypatch.setattr(service_module.asyncio, "to_thread", to_thread)
+    svc = PolicyService(Context(service="policy", settings=Settings(
+        nats_url="mem://", instance="policy-t"), bus=FakeBus()))
+    web = normalize(POLICY)
+    many = {65800 + n: frozenset(pod_labels("web") + [f"k8s:n={n}"]) for n in range(40)}
+    svc._pending.append((many, []))
+    await svc._resolve([web])
+    assert threaded == [1]  # the first pass
+    svc._pending.append(({FRONT: frozenset(pod_labels("frontend"))}, []))
+    await svc._resolve([web])
+    assert threaded == [1] and FRONT in svc.engine.cache.identities  # one identity: on the loop
+    svc._pending.append(({}, [FRONT]))
+    await svc._resolve([])  # the policy went away: it selected 40 identities
+    assert threaded == [1, 1]
+    svc._pending.append(({}, [65800]))
+    await svc._resolve([])
+    assert threaded == [1, 1]
+
+
 def test_ipcache_lookup_is_longest_prefix_else_world() -> None:
     prefixes = [("0.0.0.0/0", 2), ("203.0.113.0/24", 16777217), ("203.0.113.0/28", 16777218),
                 ("10.0.1.10/32", WEB), ("fd00::/64", 16777219)]
