@@ -4,7 +4,8 @@ Invariants:
 - Pure over the mirrored entries: no bus, no clock. Policies are decoded and normalized
   once per KV revision; caches drop keys no mirror holds. Pods come as events
   (`on_pod`), decoded once per revision; the named-port table is recomputed only when
-  a pod's named container ports (or name) or the ipcache's pod identities changed.
+  a pod's named container ports (or name) or the ipcache's pod identities changed, and
+  an unchanged table is returned as the same object.
 - Identity and ipcache payloads are decoded leniently (only ``id``/``labels`` and
   ``prefix``/``identity``/``source``/``namespace``/``pod`` are read), so a newer writer's
   extra fields never stop resolution; a payload that does not decode is logged and skipped.
@@ -141,6 +142,8 @@ class PolicyInputs:
             return self._named[1]
         pods = [(ref, manifest) for _, ref, manifest, _ in self._pods.values()]
         table = named_ports_from_pods(pods, pod_identity)
+        if self._named is not None and self._named[1] == table:
+            table = self._named[1]  # unchanged: the same object, so callers can tell by identity
         self._named = (version, table)
         return table
 

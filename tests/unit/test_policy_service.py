@@ -345,6 +345,8 @@ def test_only_named_port_changes_of_pods_call_for_a_pass() -> None:
     assert not event(relabelled)  # labels only: the new identity comes through the ipcache
     assert inputs.named_ports([("default/web-1", WEB)]) is table  # not recomputed
     assert inputs.named_ports([("default/web-1", FRONT)]) == {FRONT: {"http": (8080, 6)}}
+    other = inputs.named_ports([("default/web-1", FRONT), ("default/gone", WEB)])
+    assert other is inputs.named_ports([("default/web-1", FRONT)])  # same table, same object
     moved = {**POD, "spec": {"containers": [{"name": "c", "image": "x",
                                              "ports": [{"containerPort": 9090, "name": "http"}]}]}}
     assert event(moved)
