@@ -12,29 +12,36 @@ Invariants:
 
 from __future__ import annotations
 
-import bisect
-import re
-
-_DOCUMENT_START = re.compile(r"^---(?=[ \t\r\n]|$)", re.M)
+_MARKER_END = frozenset(" \t\r\n")
 
 
 def split_documents(text: str, parts: int, *, first_share: float | None = None) -> list[str]:
     """``text`` in at most ``parts`` pieces cut at document starts: the first about
-    ``first_share`` of the text (default: an equal share), the others equal."""
-    if parts <= 1 or re.search(r"^%", text, re.M):
+    ``first_share`` of the text (default: an equal share), the others equal. Each cut is
+    the first document start at or after its target position."""
+    if parts <= 1 or text.startswith("%") or "\n%" in text:
         return [text]
     first = 1 / parts if first_share is None else min(max(first_share, 0.0), 1.0)
-    starts = [m.start() for m in _DOCUMENT_START.finditer(text) if m.start() > 0]
     cuts: list[int] = []
     for i in range(1, parts):
         target = int(len(text) * (first + (1 - first) * (i - 1) / (parts - 1)))
-        at = _first_at_or_after(starts, target)
-        if at is not None and (not cuts or at > cuts[-1]):
-            cuts.append(at)
+        at = _document_start_from(text, max(target, cuts[-1] + 1 if cuts else 1))
+        if at is None:
+            break
+        cuts.append(at)
     bounds = [0, *cuts, len(text)]
     return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def _first_at_or_after(positions: list[int], target: int) -> int | None:
-    index = bisect.bisect_left(positions, target)
-    return positions[index] if index < len(positions) else None
+def _document_start_from(text: str, position: int) -> int | None:
+    """Where the first line at or after ``position`` (never 0) that is a document-start
+    marker begins, or None."""
+    at = position - 1
+    while True:
+        at = text.find("\n---", at)
+        if at < 0:
+            return None
+        after = at + 4
+        if after == len(text) or text[after] in _MARKER_END:
+            return at + 1
+        at += 1

@@ -31,7 +31,7 @@ from .validate import validate
 
 STDIN = "-"
 PARALLEL_MIN_CHARS = 256 * 1024  # smallest text `load_manifests(workers > 1)` loads in parts
-OWN_PART_SHARE = 0.9  # the calling process's part, relative to a forked worker's
+OWN_PART_SHARE = 0.95  # the calling process's part, relative to a forked worker's
 STDIN_SOURCE = "<stdin>"
 SUFFIXES = (".yaml", ".yml", ".json")
 
