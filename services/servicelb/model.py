@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,34 +113,39 @@ class Allocations:
         for pool in self.pools():
             pool.begin()
 
-    @contextmanager
-    def tracking(self) -> Iterator[Usage]:
-        """The values looked up, claimed or allocated inside the block, per pool (they also
-        count as used by the pass, as without tracking), and the pools where a claim or an
-        allocation failed."""
-        pools = self.pools()
-        usage = Usage(tuple(set() for _ in pools))
-        before = [pool.used for pool in pools]
-        misses = [pool.misses for pool in pools]
-        for pool, fresh in zip(pools, usage.sets, strict=True):
-            pool.used = fresh
-        try:
-            yield usage
-        finally:
-            for i, (pool, used, fresh) in enumerate(zip(pools, before, usage.sets, strict=True)):
-                used |= fresh
-                pool.used = used
-                if pool.misses != misses[i]:
-                    usage.missed.add(i)
+    def tracking(self) -> Usage:
+        """``with alloc.tracking() as used:`` the values looked up, claimed or allocated
+        inside the block, per pool (they also count as used by the pass, as without
+        tracking), and the pools where a claim or an allocation failed."""
+        return Usage(self.pools())
 
 
-@dataclass
 class Usage:
-    """Values used per pool (`Allocations.pools` order); ``missed``: indexes of the pools
-    where a claim or an allocation failed."""
+    """Values used per pool (`Allocations.pools` order) while the block ran; ``missed``:
+    indexes of the pools where a claim or an allocation failed."""
 
-    sets: tuple[set[int], ...]
-    missed: set[int] = field(default_factory=set)
+    __slots__ = ("_before", "_misses", "_pools", "missed", "sets")
+
+    def __init__(self, pools: tuple[allocator.Pool, ...]) -> None:
+        self._pools = pools
+        self.sets: tuple[set[int], ...] = tuple(set() for _ in pools)
+        self.missed: set[int] = set()
+        self._before: list[set[int]] = []
+        self._misses: list[int] = []
+
+    def __enter__(self) -> Usage:
+        self._before = [pool.used for pool in self._pools]
+        self._misses = [pool.misses for pool in self._pools]
+        for pool, fresh in zip(self._pools, self.sets, strict=True):
+            pool.used = fresh
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for i, (pool, used, fresh) in enumerate(zip(self._pools, self._before, self.sets, strict=True)):
+            used |= fresh
+            pool.used = used
+            if pool.misses != self._misses[i]:
+                self.missed.add(i)
 
     def frozen(self) -> tuple[frozenset[int], ...]:
         return tuple(frozenset(s) if s else _EMPTY for s in self.sets)

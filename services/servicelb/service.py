@@ -25,14 +25,24 @@ Invariants:
 - Bad objects and failed writes are logged (each problem once) and retried; they never
   end the service. A failed pass or a lost release makes the next pass a whole one.
   Healthy = connected, inputs synced and the last pass succeeded.
+- The periodic whole pass (``RESYNC_S``) waits for inputs to be quiet for
+  ``RESYNC_QUIET_S`` (a change arriving meanwhile would wait for it), at most until
+  ``RESYNC_LATEST_S`` after the last one.
+- In its own process (``manage_heap``) the model's large, long-lived state is kept out
+  of the cyclic collector's way: after every pass the objects it left are frozen
+  (``gc.freeze``, O(1)), so a collection in a later pass never walks the whole heap; a
+  whole pass rebuilds with the collector off, then unfreezes and collects once (cyclic
+  garbage frozen since the last whole pass is reclaimed there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ciliary import schema
@@ -50,7 +60,9 @@ WATCHED_KINDS = ("Service", "EndpointSlice", "Pod", "Node")
 STATUS_KINDS = ("Pod", "Node")
 RECONCILE = "servicelb/reconcile"
 
-RESYNC_S = 60.0
+RESYNC_S = 60.0  # a whole pass this long after the last one ...
+RESYNC_QUIET_S = 1.0  # ... once no input changed for this long ...
+RESYNC_LATEST_S = 300.0  # ... or at the latest this long after the last one
 WRITES_IN_FLIGHT = 128  # unacknowledged KV writes at a time
 ALLOCATION_ATTEMPTS = 5
 
@@ -61,9 +73,10 @@ Change = tuple[str, str]  # (resource kind, or "status/<kind>"; key)
 class ServiceLB:
     """The reconciler: mirrored inputs -> allocations, ``services`` rows, Service status."""
 
-    def __init__(self, ctx: Context, cfg: model.Config) -> None:
+    def __init__(self, ctx: Context, cfg: model.Config, *, manage_heap: bool = False) -> None:
         self.ctx = ctx
         self.cfg = cfg
+        self.manage_heap = manage_heap  # the process is servicelb's own: keep its state out of the collector
         self.alloc = model.Allocations.create(cfg)
         self.engine = incremental.Engine(self.alloc, cfg)
         self.resources: dict[str, dict[str, KVEntry]] = {}
@@ -74,7 +87,8 @@ class ServiceLB:
         self.loop = PassLoop("servicelb", self._pass, ready=self.inputs_synced, wake_at=self._wake_at,
                              on_error=self._on_error, on_success=self._on_success)
         self.loaded = False  # allocations and current output read, engine built, since the last failure
-        self.resync_at = 0.0
+        self.resynced = 0.0  # monotonic time of the last whole pass
+        self.last_change = 0.0  # monotonic time a mirror last delivered a change
         self.logged: set[str] = set()
         self.reconciles = 0
         self.decoder = InputDecoder(self._log_once)
@@ -94,7 +108,11 @@ class ServiceLB:
         tg.create_task(self.loop.run(), name="servicelb-reconcile")
 
     def _collect(self, source: str) -> Callable[[Any], None]:
-        return entries_only(lambda entry: self.changes.add((source, entry.key)))
+        def collect(entry: KVEntry) -> None:
+            self.changes.add((source, entry.key))
+            self.last_change = time.monotonic()
+
+        return entries_only(collect)
 
     def inputs_synced(self) -> bool:
         return not (self.ctx.pending_watches - {RECONCILE})
@@ -111,17 +129,43 @@ class ServiceLB:
         if not self.loaded:
             return None
         expiry = self.engine.next_expiry()
-        return self.resync_at if expiry is None else min(self.resync_at, expiry)
+        resync = self._resync_at()
+        return resync if expiry is None else min(resync, expiry)
+
+    def _resync_at(self) -> float:
+        """When the next whole pass is due: ``RESYNC_S`` after the last one, postponed
+        while inputs keep changing (it would hold their passes up), for at most
+        ``RESYNC_LATEST_S``."""
+        quiet = max(self.resynced + RESYNC_S, self.last_change + RESYNC_QUIET_S)
+        return min(quiet, self.resynced + RESYNC_LATEST_S)
 
     async def _pass(self) -> bool:
-        if not self.loaded or time.monotonic() >= self.resync_at:
+        whole = not self.loaded or time.monotonic() >= self._resync_at()
+        if whole:
             await self.load()  # first pass, and periodically: re-read what the buckets hold
             self.loaded = True
-            self.resync_at = time.monotonic() + RESYNC_S
-            await self.reconcile()
-        else:
-            await self.reconcile_changes()
+            self.resynced = time.monotonic()
+        with self._heap(whole):
+            await (self.reconcile() if whole else self.reconcile_changes())
         return self.engine.has_work()
+
+    @contextlib.contextmanager
+    def _heap(self, whole: bool) -> Iterator[None]:
+        """With ``manage_heap``: a whole pass runs with the collector off and collects once
+        at its end; what any pass leaves is frozen (``gc.freeze``: later collections skip it)."""
+        if not self.manage_heap:
+            yield
+            return
+        if whole:
+            gc.disable()
+        try:
+            yield
+        finally:
+            if whole:
+                gc.enable()
+                gc.unfreeze()
+                gc.collect()
+            gc.freeze()
 
     def _on_error(self, err: BaseException) -> None:
         self.ctx.detail["last_error"] = str(err)
@@ -367,4 +411,4 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     ctx.detail["config"] = {"service_cidr": cfg.service_cidr, "maglev_table_size": cfg.maglev_table_size,
                             "derive_slices": cfg.derive_slices,
                             "node_port_range": f"{cfg.node_port_range[0]}-{cfg.node_port_range[1]}"}
-    ServiceLB(ctx, cfg).start(tg)
+    ServiceLB(ctx, cfg, manage_heap=True).start(tg)

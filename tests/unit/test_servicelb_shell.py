@@ -14,7 +14,14 @@ from ciliary.bus import BusError, KVEntry
 from ciliary.runtime import Context, Settings
 from ciliary.testing import FakeBus
 from services.servicelb import model
-from services.servicelb.service import WRITES_IN_FLIGHT, ServiceLB, in_flight
+from services.servicelb.service import (
+    RESYNC_LATEST_S,
+    RESYNC_QUIET_S,
+    RESYNC_S,
+    WRITES_IN_FLIGHT,
+    ServiceLB,
+    in_flight,
+)
 
 
 def resource_entries(text: str) -> dict[str, dict[str, KVEntry]]:
@@ -365,3 +372,14 @@ async def test_the_mirrors_feed_changed_keys_to_the_passes() -> None:
 
 class Stop(Exception):
     """Ends a test's task group."""
+
+
+def test_a_due_resync_waits_for_quiet_inputs_at_most_until_the_latest() -> None:
+    lb = make_lb(FakeBus())
+    lb.loaded, lb.resynced = True, 100.0
+    assert lb._resync_at() == 100.0 + RESYNC_S
+    lb.last_change = 100.0 + RESYNC_S + 5  # inputs still changing when it is due: wait for a quiet moment
+    assert lb._resync_at() == lb.last_change + RESYNC_QUIET_S
+    lb.last_change = 100.0 + RESYNC_LATEST_S  # never quiet: it runs anyway
+    assert lb._resync_at() == 100.0 + RESYNC_LATEST_S
+    assert lb._wake_at() == 100.0 + RESYNC_LATEST_S
