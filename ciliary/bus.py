@@ -14,6 +14,10 @@ Invariants:
   live key, and ``SYNCED`` again; consumers therefore must treat events idempotently.
   A bucket keeps one value per key, so a value overwritten before the server delivered it
   is never seen: a watch reports the latest state of every key, not every write.
+- ``kv_put_many`` is ``kv_put`` for each key (compare-and-set, delete markers) with a
+  bounded number of writes unacknowledged; it stops at the first failure and reports
+  what was written. Over NATS it publishes back to back with one reply subscription for
+  the acknowledgements; a subclass with its own ``kv_put`` gets it through that.
 - Payloads that fail to decode are logged and skipped, never raised into a service loop.
 - ``read_stream`` reads a fixed range of a stream (from a start time or sequence up to the
   last sequence when it starts) through its own ephemeral pull consumer, one fetched batch
