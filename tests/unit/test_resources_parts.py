@@ -75,10 +75,19 @@ def test_a_large_file_loads_in_parts_as_in_one_piece(tmp_path: Path) -> None:
         return part(text, source)
 
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loader.threading, "active_count", lambda: 1)  # a process without threads
         patch.setattr(loader, "_load_part", load_part_here)
         patch.setattr(loader, "_load_text", None)  # never the one-piece path
         assert load_manifests([path], workers=3) == whole
     assert len(here) == 1 and here[0] < len(Path(path).read_text()) / 2, "the others were forked"
+
+    def no_parts(text: str, source: str) -> loader._Part:
+        raise AssertionError("a process with threads is not forked")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loader.threading, "active_count", lambda: 2)
+        patch.setattr(loader, "_load_part", no_parts)
+        assert load_manifests([path], workers=3) == whole
 
 
 def test_problems_in_several_parts_are_placed_as_in_one_piece(tmp_path: Path) -> None:
