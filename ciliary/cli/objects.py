@@ -59,6 +59,7 @@ def _apply(args: argparse.Namespace, resources: list[Resource]) -> int:
 
     async def work(bus: Bus) -> list[Any]:
         progress.show(f"{label}: reading what is stored", force=True)
+        await bus.ensure_buckets()  # a bus whose services have not started yet has none
         return await ResourceStore(bus).apply(resources, progress=report if progress.enabled else None)
 
     try:
