@@ -215,33 +215,64 @@ def bench_resolver(n_identities: int, n_rules: int, repeat: int) -> dict[str, An
 
 # ---- apply → enforced in the kernel -------------------------------------------------------------
 
-# Runs in the client pod's namespace. Per command line "<expect> <ip> <port>" it connects in
-# a tight loop (a new connection per attempt) until an attempt sees <expect> ("open" or
-# "closed") and prints the CLOCK_MONOTONIC start time of that attempt. Successes take well
-# under a millisecond; an attempt counts as closed when no connection is made in 150 ms.
+# Runs in the client pod's namespace. Per command line "<expect> <ip> <port>" it probes with
+# fresh TCP connections until one sees <expect> and prints the CLOCK_MONOTONIC start time of
+# that attempt. "closed": attempts back to back (1 ms apart; a success takes well under a
+# millisecond), one that gets no connection in 150 ms is closed. "open": a new non-blocking
+# attempt every millisecond, each given 150 ms (a dropped SYN is not retried sooner), so
+# attempts overlap and the one that first connects and is answered marks the flip to within
+# about a millisecond, not the length of a failing attempt.
 FLIP_PROBER = r"""
-import socket, sys, time
+import select, socket, sys, time
 print("ready", flush=True)
+
+def answered(sock):
+    try:
+        sock.setblocking(True)
+        sock.settimeout(0.5)
+        sock.sendall(b"ping\n")
+        return bool(sock.recv(100))
+    except OSError:
+        return False
+
 for line in sys.stdin:
     expect, ip, port = line.split()
-    want_open = expect == "open"
-    timeout = 0.02 if want_open else 0.15
+    addr = (ip, int(port))
     attempts = 0
-    while True:
-        start = time.monotonic()
-        attempts += 1
-        try:
-            with socket.create_connection((ip, int(port)), timeout=timeout) as s:
-                s.sendall(b"ping\n")
-                s.settimeout(0.5)
-                is_open = bool(s.recv(100))
-        except OSError:
-            is_open = False
-        if is_open == want_open:
-            print(f"{start:.6f} {attempts}", flush=True)
-            break
-        if not want_open:
+    if expect == "closed":
+        while True:
+            start = time.monotonic()
+            attempts += 1
+            try:
+                with socket.create_connection(addr, timeout=0.15) as s:
+                    is_open = answered(s)
+            except OSError:
+                is_open = False
+            if not is_open:
+                break
             time.sleep(0.001)
+        print(f"{start:.6f} {attempts}", flush=True)
+        continue
+    pending, found = {}, None
+    while found is None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        pending[s] = time.monotonic()
+        attempts += 1
+        s.connect_ex(addr)
+        _, ready, _ = select.select([], list(pending), [], 0.001)
+        for sock in sorted(ready, key=pending.get):
+            started = pending.pop(sock)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and answered(sock):
+                found = started if found is None else min(found, started)
+            sock.close()
+        now = time.monotonic()
+        for sock in [k for k, t in pending.items() if now - t > 0.15]:
+            del pending[sock]
+            sock.close()
+    for sock in pending:
+        sock.close()
+    print(f"{found:.6f} {attempts}", flush=True)
 """
 
 WORKLOADS = """
