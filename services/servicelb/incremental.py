@@ -410,7 +410,7 @@ class Engine:
     # ------------------------------------------------------------------ indexes
 
     def _mark(self, part: ServicePart) -> None:
-        if part.problems():
+        if part.has_problems():
             self.troubled.add(part.ref)
         for i in part.missed_plan | part.missed_rows:
             self.blocked[i].add(part.ref)

@@ -583,7 +583,7 @@ class ServicePart:
         """The frontend keys this Service's plans ask for, first occurrence first."""
         return list(dict.fromkeys(plan.key for _, plan in self.plans))
 
-    def problems(self) -> bool:
+    def has_problems(self) -> bool:
         return bool(self.decode_problem or self.plan_problems or self.clash_problems or self.row_problems)
 
 
