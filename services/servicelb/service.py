@@ -16,7 +16,8 @@ Invariants:
   deletes last, so an update never removes a frontend or backend before its replacement
   exists; values no longer used are released only after the output without them is
   written. Within each of these steps the writes are in flight together (at most
-  ``WRITES_IN_FLIGHT``); a step starts when the one before it has been acknowledged.
+  ``WRITES_IN_FLIGHT``: puts through ``Bus.kv_put_many``, deletes through `in_flight`);
+  a step starts when the one before it has been acknowledged.
 - Only this service writes bucket ``services``, ``allocations`` keys ``servicelb-*.*`` and
   the ``status`` of Services (cluster IP, node ports, LoadBalancer ingress).
 - A deleted Pod stays a terminating, not-serving backend for its grace period
@@ -46,7 +47,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ciliary import schema
-from ciliary.bus import BusError, KVEntry, RevisionMismatch
+from ciliary.bus import BusError, KVEntry, PutManyError, RevisionMismatch
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import kv_key, now_rfc3339
 from ciliary.watch import PassLoop, entries_only
@@ -288,9 +289,9 @@ class ServiceLB:
                      started: float, recomputed: int) -> None:
         """Write what differs from what the buckets hold (adds and updates first, deletes
         last), then release the values no Service holds."""
-        puts = [(k, v) for k, v in rows.items() if v is not None and self.written.get(k) != v]
+        puts = {k: v for k, v in rows.items() if v is not None and self.written.get(k) != v}
         deletes = sorted(k for k, v in rows.items() if v is None and k in self.written)
-        await in_flight(puts, self._put_row)  # add and update first ...
+        await self._put_all(schema.BUCKET_SERVICES, puts, self.written)  # add and update first ...
         await in_flight(deletes, self._delete_row)  # ... remove last
         await self._write_statuses(statuses)
         await self._release_unused()
@@ -306,10 +307,19 @@ class ServiceLB:
             log.info("reconciled: %d rows written, %d removed (%d services recomputed, %d frontends)",
                      len(puts), len(deletes), recomputed, len(self.engine.frontends))
 
-    async def _put_row(self, item: tuple[str, bytes]) -> None:
-        key, value = item
-        await self.ctx.bus.kv_put(schema.BUCKET_SERVICES, key, value)
-        self.written[key] = value
+    async def _put_all(self, bucket: str, values: dict[str, T], done: dict[str, T]) -> None:
+        """Put every value (many in flight), and each one written into ``done``."""
+        if not values:
+            return
+        written: dict[str, int] = {}
+        try:
+            written = await self.ctx.bus.kv_put_many(bucket, [(k, v, None) for k, v in values.items()],
+                                                     concurrency=WRITES_IN_FLIGHT)
+        except PutManyError as err:
+            written = err.written
+            raise
+        finally:
+            done.update((k, values[k]) for k in written)
 
     async def _delete_row(self, key: str) -> None:
         await self.ctx.bus.kv_delete(schema.BUCKET_SERVICES, key)
@@ -317,43 +327,49 @@ class ServiceLB:
 
     async def _persist_pending(self) -> bool:
         """Create every newly allocated value; False (pools re-read) when one was taken."""
+        values = {pool.key(value): (pool, value, owner) for pool in self.alloc.pools()
+                  for value, owner in sorted(pool.pending.items())}
+        if not values:
+            return True
+        created = now_rfc3339()
         lost: list[allocator.Pool] = []
-
-        async def create(item: tuple[allocator.Pool, int, str]) -> None:
-            pool, value, owner = item
-            try:
-                revision = await self.ctx.bus.kv_put(
-                    schema.BUCKET_ALLOCATIONS, pool.key(value),
-                    schema.LBAllocation(owner=owner, created=now_rfc3339()), last_revision=0)
-            except RevisionMismatch:
-                log.info("%s: lost the race for %s; re-reading", pool.name, pool.key(value))
-                if pool not in lost:
-                    lost.append(pool)
-                return
+        try:
+            written = await self.ctx.bus.kv_put_many(
+                schema.BUCKET_ALLOCATIONS,
+                [(key, schema.LBAllocation(owner=owner, created=created), 0) for key, (_, _, owner) in values.items()],
+                concurrency=WRITES_IN_FLIGHT)
+        except PutManyError as err:
+            if not all(isinstance(e, RevisionMismatch) for e in err.failed.values()):
+                raise
+            written = err.written
+            for key in err.failed:
+                log.info("%s: lost the race for %s; re-reading", values[key][0].name, key)
+                if values[key][0] not in lost:
+                    lost.append(values[key][0])
+        for key, revision in written.items():
+            pool, value, _ = values[key]
             pool.persisted(value, revision)
-
-        await in_flight([(pool, value, owner) for pool in self.alloc.pools()
-                         for value, owner in sorted(pool.pending.items())], create)
         for pool in lost:
             await self._load_pool(pool)
         return not lost
 
     async def _write_statuses(self, statuses: dict[str, tuple[int, dict[str, Any]] | None]) -> None:
-        puts = sorted(k for k, v in statuses.items() if v is not None and self.service_status.get(k) != v)
+        puts = {k: v for k, v in sorted(statuses.items()) if v is not None and self.service_status.get(k) != v}
         deletes = sorted(k for k, v in statuses.items() if v is None and k in self.service_status)
-
-        async def put(key: str) -> None:
-            generation, status = wanted = statuses[key]  # type: ignore[misc]
-            await self.ctx.bus.kv_put(schema.BUCKET_STATUS, key, schema.StatusRecord(
-                reporter="servicelb", observed_generation=generation, status=status,
-                updated=now_rfc3339()))
-            self.service_status[key] = wanted
+        updated = now_rfc3339()
+        records = {key: schema.StatusRecord(reporter="servicelb", observed_generation=generation, status=status,
+                                            updated=updated)
+                   for key, (generation, status) in puts.items()}
+        done: dict[str, schema.StatusRecord] = {}
+        try:
+            await self._put_all(schema.BUCKET_STATUS, records, done)
+        finally:
+            self.service_status.update((key, puts[key]) for key in done)
 
         async def delete(key: str) -> None:
             await self.ctx.bus.kv_delete(schema.BUCKET_STATUS, key)
             del self.service_status[key]
 
-        await in_flight(puts, put)
         await in_flight(deletes, delete)
 
     async def _release_unused(self) -> None:

@@ -383,3 +383,31 @@ def test_a_due_resync_waits_for_quiet_inputs_at_most_until_the_latest() -> None:
     lb.last_change = 100.0 + RESYNC_LATEST_S  # never quiet: it runs anyway
     assert lb._resync_at() == 100.0 + RESYNC_LATEST_S
     assert lb._wake_at() == 100.0 + RESYNC_LATEST_S
+
+
+class FailingBus(FakeBus):
+    """The third write to bucket ``services`` fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+
+    async def kv_put(self, bucket: str, key: str, record: Any, *, last_revision: int | None = None) -> int:
+        if bucket == schema.BUCKET_SERVICES:
+            self.rows += 1
+            if self.rows == 3:
+                raise BusError("down")
+        return await super().kv_put(bucket, key, record, last_revision=last_revision)
+
+
+async def test_a_failed_write_keeps_what_was_written_and_the_next_whole_pass_completes() -> None:
+    bus = FailingBus()
+    lb = make_lb(bus)
+    lb.resources = resource_entries(many_services(5))
+    await lb.load()
+    with pytest.raises(BusError):
+        await lb.reconcile()
+    assert set(lb.written) == set(bus.kv[schema.BUCKET_SERVICES])  # exactly what was acknowledged
+    await lb.load()
+    await lb.reconcile()
+    assert len(bus.kv[schema.BUCKET_SERVICES]) == 5 and set(lb.written) == set(bus.kv[schema.BUCKET_SERVICES])
