@@ -583,6 +583,7 @@ def main() -> None:
     parser.add_argument("--no-kernel", action="store_true", help="skip the embedded-stack part")
     args = parser.parse_args()
     load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews the resolver times
+    measured = git_state()  # what runs: taken before the run, not after
 
     resolver = bench_resolver(args.identities, args.rules, args.repeat)
     kernel = None if args.no_kernel else bench_kernel(args.iterations, args.kernel_identities,
@@ -611,7 +612,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "note": ("times in ms; ratio = p50 / p50 of resolve from scratch (manifests). Kernel latency: "
                  "bus write -> first TCP attempt from the client pod that sees the new verdict"),
-        "git": git_state(), "resolver": resolver, "kernel": kernel,
+        "git": measured, "resolver": resolver, "kernel": kernel,
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(output.table(["MEASURE", "WHAT", "P50 MS", "P99 MS", "X RESOLVE"], rows))
