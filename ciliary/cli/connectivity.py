@@ -391,8 +391,10 @@ class Run:
                 await self.store.delete(obj.record.kind, C.NAMESPACE, obj.record.name)
             await self.store.delete("Namespace", "", C.NAMESPACE)
             deadline = time.monotonic() + CLEANUP_TIMEOUT
-            nodes = sorted({(o.status or {}).get("ciliary", {}).get("node", "") for o in objects
-                            if o.record.kind == "Pod"} - {""})
+            # every node: a pod interrupted before its status named one may still be starting
+            nodes = sorted({o.record.name for o in await self.store.list("Node")}
+                           | {(o.status or {}).get("ciliary", {}).get("node", "") for o in objects
+                              if o.record.kind == "Pod"} - {""})
             while nodes:
                 left = [r["pod"] for n in nodes for r in await self._endpoint_rows(n)
                         if str(r.get("pod", "")).startswith(f"{C.NAMESPACE}/")]
