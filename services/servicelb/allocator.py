@@ -167,7 +167,7 @@ def ip_in_pool(pool: Pool, address: str) -> bool:
 def node_port_pool(name: str, lo: int = 30000, hi: int = 32767) -> Pool:
     size = hi - lo + 1
     band = min(max(16, size // 32), 128)
-    return Pool(name, lo, hi, dynamic_start=lo + band)
+    return Pool(name, lo, hi, dynamic_start=min(lo + band, hi))
 
 
 def id_pool(name: str, hi: int) -> Pool:

@@ -49,6 +49,12 @@ def test_pool_hands_out_lowest_free_dynamic_value_never_twice() -> None:
     assert pool.owners[30086] == "o0"
 
 
+def test_a_narrow_node_port_range_hands_out_only_its_ports() -> None:
+    pool = allocator.node_port_pool("np", 30000, 30003)
+    pool.begin()
+    assert [pool.allocate(str(i)) for i in range(5)] == [30003, 30000, 30001, 30002, None]
+
+
 def test_pool_wraps_into_the_static_band_and_exhausts() -> None:
     pool = allocator.Pool("small", 1, 5, dynamic_start=4)
     pool.begin()
