@@ -43,6 +43,7 @@ CLEANUP_TIMEOUT = 30.0  # seconds to wait for the test endpoints to leave every 
 PROBE_TIMEOUT = 2.0  # seconds one connection attempt may take
 FLOW_WAIT = 2.0  # seconds to wait for the flows of one probe to reach the flows service
 POLL = 0.25
+QUIET_S = 2.0  # no endpoint of the namespace seen on any node for this long: cleaned up
 
 
 def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
@@ -297,13 +298,17 @@ class Run:
         return (True, "") if not waiting else (None, f"ingress enforcement on {', '.join(waiting)}")
 
     async def _endpoint_rows(self, node: str) -> list[dict[str, Any]]:
+        return await self._endpoint_view(node) or []
+
+    async def _endpoint_view(self, node: str) -> list[dict[str, Any]] | None:
+        """The node's endpoint view; None when it did not answer."""
         subject = schema.SUBJECT_NODE_DEBUG.format(cluster=self.cluster, node=node)
         try:
             reply = await self.bus.request(subject, schema.NodeDebugRequest(view="endpoints"),
                                            schema.NodeDebugReply, timeout=common.REQUEST_TIMEOUT)
         except BusError:
-            return []
-        return reply.rows if reply.ok else []
+            return None
+        return reply.rows if reply.ok else None
 
     # ---------------------------------------------------------------- one test
 
@@ -395,10 +400,13 @@ class Run:
             nodes = sorted({o.record.name for o in await self.store.list("Node")}
                            | {(o.status or {}).get("ciliary", {}).get("node", "") for o in objects
                               if o.record.kind == "Pod"} - {""})
+            quiet = 0  # consecutive looks that found none: a pod still starting registers late
             while nodes:
-                left = [r["pod"] for n in nodes for r in await self._endpoint_rows(n)
+                views = [await self._endpoint_view(n) for n in nodes]
+                left = [r["pod"] for rows in views for r in rows or []
                         if str(r.get("pod", "")).startswith(f"{C.NAMESPACE}/")]
-                if not left:
+                quiet = quiet + 1 if not left else 0  # a node that does not answer has none to show
+                if quiet * POLL >= QUIET_S:
                     break
                 if time.monotonic() >= deadline:
                     say(f"notice: endpoints still being removed after {CLEANUP_TIMEOUT:.0f}s: {', '.join(left)}")

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,8 +73,16 @@ def namespace_gone(data_dir: Path) -> None:
         assert listed["items"] == [], (kind, listed["items"])
     namespaces = json.loads(ciliary("get", "ns", "-o", "json", data_dir=data_dir).stdout)["items"]
     assert C.NAMESPACE not in [n["metadata"]["name"] for n in namespaces]
-    endpoints = json.loads(ciliary("endpoint", "list", "-o", "json", data_dir=data_dir).stdout)
-    assert not [r["pod"] for n in endpoints for r in n["rows"] if r["pod"].startswith(C.NAMESPACE + "/")]
+
+    def endpoints_left() -> list[str]:
+        nodes = json.loads(ciliary("endpoint", "list", "-o", "json", data_dir=data_dir).stdout)
+        return [r["pod"] for n in nodes for r in n["rows"] if r["pod"].startswith(C.NAMESPACE + "/")]
+
+    # the nodes remove endpoints asynchronously; none may stay
+    deadline = time.monotonic() + 30
+    while (left := endpoints_left()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left
 
 
 def test_connectivity_test_passes_then_fails_under_deny_all(instance: Path) -> None:
