@@ -23,6 +23,9 @@ Invariants:
     from the cache when the last one goes.
 - `Step.ops()` equals `diff(old, new)` over the whole resolution, computed only from
   the parts that changed.
+- `apply` is `begin` then `finish`. After `begin` the identities resolved in full have
+  their final policy (peer-only updates never touch them), so their records can be
+  written before the peer-only updates are computed; `finish` must come next.
 - Not thread-safe: one thread at a time. Named-port tables passed in must not be mutated
   afterwards (they are kept by reference).
 """
@@ -105,6 +108,8 @@ class Step:
     resolved: set[int] = field(default_factory=set)
     old_parts: dict[int, list[PolicyEntry]] = field(default_factory=dict)
     new_parts: dict[int, list[PolicyEntry]] = field(default_factory=dict)
+    # between `begin` and `finish`: subject -> peers to recompute, and the dirty policies
+    pending: tuple[dict[int, set[int]], set[PolicyKey]] | None = None
 
     def ops(self) -> list[Op]:
         """Map operations from the previous resolution to this one (as `diff`)."""
@@ -148,6 +153,18 @@ class PolicyEngine:
         """Apply changes: `policies` (None: unchanged) is the complete new set; `added`
         (new or relabelled identities) and `removed` are identity deltas; `named_ports`
         (None: unchanged) is the complete new table."""
+        return self.finish(self.begin(policies, added, removed, named_ports))
+
+    def begin(
+        self,
+        policies: Iterable[Any] | None = None,
+        added: Mapping[int, Iterable[str]] | None = None,
+        removed: Iterable[int] = (),
+        named_ports: NamedPorts | None = None,
+    ) -> Step:
+        """The first half of `apply` (same arguments): the identities resolved in full
+        (`Step.resolved`) get their final policy, in `step.resolution` too; the subjects
+        that only gain or lose a peer's entries wait for `finish`, which must come next."""
         full: set[int] = set()
         dirty: set[PolicyKey] = set()
         removed = list(removed)
@@ -190,9 +207,17 @@ class PolicyEngine:
         memo = SectionEntries(self.cache, self._named)  # both are final for this step
         for ident in sorted(full):
             self._resolve_full(ident, step, dirty, memo)
+        step.pending = ({i: peers for i, peers in slices.items() if i not in full}, dirty)
+        step.resolution = self.resolution()
+        return step
+
+    def finish(self, step: Step) -> Step:
+        """The second half of `apply`: peer-only updates, statuses, the resolution."""
+        assert step.pending is not None, "finish() follows begin(), once"
+        slices, dirty = step.pending
+        step.pending = None
         for ident in sorted(slices):
-            if ident not in full:
-                self._resolve_peers(ident, sorted(slices[ident]), step, dirty)
+            self._resolve_peers(ident, sorted(slices[ident]), step, dirty)
 
         for key in sorted(dirty):
             pol = self._policies.get(key)

@@ -17,7 +17,8 @@ Invariants:
 - Puts precede deletes within a pass (add before remove); puts (and then deletes) to
   different keys run in parallel, at most ``PARALLEL_WRITES`` in flight. The records of
   identities resolved in full (a relabelled pod's new identity, the subjects of a changed
-  policy) are encoded and put first, then those that only gained or lost a peer. Writes to
+  policy) are encoded and put first, before the engine works out the subjects that only
+  gained or lost a peer (`PolicyEngine.begin` / `finish`); those follow. Writes to
   ``policy`` are compare-and-set against the revision last seen, so a concurrent replica
   only causes another pass. A policy's status is re-encoded only when the engine made
   a new status for it, and written only when its payload changed.
@@ -47,7 +48,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from ciliary import schema
@@ -235,36 +236,54 @@ class PolicyService:
         self.norm = norm
         self.named_ports = self.inputs.named_ports(self.ipcache_pods.values())
         clock.lap("inputs")
-        step = await self._resolve(norm)
+        # first the records of identities resolved in full (a relabelled pod's new
+        # identity, the subjects of a changed policy), written before the engine works
+        # out which other subjects only gained or lost a peer's entries; those next; every
+        # delete after every put
+        step, small = await self._begin(norm)
+        clock.lap("resolve")
+        first = set(step.changed)
+        await self._write_wave(step, first, status_keys, clock)
+        step = await self._run(small, self.engine.finish, step)
         clock.lap("resolve")
         res = step.resolution
         self.last = res
         self.counters["overflow"] = res.counters["overflow"]
         self.ctx.detail["identities_with_policy"] = res.counters["identities"]
         self.ctx.detail["entries"] = res.counters["entries"]
-        # first the records of identities resolved in full (a relabelled pod's new
-        # identity, the subjects of a changed policy), then those that only gained or lost
-        # a peer's entries; every delete after every put
-        first = step.changed & step.resolved
-        plan = WritePlan([], [])
-        for wave in (first, step.changed - first):
-            current = {k: v for k, (_, v) in self.policy_bucket.items()}
-            update_desired(self.desired, res, wave, self.options.cluster_name,
-                           self.options.cluster_id, status_keys, current)
-            plan = plan_writes(current, self.desired)
-            clock.lap("encode")
-            await self._write_policy(WritePlan(plan.puts, []))
-            clock.lap("write")
+        plan = await self._write_wave(step, step.changed - first, status_keys, clock)
         await self._write_policy(WritePlan([], plan.deletes))
         clock.lap("write")
         await self._write_statuses(res, status_keys, generations)
         clock.lap("status")
         clock.report(self.ctx.detail, self.recent_passes)
 
+    async def _write_wave(self, step: Step, wave: set[int], status_keys: dict[PolicyKey, str],
+                          clock: PassClock) -> WritePlan:
+        """Encode the records of `wave` and put whatever differs; returns the plan (its
+        deletes are left to the caller)."""
+        current = {k: v for k, (_, v) in self.policy_bucket.items()}
+        update_desired(self.desired, step.resolution, wave, self.options.cluster_name,
+                       self.options.cluster_id, status_keys, current)
+        plan = plan_writes(current, self.desired)
+        clock.lap("encode")
+        await self._write_policy(WritePlan(plan.puts, []))
+        clock.lap("write")
+        return plan
+
+    async def _run(self, small: bool, fn: Callable[..., Step], *args: Any) -> Step:
+        return fn(*args) if small else await asyncio.to_thread(fn, *args)
+
     async def _resolve(self, norm: list[NormPolicy]) -> Step:
-        """Hand the changes since the last pass to the engine: on the event loop when
-        they are small (`_small`), else in a worker thread (a full resolve can take
-        seconds on big clusters). One pass at a time touches the engine."""
+        """`PolicyEngine.apply` on the changes since the last pass (see `_begin`)."""
+        step, small = await self._begin(norm)
+        return await self._run(small, self.engine.finish, step)
+
+    async def _begin(self, norm: list[NormPolicy]) -> tuple[Step, bool]:
+        """Hand the changes since the last pass to the engine (`PolicyEngine.begin`): on
+        the event loop when they are small (`_small`), else in a worker thread (a full
+        resolve can take seconds on big clusters). One pass at a time touches the engine.
+        Returns the step and whether its `finish` is to run on the loop too."""
         pending, self._pending = self._pending, []
         added: dict[int, frozenset[str]] = {}
         removed: set[int] = set()
@@ -277,10 +296,9 @@ class PolicyService:
                 added[ident] = labels
         small = self._small(norm, len(added) + len(removed))
         self._applied = (norm, self.named_ports)
-        if small:
-            return self.engine.apply(norm, added, sorted(removed), self.named_ports)
-        return await asyncio.to_thread(self.engine.apply, norm, added, sorted(removed),
-                                       self.named_ports)
+        step = await self._run(small, self.engine.begin, norm, added, sorted(removed),
+                               self.named_ports)
+        return step, small
 
     def _small(self, norm: list[NormPolicy], identity_changes: int) -> bool:
         """Whether this pass's changes are few enough to resolve without the thread hop:

@@ -288,3 +288,32 @@ def test_one_identity_change_touches_only_its_peer_entries() -> None:
     assert step.old_parts == {65792: []}  # nothing else of 65792 was recomputed
     step = engine.apply(None, {}, [65793])
     assert [(op.action, op.entry.peer) for op in step.ops()] == [("delete", 65793)] * 2
+
+
+def test_begin_settles_identities_resolved_in_full_before_peer_updates() -> None:
+    """`begin` gives a new subject its final policy; the subject that only gains it as a
+    peer changes in `finish`; together they equal `apply` (and a resolve from scratch)."""
+    opts = ResolveOptions(cluster_name="default", cluster_id=1)
+    base = {"k8s:io.kubernetes.pod.namespace=n1", "k8s:io.cilium.k8s.policy.cluster=default"}
+    web = frozenset(base | {"k8s:app=web"})
+    locked = frozenset(base | {"k8s:app=client", "k8s:locked=yes"})
+    policies = [
+        {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+         "metadata": {"name": "web", "namespace": "n1"},
+         "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+                  "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "client"}}]}]}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+         "metadata": {"name": "lock", "namespace": "n1"},
+         "spec": {"podSelector": {"matchLabels": {"locked": "yes"}}, "policyTypes": ["Ingress"],
+                  "ingress": []}},
+    ]
+    engine = PolicyEngine(opts)
+    before = engine.apply(policies, {1: frozenset(), 65792: web}).resolution
+    step = engine.begin(None, {65793: locked})
+    assert step.changed == {65793} and step.resolved == {65793}
+    assert step.resolution.identities[65792] == before.identities[65792]  # not yet
+    final = resolve_policy(policies, {1: frozenset(), 65792: web, 65793: locked}, None, opts)
+    assert step.resolution.identities[65793] == final.identities[65793]
+    step = engine.finish(step)
+    assert step.changed == {65792, 65793}
+    _same(step.resolution, final, "finish")

@@ -248,11 +248,11 @@ async def test_small_passes_resolve_on_the_loop_big_ones_in_a_thread(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import services.policy.service as service_module
 
-    threaded: list[int] = []
+    threaded: list[str] = []
     real_to_thread = asyncio.to_thread
 
     async def to_thread(fn: Any, *args: Any) -> Any:
-        threaded.append(1)
+        threaded.append(fn.__name__)
         return await real_to_thread(fn, *args)
 
     monkeypatch.setattr(service_module.asyncio, "to_thread", to_thread)
@@ -262,16 +262,16 @@ async def test_small_passes_resolve_on_the_loop_big_ones_in_a_thread(
     many = {65800 + n: frozenset(pod_labels("web") + [f"k8s:n={n}"]) for n in range(40)}
     svc._pending.append((many, []))
     await svc._resolve([web])
-    assert threaded == [1]  # the first pass
+    assert threaded == ["begin", "finish"]  # the first pass
     svc._pending.append(({FRONT: frozenset(pod_labels("frontend"))}, []))
     await svc._resolve([web])
-    assert threaded == [1] and FRONT in svc.engine.cache.identities  # one identity: on the loop
+    assert len(threaded) == 2 and FRONT in svc.engine.cache.identities  # one identity: on the loop
     svc._pending.append(({}, [FRONT]))
     await svc._resolve([])  # the policy went away: it selected 40 identities
-    assert threaded == [1, 1]
+    assert threaded == ["begin", "finish"] * 2
     svc._pending.append(({}, [65800]))
     await svc._resolve([])
-    assert threaded == [1, 1]
+    assert len(threaded) == 4
 
 
 def test_ipcache_lookup_is_longest_prefix_else_world() -> None:
