@@ -243,33 +243,39 @@ class PolicyService:
         step, small = await self._begin(norm)
         clock.lap("resolve")
         first = set(step.changed)
-        await self._write_wave(step, first, status_keys, clock)
-        step = await self._run(small, self.engine.finish, step)
-        clock.lap("resolve")
+        self._encode(step.resolution, first, status_keys)
+        clock.lap("encode")
+        try:
+            await self._write_policy(WritePlan(self._plan().puts, []))
+            clock.lap("write")
+        finally:  # the engine's step completes and every change reaches `desired` even if
+            # a write failed: the next pass compares and writes what is still missing
+            step = await self._run(small, self.engine.finish, step)
+            clock.lap("resolve")
+            self._encode(step.resolution, step.changed - first, status_keys)
+            clock.lap("encode")
         res = step.resolution
         self.last = res
         self.counters["overflow"] = res.counters["overflow"]
         self.ctx.detail["identities_with_policy"] = res.counters["identities"]
         self.ctx.detail["entries"] = res.counters["entries"]
-        plan = await self._write_wave(step, step.changed - first, status_keys, clock)
+        plan = self._plan()
+        await self._write_policy(WritePlan(plan.puts, []))
         await self._write_policy(WritePlan([], plan.deletes))
         clock.lap("write")
         await self._write_statuses(res, status_keys, generations)
         clock.lap("status")
         clock.report(self.ctx.detail, self.recent_passes)
 
-    async def _write_wave(self, step: Step, wave: set[int], status_keys: dict[PolicyKey, str],
-                          clock: PassClock) -> WritePlan:
-        """Encode the records of `wave` and put whatever differs; returns the plan (its
-        deletes are left to the caller)."""
+    def _encode(self, res: Resolution, identities: set[int],
+                status_keys: dict[PolicyKey, str]) -> None:
+        """Bring `desired` up to date for `identities` (see `update_desired`)."""
         current = {k: v for k, (_, v) in self.policy_bucket.items()}
-        update_desired(self.desired, step.resolution, wave, self.options.cluster_name,
+        update_desired(self.desired, res, identities, self.options.cluster_name,
                        self.options.cluster_id, status_keys, current)
-        plan = plan_writes(current, self.desired)
-        clock.lap("encode")
-        await self._write_policy(WritePlan(plan.puts, []))
-        clock.lap("write")
-        return plan
+
+    def _plan(self) -> WritePlan:
+        return plan_writes({k: v for k, (_, v) in self.policy_bucket.items()}, self.desired)
 
     async def _run(self, small: bool, fn: Callable[..., Step], *args: Any) -> Step:
         return fn(*args) if small else await asyncio.to_thread(fn, *args)

@@ -166,6 +166,46 @@ async def test_records_of_identities_resolved_in_full_are_written_first() -> Non
                                                      "status"}
 
 
+async def test_a_failed_first_write_still_completes_the_step_and_is_retried() -> None:
+    """The put of a record resolved in full fails once: the engine's step still finishes,
+    the peer-only update still reaches `desired`, and the next pass writes both."""
+    from ciliary.bus import RevisionMismatch
+
+    bus = FakeBus()
+    resource(bus, {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                   "metadata": {"name": "web", "namespace": "default"},
+                   "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
+                            "ingress": [{"fromEndpoints": [{}]}]}})
+    resource(bus, {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                   "metadata": {"name": "lock", "namespace": "default"},
+                   "spec": {"podSelector": {"matchLabels": {"locked": "yes"}},
+                            "policyTypes": ["Ingress"], "ingress": []}})
+    identity(bus, WEB, pod_labels("web"))
+    locked = 65799
+    async with running(bus) as svc:
+        await wait_for(lambda: schema.policy_key(WEB) in bus.data.get(schema.BUCKET_POLICY, {}))
+        real_put = bus.kv_put
+        failed: list[str] = []
+
+        async def put_failing_once(bucket: str, key: str, record: Any, **kw: Any) -> int:
+            if key == schema.policy_key(locked) and not failed:
+                failed.append(key)
+                raise RevisionMismatch("injected")
+            return await real_put(bucket, key, record, **kw)
+
+        bus.kv_put = put_failing_once  # type: ignore[method-assign]
+
+        def web_peers() -> list[int]:
+            value = bus.data[schema.BUCKET_POLICY][schema.policy_key(WEB)][1]
+            return [e.peer for e in schema.decode(value, schema.PolicyMapRecord).entries]
+
+        identity(bus, locked, pod_labels("server") + ["k8s:locked=yes"])
+        await wait_for(lambda: schema.policy_key(locked) in bus.data[schema.BUCKET_POLICY])
+        await wait_for(lambda: locked in web_peers())
+        assert failed and svc.counters["conflicts"] >= 1
+        assert svc.engine.resolution().identities[WEB].entries == svc.last.identities[WEB].entries
+
+
 async def test_service_overflow_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CILIARY_POLICY_MAX_ENTRIES", "0")
     bus = FakeBus()
