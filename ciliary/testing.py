@@ -52,10 +52,9 @@ Test helpers (not part of ``Bus``): ``put``/``delete`` write synchronously to se
 (revision, value)`` of the live keys; ``published`` lists every ``(subject, data)`` sent,
 requests and replies included; ``services`` holds the current ``register_service``
 registrations. Not modelled: reconnects (``reconnects`` stays 0), KV history beyond the
-last write, ``$SRV`` discovery subjects, and ``bus.nc``/``bus.js`` (no NATS connection).
-Known difference: where the real ``Bus`` lets a nats exception through (a write to a
-missing bucket, an oversized publish, any call on a closed connection) the fake raises
-``BusError``; the parity test pins the first two.
+last write, ``$SRV`` discovery subjects; there is no NATS connection behind it (reaching
+for one raises). Known difference: any call on a closed fake raises ``BusError``, where
+the real connection's own error would come through.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ Invariants:
   the first success resets the backoff. A loop never dies of a failed pass.
 - ``wake_at()`` (monotonic seconds, or None) wakes the loop without a change: periodic
   audits, expiry of graceful state.
+- ``PassClock`` times the parts of one pass for the health detail (``last_pass_ms``,
+  ``last_pass``, ``recent_passes``): every service reports its passes in one shape.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -42,6 +45,7 @@ T = TypeVar("T")
 
 Listener = Callable[[KVEntry | Synced], None]
 DRAIN_TURNS = 16  # most scheduler turns spent letting queued events land before a pass
+RECENT_PASSES = 16  # passes kept in a health detail's ``recent_passes``
 
 
 class WatchSource(Protocol):
@@ -240,3 +244,32 @@ def entries_only(handler: Callable[[KVEntry], None]) -> Listener:
             handler(event)  # type: ignore[arg-type]
 
     return listener
+
+
+class PassClock:
+    """Wall time of the parts of one pass (a part that recurs adds up), for the health."""
+
+    def __init__(self) -> None:
+        self.wall_start = time.time()
+        self.start = self.mark = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.mark
+        self.mark = now
+
+    def total_ms(self) -> float:
+        return round((self.mark - self.start) * 1000, 2)
+
+    def laps_ms(self) -> dict[str, float]:
+        return {name: round(s * 1000, 2) for name, s in self.laps.items()}
+
+    def report(self, detail: dict[str, Any], recent: deque[dict[str, Any]]) -> None:
+        """``last_pass_ms``, ``last_pass`` (its parts) and ``recent_passes`` (the last
+        ``RECENT_PASSES``: start as Unix time, total and parts in ms) in `detail`."""
+        detail["last_pass_ms"] = self.total_ms()
+        detail["last_pass"] = self.laps_ms()
+        recent.append({"start": round(self.wall_start, 4), "ms": self.total_ms(),
+                       **self.laps_ms()})
+        detail["recent_passes"] = list(recent)

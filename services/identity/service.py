@@ -22,7 +22,7 @@ Invariants:
 - An ipcache key changes owner with one put that replaces its value; it is deleted only
   when no source claims it any more.
 - Health detail: ``last_pass_ms``, ``last_pass`` (its parts: inputs, allocate,
-  ipcache, housekeeping) and ``recent_passes`` (the last ``RECENT_PASSES``, each with
+  ipcache, housekeeping) and ``recent_passes`` (the last ``watch.RECENT_PASSES``, each with
   its start as Unix time).
 - Bad payloads in any bucket are logged and skipped; requests for ``explain``/``report``
   are answered by one replica (queue group).
@@ -50,7 +50,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from ciliary import schema
+from ciliary import schema, watch
 from ciliary.bus import BusError, KVEntry, Synced
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.watch import PassLoop, entries_only
@@ -77,29 +77,7 @@ WATCHED_KINDS = ("Pod", "Namespace", "Node", *POLICY_KINDS)
 PARALLEL_WRITES = 64
 AUDIT_INTERVAL = 300.0  # seconds between full listings of the output buckets
 QUEUE_GROUP = "identity"
-RECENT_PASSES = 16
 
-
-class PassLaps:
-    """Wall time of the parts of one pass, for the health detail."""
-
-    def __init__(self) -> None:
-        self.wall_start = time.time()
-        self.start = self.mark = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round((now - self.mark) * 1000, 2)
-        self.mark = now
-
-    def report(self, detail: dict[str, Any], recent: deque[dict[str, Any]]) -> None:
-        """``last_pass`` (the parts in ms) and ``recent_passes`` (the last RECENT_PASSES:
-        start as Unix time, total and parts in ms) in `detail`."""
-        detail["last_pass"] = dict(self.laps)
-        recent.append({"start": round(self.wall_start, 4),
-                       "ms": round((self.mark - self.start) * 1000, 2), **self.laps})
-        detail["recent_passes"] = list(recent)
 
 async def _gather(*aws: Awaitable[Any]) -> list[Any]:
     """``asyncio.gather`` that lets every write finish before raising the first error."""
@@ -128,7 +106,7 @@ class IdentityService:
         self._held: dict[tuple[str, ...], tuple[Any, int, int]] = {}  # -> (view entry, refs, id)
         self.next_audit = 0.0
         self.next_sweep = 0.0
-        self.recent_passes: deque[dict[str, Any]] = deque(maxlen=RECENT_PASSES)
+        self.recent_passes: deque[dict[str, Any]] = deque(maxlen=watch.RECENT_PASSES)
         self.passes = 0
         self.names = fqdn.FQDNAddressCache(min_ttl=config.fqdn_min_ttl, max_entries=config.fqdn_max_entries)
         self.fqdn_matcher = fqdn.SelectorMatcher()
@@ -243,7 +221,7 @@ class IdentityService:
     async def reconcile(self) -> bool:
         """One pass; True when another pass is needed (conflicts, failed writes)."""
         started = time.monotonic()
-        laps = PassLaps()
+        laps = watch.PassClock()
         self.passes += 1
         conflicts_before = self.allocator.conflicts
         # ipcache as it was *before* reading the inputs: a write another replica made from

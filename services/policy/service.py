@@ -24,7 +24,7 @@ Invariants:
   a new status for it, and written only when its payload changed.
 - Health detail ``last_pass_ms`` is the wall time of the last pass, ``last_pass`` its
   parts (inputs, resolve, encode, write, status) and ``recent_passes`` the same for the
-  last ``RECENT_PASSES`` passes, each with its start (Unix time).
+  last ``watch.RECENT_PASSES`` passes, each with its start (Unix time).
 - One pass at a time touches the engine. A pass whose changes involve at most
   ``SMALL_PASS`` identities (identity changes, plus what the rules of every added,
   updated or deleted policy select) with an unchanged named-port table resolves on the
@@ -46,12 +46,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ciliary import schema
+from ciliary import schema, watch
 from ciliary.bus import SYNCED, KVEntry, RevisionMismatch, Synced
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import now_rfc3339
@@ -78,7 +77,6 @@ WATCHED_KINDS = (
 QUEUE_GROUP = "ciliary-policy"
 PARALLEL_WRITES = 64
 SMALL_PASS = 32  # subjects / identity changes a pass resolves on the event loop
-RECENT_PASSES = 16
 
 
 async def bounded_gather(writes: list[Coroutine[Any, Any, None]]) -> None:
@@ -94,35 +92,6 @@ async def bounded_gather(writes: list[Coroutine[Any, Any, None]]) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise result
-
-
-class PassClock:
-    """Wall time of the parts of one pass (a part that recurs adds up), for the health."""
-
-    def __init__(self) -> None:
-        self.wall_start = time.time()
-        self.start = self.mark = time.perf_counter()
-        self.laps: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = self.laps.get(name, 0.0) + now - self.mark
-        self.mark = now
-
-    def total_ms(self) -> float:
-        return round((self.mark - self.start) * 1000, 2)
-
-    def laps_ms(self) -> dict[str, float]:
-        return {name: round(s * 1000, 2) for name, s in self.laps.items()}
-
-    def report(self, detail: dict[str, Any], recent: deque[dict[str, Any]]) -> None:
-        """``last_pass_ms``, ``last_pass`` (its parts) and ``recent_passes`` (the last
-        RECENT_PASSES: start as Unix time, total and parts in ms) in `detail`."""
-        detail["last_pass_ms"] = self.total_ms()
-        detail["last_pass"] = self.laps_ms()
-        recent.append({"start": round(self.wall_start, 4), "ms": self.total_ms(),
-                       **self.laps_ms()})
-        detail["recent_passes"] = list(recent)
 
 
 class PolicyService:
@@ -147,7 +116,7 @@ class PolicyService:
         self.dirty = self.loop.dirty  # set: a pass is due
         self._pending: list[tuple[dict[int, frozenset[str]], list[int]]] = []
         self._applied: tuple[list[NormPolicy], Any] | None = None  # last pass: policies, ports
-        self.recent_passes: deque[dict[str, Any]] = deque(maxlen=RECENT_PASSES)
+        self.recent_passes: deque[dict[str, Any]] = deque(maxlen=watch.RECENT_PASSES)
         self.counters = {"passes": 0, "writes": 0, "deletes": 0, "overflow": 0, "conflicts": 0}
         ctx.detail["policy"] = self.counters
 
@@ -231,7 +200,7 @@ class PolicyService:
 
     async def reconcile(self) -> None:
         self.counters["passes"] += 1
-        clock = PassClock()
+        clock = watch.PassClock()
         norm, status_keys, generations = self.inputs.policies()
         self.norm = norm
         self.named_ports = self.inputs.named_ports(self.ipcache_pods.values())
