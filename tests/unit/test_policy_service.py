@@ -139,10 +139,8 @@ async def test_service_writes_policy_records_and_status() -> None:
         assert [op for op, b, _ in bus.log if b == schema.BUCKET_POLICY] == ["delete", "delete"]
 
 
-async def test_records_of_identities_resolved_in_full_are_written_first() -> None:
-    """A new identity that a policy selects and that is also a new peer of another
-    subject: its own record goes out before the peer update of the other one."""
-    bus = FakeBus()
+def web_open_to_all_and_lock_policies(bus: FakeBus) -> None:
+    """web takes ingress from every endpoint; pods labelled locked=yes take none."""
     resource(bus, {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
                    "metadata": {"name": "web", "namespace": "default"},
                    "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
@@ -152,6 +150,13 @@ async def test_records_of_identities_resolved_in_full_are_written_first() -> Non
                    "spec": {"podSelector": {"matchLabels": {"locked": "yes"}},
                             "policyTypes": ["Ingress"], "ingress": []}})
     identity(bus, WEB, pod_labels("web"))
+
+
+async def test_records_of_identities_resolved_in_full_are_written_first() -> None:
+    """A new identity that a policy selects and that is also a new peer of another
+    subject: its own record goes out before the peer update of the other one."""
+    bus = FakeBus()
+    web_open_to_all_and_lock_policies(bus)
     async with running(bus) as svc:
         await wait_for(lambda: schema.policy_key(WEB) in bus.data.get(schema.BUCKET_POLICY, {}))
         await wait_for(lambda: svc.counters["passes"] >= 1 and not svc.loop.dirty.is_set())
@@ -172,15 +177,7 @@ async def test_a_failed_first_write_still_completes_the_step_and_is_retried() ->
     from ciliary.bus import RevisionMismatch
 
     bus = FakeBus()
-    resource(bus, {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
-                   "metadata": {"name": "web", "namespace": "default"},
-                   "spec": {"endpointSelector": {"matchLabels": {"app": "web"}},
-                            "ingress": [{"fromEndpoints": [{}]}]}})
-    resource(bus, {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                   "metadata": {"name": "lock", "namespace": "default"},
-                   "spec": {"podSelector": {"matchLabels": {"locked": "yes"}},
-                            "policyTypes": ["Ingress"], "ingress": []}})
-    identity(bus, WEB, pod_labels("web"))
+    web_open_to_all_and_lock_policies(bus)
     locked = 65799
     async with running(bus) as svc:
         await wait_for(lambda: schema.policy_key(WEB) in bus.data.get(schema.BUCKET_POLICY, {}))
