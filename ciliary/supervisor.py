@@ -48,6 +48,9 @@ GRACE_SECONDS = 10.0
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0
+DEFAULT_MESH_TTL = 10.0  # seconds a remote cluster's state stays valid without news
+ENV_CLUSTER_CIDR = "CILIARY_CLUSTER_CIDR"  # pod CIDR of the cluster: node executors, mesh
+ENV_MESH_TTL = "CILIARY_MESH_TTL"
 
 
 def free_port() -> int:
@@ -134,6 +137,8 @@ class Supervisor:
     nodes: int = 1
     cluster: str = schema.DEFAULT_CLUSTER_NAME
     cluster_id: int = schema.DEFAULT_CLUSTER_ID
+    pod_cidr: str = ""  # empty: the node executors' default
+    mesh_ttl: float = DEFAULT_MESH_TTL
     children: list[Child] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     claims: tuple[int, ...] = ()
@@ -152,8 +157,11 @@ class Supervisor:
             config.ENV_CLUSTER_ID: str(self.cluster_id),
             config.ENV_DATA_DIR: str(self.data_dir),
             config.ENV_INSTANCE: instance,
+            ENV_MESH_TTL: f"{self.mesh_ttl:g}",
             "PYTHONUNBUFFERED": "1",
         })
+        if self.pod_cidr:
+            env[ENV_CLUSTER_CIDR] = self.pod_cidr
         env.pop(config.ENV_NODE, None)
         if node:
             env[config.ENV_NODE] = node
@@ -332,11 +340,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--cluster", default=schema.DEFAULT_CLUSTER_NAME)
     parser.add_argument("--cluster-id", type=int, default=schema.DEFAULT_CLUSTER_ID)
+    parser.add_argument("--pod-cidr", default="")
+    parser.add_argument("--mesh-ttl", type=float, default=DEFAULT_MESH_TTL)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s: %(message)s")
     supervisor = Supervisor(
         data_dir=Path(args.data_dir), nats_port=args.nats_port, nodes=args.nodes,
-        cluster=args.cluster, cluster_id=args.cluster_id,
+        cluster=args.cluster, cluster_id=args.cluster_id, pod_cidr=args.pod_cidr, mesh_ttl=args.mesh_ttl,
     )
     try:
         asyncio.run(supervisor.run())

@@ -26,14 +26,41 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ciliary import claims, config, output, schema, supervisor
+from ciliary import claims, clusters, config, output, schema, supervisor
 from ciliary.bus import Bus, BusError
 from ciliary.cli import common
 from ciliary.status import gather_health, map_pressure_alerts, missing_or_unhealthy
 
+DEFAULT_SERVICE_CIDR = "10.96.0.0/12"  # servicelb's default (CILIARY_SERVICE_CIDR overrides)
+
+
+def checked_cluster(args: argparse.Namespace) -> str:
+    """Validate ``--cluster``, ``--cluster-id``, ``--nodes`` and ``--pod-cidr``; the pod CIDR
+    to use (derived from the cluster id unless given). ``CliError`` naming the flag."""
+    error = clusters.sandbox_name_error(args.cluster)
+    if error:
+        raise common.CliError(f"--cluster: {error}")
+    error = clusters.id_error(args.cluster_id)
+    if error:
+        raise common.CliError(f"--cluster-id: {error}")
+    if args.nodes < 1:
+        raise common.CliError("--nodes must be at least 1")
+    derived = not args.pod_cidr
+    cidr = args.pod_cidr or os.environ.get("CILIARY_CLUSTER_CIDR") or clusters.default_pod_cidr(args.cluster_id)
+    error = clusters.pod_cidr_error(cidr, args.nodes)
+    if error:
+        raise common.CliError(f"--pod-cidr: {error}")
+    service_cidr = os.environ.get("CILIARY_SERVICE_CIDR") or DEFAULT_SERVICE_CIDR
+    if clusters.overlap(cidr, service_cidr):
+        origin = f"derived from cluster id {args.cluster_id}" if derived else "given"
+        raise common.CliError(f"--pod-cidr: pod CIDR {cidr} ({origin}) overlaps the service CIDR "
+                              f"{service_cidr}; pass another --pod-cidr")
+    return cidr
+
 
 def cmd_up(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir_path
+    pod_cidr = checked_cluster(args)
     existing = config.read_instance(data_dir)
     if existing is not None and config.pid_alive(existing.supervisor_pid):
         raise common.CliError(
@@ -52,12 +79,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"{claims.holder_of(cluster_claim) or 'another instance'}; instances on one machine "
             "need distinct --cluster names (their node namespaces are named by cluster)")
     config.remove_instance(data_dir)
-    if args.nodes < 1:
-        raise common.CliError("--nodes must be at least 1")
     argv = [
         sys.executable, "-m", "ciliary.supervisor", "--data-dir", str(data_dir),
         "--nats-port", str(args.nats_port), "--nodes", str(args.nodes),
         "--cluster", args.cluster, "--cluster-id", str(args.cluster_id),
+        "--pod-cidr", pod_cidr, "--mesh-ttl", str(args.mesh_ttl),
     ]
     if not args.detach:
         print(f"ciliary up: data dir {data_dir}; Ctrl-C stops everything", file=sys.stderr)
@@ -207,7 +233,10 @@ def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> Non
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--nats-port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--cluster", default=schema.DEFAULT_CLUSTER_NAME)
-    p.add_argument("--cluster-id", type=int, default=schema.DEFAULT_CLUSTER_ID)
+    p.add_argument("--cluster-id", type=int, default=schema.DEFAULT_CLUSTER_ID, help="1..255")
+    p.add_argument("--pod-cidr", default="", help="pods' IPv4 CIDR, a /24 per node (default 10.<cluster id>.0.0/16)")
+    p.add_argument("--mesh-ttl", type=float, default=supervisor.DEFAULT_MESH_TTL,
+                   help="seconds a connected cluster's state stays valid without news (ClusterMesh)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for health with -d")
     p.set_defaults(func=cmd_up)
 

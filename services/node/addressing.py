@@ -6,7 +6,8 @@ Invariants:
 - The underlay address of node index ``n`` is ``172.30.<cluster id>.<n>/24``: unique per
   cluster, so clusters of one machine can later share an underlay for ClusterMesh.
 - The pod CIDR is the Node's ``spec.podCIDR`` when set, else the ``n``-th /24 of the
-  cluster CIDR (default ``10.200.0.0/16``). The first address of a pod CIDR is the node's
+  cluster CIDR (``CILIARY_CLUSTER_CIDR``, default ``10.<cluster id>.0.0/16``:
+  ``ciliary.clusters.default_pod_cidr``). The first address of a pod CIDR is the node's
   own and never given to a pod.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import ipaddress
 
-DEFAULT_CLUSTER_CIDR = "10.200.0.0/16"
 NODE_INDEX_PREFIX = "node-index"
 MAX_NODES = 254
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ciliary import config, schema
+from ciliary import clusters, config, schema
 from ciliary.bus import SYNCED, Bus, KVEntry, Message, RevisionMismatch, Synced
 from ciliary.runtime import Context
 from ciliary.store import ResourceStore, kv_key
@@ -86,7 +86,7 @@ class NodeAgent:
         self.node = s.node
         data_dir = Path(os.environ.get(config.ENV_DATA_DIR) or "/var/lib/ciliary")
         self.state_dir = Path(os.environ.get(ENV_STATE_DIR) or data_dir / "nodes" / self.cluster / self.node)
-        self.cluster_cidr = os.environ.get(ENV_CLUSTER_CIDR, addressing.DEFAULT_CLUSTER_CIDR)
+        self.cluster_cidr = os.environ.get(ENV_CLUSTER_CIDR) or clusters.default_pod_cidr(self.cluster_id)
         self.teardown = os.environ.get(ENV_TEARDOWN) == "1"
         self.store = ResourceStore(self.bus)
         self.index = 0
