@@ -440,7 +440,7 @@ def policy_cidrs(policies: Sequence[NormPolicy]) -> list[str]:
         for rule in pol.rules:
             for section in rule.sections:
                 for sel in section.peers:
-                    if sel.kind == "cidr":
+                    if sel.kind in ("cidr", "ipblock"):
                         out.add(sel.cidr)
                         out.update(sel.excepts)
     return sorted(out)

@@ -20,7 +20,9 @@ Invariants:
     all-clusters behaviour;
   * NetworkPolicy: podSelector peers are restricted to the policy namespace,
     namespaceSelector keys become ``io.cilium.k8s.namespace.labels.<key>`` (``{}`` = every
-    namespace), both together are ANDed, ``ipBlock`` is a CIDR set with ``except``, an
+    namespace), both together are ANDed, ``ipBlock`` is a CIDR set with ``except`` that
+    also selects the pods whose addresses lie inside it (``ipblock_selector``: Kubernetes'
+    meaning, which the upstream e2e suite tests; Cilium's own CIDR rules keep ``cidr``), an
     empty ``from``/``to`` is the wildcard, a port without ``port`` is all ports of its
     protocol, and a direction is default-deny exactly when it is in the effective
     ``policyTypes``.
@@ -64,6 +66,7 @@ from .selectors import (
     cidr_selector,
     fqdn_selector,
     from_label_selector,
+    ipblock_selector,
 )
 
 Direction = Literal["ingress", "egress"]
@@ -519,7 +522,7 @@ def _np_section(
         if sel is not None:
             peers.append(sel)
         if peer.ip_block is not None:
-            peers.append(cidr_selector(peer.ip_block.cidr, peer.ip_block.except_))
+            peers.append(ipblock_selector(peer.ip_block.cidr, peer.ip_block.except_))
     if not peer_list:
         peers = [ALL]
     ports: list[PortSpec] = []

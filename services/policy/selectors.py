@@ -11,8 +11,13 @@ Invariants:
   AND selects every identity.
 - ``cidr`` selectors select CIDR identities (bit 24 set, labels ``cidr:<prefix>``) whose most
   specific prefix lies inside ``cidr`` and inside none of ``excepts``; a ``/0`` prefix also
-  selects the ``world`` identity. ``all`` selects everything and is the only selector that
-  resolution emits as the wildcard peer 0. ``none`` selects nothing.
+  selects the ``world`` identity (Cilium's meaning: CIDR rules describe non-endpoints).
+- ``ipblock`` selectors (a Kubernetes NetworkPolicy ``ipBlock``) select what the ``cidr``
+  selector of the same block selects, and also every pod identity whose pod addresses
+  (labels ``podip:<address>``, see ``podaddresses``) all lie inside ``cidr`` and outside
+  every except: Kubernetes' meaning, where an ipBlock also matches pod IPs.
+- ``all`` selects everything and is the only selector that resolution emits as the
+  wildcard peer 0. ``none`` selects nothing.
 - ``fqdn_selector`` (a ``toFQDNs`` entry) is the labels selector ``fqdn:<name> Exists``
   over the normalised name or pattern (lower case, no trailing dot): it selects exactly
   the identities the identity service labelled for that selector, i.e. the CIDR
@@ -40,6 +45,7 @@ from ciliary import schema
 from .label_index import LabelIndex
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LABEL_SOURCE_PODIP = "podip"  # pod addresses of a pod identity, for ipBlock selectors
 
 # ---------------------------------------------------------------- identity numbering
 # The reserved identities and the bit layout are ``ciliary.schema``'s; the policy modules
@@ -126,6 +132,18 @@ class IdentityView:
             return None
         return max(nets, key=lambda n: (n.prefixlen, n.version))
 
+    @cached_property
+    def pod_addresses(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+        """The addresses of a pod identity's pods (``podip:`` labels), if it carries them."""
+        out = []
+        for s, k, _ in self.pairs:
+            if s == LABEL_SOURCE_PODIP:
+                try:
+                    out.append(ipaddress.ip_address(k))
+                except ValueError:
+                    continue
+        return tuple(out)
+
     @property
     def is_world(self) -> bool:
         return (
@@ -165,7 +183,7 @@ class Requirement:
         return f"{key} {self.op} ({','.join(self.values)})"
 
 
-SelectorKind = Literal["labels", "cidr", "all", "none", "world"]
+SelectorKind = Literal["labels", "cidr", "ipblock", "all", "none", "world"]
 
 
 @dataclass(frozen=True, order=True)
@@ -201,7 +219,21 @@ class Selector:
                 return False
             prefix = ident.prefix
             return self.family == 0 or prefix is None or prefix.version == self.family
+        if self.kind == "ipblock":
+            return self._matches_cidr(ident) or self._matches_pod_addresses(ident)
         return self._matches_cidr(ident)
+
+    def _matches_pod_addresses(self, ident: IdentityView) -> bool:
+        addresses = ident.pod_addresses
+        if not addresses:
+            return False
+        net = parse_cidr(self.cidr)
+        excepts = [parse_cidr(text) for text in self.excepts]
+        return all(
+            addr.version == net.version and addr in net
+            and not any(exc.version == addr.version and addr in exc for exc in excepts)
+            for addr in addresses
+        )
 
     def _matches_cidr(self, ident: IdentityView) -> bool:
         net = parse_cidr(self.cidr)
@@ -238,9 +270,9 @@ class Selector:
     def __str__(self) -> str:
         if self.kind == "labels":
             return "{" + ", ".join(str(r) for r in self.requirements) + "}"
-        if self.kind == "cidr":
+        if self.kind in ("cidr", "ipblock"):
             exc = f" except {','.join(self.excepts)}" if self.excepts else ""
-            return f"cidr {self.cidr}{exc}"
+            return f"{self.kind} {self.cidr}{exc}"
         if self.kind == "world":
             return "world" + (f"-ipv{self.family}" if self.family else "")
         return self.kind
@@ -296,6 +328,14 @@ def cidr_selector(cidr: str, excepts: Iterable[str] = ()) -> Selector:
     net = parse_cidr(cidr)
     return Selector(
         "cidr", cidr=str(net), excepts=tuple(sorted(str(parse_cidr(e)) for e in excepts))
+    )
+
+
+def ipblock_selector(cidr: str, excepts: Iterable[str] = ()) -> Selector:
+    """A NetworkPolicy ``ipBlock``: the CIDR selection plus the pods inside the block."""
+    net = parse_cidr(cidr)
+    return Selector(
+        "ipblock", cidr=str(net), excepts=tuple(sorted(str(parse_cidr(e)) for e in excepts))
     )
 
 

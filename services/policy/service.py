@@ -32,6 +32,10 @@ Invariants:
   loop keeps answering health and trace meanwhile. Identity changes are queued on the
   event loop and handed over at the start of a pass (changes arriving during a pass
   trigger another one). Trace requests use the service's own identity mirror.
+- The engine sees each identity's labels plus, for pod identities with an address inside
+  some NetworkPolicy ipBlock, one ``podip:<address>`` label per address of its pods
+  (`PodAddressLabels`), recomputed when the ipcache's pods or the set of ipBlocks changed;
+  traces see the same labels.
 - Identity and ipcache payloads are decoded leniently (only ``id``/``labels`` and
   ``identity``/``source``/``namespace``/``pod`` are read); bad payloads are skipped.
 
@@ -52,12 +56,15 @@ from typing import Any
 
 from ciliary import schema, watch
 from ciliary.bus import SYNCED, KVEntry, RevisionMismatch, Synced
+from ciliary.events import subjects as events
+from ciliary.events.changes import start_change_events
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import now_rfc3339
 from ciliary.watch import PassLoop, entries_only
 
 from .incremental import PolicyEngine, Step
 from .inputs import PolicyInputs, decode_identity, decode_ipcache_prefix, decode_pod_ip
+from .podaddresses import PodAddressLabels, ipblock_networks
 from .records import WritePlan, plan_writes, status_payload, update_desired
 from .resolve import PolicyStatus, Resolution
 from .rules import POLICY_KINDS, NormPolicy, PolicyKey
@@ -101,6 +108,10 @@ class PolicyService:
         self.options = options_from_env(s.cluster, s.cluster_id)
         self.engine = PolicyEngine(self.options)
         self.identities: dict[int, IdentityView] = {}  # the event loop's mirror (trace)
+        self.identity_labels: dict[int, frozenset[str]] = {}  # as the identity service wrote
+        self.pod_address_labels = PodAddressLabels()
+        self._addresses_dirty = True  # the ipcache's pods changed since the last pass
+        self._blocks: tuple[tuple[int, ...], tuple[Any, ...]] = ((), ())  # policies -> ipBlocks
         self.desired: dict[str, bytes] = {}  # bucket policy as it should be (encoded)
         self.ipcache_pods: dict[str, tuple[str, int]] = {}  # ipcache key -> (pod ref, id)
         self.ipcache_prefixes: dict[str, tuple[str, int]] = {}  # ipcache key -> (prefix, id)
@@ -163,12 +174,15 @@ class PolicyService:
         if entry.deleted:
             change: tuple[dict[int, frozenset[str]], list[int]] = ({}, [ident])
             self.identities.pop(ident, None)
+            self.identity_labels.pop(ident, None)
         else:
             decoded = decode_identity(entry)
             if decoded is None:
                 return
             change = ({decoded[0]: decoded[1]}, [])
-            self.identities[decoded[0]] = IdentityView(decoded[0], decoded[1])
+            self.identity_labels[decoded[0]] = decoded[1]
+            extra = self.pod_address_labels.extra(decoded[0])
+            self.identities[decoded[0]] = IdentityView(decoded[0], decoded[1] | extra)
         self._pending.append(change)  # handed to the engine by the next pass
         self.loop.mark_dirty()
 
@@ -183,6 +197,7 @@ class PolicyService:
         if new is not None:
             self.ipcache_pods[entry.key] = new
         if old != new:
+            self._addresses_dirty = True
             self.loop.mark_dirty()
 
     def _on_policy(self, entry: KVEntry) -> None:
@@ -269,11 +284,34 @@ class PolicyService:
             for ident, labels in adds.items():
                 removed.discard(ident)
                 added[ident] = labels
+        for ident in self._pod_address_changes(norm) | set(added):
+            labels = self.identity_labels.get(ident)
+            if labels is not None and ident not in removed:
+                extra = self.pod_address_labels.extra(ident)
+                added[ident] = labels | extra
+                self.identities[ident] = IdentityView(ident, labels | extra)
         small = self._small(norm, len(added) + len(removed))
         self._applied = (norm, self.named_ports)
         step = await self._run(small, self.engine.begin, norm, added, sorted(removed),
                                self.named_ports)
         return step, small
+
+    def _pod_address_changes(self, norm: list[NormPolicy]) -> set[int]:
+        """The identities whose ``podip:`` labels changed since the last pass (see
+        `PodAddressLabels`): recomputed when the ipcache's pods or the ipBlocks changed."""
+        ids = tuple(id(p) for p in norm)
+        if ids != self._blocks[0]:
+            blocks = ipblock_networks(norm)
+            if blocks != self._blocks[1]:
+                self._addresses_dirty = True
+            self._blocks = (ids, blocks)
+        if not self._addresses_dirty:
+            return set()
+        self._addresses_dirty = False
+        addresses = {self.ipcache_prefixes[key][0]: ident
+                     for key, (_, ident) in self.ipcache_pods.items()
+                     if key in self.ipcache_prefixes}
+        return self.pod_address_labels.update(addresses, self._blocks[1])
 
     def _small(self, norm: list[NormPolicy], identity_changes: int) -> bool:
         """Whether this pass's changes are few enough to resolve without the thread hop:
@@ -359,3 +397,4 @@ class PolicyService:
 
 async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     await PolicyService(ctx).start(tg)
+    await start_change_events(ctx.bus, ctx.settings.cluster, tg, (events.POLICY,), ctx.detail)

@@ -18,7 +18,7 @@ from ciliary import schema
 
 from .resolve import ResolveOptions
 from .rules import PROTOCOLS, NormPolicy
-from .selectors import IdentityView, is_cidr_identity
+from .selectors import LABEL_SOURCE_PODIP, IdentityView, is_cidr_identity
 from .trace import ipcache_lookup, trace
 
 
@@ -80,5 +80,14 @@ def _trace_side(view: TraceView, side: str, cidr: str, labels: list[str], identi
     if not identity:
         wanted = frozenset(labels)
         identity = next((i for i, v in sorted(view.identities.items())
-                         if v.labels == wanted), 0)
+                         if _own_labels(v) == wanted), 0)
+    known = view.identities.get(identity) if identity else None
+    if known is not None:  # the pod addresses the service gave the identity (ipBlocks)
+        labels = sorted(set(labels) | {x for x in known.labels
+                                       if x.startswith(f"{LABEL_SOURCE_PODIP}:")})
     return list(labels), identity
+
+
+def _own_labels(view: IdentityView) -> frozenset[str]:
+    """An identity's labels without the pod addresses the policy service added."""
+    return frozenset(x for x in view.labels if not x.startswith(f"{LABEL_SOURCE_PODIP}:"))

@@ -34,13 +34,19 @@ Case format (a YAML document per case)::
           - {port: 80, protocol: TCP, default: true,
              rules: [[FROM, TO, allowed], ...]}   # FROM/TO: x/a, x/*, */a, *; later rules win
     restore: [manifest, ...]     # applied after the case (e.g. original Namespace labels)
+
+Pod IPs are known only once the model runs: ``{ip:x/a}`` anywhere in a step (manifests
+and rules) is x/a's pod IP, and a rule side ``cidr:PREFIX`` names every pod whose IP lies
+inside PREFIX (host bits allowed, as in ``{ip:x/a}/24``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
+import re
 import secrets
 import subprocess
 import sys
@@ -139,20 +145,36 @@ def load_cases() -> list[dict[str, Any]]:
 CASES = load_cases()
 
 
-def _match(pattern: str, pod: str) -> bool:
+def substitute_ips(value: Any, ips: dict[str, str]) -> Any:
+    """``value`` with every ``{ip:ns/pod}`` replaced by that pod's IP."""
+    if isinstance(value, str):
+        return re.sub(r"\{ip:([a-z*]+/[a-z*]+)\}", lambda m: ips[m.group(1)], value)
+    if isinstance(value, list):
+        return [substitute_ips(v, ips) for v in value]
+    if isinstance(value, dict):
+        return {k: substitute_ips(v, ips) for k, v in value.items()}
+    return value
+
+
+def _match(pattern: str, pod: str, ips: dict[str, str] | None = None) -> bool:
     if pattern == "*":
         return True
+    if pattern.startswith("cidr:"):
+        assert ips is not None, f"{pattern}: pod IPs unknown"
+        net = ipaddress.ip_network(pattern[5:], strict=False)
+        return ipaddress.ip_address(ips[pod]) in net
     pns, _, ppod = pattern.partition("/")
     ns, _, name = pod.partition("/")
     return pns in ("*", ns) and ppod in ("*", name)
 
 
-def expected_matrix(probe: dict[str, Any]) -> dict[tuple[str, str], bool]:
+def expected_matrix(probe: dict[str, Any], ips: dict[str, str] | None = None
+                    ) -> dict[tuple[str, str], bool]:
     m = {(f, t): bool(probe.get("default", True)) for f in PODS for t in PODS}
     for src, dst, allowed in probe.get("rules", []):
         for f in PODS:
             for t in PODS:
-                if _match(src, f) and _match(dst, t):
+                if _match(src, f, ips) and _match(dst, t, ips):
                     m[(f, t)] = bool(allowed)
     for p in PODS:
         m[(p, p)] = True  # loopback never leaves the pod
@@ -355,7 +377,7 @@ def _write(tmp: Path, name: str, docs: list[dict[str, Any]]) -> Path:
 
 
 def check_matrix(m: Model, probe: dict[str, Any], where: str) -> dict[tuple[str, str], bool]:
-    want = expected_matrix(probe)
+    want = expected_matrix(probe, m.ips)
     port, proto = int(probe["port"]), probe.get("protocol", "TCP").upper()
     got = m.probe(port, proto)
     tries = 1
@@ -413,7 +435,7 @@ def test_netpol_case(model: Model, case: dict[str, Any], tmp_path: Path) -> None
     active: dict[tuple[str, str], dict[str, Any]] = {}
     applied: dict[tuple[str, str], dict[str, Any]] = {}
     try:
-        for i, step in enumerate(case["steps"]):
+        for i, step in enumerate(substitute_ips(case["steps"], m.ips)):
             where = f"{case['name']} step {i}"
             commands = []
             if step.get("apply"):
