@@ -31,7 +31,6 @@ from typing import Any
 from ciliary import flowfilter, hubble, schema
 from ciliary.bus import Bus, BusError, Message, NoReply
 from ciliary.cli import common, flowrender
-from ciliary.status import gather_health
 
 
 class QueryError(Exception):
@@ -314,33 +313,14 @@ def cmd_observe(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    async def work(bus: Bus) -> tuple[schema.FlowMetricsReply, list[schema.HealthReport]]:
+    """The flows service's metrics text: Hubble's flow families, then the node and
+    control-plane families of every service's health report (the text ``/metrics`` serves)."""
+    async def work(bus: Bus) -> schema.FlowMetricsReply:
         try:
-            reply = await bus.request(schema.SUBJECT_FLOWS_METRICS, schema.FlowMetricsRequest(),
-                                      schema.FlowMetricsReply, timeout=args.timeout)
+            return await bus.request(schema.SUBJECT_FLOWS_METRICS, schema.FlowMetricsRequest(),
+                                     schema.FlowMetricsReply, timeout=args.timeout)
         except BusError as err:
             raise common.CliError(f"{err}\n  is the flows service running? try: ciliary status") from err
-        return reply, await gather_health(bus, timeout=0.5)
 
-    reply, health = common.run_with_bus(args, work)
-    print(reply.text, end="")
-    print(node_metrics_text(health), end="")
+    print(common.run_with_bus(args, work).text, end="")
     return 0
-
-
-def node_metrics_text(reports: list[schema.HealthReport]) -> str:
-    """Node executor gauges in Prometheus text format, named like Cilium's agent metrics."""
-    lines = [
-        "# HELP ciliary_bpf_map_pressure Fill ratio of a BPF map the node executor writes.",
-        "# TYPE ciliary_bpf_map_pressure gauge",
-    ]
-    endpoints = ["# HELP ciliary_endpoint_count Endpoints managed by the node executor.",
-                 "# TYPE ciliary_endpoint_count gauge"]
-    for report in reports:
-        if report.service != "node":
-            continue
-        for name, m in sorted((report.detail.get("maps") or {}).items()):
-            lines.append(f'ciliary_bpf_map_pressure{{map_name="{name}",node="{report.node}"}} {m.get("fill", 0.0)}')
-        if "endpoints" in report.detail:
-            endpoints.append(f'ciliary_endpoint_count{{node="{report.node}"}} {report.detail["endpoints"]}')
-    return "\n".join(lines + endpoints) + "\n"

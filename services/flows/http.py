@@ -6,15 +6,17 @@ Invariants:
 - Routes are exact paths mapped to handlers ``(query) -> Response``; a ``fallback``
   handler answers every other path (the metrics-only server answers any path with the
   metrics text, as before), else 404.
-- Handlers are synchronous and cheap; they run on the event loop.
+- Handlers run on the event loop: synchronous and cheap, or coroutines (awaited) that
+  never block it.
 - The server binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 DEFAULT_HOST = "127.0.0.1"
@@ -29,7 +31,7 @@ class Response:
     status: int = 200
 
 
-Handler = Callable[[dict[str, str]], Response]
+Handler = Callable[[dict[str, str]], Response | Awaitable[Response]]
 
 
 def parse_target(target: bytes) -> tuple[str, dict[str, str]]:
@@ -58,7 +60,8 @@ async def start_http_server(
                     resp = Response(b"not found\n", status=404)
                 else:
                     try:
-                        resp = handler(query)
+                        answer = handler(query)
+                        resp = await answer if inspect.isawaitable(answer) else answer
                     except ValueError as err:
                         resp = Response(f"bad request: {err}\n".encode(), status=400)
             head = (

@@ -16,6 +16,11 @@ JetStream stream ``FLOWS`` (``CILIARY_FLOWS_STREAM_MAX_MB``, default 64, 0 = off
 endpoints resolved are kept in a ``EndpointNameCache`` (``names.py``; ``CILIARY_FLOWS_NAMES_MAX``
 entries, default 100000; ``CILIARY_FLOWS_NAMES_MIN_TTL`` seconds, default 3600) for
 ``source_names``/``destination_names``; its counters are in the health detail.
+While the ``flows`` topic of the public event API is active (``CILIARY_EVENTS`` or a
+subscriber's lease, ``ciliary.events``), the flows of each raw batch are also published as
+``ciliary observe -o json`` lines on ``ciliary.events.flows.<cluster>.<node>``. The metrics
+(HTTP and ``ciliary.flows.metrics``) are the Hubble families followed by the node and
+control-plane families of the services' health reports (``healthscrape.py``).
 
 Invariants:
 - A payload that is not a ``RawEventBatch`` (or an event that fails to decode) is counted
@@ -40,18 +45,21 @@ import asyncio
 import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
 from ciliary import config, schema
 from ciliary.bus import BusError, KVEntry, Message
+from ciliary.events import subjects as events
+from ciliary.events.publisher import EventPublisher
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.watch import entries_only
 
 from .core import METRICS_CONTENT_TYPE, FlowsCore, QueryPlan
 from .export import ExportConfig, write_lines
+from .healthscrape import HealthScrape
 from .history import PROGRESS_EVERY_S, HistoryLimits, StreamScan, read_history, start_time_ns
 from .http import DEFAULT_HOST, Response, start_http_server
 from .settings import (
@@ -120,6 +128,9 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     export_queue: asyncio.Queue[list[str]] = asyncio.Queue(maxsize=1024)
     if export is not None:
         tg.create_task(_export_writer(export, export_queue), name="flows-export")
+    publisher = EventPublisher(ctx.bus, ctx.settings.cluster, (events.FLOWS,))
+    await publisher.start()
+    ctx.detail["events"] = publisher.stats
 
     async def on_raw(msg: Message) -> None:
         flows = core.ingest(msg.data)
@@ -130,6 +141,8 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
             subject = schema.SUBJECT_FLOWS.format(cluster=cluster, node=node)
             for data in core.publish_payloads(flows, ctx.bus.max_payload):
                 await ctx.bus.publish(subject, data)
+            if publisher.active(events.FLOWS):
+                await publisher.publish_flows(flows, cluster, node)
         if export is not None and flows:
             try:
                 export_queue.put_nowait(export.lines(flows))
@@ -153,15 +166,21 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
             tg.create_task(_answer_from_history(ctx, core, plan, msg.reply, history, readers),
                            name="flows-history-query")
 
+    health = HealthScrape(ctx.bus)
+
+    async def metrics_text() -> str:
+        return core.metrics.render() + await health.text()
+
     async def on_metrics(msg: Message) -> None:
-        await msg.respond(schema.FlowMetricsReply(text=core.metrics.render()))
+        await msg.respond(schema.FlowMetricsReply(text=await metrics_text()))
 
     subs = [
         await ctx.bus.subscribe_raw(schema.SUBJECT_FLOWS_RAW_ALL, on_raw),
         await ctx.bus.subscribe_raw(schema.SUBJECT_FLOWS_QUERY, on_query, queue=QUEUE_GROUP),
         await ctx.bus.subscribe_raw(schema.SUBJECT_FLOWS_METRICS, on_metrics, queue=QUEUE_GROUP),
     ]
-    await _start_http(ctx, tg, core)
+    if await _start_http(ctx, tg, core, metrics_text):
+        tg.create_task(health.run(), name="flows-health-metrics")
     try:
         await asyncio.Event().wait()
     finally:
@@ -261,16 +280,24 @@ def _decode(entry: KVEntry, type_: type[Any]) -> Any:
         return None
 
 
-async def _start_http(ctx: Context, tg: asyncio.TaskGroup, core: FlowsCore) -> None:
+async def _start_http(ctx: Context, tg: asyncio.TaskGroup, core: FlowsCore,
+                      metrics_text: Callable[[], Awaitable[str]]) -> bool:
+    """Start the HTTP servers the settings ask for; whether one serves metrics."""
     host = os.environ.get(ENV_HTTP_HOST, "") or DEFAULT_HOST
     try:
         plan = http_plan()
     except ValueError as err:
         log.error("flows: HTTP disabled, bad port setting: %s", err)
-        return
+        return False
     urls: dict[str, str] = {}
+
+    async def serve_metrics_page(_query: dict[str, str]) -> Response:
+        return Response((await metrics_text()).encode(), METRICS_CONTENT_TYPE)
+
     for port, (metrics, ui) in plan.items():
         routes = core.http_routes(metrics=metrics, ui=ui)
+        if metrics:
+            routes["/metrics"] = serve_metrics_page
         fallback = routes["/metrics"] if metrics and not ui else None
         server = await start_http_server(port, routes, host, fallback=fallback)
         url = f"http://{host}:{port}"
@@ -282,6 +309,7 @@ async def _start_http(ctx: Context, tg: asyncio.TaskGroup, core: FlowsCore) -> N
         tg.create_task(_serve(server), name=f"flows-http-{port}")
     if urls:
         ctx.detail["http"] = urls
+    return "metrics" in urls
 
 
 async def _serve(server: asyncio.Server) -> None:

@@ -52,6 +52,8 @@ from typing import Any
 
 from ciliary import schema, watch
 from ciliary.bus import BusError, KVEntry, Synced
+from ciliary.events import subjects as events
+from ciliary.events.changes import start_change_events
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.watch import PassLoop, entries_only
 
@@ -415,4 +417,6 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     log.info("identity: cluster %s (id %d), label patterns %r, gc grace %.1fs",
              service.cluster, service.cluster_id, service.config.labels, service.config.gc_grace)
     await service.start(tg)
+    await start_change_events(ctx.bus, ctx.settings.cluster, tg, (events.IDENTITIES, events.ENDPOINTS),
+                              ctx.detail)
 

@@ -48,6 +48,8 @@ from typing import Any, TypeVar
 
 from ciliary import schema
 from ciliary.bus import BusError, KVEntry, PutManyError, RevisionMismatch
+from ciliary.events import subjects as events
+from ciliary.events.changes import start_change_events
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import kv_key, now_rfc3339
 from ciliary.watch import PassLoop, entries_only
@@ -428,3 +430,4 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
                             "derive_slices": cfg.derive_slices,
                             "node_port_range": f"{cfg.node_port_range[0]}-{cfg.node_port_range[1]}"}
     ServiceLB(ctx, cfg, manage_heap=True).start(tg)
+    await start_change_events(ctx.bus, ctx.settings.cluster, tg, (events.SERVICES,), ctx.detail)
