@@ -2,7 +2,8 @@
 
 Invariants:
 - Each command group lives in its own module (``objects``, ``instance``, ``service``,
-  ``observe``, ``node``, ``policy``, ``identity``, ``connectivity``, ``sysdump``, ``preflight``) and adds its sub-commands through
+  ``observe``, ``node``, ``policy``, ``identity``, ``connectivity``, ``sysdump``, ``preflight``,
+  ``clustermesh``) and adds its sub-commands through
   ``add_commands(subparsers, common_parent)``; every sub-command takes ``--data-dir``.
 - ``main`` turns every failure into one ``error: <message>`` line and exit code 1
   (``CliError``, ``ManifestError``, ``BusError``, anything unexpected), 2 for bad
@@ -19,6 +20,7 @@ import sys
 from ciliary import config
 from ciliary.bus import BusError
 from ciliary.cli import (
+    clustermesh,
     common,
     connectivity,
     identity,
@@ -34,7 +36,7 @@ from ciliary.cli import (
 from ciliary.resources import ManifestError
 
 COMMAND_GROUPS = (objects, instance, service, observe, node, policy, identity, connectivity, sysdump,
-                  preflight)
+                  preflight, clustermesh)
 
 
 class Parser(argparse.ArgumentParser):

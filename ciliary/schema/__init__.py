@@ -8,7 +8,8 @@ write ``schema.<Name>`` whatever module defines it:
 - ``identity``: identity numbering (reserved identities, bit layout) and the
   ``identities``/``ipcache`` records; ``servicelb``: load-balancer frontends;
 - ``policy``: per-identity policy entries, status and trace; ``flows``: raw events,
-  Hubble flows and queries; ``node``: endpoint registration and debug views.
+  Hubble flows and queries; ``node``: endpoint registration and debug views; ``mesh``:
+  ClusterMesh exports, remotes and imported state.
 
 Invariants:
 - Each bucket, stream and subject name is a constant defined in ``names`` and nowhere
@@ -30,6 +31,7 @@ import msgspec as msgspec  # callers reach its errors and JSON decoder as ``sche
 from .flows import *  # noqa: F403
 from .health import *  # noqa: F403
 from .identity import *  # noqa: F403
+from .mesh import *  # noqa: F403
 from .names import *  # noqa: F403
 from .node import *  # noqa: F403
 from .policy import *  # noqa: F403

@@ -16,6 +16,9 @@ __all__ = [
     "BUCKET_ALLOCATIONS",
     "BUCKET_IDENTITIES",
     "BUCKET_IPCACHE",
+    "BUCKET_MESH",
+    "BUCKET_MESH_EXPORT",
+    "BUCKET_MESH_REMOTES",
     "BUCKET_POLICY",
     "BUCKET_RESOURCES",
     "BUCKET_SERVICES",
@@ -51,6 +54,9 @@ BUCKET_IPCACHE = "ipcache"  # identity service: IP -> identity + owner
 BUCKET_SERVICES = "services"  # servicelb: frontends -> ordered backends
 BUCKET_POLICY = "policy"  # policy service: per-identity policy entries
 BUCKET_ALLOCATIONS = "allocations"  # persistent allocators (IPAM, cluster IPs)
+BUCKET_MESH_REMOTES = "mesh-remotes"  # ClusterMesh: the connected clusters (records: ``mesh``)
+BUCKET_MESH_EXPORT = "mesh-export"  # mesh: what connected clusters may read of this one
+BUCKET_MESH = "mesh"  # mesh: the state imported from every connected cluster
 
 ALL_BUCKETS = (
     BUCKET_RESOURCES,
@@ -60,6 +66,9 @@ ALL_BUCKETS = (
     BUCKET_SERVICES,
     BUCKET_POLICY,
     BUCKET_ALLOCATIONS,
+    BUCKET_MESH_REMOTES,
+    BUCKET_MESH_EXPORT,
+    BUCKET_MESH,
 )
 
 BUCKET_WRITERS: dict[str, str] = {
@@ -70,6 +79,9 @@ BUCKET_WRITERS: dict[str, str] = {
     BUCKET_SERVICES: "servicelb",
     BUCKET_POLICY: "policy",
     BUCKET_ALLOCATIONS: "the allocator owning the key prefix",
+    BUCKET_MESH_REMOTES: "ciliary clustermesh connect / disconnect",
+    BUCKET_MESH_EXPORT: "mesh",
+    BUCKET_MESH: "mesh",
 }
 
 # ---------------------------------------------------------------- flows (payloads: ``flows``)

@@ -1,0 +1,88 @@
+"""What this cluster exports to the mesh: pure, from the mirrored local buckets.
+
+Invariants:
+- Exported are exactly: the ipcache entries of this cluster's pods (source ``pod``), the
+  identities those entries name, every shared global Service (``ciliary.resources.
+  clustermesh``) with the backends servicelb computed for its ClusterIP frontends, and
+  every node that reported an underlay address. Nothing else of the cluster is readable
+  by a remote (its export bucket is the whole interface).
+- A shared global Service is exported even with no backend: a remote then knows its
+  backends here are gone, not merely unheard of.
+- Keys are those of ``ciliary.schema.mesh`` (``identity.<id>``, ``ipcache.<key>``,
+  ``service.<ns>.<name>``, ``node.<name>``); the ``cluster`` heartbeat key is the
+  service's, not computed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ciliary import schema
+from ciliary.resources.clustermesh import global_service
+
+LB_CLUSTER_IP = "ClusterIP"
+
+
+def mcs_names(resources: Iterable[schema.ResourceRecord], kind: str) -> set[tuple[str, str]]:
+    """``(namespace, name)`` of every object of ``kind`` (ServiceExport / ServiceImport)."""
+    return {(r.namespace, r.name) for r in resources if r.kind == kind}
+
+
+def export_state(
+    cluster: str,
+    cluster_id: int,
+    identities: Mapping[str, schema.IdentityRecord],
+    ipcache: Mapping[str, schema.IPCacheRecord],
+    services: Iterable[schema.ResourceRecord],
+    exported: set[tuple[str, str]],
+    frontends: Iterable[schema.LBFrontend],
+    node_status: Mapping[str, schema.StatusRecord],
+) -> dict[str, Any]:
+    """Export key -> record (see the module invariants)."""
+    out: dict[str, Any] = {}
+    wanted_ids: set[int] = set()
+    for key, entry in ipcache.items():
+        if entry.source == "pod" and entry.cluster == cluster:
+            out[schema.mesh_key(schema.MESH_IPCACHE_PREFIX, key)] = entry
+            wanted_ids.add(entry.identity)
+    for record in identities.values():
+        if record.id in wanted_ids:
+            out[schema.mesh_key(schema.MESH_IDENTITY_PREFIX, record.id)] = record
+    by_service: dict[tuple[str, str], list[schema.LBFrontend]] = {}
+    for fe in frontends:
+        if fe.type == LB_CLUSTER_IP:
+            by_service.setdefault((fe.namespace, fe.name), []).append(fe)
+    for svc in services:
+        ref = (svc.namespace, svc.name)
+        how = global_service(svc.manifest, exported=ref in exported)
+        if not how.shared:
+            continue
+        ports: list[schema.MeshServicePort] = []
+        backends: dict[tuple[str, int, str], schema.MeshBackend] = {}
+        for fe in sorted(by_service.get(ref, []), key=lambda f: (f.port, f.proto)):
+            ports.append(schema.MeshServicePort(name=fe.port_name, port=fe.port, proto=fe.proto))
+            for be in fe.backends:
+                ready = be.state == schema.LB_STATE_ACTIVE
+                backends.setdefault((be.ip, be.port, be.proto), schema.MeshBackend(
+                    ip=be.ip, port=be.port, proto=be.proto, port_name=fe.port_name, ready=ready,
+                    node=be.node, pod=be.pod))
+        out[schema.mesh_key(schema.MESH_SERVICE_PREFIX, svc.namespace, svc.name)] = schema.MeshService(
+            namespace=svc.namespace, name=svc.name, cluster=cluster, cluster_id=cluster_id,
+            ports=ports, backends=[backends[k] for k in sorted(backends)], source=how.source)
+    for key, status in node_status.items():
+        node = node_record(cluster, cluster_id, key.split(".", 2)[-1], status)
+        if node is not None:
+            out[schema.mesh_key(schema.MESH_NODE_PREFIX, node.name)] = node
+    return out
+
+
+def node_record(cluster: str, cluster_id: int, name: str, status: schema.StatusRecord) -> schema.MeshNode | None:
+    """The exported view of Node ``name``'s status; None without an InternalIP."""
+    body = status.status or {}
+    address = next((a.get("address", "") for a in body.get("addresses") or []
+                    if isinstance(a, dict) and a.get("type") == "InternalIP"), "")
+    if not address or not name:
+        return None
+    return schema.MeshNode(name=name, cluster=cluster, cluster_id=cluster_id, address=address,
+                           pod_cidr=str(body.get("podCIDR") or ""))
