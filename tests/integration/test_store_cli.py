@@ -59,7 +59,11 @@ def test_apply_get_round_trip(instance: Path) -> None:
 
     table = run_cli("get", "pods", "-A", data_dir=instance)
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["NAMESPACE", "NAME", "STATUS", "IP", "NODE", "AGE"]
+    assert lines[0].split() == ["NAMESPACE", "NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    wide = run_cli("get", "pods", "-A", "-o", "wide", data_dir=instance).stdout.splitlines()
+    assert wide[0].split()[-6:] == ["IP", "NODE", "NOMINATED", "NODE", "READINESS", "GATES"]
+    names = run_cli("get", "pods", "-A", "-o", "jsonpath={.items[*].metadata.name}", data_dir=instance)
+    assert sorted(names.stdout.split()) == sorted(p["metadata"]["name"] for p in pods["items"])
     assert len(lines) == 6
     # columns are aligned: every row starts its NAME column at the same offset
     offset = lines[0].index("NAME ")
