@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from ciliary import hubble, schema
+from ciliary import schema
 
 from .subjects import VERSION
 
@@ -34,13 +34,33 @@ class FlowMessages:
     too_large: int = 0
 
 
+_GO_ESCAPES = ((b"<", b"\\u003c"), (b">", b"\\u003e"), (b"&", b"\\u0026"))
+
+
+def flow_line(flow: schema.Flow) -> bytes:
+    """``hubble.format_jsonpb(flow)`` + ``\\n`` as bytes, built without the dict round trip:
+    the flow's own JSON inside ``{"flow": …, "node_name": …, "time": …}``, then Go's HTML-safe
+    escapes (the same bytes; tests/unit/test_events.py compares them)."""
+    parts = [b'{"flow":', schema.to_json(flow)]
+    if flow.node_name:
+        parts += (b',"node_name":', msgspec.json.encode(flow.node_name))
+    if flow.time:
+        parts += (b',"time":', msgspec.json.encode(flow.time))
+    parts.append(b"}\n")
+    line = b"".join(parts)
+    if b"<" in line or b">" in line or b"&" in line:
+        for raw, escaped in _GO_ESCAPES:
+            line = line.replace(raw, escaped)
+    return line
+
+
 def flow_messages(flows: Sequence[schema.Flow], limit: int) -> FlowMessages:
     """The flows as JSON-lines messages of at most ``limit`` bytes each, in order."""
     out = FlowMessages()
     part: list[bytes] = []
     size = 0
     for flow in flows:
-        line = hubble.format_jsonpb(flow).encode() + b"\n"
+        line = flow_line(flow)
         if len(line) > limit:
             out.too_large += 1
             continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import msgspec
 import pytest
 
 from ciliary import hubble, schema
@@ -79,6 +80,13 @@ def test_leases_only_extend() -> None:
 
 
 # ---------------------------------------------------------------- payloads
+
+
+def test_flow_line_is_the_observe_json_line() -> None:
+    flows = scenario_flows()
+    odd = msgspec.structs.replace(flows[0], node_name="c/<n>&", time="", source_names=["a<b>.example"])
+    for flow in [*flows, odd, schema.Flow()]:
+        assert payloads.flow_line(flow) == hubble.format_jsonpb(flow).encode() + b"\n"
 
 
 def test_flow_messages_are_observe_json_lines() -> None:
