@@ -8,6 +8,8 @@ Invariants:
   deregisters, drains its connection and exits 0 with no task left pending.
 - A service is healthy when it is connected and every watch it declared has delivered
   its initial state at least once.
+- A service exports spans as ``ciliary-<name>`` when the OTel environment names an
+  endpoint (``ciliary.telemetry``), and flushes them after its event loop has ended.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def mirror_kinds(
 
 
 async def _serve(service: str, main: Main, settings: Settings) -> None:
-    telemetry.setup_tracing(service, settings.cluster)
+    telemetry.setup_tracing(service, settings.cluster, node=settings.node, instance=settings.instance)
     bus = await _connect_with_retry(settings.nats_url, f"ciliary-{service}/{settings.instance}")
     await bus.ensure_buckets()
     ctx = Context(service=service, settings=settings, bus=bus)
@@ -244,3 +246,5 @@ def run(service: str, main: Main) -> None:
     except LeakedTasks as err:
         log.error("tasks left pending at shutdown: %s", err)
         sys.exit(3)
+    finally:
+        telemetry.shutdown_tracing()  # the spans of the last passes reach the backend

@@ -1,46 +1,142 @@
-"""OpenTelemetry plumbing shared by every service.
+"""OpenTelemetry plumbing shared by every process: export setup and header propagation.
 
 Invariants:
 - Trace context travels in NATS message headers using the W3C ``traceparent`` /
   ``tracestate`` names, so a span started by ``ciliary apply`` continues in whichever
   service handles the resulting KV change or request.
-- Nothing here exports spans by default; an exporter is configured only when
-  ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set and the OTLP exporter package is installed.
+- Spans are exported only when the standard OTLP environment names an endpoint
+  (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``) and
+  ``OTEL_TRACES_EXPORTER`` / ``OTEL_SDK_DISABLED`` do not turn export off. Otherwise no
+  tracer provider is installed: the API's no-op tracer starts no recording span, no
+  ``traceparent`` is produced, and the SDK is not even imported.
+- ``OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL`` picks the exporter: ``http/protobuf`` (the
+  default) or ``grpc``; any other value is reported once on stderr and nothing is
+  exported — a bad setting never stops a process.
+- Every process has its own ``service.name``: ``ciliary-<process>`` (``ciliary-identity``,
+  ``ciliary-node``, ``ciliary-cli``, ...), whatever ``OTEL_SERVICE_NAME`` says, since the
+  supervisor hands one environment to every child; a set ``OTEL_SERVICE_NAME`` becomes
+  ``service.namespace`` instead. ``OTEL_RESOURCE_ATTRIBUTES`` adds attributes.
+- ``shutdown_tracing`` flushes what is queued (bounded by the exporter's timeout); the
+  service shell calls it after its event loop ended, the CLI before it exits.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Any
 
 from opentelemetry import context, propagate, trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+
+from ciliary import __version__
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_HTTP = "http/protobuf"
+PROTOCOL_GRPC = "grpc"
+PROTOCOLS = (PROTOCOL_HTTP, PROTOCOL_GRPC)
+TRACER_NAME = "ciliary"
 
 _configured = False
+_provider: Any = None  # the SDK TracerProvider this process installed, if any
 
 
-def setup_tracing(service_name: str, cluster: str) -> trace.Tracer:
-    """Install a tracer provider for this process (idempotent) and return its tracer."""
-    global _configured
-    if not _configured:
-        provider = TracerProvider(
-            resource=Resource.create(
-                {"service.name": f"ciliary-{service_name}", "ciliary.cluster": cluster}
-            )
+class TracingSettingError(ValueError):
+    """An OTel environment variable holds a value ciliary cannot use."""
+
+
+def export_protocol(env: dict[str, str] | os._Environ[str]) -> str | None:
+    """The OTLP protocol the environment asks for, or None when spans are not exported.
+    Raises ``TracingSettingError`` for an unsupported protocol."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() in ("none", ""):
+        return None
+    if not (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+        return None
+    name = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    protocol = env.get(name)
+    if not protocol:
+        name = "OTEL_EXPORTER_OTLP_PROTOCOL"
+        protocol = env.get(name) or PROTOCOL_HTTP
+    protocol = protocol.strip().lower()
+    if protocol not in PROTOCOLS:
+        raise TracingSettingError(f"{name}={protocol!r}: supported are {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def resource_attributes(process: str, *, cluster: str = "", node: str = "", instance: str = "",
+                        env: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
+    """The attributes ciliary sets on this process's resource (they win over
+    ``OTEL_RESOURCE_ATTRIBUTES``)."""
+    attrs = {"service.name": f"ciliary-{process}", "service.version": __version__}
+    if env.get("OTEL_SERVICE_NAME"):
+        attrs["service.namespace"] = env["OTEL_SERVICE_NAME"]
+    if instance:
+        attrs["service.instance.id"] = instance
+    if cluster:
+        attrs["ciliary.cluster"] = cluster
+    if node:
+        attrs["ciliary.node"] = node
+    return attrs
+
+
+def _exporter(protocol: str) -> Any:
+    if protocol == PROTOCOL_GRPC:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
+            OTLPSpanExporter,
         )
-        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-            try:  # optional dependency
-                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore
-                    OTLPSpanExporter,
-                )
-                from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    return OTLPSpanExporter()
 
-                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-            except ImportError:
-                pass
-        trace.set_tracer_provider(provider)
+
+def setup_tracing(process: str, cluster: str = "", *, node: str = "", instance: str = "",
+                  exporter: Any = None) -> trace.Tracer:
+    """Install this process's tracer provider when spans are to be exported (idempotent)
+    and return the ``ciliary`` tracer. ``exporter`` (a SpanExporter) overrides the
+    environment's choice; tests pass an in-memory one."""
+    global _configured, _provider
+    if not _configured:
         _configured = True
-    return trace.get_tracer("ciliary")
+        protocol = None
+        if exporter is None:
+            try:
+                protocol = export_protocol(os.environ)
+            except TracingSettingError as err:
+                log.error("tracing off: %s", err)
+        if exporter is not None or protocol is not None:
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            provider = TracerProvider(resource=Resource.create(resource_attributes(
+                process, cluster=cluster, node=node, instance=instance)))
+            try:
+                provider.add_span_processor(BatchSpanProcessor(exporter or _exporter(protocol or "")))
+            except Exception as err:  # e.g. an endpoint the exporter cannot parse
+                log.error("tracing off: OTLP exporter: %s: %s", type(err).__name__, err)
+            else:
+                trace.set_tracer_provider(provider)
+                _provider = provider
+    return trace.get_tracer(TRACER_NAME)
+
+
+def exporting() -> bool:
+    """Whether this process exports spans."""
+    return _provider is not None
+
+
+def shutdown_tracing() -> None:
+    """Export every finished span still queued, then stop the exporter (a no-op when
+    nothing is exported). Blocking: call it outside the event loop."""
+    global _provider
+    if _provider is not None:
+        provider, _provider = _provider, None
+        try:
+            provider.shutdown()
+        except Exception as err:  # an unreachable backend must not fail the exit
+            log.warning("tracing: flushing spans failed: %s", err)
 
 
 def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:

@@ -21,7 +21,12 @@ Invariants:
 - ``wake_at()`` (monotonic seconds, or None) wakes the loop without a change: periodic
   audits, expiry of graceful state.
 - ``PassClock`` times the parts of one pass for the health detail (``last_pass_ms``,
-  ``last_pass``, ``recent_passes``): every service reports its passes in one shape.
+  ``last_pass``, ``recent_passes``): every service reports its passes in one shape, and
+  the same parts land on the pass's span when it records.
+- Tracing (``ciliary.tracing``): listeners run with the entry's trace context as the
+  current change; ``mark_dirty`` notes it, and a pass that something marked runs in a
+  ``<loop> pass`` span, child of the first traced change and linked to the others, so
+  the writes it makes carry its context to the next hop.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
-from ciliary import backoff, schema
+from ciliary import backoff, schema, tracing
 from ciliary.bus import BusError
 from ciliary.kv import SYNCED, KVEntry, Synced
 
@@ -116,6 +121,11 @@ class Mirror(Generic[T]):
                     self.entries[key] = event
                 if self.decode is not None:
                     self._decode(event)
+            if tracing.carries_trace(event.headers):
+                with tracing.change(event.headers):
+                    for listener in self.listeners:
+                        listener(event)
+                return
         for listener in self.listeners:
             listener(event)
 
@@ -167,10 +177,13 @@ class PassLoop:
         self.dirty = asyncio.Event()
         self.marks = 0
         self.passes = 0
+        self.causes = tracing.Causes()
+        self._marks_before = 0  # marks when the previous pass started
         self.failures = 0  # consecutive
 
     def mark_dirty(self) -> None:
         self.marks += 1
+        self.causes.note()
         self.dirty.set()
 
     async def _wait(self) -> None:
@@ -212,7 +225,7 @@ class PassLoop:
             await self.drain()
             self.dirty.clear()
             try:
-                again = await self.run_pass()
+                again = await self._traced_pass()
             except Exception as err:  # NATS down, timeouts, a bug on odd input: retry, never die
                 self.failures += 1
                 delay = backoff.backoff_delay(self.failures, cap=self.backoff_cap)
@@ -229,6 +242,19 @@ class PassLoop:
                 self.on_success()
             if again:
                 self.dirty.set()
+
+
+    async def _traced_pass(self) -> bool | None:
+        """``run_pass`` in its span when something marked the loop since the last pass."""
+        marks, self._marks_before = self.marks - self._marks_before, self.marks
+        causes, dropped = self.causes.take()
+        if not marks and not causes:
+            return await self.run_pass()
+        with tracing.pass_span(self.name, causes, dropped, marks) as span:
+            again = await self.run_pass()
+            if again:
+                span.set_attribute(tracing.ATTR_AGAIN, True)
+            return again
 
 
 def _unexpected(err: BaseException) -> bool:
@@ -270,6 +296,8 @@ class PassClock:
         ``RECENT_PASSES``: start as Unix time, total and parts in ms) in `detail`."""
         detail["last_pass_ms"] = self.total_ms()
         detail["last_pass"] = self.laps_ms()
+        tracing.set_attributes({tracing.ATTR_PART_MS.format(part=part): ms
+                                for part, ms in detail["last_pass"].items()})
         recent.append({"start": round(self.wall_start, 4), "ms": self.total_ms(),
                        **self.laps_ms()})
         detail["recent_passes"] = list(recent)

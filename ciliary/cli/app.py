@@ -8,6 +8,8 @@ Invariants:
 - ``main`` turns every failure into one ``error: <message>`` line and exit code 1
   (``CliError``, ``ManifestError``, ``BusError``, anything unexpected), 2 for bad
   arguments, 130 for Ctrl-C — never a traceback.
+- With an OTLP endpoint in the environment the command exports its spans as
+  ``ciliary-cli`` and flushes them before it exits.
 - Command modules import ``ciliary.cli.common`` and lower layers only, never this module
   nor each other.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ciliary import config
+from ciliary import config, telemetry
 from ciliary.bus import BusError
 from ciliary.cli import (
     clustermesh,
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.data_dir_path = config.resolve_data_dir(getattr(args, "data_dir", None))
+    telemetry.setup_tracing("cli")  # exports only with an OTLP endpoint in the environment
     try:
         code = args.func(args)
     except (ManifestError, common.CliError, BusError) as err:
@@ -77,4 +80,5 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # last resort: a clear line, never a traceback
         common.print_error(f"unexpected {type(err).__name__}: {err}")
         code = 1
+    telemetry.shutdown_tracing()  # a short-lived process: its spans leave before it does
     sys.exit(code)

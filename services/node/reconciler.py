@@ -49,6 +49,8 @@ Invariants:
 - Not thread-safe by design: one thread (or one asyncio task plus the producers
   running on the same event loop) owns a ``Reconciler``. ``ReconcileLoop`` keeps
   to this by calling ``reconcile`` synchronously on the loop.
+- ``ReconcileLoop`` runs the reconcile a ``kick`` asked for in a ``node map write``
+  span, child of the traced change that made the producer kick (``ciliary.tracing``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from ciliary import tracing
 from ciliary.backoff import ENTRY_CAP, backoff_delay
 from services.node import layouts as L
 from services.node.layouts import Layout
@@ -585,9 +588,13 @@ class ReconcileLoop:
         self.restored = asyncio.Event()
         self._wake = asyncio.Event()
         self._next_resync: float | None = None  # None: first resync one interval after restore
+        self.causes = tracing.Causes()  # the traced changes behind the next kicked reconcile
+        self._kicked = False
 
     def kick(self) -> None:
         """Reconcile soon (call after ``set_desired``)."""
+        self._kicked = True
+        self.causes.note()
         self._wake.set()
 
     def request_resync(self) -> None:
@@ -618,11 +625,27 @@ class ReconcileLoop:
                     self._next_resync = now + self.resync_interval
                 else:  # inputs not complete: pruning now would delete live entries
                     self._next_resync = now + min(1.0, self.resync_interval)
-            due = self.reconciler.reconcile(self.ops, now).next_retry
+            due = self._reconcile(now)
             deadline = self._next_resync if due is None else min(due, self._next_resync)
             timeout = max(0.0, deadline - self.clock())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _reconcile(self, now: float) -> float | None:
+        """One reconcile; after a kick, in a ``node map write`` span joined to the traced
+        changes behind it."""
+        if not self._kicked:
+            return self.reconciler.reconcile(self.ops, now).next_retry
+        self._kicked = False
+        causes, dropped = self.causes.take()
+        with tracing.work_span(tracing.SPAN_MAP_WRITE, causes, dropped) as span:
+            result = self.reconciler.reconcile(self.ops, now)
+            if span.is_recording():
+                span.set_attributes({tracing.ATTR_MAP_UPSERTED: result.upserted,
+                                     tracing.ATTR_MAP_DELETED: result.deleted,
+                                     tracing.ATTR_MAP_FAILED: result.failed,
+                                     tracing.ATTR_MAP_BATCHES: result.batches})
+            return result.next_retry
 
 
 __all__ = [

@@ -1,0 +1,101 @@
+"""An OTLP/HTTP trace receiver for tests: aiohttp on a loopback port, decoding
+``ExportTraceServiceRequest`` with opentelemetry-proto into flat ``ReceivedSpan`` rows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from ciliary.supervisor import free_port
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    service: str  # the resource's service.name
+    name: str
+    trace_id: str  # 32 hex digits
+    span_id: str  # 16 hex digits
+    parent_span_id: str  # '' for a root span
+    links: tuple[tuple[str, str], ...]  # (trace id, span id)
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+
+
+def _value(v: AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    return getattr(v, kind) if kind in ("string_value", "bool_value", "int_value", "double_value") else str(v)
+
+
+@dataclass
+class OTLPReceiver:
+    """``POST /v1/traces`` collects spans; anything else that arrives is counted."""
+
+    port: int = field(default_factory=free_port)
+    spans: list[ReceivedSpan] = field(default_factory=list)
+    requests: int = 0
+    rejected: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._on_traces)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _on_traces(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        body = await request.read()
+        export = ExportTraceServiceRequest()
+        try:
+            export.ParseFromString(body)
+        except DecodeError:
+            self.rejected += 1
+            return web.Response(status=400)
+        for resource_spans in export.resource_spans:
+            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    self.spans.append(ReceivedSpan(
+                        service=str(resource.get("service.name", "")),
+                        name=span.name,
+                        trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(),
+                        parent_span_id=span.parent_span_id.hex(),
+                        links=tuple((link.trace_id.hex(), link.span_id.hex()) for link in span.links),
+                        attributes={a.key: _value(a.value) for a in span.attributes},
+                        resource=resource,
+                    ))
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
+                            content_type="application/x-protobuf")
+
+    def trace(self, trace_id: str) -> list[ReceivedSpan]:
+        return [s for s in self.spans if s.trace_id == trace_id]
+
+    async def wait_for(self, check: Callable[[], bool], timeout: float = 30.0) -> bool:
+        """Poll ``check`` until it holds or ``timeout`` seconds passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if check():
+                return True
+            await asyncio.sleep(0.05)
+        return check()
