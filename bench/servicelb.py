@@ -68,6 +68,7 @@ import asyncio
 import ctypes
 import json
 import os
+import re
 import secrets
 import socket
 import statistics
@@ -582,16 +583,34 @@ class KernelFrontend:
         self.backends.close()
 
 
-async def _kv_churn(url: str, svc: K.ServicePort, reps: int, fe: KernelFrontend) -> list[tuple[float, float]]:
+async def _kv_churn(url: str, svc: K.ServicePort, reps: int,
+                    fe: KernelFrontend) -> list[tuple[float, float, float]]:
     """``reps`` times: replace one endpoint of ``svc``'s slice through the store API. Per
-    change, seconds from just before the write until (a) the KV write was acknowledged and
-    (b) the new backend is in one of the frontend's slots in the kernel. Restores the
-    original slice at the end (and waits until the kernel has it back)."""
+    change, seconds from just before the write until (a) the KV write was acknowledged,
+    (b) the new backend is in one of the frontend's slots in the kernel and (c) servicelb's
+    ``services`` row holding it reached a watch beside the benchmark's (NaN when the row was
+    not seen before the kernel had it). (c) splits (b) into servicelb's part and the node
+    executor's. Restores the original slice at the end (and waits until the kernel has it
+    back)."""
     from ciliary.bus import Bus
+    from ciliary.kv import SYNCED
     from ciliary.resources.loader import loads
+    from ciliary.schema import names
+    from ciliary.schema.servicelb import lb_frontend_key
     from ciliary.store import ResourceStore
 
     bus = await Bus.connect(url, "bench-servicelb", allow_reconnect=False)
+    row_seen: dict[str, float] = {}  # backend ip -> perf_counter when a row with it arrived
+
+    async def follow_row() -> None:
+        key = lb_frontend_key(svc.cluster_ip, svc.port, "TCP")
+        async for entry in bus.watch(names.BUCKET_SERVICES, key):
+            if entry is not SYNCED and entry.value:
+                now = time.perf_counter()
+                for ip in re.findall(rb"\d+\.\d+\.\d+\.\d+", entry.value):
+                    row_seen.setdefault(ip.decode(), now)
+
+    watcher = asyncio.create_task(follow_row())
     try:
         store = ResourceStore(bus)
         old_ip = svc.endpoints[2][0]
@@ -603,7 +622,8 @@ async def _kv_churn(url: str, svc: K.ServicePort, reps: int, fe: KernelFrontend)
             await store.apply(resources)
             t_ack = time.perf_counter()
             t_seen = await fe.wait(lambda addrs, ip=new_ip: ip in addrs, 60, f"backend {new_ip}")
-            out.append((t_ack - t0, t_seen - t0))
+            t_row = row_seen.get(new_ip, float("nan"))
+            out.append((t_ack - t0, t_seen - t0, t_row - t0))
             await fe.wait(lambda addrs, ip=old_ip: ip not in addrs, 60, f"removal of {old_ip}", poll=0.005)
             old_ip = new_ip
             await asyncio.sleep(0.2)  # let servicelb and the executor go idle again
@@ -611,6 +631,7 @@ async def _kv_churn(url: str, svc: K.ServicePort, reps: int, fe: KernelFrontend)
         await fe.wait(lambda addrs: svc.endpoints[2][0] in addrs, 60, "the original slice")
         return out
     finally:
+        watcher.cancel()
         await bus.close()
 
 
@@ -724,8 +745,13 @@ def kv_kernel(n: int, reps: int, load_timeout: float) -> dict[str, Any]:
     return {"instance_up_s": round(inst.up_seconds, 1), "apply_s": round(apply_s, 2),
             "lb_map_entries": lb_entries or 65536,
             "load_to_kernel_s": round(load_s, 2), "churned_service": f"{churned.namespace}/{churned.name}",
-            "kv_write_ack_ms": S.ms_stats([a for a, _ in samples]),
-            "kv_to_kernel_ms": S.ms_stats([k for _, k in samples]),
+            "kv_write_ack_ms": S.ms_stats([a for a, _, _ in samples]),
+            "kv_to_kernel_ms": S.ms_stats([k for _, k, _ in samples]),
+            # where each change spent its time: KV write -> servicelb's row seen, row -> kernel
+            "kv_to_row_ms": S.ms_stats([r for _, _, r in samples if r == r] or [float("nan")]),
+            "row_to_kernel_ms": S.ms_stats([k - r for _, k, r in samples if r == r] or [float("nan")]),
+            "stages_ms": [[round(a * 1000, 3), round(r * 1000, 3), round(k * 1000, 3)]
+                          for a, k, r in samples if r == r],
             "servicelb_last_reconcile_ms": detail.get("last_reconcile_ms"),
             "servicelb_cpu_ms_per_change": round(servicelb_cpu_ms, 2),
             "burst_size": burst_size,

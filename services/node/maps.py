@@ -127,7 +127,7 @@ class BccMapOps:
         t = self._table(map_name)
         out: dict[Layout, Layout] = {}
         try:
-            for k, v in t.items():
+            for k, v in _entries(t):
                 key = kt.from_bytes(ct.string_at(ct.addressof(k), ct.sizeof(k)))
                 if isinstance(v, (list, tuple, ct.Array)):
                     out[key] = _sum_percpu(vt, v)
@@ -138,6 +138,20 @@ class BccMapOps:
         except Exception as e:
             raise MapOpsError(f"{map_name}: dump: {e}") from e
         return out
+
+
+def _entries(table: Any) -> Iterable[tuple[Any, Any]]:
+    """Every (key, value) of a bcc table: in batches of one syscall where the map type
+    allows it (plain hash maps), else key by key (LPM tries, per-CPU maps)."""
+    from bcc import table as bcc_table
+
+    if isinstance(table, bcc_table.HashTable) and not isinstance(
+            table, (bcc_table.PerCpuHash, bcc_table.LruPerCpuHash)):
+        try:
+            return list(table.items_lookup_batch())
+        except Exception:  # noqa: BLE001 - kernel or map without batch lookup: key by key
+            pass
+    return table.items()
 
 
 def _sum_percpu(vt: type[Layout], values: Iterable[Any]) -> Layout:
@@ -176,8 +190,8 @@ class FakeMapOps:
             self.delete(map_name, k)
 
     def dump(self, map_name: str) -> dict[Layout, Layout]:
-        _layouts(map_name)
-        return {k: v for k, v in self.maps[map_name].values()}
+        _layouts(map_name)  # list() first: a snapshot, also while another thread writes
+        return {k: v for k, v in list(self.maps[map_name].values())}
 
     def dump_text(self) -> str:
         lines = []
