@@ -76,6 +76,7 @@ class LBBackend(Record):
     node: str = ""  # node the backend runs on (traffic policy Local selects on it)
     zone: str = ""
     pod: str = ""  # "namespace/name" of the backing pod when known
+    cluster: str = ""  # the connected cluster it runs in (ClusterMesh); "" for this cluster
 
 
 class LBFrontend(Record):

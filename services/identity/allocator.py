@@ -39,6 +39,7 @@ from .labels import label_set_hash
 SCOPE_RESERVED = "reserved"
 SCOPE_CLUSTER = "cluster"
 SCOPE_CIDR = "cidr"
+SCOPE_REMOTE = "remote"  # a connected cluster's identity, written from bucket ``mesh``
 
 
 def reserved_labels(identity: int) -> list[str]:
@@ -329,7 +330,7 @@ class IdentityAllocator:
             if entry is None:
                 continue
             record, revision = entry
-            if record.scope == SCOPE_RESERVED or record.id in named:
+            if record.scope in (SCOPE_RESERVED, SCOPE_REMOTE) or record.id in named:
                 continue
             if now - record.created < min_age:
                 continue

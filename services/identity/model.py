@@ -10,7 +10,9 @@ Invariants:
   cluster). When several live pods claim one IP the latest claim wins: status-bucket
   claims over manifest claims, then the higher KV revision, then the key.
 - ``desired_ipcache`` is a pure function of its inputs: one entry per prefix. On a prefix
-  claimed by several sources, node beats pod beats policy CIDR beats the world default.
+  claimed by several sources, node beats pod beats a connected cluster's pod (ClusterMesh,
+  kept as that cluster wrote it: its identity, its cluster name) beats policy CIDR beats
+  the world default.
 - Policy CIDRs are the ``fromCIDR``/``toCIDR`` entries, the ``cidr`` and ``except`` of
   ``fromCIDRSet``/``toCIDRSet`` (CNP/CCNP, every rule in ``spec`` and ``specs``) and the
   ``ipBlock`` ``cidr``/``except`` of NetworkPolicy peers, normalised to network form.
@@ -32,7 +34,7 @@ from .labels import LabelFilter, identity_labels
 
 WORLD_PREFIX_V4 = "0.0.0.0/0"
 FINISHED_PHASES = ("Succeeded", "Failed")
-SOURCE_RANK = {"node": 3, "pod": 2, "cidr": 1, "world": 0}
+SOURCE_RANK = {"node": 4, "pod": 3, "remote": 2, "cidr": 1, "world": 0}
 
 
 @dataclass(frozen=True)
@@ -182,8 +184,10 @@ def desired_ipcache(
     cidr_identities: Mapping[str, int],
     cluster: str,
     cluster_id: int,
+    remote: Iterable[schema.IPCacheRecord] = (),
 ) -> dict[str, schema.IPCacheRecord]:
-    """``ipcache`` key -> record for every prefix (see module invariants)."""
+    """``ipcache`` key -> record for every prefix (see module invariants); ``remote``: the
+    pod entries of connected clusters (bucket ``mesh``), kept as their cluster wrote them."""
     best: dict[str, tuple[tuple[int, tuple[int, int, str]], schema.IPCacheRecord]] = {}
 
     def offer(rank: tuple[int, tuple[int, int, str]], record: schema.IPCacheRecord) -> None:
@@ -199,6 +203,8 @@ def desired_ipcache(
         offer((SOURCE_RANK["cidr"], (0, 0, prefix)), schema.IPCacheRecord(
             prefix=prefix, identity=ident, source="cidr", cluster=cluster, cluster_id=cluster_id,
         ))
+    for record in remote:
+        offer((SOURCE_RANK["remote"], (0, 0, record.prefix)), record)
     for pod in pods:
         ident = pod_identities.get(pod.labels)
         if not pod.ip or not ident:

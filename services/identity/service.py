@@ -1,7 +1,9 @@
 """Identity service shell: labels -> numeric identities, and every IP -> identity (ipcache).
 
 Watches Pods, Namespaces, Nodes and the policy kinds in ``resources``, Pod and Node status
-in ``status``, and its own outputs ``identities`` and ``ipcache``. Writes ``identities``
+in ``status``, the identities and pod IPs of connected clusters in ``mesh`` (written to
+``identities`` as scope ``remote`` and to ``ipcache`` as that cluster's, below local
+pods), and its own outputs ``identities`` and ``ipcache``. Writes ``identities``
 (through ``IdentityAllocator``) and ``ipcache``. A policy change calls for a pass only
 when the CIDRs or toFQDNs selectors it names changed.
 
@@ -55,12 +57,13 @@ from ciliary.bus import BusError, KVEntry, Synced
 from ciliary.events import subjects as events
 from ciliary.events.changes import start_change_events
 from ciliary.runtime import Context, mirror_kinds
-from ciliary.watch import PassLoop, entries_only
+from ciliary.watch import PassLoop, decoder, entries_only
 
 from . import fqdn
 from .allocator import (
     SCOPE_CIDR,
     SCOPE_CLUSTER,
+    SCOPE_REMOTE,
     AllocationError,
     Conflict,
     IdentityAllocator,
@@ -134,6 +137,10 @@ class IdentityService:
             if kind == "Pod":
                 status.listen(self._touch_pod)
             self.inputs.status[kind] = status.notify(self.loop).entries
+        self.mesh_ids = self.ctx.mirror(tg, schema.BUCKET_MESH, f"{schema.MESH_IDENTITY_PREFIX}.>",
+                                        decode=decoder(schema.IdentityRecord)).notify(self.loop)
+        self.mesh_ipcache = self.ctx.mirror(tg, schema.BUCKET_MESH, f"{schema.MESH_IPCACHE_PREFIX}.>",
+                                            decode=decoder(schema.IPCacheRecord)).notify(self.loop)
         for store in (self.identities, self.ipcache):
             self.ctx.mirror(tg, store.bucket, keep=False).listen(
                 entries_only(store.observe)).notify(self.loop)
@@ -271,8 +278,9 @@ class IdentityService:
 
         # ipcache, before the housekeeping below: a relabelled pod's new identity is what
         # its peers wait for
+        failed += await self._write_remote_identities(sem)
         desired = desired_ipcache(pods, pod_ids, self.inputs.compute_nodes(), cidr_ids,
-                                  self.cluster, self.cluster_id)
+                                  self.cluster, self.cluster_id, self._remote_ipcache())
         writes = []
         for key, record in desired.items():
             held = ipcache_view.get(key)
@@ -334,6 +342,50 @@ class IdentityService:
             for labels in label_sets
         }
         return self._lkeys
+
+    def _remote_ipcache(self) -> list[schema.IPCacheRecord]:
+        """Pod entries of connected clusters whose identity is known here."""
+        known = {record.id for record in self.mesh_ids.values.values()}
+        return [r for r in self.mesh_ipcache.values.values()
+                if r.identity in known and r.cluster_id != self.cluster_id]
+
+    async def _write_remote_identities(self, sem: asyncio.Semaphore) -> int:
+        """``id.<n>`` of every connected cluster's identity (scope ``remote``: the remote's
+        labels, cluster name and id, never in this cluster's range); the ones no longer in
+        bucket ``mesh`` go. Returns the number of failed writes."""
+        desired = {}
+        for record in self.mesh_ids.values.values():
+            if schema.identity_cluster_id(record.id) in (0, self.cluster_id):
+                continue  # never shadow this cluster's identities
+            desired[schema.identity_id_key(record.id)] = schema.IdentityRecord(
+                id=record.id, labels=record.labels, scope=SCOPE_REMOTE, cluster=record.cluster,
+                cluster_id=record.cluster_id, created=record.created)
+        failed = 0
+
+        async def write(key: str, record: schema.IdentityRecord | None) -> None:
+            nonlocal failed
+            held = self.identities.peek(key)
+            async with sem:
+                try:
+                    if record is None:
+                        if held is not None:
+                            await self.identities.delete(key, held[1])
+                    elif held is None:
+                        await self.identities.create(key, record)
+                    else:
+                        await self.identities.update(key, record, held[1])
+                except (Conflict, BusError) as err:
+                    log.warning("remote identity %s: %s", key, err)
+                    failed += 1
+
+        jobs = [write(key, record) for key, record in desired.items()
+                if (held := self.identities.peek(key)) is None or held[0] != record]
+        for key in self.identities.keys(schema.IDENTITY_ID_PREFIX):
+            held = self.identities.peek(key)
+            if held is not None and held[0].scope == SCOPE_REMOTE and key not in desired:
+                jobs.append(write(key, None))
+        await _gather(*jobs)
+        return failed
 
     async def _put_ipcache(self, sem: asyncio.Semaphore, key: str, record: schema.IPCacheRecord, revision: int) -> bool:
         async with sem:

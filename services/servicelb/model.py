@@ -30,6 +30,11 @@ Invariants:
   terminating -> state ``not-ready``: kept in the backend list (its established
   connections survive a failing readiness probe, as with kube-proxy's conntrack) but
   never in the slots, not even as a fallback.
+- ClusterMesh: slices labelled ``multicluster.kubernetes.io/source-cluster`` hold a
+  connected cluster's backends (``meshslices``); they count only for a Service that is
+  global here (``ciliary.resources.clustermesh``), and its affinity orders the slot choice:
+  ``local`` takes remote backends only while no local backend is active, ``remote`` the
+  other way round, ``none`` all alike. Each such backend keeps its cluster name.
 - Traffic policy ``Local`` (external for NodePort/ExternalIP/LoadBalancer frontends,
   internal for ClusterIP) gives per-node slot lists (the same fallback rule per node).
 - Backend order: slot backends first, then the others; each group by (IP, port).
@@ -47,6 +52,13 @@ from typing import Any
 
 from ciliary import schema
 from ciliary.resources import decode
+from ciliary.resources.clustermesh import (
+    AFFINITY_LOCAL,
+    AFFINITY_NONE,
+    AFFINITY_REMOTE,
+    SOURCE_CLUSTER_LABEL,
+    global_service,
+)
 from ciliary.resources.discovery import SERVICE_NAME_LABEL
 from ciliary.resources.model import EndpointSlice, Node, Pod, Service, ServicePort
 from ciliary.schema import (
@@ -265,6 +277,7 @@ class BackendView:
     node: str
     zone: str
     pod: str
+    cluster: str = ""  # a connected cluster's backend (ClusterMesh); "" for this cluster's
 
     @property
     def owner(self) -> str:
@@ -485,11 +498,14 @@ def _is_ipv4(address: str) -> bool:
 # ---------------------------------------------------------------- backends
 
 
-def port_backends(sport: ServicePort, slices: list[EndpointSlice], nodes: dict[str, NodeView]) -> list[BackendView]:
-    """Backends of one Service port from its slices, deduplicated by address (best state wins)."""
+def port_backends(sport: ServicePort, slices: list[EndpointSlice], nodes: dict[str, NodeView],
+                  *, use_remote: bool = False) -> list[BackendView]:
+    """Backends of one Service port from its slices, deduplicated by address (best state wins);
+    slices of connected clusters (``SOURCE_CLUSTER_LABEL``) only when ``use_remote``."""
     found: dict[tuple[str, int], BackendView] = {}
     for eps in slices:
-        if eps.address_type != "IPv4":
+        source = eps.metadata.labels.get(SOURCE_CLUSTER_LABEL, "")
+        if eps.address_type != "IPv4" or (source and not use_remote):
             continue
         for p in eps.ports:
             if p.name != sport.name or p.protocol != sport.protocol or not p.port:
@@ -507,7 +523,7 @@ def port_backends(sport: ServicePort, slices: list[EndpointSlice], nodes: dict[s
                 ref = ep.target_ref
                 pod = f"{ref.namespace or eps.metadata.namespace}/{ref.name}" if ref and ref.kind == "Pod" and ref.name else ""
                 backend = BackendView(ep.addresses[0], p.port, p.protocol, state, ep.is_serving(),
-                                      ep.node_name, zone, pod)
+                                      ep.node_name, zone, pod, source)
                 key = (backend.ip, backend.port)
                 if key not in found or backend.rank() < found[key].rank():
                     found[key] = backend
@@ -518,12 +534,25 @@ def _addr_order(b: BackendView) -> tuple[int, int]:
     return allocator.ip_token(b.ip), b.port
 
 
-def select_slots(backends: list[BackendView]) -> list[BackendView]:
-    """Active backends; if there are none, the serving terminating ones (fallback)."""
-    active = [b for b in backends if b.state == LB_STATE_ACTIVE]
-    if active:
-        return active
-    return [b for b in backends if b.state == LB_STATE_TERMINATING and b.serving]
+def select_slots(backends: list[BackendView], affinity: str = AFFINITY_NONE) -> list[BackendView]:
+    """Active backends; if there are none, the serving terminating ones (fallback). With
+    ClusterMesh affinity ``local`` (``remote``) the active backends of this cluster (of
+    connected clusters) come first and the others are used only while there are none."""
+    if affinity in (AFFINITY_LOCAL, AFFINITY_REMOTE):
+        want_remote = affinity == AFFINITY_REMOTE
+        groups = [[b for b in backends if bool(b.cluster) == want_remote],
+                  [b for b in backends if bool(b.cluster) != want_remote]]
+    else:
+        groups = [backends]
+    for group in groups:
+        active = [b for b in group if b.state == LB_STATE_ACTIVE]
+        if active:
+            return active
+    for group in groups:
+        fallback = [b for b in group if b.state == LB_STATE_TERMINATING and b.serving]
+        if fallback:
+            return fallback
+    return []
 
 
 # ---------------------------------------------------------------- the model
@@ -724,15 +753,17 @@ def build_rows(part: ServicePart, owners: dict[str, Ref], nodes: dict[str, NodeV
             continue  # the same frontend twice in one Service (e.g. externalIP = LB IP)
         taken.add(key)
         owned.append((sport, plan))
+    mesh = global_service(part.manifest)
     with alloc.tracking() as used:
         for sport, plan in owned:
             assert svc is not None
-            backends = port_backends(sport, part.slices, nodes)
+            backends = port_backends(sport, part.slices, nodes, use_remote=mesh.is_global)
             service_id = alloc.service_id.allocate(f"{plan.address}:{plan.port}/{plan.proto}")
             if service_id is None:
                 part.row_problems.append(f"Service {ref[0]}/{ref[1]}: service ids exhausted")
                 continue
-            frontend = _frontend(ref, svc, sport, backends, plan, service_id, alloc, cfg, part.row_problems)
+            frontend = _frontend(ref, svc, sport, backends, plan, service_id, alloc, cfg, part.row_problems,
+                                 mesh.affinity)
             if frontend is not None:
                 part.frontends[plan.key] = frontend
     part.used_rows, part.missed_rows = used.frozen(), frozenset(used.missed)
@@ -840,7 +871,7 @@ def _frontends(
 
 def _frontend(
     ref: Ref, svc: Service, sport: ServicePort, backends: list[BackendView], plan: FrontendPlan,
-    service_id: int, alloc: Allocations, cfg: Config, problems: list[str],
+    service_id: int, alloc: Allocations, cfg: Config, problems: list[str], affinity: str = AFFINITY_NONE,
 ) -> LBFrontend | None:
     spec = svc.spec
     name = f"{ref[0]}/{ref[1]}"
@@ -879,15 +910,15 @@ def _frontend(
             if b.node:
                 by_node.setdefault(b.node, []).append(b)
         for node in sorted(by_node):
-            chosen = select_slots(by_node[node])
+            chosen = select_slots(by_node[node], affinity)
             if chosen:
                 slots_by_node[node] = slot_ids(chosen)
                 if algorithm == "maglev":
                     maglev_by_node[node] = table(chosen)
-        in_slots = {(b.ip, b.port) for node in by_node for b in select_slots(by_node[node])}
+        in_slots = {(b.ip, b.port) for node in by_node for b in select_slots(by_node[node], affinity)}
         ordered = [b for b in backends if (b.ip, b.port) in in_slots]
     else:
-        slots = select_slots(backends)
+        slots = select_slots(backends, affinity)
         if algorithm == "maglev" and slots:
             maglev_table = table(slots)
         ordered = list(slots)
@@ -905,7 +936,7 @@ def _frontend(
         port_name=sport.name,
         backends=[
             LBBackend(id=ids[(b.ip, b.port)], ip=b.ip, port=b.port, proto=b.proto, state=b.state,
-                      serving=b.serving, node=b.node, zone=b.zone, pod=b.pod)
+                      serving=b.serving, node=b.node, zone=b.zone, pod=b.pod, cluster=b.cluster)
             for b in ordered
         ],
         slots=slot_ids(slots),

@@ -8,7 +8,7 @@ Invariants:
   recomputes only the Services they touch, and diffs only those rows. Either way only the
   difference is written; a restart re-reads inputs, allocations and output and writes
   nothing when nothing changed.
-- Nothing is computed before every input watch (resources Service/EndpointSlice/Pod/Node,
+- Nothing is computed before every input watch (resources Service/EndpointSlice/Pod/Node, mesh,
   status Pod/Node) has delivered its initial state and the allocations and the current
   output have been read.
 - Allocations are persisted (KV create = compare-and-set) before any output uses them; a
@@ -52,14 +52,15 @@ from ciliary.events import subjects as events
 from ciliary.events.changes import start_change_events
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.store import kv_key, now_rfc3339
-from ciliary.watch import PassLoop, entries_only
-from services.servicelb import allocator, incremental, model
+from ciliary.watch import PassLoop, decoder, entries_only
+from services.servicelb import allocator, incremental, meshslices, model
 from services.servicelb.inputs import InputDecoder
 from services.servicelb.settings import config_from_env
 
 log = logging.getLogger(__name__)
 
 WATCHED_KINDS = ("Service", "EndpointSlice", "Pod", "Node")
+MESH = "mesh"  # change source: bucket ``mesh`` (connected clusters' global services)
 STATUS_KINDS = ("Pod", "Node")
 RECONCILE = "servicelb/reconcile"
 
@@ -95,6 +96,7 @@ class ServiceLB:
         self.logged: set[str] = set()
         self.reconciles = 0
         self.decoder = InputDecoder(self._log_once)
+        self.mesh: dict[str, schema.MeshService] = {}  # bucket mesh: connected clusters' global services
 
     # ------------------------------------------------------------------ inputs
 
@@ -108,6 +110,10 @@ class ServiceLB:
             mirror = self.ctx.mirror(tg, schema.BUCKET_STATUS, f"{kind}.>", name=f"{schema.BUCKET_STATUS}/{kind}")
             mirror.notify(self.loop).listen(self._collect(f"status/{kind}"))
             self.status[kind] = mirror.entries
+        mesh = self.ctx.mirror(tg, schema.BUCKET_MESH, f"{schema.MESH_SERVICE_PREFIX}.>",
+                               decode=decoder(schema.MeshService))
+        mesh.notify(self.loop).listen(self._collect(MESH))
+        self.mesh = mesh.values
         tg.create_task(self.loop.run(), name="servicelb-reconcile")
 
     def _collect(self, source: str) -> Callable[[Any], None]:
@@ -212,7 +218,12 @@ class ServiceLB:
         """The whole pass: every input decoded, every Service recomputed, every row diffed."""
         started = time.monotonic()
         self.changes.clear()  # what they changed is in the mirrors read now
-        self.engine.load(self.decoder.inputs(self.resources, self.status), started)
+        inputs = self.decoder.inputs(self.resources, self.status)
+        for key, record in self.mesh.items():
+            ref = meshslices.slice_ref(key)
+            if ref is not None:
+                inputs.slices[ref] = meshslices.mesh_slice(record)
+        self.engine.load(inputs, started)
         await self._rebuild_and_write(started)
 
     async def reconcile_changes(self) -> None:
@@ -240,6 +251,12 @@ class ServiceLB:
     def _feed(self, source: str, key: str) -> None:
         """Hand the engine what one changed key gives the model now."""
         engine = self.engine
+        if source == MESH:  # a connected cluster's global service: one slice
+            ref = meshslices.slice_ref(key)
+            if ref is not None:
+                record = self.mesh.get(key)
+                engine.set_slice(ref, None if record is None else meshslices.mesh_slice(record))
+            return
         if source.startswith("status/"):
             kind = source.split("/", 1)[1]
             before, now = self.decoder.status(kind, key, self.status[kind].get(key))
