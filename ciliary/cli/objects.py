@@ -4,8 +4,10 @@ Invariants:
 - Bad input (manifests, arguments) is reported as one clear message per problem, naming
   file, document, object and field (``ManifestError``), or as a ``CliError`` — never a
   traceback. Nothing is applied when any object of the input is invalid.
-- ``get`` has ``-o json`` / ``-o yaml`` (one object, or a ``List``); tables are aligned,
-  with the kind's columns between NAME and AGE, like ``kubectl get``.
+- ``get`` shows objects as an API server would (``ciliary.kubeshape``): ``-o json`` /
+  ``-o yaml`` (one object, or a ``List``), ``-o jsonpath=TEMPLATE`` (``ciliary.jsonpath``,
+  checked before connecting), ``-o name``, and tables with kubectl's columns, ``-o wide``
+  adding kubectl's wide ones (``gettable``).
 - Reads and writes go through ``ciliary.store.ResourceStore`` on the command's bus.
 - ``apply`` parses and validates everything before it connects (a large file in parts
   on every core, the cyclic garbage collector kept off the loaded objects), then writes
@@ -23,12 +25,11 @@ import argparse
 import gc
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from ciliary import output, tracing
+from ciliary import jsonpath, kubeshape, output, tracing
 from ciliary.bus import Bus
-from ciliary.cli import common
+from ciliary.cli import common, gettable
 from ciliary.resources import KINDS, Resource, load_manifests, resolve_kind
 from ciliary.store import ResourceStore, StoredObject
 
@@ -146,73 +147,53 @@ def cmd_get(args: argparse.Namespace) -> int:
             return [found]
         return await store.list(kind, namespace)
 
+    template = _jsonpath_template(args.output)
     objects = common.run_with_bus(args, work)
+    shaped = [kubeshape.shape(o.to_manifest()) for o in objects]
+    data = shaped[0] if args.name else kubeshape.as_list(shaped)
     if args.output == "json":
-        items = [o.to_manifest() for o in objects]
-        print(output.to_json(items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}))
+        print(output.to_json(data))
     elif args.output == "yaml":
-        items = [o.to_manifest() for o in objects]
-        print(output.to_yaml(items[0] if args.name else {"apiVersion": "v1", "kind": "List", "items": items}), end="")
+        print(output.to_yaml(data), end="")
+    elif template is not None:
+        sys.stdout.write(template.render(data))
+    elif args.output == "name":
+        print("".join(f"{_resource_name(o.record.api_version, kind)}/{o.record.name}\n"
+                      for o in objects), end="")
     else:
         if not objects:
             where = "" if namespace is None or not namespaced else f" in {namespace} namespace"
             print(f"No {KINDS[kind].plural} found{where}.", file=sys.stderr)
             return 0
-        print(render_table(kind, objects, show_namespace=namespace is None))
+        print(gettable.render(kind, shaped, show_namespace=namespace is None,
+                              wide=args.output == "wide"))
     return 0
 
 
-def _service_ports(spec: dict[str, Any]) -> str:
-    return ",".join(
-        f"{p.get('port')}{':' + str(p['nodePort']) if p.get('nodePort') else ''}/{p.get('protocol', 'TCP')}"
-        for p in spec.get("ports") or []
-    ) or "<none>"
+def _resource_name(api_version: str, kind: str) -> str:
+    """How ``kubectl -o name`` names a kind: ``pod``, ``networkpolicy.networking.k8s.io``."""
+    group = api_version.rpartition("/")[0]
+    return f"{kind.lower()}.{group}" if group else kind.lower()
 
 
-def _slice_endpoints(manifest: dict[str, Any]) -> str:
-    addrs = [a for e in manifest.get("endpoints") or [] for a in e.get("addresses", [])]
-    return ",".join(addrs[:3]) + (f" + {len(addrs) - 3} more" if len(addrs) > 3 else "")
+OUTPUT_FORMATS = ("table", "wide", "json", "yaml", "name")
 
 
-# kind -> the columns between NAME and AGE: (header, value from manifest, spec, status)
-Column = tuple[str, Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], Any]]
-TABLE_COLUMNS: dict[str, list[Column]] = {
-    "Pod": [
-        ("STATUS", lambda m, spec, st: st.get("phase", "Pending")),
-        ("IP", lambda m, spec, st: st.get("podIP", "<none>")),
-        ("NODE", lambda m, spec, st: spec.get("nodeName", "<none>")),
-    ],
-    "Service": [
-        ("TYPE", lambda m, spec, st: spec.get("type", "ClusterIP")),
-        ("CLUSTER-IP", lambda m, spec, st: st.get("clusterIP") or spec.get("clusterIP") or "<pending>"),
-        ("PORT(S)", lambda m, spec, st: _service_ports(spec)),
-    ],
-    "Node": [
-        ("STATUS", lambda m, spec, st: st.get("phase", "Ready" if st else "Registered")),
-        ("POD-CIDR", lambda m, spec, st: spec.get("podCIDR") or st.get("podCIDR") or "<none>"),
-    ],
-    "EndpointSlice": [
-        ("ADDRESSTYPE", lambda m, spec, st: m.get("addressType", "")),
-        ("ENDPOINTS", lambda m, spec, st: _slice_endpoints(m)),
-    ],
-}
+def output_format(value: str) -> str:
+    """``-o``: one of OUTPUT_FORMATS or ``jsonpath=TEMPLATE``."""
+    if value in OUTPUT_FORMATS or value.startswith("jsonpath="):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"unknown output format {value!r}: use one of {', '.join(OUTPUT_FORMATS)} or jsonpath=TEMPLATE")
 
 
-def render_table(kind: str, objects: list[StoredObject], *, show_namespace: bool) -> str:
-    columns = TABLE_COLUMNS.get(kind, [])
-    headers = (["NAMESPACE"] if show_namespace else []) + ["NAME", *(h for h, _ in columns), "AGE"]
-    rows: list[list[Any]] = []
-    for obj in objects:
-        manifest = obj.to_manifest()
-        spec = manifest.get("spec") or {}
-        status = manifest.get("status") or {}
-        rows.append([
-            *([obj.record.namespace] if show_namespace else []),
-            obj.record.name,
-            *(value(manifest, spec, status) for _, value in columns),
-            output.age_since_rfc3339(obj.record.created),
-        ])
-    return output.table(headers, rows)
+def _jsonpath_template(value: str) -> jsonpath.Template | None:
+    if not value.startswith("jsonpath="):
+        return None
+    try:
+        return jsonpath.compile_template(value[len("jsonpath="):])
+    except jsonpath.JSONPathError as err:
+        raise common.CliError(f"error parsing jsonpath {value[len('jsonpath='):]!r}: {err}") from None
 
 
 def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
@@ -235,5 +216,6 @@ def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> Non
     p.add_argument("name", nargs="?")
     p.add_argument("-n", "--namespace")
     p.add_argument("-A", "--all-namespaces", action="store_true")
-    p.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    p.add_argument("-o", "--output", type=output_format, default="table",
+                   help="table (default), wide, json, yaml, name or jsonpath=TEMPLATE")
     p.set_defaults(func=cmd_get)
