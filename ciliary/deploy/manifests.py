@@ -343,13 +343,11 @@ def node_daemonset(values: Values) -> Obj:
         "name": "install-cni",
         "image": values.image,
         "imagePullPolicy": values.image_pull_policy,
-        "command": ["python", "-m", "services.node.cniinstall", "--bin-dir", f"{HOST_MOUNT}{values.node.cni_bin_dir}",
-                    "--runtime-dir", f"{HOST_MOUNT}/opt/ciliary"],
+        "command": ["python", "-m", "services.node.cniinstall", "--bin-dir", f"{HOST_MOUNT}{values.node.cni_bin_dir}"],
         "resources": _resources(Resources()),
         "securityContext": {"runAsUser": 0, "allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"], "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"]}},
-        "volumeMounts": [{"name": "cni-bin", "mountPath": f"{HOST_MOUNT}{values.node.cni_bin_dir}"},
-                         {"name": "cni-runtime", "mountPath": f"{HOST_MOUNT}/opt/ciliary"}],
+        "volumeMounts": [{"name": "cni-bin", "mountPath": f"{HOST_MOUNT}{values.node.cni_bin_dir}"}],
     }
     return {
         "apiVersion": "apps/v1",
@@ -377,7 +375,6 @@ def node_daemonset(values: Values) -> Obj:
                         _host_path("cgroup2", "/sys/fs/cgroup", "Directory"),
                         _host_path("cni-bin", values.node.cni_bin_dir),
                         _host_path("cni-conf", values.node.cni_conf_dir),
-                        _host_path("cni-runtime", "/opt/ciliary"),
                         _host_path("state", STATE_DIR),
                         _host_path("netns", "/var/run/netns"),
                         _host_path("lib-modules", "/lib/modules", "Directory"),

@@ -1,7 +1,8 @@
 """``ciliary-cni``: the CNI 1.0 plugin, invoked by a container runtime (or the pod runner).
 
 Invariants:
-- ADD wires the runtime's named network namespace to the node (``netns.wire_endpoint``),
+- ADD wires the runtime's named network namespace to the node (``netns.wire_endpoint``;
+  with ``"mode": "host"`` the node is the namespace the plugin runs in),
   takes an address from host-local IPAM, and registers the endpoint with the node
   executor over NATS when the configuration names ``natsUrl``; if any step fails,
   what was done is undone and a CNI error is printed — never a half-wired endpoint.
@@ -90,9 +91,10 @@ def cmd_add(req: Request) -> dict[str, Any]:
         raise CNIError(ERR_IPAM, f"IPAM: {err}") from err
     host_if = _host_ifname(req)
     try:
-        ep = netns.wire_endpoint(req.conf.cluster, req.conf.node, req.container_id, pns, host_if, req.ifname, ip)
+        ep = netns.wire_endpoint(req.conf.cluster, req.conf.node, req.container_id, pns, host_if, req.ifname, ip,
+                                 host=req.conf.host_mode)
     except Exception as err:
-        netns.unwire_endpoint(req.conf.cluster, req.conf.node, host_if)
+        netns.unwire_endpoint(req.conf.cluster, req.conf.node, host_if, host=req.conf.host_mode)
         ipam.release(req.container_id)
         raise CNIError(ERR_INTERFACE, f"wiring {req.ifname} in {pns}: {err}") from err
     reply = register(req, schema.EndpointRegistration(
@@ -101,7 +103,7 @@ def cmd_add(req: Request) -> dict[str, Any]:
         host_ifindex=ep.host_ifindex, ip=ip, mac=ep.pod_mac,
     ))
     if not reply.ok:
-        netns.unwire_endpoint(req.conf.cluster, req.conf.node, host_if)
+        netns.unwire_endpoint(req.conf.cluster, req.conf.node, host_if, host=req.conf.host_mode)
         ipam.release(req.container_id)
         raise CNIError(ERR_TRY_AGAIN, f"node executor did not accept the endpoint: {reply.error}")
     return add_result(
@@ -117,7 +119,7 @@ def cmd_del(req: Request) -> None:
         op="del", container_id=req.container_id, pod_namespace=req.pod_namespace,
         pod_name=req.pod_name, ifname=req.ifname, host_ifname=_host_ifname(req), ip=ip,
     ))
-    netns.unwire_endpoint(req.conf.cluster, req.conf.node, _host_ifname(req))
+    netns.unwire_endpoint(req.conf.cluster, req.conf.node, _host_ifname(req), host=req.conf.host_mode)
     ipam.release(req.container_id)
 
 
@@ -126,7 +128,8 @@ def cmd_check(req: Request) -> None:
     ip = _ipam(req).lookup(req.container_id)
     if ip is None:
         raise CNIError(ERR_UNKNOWN_CONTAINER, f"container {req.container_id} has no address")
-    links = netns.endpoint_links(req.conf.cluster, req.conf.node, _host_ifname(req), pns, req.ifname)
+    links = netns.endpoint_links(req.conf.cluster, req.conf.node, _host_ifname(req), pns, req.ifname,
+                                 host=req.conf.host_mode)
     if links is None:
         raise CNIError(ERR_CHECK_FAILED, f"interfaces of container {req.container_id} are missing")
     if ip not in links["addresses"]:

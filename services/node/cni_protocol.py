@@ -60,6 +60,7 @@ class NetConf:
     subnet: str
     ipam_dir: str
     nats_url: str = ""
+    host_mode: bool = False  # "mode": "host": the node side is the plugin's own namespace
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,6 +120,9 @@ def parse_netconf(stdin: str) -> NetConf:
     for key in ("cluster", "node"):
         if not isinstance(raw.get(key), str) or not raw.get(key):
             raise CNIError(ERR_INVALID_CONFIG, f"network configuration: {key} is required")
+    mode = raw.get("mode", "sandbox")
+    if mode not in ("sandbox", "host"):
+        raise CNIError(ERR_INVALID_CONFIG, f"network configuration: mode must be 'sandbox' or 'host', got {mode!r}")
     return NetConf(
         cni_version=version,
         name=str(raw.get("name", "ciliary")),
@@ -128,6 +132,7 @@ def parse_netconf(stdin: str) -> NetConf:
         subnet=subnet,
         ipam_dir=str(ipam.get("dataDir", "/var/lib/ciliary/ipam")),
         nats_url=str(raw.get("natsUrl", "")),
+        host_mode=mode == "host",
         raw=raw,
     )
 

@@ -149,7 +149,7 @@ class RingReader:
 class Datapath:
     """The compiled programs and pinned maps of one node."""
 
-    def __init__(self, cluster: str, node: str, netns_name: str,
+    def __init__(self, cluster: str, node: str, netns_name: str | None,
                  pin_root: str = DEFAULT_PIN_ROOT, map_sizes: MapSizes = MapSizes(),
                  ct_timeouts: CtTimeouts = CtTimeouts()):
         self.cluster = cluster

@@ -8,10 +8,16 @@ Topology of one cluster, all of it inside namespaces this module creates:
     ciliary-<cluster>-<node>-<h> pod: ``eth0`` with the pod IP/32, default route via
                                  169.254.1.1 (onlink, static neighbour = host veth MAC)
 
+In host mode (``host=True``) the node is the namespace the caller runs in — a real
+node's host namespace, as a hostNetwork DaemonSet pod sees it — and pods are the
+namespaces a container runtime created; no node or underlay namespace exists.
+
 Invariants:
-- Nothing is ever created in, moved to, or routed through the caller's (root)
-  namespace: veth pairs are created inside a ``ciliary-`` namespace and their
+- Sandbox mode: nothing is ever created in, moved to, or routed through the caller's
+  (root) namespace: veth pairs are created inside a ``ciliary-`` namespace and their
   peer is moved straight into another ``ciliary-`` namespace.
+- Host mode: only the caller's own namespace (the node) and the named pod namespace the
+  runtime passed are touched; a pod namespace that is the caller's own is refused.
 - Every namespace and every link is named ``ciliary-...`` (links are at most 15
   characters: ``ciliary-`` + 7 hex digits of a name hash), except the pod's
   ``eth0``, which dies with the pod namespace.
@@ -159,15 +165,45 @@ def run_in_netns(name: str, fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def set_sysctls(name: str, values: dict[str, str]) -> None:
-    """Write ``/proc/sys/<key>`` values inside netns ``name`` (keys use '/')."""
+def set_sysctls(name: str | None, values: dict[str, str]) -> None:
+    """Write ``/proc/sys/<key>`` values inside netns ``name`` (keys use '/'); ``None`` is
+    the caller's own namespace."""
 
     def write() -> None:
         for key, value in values.items():
             with open(f"/proc/sys/{key}", "w") as f:
                 f.write(value)
 
-    run_in_netns(name, write)
+    if name is None:
+        write()
+    else:
+        run_in_netns(name, write)
+
+
+def node_side(cluster: str, node: str, host: bool) -> str | None:
+    """The namespace holding the node side of endpoints: the sandbox node's, or (host
+    mode) ``None``, the caller's own."""
+    return None if host else node_netns(cluster, node)
+
+
+def is_own_netns(name: str) -> bool:
+    """Whether named namespace ``name`` is the one the caller runs in."""
+    try:
+        return os.stat(os.path.join(NETNS_RUN_DIR, name)).st_ino == os.stat("/proc/self/ns/net").st_ino
+    except FileNotFoundError:
+        return False
+
+
+def host_address() -> tuple[str, str]:
+    """(address, device) of the first global IPv4 address of the caller's namespace, or
+    ("", "") when it has none."""
+    with IPRoute() as ipr:
+        for addr in ipr.get_addr(family=2):
+            if addr.get("scope", 0) == 0:
+                index = addr["index"]
+                name = ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
+                return addr.get_attr("IFA_ADDRESS"), name
+    return "", ""
 
 
 def ensure_netns(name: str) -> None:
@@ -208,8 +244,8 @@ def _link(ipr: IPRoute, ifname: str) -> dict | None:
     return ipr.get_links(idx[0])[0]
 
 
-def veth_into(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
-    """veth ``name_a`` in ``ns_a`` paired with ``name_b`` in ``ns_b``."""
+def veth_into(ns_a: str | None, name_a: str, ns_b: str, name_b: str) -> None:
+    """veth ``name_a`` in ``ns_a`` (``None``: the caller's) paired with ``name_b`` in ``ns_b``."""
     with IPRoute(netns=ns_a) as ipr:
         if ipr.link_lookup(ifname=name_a):
             return
@@ -290,9 +326,9 @@ def _create_node(cluster: str, node: str, underlay_cidr: str) -> NodeNet:
         return NodeNet(cluster, node, ns, node_side, idx, link.get("address"), str(iface.ip))
 
 
-def route_pod_cidr(cluster: str, node: str, cidr: str, via: str) -> None:
+def route_pod_cidr(cluster: str, node: str, cidr: str, via: str, *, host: bool = False) -> None:
     """Direct routing: in ``node``, reach ``cidr`` (another node's pods) via underlay IP ``via``."""
-    with IPRoute(netns=node_netns(cluster, node)) as ipr:
+    with IPRoute(netns=node_side(cluster, node, host)) as ipr:
         ipr.route("replace", dst=cidr, gateway=via)
 
 
@@ -333,13 +369,16 @@ def create_endpoint(cluster: str, node: str, pod: str, ip: str) -> Endpoint:
 
 
 def wire_endpoint(cluster: str, node: str, pod: str, pns: str, host_if: str, pod_if: str,
-                  ip: str) -> Endpoint:
+                  ip: str, *, host: bool = False) -> Endpoint:
     """Wire the existing namespace ``pns`` to node ``node``: a veth whose host side
-    ``host_if`` lives in the node namespace and whose pod side is ``pod_if`` (ip/32,
-    default route via the link-local gateway). Idempotent."""
-    if not pns.startswith(PREFIX):
+    ``host_if`` lives in the node namespace (host mode: the caller's) and whose pod side
+    is ``pod_if`` (ip/32, default route via the link-local gateway). Idempotent."""
+    if host:
+        if is_own_netns(pns):
+            raise ValueError(f"refusing to wire the node's own namespace {pns} as a pod")
+    elif not pns.startswith(PREFIX):
         raise ValueError(f"refusing to wire a namespace without prefix {PREFIX}: {pns}")
-    node_ns = node_netns(cluster, node)
+    node_ns = node_side(cluster, node, host)
     tmp_if = link_name(cluster, node, pod, "peer")
     set_sysctls(pns, _NO_IPV6)
     with IPRoute(netns=pns) as ipr:
@@ -347,10 +386,10 @@ def wire_endpoint(cluster: str, node: str, pod: str, pns: str, host_if: str, pod
     if not have_pod_if:
         veth_into(node_ns, host_if, pns, tmp_if)
     with IPRoute(netns=node_ns) as ipr:
-        host = _link(ipr, host_if)
-        if host is None:
-            raise RuntimeError(f"{host_if} missing in {node_ns} while {pns} has {pod_if}")
-        host_idx, host_mac = host["index"], host.get("address")
+        host_link = _link(ipr, host_if)
+        if host_link is None:
+            raise RuntimeError(f"{host_if} missing in {node_ns or 'the node'} while {pns} has {pod_if}")
+        host_idx, host_mac = host_link["index"], host_link.get("address")
     with IPRoute(netns=pns) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         if not have_pod_if:
@@ -375,31 +414,32 @@ def wire_endpoint(cluster: str, node: str, pod: str, pns: str, host_if: str, pod
         ipr.neigh("replace", dst=ip, lladdr=pod_mac, ifindex=host_idx,
                   state=nud_states["permanent"])
         ipr.route("replace", dst=f"{ip}/32", oif=host_idx, scope=253)
-    return Endpoint(cluster, node, pod, pns, node_ns, host_if, host_idx, host_mac,
+    return Endpoint(cluster, node, pod, pns, node_ns or "", host_if, host_idx, host_mac,
                     pod_if, pod_idx, pod_mac, ip)
 
 
-def endpoint_links(cluster: str, node: str, host_if: str, pns: str, pod_if: str) -> dict | None:
+def endpoint_links(cluster: str, node: str, host_if: str, pns: str, pod_if: str, *,
+                   host: bool = False) -> dict | None:
     """What exists of a wired endpoint: host/pod ifindex and the pod's addresses, or None."""
-    node_ns = node_netns(cluster, node)
-    if node_ns not in netns.listnetns() or pns not in netns.listnetns():
+    node_ns = node_side(cluster, node, host)
+    if (node_ns is not None and node_ns not in netns.listnetns()) or pns not in netns.listnetns():
         return None
     with IPRoute(netns=node_ns) as ipr:
-        host = _link(ipr, host_if)
+        host_link = _link(ipr, host_if)
     with IPRoute(netns=pns) as ipr:
         pod = _link(ipr, pod_if)
         addrs = [] if pod is None else [
             a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=pod["index"], family=2)
         ]
-    if host is None or pod is None:
+    if host_link is None or pod is None:
         return None
-    return {"host_ifindex": host["index"], "pod_ifindex": pod["index"], "addresses": addrs}
+    return {"host_ifindex": host_link["index"], "pod_ifindex": pod["index"], "addresses": addrs}
 
 
-def unwire_endpoint(cluster: str, node: str, host_if: str) -> None:
+def unwire_endpoint(cluster: str, node: str, host_if: str, *, host: bool = False) -> None:
     """Remove the host veth (which removes its pod peer and the routes). Idempotent."""
-    node_ns = node_netns(cluster, node)
-    if node_ns not in netns.listnetns():
+    node_ns = node_side(cluster, node, host)
+    if node_ns is not None and node_ns not in netns.listnetns():
         return
     with IPRoute(netns=node_ns) as ipr:
         for idx in ipr.link_lookup(ifname=host_if):

@@ -194,15 +194,16 @@ def ensure_cgroup2() -> str:
     return FALLBACK_CGROUP2
 
 
-def netns_cookie(netns_name: str) -> int:
-    """The netns cookie of namespace ``netns_name`` (``SO_NETNS_COOKIE``)."""
+def netns_cookie(netns_name: str | None) -> int:
+    """The netns cookie of namespace ``netns_name`` (``SO_NETNS_COOKIE``; ``None``: the
+    caller's own, a host-mode node)."""
     from services.node import netns
 
     def read() -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
-    return netns.run_in_netns(netns_name, read)
+    return read() if netns_name is None else netns.run_in_netns(netns_name, read)
 
 
 def attach_prog(cgroup: Path, prog_fd: int, attach_type: int) -> None:
@@ -288,7 +289,7 @@ class SockLB:
 
     cluster: str
     node: str
-    netns_name: str
+    netns_name: str | None
     mode: str
     base_cflags: list[str]
     pin_dir: Path
