@@ -46,6 +46,7 @@ from services.node.datapath import MapSizes
 from services.node.endpoints import EndpointBook
 from services.node.events import EventPump
 from services.node.kernel import NodeKernel
+from services.node.meshroutes import MeshRoutes
 from services.node.pods import PodRunner, RunnerConfig
 from services.node.reconciler import ReconcileLoop, Reconciler
 from services.node.socklb import ENV_MODE as ENV_SOCKET_LB
@@ -161,6 +162,7 @@ class NodeAgent:
         self.runner.deregister = self._deregister
         self._watch_desired_state(tg)
         self._watch_nodes(tg)
+        MeshRoutes(self.kernel, self.cluster).start(tg, self.bus)  # ClusterMesh: connected clusters' nodes
         self._watch_pods(tg, self.runner)
         tg.create_task(self._housekeeping(), name="housekeeping")
         self.ctx.watch_synced("node/datapath")

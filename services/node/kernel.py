@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from services.node import debug, netns, world
+from services.node import debug, meshlink, netns, world
 from services.node.datapath import Datapath, MapSizes, ensure_bpffs
 from services.node.layouts import FlowEvent
 from services.node.maps import MapOps
@@ -60,6 +60,21 @@ class NodeKernel:
     async def route_pod_cidr(self, cidr: str, via: str) -> None:
         """Direct routing: another node's pod CIDR via its underlay address."""
         await asyncio.to_thread(netns.route_pod_cidr, self.cluster, self.node, cidr, via)
+
+    async def link_mesh(self, remote_cluster: str) -> bool:
+        """ClusterMesh: the underlay link to ``remote_cluster`` (False when it is not on
+        this machine)."""
+        return await asyncio.to_thread(meshlink.ensure_link, self.cluster, remote_cluster)
+
+    async def unlink_mesh(self, remote_cluster: str) -> None:
+        await asyncio.to_thread(meshlink.remove_link, self.cluster, remote_cluster)
+
+    async def route_remote_node(self, address: str, pod_cidr: str) -> None:
+        """ClusterMesh: a connected cluster's node (underlay ``address``) and its pods."""
+        await asyncio.to_thread(meshlink.route_remote_node, self.cluster, self.node, address, pod_cidr)
+
+    async def unroute_remote_node(self, address: str, pod_cidr: str) -> None:
+        await asyncio.to_thread(meshlink.unroute_remote_node, self.cluster, self.node, address, pod_cidr)
 
     async def create_pod_namespace(self, name: str) -> None:
         await asyncio.to_thread(netns.ensure_netns, name)

@@ -199,3 +199,41 @@ def test_remote_pods_enter_the_ipcache_below_local_pods() -> None:
     out = desired_ipcache([], {}, {}, {}, "east", 3, [remote])
     assert out["10.2.1.5_32"] == remote
     assert out["0.0.0.0_0"].cluster == "east"
+
+
+class FakeKernel:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ...]] = []
+
+    async def link_mesh(self, remote: str) -> bool:
+        self.calls.append(("link", remote))
+        return True
+
+    async def unlink_mesh(self, remote: str) -> None:
+        self.calls.append(("unlink", remote))
+
+    async def route_remote_node(self, address: str, cidr: str) -> None:
+        self.calls.append(("route", address, cidr))
+
+    async def unroute_remote_node(self, address: str, cidr: str) -> None:
+        self.calls.append(("unroute", address, cidr))
+
+
+async def test_mesh_routes_link_route_and_withdraw() -> None:
+    from services.node.meshroutes import MeshRoutes, plan
+
+    node = schema.MeshNode(name="node-1", cluster="west", cluster_id=WEST, address="172.30.2.1",
+                           pod_cidr="10.2.1.0/24")
+    bad = schema.MeshNode(name="node-2", cluster="west", cluster_id=WEST, address="nowhere")
+    mine = schema.MeshNode(name="node-1", cluster="east", cluster_id=3, address="172.30.3.1")
+    assert plan({"a": node, "b": bad, "c": mine}, "east") == {("west", "172.30.2.1", "10.2.1.0/24")}
+    kernel = FakeKernel()
+    routes = MeshRoutes(kernel, "east")
+    routes.mirror.values["node.west.node-1"] = node
+    await routes._pass()
+    assert kernel.calls == [("link", "west"), ("route", "172.30.2.1", "10.2.1.0/24")]
+    await routes._pass()  # nothing new
+    assert len(kernel.calls) == 2
+    routes.mirror.values.clear()  # west withdrawn
+    await routes._pass()
+    assert kernel.calls[2:] == [("unroute", "172.30.2.1", "10.2.1.0/24"), ("unlink", "west")]
