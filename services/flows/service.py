@@ -18,7 +18,9 @@ entries, default 100000; ``CILIARY_FLOWS_NAMES_MIN_TTL`` seconds, default 3600) 
 ``source_names``/``destination_names``; its counters are in the health detail.
 While the ``flows`` topic of the public event API is active (``CILIARY_EVENTS`` or a
 subscriber's lease, ``ciliary.events``), the flows of each raw batch are also published as
-``ciliary observe -o json`` lines on ``ciliary.events.flows.<cluster>.<node>``. The metrics
+``ciliary observe -o json`` lines on ``ciliary.events.flows.<cluster>.<node>``. With
+``CILIARY_FLOWS_OTEL_LOGS=1`` and an OTLP endpoint, every flow is also exported as an
+OpenTelemetry log record (``ciliary.tracing_flows``). The metrics
 (HTTP and ``ciliary.flows.metrics``) are the Hubble families followed by the node and
 control-plane families of the services' health reports (``healthscrape.py``).
 
@@ -55,6 +57,7 @@ from ciliary.bus import BusError, KVEntry, Message
 from ciliary.events import subjects as events
 from ciliary.events.publisher import EventPublisher
 from ciliary.runtime import Context, mirror_kinds
+from ciliary.tracing_flows import FlowLogs
 from ciliary.watch import entries_only
 
 from .core import METRICS_CONTENT_TYPE, FlowsCore, QueryPlan
@@ -131,6 +134,7 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     publisher = EventPublisher(ctx.bus, ctx.settings.cluster, (events.FLOWS,))
     await publisher.start()
     ctx.detail["events"] = publisher.stats
+    flow_logs = FlowLogs.from_env("flows", cluster=ctx.settings.cluster, instance=ctx.settings.instance)
 
     async def on_raw(msg: Message) -> None:
         flows = core.ingest(msg.data)
@@ -143,6 +147,8 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
                 await ctx.bus.publish(subject, data)
             if publisher.active(events.FLOWS):
                 await publisher.publish_flows(flows, cluster, node)
+            if flow_logs is not None:
+                flow_logs.emit(flows)
         if export is not None and flows:
             try:
                 export_queue.put_nowait(export.lines(flows))

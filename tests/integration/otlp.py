@@ -1,5 +1,6 @@
-"""An OTLP/HTTP trace receiver for tests: aiohttp on a loopback port, decoding
-``ExportTraceServiceRequest`` with opentelemetry-proto into flat ``ReceivedSpan`` rows."""
+"""An OTLP/HTTP receiver for tests: aiohttp on a loopback port, decoding
+``ExportTraceServiceRequest`` and ``ExportLogsServiceRequest`` with opentelemetry-proto
+into flat ``ReceivedSpan`` / ``ReceivedLog`` rows."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from typing import Any
 
 from aiohttp import web
 from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -31,17 +36,31 @@ class ReceivedSpan:
     resource: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ReceivedLog:
+    service: str
+    time_unix_nano: int
+    severity: str
+    body: Any
+    event_name: str
+    attributes: dict[str, Any]
+
+
 def _value(v: AnyValue) -> Any:
     kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
     return getattr(v, kind) if kind in ("string_value", "bool_value", "int_value", "double_value") else str(v)
 
 
 @dataclass
 class OTLPReceiver:
-    """``POST /v1/traces`` collects spans; anything else that arrives is counted."""
+    """``POST /v1/traces`` collects spans, ``POST /v1/logs`` log records; every request
+    is counted, undecodable ones answered 400."""
 
     port: int = field(default_factory=free_port)
     spans: list[ReceivedSpan] = field(default_factory=list)
+    logs: list[ReceivedLog] = field(default_factory=list)
     requests: int = 0
     rejected: int = 0
     _runner: web.AppRunner | None = None
@@ -53,6 +72,7 @@ class OTLPReceiver:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/traces", self._on_traces)
+        app.router.add_post("/v1/logs", self._on_logs)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -85,6 +105,29 @@ class OTLPReceiver:
                         resource=resource,
                     ))
         return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
+                            content_type="application/x-protobuf")
+
+    async def _on_logs(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        export = ExportLogsServiceRequest()
+        try:
+            export.ParseFromString(await request.read())
+        except DecodeError:
+            self.rejected += 1
+            return web.Response(status=400)
+        for resource_logs in export.resource_logs:
+            resource = {a.key: _value(a.value) for a in resource_logs.resource.attributes}
+            for scope_logs in resource_logs.scope_logs:
+                for record in scope_logs.log_records:
+                    self.logs.append(ReceivedLog(
+                        service=str(resource.get("service.name", "")),
+                        time_unix_nano=record.time_unix_nano,
+                        severity=record.severity_text,
+                        body=_value(record.body),
+                        event_name=record.event_name,
+                        attributes={a.key: _value(a.value) for a in record.attributes},
+                    ))
+        return web.Response(body=ExportLogsServiceResponse().SerializeToString(),
                             content_type="application/x-protobuf")
 
     def trace(self, trace_id: str) -> list[ReceivedSpan]:

@@ -17,10 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from ciliary import config, schema, tracing
+from ciliary import config, schema, tracing, tracing_flows
 from ciliary.bus import Bus
 from ciliary.status import gather_health
-from tests.integration.conftest import REPO, NatsServer, eventually, service_process, stop_processes
+from tests.integration.conftest import (
+    FLOWS_SETTINGS,
+    REPO,
+    NatsServer,
+    eventually,
+    service_process,
+    stop_processes,
+)
 from tests.integration.otlp import OTLPReceiver, ReceivedSpan
 
 MANIFESTS = """
@@ -208,3 +215,48 @@ async def test_no_endpoint_no_export_and_no_trace_context(nats_server: NatsServe
         await bus.close()
         await receiver.stop()
     assert receiver.requests == 0
+
+
+@pytest.mark.timeout(60)
+async def test_flows_exported_as_log_records(nats_server: NatsServer, tmp_path: Path,
+                                             procs: list[subprocess.Popen[bytes]]) -> None:
+    receiver = OTLPReceiver()
+    await receiver.start()
+    bus = await Bus.connect(nats_server.url, "test")
+    cluster = "flowlogs"
+    try:
+        await bus.ensure_buckets()
+        procs.append(service_process(
+            "flows", nats_server.url, log_path=tmp_path / "flows.log",
+            env={config.ENV_CLUSTER: cluster, config.ENV_DATA_DIR: str(tmp_path / "data"),
+                 "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BLRP_SCHEDULE_DELAY": "100",
+                 tracing_flows.ENV_FLOW_LOGS: "1"},
+            unset=FLOWS_SETTINGS))
+        await eventually(lambda: all_healthy(bus, {"flows"}), 30, "flows healthy")
+        events = [schema.RawFlowEvent(ts_ns=10**9 + i, saddr="10.200.1.10", daddr="10.200.2.20",
+                                      sport=30000 + i, dport=8080, proto=6, tcp_flags=0x02, direction=2,
+                                      ep_id=1, src_identity=10000, dst_identity=20000, ifindex=4, pkt_len=60)
+                  for i in range(3)]
+        await bus.publish(schema.SUBJECT_FLOWS_RAW.format(cluster=cluster, node="node-1"),
+                          schema.RawEventBatch(cluster=cluster, node="node-1", boot_time_ns=1_790_000_000 * 10**9,
+                                               seq=1, events=events))
+        assert await receiver.wait_for(lambda: len(receiver.logs) >= 3, 20), receiver.logs
+    finally:
+        stop_processes(procs)
+        await bus.close()
+        await receiver.stop()
+    records = sorted(receiver.logs, key=lambda r: r.attributes["source.port"])
+    assert [r.attributes["source.port"] for r in records] == [30000, 30001, 30002]
+    for record in records:
+        assert record.service == "ciliary-flows"
+        assert record.event_name == tracing_flows.EVENT_NAME
+        attrs = record.attributes
+        assert (attrs["source.address"], attrs["destination.address"], attrs["destination.port"]) == \
+            ("10.200.1.10", "10.200.2.20", 8080)
+        assert attrs["network.transport"] == "tcp"
+        assert attrs[tracing_flows.A_NODE] == f"{cluster}/node-1"
+        assert attrs[tracing_flows.A_VERDICT] == "FORWARDED"
+        assert record.severity == "INFO"
+        assert record.time_unix_nano > 1_790_000_000 * 10**9  # the kernel time, on the boot clock
+        assert set(attrs) <= set(tracing_flows.ATTRIBUTES)
+    assert receiver.rejected == 0 and not receiver.spans  # flows make no spans
