@@ -115,7 +115,7 @@ def samples(reports: Iterable[schema.HealthReport]) -> dict[str, list[tuple[dict
         for key in LAST_PASS_KEYS:
             if isinstance(detail.get(key), (int, float)):
                 out["ciliary_controlplane_last_pass_seconds"].append((
-                    {"service": report.service, "instance": report.instance}, detail[key] / 1000))
+                    {"service": report.service, "instance": report.instance}, round(detail[key] / 1000, 9)))
                 break
         events = detail.get("events")
         if isinstance(events, Mapping) and isinstance(events.get("published"), int):

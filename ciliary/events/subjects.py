@@ -19,6 +19,10 @@ VERSION = 1
 PREFIX = "ciliary.events"
 FLOWS, POLICY, IDENTITIES, ENDPOINTS, SERVICES = "flows", "policy", "identities", "endpoints", "services"
 TOPICS = (FLOWS, POLICY, IDENTITIES, ENDPOINTS, SERVICES)
+# the service that publishes each topic (the writer of the bucket it comes from)
+SERVICE_TOPICS: dict[str, tuple[str, ...]] = {
+    "flows": (FLOWS,), "identity": (IDENTITIES, ENDPOINTS), "policy": (POLICY,), "servicelb": (SERVICES,),
+}
 
 SUBJECT_ALL = f"{PREFIX}.>"
 SUBJECT_INTEREST = f"{PREFIX}.interest"  # JSON lease request (``interest.parse_request``)
@@ -44,6 +48,14 @@ def topic_of(subject_name: str) -> str:
     """The topic token of an event subject (``""`` for a subject outside the API)."""
     parts = subject_name.split(".")
     return parts[2] if len(parts) > 3 and f"{parts[0]}.{parts[1]}" == PREFIX else ""
+
+
+def publish_patterns(service: str, cluster: str) -> tuple[str, ...]:
+    """The subjects ``service`` publishes events on, as NATS permission patterns (it also
+    subscribes to ``SUBJECT_INTEREST``); a read-only consumer needs to subscribe to
+    ``SUBJECT_ALL`` and publish to ``SUBJECT_INTEREST``."""
+    return tuple(p for topic in SERVICE_TOPICS.get(service, ())
+                 for p in (subject(topic, cluster), subject(topic, cluster) + ".>"))
 
 
 @dataclass(frozen=True)

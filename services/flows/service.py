@@ -131,7 +131,7 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     export_queue: asyncio.Queue[list[str]] = asyncio.Queue(maxsize=1024)
     if export is not None:
         tg.create_task(_export_writer(export, export_queue), name="flows-export")
-    publisher = EventPublisher(ctx.bus, ctx.settings.cluster, (events.FLOWS,))
+    publisher = EventPublisher(ctx.bus, ctx.settings.cluster, events.SERVICE_TOPICS["flows"])
     await publisher.start()
     ctx.detail["events"] = publisher.stats
     flow_logs = FlowLogs.from_env("flows", cluster=ctx.settings.cluster, instance=ctx.settings.instance)

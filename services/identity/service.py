@@ -469,6 +469,6 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     log.info("identity: cluster %s (id %d), label patterns %r, gc grace %.1fs",
              service.cluster, service.cluster_id, service.config.labels, service.config.gc_grace)
     await service.start(tg)
-    await start_change_events(ctx.bus, ctx.settings.cluster, tg, (events.IDENTITIES, events.ENDPOINTS),
+    await start_change_events(ctx.bus, ctx.settings.cluster, tg, events.SERVICE_TOPICS["identity"],
                               ctx.detail)
 

@@ -397,4 +397,4 @@ class PolicyService:
 
 async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     await PolicyService(ctx).start(tg)
-    await start_change_events(ctx.bus, ctx.settings.cluster, tg, (events.POLICY,), ctx.detail)
+    await start_change_events(ctx.bus, ctx.settings.cluster, tg, events.SERVICE_TOPICS["policy"], ctx.detail)

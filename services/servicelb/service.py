@@ -447,4 +447,4 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
                             "derive_slices": cfg.derive_slices,
                             "node_port_range": f"{cfg.node_port_range[0]}-{cfg.node_port_range[1]}"}
     ServiceLB(ctx, cfg, manage_heap=True).start(tg)
-    await start_change_events(ctx.bus, ctx.settings.cluster, tg, (events.SERVICES,), ctx.detail)
+    await start_change_events(ctx.bus, ctx.settings.cluster, tg, events.SERVICE_TOPICS["servicelb"], ctx.detail)

@@ -253,3 +253,12 @@ async def _leased_changes(bus: FakeBus) -> None:
         await settle()
         assert len(published()) == 2
         raise Done
+
+
+def test_each_topic_has_one_publishing_service() -> None:
+    published = [t for topics in subjects.SERVICE_TOPICS.values() for t in topics]
+    assert sorted(published) == sorted(subjects.TOPICS)
+    assert subjects.publish_patterns("identity", "c1") == (
+        "ciliary.events.identities.c1", "ciliary.events.identities.c1.>",
+        "ciliary.events.endpoints.c1", "ciliary.events.endpoints.c1.>")
+    assert subjects.publish_patterns("mesh", "c1") == ()
