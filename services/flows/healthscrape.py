@@ -11,6 +11,9 @@ Invariants:
   reports (logged), so a scrape always gets an answer.
 - ``run`` refreshes every ``max_age`` seconds while the metrics are served, so the pass
   histograms see the passes of services nobody scrapes for a while.
+- A service instance's last report is kept until it has been missing from the answers for
+  ``FORGET_AFTER`` refreshes in a row (a scatter-gather answer that came late must not make
+  its series blink); then its series go away.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ log = logging.getLogger(__name__)
 
 REFRESH_S = 5.0
 GATHER_TIMEOUT_S = 0.5
+FORGET_AFTER = 3  # refreshes an instance may be missing from before its series go
 
 
 class HealthScrape:
     def __init__(self, bus: Bus, max_age: float = REFRESH_S) -> None:
         self.bus = bus
         self.max_age = max_age
-        self.reports: list[schema.HealthReport] = []
+        self.latest: dict[str, tuple[schema.HealthReport, int]] = {}  # instance -> (report, refresh no.)
+        self.refreshes = 0
         self.passes = healthmetrics.PassHistograms()
         self.taken = 0.0  # monotonic time of the last refresh; 0 = never
         self._refresh: asyncio.Future[None] | None = None
@@ -46,7 +51,12 @@ class HealthScrape:
         try:
             reports = await gather_health(self.bus, timeout=GATHER_TIMEOUT_S)
             self.passes.observe(reports)
-            self.reports = reports
+            self.refreshes += 1
+            for report in reports:
+                self.latest[report.instance] = (report, self.refreshes)
+            for instance, (_, seen) in list(self.latest.items()):
+                if self.refreshes - seen >= FORGET_AFTER:
+                    del self.latest[instance]
             self.taken = time.monotonic()
         except Exception as err:  # a failed gather keeps the previous reports
             log.warning("flows: cannot gather health for metrics: %s", err)
@@ -58,6 +68,13 @@ class HealthScrape:
         if not self.taken or time.monotonic() - self.taken > self.max_age:
             await self.refresh()
         return healthmetrics.render(self.reports, self.passes)
+
+    @property
+    def reports(self) -> list[schema.HealthReport]:
+        """The latest report of every instance still remembered, in ``gather_health`` order."""
+        order = {name: i for i, name in enumerate(schema.SERVICE_NAMES)}
+        reports = [report for report, _ in self.latest.values()]
+        return sorted(reports, key=lambda r: (order.get(r.service, 99), r.instance))
 
     async def run(self) -> None:
         while True:
