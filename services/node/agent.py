@@ -21,6 +21,12 @@ Invariants:
 - Raw flow events are published on ``flows.raw.<cluster>.<node>`` in batches.
 - Teardown (only when asked, e.g. by ``ciliary down``) stops pods, removes the node's
   namespaces and unpins its maps; a plain exit leaves the datapath enforcing.
+- Two modes (``CILIARY_NODE_MODE``). ``sandbox`` (the embedded default) builds the node's
+  namespace and runs the pods bound to it. ``host`` (a DaemonSet on a real node) is the
+  node the process runs in: no namespace is created, pods are run by the node's container
+  runtime, which calls the installed ``ciliary-cni`` (relayed to this process,
+  ``cnirelay``); the conflist is written once the datapath is loaded and removed on
+  teardown.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from ciliary.bus import SYNCED, Bus, KVEntry, Message, RevisionMismatch, Synced
 from ciliary.runtime import Context
 from ciliary.store import ResourceStore, kv_key
 from ciliary.watch import Mirror, PassLoop, decoder
-from services.node import addressing, dnsfeed
+from services.node import addressing, cniinstall, cnirelay, dnsfeed
 from services.node import layouts as L
 from services.node import translate as T
 from services.node.datapath import MapSizes
@@ -58,6 +64,13 @@ ENV_CLUSTER_CIDR = "CILIARY_CLUSTER_CIDR"
 ENV_TEARDOWN = "CILIARY_TEARDOWN_ON_EXIT"
 ENV_DEFAULT_NODE = "CILIARY_DEFAULT_NODE"
 ENV_STATE_DIR = "CILIARY_NODE_STATE_DIR"
+ENV_NODE_MODE = "CILIARY_NODE_MODE"
+ENV_NODE_IP = "CILIARY_NODE_IP"
+ENV_NODE_DEVICE = "CILIARY_NODE_DEVICE"
+ENV_CNI_CONF_DIR = "CILIARY_CNI_CONF_DIR"
+ENV_CNI_RELAY_PORT = "CILIARY_CNI_RELAY_PORT"
+ENV_CNI_IPAM_DIR = "CILIARY_CNI_IPAM_DIR"
+NODE_MODES = ("sandbox", "host")
 GC_INTERVAL = 30.0
 STATS_INTERVAL = 5.0
 RESYNC_INTERVAL = 60.0
@@ -89,6 +102,17 @@ class NodeAgent:
         self.state_dir = Path(os.environ.get(ENV_STATE_DIR) or data_dir / "nodes" / self.cluster / self.node)
         self.cluster_cidr = os.environ.get(ENV_CLUSTER_CIDR) or clusters.default_pod_cidr(self.cluster_id)
         self.teardown = os.environ.get(ENV_TEARDOWN) == "1"
+        self.mode = os.environ.get(ENV_NODE_MODE) or "sandbox"
+        if self.mode not in NODE_MODES:
+            raise SystemExit(f"node executor {self.node}: {ENV_NODE_MODE}={self.mode!r}: "
+                             f"expected one of {', '.join(NODE_MODES)}")
+        self.host_mode = self.mode == "host"
+        # host mode: the runtime runs pods; the pods input is not the executor's
+        self.inputs = INPUTS - {"pods"} if self.host_mode else INPUTS
+        self.cni_conf_dir = os.environ.get(ENV_CNI_CONF_DIR) or "/etc/cni/net.d"
+        self.cni_relay_port = int(config.env_number(ENV_CNI_RELAY_PORT, cniinstall.DEFAULT_RELAY_PORT,
+                                                    integer=True, minimum=1))
+        self.cni_relay: asyncio.Server | None = None
         self.store = ResourceStore(self.bus)
         self.index = 0
         self.pod_cidr = ""
@@ -99,8 +123,8 @@ class NodeAgent:
             self.socket_lb_mode = parse_mode(os.environ.get(ENV_SOCKET_LB))
         except SockLBError as err:
             raise SystemExit(f"node executor {self.node}: {err}") from None
-        self.kernel = NodeKernel(self.cluster, self.cluster_id, self.node,
-                                 map_sizes=self.map_sizes, socket_lb_mode=self.socket_lb_mode)
+        self.kernel = NodeKernel(self.cluster, self.cluster_id, self.node, map_sizes=self.map_sizes,
+                                 socket_lb_mode=self.socket_lb_mode, host_mode=self.host_mode)
         self.reconciler = Reconciler(max_entries={
             L.IPCACHE: self.map_sizes.ipcache, L.LXC: self.map_sizes.lxc,
             L.POLICY: self.map_sizes.policy, L.LB4_SERVICES: self.map_sizes.lb,
@@ -124,15 +148,20 @@ class NodeAgent:
     async def start(self, tg: asyncio.TaskGroup) -> None:
         self.ctx.declare_watch("node/datapath")
         await self._claim_index()
-        underlay = addressing.underlay_cidr(self.cluster_id, self.index)
-        self.host_ip = underlay.split("/")[0]
-        await self.kernel.create_node_namespaces(underlay, self.pod_cidr, self.host_ip)
+        if self.host_mode:
+            self.host_ip, device = await self.kernel.prepare_host(
+                os.environ.get(ENV_NODE_IP, ""), os.environ.get(ENV_NODE_DEVICE, ""))
+            log.info("host mode: node address %s, device %s", self.host_ip or "-", device or "-")
+        else:
+            underlay = addressing.underlay_cidr(self.cluster_id, self.index)
+            self.host_ip = underlay.split("/")[0]
+            await self.kernel.create_node_namespaces(underlay, self.pod_cidr, self.host_ip)
         seconds = await self.kernel.load_datapath()
         log.info("datapath loaded in %.2fs (pins %s)", seconds, self.kernel.pin_dir)
         self.ctx.detail["datapath_load_seconds"] = round(seconds, 3)
         await self._attach_socket_lb()
         self.loop_ = ReconcileLoop(self.reconciler, self.kernel.maps, resync_interval=RESYNC_INTERVAL,
-                                   ready=lambda: INPUTS <= self.synced)
+                                   ready=lambda: self.inputs <= self.synced)
         tg.create_task(self.loop_.run(), name="reconcile")
         await self.loop_.restored.wait()
         self.endpoints.restore()
@@ -155,17 +184,32 @@ class NodeAgent:
             cluster=self.cluster, node=self.node,
             default_node=os.environ.get(ENV_DEFAULT_NODE, "node-1"),
             pod_cidr=self.pod_cidr, host_ip=self.host_ip, state_dir=self.state_dir,
-            nats_url=self.ctx.settings.nats_url,
+            nats_url=self.ctx.settings.nats_url, nats_creds=self.ctx.settings.nats_creds,
             cni_bin=str(Path(sys.executable).parent / "ciliary-cni"),
             cgroup=self.node_cgroup,
         ), self._write_pod_status, self.kernel)
         self.runner.deregister = self._deregister
         self._watch_desired_state(tg)
         self._watch_nodes(tg)
-        MeshRoutes(self.kernel, self.cluster).start(tg, self.bus)  # ClusterMesh: connected clusters' nodes
-        self._watch_pods(tg, self.runner)
+        if not self.host_mode:  # ClusterMesh: links and routes to connected clusters' nodes
+            MeshRoutes(self.kernel, self.cluster).start(tg, self.bus)
+        if self.host_mode:
+            await self._serve_cni()
+        else:
+            self._watch_pods(tg, self.runner)
         tg.create_task(self._housekeeping(), name="housekeeping")
         self.ctx.watch_synced("node/datapath")
+
+    async def _serve_cni(self) -> None:
+        """Host mode: answer the installed plugin, then tell the runtime about the network."""
+        self.cni_relay = await cnirelay.serve(self.kernel.run_cni, self.cni_relay_port)
+        ipam_dir = os.environ.get(ENV_CNI_IPAM_DIR) or cniinstall.DEFAULT_IPAM_DIR
+        path = await asyncio.to_thread(cniinstall.write_conflist, self.cni_conf_dir, cniinstall.conflist(
+            cluster=self.cluster, node=self.node, subnet=self.pod_cidr,
+            nats_url=self.ctx.settings.nats_url, nats_creds=self.ctx.settings.nats_creds,
+            ipam_dir=ipam_dir))
+        self.ctx.detail["cni"] = {"conflist": str(path), "relay_port": self.cni_relay_port}
+        log.info("CNI configuration %s written", path)
 
     async def _attach_socket_lb(self) -> None:
         """Attach (or, in mode off, detach) the socket-LB programs on the node cgroup; a
@@ -206,7 +250,7 @@ class NodeAgent:
             "addresses": [{"type": "InternalIP", "address": self.host_ip},
                           {"type": "Hostname", "address": self.node}],
             "conditions": [{"type": "Ready", "status": "True", "reason": "CiliaryDatapathReady"}],
-            "ciliary": {"netns": self.kernel.netns, "pinDir": self.kernel.pin_dir},
+            "ciliary": {"mode": self.mode, "netns": self.kernel.netns or "", "pinDir": self.kernel.pin_dir},
         })
 
     # ------------------------------------------------------------------ endpoints
@@ -226,9 +270,11 @@ class NodeAgent:
             if reg.op == "add":
                 await self.kernel.attach_endpoint(reg.host_ifname)
                 reply = schema.EndpointReply(ok=True, endpoint_id=self.endpoints.add(reg).ep_id)
+                await self._report_runtime_pod(reg)
             elif reg.op == "del":
                 self.endpoints.remove(reg.container_id)
                 reply = schema.EndpointReply(ok=True)
+                await self._report_runtime_pod(reg)
             else:
                 reply = schema.EndpointReply(ok=False, error=f"unknown op {reg.op!r}")
             self.endpoints.save()
@@ -237,6 +283,21 @@ class NodeAgent:
             log.warning("endpoint registration %s failed: %s", reg.container_id, err)
             reply = schema.EndpointReply(ok=False, error=str(err))
         await msg.respond(reply)
+
+    async def _report_runtime_pod(self, reg: schema.EndpointRegistration) -> None:
+        """Host mode: the runtime ran the pod, so this executor reports the address it got
+        (as a Cilium agent publishes its endpoints): Pod status ``podIP`` on ADD, removed
+        on DEL. A registration without a pod name (a bare runtime) reports nothing."""
+        if not self.host_mode or not reg.pod_name:
+            return
+        namespace = reg.pod_namespace or "default"
+        if reg.op == "add":
+            await self.store.report_status("Pod", namespace, reg.pod_name, f"node/{self.node}", {
+                "podIP": reg.ip, "podIPs": [{"ip": reg.ip}], "hostIP": self.host_ip,
+                "ciliary": {"containerID": reg.container_id, "interface": reg.host_ifname},
+            })
+        else:
+            await self.bus.kv_delete(schema.BUCKET_STATUS, kv_key("Pod", namespace, reg.pod_name))
 
     async def _on_debug(self, req: schema.NodeDebugRequest, msg: Message) -> None:
         try:
@@ -277,7 +338,7 @@ class NodeAgent:
     def _input_synced(self, name: str) -> None:
         """Prune orphans as soon as every input has delivered its state once."""
         self.synced.add(name)
-        if self.loop_ is not None and INPUTS <= self.synced:
+        if self.loop_ is not None and self.inputs <= self.synced:
             self.loop_.request_resync()
 
     def _sync_ipcache(self) -> None:
@@ -448,11 +509,16 @@ class NodeAgent:
     # ------------------------------------------------------------------ stop
 
     async def stop(self) -> None:
-        if self.runner is not None:
+        if self.cni_relay is not None:
+            self.cni_relay.close()
+            await self.cni_relay.wait_closed()
+        if self.runner is not None and not self.host_mode:
             await self.runner.shutdown(teardown=self.teardown)
         await self.kernel.close()
         if self.teardown:
-            await self.kernel.teardown()
+            if self.host_mode:
+                await asyncio.to_thread(cniinstall.remove, self.cni_conf_dir)
+            await self.kernel.teardown([ep.host_ifname for ep in self.endpoints])
             try:
                 await self.bus.kv_delete(schema.BUCKET_STATUS, kv_key("Node", "", self.node))
             except Exception:

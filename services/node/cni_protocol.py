@@ -60,6 +60,7 @@ class NetConf:
     subnet: str
     ipam_dir: str
     nats_url: str = ""
+    nats_creds: str = ""  # the node executor's NATS credential file ("" = none)
     host_mode: bool = False  # "mode": "host": the node side is the plugin's own namespace
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -76,7 +77,9 @@ class Request:
 
     @property
     def pod_namespace(self) -> str:
-        return self.args.get("K8S_POD_NAMESPACE", "")
+        """``K8S_POD_NAMESPACE``; a named pod without one (podman passes it empty) is in
+        ``default``, as in Kubernetes."""
+        return self.args.get("K8S_POD_NAMESPACE") or ("default" if self.pod_name else "")
 
     @property
     def pod_name(self) -> str:
@@ -132,6 +135,7 @@ def parse_netconf(stdin: str) -> NetConf:
         subnet=subnet,
         ipam_dir=str(ipam.get("dataDir", "/var/lib/ciliary/ipam")),
         nats_url=str(raw.get("natsUrl", "")),
+        nats_creds=str(raw.get("natsCreds", "")),
         host_mode=mode == "host",
         raw=raw,
     )

@@ -13,6 +13,10 @@ Invariants:
   so the datapath keeps enforcing after the executor exits. ``teardown`` (after ``close``)
   removes the node: its cgroup, its namespaces, its pinned maps and, once no other node
   of the cluster is left, the outside world.
+- Host mode (``host_mode``): the node is the namespace the process runs in. No
+  namespace is created or removed; endpoints are attached in it, ``from_netdev`` goes on
+  the node's own device, and teardown detaches the programs it attached instead of
+  removing namespaces.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ class NodeKernel:
     """The kernel objects of one node of one cluster."""
 
     def __init__(self, cluster: str, cluster_id: int, node: str, *, map_sizes: MapSizes,
-                 socket_lb_mode: str) -> None:
+                 socket_lb_mode: str, host_mode: bool = False) -> None:
         self.cluster = cluster
         self.cluster_id = cluster_id
         self.node = node
-        self.netns = netns.node_netns(cluster, node)
+        self.host_mode = host_mode
+        self.netns: str | None = netns.node_side(cluster, node, host_mode)
+        self.host_device = ""  # host mode: where from_netdev is attached ("" = nowhere)
         self.map_sizes = map_sizes
         self.socket_lb_mode = socket_lb_mode
         self.datapath: Datapath | None = None
@@ -57,23 +63,48 @@ class NodeKernel:
         world.ensure_world(self.cluster, self.cluster_id)
         world.connect_node(self.cluster, self.cluster_id, self.node, pod_cidr, host_ip)
 
+    async def prepare_host(self, node_ip: str, device: str) -> tuple[str, str]:
+        """Host mode: the node's address and device (given, or the first global IPv4
+        address and its device) and forwarding on. Returns (address, device)."""
+        def prepare() -> tuple[str, str]:
+            found_ip, found_dev = netns.host_address()
+            netns.set_sysctls(None, {"net/ipv4/ip_forward": "1"})
+            return node_ip or found_ip, device or (found_dev if not node_ip or node_ip == found_ip else "")
+        address, self.host_device = await asyncio.to_thread(prepare)
+        return address, self.host_device
+
     async def route_pod_cidr(self, cidr: str, via: str) -> None:
         """Direct routing: another node's pod CIDR via its underlay address."""
-        await asyncio.to_thread(netns.route_pod_cidr, self.cluster, self.node, cidr, via)
+        await asyncio.to_thread(netns.route_pod_cidr, self.cluster, self.node, cidr, via, host=self.host_mode)
+
+    async def run_cni(self, env: dict[str, str], stdin: str) -> tuple[int, dict[str, Any] | None]:
+        """One CNI call (ADD/DEL/CHECK/VERSION) as the plugin runs it, in this process's
+        namespace: the installed ``ciliary-cni`` relays here (host mode)."""
+        from services.node import cni
+
+        return await asyncio.to_thread(cni.run, env, stdin)
 
     async def link_mesh(self, remote_cluster: str) -> bool:
         """ClusterMesh: the underlay link to ``remote_cluster`` (False when it is not on
         this machine)."""
+        if self.host_mode:
+            return False
         return await asyncio.to_thread(meshlink.ensure_link, self.cluster, remote_cluster)
 
     async def unlink_mesh(self, remote_cluster: str) -> None:
+        if self.host_mode:
+            return
         await asyncio.to_thread(meshlink.remove_link, self.cluster, remote_cluster)
 
     async def route_remote_node(self, address: str, pod_cidr: str) -> None:
         """ClusterMesh: a connected cluster's node (underlay ``address``) and its pods."""
+        if self.host_mode:
+            return
         await asyncio.to_thread(meshlink.route_remote_node, self.cluster, self.node, address, pod_cidr)
 
     async def unroute_remote_node(self, address: str, pod_cidr: str) -> None:
+        if self.host_mode:
+            return
         await asyncio.to_thread(meshlink.unroute_remote_node, self.cluster, self.node, address, pod_cidr)
 
     async def create_pod_namespace(self, name: str) -> None:
@@ -91,7 +122,10 @@ class NodeKernel:
         await asyncio.to_thread(ensure_bpffs)
         self.datapath = Datapath(self.cluster, self.node, self.netns, map_sizes=self.map_sizes)
         seconds = await asyncio.to_thread(self.datapath.load)
-        await asyncio.to_thread(self.datapath.attach_host, netns.link_name(self.cluster, self.node, "node"))
+        if not self.host_mode:
+            await asyncio.to_thread(self.datapath.attach_host, netns.link_name(self.cluster, self.node, "node"))
+        elif self.host_device:
+            await asyncio.to_thread(self.datapath.attach_host, self.host_device)
         return seconds
 
     def _loaded(self) -> Datapath:
@@ -153,13 +187,22 @@ class NodeKernel:
         if self.socklb is not None:
             self.socklb.close()
 
-    async def teardown(self) -> None:
-        """Remove the node from the kernel (after ``close``)."""
+    async def teardown(self, endpoint_devices: Iterable[str] = ()) -> None:
+        """Remove the node from the kernel (after ``close``); in host mode detach the
+        programs from the node's device and ``endpoint_devices`` instead of removing
+        namespaces."""
         if self.socklb is not None:
             try:
                 await asyncio.to_thread(self.socklb.teardown)
             except Exception as err:
                 log.warning("removing the node cgroup failed: %s", err)
+        if self.host_mode:
+            if self.datapath is not None:
+                for device in [self.host_device, *endpoint_devices]:
+                    if device:
+                        await asyncio.to_thread(self.datapath.detach, device)
+                await asyncio.to_thread(self.datapath.unpin)
+            return
         await asyncio.to_thread(netns.delete_node, self.cluster, self.node)
         if self.datapath is not None:
             await asyncio.to_thread(self.datapath.unpin)
