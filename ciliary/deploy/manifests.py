@@ -323,6 +323,7 @@ def node_daemonset(values: Values) -> Obj:
         {"name": "CILIARY_INSTANCE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "CILIARY_NODE_MODE", "value": "host"},
         {"name": "CILIARY_CNI_CONF_DIR", "value": f"{HOST_MOUNT}{values.node.cni_conf_dir}"},
+        {"name": "CILIARY_CNI_BIN_DIR", "value": f"{HOST_MOUNT}{values.node.cni_bin_dir}"},
         {"name": "CILIARY_NODE_STATE_DIR", "value": f"{STATE_DIR}/node"},
         {"name": "CILIARY_DATA_DIR", "value": STATE_DIR},
     ]
@@ -330,6 +331,7 @@ def node_daemonset(values: Values) -> Obj:
         {"name": "bpf-maps", "mountPath": "/sys/fs/bpf", "mountPropagation": "Bidirectional"},
         {"name": "cgroup2", "mountPath": "/run/ciliary/cgroup2"},
         {"name": "cni-conf", "mountPath": f"{HOST_MOUNT}{values.node.cni_conf_dir}"},
+        {"name": "cni-bin", "mountPath": f"{HOST_MOUNT}{values.node.cni_bin_dir}"},
         {"name": "state", "mountPath": STATE_DIR},
         {"name": "netns", "mountPath": "/var/run/netns", "mountPropagation": "HostToContainer"},
         {"name": "lib-modules", "mountPath": "/lib/modules", "readOnly": True},

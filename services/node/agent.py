@@ -25,8 +25,8 @@ Invariants:
   namespace and runs the pods bound to it. ``host`` (a DaemonSet on a real node) is the
   node the process runs in: no namespace is created, pods are run by the node's container
   runtime, which calls the installed ``ciliary-cni`` (relayed to this process,
-  ``cnirelay``); the conflist is written once the datapath is loaded and removed on
-  teardown.
+  ``cnirelay``); the conflist is written once the datapath is loaded; teardown removes it
+  and the plugin (``CILIARY_CNI_BIN_DIR``).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ ENV_NODE_DEVICE = "CILIARY_NODE_DEVICE"
 ENV_CNI_CONF_DIR = "CILIARY_CNI_CONF_DIR"
 ENV_CNI_RELAY_PORT = "CILIARY_CNI_RELAY_PORT"
 ENV_CNI_IPAM_DIR = "CILIARY_CNI_IPAM_DIR"
+ENV_CNI_BIN_DIR = "CILIARY_CNI_BIN_DIR"
 NODE_MODES = ("sandbox", "host")
 GC_INTERVAL = 30.0
 STATS_INTERVAL = 5.0
@@ -516,8 +517,8 @@ class NodeAgent:
             await self.runner.shutdown(teardown=self.teardown)
         await self.kernel.close()
         if self.teardown:
-            if self.host_mode:
-                await asyncio.to_thread(cniinstall.remove, self.cni_conf_dir)
+            if self.host_mode:  # uninstall: the runtime finds neither configuration nor plugin
+                await asyncio.to_thread(cniinstall.remove, self.cni_conf_dir, os.environ.get(ENV_CNI_BIN_DIR))
             await self.kernel.teardown([ep.host_ifname for ep in self.endpoints])
             try:
                 await self.bus.kv_delete(schema.BUCKET_STATUS, kv_key("Node", "", self.node))

@@ -44,7 +44,7 @@ class HostStack:
         self.hosts: dict[str, str] = {}  # host name -> netns
         self.addresses: dict[str, str] = {}
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self.nodes: list[subprocess.Popen[bytes]] = []
+        self.nodes: dict[str, subprocess.Popen[bytes]] = {}
         self.extra_netns: list[str] = []
         self.data_dir = workdir / "data"
         self.nats_url = ""
@@ -128,20 +128,28 @@ class HostStack:
         """(conf dir, bin dir) of ``host``."""
         return self.workdir / host / "net.d", self.workdir / host / "bin"
 
-    def start_node(self, host: str, **env: str) -> Path:
+    def start_node(self, host: str, *, teardown: bool = True) -> Path:
         """The executor in host mode on ``host``, with ciliary-cni installed as the
-        DaemonSet's init container installs it; returns the CNI conf dir."""
+        DaemonSet's init container installs it; returns the CNI conf dir. Without
+        ``teardown`` a SIGTERM leaves the datapath (as in a DaemonSet rollout)."""
         conf_dir, bin_dir = self.cni_dirs(host)
         subprocess.run([sys.executable, "-m", "services.node.cniinstall", "--bin-dir", str(bin_dir)],
                        check=True, capture_output=True, cwd=REPO)
         proc = self._start(f"node-{host}", host, [sys.executable, "-m", "services.node"], self._env(
             CILIARY_NATS_URL=self._nats_from(host), CILIARY_NODE=host, CILIARY_INSTANCE=f"node-{host}",
             CILIARY_NODE_MODE="host", CILIARY_NODE_IP=self.addresses.get(host, ""),
-            CILIARY_CNI_CONF_DIR=str(conf_dir), CILIARY_CNI_IPAM_DIR=str(self.workdir / host / "ipam"),
-            CILIARY_NODE_STATE_DIR=str(self.workdir / host / "state"), CILIARY_TEARDOWN_ON_EXIT="1",
-            **env))
-        self.nodes.append(proc)
+            CILIARY_CNI_CONF_DIR=str(conf_dir), CILIARY_CNI_BIN_DIR=str(bin_dir),
+            CILIARY_CNI_IPAM_DIR=str(self.workdir / host / "ipam"),
+            CILIARY_NODE_STATE_DIR=str(self.workdir / host / "state"),
+            CILIARY_TEARDOWN_ON_EXIT="1" if teardown else "0"))
+        self.nodes[host] = proc
         return conf_dir
+
+    def stop_node(self, host: str) -> None:
+        """SIGTERM the executor of ``host`` (as a rollout does) and wait for it to exit."""
+        proc = self.nodes.pop(host)
+        _stop(proc, 30)
+        self.procs = [(n, p) for n, p in self.procs if p is not proc]
 
     def wait_conflist(self, host: str, timeout: float = 90) -> dict:
         path = self.cni_dirs(host)[0] / cniinstall.CONFLIST
@@ -177,8 +185,8 @@ class HostStack:
         return result
 
     def endpoints(self) -> list[dict]:
-        """Every node's endpoint rows (``ciliary endpoint list -o json``)."""
-        nodes = json.loads(self.ciliary("endpoint", "list", "-o", "json").stdout)
+        """The endpoint rows of every node that answers (``ciliary endpoint list -o json``)."""
+        nodes = json.loads(self.ciliary("endpoint", "list", "-o", "json", check=False).stdout or "[]")
         return [row for node in nodes for row in node["rows"]]
 
     def cni(self, host: str, command: str, *, container: str, netns: str = "", args: str = "") -> tuple[int, dict | None]:
@@ -200,7 +208,7 @@ class HostStack:
     # ---- teardown
 
     def close(self) -> None:
-        for proc in self.nodes:  # executors first: their teardown needs NATS only for the Node status
+        for proc in self.nodes.values():  # executors first: their teardown needs NATS only for the Node status
             _stop(proc, 30)
         for _name, proc in reversed(self.procs):
             _stop(proc, 10)

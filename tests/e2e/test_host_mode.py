@@ -62,7 +62,7 @@ def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
         stack.start_nats("host1")
         for service in ("identity", "servicelb", "policy"):
             stack.start_service(service, "host1")
-        stack.start_node("host1")
+        stack.start_node("host1", teardown=False)
         stack.start_node("host2")
         conf1 = stack.wait_conflist("host1")
         conf2 = stack.wait_conflist("host2")
@@ -109,6 +109,18 @@ def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
         server = EchoServer(ns_b, 8080)
         try:
             _until(lambda: _reachable(ns_a, ip_b, 8080), 20, "a -> b across hosts", stack)
+
+            # an upgrade: host1's executor exits without teardown, as in a DaemonSet rollout;
+            # the pinned datapath keeps serving a, the runtime keeps its configuration, and
+            # the next executor adopts the endpoint it finds
+            pins = sorted(p.name for p in Path(f"/sys/fs/bpf/ciliary/{cluster_name}/host1").iterdir())
+            stack.stop_node("host1")
+            assert _reachable(ns_a, ip_b, 8080), "the datapath survives its executor"
+            assert (stack.cni_dirs("host1")[0] / "05-ciliary.conflist").exists()
+            stack.start_node("host1")
+            _until(lambda: len(identities()) == 2, 60, "host1's endpoint adopted", stack)
+            assert sorted(p.name for p in Path(f"/sys/fs/bpf/ciliary/{cluster_name}/host1").iterdir()) == pins
+            assert _reachable(ns_a, ip_b, 8080)
             stack.ciliary("apply", "-f", "-", stdin=DENY_A)
             _until(lambda: not _reachable(ns_a, ip_b, 8080), 20, "policy drops a -> b", stack)
         finally:
@@ -123,5 +135,7 @@ def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
         _until(lambda: not identities(), 10, "endpoints removed", stack)
     finally:
         stack.close()
-    assert not (stack.cni_dirs("host1")[0] / "05-ciliary.conflist").exists(), "teardown removes the conflist"
+    conf_dir, bin_dir = stack.cni_dirs("host1")
+    assert not (conf_dir / "05-ciliary.conflist").exists(), "teardown removes the conflist"
+    assert not (bin_dir / "ciliary-cni").exists(), "teardown removes the plugin"
     assert root_links() == before, "nothing was created in the root namespace"
