@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -262,3 +263,18 @@ def test_each_topic_has_one_publishing_service() -> None:
         "ciliary.events.identities.c1", "ciliary.events.identities.c1.>",
         "ciliary.events.endpoints.c1", "ciliary.events.endpoints.c1.>")
     assert subjects.publish_patterns("mesh", "c1") == ()
+
+
+def test_the_asyncapi_document_lists_every_subject() -> None:
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml").read_text())
+    channels = set(doc["channels"])
+    assert subjects.SUBJECT_INTEREST in channels
+    per_node = {subjects.FLOWS, subjects.ENDPOINTS}
+    assert channels - {subjects.SUBJECT_INTEREST} == {
+        f"ciliary.events.{t}.{{cluster}}" + (".{node}" if t in per_node else "") for t in subjects.TOPICS}
+    lease = doc["components"]["messages"]["Lease"]["payload"]["properties"]
+    assert lease["topics"]["items"]["enum"] == list(subjects.TOPICS)
+    assert (lease["ttl_s"]["minimum"], lease["ttl_s"]["maximum"], lease["ttl_s"]["default"]) == (
+        interest.MIN_TTL_S, interest.MAX_TTL_S, interest.DEFAULT_TTL_S)
