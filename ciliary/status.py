@@ -7,6 +7,9 @@ Invariants:
 - Map pressure alerts are the maps of the node executors' reports at or above
   ``ciliary.mappressure.WARN``, each with the ``CILIARY_MAP_<NAME>`` setting that raises it
   (``ciliary.preflight.sizing``); they warn, they do not make a service unhealthy.
+- `resource_source` says where bucket ``resources`` comes from: an API server when a
+  kube bridge reports (its URL, and which instance holds the lease), else ``embedded``
+  (written by ``ciliary apply``).
 """
 
 from __future__ import annotations
@@ -56,3 +59,25 @@ def map_pressure_alerts(reports: list[schema.HealthReport]) -> list[dict[str, ob
                     "max_entries": alert.max_entries, "fill": round(alert.fill, 6), "band": alert.band,
                     "setting": setting, "message": mappressure.alert_line(alert, setting)})
     return out
+
+
+KUBEBRIDGE = "kubebridge"
+
+
+def resource_source(reports: list[schema.HealthReport]) -> dict[str, object]:
+    """``{"mode": "embedded"}`` or ``{"mode": "apiserver", "apiserver": URL, "leader": ...}``."""
+    bridges = [r for r in reports if r.service == KUBEBRIDGE]
+    if not bridges:
+        return {"mode": "embedded"}
+    leader = next((r.instance for r in bridges if r.detail.get("leader")), "")
+    urls = sorted({str(r.detail.get("apiserver") or "") for r in bridges} - {""})
+    return {"mode": "apiserver", "apiserver": ", ".join(urls), "leader": leader,
+            "replicas": len(bridges)}
+
+
+def resource_source_line(source: dict[str, object]) -> str:
+    if source.get("mode") != "apiserver":
+        return "resources: embedded (written by ciliary apply)"
+    leader = source.get("leader") or "none yet"
+    return (f"resources: Kubernetes API server {source.get('apiserver')} "
+            f"(kube bridge leader {leader}, {source.get('replicas')} replicas)")

@@ -29,7 +29,13 @@ from typing import Any
 from ciliary import claims, clusters, config, output, schema, supervisor
 from ciliary.bus import Bus, BusError
 from ciliary.cli import common
-from ciliary.status import gather_health, map_pressure_alerts, missing_or_unhealthy
+from ciliary.status import (
+    gather_health,
+    map_pressure_alerts,
+    missing_or_unhealthy,
+    resource_source,
+    resource_source_line,
+)
 
 DEFAULT_SERVICE_CIDR = "10.96.0.0/12"  # servicelb's default (CILIARY_SERVICE_CIDR overrides)
 
@@ -195,11 +201,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 for r in reports
             ],
             "map_alerts": alerts,
+            "resource_source": resource_source(reports),
         }))
         return 0 if not missing else 1
     print(f"cluster {state.cluster} (id {state.cluster_id})   nats {state.nats_url}   data dir {args.data_dir_path}")
     if state.ui_url:
         print(f"service map {state.ui_url}   metrics {state.metrics_url}")
+    print(resource_source_line(resource_source(reports)))
     rows = [
         [r.service, r.node or "-", r.pid, r.version, "yes" if r.healthy else "NO",
          output.age(now - r.started), _watching(r)]

@@ -15,7 +15,6 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -136,13 +135,3 @@ class KubeClient:
         finally:
             response.close()
 
-
-async def sleep_or_stop(seconds: float, stop: asyncio.Event | None = None) -> None:
-    """Sleep ``seconds`` (returns early once ``stop`` is set)."""
-    if stop is None:
-        await asyncio.sleep(seconds)
-        return
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass

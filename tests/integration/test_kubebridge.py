@@ -19,7 +19,7 @@ import pytest
 
 from ciliary import schema
 from ciliary.bus import Bus
-from ciliary.status import gather_health
+from ciliary.status import gather_health, resource_source
 from services.kubebridge.kinds import BY_KIND
 from services.kubebridge.translate import translate
 from tests.integration.conftest import NatsServer, eventually, service_process, stop_processes
@@ -98,6 +98,7 @@ async def test_initial_sync_changes_status_and_events(
                                             and h["kb-1"].healthy), 20, "healthy bridge")
     detail = health["kb-1"].detail
     assert detail["apiserver"] == double.url and detail["leader"] is True
+    assert resource_source(list(health.values()))["apiserver"] == double.url
 
     # add, update, delete
     pod = fixtures.variant(fixtures.load("pod"), "web-2")
