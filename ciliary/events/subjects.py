@@ -1,7 +1,8 @@
 """Topics and subjects of the public event API, and the ``CILIARY_EVENTS`` setting (pure).
 
 Invariants:
-- Every subject is ``ciliary.events.<topic>.<cluster>[.<node>]``; ``<topic>`` is one of
+- Every subject is ``ciliary.events.<topic>.<cluster>[.<node>]`` (the templates are in
+  ``ciliary.schema.names``); ``<topic>`` is one of
   ``TOPICS``, so ``ciliary.events.<topic>.>`` selects a topic and ``ciliary.events.>``
   everything. Tokens never contain a dot: a node or cluster name's dots become ``_`` and
   an empty token is ``_``.
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ciliary.schema import names
+
 VERSION = 1
-PREFIX = "ciliary.events"
+PREFIX = names.SUBJECT_EVENTS_ALL.removesuffix(".>")
 FLOWS, POLICY, IDENTITIES, ENDPOINTS, SERVICES = "flows", "policy", "identities", "endpoints", "services"
 TOPICS = (FLOWS, POLICY, IDENTITIES, ENDPOINTS, SERVICES)
 # the service that publishes each topic (the writer of the bucket it comes from)
@@ -24,8 +27,8 @@ SERVICE_TOPICS: dict[str, tuple[str, ...]] = {
     "flows": (FLOWS,), "identity": (IDENTITIES, ENDPOINTS), "policy": (POLICY,), "servicelb": (SERVICES,),
 }
 
-SUBJECT_ALL = f"{PREFIX}.>"
-SUBJECT_INTEREST = f"{PREFIX}.interest"  # JSON lease request (``interest.parse_request``)
+SUBJECT_ALL = names.SUBJECT_EVENTS_ALL
+SUBJECT_INTEREST = names.SUBJECT_EVENTS_INTEREST  # JSON lease request (``interest.parse_request``)
 
 ENV_EVENTS = "CILIARY_EVENTS"
 MODE_OFF, MODE_INTEREST, MODE_ALWAYS = "off", "interest", "always"
@@ -40,8 +43,9 @@ def token(name: str) -> str:
 
 def subject(topic: str, cluster: str, node: str | None = None) -> str:
     """``ciliary.events.<topic>.<cluster>`` (``.<node>`` for per-node topics)."""
-    base = f"{PREFIX}.{topic}.{token(cluster)}"
-    return base if node is None else f"{base}.{token(node)}"
+    if node is None:
+        return names.SUBJECT_EVENTS.format(topic=topic, cluster=token(cluster))
+    return names.SUBJECT_EVENTS_NODE.format(topic=topic, cluster=token(cluster), node=token(node))
 
 
 def topic_of(subject_name: str) -> str:

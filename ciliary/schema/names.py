@@ -28,6 +28,10 @@ __all__ = [
     "DEFAULT_CLUSTER_NAME",
     "SERVICE_NAMES",
     "STREAM_FLOWS",
+    "SUBJECT_EVENTS",
+    "SUBJECT_EVENTS_ALL",
+    "SUBJECT_EVENTS_INTEREST",
+    "SUBJECT_EVENTS_NODE",
     "SUBJECT_FLOWS",
     "SUBJECT_FLOWS_ALL",
     "SUBJECT_FLOWS_METRICS",
@@ -93,6 +97,13 @@ SUBJECT_FLOWS = "flows.enriched.{cluster}.{node}"  # FlowBatch
 SUBJECT_FLOWS_ALL = "flows.enriched.>"
 SUBJECT_FLOWS_QUERY = "ciliary.flows.query"  # FlowQuery -> stream of FlowQueryReply
 SUBJECT_FLOWS_METRICS = "ciliary.flows.metrics"  # FlowMetricsRequest -> FlowMetricsReply
+
+# ---------------------------------------------------------------- public event API (JSON, ``ciliary.events``)
+
+SUBJECT_EVENTS = "ciliary.events.{topic}.{cluster}"  # identities, policy, services
+SUBJECT_EVENTS_NODE = "ciliary.events.{topic}.{cluster}.{node}"  # flows, endpoints
+SUBJECT_EVENTS_ALL = "ciliary.events.>"
+SUBJECT_EVENTS_INTEREST = "ciliary.events.interest"  # a subscriber's lease (JSON)
 
 # ---------------------------------------------------------------- identity (payloads: ``identity``)
 
