@@ -41,7 +41,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 
-from ciliary import schema, telemetry
+from ciliary import config, schema, telemetry
 from ciliary.kv import SYNCED, KVEntry, Synced
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Bus:
         self.reconnects = 0
         self._kv_handles: dict[str, Any] = {}
         self.closing = False
+        self.replicas = config.js_replicas()  # of the buckets and streams this bus creates
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -134,7 +135,7 @@ class Bus:
 
         try:
             nc = await nats.connect(
-                servers=[url],
+                servers=[u.strip() for u in url.split(",") if u.strip()],  # a cluster: several
                 name=name,
                 connect_timeout=connect_timeout,
                 allow_reconnect=allow_reconnect,
@@ -164,7 +165,7 @@ class Bus:
     # ------------------------------------------------------------------ provisioning
 
     async def ensure_buckets(self, buckets: tuple[str, ...] = schema.ALL_BUCKETS) -> None:
-        """Create the KV buckets (file storage) that do not exist yet."""
+        """Create the KV buckets (file storage, ``replicas`` copies) that do not exist yet."""
         for bucket in buckets:
             try:
                 await self.js.key_value(bucket)
@@ -172,7 +173,8 @@ class Bus:
                 try:
                     await self.js.create_key_value(
                         js_api.KeyValueConfig(
-                            bucket=bucket, history=1, storage=js_api.StorageType.FILE
+                            bucket=bucket, history=1, storage=js_api.StorageType.FILE,
+                            replicas=self.replicas,
                         )
                     )
                 except nats.js.errors.BadRequestError:
@@ -185,6 +187,7 @@ class Bus:
             name=name,
             subjects=subjects,
             storage=js_api.StorageType.FILE,
+            num_replicas=self.replicas,
             max_bytes=max_bytes,
             max_age=max_age_s,
             discard=js_api.DiscardPolicy.OLD,

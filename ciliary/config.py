@@ -25,6 +25,7 @@ ENV_CLUSTER = "CILIARY_CLUSTER"
 ENV_CLUSTER_ID = "CILIARY_CLUSTER_ID"
 ENV_NODE = "CILIARY_NODE"
 ENV_INSTANCE = "CILIARY_INSTANCE"
+ENV_JS_REPLICAS = "CILIARY_JS_REPLICAS"
 INSTANCE_FILE = "instance.json"
 
 
@@ -118,3 +119,9 @@ def env_number(name: str, default: float, *, integer: bool = False, minimum: flo
         logging.getLogger("ciliary.config").error("%s=%r: %s; using %s", name, raw, reason, default)
         return default
     return value
+
+
+def js_replicas(env: dict[str, str] | None = None) -> int:
+    """Copies of each JetStream bucket and stream a process creates: 1 for the embedded
+    single server, 3 against the NATS cluster of deploy/ (``CILIARY_JS_REPLICAS``)."""
+    return int(min(env_number(ENV_JS_REPLICAS, 1, integer=True, minimum=1, env=env), 5))

@@ -3,7 +3,8 @@
 Invariants:
 - A service process connects to NATS, ensures the buckets, registers with the NATS
   micro-services API as ``ciliary-<name>`` (ping/info/stats) and answers health requests on
-  ``ciliary.health.<instance>``; only then does it start its work.
+  ``ciliary.health.<instance>`` (and over HTTP when ``CILIARY_HEALTH_PORT`` is set, for
+  a kubelet's probes: ``ciliary.healthhttp``); only then does it start its work.
 - All work runs in one ``asyncio.TaskGroup``. SIGTERM/SIGINT cancel it; the process then
   deregisters, drains its connection and exits 0 with no task left pending.
 - A service is healthy when it is connected and every watch it declared has delivered
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ciliary import __version__, config, schema, telemetry
+from ciliary import __version__, config, healthhttp, schema, telemetry
 from ciliary.bus import SYNCED, Bus, BusError, KVEntry, Message, Synced
 from ciliary.watch import Mirror, PassLoop
 
@@ -151,6 +152,8 @@ async def _serve(service: str, main: Main, settings: Settings) -> None:
     async def on_health(msg: Message) -> None:
         await msg.respond(ctx.health())
 
+    port = healthhttp.health_port()
+    http_health = await healthhttp.serve(ctx.health, port) if port else None
     health_subs = [
         await bus.subscribe_raw(schema.SUBJECT_HEALTH.format(instance=settings.instance), on_health),
         await bus.subscribe_raw(schema.SUBJECT_HEALTH_ALL, on_health),
@@ -182,6 +185,9 @@ async def _serve(service: str, main: Main, settings: Settings) -> None:
     except* _Stop:
         pass
     finally:
+        if http_health is not None:
+            http_health.close()
+            await http_health.wait_closed()
         await registration.stop()
         for sub in health_subs:
             await sub.unsubscribe()
