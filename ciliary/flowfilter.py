@@ -258,6 +258,10 @@ def filter_matches(f: schema.FlowFilter, flow: schema.Flow) -> bool:
         return False
     if f.source_identity and src.identity not in f.source_identity:
         return False
+    if f.source_cluster_name and src.cluster_name not in f.source_cluster_name:
+        return False
+    if f.destination_cluster_name and dst.cluster_name not in f.destination_cluster_name:
+        return False
     if f.destination_identity and dst.identity not in f.destination_identity:
         return False
     if f.traffic_direction and flow.traffic_direction not in f.traffic_direction:
@@ -424,6 +428,9 @@ _FLAGS: dict[str, tuple[str, str, str]] = {
     "protocol": ("both", "protocol", "protocol"),
     "traffic-direction": ("both", "traffic_direction", "traffic_direction"),
     "node-name": ("both", "node_name", "node_name"),
+    "cluster": ("split", "source_cluster_name", "destination_cluster_name"),
+    "from-cluster": ("both", "source_cluster_name", "source_cluster_name"),
+    "to-cluster": ("both", "destination_cluster_name", "destination_cluster_name"),
     "dns-query": ("both", "dns_query", "dns_query"),
     "tcp-flags": ("both", "tcp_flags", "tcp_flags"),
     "ip-version": ("both", "ip_version", "ip_version"),
@@ -529,6 +536,10 @@ def _convert(name: str, value: str) -> object:
         return value
     if name in ("fqdn", "from-fqdn", "to-fqdn"):
         fqdn_pattern(value)
+        return value
+    if name in ("cluster", "from-cluster", "to-cluster"):
+        if not value:
+            raise FilterError(f"invalid --{name} value: a cluster name is required")
         return value
     if name == "tcp-flags":
         return parse_tcp_flags(value)

@@ -4,7 +4,8 @@ Invariants:
 - Read-only: reads bucket ``services`` through `ciliary.bus.Bus` and never imports a
   service package (the import-linter contract forbids ``ciliary`` -> ``services``).
 - The table has the shape of ``cilium-dbg service list``: ID, Frontend, Service Type and
-  one ``N => ip:port/proto (state)`` line per backend; ``-o json`` prints the records.
+  one ``N => ip:port/proto (state)`` line per backend (with ClusterMesh backends:
+  ``[cluster <name>]`` and ``(preferred)``); ``-o json`` prints the records.
 - Rows that do not decode are skipped (a reader never crashes on a foreign writer).
 """
 
@@ -63,14 +64,20 @@ def frontend_text(fe: schema.LBFrontend) -> str:
 
 
 def backend_lines(fe: schema.LBFrontend, node: str = "") -> list[str]:
-    """``N => ip:port/proto (state)`` per backend; slot backends first, as stored."""
+    """``N => ip:port/proto (state)`` per backend; slot backends first, as stored. A
+    frontend with backends of connected clusters (ClusterMesh) names each backend's
+    cluster and marks the ones new connections go to ``(preferred)``, as ``cilium-dbg
+    service list --clustermesh-affinity`` does."""
     in_slots = set(fe.slots) | {i for ids in fe.slots_by_node.values() for i in ids}
+    meshed = any(b.cluster for b in fe.backends)
     lines = []
     for index, b in enumerate(fe.backends, start=1):
         state = b.state
-        if b.id not in in_slots and b.state == schema.LB_STATE_ACTIVE:
+        if b.id not in in_slots and b.state == schema.LB_STATE_ACTIVE and not meshed:
             state = "active, other node"
         extra = f" @{b.node}" if fe.traffic_policy == "Local" and b.node else ""
+        if meshed:
+            extra += f" [cluster {b.cluster or fe.cluster}]" + (" (preferred)" if b.id in in_slots else "")
         lines.append(f"{index} => {b.ip}:{b.port}/{b.proto} ({state}){extra}")
     return lines
 

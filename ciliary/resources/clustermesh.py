@@ -25,6 +25,7 @@ AFFINITY_REMOTE = "remote"
 AFFINITY_NONE = "none"
 AFFINITIES = (AFFINITY_LOCAL, AFFINITY_REMOTE, AFFINITY_NONE)
 SOURCE_CLUSTER_LABEL = "multicluster.kubernetes.io/source-cluster"  # on imported slices
+SERVICE_IMPORT_LABEL = "ciliary.io/service-import"  # "true" on them: a ServiceImport asks for them
 _BOOLS = {"true": True, "false": False}
 
 
@@ -38,19 +39,23 @@ class GlobalService(NamedTuple):
 NOT_GLOBAL = GlobalService(False, False, AFFINITY_NONE, "")
 
 
+def annotation_errors(notes: dict[str, str]) -> list[tuple[str, str]]:
+    """``(field, message)`` for every ClusterMesh annotation value outside its set."""
+    errors = []
+    for key in (ANNOTATION_GLOBAL, ANNOTATION_SHARED):
+        if key in notes and str(notes[key]).lower() not in _BOOLS:
+            errors.append((f"metadata.annotations[{key}]", f'is {notes[key]!r}; use "true" or "false"'))
+    if ANNOTATION_AFFINITY in notes and str(notes[ANNOTATION_AFFINITY]).lower() not in AFFINITIES:
+        errors.append((f"metadata.annotations[{ANNOTATION_AFFINITY}]",
+                       f"is {notes[ANNOTATION_AFFINITY]!r}; use one of {', '.join(AFFINITIES)}"))
+    return errors
+
+
 def annotation_problems(manifest: dict[str, Any]) -> list[str]:
     """Bad ClusterMesh annotation values of one Service, each naming the object and field."""
     meta = manifest.get("metadata") or {}
-    notes = meta.get("annotations") or {}
     where = f"Service {meta.get('namespace') or 'default'}/{meta.get('name', '?')}"
-    problems = []
-    for key in (ANNOTATION_GLOBAL, ANNOTATION_SHARED):
-        if key in notes and str(notes[key]).lower() not in _BOOLS:
-            problems.append(f'{where}: metadata.annotations["{key}"] is {notes[key]!r}; use "true" or "false"')
-    if ANNOTATION_AFFINITY in notes and str(notes[ANNOTATION_AFFINITY]).lower() not in AFFINITIES:
-        problems.append(f'{where}: metadata.annotations["{ANNOTATION_AFFINITY}"] is '
-                        f"{notes[ANNOTATION_AFFINITY]!r}; use one of {', '.join(AFFINITIES)}")
-    return problems
+    return [f"{where}: {field} {message}" for field, message in annotation_errors(meta.get("annotations") or {})]
 
 
 def global_service(manifest: dict[str, Any], *, exported: bool = False, imported: bool = False) -> GlobalService:

@@ -19,6 +19,7 @@ from .cilium import CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy
 from .core import Namespace, Node
 from .discovery import EndpointSlice
 from .errors import UnknownKindError
+from .multicluster import MCS_API_VERSION, ServiceExport, ServiceImport
 from .networking import NetworkPolicy
 from .pod import Pod
 from .service import Service
@@ -70,6 +71,10 @@ KINDS: dict[str, KindInfo] = {
             CiliumClusterwideNetworkPolicy,
             "ciliumclusterwidenetworkpolicies", "ciliumclusterwidenetworkpolicy", ("ccnp",),
         ),
+        KindInfo("ServiceExport", MCS_API_VERSION, True, ServiceExport, "serviceexports", "serviceexport",
+                 ("svcex",)),
+        KindInfo("ServiceImport", MCS_API_VERSION, True, ServiceImport, "serviceimports", "serviceimport",
+                 ("svcim",)),
     )
 }
 

@@ -18,6 +18,7 @@ from .cilium import CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy
 from .core import Namespace, Node
 from .discovery import EndpointSlice
 from .errors import FieldError
+from .multicluster import ServiceExport, ServiceImport
 from .networking import NetworkPolicy
 from .pod import Pod
 from .service import Service
@@ -27,6 +28,8 @@ from .validate_core import (
     validate_node,
     validate_pod,
     validate_service,
+    validate_service_export,
+    validate_service_import,
 )
 from .validate_policy import validate_cilium_policy, validate_network_policy
 
@@ -39,6 +42,8 @@ _VALIDATORS: dict[type, Callable[[Any, Errors], None]] = {
     NetworkPolicy: validate_network_policy,
     CiliumNetworkPolicy: validate_cilium_policy,
     CiliumClusterwideNetworkPolicy: validate_cilium_policy,
+    ServiceExport: validate_service_export,
+    ServiceImport: validate_service_import,
 }
 
 

@@ -8,10 +8,11 @@ Invariants:
 
 from __future__ import annotations
 
-from . import names
+from . import clustermesh, names
 from .checks import Errors, at, check_labels, check_metadata, check_port_or_name, check_unique
 from .core import Namespace, Node
 from .discovery import EndpointSlice
+from .multicluster import ServiceExport, ServiceImport
 from .pod import Container, Pod, Probe
 from .service import NODE_PORT_RANGE, Service, ServiceSpec
 
@@ -126,6 +127,8 @@ def _validate_probe(probe: Probe, path: str, errs: Errors) -> None:
 
 def validate_service(obj: Service, errs: Errors) -> None:
     check_metadata(obj.metadata, errs, names.check_dns1035_label)
+    for field, message in clustermesh.annotation_errors(obj.metadata.annotations):
+        errs.add(field, message)
     spec = obj.spec
     check_labels(spec.selector, "spec.selector", errs)
     _validate_service_ports(spec, errs)
@@ -225,3 +228,19 @@ def validate_endpoint_slice(obj: EndpointSlice, errs: Errors) -> None:
         seen.add(port.name)
         if port.port is not None:
             errs.check(at(path, "port"), names.check_port_number(port.port))
+
+
+def validate_service_export(obj: ServiceExport, errs: Errors) -> None:
+    """Named like the Service it exports (a DNS-1035 label)."""
+    check_metadata(obj.metadata, errs, names.check_dns1035_label)
+
+
+def validate_service_import(obj: ServiceImport, errs: Errors) -> None:
+    check_metadata(obj.metadata, errs, names.check_dns1035_label)
+    seen: set[tuple[int, str]] = set()
+    for i, port in enumerate(obj.spec.ports):
+        if not 1 <= port.port <= 65535:
+            errs.add(f"spec.ports[{i}].port", f"must be between 1 and 65535, got {port.port}")
+        if (port.port, port.protocol) in seen:
+            errs.add(f"spec.ports[{i}]", f"duplicate port {port.port}/{port.protocol}")
+        seen.add((port.port, port.protocol))

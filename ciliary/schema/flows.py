@@ -271,6 +271,8 @@ class FlowFilter(Record):
     ip_version: list[str] = []  # "IPv4" | "IPv6"
     source_fqdn: list[str] = []  # names or "*" patterns, against Flow.source_names
     destination_fqdn: list[str] = []  # against Flow.destination_names
+    source_cluster_name: list[str] = []  # ClusterMesh: the endpoint's cluster
+    destination_cluster_name: list[str] = []
 
 
 class FlowQuery(Record):

@@ -114,6 +114,7 @@ class MeshService(Record):
     ports: list[MeshServicePort] = []
     backends: list[MeshBackend] = []
     source: str = "annotation"  # "annotation" | "ServiceExport"
+    imported: bool = False  # in ``mesh``: this cluster has a ServiceImport of the same name
 
 
 class MeshRemoteStatus(Record):

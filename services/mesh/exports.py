@@ -6,6 +6,8 @@ Invariants:
   clustermesh``) with the backends servicelb computed for its ClusterIP frontends, and
   every node that reported an underlay address. Nothing else of the cluster is readable
   by a remote (its export bucket is the whole interface).
+- Only this cluster's own backends are exported (a global Service's frontend also holds
+  the backends it imported; they are never passed on).
 - A shared global Service is exported even with no backend: a remote then knows its
   backends here are gone, not merely unheard of.
 - Keys are those of ``ciliary.schema.mesh`` (``identity.<id>``, ``ipcache.<key>``,
@@ -63,6 +65,8 @@ def export_state(
         for fe in sorted(by_service.get(ref, []), key=lambda f: (f.port, f.proto)):
             ports.append(schema.MeshServicePort(name=fe.port_name, port=fe.port, proto=fe.proto))
             for be in fe.backends:
+                if be.cluster:
+                    continue  # a connected cluster's backend: its own cluster shares it
                 ready = be.state == schema.LB_STATE_ACTIVE
                 backends.setdefault((be.ip, be.port, be.proto), schema.MeshBackend(
                     ip=be.ip, port=be.port, proto=be.proto, port_name=fe.port_name, ready=ready,

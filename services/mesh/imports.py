@@ -10,6 +10,8 @@ Invariants:
   cluster's identity range and name that cluster; an ipcache entry must name that cluster
   and an identity in its range; services and nodes must name that cluster. An entry that
   fails is left out and counted in the status errors (first few named).
+- A remote service whose namespace/name has a ServiceImport here is marked ``imported``
+  (the MCS API's way of asking for it; servicelb then uses it like a global Service's).
 - The result depends only on the arguments (``now`` and ``ttl`` included).
 """
 
@@ -18,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from ciliary import clusters, schema
 
@@ -76,8 +80,10 @@ def _entry_error(name: str, cluster_id: int, key: str, value: Any) -> str | None
 
 
 def imported_state(local: LocalCluster, remotes: Mapping[str, RemoteView], now: float,
-                   ttl: float) -> dict[str, Any]:
-    """``mesh`` key -> record for every remote (see the module invariants)."""
+                   ttl: float, service_imports: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset(),
+                   ) -> dict[str, Any]:
+    """``mesh`` key -> record for every remote (see the module invariants);
+    ``service_imports``: ``(namespace, name)`` of this cluster's ServiceImports."""
     out: dict[str, Any] = {}
     for name in sorted(remotes):
         view = remotes[name]
@@ -112,6 +118,8 @@ def imported_state(local: LocalCluster, remotes: Mapping[str, RemoteView], now: 
                     continue
                 prefix = key.split(".", 1)[0]
                 counts[prefix] = counts.get(prefix, 0) + 1
+                if isinstance(value, schema.MeshService) and (value.namespace, value.name) in service_imports:
+                    value = msgspec.structs.replace(value, imported=True)
                 out[schema.mesh_key(prefix, name, key.split(".", 1)[1])] = value
         if bad > MAX_ERRORS:
             errors.append(f"{bad - MAX_ERRORS} more entries of cluster {name} left out")

@@ -124,7 +124,8 @@ class MeshService:
         again = await self._write(schema.BUCKET_MESH_EXPORT, self.exported, desired_export)
         clock.lap("write-export")
         views = {name: f.view for name, f in self.followers.items()}
-        desired_import = imported_state(self.local, views, time.time(), self.ttl)
+        imports = mcs_names(self.mcs["ServiceImport"].values.values(), "ServiceImport")
+        desired_import = imported_state(self.local, views, time.time(), self.ttl, imports)
         again |= await self._write(schema.BUCKET_MESH, self.imported, desired_import)
         clock.lap("write-import")
         statuses = [v for k, v in desired_import.items() if k.startswith(f"{schema.MESH_STATUS_PREFIX}.")]

@@ -6,7 +6,8 @@ Pure. Invariants:
   ``kubernetes.io/service-name: <name>`` and ``multicluster.kubernetes.io/source-cluster:
   <cluster>`` (the MCS API's label for imported slices): the model's own slice path
   (ports matched by name and protocol, readiness -> state) applies to remote backends,
-  and the model uses them only for a Service that is global here.
+  and the model uses them only for a Service that is global here (annotation) or has a
+  ServiceImport here (``ciliary.io/service-import: "true"`` on the slice).
 - Remote endpoints carry no ``nodeName`` (a remote node is not one of this cluster's
   nodes: traffic policy Local never picks it); the backing pod is kept as ``targetRef``.
 - A key that is not ``service.<cluster>.<namespace>.<name>`` gives None.
@@ -17,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from ciliary import schema
-from ciliary.resources.clustermesh import SOURCE_CLUSTER_LABEL
+from ciliary.resources.clustermesh import SERVICE_IMPORT_LABEL, SOURCE_CLUSTER_LABEL
 from ciliary.resources.discovery import SERVICE_NAME_LABEL
 
 Ref = tuple[str, str]
@@ -43,10 +44,13 @@ def mesh_slice(record: schema.MeshService) -> dict[str, Any]:
             namespace, pod = backend.pod.split("/", 1)
             endpoint["targetRef"] = {"kind": "Pod", "namespace": namespace, "name": pod}
         endpoints.append(endpoint)
+    labels = {SERVICE_NAME_LABEL: record.name, SOURCE_CLUSTER_LABEL: record.cluster}
+    if record.imported:
+        labels[SERVICE_IMPORT_LABEL] = "true"
     return {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
         "metadata": {"name": f"mesh.{record.cluster}.{record.name}", "namespace": record.namespace,
-                     "labels": {SERVICE_NAME_LABEL: record.name, SOURCE_CLUSTER_LABEL: record.cluster}},
+                     "labels": labels},
         "ports": [{"name": name, "port": port, "protocol": proto} for name, port, proto in ports],
         "endpoints": endpoints,
     }

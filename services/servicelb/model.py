@@ -56,6 +56,7 @@ from ciliary.resources.clustermesh import (
     AFFINITY_LOCAL,
     AFFINITY_NONE,
     AFFINITY_REMOTE,
+    SERVICE_IMPORT_LABEL,
     SOURCE_CLUSTER_LABEL,
     global_service,
 )
@@ -525,8 +526,9 @@ def port_backends(sport: ServicePort, slices: list[EndpointSlice], nodes: dict[s
                 backend = BackendView(ep.addresses[0], p.port, p.protocol, state, ep.is_serving(),
                                       ep.node_name, zone, pod, source)
                 key = (backend.ip, backend.port)
-                if key not in found or backend.rank() < found[key].rank():
-                    found[key] = backend
+                held = found.get(key)
+                if held is None or (backend.rank(), bool(backend.cluster)) < (held.rank(), bool(held.cluster)):
+                    found[key] = backend  # the best state; on a tie this cluster's own
     return sorted(found.values(), key=_addr_order)
 
 
@@ -753,7 +755,8 @@ def build_rows(part: ServicePart, owners: dict[str, Ref], nodes: dict[str, NodeV
             continue  # the same frontend twice in one Service (e.g. externalIP = LB IP)
         taken.add(key)
         owned.append((sport, plan))
-    mesh = global_service(part.manifest)
+    imported = any(s.metadata.labels.get(SERVICE_IMPORT_LABEL) == "true" for s in part.slices)
+    mesh = global_service(part.manifest, imported=imported)
     with alloc.tracking() as used:
         for sport, plan in owned:
             assert svc is not None

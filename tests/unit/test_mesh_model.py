@@ -107,10 +107,11 @@ def test_annotations_and_mcs_objects() -> None:
     assert global_service(service("a"), imported=True) == (True, False, "none", "ServiceImport")
     assert not global_service(service("a")).is_global
     (problem,) = annotation_problems(service("a", {GLOBAL: "yes"}))
-    assert 'Service shop/a: metadata.annotations["service.cilium.io/global"] is \'yes\'' in problem
+    assert problem == "Service shop/a: metadata.annotations[service.cilium.io/global] is 'yes'; use \"true\" or \"false\""
 
 
-def export(services: list[dict[str, Any]], exported: set[tuple[str, str]] = frozenset()) -> dict[str, Any]:
+def export(services: list[dict[str, Any]], exported: set[tuple[str, str]] = frozenset(),
+           extra_backends: list[schema.LBBackend] = ()) -> dict[str, Any]:
     ident = schema.IdentityRecord(id=IDENT, labels=["k8s:app=payments"], scope="cluster", cluster="west",
                                   cluster_id=WEST)
     other = schema.IdentityRecord(id=IDENT + 1, labels=["k8s:app=idle"], scope="cluster", cluster="west",
@@ -121,7 +122,8 @@ def export(services: list[dict[str, Any]], exported: set[tuple[str, str]] = froz
                                                    cluster="west", cluster_id=WEST)}
     fes = [schema.LBFrontend(namespace="shop", name=s["metadata"]["name"], type="ClusterIP", address="10.96.0.9",
                              port=80, proto="TCP", service_id=1, rev_nat_id=1, port_name="http",
-                             backends=[schema.LBBackend(id=1, ip="10.2.1.5", port=8080, proto="TCP")])
+                             backends=[schema.LBBackend(id=1, ip="10.2.1.5", port=8080, proto="TCP"),
+                                       *extra_backends])
            for s in services]
     records = [schema.ResourceRecord(kind="Service", api_version="v1", namespace="shop", name=s["metadata"]["name"],
                                      uid="u", generation=1, created="", manifest=s) for s in services]
@@ -138,6 +140,9 @@ def test_export_holds_pods_their_identities_shared_services_and_nodes() -> None:
     assert out["node.node-1"] == schema.MeshNode(name="node-1", cluster="west", cluster_id=WEST,
                                                  address="172.30.2.1", pod_cidr="10.2.1.0/24")
     assert out["service.shop.payments"].ports == [schema.MeshServicePort(name="http", port=80, proto="TCP")]
+    imported = schema.LBBackend(id=2, ip="10.3.1.7", port=8080, proto="TCP", cluster="east")
+    again = export([service("payments", {GLOBAL: "true"})], extra_backends=[imported])
+    assert [b.ip for b in again["service.shop.payments"].backends] == ["10.2.1.5"]  # never passed on
     mcs = export([service("plain")], exported={("shop", "plain")})
     assert mcs["service.shop.plain"].source == "ServiceExport"
 
@@ -237,3 +242,28 @@ async def test_mesh_routes_link_route_and_withdraw() -> None:
     routes.mirror.values.clear()  # west withdrawn
     await routes._pass()
     assert kernel.calls[2:] == [("unroute", "172.30.2.1", "10.2.1.0/24"), ("unlink", "west")]
+
+
+def test_service_list_names_clusters_and_preferred_backends() -> None:
+    from ciliary.cli.service import backend_lines
+
+    fe = frontend({GLOBAL: "true", AFFINITY: "local"}, local_ready=True)
+    fe = schema.LBFrontend(**{**{f: getattr(fe, f) for f in fe.__struct_fields__}, "cluster": "east"})
+    assert sorted(backend_lines(fe)) == sorted([
+        "1 => 10.3.1.7:8080/TCP (active) [cluster east] (preferred)",
+        "2 => 10.2.1.5:8080/TCP (active) [cluster west]",
+    ])
+    plain = frontend(None, local_ready=True)
+    assert backend_lines(plain) == ["1 => 10.3.1.7:8080/TCP (active)"]
+
+
+def test_flow_filters_select_by_cluster() -> None:
+    from ciliary.flowfilter import build_filters, matches
+
+    flow = schema.Flow(source=schema.FlowEndpoint(cluster_name="west", pod_name="checkout"),
+                       destination=schema.FlowEndpoint(cluster_name="east", pod_name="payments"))
+    either, _ = build_filters([("cluster", "west")])
+    src, _ = build_filters([("from-cluster", "east")])
+    dst, _ = build_filters([("to-cluster", "east")])
+    assert matches(flow, either) and matches(flow, dst)
+    assert not matches(flow, src)

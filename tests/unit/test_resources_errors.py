@@ -463,5 +463,5 @@ def test_loads_reports_source_name():
     assert str(info.value) == (
         "inline: document 0: Gadget g: kind: unknown kind 'Gadget'; supported kinds: "
         "Namespace, Node, Pod, Service, EndpointSlice, NetworkPolicy, CiliumNetworkPolicy, "
-        "CiliumClusterwideNetworkPolicy"
+        "CiliumClusterwideNetworkPolicy, ServiceExport, ServiceImport"
     )

@@ -40,6 +40,8 @@ def test_every_kind_loads_in_order():
         "NetworkPolicy/shop/payments-from-checkout",
         "CiliumNetworkPolicy/shop/payments-egress",
         "CiliumClusterwideNetworkPolicy/_/host-ssh",
+        "ServiceExport/shop/payments",
+        "ServiceImport/shop/payments",
     ]
     assert sorted({r.kind for r in resources}) == sorted(KINDS)
     for r in resources:
