@@ -19,6 +19,12 @@ Invariants:
   what was written. Over NATS it publishes back to back with one reply subscription for
   the acknowledgements; a subclass with its own ``kv_put`` gets it through that.
 - Payloads that fail to decode are logged and skipped, never raised into a service loop.
+- With a credential (``ciliary.config.NatsCredential``) the connection authenticates with
+  its nkey and receives replies under the credential's inbox prefix. A refused
+  credential is a ``BusError`` naming the user. A write, delete, get, request or watch
+  the server's permissions refuse raises ``PermissionDenied`` (a ``BusError`` naming the
+  user and the subject) as soon as the server reports it; a refused plain publish or
+  subscription is logged as a warning. Either way the connection stays up.
 - ``read_stream`` reads a fixed range of a stream (from a start time or sequence up to the
   last sequence when it starts) through its own ephemeral pull consumer, one fetched batch
   at a time, and deletes the consumer when the reading ends, however it ends.
@@ -42,6 +48,7 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 
 from ciliary import config, schema, telemetry
+from ciliary.config import NatsCredential
 from ciliary.kv import SYNCED, KVEntry, Synced
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,26 @@ EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 
 class BusError(Exception):
     """A bus operation failed in a way the caller should report."""
+
+
+class PermissionDenied(BusError):
+    """The server refused this connection's user an operation on a subject."""
+
+
+DENIAL_PREFIX = "permissions violation for "
+
+
+def denied_subject(error_text: str) -> tuple[str, str] | None:
+    """``("publish" | "subscription", subject)`` of a server permissions violation (its
+    text as nats-py reports it, lower-cased), or None for any other error."""
+    text = error_text.removeprefix("nats: ").strip().strip("'")
+    if not text.lower().startswith(DENIAL_PREFIX):
+        return None
+    what, _, subject = text[len(DENIAL_PREFIX):].partition(" to ")
+    subject = subject.strip().split(" ")[0].strip('"')
+    if not subject:
+        return None
+    return ("subscription" if what.startswith("subscri") else "publish"), subject
 
 
 class RevisionMismatch(BusError):
@@ -91,18 +118,78 @@ def kv_stream(bucket: str) -> str:
     return f"KV_{bucket}"
 
 
+JS_API = "$JS.API"
+DENIED_RETRY = 10.0  # seconds between attempts of a watch the server's permissions refuse
+
+
+def _kv_reads(bucket: str) -> tuple[str, ...]:
+    """The JetStream API subjects a get or a watch of ``bucket`` publishes to."""
+    stream = kv_stream(bucket)
+    return (f"{JS_API}.DIRECT.GET.{stream}", f"{JS_API}.STREAM.MSG.GET.{stream}",
+            f"{JS_API}.CONSUMER.CREATE.{stream}", f"{JS_API}.CONSUMER.INFO.{stream}")
+
+
 class Bus:
     """A reconnecting NATS connection with typed KV, pub/sub and request helpers."""
 
-    def __init__(self, nc: Client, name: str) -> None:
+    def __init__(self, nc: Client, name: str, user: str = "") -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.name = name
+        self.user = user  # the NATS user of the credential ("" without one)
         self._reconnected = asyncio.Event()
         self.reconnects = 0
         self._kv_handles: dict[str, Any] = {}
         self.closing = False
+        self.denials = 0  # operations the server's permissions refused
+        # operations waiting for an answer: (subject they publish to, lower-cased; what to
+        # call with the subject when the server refuses a publish to it or under it)
+        self._denial_waiters: list[tuple[str, Callable[[str], None]]] = []
         self.replicas = config.js_replicas()  # of the buckets and streams this bus creates
+
+    # ------------------------------------------------------------------ permissions
+
+    def _on_denied(self, action: str, subject: str) -> None:
+        self.denials += 1
+        log.warning("NATS refused %s %s to %s", f"user {self.user}" if self.user else self.name,
+                    action, subject)
+        if action != "publish":
+            return
+        refused = subject.lower()
+        for prefix, notify in list(self._denial_waiters):
+            if refused == prefix or refused.startswith(prefix + "."):
+                notify(subject)
+
+    def _denied_error(self, subject: str) -> PermissionDenied:
+        who = f"NATS user {self.user}" if self.user else f"connection {self.name}"
+        return PermissionDenied(f"permission denied: {who} may not publish to {subject}")
+
+    async def _refusable(self, subjects: str | tuple[str, ...], work: Awaitable[T]) -> T:
+        """``work`` (an operation publishing to one of ``subjects`` or a subject under
+        one), or ``PermissionDenied`` as soon as the server refuses this user that publish."""
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        wanted = (subjects,) if isinstance(subjects, str) else subjects
+
+        def notify(refused: str) -> None:  # the server's text is lower-cased: name ours
+            if not waiter.done():
+                waiter.set_result(next((s for s in wanted if s.lower() == refused.lower()), refused))
+
+        entries = [(s.lower(), notify) for s in wanted]
+        self._denial_waiters.extend(entries)
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise self._denied_error(waiter.result())
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            waiter.cancel()
+            for entry in entries:
+                self._denial_waiters.remove(entry)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -115,9 +202,12 @@ class Bus:
         connect_timeout: float = 2.0,
         max_reconnect_attempts: int = -1,
         allow_reconnect: bool = True,
+        credential: NatsCredential | None = None,
     ) -> Bus:
-        """Connect, retrying forever on disconnect unless told otherwise."""
+        """Connect (as ``credential``'s user when given), retrying forever on disconnect
+        unless told otherwise."""
         bus: Bus | None = None
+        who = f"user {credential.user}" if credential else "a connection without credential"
 
         async def on_reconnect() -> None:
             if bus is not None:
@@ -131,8 +221,17 @@ class Bus:
                 log.warning("disconnected from %s", url)
 
         async def on_error(err: Exception) -> None:
-            log.debug("nats error: %s", err)
+            denied = denied_subject(str(err)) if isinstance(err, nats.errors.Error) else None
+            if denied is not None and bus is not None:
+                bus._on_denied(*denied)
+            elif isinstance(err, nats.errors.AuthorizationError):
+                log.error("NATS at %s refused %s: authorization violation", url, who)
+            else:
+                log.debug("nats error: %s", err)
 
+        auth: dict[str, Any] = {}
+        if credential is not None:
+            auth = {"nkeys_seed_str": credential.seed, "inbox_prefix": credential.inbox_prefix}
         try:
             nc = await nats.connect(
                 servers=[u.strip() for u in url.split(",") if u.strip()],  # a cluster: several
@@ -144,10 +243,13 @@ class Bus:
                 reconnected_cb=on_reconnect,
                 disconnected_cb=on_disconnect,
                 error_cb=on_error,
+                **auth,
             )
-        except (TimeoutError, OSError, nats.errors.NoServersError) as err:
+        except (TimeoutError, OSError, nats.errors.Error) as err:
+            if isinstance(err, nats.errors.AuthorizationError) or "authorization violation" in str(err).lower():
+                raise BusError(f"NATS at {url} refused {who}: authorization violation") from err
             raise BusError(f"cannot connect to NATS at {url}: {err}") from err
-        bus = cls(nc, name)
+        bus = cls(nc, name, credential.user if credential else "")
         return bus
 
     async def close(self) -> None:
@@ -242,7 +344,8 @@ class Bus:
         else:
             config.deliver_policy = js_api.DeliverPolicy.ALL
         try:
-            sub = await self.js.pull_subscribe(subject, stream=name, config=config)
+            sub = await self._refusable(f"{JS_API}.CONSUMER.CREATE.{name}",
+                                        self.js.pull_subscribe(subject, stream=name, config=config))
         except (TimeoutError, nats.errors.Error) as err:
             raise BusError(f"read stream {name}: {err}") from err
         consumer = getattr(sub, "_consumer", None)
@@ -285,7 +388,8 @@ class Bus:
         handle = self._kv_handles.get(bucket)
         if handle is None:
             try:
-                handle = await self.js.key_value(bucket)
+                handle = await self._refusable(f"{JS_API}.STREAM.INFO.{kv_stream(bucket)}",
+                                               self.js.key_value(bucket))
             except nats.js.errors.BucketNotFoundError as err:
                 raise BusError(f"KV bucket {bucket!r} does not exist") from err
             self._kv_handles[bucket] = handle
@@ -295,7 +399,7 @@ class Bus:
         """The live entry for ``key``, or None when absent or deleted."""
         kv = await self._kv(bucket)
         try:
-            entry = await kv.get(key)
+            entry = await self._refusable(_kv_reads(bucket), kv.get(key))
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         return KVEntry(bucket, key, entry.revision or 0, entry.value)
@@ -318,7 +422,8 @@ class Bus:
         if last_revision is not None:
             headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last_revision)
         try:
-            ack = await self.js.publish(kv_subject(bucket, key), data, headers=headers or None)
+            ack = await self._refusable(kv_subject(bucket, key), self.js.publish(
+                kv_subject(bucket, key), data, headers=headers or None))
         except nats.js.errors.APIError as err:
             if err.err_code in (10071, 10164):
                 if last_revision == 0:
@@ -435,8 +540,16 @@ class Bus:
                         key = pending[token][0]
                         settle(token, BusError(f"write {bucket}/{key}: no answer within {ack_timeout:g}s"))
 
+        def on_denied(subject: str) -> None:
+            refused = subject.lower()
+            for token in [t for t, write in pending.items()
+                          if kv_subject(bucket, write[0]).lower() == refused]:
+                settle(token, self._denied_error(kv_subject(bucket, pending[token][0])))
+
         sub = await self.nc.subscribe(f"{inbox}.*", cb=on_ack)
         guard = asyncio.ensure_future(watchdog())
+        denial_entry = (f"$KV.{bucket}".lower(), on_denied)
+        self._denial_waiters.append(denial_entry)
         try:
             headers = telemetry.inject_headers()
             for number, (key, record, last_revision) in enumerate(items):
@@ -461,6 +574,7 @@ class Bus:
             if pending:
                 await drained.wait()
         finally:
+            self._denial_waiters.remove(denial_entry)
             guard.cancel()
             await asyncio.gather(guard, return_exceptions=True)
             await Subscription(sub).unsubscribe()
@@ -481,7 +595,8 @@ class Bus:
         if last_revision is not None:
             headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last_revision)
         try:
-            await self.js.publish(kv_subject(bucket, key), b"", headers=headers)
+            await self._refusable(kv_subject(bucket, key),
+                                  self.js.publish(kv_subject(bucket, key), b"", headers=headers))
         except nats.js.errors.APIError as err:
             if err.err_code in (10071, 10164):
                 raise RevisionMismatch(f"{bucket}/{key}: revision changed") from err
@@ -516,7 +631,7 @@ class Bus:
 
             reconnected = self._reconnected
             try:
-                sub = await self.js.subscribe(
+                sub = await self._refusable(_kv_reads(bucket), self.js.subscribe(
                     kv_subject(bucket, pattern),
                     stream=kv_stream(bucket),
                     cb=on_msg,
@@ -524,7 +639,13 @@ class Bus:
                     deliver_policy=js_api.DeliverPolicy.LAST_PER_SUBJECT,
                     # an abandoned consumer disappears quickly; one-shot reads even faster
                     inactive_threshold=2 if once else 30,
-                )
+                ))
+            except PermissionDenied as err:  # a retry would be refused again, but log slowly
+                if once:
+                    raise BusError(f"watch {bucket}: {err}") from err
+                log.error("watch %s: %s; retrying in %.0fs", bucket, err, DENIED_RETRY)
+                await asyncio.sleep(DENIED_RETRY)
+                continue
             except (TimeoutError, nats.errors.Error) as err:
                 if once:
                     raise BusError(f"watch {bucket}: {err}") from err
@@ -662,9 +783,9 @@ class Bus:
     async def request(self, subject: str, record: Any, type_: type[T], *, timeout: float = 2.0) -> T:
         data = record if isinstance(record, bytes) else schema.encode(record)
         try:
-            msg = await self.nc.request(
+            msg = await self._refusable(subject, self.nc.request(
                 subject, data, timeout=timeout, headers=telemetry.inject_headers() or None
-            )
+            ))
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
             raise BusError(f"no answer on {subject}") from err
         return schema.decode(msg.data, type_)

@@ -26,7 +26,10 @@ ENV_CLUSTER_ID = "CILIARY_CLUSTER_ID"
 ENV_NODE = "CILIARY_NODE"
 ENV_INSTANCE = "CILIARY_INSTANCE"
 ENV_JS_REPLICAS = "CILIARY_JS_REPLICAS"
+ENV_NATS_CREDS = "CILIARY_NATS_CREDS"  # path of this process's NATS credential file
 INSTANCE_FILE = "instance.json"
+NATS_CREDS_DIR = "nats-creds"  # one <user>.json per NATS user, mode 0600, directory 0700
+NATS_AUTH_FILE = "nats-auth.conf"  # nats-server's authorization block, mode 0600
 
 
 class ProcessInfo(msgspec.Struct, frozen=True):
@@ -47,6 +50,16 @@ class InstanceState(msgspec.Struct, frozen=True, kw_only=True):
     log_dir: str = ""
     ui_url: str = ""  # service map page of the flows service
     metrics_url: str = ""  # Prometheus endpoint of the flows service
+    nats_auth: bool = False  # every connection authenticates with its own nkey credential
+
+
+class NatsCredential(msgspec.Struct, frozen=True, kw_only=True):
+    """A NATS user's credential file (``<data-dir>/nats-creds/<user>.json``, mode 0600;
+    written by ``ciliary.natscreds``)."""
+
+    user: str
+    seed: str  # nkey seed of a NATS user ("SU...")
+    inbox_prefix: str  # where this user receives replies
 
 
 def default_data_dir() -> Path:
@@ -80,6 +93,11 @@ def write_instance(data_dir: Path, state: InstanceState) -> None:
     tmp = instance_path(data_dir).with_suffix(".tmp")
     tmp.write_bytes(msgspec.json.format(msgspec.json.encode(state)))
     tmp.replace(instance_path(data_dir))
+
+
+def nats_credential_path(data_dir: Path, user: str) -> Path:
+    """Where ``ciliary up`` keeps the NATS credential of ``user``."""
+    return data_dir / NATS_CREDS_DIR / f"{user}.json"
 
 
 def remove_instance(data_dir: Path) -> None:

@@ -25,8 +25,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ciliary import __version__, config, healthhttp, schema, telemetry
+from ciliary import __version__, config, healthhttp, natscreds, schema, telemetry
 from ciliary.bus import SYNCED, Bus, BusError, KVEntry, Message, Synced
+from ciliary.config import NatsCredential
 from ciliary.watch import Mirror, PassLoop
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Settings:
     cluster_id: int = schema.DEFAULT_CLUSTER_ID
     node: str = ""
     instance: str = ""
+    nats_creds: str = ""  # path of the NATS credential file; "" connects without one
 
     @classmethod
     def from_env(cls, service: str) -> Settings:
@@ -54,6 +56,7 @@ class Settings:
             cluster_id=int(os.environ.get(config.ENV_CLUSTER_ID, schema.DEFAULT_CLUSTER_ID)),
             node=node,
             instance=instance,
+            nats_creds=os.environ.get(config.ENV_NATS_CREDS, ""),
         )
 
 
@@ -145,7 +148,8 @@ def mirror_kinds(
 
 async def _serve(service: str, main: Main, settings: Settings) -> None:
     telemetry.setup_tracing(service, settings.cluster, node=settings.node, instance=settings.instance)
-    bus = await _connect_with_retry(settings.nats_url, f"ciliary-{service}/{settings.instance}")
+    credential = natscreds.read_credential(settings.nats_creds) if settings.nats_creds else None
+    bus = await _connect_with_retry(settings.nats_url, f"ciliary-{service}/{settings.instance}", credential)
     await bus.ensure_buckets()
     ctx = Context(service=service, settings=settings, bus=bus)
 
@@ -224,10 +228,11 @@ class _Stop(Exception):
     """Raised inside the task group to cancel every task on SIGTERM."""
 
 
-async def _connect_with_retry(url: str, name: str, attempts: int = 60) -> Bus:
+async def _connect_with_retry(url: str, name: str, credential: NatsCredential | None = None,
+                              attempts: int = 60) -> Bus:
     for attempt in range(attempts):
         try:
-            return await Bus.connect(url, name)
+            return await Bus.connect(url, name, credential=credential)
         except BusError as err:
             if attempt == attempts - 1:
                 raise
@@ -246,7 +251,7 @@ def run(service: str, main: Main) -> None:
     settings = Settings.from_env(service)
     try:
         asyncio.run(_serve(service, main, settings))
-    except BusError as err:
+    except (BusError, natscreds.CredentialError) as err:
         log.error("%s", err)
         sys.exit(1)
     except LeakedTasks as err:

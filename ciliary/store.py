@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from ciliary import schema
-from ciliary.bus import Bus, BusError, KVEntry, PutManyError, RevisionMismatch
+from ciliary.bus import Bus, BusError, KVEntry, PermissionDenied, PutManyError, RevisionMismatch
 from ciliary.resources import Resource
 
 T = TypeVar("T")
@@ -315,7 +315,10 @@ class ResourceStore:
         if existing is None:
             return ApplyResult(kind, namespace, name, "not found")
         await self.bus.kv_delete(schema.BUCKET_RESOURCES, key)
-        await self.bus.kv_delete(schema.BUCKET_STATUS, key)
+        try:
+            await self.bus.kv_delete(schema.BUCKET_STATUS, key)
+        except PermissionDenied:  # a user that writes resources only: the status's owner
+            pass  # removes it once the object is gone
         return ApplyResult(kind, namespace, name, "deleted")
 
     async def get(self, kind: str, namespace: str, name: str) -> StoredObject | None:

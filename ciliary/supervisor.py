@@ -13,6 +13,10 @@ Invariants:
   (``ciliary.claims``); every child inherits both claims, so while any process of the
   instance lives, no second instance starts on the same store or under the same cluster
   name on this machine.
+- NATS is authenticated: before nats-server starts, every user of ``ciliary.natsauth``
+  gets a fresh nkey credential in ``<data-dir>/nats-creds/<user>.json`` (0600) and the
+  server loads their public keys and permissions from ``<data-dir>/nats-auth.conf``. Each
+  child connects as its own user (``CILIARY_NATS_CREDS``); the supervisor as ``admin``.
 - Children die with the supervisor: each gets SIGTERM when the supervisor exits, however it
   exits (``PR_SET_PDEATHSIG``), so a killed supervisor leaves no orphan behind.
 """
@@ -34,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ciliary import claims, config, schema
+from ciliary import claims, config, natsauth, natscreds, schema
 from ciliary.bus import Bus, BusError
 from ciliary.resources import resource_from_manifest
 from ciliary.runtime import install_stop_handlers
@@ -142,6 +146,7 @@ class Supervisor:
     children: list[Child] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     claims: tuple[int, ...] = ()
+    credentials: dict[str, Path] = field(default_factory=dict)  # NATS user -> credential file
 
     http_port: int = 0  # flows service: metrics and service map (0 = pick a free port)
 
@@ -149,7 +154,7 @@ class Supervisor:
     def nats_url(self) -> str:
         return f"nats://127.0.0.1:{self.nats_port}"
 
-    def _child_env(self, instance: str, node: str = "") -> dict[str, str]:
+    def _child_env(self, instance: str, node: str = "", *, user: str = "") -> dict[str, str]:
         env = dict(os.environ)
         env.update({
             config.ENV_NATS_URL: self.nats_url,
@@ -163,6 +168,9 @@ class Supervisor:
         if self.pod_cidr:
             env[ENV_CLUSTER_CIDR] = self.pod_cidr
         env.pop(config.ENV_NODE, None)
+        env.pop(config.ENV_NATS_CREDS, None)
+        if user in self.credentials:
+            env[config.ENV_NATS_CREDS] = str(self.credentials[user])
         if node:
             env[config.ENV_NODE] = node
             env["CILIARY_TEARDOWN_ON_EXIT"] = "1"  # `ciliary down` leaves nothing behind
@@ -178,11 +186,12 @@ class Supervisor:
         self.children.append(Child(
             "nats-server",
             [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port), "-js",
-             "-sd", str(self.data_dir / "nats"), "-n", f"ciliary-{self.cluster}"],
+             "-sd", str(self.data_dir / "nats"), "-n", f"ciliary-{self.cluster}",
+             "-c", str(self.data_dir / config.NATS_AUTH_FILE)],
             dict(os.environ), logs / "nats-server.log",
         ))
         for name in CONTROL_PLANE:
-            env = self._child_env(name)
+            env = self._child_env(name, user=name)
             if name == "flows" and "CILIARY_FLOWS_METRICS_PORT" not in env:
                 env["CILIARY_FLOWS_METRICS_PORT"] = str(self.http_port)  # UI shares it
             self.children.append(Child(
@@ -190,7 +199,8 @@ class Supervisor:
             ))
         for node in node_names(self.nodes):
             self.children.append(Child(
-                f"node/{node}", [sys.executable, "-m", "services.node"], self._child_env(f"node-{node}", node),
+                f"node/{node}", [sys.executable, "-m", "services.node"],
+                self._child_env(f"node-{node}", node, user=natsauth.node_user(node)),
                 logs / f"node-{node}.log",
             ))
 
@@ -206,6 +216,7 @@ class Supervisor:
             log_dir=str(self.data_dir / "logs"),
             ui_url=f"http://127.0.0.1:{self.http_port}/",
             metrics_url=f"http://127.0.0.1:{self.http_port}/metrics",
+            nats_auth=bool(self.credentials),
         ))
 
     async def _wait_for_nats(self, timeout: float = 20.0) -> None:
@@ -215,7 +226,8 @@ class Supervisor:
             if not nats_child.running:
                 raise RuntimeError(f"nats-server exited; see {nats_child.log_path}")
             try:
-                bus = await Bus.connect(self.nats_url, "ciliary-supervisor", allow_reconnect=False)
+                bus = await Bus.connect(self.nats_url, "ciliary-supervisor", allow_reconnect=False,
+                                        credential=self._admin_credential())
             except BusError:
                 await asyncio.sleep(0.1)
                 continue
@@ -226,6 +238,16 @@ class Supervisor:
                 await bus.close()
             return
         raise RuntimeError(f"nats-server did not answer within {timeout:.0f}s")
+
+    def _admin_credential(self) -> config.NatsCredential:
+        return natscreds.read_credential(self.credentials[natsauth.ADMIN])
+
+    def write_credentials(self) -> None:
+        """A fresh credential for every NATS user of the instance, and the server's
+        authorization block (before nats-server starts)."""
+        self.credentials = natscreds.write_instance_credentials(
+            self.data_dir / config.NATS_CREDS_DIR, self.data_dir / config.NATS_AUTH_FILE,
+            natsauth.users(self.cluster, node_names(self.nodes)))
 
     def claim(self) -> None:
         """Claim the data directory and the cluster name; ``RuntimeError`` naming the holder
@@ -245,6 +267,7 @@ class Supervisor:
     async def run(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.claim()
+        self.write_credentials()
         if not self.nats_port:
             self.nats_port = free_port()
         if not self.http_port:

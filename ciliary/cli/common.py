@@ -26,8 +26,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ciliary import config
+from ciliary import config, natsauth, natscreds
 from ciliary.bus import Bus, BusError
+from ciliary.config import NatsCredential
 
 REQUEST_TIMEOUT = 5.0  # seconds a command waits for a service's answer
 
@@ -54,13 +55,22 @@ def running_instance(data_dir: Path) -> config.InstanceState:
 async def _with_bus(data_dir: Path, work: Callable[[Bus], Awaitable[Any]]) -> Any:
     state = running_instance(data_dir)
     try:
-        bus = await Bus.connect(state.nats_url, "ciliary-cli", allow_reconnect=False)
+        bus = await Bus.connect(state.nats_url, "ciliary-cli", allow_reconnect=False,
+                                credential=cli_credential(data_dir))
     except BusError as err:
         raise CliError(f"{err}\n  is the instance healthy? try: ciliary status") from err
     try:
         return await work(bus)
     finally:
         await bus.close()
+
+
+def cli_credential(data_dir: Path) -> NatsCredential | None:
+    """The CLI's NATS credential of the instance in ``data_dir`` (None: no authentication)."""
+    try:
+        return natscreds.instance_credential(data_dir, natsauth.CLI)
+    except natscreds.CredentialError as err:
+        raise CliError(str(err)) from None
 
 
 def run_with_bus(args: argparse.Namespace, work: Callable[[Bus], Awaitable[Any]]) -> Any:

@@ -29,6 +29,7 @@ from typing import Any
 from ciliary import claims, clusters, config, output, schema, supervisor
 from ciliary.bus import Bus, BusError
 from ciliary.cli import common
+from ciliary.config import NatsCredential
 from ciliary.status import (
     gather_health,
     map_pressure_alerts,
@@ -116,7 +117,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         state = config.read_instance(data_dir)
         if state is not None:
             try:
-                reports = asyncio.run(_health(state.nats_url))
+                reports = asyncio.run(_health(state.nats_url, common.cli_credential(data_dir)))
             except BusError:
                 reports = []
             missing = missing_or_unhealthy(reports, nodes)
@@ -139,8 +140,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
 
 
-async def _health(url: str) -> list[schema.HealthReport]:
-    bus = await Bus.connect(url, "ciliary-cli", allow_reconnect=False)
+async def _health(url: str, credential: NatsCredential | None) -> list[schema.HealthReport]:
+    bus = await Bus.connect(url, "ciliary-cli", allow_reconnect=False, credential=credential)
     try:
         return await gather_health(bus, timeout=0.5)
     finally:
@@ -179,6 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(output.to_json({
             "nats_url": state.nats_url,
+            "nats_auth": state.nats_auth,
             "cluster": state.cluster,
             "cluster_id": state.cluster_id,
             "data_dir": str(args.data_dir_path),
@@ -204,7 +206,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             "resource_source": resource_source(reports),
         }))
         return 0 if not missing else 1
-    print(f"cluster {state.cluster} (id {state.cluster_id})   nats {state.nats_url}   data dir {args.data_dir_path}")
+    auth = "auth: nkey per process" if state.nats_auth else "auth: off"
+    print(f"cluster {state.cluster} (id {state.cluster_id})   nats {state.nats_url} ({auth})   "
+          f"data dir {args.data_dir_path}")
     if state.ui_url:
         print(f"service map {state.ui_url}   metrics {state.metrics_url}")
     print(resource_source_line(resource_source(reports)))

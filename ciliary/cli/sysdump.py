@@ -38,6 +38,7 @@ from ciliary import __version__, config, schema
 from ciliary import sysdump as S
 from ciliary.bus import Bus, BusError
 from ciliary.cli import common
+from ciliary.config import NatsCredential
 
 FLOWS_LAST = 1000
 COMMAND_TIMEOUT = 60.0
@@ -97,7 +98,7 @@ def cmd_sysdump(args: argparse.Namespace) -> int:
             asyncio.run(dump.views(data_dir))
             say("reading every KV bucket")
             try:
-                asyncio.run(dump.buckets(state.nats_url))
+                asyncio.run(dump.buckets(state.nats_url, common.cli_credential(data_dir)))
             except (BusError, OSError) as err:
                 index.add(S.Member("buckets/", "KV buckets", "bus", error=str(err)))
         else:
@@ -200,8 +201,8 @@ class Dump:
 
     # ---------------------------------------------------------------- buckets
 
-    async def buckets(self, nats_url: str) -> None:
-        bus = await Bus.connect(nats_url, "ciliary-sysdump", allow_reconnect=False)
+    async def buckets(self, nats_url: str, credential: NatsCredential | None = None) -> None:
+        bus = await Bus.connect(nats_url, "ciliary-sysdump", allow_reconnect=False, credential=credential)
         try:
             for bucket in schema.ALL_BUCKETS:
                 try:

@@ -4,7 +4,8 @@ Invariants:
 - ADD wires the runtime's named network namespace to the node (``netns.wire_endpoint``;
   with ``"mode": "host"`` the node is the namespace the plugin runs in),
   takes an address from host-local IPAM, and registers the endpoint with the node
-  executor over NATS when the configuration names ``natsUrl``; if any step fails,
+  executor over NATS when the configuration names ``natsUrl`` (authenticated with the
+  credential file ``natsCreds`` names, when it names one); if any step fails,
   what was done is undone and a CNI error is printed — never a half-wired endpoint.
 - DEL is idempotent: an unknown container, a vanished namespace or an unreachable
   executor still succeed, and the address is released.
@@ -61,9 +62,11 @@ def _host_ifname(req: Request) -> str:
 
 
 async def _register(req: Request, registration: schema.EndpointRegistration) -> schema.EndpointReply:
+    from ciliary import natscreds
     from ciliary.bus import Bus
 
-    bus = await Bus.connect(req.conf.nats_url, "ciliary-cni", allow_reconnect=False)
+    credential = natscreds.read_credential(req.conf.nats_creds) if req.conf.nats_creds else None
+    bus = await Bus.connect(req.conf.nats_url, "ciliary-cni", allow_reconnect=False, credential=credential)
     try:
         subject = schema.SUBJECT_NODE_ENDPOINT.format(cluster=req.conf.cluster, node=req.conf.node)
         return await bus.request(subject, registration, schema.EndpointReply, timeout=REGISTRATION_TIMEOUT)

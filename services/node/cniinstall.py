@@ -58,7 +58,7 @@ def plugin_script(port: int = DEFAULT_RELAY_PORT) -> str:
     return _SCRIPT.replace("@PORT@", str(int(port)))
 
 
-def conflist(*, cluster: str, node: str, subnet: str, nats_url: str,
+def conflist(*, cluster: str, node: str, subnet: str, nats_url: str, nats_creds: str = "",
              ipam_dir: str = DEFAULT_IPAM_DIR, name: str = "ciliary") -> dict[str, Any]:
     """The network configuration list a runtime reads (CNI 1.0)."""
     return {
@@ -70,6 +70,7 @@ def conflist(*, cluster: str, node: str, subnet: str, nats_url: str,
             "cluster": cluster,
             "node": node,
             "natsUrl": nats_url,
+            **({"natsCreds": nats_creds} if nats_creds else {}),
             "ipam": {"type": "host-local", "subnet": subnet, "dataDir": ipam_dir},
         }],
     }

@@ -60,6 +60,7 @@ class RunnerConfig:
     state_dir: Path
     nats_url: str
     cni_bin: str
+    nats_creds: str = ""  # NATS credential file the CNI plugin connects with ("" = none)
     cgroup: str = ""  # the node's cgroup v2 directory for containers; "" = none
 
 
@@ -106,6 +107,7 @@ def netconf(cfg: RunnerConfig) -> dict[str, Any]:
         "node": cfg.node,
         "ipam": {"type": "host-local", "subnet": cfg.pod_cidr, "dataDir": str(cfg.state_dir / "ipam")},
         "natsUrl": cfg.nats_url,
+        **({"natsCreds": cfg.nats_creds} if cfg.nats_creds else {}),
     }
 
 

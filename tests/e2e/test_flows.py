@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from ciliary import config, hubble, schema
+from ciliary import config, hubble, natsauth, natscreds, schema
 
 from .conftest import require_privileges
 from .instance import leftovers
@@ -323,10 +323,12 @@ def test_observe_follow_streams_new_flows(make_stack) -> None:
 # ------------------------------------------------------------------------------ (d) losses
 
 
-async def _publish(nats_url: str, subject: str, payloads: list[bytes]) -> None:
+async def _publish(nats_url: str, subject: str, payloads: list[bytes],
+                   credential: config.NatsCredential | None) -> None:
     import nats
 
-    nc = await nats.connect(nats_url)
+    auth = {"nkeys_seed_str": credential.seed, "inbox_prefix": credential.inbox_prefix} if credential else {}
+    nc = await nats.connect(nats_url, **auth)
     try:
         for p in payloads:
             await nc.publish(subject, p)
@@ -411,7 +413,8 @@ def test_lost_events_are_counted(make_stack) -> None:
     batch = schema.RawEventBatch(cluster=stack.cluster, node="node-1", lost=7)  # seq 0: not sequenced
     subject = schema.SUBJECT_FLOWS_RAW.format(cluster=stack.cluster, node="node-1")
     before = lost_by_source(stack.metrics())
-    asyncio.run(_publish(state.nats_url, subject, [b"\x00not msgpack", schema.encode(batch)]))
+    node_credential = natscreds.instance_credential(stack.data_dir, natsauth.node_user("node-1"))
+    asyncio.run(_publish(state.nats_url, subject, [b"\x00not msgpack", schema.encode(batch)], node_credential))
 
     def counted() -> dict[str, float] | None:
         now = lost_by_source(stack.metrics())
