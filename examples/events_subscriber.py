@@ -6,6 +6,10 @@ per line: ``{"subject": ..., "event": ...}``, one line per flow for flow message
 line of a flow message is a Hubble ``GetFlowsResponse``). See docs/events.md.
 
     python examples/events_subscriber.py --url nats://127.0.0.1:4222 --topics flows,services
+
+With a bus that requires credentials (``ciliary up`` writes them), pass the read-only
+observer's: ``--creds <data-dir>/nats-creds/observer.json`` (an nkey seed and the inbox
+prefix the user may receive replies on).
 """
 
 from __future__ import annotations
@@ -24,9 +28,15 @@ async def main() -> None:
     parser.add_argument("--topics", default="", help="comma list (default: every topic)")
     parser.add_argument("--ttl", type=float, default=30.0, help="lease seconds")
     parser.add_argument("--no-lease", action="store_true", help="subscribe without declaring interest")
+    parser.add_argument("--creds", default="", help="a ciliary NATS credential file (JSON: seed, inbox_prefix)")
     args = parser.parse_args()
 
-    nc = await nats.connect(args.url)
+    auth = {}
+    if args.creds:
+        with open(args.creds) as f:
+            cred = json.load(f)
+        auth = {"nkeys_seed_str": cred["seed"], "inbox_prefix": cred["inbox_prefix"]}
+    nc = await nats.connect(args.url, **auth)
 
     async def on_event(msg: nats.aio.msg.Msg) -> None:
         if msg.subject == "ciliary.events.interest":  # leases, ours and others'
