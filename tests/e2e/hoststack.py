@@ -31,6 +31,8 @@ from ciliary import config
 from services.node import cniinstall
 from services.node import netns as N
 
+from .podnet import SMALL_MAPS
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 NATS_PORT = 4222
@@ -141,7 +143,8 @@ class HostStack:
             CILIARY_CNI_CONF_DIR=str(conf_dir), CILIARY_CNI_BIN_DIR=str(bin_dir),
             CILIARY_CNI_IPAM_DIR=str(self.workdir / host / "ipam"),
             CILIARY_NODE_STATE_DIR=str(self.workdir / host / "state"),
-            CILIARY_TEARDOWN_ON_EXIT="1" if teardown else "0"))
+            CILIARY_TEARDOWN_ON_EXIT="1" if teardown else "0",
+            **{f"CILIARY_MAP_{name.upper()}": str(size) for name, size in SMALL_MAPS.items()}))
         self.nodes[host] = proc
         return conf_dir
 
