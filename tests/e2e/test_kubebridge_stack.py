@@ -108,8 +108,8 @@ def test_bridge_feeds_the_embedded_stack(instance: tuple[Path, str], tmp_path: P
                    CILIARY_CLUSTER_ID="9", CILIARY_INSTANCE="kubebridge-e2e",
                    CILIARY_KUBECONFIG=str(kubeconfig), CILIARY_KUBE_RETRY_PERIOD="0.2",
                    CILIARY_KUBE_RENEW_DEADLINE="1.5", CILIARY_KUBE_LEASE_DURATION="2")
-        creds = data_dir / "nats-creds" / "admin.json"
-        if creds.exists():  # an instance with NATS authentication
+        creds = data_dir / "nats-creds" / "kubebridge.json"
+        if creds.exists():  # an instance with NATS authentication: the bridge's own user
             env["CILIARY_NATS_CREDS"] = str(creds)
         with open(tmp_path / "kubebridge.log", "ab") as log:
             bridge = subprocess.Popen([sys.executable, "-m", "services.kubebridge"], env=env,
