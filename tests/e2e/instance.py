@@ -67,10 +67,10 @@ def pods_ready(data_dir: Path, expected: int) -> dict[str, dict] | None:
 
 @contextmanager
 def embedded_instance(data_dir: Path, cluster: str, *, nodes: int, cluster_id: int,
-                      env: dict[str, str] | None = None) -> Iterator[Path]:
-    """``ciliary up -d --nodes N --cluster C --cluster-id I`` for the block, then ``down``
-    and the checks of the module docstring."""
-    ciliary("up", "-d", "--nodes", str(nodes), "--cluster", cluster, "--cluster-id", str(cluster_id),
+                      env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Iterator[Path]:
+    """``ciliary up -d --nodes N --cluster C --cluster-id I [args]`` for the block, then
+    ``down`` and the checks of the module docstring."""
+    ciliary("up", "-d", "--nodes", str(nodes), "--cluster", cluster, "--cluster-id", str(cluster_id), *args,
             data_dir=data_dir, env=env, timeout=120)
     try:
         yield data_dir
