@@ -292,6 +292,7 @@ def nats_objects(values: Values) -> list[Obj]:
                      "hostNetwork": True,
                      "dnsPolicy": "ClusterFirstWithHostNet",
                      "automountServiceAccountToken": False,
+                     "securityContext": {"fsGroup": 65532},  # the volume is writable by the non-root server
                      "terminationGracePeriodSeconds": 60,
                      "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
                          {"labelSelector": {"matchLabels": _selector(NATS_NAME)},

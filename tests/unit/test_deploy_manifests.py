@@ -3,7 +3,9 @@ the installation's rules (probes and limits, one image, only the node privileged
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -17,6 +19,7 @@ from ciliary.deploy.manifests import SERVICES
 from ciliary.deploy.render import differences, render_files
 from ciliary.deploy.values import ValuesError, load_values
 from ciliary.resources import load_manifests
+from ciliary.supervisor import nats_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -220,6 +223,17 @@ def test_nats_is_a_jetstream_cluster_of_three_with_a_quorum_kept() -> None:
     settings = next(o for o in OBJECTS if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "ciliary-config")
     assert settings["data"]["CILIARY_JS_REPLICAS"] == "3"
     assert settings["data"]["CILIARY_NATS_URL"].count("nats://") == 3
+
+
+def test_the_rendered_nats_configuration_is_valid_for_nats_server(tmp_path: Path) -> None:
+    conf = next(o for o in OBJECTS if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "ciliary-nats-config")
+    path = tmp_path / "nats.conf"
+    path.write_text(conf["data"]["nats.conf"].replace("/data/jetstream", str(tmp_path / "js")))
+    result = subprocess.run([nats_server_binary(), "-c", str(path), "-t"], capture_output=True, text=True,
+                            env={**os.environ, "SERVER_NAME": "ciliary-nats-0"}, timeout=30)
+    assert result.returncode == 0 and "is valid" in result.stdout + result.stderr, result.stderr
+    path.write_text("jetstream { store_dir: \n")
+    assert subprocess.run([nats_server_binary(), "-c", str(path), "-t"], capture_output=True, timeout=30).returncode
 
 
 def test_only_the_kube_bridge_gets_rbac_and_a_token() -> None:
