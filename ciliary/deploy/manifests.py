@@ -132,6 +132,8 @@ def deployment(service: str, values: Values) -> Obj:
         ports.append({"name": "metrics", "containerPort": port, "protocol": "TCP"})
         env += [{"name": "CILIARY_FLOWS_METRICS_PORT", "value": str(port)},
                 {"name": "CILIARY_FLOWS_HTTP_HOST", "value": "0.0.0.0"}]
+    if service == "kubebridge":  # its leader Lease lives where its Role grants it
+        env.append({"name": "CILIARY_KUBE_LEASE_NAMESPACE", "value": values.namespace})
     container = _container(service, values, ["python", "-m", f"services.{service}"], spec.resources,
                            ports=ports, env=env, security=_UNPRIVILEGED)
     return {

@@ -17,6 +17,7 @@ import msgspec
 import yaml
 
 SERVICES = ("identity", "servicelb", "policy", "flows", "mesh", "kubebridge")
+MULTI_REPLICA = frozenset({"identity", "kubebridge"})  # safe with several replicas
 WIRED = frozenset({"CILIARY_NATS_URL", "CILIARY_CLUSTER", "CILIARY_CLUSTER_ID", "CILIARY_NODE",
                    "CILIARY_INSTANCE", "CILIARY_HEALTH_PORT", "CILIARY_HEALTH_HOST",
                    "CILIARY_JS_REPLICAS"})
@@ -92,9 +93,10 @@ def check(values: Values) -> Values:
     for name, svc in values.services.items():
         if name not in SERVICES:
             raise ValuesError(f"$.services.{name}: unknown service; expected one of {', '.join(SERVICES)}")
-        if svc.replicas < 1 or (svc.replicas > 1 and name != "identity"):
+        if svc.replicas < 1 or (svc.replicas > 1 and name not in MULTI_REPLICA):
             raise ValuesError(f"$.services.{name}.replicas: {name} is a single writer and runs exactly "
-                              "1 replica (only identity coordinates replicas by compare-and-set)")
+                              "1 replica (identity coordinates replicas by compare-and-set, the kube "
+                              "bridge by a leader Lease)")
     for key in values.settings:
         if not key.startswith("CILIARY_"):
             raise ValuesError(f"$.settings.{key}: settings are CILIARY_* variables")

@@ -147,7 +147,7 @@ def test_a_deployment_per_control_plane_service_with_probes_and_limits() -> None
             assert set(container["resources"][kind]) == {"cpu", "memory"}, name
         strategy = dep["spec"]["strategy"]["type"]
         if dep["spec"]["replicas"] > 1:
-            assert name == "ciliary-identity" and strategy == "RollingUpdate"
+            assert name in ("ciliary-identity", "ciliary-kubebridge") and strategy == "RollingUpdate"
         else:
             assert strategy == "Recreate", name
 
@@ -265,6 +265,11 @@ def test_only_the_kube_bridge_gets_rbac_and_a_token() -> None:
     tokens = {o["metadata"]["name"] for o in OBJECTS
               if o["kind"] == "ServiceAccount" and o["automountServiceAccountToken"]}
     assert tokens == {"ciliary-kubebridge"}
+    bridge = next(o for o in OBJECTS if o["kind"] == "Deployment" and o["metadata"]["name"] == "ciliary-kubebridge")
+    env = {e["name"]: e.get("value") for e in bridge["spec"]["template"]["spec"]["containers"][0]["env"]}
+    lease_role = next(o for o in OBJECTS if o["kind"] == "Role")
+    assert env["CILIARY_KUBE_LEASE_NAMESPACE"] == lease_role["metadata"]["namespace"]
+    assert lease_role["rules"][0]["resources"] == ["leases"]
     role = next(o for o in OBJECTS if o["kind"] == "ClusterRole")
     verbs = {v for rule in role["rules"] for v in rule["verbs"]}
     assert "delete" not in verbs and "*" not in verbs
