@@ -96,8 +96,9 @@ class BccMapOps:
             _check(map_name, k, v)
         t = self._table(map_name)
         if len(items) > 1 and map_name != L.IPCACHE:  # LPM tries have no batch ops
-            keys = (t.Key * len(items))(*(t.Key.from_buffer_copy(bytes(k)) for k, _ in items))
-            vals = (t.Leaf * len(items))(*(t.Leaf.from_buffer_copy(bytes(v)) for _, v in items))
+            # one buffer per side (bcc's Key/Leaf have the layouts' sizes: tests/unit/test_layouts.py)
+            keys = (t.Key * len(items)).from_buffer_copy(b"".join(bytes(k) for k, _ in items))
+            vals = (t.Leaf * len(items)).from_buffer_copy(b"".join(bytes(v) for _, v in items))
             try:
                 t.items_update_batch(keys, vals)
                 return
@@ -127,7 +128,9 @@ class BccMapOps:
         t = self._table(map_name)
         out: dict[Layout, Layout] = {}
         try:
-            for k, v in _entries(t):
+            # key by key: bcc's items_lookup_batch (Debian's bcc) passes one counter as both
+            # the batch token and the count, which returns wrong or partial dumps
+            for k, v in t.items():
                 key = kt.from_bytes(ct.string_at(ct.addressof(k), ct.sizeof(k)))
                 if isinstance(v, (list, tuple, ct.Array)):
                     out[key] = _sum_percpu(vt, v)
@@ -138,20 +141,6 @@ class BccMapOps:
         except Exception as e:
             raise MapOpsError(f"{map_name}: dump: {e}") from e
         return out
-
-
-def _entries(table: Any) -> Iterable[tuple[Any, Any]]:
-    """Every (key, value) of a bcc table: in batches of one syscall where the map type
-    allows it (plain hash maps), else key by key (LPM tries, per-CPU maps)."""
-    from bcc import table as bcc_table
-
-    if isinstance(table, bcc_table.HashTable) and not isinstance(
-            table, (bcc_table.PerCpuHash, bcc_table.LruPerCpuHash)):
-        try:
-            return list(table.items_lookup_batch())
-        except Exception:  # noqa: BLE001 - kernel or map without batch lookup: key by key
-            pass
-    return table.items()
 
 
 def _sum_percpu(vt: type[Layout], values: Iterable[Any]) -> Layout:
