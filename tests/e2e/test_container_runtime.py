@@ -151,10 +151,10 @@ def test_podman_containers_get_ciliary_networking_through_cni(cluster_name: str,
         def client_says() -> str:
             return podman.run("client", CLIENT, vip, "80", detach=False).stdout.strip()
 
-        _until(lambda: client_says() == "hello client", 30, f"client reaches web through {vip}:80", stack)
+        _until(lambda: client_says() == "hello client", 60, f"client reaches web through {vip}:80", stack)
 
         stack.ciliary("apply", "-f", "-", stdin=WEB_FROM_NOBODY)
-        _until(lambda: client_says().startswith("failed"), 30, "policy drops client -> web", stack)
+        _until(lambda: client_says().startswith("failed"), 60, "policy drops client -> web", stack)
 
         # removal: CNI DEL frees the endpoint, the host veth, the address and the namespace
         host_ifs = {e["interface"] for e in stack.endpoints()}

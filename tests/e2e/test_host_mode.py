@@ -24,19 +24,19 @@ spec:
   containers: [{{name: main, image: local}}]
 """
 
-DENY_A = """apiVersion: cilium.io/v2
+A_TO_NOBODY = """apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
-metadata: {name: b-from-nobody, namespace: default}
+metadata: {name: a-to-nobody, namespace: default}
 spec:
-  endpointSelector: {matchLabels: {app: b}}
-  ingress:
-    - fromEndpoints: [{matchLabels: {app: nobody}}]
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+    - toEndpoints: [{matchLabels: {app: nobody}}]
 """
 
 
 def _reachable(src: str, ip: str, port: int) -> bool:
     try:
-        return tcp_roundtrip(src, ip, port, timeout=0.5) == b"ping"
+        return tcp_roundtrip(src, ip, port, timeout=1.5) == b"ping"
     except OSError:
         return False
 
@@ -109,20 +109,27 @@ def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
         server = EchoServer(ns_b, 8080)
         try:
             _until(lambda: _reachable(ns_a, ip_b, 8080), 20, "a -> b across hosts", stack)
+            # a's egress policy, enforced by host1's datapath on a's veth
+            stack.ciliary("apply", "-f", "-", stdin=A_TO_NOBODY)
+            _until(lambda: not _reachable(ns_a, ip_b, 8080), 20, "policy drops a -> b", stack)
 
             # an upgrade: host1's executor exits without teardown, as in a DaemonSet rollout;
-            # the pinned datapath keeps serving a, the runtime keeps its configuration, and
-            # the next executor adopts the endpoint it finds
+            # the pinned datapath keeps enforcing on a's veth, the runtime keeps its
+            # configuration, and the next executor adopts the endpoint it finds
             pins = sorted(p.name for p in Path(f"/sys/fs/bpf/ciliary/{cluster_name}/host1").iterdir())
             stack.stop_node("host1")
-            assert _reachable(ns_a, ip_b, 8080), "the datapath survives its executor"
+            with IPRoute(netns=stack.hosts["host1"]) as ipr:
+                qdiscs = ipr.get_qdiscs(index=ipr.link_lookup(ifname=host_if_a)[0])
+            assert "clsact" in {q.get_attr("TCA_KIND") for q in qdiscs}, "programs stay attached"
+            assert not any(_reachable(ns_a, ip_b, 8080) for _ in range(3)), "the policy outlives the executor"
             assert (stack.cni_dirs("host1")[0] / "05-ciliary.conflist").exists()
             stack.start_node("host1")
             _until(lambda: len(identities()) == 2, 60, "host1's endpoint adopted", stack)
             assert sorted(p.name for p in Path(f"/sys/fs/bpf/ciliary/{cluster_name}/host1").iterdir()) == pins
-            assert _reachable(ns_a, ip_b, 8080)
-            stack.ciliary("apply", "-f", "-", stdin=DENY_A)
-            _until(lambda: not _reachable(ns_a, ip_b, 8080), 20, "policy drops a -> b", stack)
+            assert not _reachable(ns_a, ip_b, 8080)
+            # the new executor applies changes: the policy goes, a reaches b again
+            stack.ciliary("delete", "cnp", "a-to-nobody", "-n", "default")
+            _until(lambda: _reachable(ns_a, ip_b, 8080), 20, "a -> b once the policy is deleted", stack)
         finally:
             server.close()
 
