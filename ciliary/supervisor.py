@@ -17,6 +17,9 @@ Invariants:
   gets a fresh nkey credential in ``<data-dir>/nats-creds/<user>.json`` (0600) and the
   server loads their public keys and permissions from ``<data-dir>/nats-auth.conf``. Each
   child connects as its own user (``CILIARY_NATS_CREDS``); the supervisor as ``admin``.
+- With ``kubeconfig`` (``ciliary up --kubeconfig``) the kube bridge runs as one more
+  control-plane child, started before the node executors; without it the instance stays
+  fed by ``ciliary apply`` alone.
 - Children die with the supervisor: each gets SIGTERM when the supervisor exits, however it
   exits (``PR_SET_PDEATHSIG``), so a killed supervisor leaves no orphan behind.
 """
@@ -143,6 +146,7 @@ class Supervisor:
     cluster_id: int = schema.DEFAULT_CLUSTER_ID
     pod_cidr: str = ""  # empty: the node executors' default
     mesh_ttl: float = DEFAULT_MESH_TTL
+    kubeconfig: str = ""  # also run the kube bridge, following this kubeconfig's API server
     children: list[Child] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     claims: tuple[int, ...] = ()
@@ -196,6 +200,13 @@ class Supervisor:
                 env["CILIARY_FLOWS_METRICS_PORT"] = str(self.http_port)  # UI shares it
             self.children.append(Child(
                 name, [sys.executable, "-m", f"services.{name}"], env, logs / f"{name}.log",
+            ))
+        if self.kubeconfig:
+            env = self._child_env("kubebridge", user="kubebridge")
+            env["CILIARY_KUBECONFIG"] = self.kubeconfig
+            self.children.append(Child(
+                "kubebridge", [sys.executable, "-m", "services.kubebridge"], env,
+                logs / "kubebridge.log",
             ))
         for node in node_names(self.nodes):
             self.children.append(Child(
@@ -365,11 +376,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cluster-id", type=int, default=schema.DEFAULT_CLUSTER_ID)
     parser.add_argument("--pod-cidr", default="")
     parser.add_argument("--mesh-ttl", type=float, default=DEFAULT_MESH_TTL)
+    parser.add_argument("--kubeconfig", default="")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s: %(message)s")
     supervisor = Supervisor(
         data_dir=Path(args.data_dir), nats_port=args.nats_port, nodes=args.nodes,
         cluster=args.cluster, cluster_id=args.cluster_id, pod_cidr=args.pod_cidr, mesh_ttl=args.mesh_ttl,
+        kubeconfig=args.kubeconfig,
     )
     try:
         asyncio.run(supervisor.run())

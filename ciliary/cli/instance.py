@@ -92,6 +92,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--cluster", args.cluster, "--cluster-id", str(args.cluster_id),
         "--pod-cidr", pod_cidr, "--mesh-ttl", str(args.mesh_ttl),
     ]
+    if args.kubeconfig:
+        kubeconfig = Path(args.kubeconfig).resolve()
+        if not kubeconfig.is_file():
+            raise common.CliError(f"--kubeconfig {args.kubeconfig}: no such file")
+        argv += ["--kubeconfig", str(kubeconfig)]
     if not args.detach:
         print(f"ciliary up: data dir {data_dir}; Ctrl-C stops everything", file=sys.stderr)
         supervisor.main(argv[3:])
@@ -250,6 +255,9 @@ def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> Non
     p.add_argument("--mesh-ttl", type=float, default=supervisor.DEFAULT_MESH_TTL,
                    help="seconds a connected cluster's state stays valid without news (ClusterMesh)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for health with -d")
+    p.add_argument("--kubeconfig", default="",
+                   help="also run the kube bridge: follow this kubeconfig's API server instead of "
+                        "(besides) ciliary apply (docs/kubernetes.md)")
     p.set_defaults(func=cmd_up)
 
     p = subparsers.add_parser("down", parents=[common_parent], help="stop a detached instance")

@@ -21,6 +21,9 @@ Invariants:
 - Raw flow events are published on ``flows.raw.<cluster>.<node>`` in batches.
 - Teardown (only when asked, e.g. by ``ciliary down``) stops pods, removes the node's
   namespaces and unpins its maps; a plain exit leaves the datapath enforcing.
+- The pod CIDR is the Node object's ``spec.podCIDR`` when it names one, else the node
+  index's /24 of the cluster CIDR; with ``CILIARY_POD_CIDR_FROM_NODE=1`` the executor waits
+  at start until the Node object names one (a cluster's node IPAM, via the kube bridge).
 - Two modes (``CILIARY_NODE_MODE``). ``sandbox`` (the embedded default) builds the node's
   namespace and runs the pods bound to it. ``host`` (a DaemonSet on a real node) is the
   node the process runs in: no namespace is created, pods are run by the node's container
@@ -61,6 +64,8 @@ from services.node.socklb import SockLBError, parse_mode
 log = logging.getLogger(__name__)
 
 ENV_CLUSTER_CIDR = "CILIARY_CLUSTER_CIDR"
+ENV_POD_CIDR_FROM_NODE = "CILIARY_POD_CIDR_FROM_NODE"  # 1: wait for the Node's spec.podCIDR
+NODE_CIDR_POLL = 0.5  # seconds between reads of the Node object while waiting for its podCIDR
 ENV_TEARDOWN = "CILIARY_TEARDOWN_ON_EXIT"
 ENV_DEFAULT_NODE = "CILIARY_DEFAULT_NODE"
 ENV_STATE_DIR = "CILIARY_NODE_STATE_DIR"
@@ -103,6 +108,7 @@ class NodeAgent:
         self.state_dir = Path(os.environ.get(ENV_STATE_DIR) or data_dir / "nodes" / self.cluster / self.node)
         self.cluster_cidr = os.environ.get(ENV_CLUSTER_CIDR) or clusters.default_pod_cidr(self.cluster_id)
         self.teardown = os.environ.get(ENV_TEARDOWN) == "1"
+        self.pod_cidr_from_node = os.environ.get(ENV_POD_CIDR_FROM_NODE) == "1"
         self.mode = os.environ.get(ENV_NODE_MODE) or "sandbox"
         if self.mode not in NODE_MODES:
             raise SystemExit(f"node executor {self.node}: {ENV_NODE_MODE}={self.mode!r}: "
@@ -239,10 +245,26 @@ class NodeAgent:
                 self.index = free
             except RevisionMismatch:
                 existing = await self.bus.kv_list(schema.BUCKET_ALLOCATIONS, f"{addressing.NODE_INDEX_PREFIX}.>")
-        node_obj = await self.store.get("Node", "", self.node)
-        spec_cidr = ((node_obj.record.manifest.get("spec") or {}).get("podCIDR") if node_obj else "") or ""
+        spec_cidr = await self._node_pod_cidr()
         self.pod_cidr = spec_cidr or addressing.pod_cidr(self.cluster_cidr, self.index)
         log.info("node %s: index %d, pod CIDR %s", self.node, self.index, self.pod_cidr)
+
+    async def _node_pod_cidr(self) -> str:
+        """``spec.podCIDR`` of this node's Node object ("" when it names none). With
+        ``CILIARY_POD_CIDR_FROM_NODE=1`` (a cluster whose node IPAM assigns pod CIDRs, its
+        Nodes brought in by the kube bridge) it waits until the object names one."""
+        waited = 0.0
+        while True:
+            node_obj = await self.store.get("Node", "", self.node)
+            spec = (node_obj.record.manifest.get("spec") or {}) if node_obj else {}
+            cidr = spec.get("podCIDR") if isinstance(spec, dict) else ""
+            if cidr or not self.pod_cidr_from_node:
+                return str(cidr or "")
+            if waited % 10 == 0:
+                log.info("node %s: waiting for spec.podCIDR of Node %s (%s=1)", self.node,
+                         self.node, ENV_POD_CIDR_FROM_NODE)
+            await asyncio.sleep(NODE_CIDR_POLL)
+            waited += NODE_CIDR_POLL
 
     async def _report_node_status(self) -> None:
         await self.store.report_status("Node", "", self.node, f"node/{self.node}", {

@@ -1,18 +1,19 @@
 """The kube bridge feeding a running embedded stack from an API server (the double).
 
-Objects exist only in the API-server double; ``python -m services.kubebridge`` (started as
-a Deployment would run it, with a kubeconfig) brings them into the instance. Then, with
-real packets: the pods run and reach each other through the Service's clusterIP (the one
-the API server gave it), and the CiliumNetworkPolicy is enforced.
+Objects exist only in the API-server double; ``ciliary up --kubeconfig`` runs the kube
+bridge beside the services and brings them into the instance. The node executor takes its
+pod CIDR from the Node object the API server has (``CILIARY_POD_CIDR_FROM_NODE=1``). Then,
+with real packets: the pods run with addresses from that CIDR and reach each other through
+the Service's clusterIP (the one the API server gave it), and the CiliumNetworkPolicy is
+enforced and written back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -22,15 +23,14 @@ from typing import Any
 
 import pytest
 
-from ciliary import config
 from tests.k8sdouble.apiserver import ApiServerDouble
 
 from .conftest import require_privileges
 from .instance import ciliary, embedded_instance, pods_ready
 from .podnet import wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 VIP = "10.96.77.7"
+NODE_POD_CIDR = "10.9.77.0/24"  # inside cluster 9's default 10.9.0.0/16, not what index 1 gets
 
 
 def pod(name: str, app: str, serve: bool) -> dict[str, Any]:
@@ -44,6 +44,9 @@ def pod(name: str, app: str, serve: bool) -> dict[str, Any]:
 
 
 OBJECTS: list[dict[str, Any]] = [
+    {"apiVersion": "v1", "kind": "Node",
+     "metadata": {"name": "node-1", "labels": {"kubernetes.io/hostname": "node-1"}},
+     "spec": {"podCIDR": NODE_POD_CIDR, "podCIDRs": [NODE_POD_CIDR]}},
     pod("web", "web", True), pod("client", "client", False), pod("intruder", "intruder", False),
     {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
      "spec": {"type": "ClusterIP", "clusterIP": VIP, "clusterIPs": [VIP],
@@ -82,11 +85,25 @@ class DoubleThread:
 
 
 @pytest.fixture
-def instance(tmp_path: Path, cluster_names: list[str]) -> Iterator[tuple[Path, str]]:
+def double() -> Iterator[tuple[DoubleThread, ApiServerDouble]]:
+    runner = DoubleThread()
+    with runner as server:
+        for obj in OBJECTS:
+            runner.call(server.put_object, obj)
+        yield runner, server
+
+
+@pytest.fixture
+def instance(tmp_path: Path, cluster_names: list[str],
+             double: tuple[DoubleThread, ApiServerDouble]) -> Iterator[tuple[Path, str]]:
     require_privileges()
     cluster = "k" + secrets.token_hex(2)
     cluster_names.append(cluster)
-    with embedded_instance(tmp_path / "instance", cluster, nodes=1, cluster_id=9) as data_dir:
+    kubeconfig = double[1].kubeconfig(tmp_path / "kubeconfig")
+    env = {"CILIARY_POD_CIDR_FROM_NODE": "1", "CILIARY_KUBE_RETRY_PERIOD": "0.2",
+           "CILIARY_KUBE_RENEW_DEADLINE": "1.5", "CILIARY_KUBE_LEASE_DURATION": "2"}
+    with embedded_instance(tmp_path / "instance", cluster, nodes=1, cluster_id=9, env=env,
+                           args=("--kubeconfig", str(kubeconfig))) as data_dir:
         yield data_dir, cluster
 
 
@@ -95,48 +112,27 @@ def connect(data_dir: Path, pod_name: str, host: str, timeout: float = 2.0) -> s
                    host, "8080", "--timeout", str(timeout), data_dir=data_dir, check=False)
 
 
-def test_bridge_feeds_the_embedded_stack(instance: tuple[Path, str], tmp_path: Path) -> None:
-    data_dir, cluster = instance
-    state = config.read_instance(data_dir)
-    assert state is not None
-    runner = DoubleThread()
-    with runner as double:
-        for obj in OBJECTS:
-            runner.call(double.put_object, obj)
-        kubeconfig = double.kubeconfig(tmp_path / "kubeconfig")
-        env = dict(os.environ, CILIARY_NATS_URL=state.nats_url, CILIARY_CLUSTER=cluster,
-                   CILIARY_CLUSTER_ID="9", CILIARY_INSTANCE="kubebridge-e2e",
-                   CILIARY_KUBECONFIG=str(kubeconfig), CILIARY_KUBE_RETRY_PERIOD="0.2",
-                   CILIARY_KUBE_RENEW_DEADLINE="1.5", CILIARY_KUBE_LEASE_DURATION="2")
-        creds = data_dir / "nats-creds" / "kubebridge.json"
-        if creds.exists():  # an instance with NATS authentication: the bridge's own user
-            env["CILIARY_NATS_CREDS"] = str(creds)
-        with open(tmp_path / "kubebridge.log", "ab") as log:
-            bridge = subprocess.Popen([sys.executable, "-m", "services.kubebridge"], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        try:
-            pods = wait_for(lambda: pods_ready(data_dir, 3), 40, "three ready pods from the API server")
-            wait_for(lambda: any(r["pod"] == "default/web" and r["ingress_enforcement"]
-                                 for node in json.loads(ciliary("endpoint", "list", "-o", "json",
-                                                                data_dir=data_dir).stdout)
-                                 for r in node["rows"]), 20, "the CNP in force on web")
-            # the API server's clusterIP is a frontend in the datapath: packets to it arrive
-            ok = wait_for(lambda: (r := connect(data_dir, "client", VIP)).returncode == 0 and r, 20,
-                          f"client reaches web through the clusterIP {VIP}")
-            assert ok.stdout.split()[0] == "web"
-            assert ok.stdout.split()[1] == pods["client"]["podIP"]
-            assert connect(data_dir, "intruder", VIP, timeout=1.0).returncode != 0
-            status = ciliary("status", data_dir=data_dir, check=False).stdout
-            assert f"Kubernetes API server {double.url}" in status, status
-            # the policy is written back as enforced on node-1
-            cnp = wait_for(lambda: (runner.call(double.get_object, "CiliumNetworkPolicy", "default",
-                                                "web-from-client") or {}).get("status", {}).get("nodes"),
-                           20, "CNP status with its enforcing node")
-            assert cnp["node-1"]["enforcing"] is True
-        finally:
-            bridge.send_signal(signal.SIGTERM)
-            try:
-                assert bridge.wait(timeout=10) == 0, (tmp_path / "kubebridge.log").read_text()
-            finally:
-                if bridge.poll() is None:
-                    bridge.kill()
+def test_bridge_feeds_the_embedded_stack(instance: tuple[Path, str],
+                                        double: tuple[DoubleThread, ApiServerDouble]) -> None:
+    data_dir, _ = instance
+    runner, server = double
+    pods = wait_for(lambda: pods_ready(data_dir, 3), 40, "three ready pods from the API server")
+    network = ipaddress.ip_network(NODE_POD_CIDR)
+    assert all(ipaddress.ip_address(p["podIP"]) in network for p in pods.values()), pods
+    wait_for(lambda: any(r["pod"] == "default/web" and r["ingress_enforcement"]
+                         for node in json.loads(ciliary("endpoint", "list", "-o", "json",
+                                                        data_dir=data_dir).stdout)
+                         for r in node["rows"]), 20, "the CNP in force on web")
+    # the API server's clusterIP is a frontend in the datapath: packets to it arrive
+    ok = wait_for(lambda: (r := connect(data_dir, "client", VIP)).returncode == 0 and r, 20,
+                  f"client reaches web through the clusterIP {VIP}")
+    assert ok.stdout.split()[0] == "web"
+    assert ok.stdout.split()[1] == pods["client"]["podIP"]
+    assert connect(data_dir, "intruder", VIP, timeout=1.0).returncode != 0
+    status = ciliary("status", data_dir=data_dir, check=False).stdout
+    assert f"resources: Kubernetes API server {server.url} (kube bridge leader kubebridge" in status, status
+    # the policy is written back as enforced on node-1
+    cnp = wait_for(lambda: (runner.call(server.get_object, "CiliumNetworkPolicy", "default",
+                                        "web-from-client") or {}).get("status", {}).get("nodes"),
+                   20, "CNP status with its enforcing node")
+    assert cnp["node-1"]["enforcing"] is True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime
+from pathlib import Path
 
 from ciliary import schema
 from ciliary.resources import loads
@@ -170,3 +171,22 @@ def test_status_says_embedded_or_which_api_server() -> None:
                       "replicas": 2}
     assert resource_source_line(source) == ("resources: Kubernetes API server "
                                             "https://10.0.0.1:6443 (kube bridge leader kb-b, 2 replicas)")
+
+
+def test_up_with_a_kubeconfig_runs_the_bridge_before_the_nodes(tmp_path: Path) -> None:
+    from ciliary.cli.app import build_parser
+    from ciliary.supervisor import Supervisor
+
+    embedded = Supervisor(data_dir=tmp_path, nodes=1)
+    embedded._plan_children()
+    assert "kubebridge" not in [c.name for c in embedded.children]  # embedded: apply only
+    bridged = Supervisor(data_dir=tmp_path, nodes=2, kubeconfig="/etc/k.conf")
+    bridged._plan_children()
+    names = [c.name for c in bridged.children]
+    assert names.index("kubebridge") < names.index("node/node-1")
+    child = bridged.children[names.index("kubebridge")]
+    assert child.argv[-2:] == ["-m", "services.kubebridge"]
+    assert child.env["CILIARY_KUBECONFIG"] == "/etc/k.conf"
+    assert child.env["CILIARY_INSTANCE"] == "kubebridge"
+    args = build_parser().parse_args(["up", "-d", "--kubeconfig", "k.conf"])
+    assert args.kubeconfig == "k.conf"
