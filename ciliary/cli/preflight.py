@@ -262,7 +262,7 @@ def _metrics_check(url: str) -> D.OpsCheck:
     series = sum(1 for line in body.splitlines() if line and not line.startswith("#"))
     detail = f"{url}: {series} series"
     if "ciliary_bpf_map_pressure" not in body:
-        detail += " (map pressure is in `ciliary metrics`, not on this endpoint)"
+        detail += " (no ciliary_bpf_map_pressure series yet: no node executor has reported its maps)"
     return D.OpsCheck(name, D.PASS, detail)
 
 
