@@ -86,6 +86,7 @@ def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
         host_if_a = add_a["interfaces"][0]["name"]
         with IPRoute(netns=stack.hosts["host1"]) as ipr:  # the node side lives in the host's namespace
             assert ipr.link_lookup(ifname=host_if_a)
+        assert stack.cni("host1", "CHECK", container="ctr-a", netns=ns_a) == (0, None)
 
         # the Pod objects (as the kube bridge mirrors them): the executors reported the
         # addresses the runtime's pods got, and identities follow
