@@ -16,6 +16,8 @@ Invariants:
 - A 429 (or 503) waits its ``Retry-After`` before the next request; other failures wait
   the shared backoff (``ciliary.backoff``, 100 ms doubling to 10 s), reset by the first
   successful request.
+- A kind the API server does not serve (404 on the list: a cluster without the Cilium
+  CRDs) counts as listed and empty, and is listed again every ``NOT_SERVED_RETRY`` seconds.
 - ``on_change`` is called after every change of ``accepted`` or ``rejected`` (and after
   each list), on the event loop.
 """
@@ -39,6 +41,9 @@ from .translate import Translated, translate
 log = logging.getLogger(__name__)
 
 
+NOT_SERVED_RETRY = 30.0  # seconds between lists of a kind the API server does not serve
+
+
 class Gone(Exception):
     """The resourceVersion to watch from is too old (HTTP 410)."""
 
@@ -55,6 +60,7 @@ class Reflector:
         self.latest: dict[str, Translated] = {}  # key -> newest translation (refs, uids)
         self.resource_version = ""
         self.synced = False
+        self.served = True
         self.counters = {"lists": 0, "relists": 0, "pages": 0, "watches": 0, "events": 0,
                          "bookmarks": 0, "gone": 0, "throttled": 0, "errors": 0}
         self.last_error = ""
@@ -85,6 +91,10 @@ class Reflector:
                     await self._list()
                     need_list = False
                     attempts = 0
+                if not self.served:
+                    await asyncio.sleep(NOT_SERVED_RETRY)
+                    need_list = True
+                    continue
                 await self._watch()
                 attempts = 0
             except Gone:
@@ -118,7 +128,12 @@ class Reflector:
                 if err.status == 410 and token:  # the continue token expired: start over
                     items, token = {}, ""
                     continue
+                if err.status == 404 and not token:  # the kind is not served here
+                    self.served = False
+                    version = ""
+                    break
                 raise
+            self.served = True
             self.counters["pages"] += 1
             for obj in page.get("items") or []:
                 if isinstance(obj, dict):
@@ -181,5 +196,6 @@ class Reflector:
 
     def detail(self) -> dict[str, Any]:
         return {"objects": len(self.latest), "rejected": len(self.rejected),
+                "served": self.served,
                 "resourceVersion": self.resource_version, "synced": self.synced,
                 **self.counters, **({"last_error": self.last_error} if self.last_error else {})}

@@ -267,3 +267,20 @@ async def _when(awaitable: Any, predicate: Any) -> Any:
 
 async def _now(value: Any) -> Any:
     return value
+
+
+async def test_a_cluster_without_the_cilium_crds(
+        nats_server: NatsServer, double: ApiServerDouble, bus: Bus, tmp_path: Path,
+        procs: list[Any]) -> None:
+    """The Cilium kinds answer 404: they count as listed and empty, the rest is followed."""
+    double.unserved |= {"ciliumnetworkpolicies", "ciliumclusterwidenetworkpolicies"}
+    for obj in fixtures.all_objects():
+        if not obj["kind"].startswith("Cilium"):
+            double.put_object(obj)
+    procs.append(start_bridge(nats_server, double, tmp_path, "kb-1"))
+    health = await eventually(lambda: _when(bridge_health(bus), lambda h: "kb-1" in h
+                                            and h["kb-1"].healthy), 20, "healthy without CRDs")
+    kinds = health["kb-1"].detail["kinds"]
+    assert kinds["CiliumNetworkPolicy"]["served"] is False and kinds["Pod"]["served"] is True
+    stored = await eventually(lambda: _when(resources(bus), lambda r: len(r) == 6), 20, "synced")
+    assert not any(key.startswith("Cilium") for key in stored)

@@ -94,6 +94,7 @@ class ApiServerDouble:
         self.watchers: list[Watcher] = []
         self.requests: list[Request] = []
         self.throttled = 0  # requests still to answer with 429
+        self.unserved: set[str] = set()  # plurals answered 404 (a CRD that is not installed)
         self.retry_after = 1
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -257,6 +258,8 @@ class ApiServerDouble:
         if route is None:
             return self._status(404, "NotFound", f"the server could not find {request.path}")
         plural, ns, name, sub = route
+        if plural in self.unserved:
+            return self._status(404, "NotFound", "the server could not find the requested resource")
         if request.method == "GET" and not name:
             if request.query.get("watch") in ("1", "true"):
                 return await self._watch(request, plural, ns)
