@@ -395,12 +395,18 @@ class Bus:
             self._kv_handles[bucket] = handle
         return handle
 
-    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
-        """The live entry for ``key``, or None when absent or deleted."""
+    async def kv_get(self, bucket: str, key: str, *, deleted: bool = False) -> KVEntry | None:
+        """The live entry for ``key``, or None when absent or deleted. With ``deleted`` a
+        deleted key gives its delete marker (``value`` None, the marker's revision), which a
+        writer can create over with one compare-and-set instead of a refused create and a
+        retry."""
         kv = await self._kv(bucket)
         try:
             entry = await self._refusable(_kv_reads(bucket), kv.get(key))
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        except nats.js.errors.KeyNotFoundError as err:  # also covers KeyDeletedError
+            marker = getattr(err, "entry", None)
+            if deleted and marker is not None and marker.revision:
+                return KVEntry(bucket, key, marker.revision, None)
             return None
         return KVEntry(bucket, key, entry.revision or 0, entry.value)
 

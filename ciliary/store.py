@@ -176,13 +176,14 @@ class ResourceStore:
         for res, key in zip(resources, keys, strict=True):
             found = existing.get(key)
             content = _content(res.manifest)
-            if found is None:
+            if found is None or found[0] is None:
                 record = schema.ResourceRecord(
                     kind=res.kind, api_version=res.api_version, namespace=res.namespace,
                     name=res.name, uid=str(uuid.uuid4()), generation=1, created=created,
                     manifest=content,
                 )
-                writes[key] = _Write(res, None, 0, schema.encode(record))
+                marker = found[1] if found is not None else 0
+                writes[key] = _Write(res, None, marker, schema.encode(record))
                 results.append(ApplyResult(res.kind, res.namespace, res.name, "created"))
                 continue
             old, revision = found
@@ -228,8 +229,9 @@ class ResourceStore:
 
     async def _read(
         self, resources: list[Resource], keys: list[str], concurrency: int
-    ) -> dict[str, tuple[schema.ResourceRecord, int]]:
-        """The stored records of ``keys`` with their revisions (absent keys left out)."""
+    ) -> dict[str, tuple[schema.ResourceRecord | None, int]]:
+        """The stored records of ``keys`` with their revisions (absent keys left out;
+        deleted ones as ``(None, revision of the delete marker)`` where it is known)."""
         groups: dict[str, list[str]] = {}
         for res, key in zip(resources, keys, strict=True):
             groups.setdefault(kind_pattern(res.kind, res.namespace), []).append(key)
@@ -245,15 +247,16 @@ class ResourceStore:
                     entries[key] = entry
 
         async def read_key(key: str) -> None:
-            entry = await self.bus.kv_get(schema.BUCKET_RESOURCES, key)
+            entry = await self.bus.kv_get(schema.BUCKET_RESOURCES, key, deleted=True)
             if entry is not None:
                 entries[key] = entry
 
         await _each(listed, read_pattern, concurrency=8)
         await _each(single, read_key, concurrency=concurrency)
-        out: dict[str, tuple[schema.ResourceRecord, int]] = {}
+        out: dict[str, tuple[schema.ResourceRecord | None, int]] = {}
         for key, entry in entries.items():
-            if entry.value is None:
+            if entry.value is None:  # a delete marker: a create writes over its revision
+                out[key] = (None, entry.revision)
                 continue
             try:
                 out[key] = (schema.decode(entry.value, schema.ResourceRecord), entry.revision)

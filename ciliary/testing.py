@@ -314,15 +314,17 @@ class FakeBus(Bus):
 
     # ------------------------------------------------------------------ KV
 
-    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
+    async def kv_get(self, bucket: str, key: str, *, deleted: bool = False) -> KVEntry | None:
         await asyncio.sleep(0)
         self._check_open()
         state = self._buckets.get(bucket)
         if state is None:
             raise BusError(f"KV bucket {bucket!r} does not exist")
         entry = state.last.get(key)
-        if entry is None or entry.value is None:
+        if entry is None:
             return None
+        if entry.value is None:
+            return KVEntry(bucket, key, entry.revision, None) if deleted else None
         return KVEntry(bucket, key, entry.revision, entry.value)
 
     async def kv_put(

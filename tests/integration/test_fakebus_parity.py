@@ -92,6 +92,9 @@ async def kv_writes(bus: Bus, seen: Seen) -> None:
     await step(seen, "create on a deleted key", bus.kv_put(ALLOC, "a", b"3", last_revision=0))
     marker = (await bus.kv_get(ALLOC, "a")).revision + 1  # type: ignore[union-attr]
     await step(seen, "delete again", bus.kv_delete(ALLOC, "a"))
+    await step(seen, "get deleted, marker asked for", bus.kv_get(ALLOC, "a", deleted=True))
+    await step(seen, "get live, marker asked for", bus.kv_get(ALLOC, "b.2", deleted=True))
+    await step(seen, "get absent, marker asked for", bus.kv_get(ALLOC, "nope", deleted=True))
     await step(seen, "put at the delete marker's revision",
                bus.kv_put(ALLOC, "a", b"4", last_revision=marker))
     await step(seen, "delete absent", bus.kv_delete(ALLOC, "never.1"))

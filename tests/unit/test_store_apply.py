@@ -36,9 +36,9 @@ class CountingBus(FakeBus):
         self.gets = 0
         self.lists: list[str] = []
 
-    async def kv_get(self, bucket: str, key: str) -> KVEntry | None:
+    async def kv_get(self, bucket: str, key: str, *, deleted: bool = False) -> KVEntry | None:
         self.gets += 1
-        return await super().kv_get(bucket, key)
+        return await super().kv_get(bucket, key, deleted=deleted)
 
     async def kv_list(self, bucket: str, pattern: str = ">") -> dict[str, KVEntry]:
         self.lists.append(pattern)
@@ -81,6 +81,30 @@ async def test_existing_objects_are_read_by_list_per_kind_and_namespace_or_one_b
     results = await store.apply(services(READ_BY_LIST_MIN) + services(3, namespace="small"))
     assert {r.action for r in results} == {"unchanged"}
     assert bus.lists == ["Service.bench.>"] and bus.gets == 3
+
+
+async def test_recreating_a_deleted_object_writes_over_its_delete_marker_in_one_compare_and_set() -> None:
+    bus = FakeBus()
+    store = ResourceStore(bus)
+    await store.apply(services(1))
+    key = next(iter(stored(bus)))
+    await bus.kv_delete(RES, key)
+    marker = await bus.kv_get(RES, key, deleted=True)
+    assert marker is not None and marker.value is None
+    puts: list[int | None] = []
+    real_put = bus.kv_put
+
+    async def recording_put(bucket: str, k: str, record: Any, *, last_revision: int | None = None) -> int:
+        puts.append(last_revision)
+        return await real_put(bucket, k, record, last_revision=last_revision)
+
+    bus.kv_put = recording_put  # type: ignore[method-assign]
+    results = await store.apply(services(1))
+    assert [r.action for r in results] == ["created"]
+    # compare-and-set against the marker read with the object, not a create (0) that the
+    # server refuses and the bus retries
+    assert puts == [marker.revision]
+    assert key in stored(bus)
 
 
 async def _write_when(bus: FakeBus, after: int, key: str, record: Any, wrote: asyncio.Event) -> None:
