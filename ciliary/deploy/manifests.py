@@ -136,6 +136,7 @@ def deployment(service: str, values: Values) -> Obj:
         env.append({"name": "CILIARY_KUBE_LEASE_NAMESPACE", "value": values.namespace})
     container = _container(service, values, ["python", "-m", f"services.{service}"], spec.resources,
                            ports=ports, env=env, security=_UNPRIVILEGED)
+    container["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]  # the root filesystem is read-only
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -157,11 +158,6 @@ def deployment(service: str, values: Values) -> Obj:
             },
         },
     }
-
-
-def _mount_tmp(obj: Obj) -> Obj:
-    obj["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
-    return obj
 
 
 def flows_service(values: Values) -> Obj:
@@ -400,7 +396,7 @@ def render_objects(values: Values) -> dict[str, list[Obj]]:
     for service in SERVICES:
         if service != "kubebridge":
             service_objs.append(service_account(f"ciliary-{service}", values))
-        service_objs.append(_mount_tmp(deployment(service, values)))
+        service_objs.append(deployment(service, values))
         if service == "flows":
             service_objs.append(flows_service(values))
     return {
