@@ -17,7 +17,10 @@ Invariants:
   supervisor hands one environment to every child; a set ``OTEL_SERVICE_NAME`` becomes
   ``service.namespace`` instead. ``OTEL_RESOURCE_ATTRIBUTES`` adds attributes.
 - ``shutdown_tracing`` flushes what is queued (bounded by the exporter's timeout); the
-  service shell calls it after its event loop ended, the CLI before it exits.
+  service shell calls it after its event loop ended, the CLI before it exits (with
+  ``CLI_EXPORT_TIMEOUT`` unless ``OTEL_EXPORTER_OTLP[_TRACES]_TIMEOUT`` is set).
+- Only the trace context travels: ``inject_headers`` adds ``traceparent``/``tracestate``
+  when a span is current and nothing otherwise (no baggage).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ PROTOCOL_HTTP = "http/protobuf"
 PROTOCOL_GRPC = "grpc"
 PROTOCOLS = (PROTOCOL_HTTP, PROTOCOL_GRPC)
 TRACER_NAME = "ciliary"
+CLI_EXPORT_TIMEOUT = 2.0  # seconds a command waits at most for the backend when it exits
 
 _configured = False
 _provider: Any = None  # the SDK TracerProvider this process installed, if any
@@ -81,21 +85,25 @@ def resource_attributes(process: str, *, cluster: str = "", node: str = "", inst
     return attrs
 
 
-def _exporter(protocol: str) -> Any:
+def _exporter(protocol: str, timeout: float | None) -> Any:
+    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT"):
+        timeout = None  # the environment's own choice wins
     if protocol == PROTOCOL_GRPC:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
             OTLPSpanExporter,
         )
-    return OTLPSpanExporter()
+    return OTLPSpanExporter(timeout=timeout)
 
 
 def setup_tracing(process: str, cluster: str = "", *, node: str = "", instance: str = "",
-                  exporter: Any = None) -> trace.Tracer:
+                  exporter: Any = None, export_timeout: float | None = None) -> trace.Tracer:
     """Install this process's tracer provider when spans are to be exported (idempotent)
     and return the ``ciliary`` tracer. ``exporter`` (a SpanExporter) overrides the
-    environment's choice; tests pass an in-memory one."""
+    environment's choice; tests pass an in-memory one. ``export_timeout`` (seconds)
+    bounds one export with its retries unless the environment sets its own timeout: a
+    short-lived command must not wait long for an unreachable backend."""
     global _configured, _provider
     if not _configured:
         _configured = True
@@ -113,7 +121,7 @@ def setup_tracing(process: str, cluster: str = "", *, node: str = "", instance: 
             provider = TracerProvider(resource=Resource.create(resource_attributes(
                 process, cluster=cluster, node=node, instance=instance)))
             try:
-                provider.add_span_processor(BatchSpanProcessor(exporter or _exporter(protocol or "")))
+                provider.add_span_processor(BatchSpanProcessor(exporter or _exporter(protocol or "", export_timeout)))
             except Exception as err:  # e.g. an endpoint the exporter cannot parse
                 log.error("tracing off: OTLP exporter: %s: %s", type(err).__name__, err)
             else:
@@ -140,9 +148,11 @@ def shutdown_tracing() -> None:
 
 
 def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
-    """Headers carrying the current trace context (plus any given)."""
+    """Headers carrying the current trace context (plus any given); without a valid
+    current span there is nothing to carry and the propagators are not run."""
     carrier: dict[str, str] = dict(headers or {})
-    propagate.inject(carrier)
+    if trace.get_current_span().get_span_context().is_valid:
+        propagate.inject(carrier)
     return carrier
 
 

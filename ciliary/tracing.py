@@ -16,9 +16,10 @@ Invariants:
   ``ciliary.pass.causes_dropped``). Writes of one ``kv_put_many`` share one context, so
   an apply of many objects is one cause.
 - A pass nothing traced made due (a timer, an untraced write) is a span of its own trace,
-  and only when something marked the loop; a pure wake-up with no mark has no span.
+  and only when something marked the loop and this process exports spans; a pure
+  wake-up with no mark has no span.
 - Without an exported trace context nothing here allocates: ``change`` is a header
-  lookup, ``note`` a context variable read, and the no-op tracer's spans record nothing.
+  lookup, ``note`` a context variable read, and no span is started (``wanted``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 from opentelemetry import context, trace
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from ciliary import telemetry
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -142,6 +145,12 @@ def work_span(name: str, causes: list[SpanContext], dropped: int = 0,
     links = [Link(c) for c in causes[1:]]
     with _tracer.start_as_current_span(name, context=parent, links=links, attributes=attrs) as span:
         yield span
+
+
+def wanted(causes: list[SpanContext]) -> bool:
+    """Whether work with these causes gets a span: a traced cause to continue, or this
+    process exports (a new trace). Otherwise the span would be a no-op: none is started."""
+    return bool(causes) or telemetry.exporting()
 
 
 def pass_span(loop: str, causes: list[SpanContext], dropped: int, marks: int) -> contextlib.AbstractContextManager[Span]:

@@ -248,7 +248,7 @@ class PassLoop:
         """``run_pass`` in its span when something marked the loop since the last pass."""
         marks, self._marks_before = self.marks - self._marks_before, self.marks
         causes, dropped = self.causes.take()
-        if not marks and not causes:
+        if not marks or not tracing.wanted(causes):
             return await self.run_pass()
         with tracing.pass_span(self.name, causes, dropped, marks) as span:
             again = await self.run_pass()

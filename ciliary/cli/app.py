@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.data_dir_path = config.resolve_data_dir(getattr(args, "data_dir", None))
-    telemetry.setup_tracing("cli")  # exports only with an OTLP endpoint in the environment
+    # exports only with an OTLP endpoint in the environment
+    telemetry.setup_tracing("cli", export_timeout=telemetry.CLI_EXPORT_TIMEOUT)
     try:
         code = args.func(args)
     except (ManifestError, common.CliError, BusError) as err:

@@ -638,6 +638,8 @@ class ReconcileLoop:
             return self.reconciler.reconcile(self.ops, now).next_retry
         self._kicked = False
         causes, dropped = self.causes.take()
+        if not tracing.wanted(causes):
+            return self.reconciler.reconcile(self.ops, now).next_retry
         with tracing.work_span(tracing.SPAN_MAP_WRITE, causes, dropped) as span:
             result = self.reconciler.reconcile(self.ops, now)
             if span.is_recording():

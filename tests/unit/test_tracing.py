@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -146,7 +147,8 @@ async def test_causes_are_bounded_and_counted(spans: InMemorySpanExporter) -> No
     assert len(span.links) == tracing.MAX_CAUSES - 1
 
 
-async def test_untraced_changes_give_a_root_span_and_a_wake_up_none(spans: InMemorySpanExporter) -> None:
+async def test_untraced_changes_give_a_root_span_only_where_spans_are_exported(
+        spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch) -> None:
     async def run_pass() -> None:
         clock = PassClock()
         clock.lap("allocate")
@@ -154,6 +156,11 @@ async def test_untraced_changes_give_a_root_span_and_a_wake_up_none(spans: InMem
 
     loop = PassLoop("identity", run_pass)
     mirror = Mirror("resources").notify(loop)
+    mirror.apply(entry("Pod.default.a"))
+    await one_pass(loop)
+    assert not spans.get_finished_spans()  # this process exports nothing: no span at all
+
+    monkeypatch.setattr(telemetry, "exporting", lambda: True)
     mirror.apply(entry("Pod.default.a"))
     mirror.apply(SYNCED)
     await one_pass(loop)
@@ -217,3 +224,19 @@ async def test_a_kicked_map_write_continues_the_change_behind_the_kick(spans: In
     assert span.name == tracing.SPAN_MAP_WRITE
     assert span.parent.span_id == policy_pass.get_span_context().span_id
     assert span.attributes[tracing.ATTR_MAP_UPSERTED] == 1
+
+
+def test_the_supervisor_hands_the_otel_environment_to_every_child(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    from ciliary.supervisor import Supervisor
+
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=lab", "CILIARY_FLOWS_OTEL_LOGS": "1"}
+    for key, value in otel.items():
+        monkeypatch.setenv(key, value)
+    supervisor = Supervisor(data_dir=tmp_path, nodes=2)
+    supervisor._plan_children()
+    services = [c for c in supervisor.children if c.name != "nats-server"]
+    assert {c.name for c in services} >= {"identity", "policy", "servicelb", "flows", "node/node-1", "node/node-2"}
+    for child in services:
+        assert {k: child.env.get(k) for k in otel} == otel, child.name
