@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ciliary import clusters, output, schema
+from ciliary import clusters, config, natsauth, natscreds, output, schema
 from ciliary.bus import Bus, BusError
 from ciliary.cli import common
 
@@ -84,6 +84,28 @@ def refusals(local: schema.MeshCluster, remote: schema.MeshCluster,
     return problems
 
 
+async def _bus(url: str, data_dir: Path | None, *, credentials: str = "") -> Bus:
+    """A connection as the CLI user of the instance in ``data_dir`` (or with the credential
+    file ``credentials``; neither: no authentication)."""
+    if credentials:
+        try:
+            credential = natscreds.read_credential(credentials)
+        except natscreds.CredentialError as err:
+            raise common.CliError(f"--credentials: {err}") from None
+    else:
+        credential = common.cli_credential(data_dir) if data_dir is not None else None
+    return await Bus.connect(url, "ciliary-cli-mesh", allow_reconnect=False, credential=credential)
+
+
+def _follower_credentials(remote_dir: Path | None, given: str) -> str:
+    """What the mesh service presents to the remote: the remote instance's read-only
+    ``remote`` credential when it runs on this machine, else the one given."""
+    if remote_dir is not None:
+        path = config.nats_credential_path(remote_dir, natsauth.REMOTE)
+        return str(path) if path.exists() else ""
+    return str(Path(given).expanduser().resolve()) if given else ""
+
+
 def _entry(info: schema.MeshCluster, url: str, data_dir: str = "", credentials: str = "") -> schema.MeshRemote:
     return schema.MeshRemote(name=info.name, cluster_id=info.cluster_id, nats_url=url, pod_cidr=info.pod_cidr,
                              data_dir=data_dir, credentials=credentials, connected_at=round(time.time(), 3))
@@ -98,10 +120,10 @@ async def _connect(args: argparse.Namespace, local_url: str) -> dict[str, Any]:
         where = f"the instance in {remote_dir}"
     else:
         remote_dir, remote_url, where = None, args.url, f"NATS at {args.url}"
-    local_bus = await Bus.connect(local_url, "ciliary-cli", allow_reconnect=False)
+    local_bus = await _bus(local_url, args.data_dir_path)
     try:
         try:
-            remote_bus = await Bus.connect(remote_url, "ciliary-cli-mesh", allow_reconnect=False)
+            remote_bus = await _bus(remote_url, remote_dir, credentials="" if remote_dir else args.credentials)
         except BusError as err:
             raise common.CliError(f"cannot reach {where}: {err}") from err
         try:
@@ -114,11 +136,13 @@ async def _connect(args: argparse.Namespace, local_url: str) -> dict[str, Any]:
                 raise common.CliError(f"cannot connect cluster {local.name} and cluster {remote.name}: "
                                       + "; ".join(problems))
             await local_bus.kv_put(schema.BUCKET_MESH_REMOTES, schema.mesh_key(schema.MESH_REMOTE_PREFIX, remote.name),
-                                   _entry(remote, remote_url, str(remote_dir or ""), args.credentials or ""))
+                                   _entry(remote, remote_url, str(remote_dir or ""),
+                                          _follower_credentials(remote_dir, args.credentials)))
             if remote_dir is not None:
                 await remote_bus.kv_put(schema.BUCKET_MESH_REMOTES,
                                         schema.mesh_key(schema.MESH_REMOTE_PREFIX, local.name),
-                                        _entry(local, local_url, str(args.data_dir_path)))
+                                        _entry(local, local_url, str(args.data_dir_path),
+                                               _follower_credentials(args.data_dir_path, "")))
         finally:
             await remote_bus.close()
         status = await _wait_connected(local_bus, remote.name, args.timeout)
@@ -166,7 +190,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
 async def _disconnect(args: argparse.Namespace, local_url: str) -> list[str]:
     notes = []
-    bus = await Bus.connect(local_url, "ciliary-cli", allow_reconnect=False)
+    bus = await _bus(local_url, args.data_dir_path)
     try:
         remotes = await _remotes(bus)
         remote = remotes.get(args.from_)
@@ -177,8 +201,8 @@ async def _disconnect(args: argparse.Namespace, local_url: str) -> list[str]:
         await bus.kv_delete(schema.BUCKET_MESH_REMOTES, schema.mesh_key(schema.MESH_REMOTE_PREFIX, remote.name))
         if remote.data_dir:
             try:
-                other = await Bus.connect(remote.nats_url, "ciliary-cli-mesh", allow_reconnect=False)
-            except BusError as err:
+                other = await _bus(remote.nats_url, Path(remote.data_dir))
+            except (BusError, common.CliError) as err:
                 notes.append(f"cluster {remote.name} is not reachable ({err}); its side stays until it "
                              f"disconnects: ciliary clustermesh disconnect --from {local.name}")
             else:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ciliary import backoff, schema
+from ciliary import backoff, natscreds, schema
 from ciliary.bus import Bus, BusError, KVEntry, Synced
 from ciliary.watch import Mirror
 
@@ -52,12 +52,15 @@ def decode_export(entry: KVEntry) -> Any:
 
 
 def remote_connect_options(remote: schema.MeshRemote) -> dict[str, Any]:
-    """Keyword arguments for ``Bus.connect`` to ``remote``: the seam where a read-only
-    credential of the remote (``remote.credentials``) is applied once the bus takes one."""
-    if remote.credentials:
-        log.warning("remote %s: credentials %s are not applied by this bus; connecting without",
-                    remote.name, remote.credentials)
-    return {}
+    """Keyword arguments for ``Bus.connect`` to ``remote``: its read-only credential
+    (``remote.credentials``, the remote's ``remote`` NATS user) when one was given; a
+    credential that cannot be read is a ``BusError`` naming the file."""
+    if not remote.credentials:
+        return {}
+    try:
+        return {"credential": natscreds.read_credential(remote.credentials)}
+    except natscreds.CredentialError as err:
+        raise BusError(str(err)) from None
 
 
 class RemoteFollower:
@@ -85,8 +88,9 @@ class RemoteFollower:
         remote = self.config
         while True:
             try:
+                options = remote_connect_options(remote)
                 bus = await Bus.connect(remote.nats_url, f"ciliary-mesh-{self.local_cluster}-follows-{remote.name}",
-                                        **remote_connect_options(remote))
+                                        **options)
             except BusError as err:
                 failures += 1
                 self._set(reachable=False, errors=[f"cannot reach cluster {remote.name}: {err}"])

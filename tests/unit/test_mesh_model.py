@@ -267,3 +267,16 @@ def test_flow_filters_select_by_cluster() -> None:
     dst, _ = build_filters([("to-cluster", "east")])
     assert matches(flow, either) and matches(flow, dst)
     assert not matches(flow, src)
+
+
+def test_remote_credentials_are_read_or_named(tmp_path: Any) -> None:
+    from ciliary.bus import BusError
+    from services.mesh.remote import remote_connect_options
+
+    plain = schema.MeshRemote(name="west", cluster_id=WEST, nats_url="nats://x")
+    assert remote_connect_options(plain) == {}
+    bad = tmp_path / "remote.json"
+    bad.write_text("{}")
+    with pytest.raises(BusError, match=str(bad)):
+        remote_connect_options(schema.MeshRemote(name="west", cluster_id=WEST, nats_url="nats://x",
+                                                 credentials=str(bad)))
