@@ -618,15 +618,21 @@ class EmbeddedInstance:
         return problems
 
 
+_MEMORY_FIELDS = {"VmRSS": "rss_mib", "VmHWM": "peak_rss_mib", "RssAnon": "anon_mib", "RssFile": "file_mib"}
+
+
 def process_memory(pid: int) -> dict[str, float]:
-    """Resident set size now and at its peak (``VmRSS``, ``VmHWM``), MiB; ``{}`` when gone."""
+    """Resident set size now and at its peak (``VmRSS``, ``VmHWM``) and the part of it that
+    is the process's own memory (``RssAnon``) vs mapped files such as shared libraries
+    (``RssFile``: clean pages shared with every process that maps them), MiB; ``{}`` when
+    gone."""
     out: dict[str, float] = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    name, value = line.split(":", 1)
-                    out["rss_mib" if name == "VmRSS" else "peak_rss_mib"] = round(int(value.split()[0]) / 1024, 1)
+                name, _, value = line.partition(":")
+                if name in _MEMORY_FIELDS:
+                    out[_MEMORY_FIELDS[name]] = round(int(value.split()[0]) / 1024, 1)
     except OSError:
         return {}
     return out

@@ -847,11 +847,13 @@ def render(res: dict[str, Any]) -> str:
             out.append("bursts (one apply changing the slices of many services) and the processes' memory")
             out.append(output.table(
                 ["N", "burst", "apply p50 ms", "all in kernel p50 ms", "p99 ms", "servicelb CPU ms/change",
-                 "node RSS MiB", "servicelb", "identity", "policy"],
+                 "node RSS MiB", "(own / files)", "servicelb", "identity", "policy"],
                 [[n, r["burst_size"], r["burst_apply_ms"]["p50"], r["burst_to_kernel_ms"]["p50"],
                   r["burst_to_kernel_ms"]["p99"], r["servicelb_cpu_ms_per_change"],
-                  *(r["memory"].get(name, {}).get("rss_mib", "?")
-                    for name in (f"node/{KV_NODE}", "servicelb", "identity", "policy"))]
+                  r["memory"].get(f"node/{KV_NODE}", {}).get("rss_mib", "?"),
+                  "{} / {}".format(r["memory"].get(f"node/{KV_NODE}", {}).get("anon_mib", "?"),
+                                   r["memory"].get(f"node/{KV_NODE}", {}).get("file_mib", "?")),
+                  *(r["memory"].get(name, {}).get("rss_mib", "?") for name in ("servicelb", "identity", "policy"))]
                  for n, r in with_bursts.items()]))
     if not res["by_n"]:
         return "\n".join(out)
