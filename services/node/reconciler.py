@@ -49,6 +49,11 @@ Invariants:
 - Not thread-safe by design: one thread (or one asyncio task plus the producers
   running on the same event loop) owns a ``Reconciler``. ``ReconcileLoop`` keeps
   to this by calling ``reconcile`` synchronously on the loop.
+- ``ReconcileLoop`` never holds the event loop for a whole resync: maps are dumped in a
+  thread and learned in chunks (``Resync``), and a kicked change is reconciled in between,
+  so one change's latency does not depend on the table's size.
+- ``stats`` reads running totals (O(maps)); ``recount`` re-derives them by walking the
+  table and must always agree.
 - ``ReconcileLoop`` runs the reconcile a ``kick`` asked for in a ``node map write``
   span, child of the traced change that made the producer kick (``ciliary.tracing``).
 """
@@ -62,7 +67,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ciliary import tracing
 from ciliary.backoff import ENTRY_CAP, backoff_delay
@@ -97,27 +102,30 @@ ORPHAN_OWNER = ""
 """Owner recorded on rows found in the kernel that no owner ever desired."""
 
 
-def _copy(layout: Layout) -> Layout:
-    return type(layout).from_bytes(bytes(layout))
+def _same(a: bytes | None | _Unknown, b: bytes | None) -> bool:
+    return a is not UNKNOWN and a == b
 
 
-def _same(a: Layout | None | _Unknown, b: Layout | None) -> bool:
-    if a is UNKNOWN:
-        return False
-    if a is None or b is None:
-        return a is None and b is None
-    return type(a) is type(b) and bytes(a) == bytes(b)
+def _key_layout(map_name: str, key: bytes) -> Layout:
+    return L.MAPS[map_name][0].from_bytes(key)
+
+
+def _value_layout(map_name: str, value: bytes | None) -> Layout | None:
+    return None if value is None else L.MAPS[map_name][1].from_bytes(value)
 
 
 @dataclass(slots=True)
 class _Row:
+    """Keys and values are kept as the bytes the kernel holds (a ctypes layout costs
+    several times more memory); layouts are built only for map calls and views."""
+
     map: str
-    key: Layout
-    value: Layout | None  # desired; None = desired absent
-    kernel: Layout | None | _Unknown  # believed kernel value; None = absent
+    key: bytes
+    value: bytes | None  # desired; None = desired absent
+    kernel: bytes | None | _Unknown  # believed kernel value; None = absent
     owner: str = ORPHAN_OWNER  # winning (or last winning) owner, for ordering
     seq: int = 0  # position in that owner's supplied order
-    claims: set[str] = field(default_factory=set)
+    claims: tuple[str, ...] = ()  # owners that want this key (usually one: a tuple is small)
     status: Status = Status.PENDING
     attempts: int = 0
     last_error: str | None = None
@@ -200,15 +208,24 @@ class Reconciler:
         self.max_entries: dict[str, int] = dict(max_entries or {})
         self.batch_size = batch_size
         self.hold_deletes = hold_deletes
-        self._owners: dict[str, dict[RowKey, tuple[Entry, int]]] = {}
+        self._owners: dict[str, dict[RowKey, tuple[bytes, int]]] = {}  # -> (value, seq)
         self._rows: dict[RowKey, _Row] = {}
         self._dirty: set[RowKey] = set()  # rows not done
-        self._observed: dict[str, dict[bytes, Layout]] = {}  # dumped, not in the table
+        self._observed: dict[str, dict[bytes, bytes]] = {}  # dumped, not in the table
         self._restored: dict[str, dict[Layout, Layout]] = {}
         self._seq = 0
         self._total_errors = 0
         self._batch_fallbacks = 0
         self._last_resync: float | None = None
+        # running totals behind ``stats`` (kept by ``_count``; ``recount`` walks the table)
+        self._by_status: dict[Status, int] = dict.fromkeys(Status, 0)
+        self._desired_by_map: dict[str, int] = {}
+        self._present_by_map: dict[str, int] = {}
+        self._pending_deletes = 0
+        self._shared: set[RowKey] = set()  # rows claimed by more than one owner
+        # while a ``Resync`` is under way: rows whose kernel belief changed, or that came or
+        # went, since its current dump was taken (the dump is stale for them)
+        self._touched: set[RowKey] | None = None
 
     # ---- desired state ------------------------------------------------------------
 
@@ -220,7 +237,7 @@ class Reconciler:
         """
         if not owner:
             raise ValueError("owner must be a non-empty tag")
-        new: dict[RowKey, tuple[Entry, int]] = {}
+        new: dict[RowKey, tuple[bytes, int]] = {}
         for e in entries:
             kt, vt = _layouts_for(e.map)
             if type(e.key) is not kt or type(e.value) is not vt:
@@ -228,21 +245,26 @@ class Reconciler:
                                  f"got ({type(e.key).__name__}, {type(e.value).__name__})")
             rk = (e.map, bytes(e.key))
             seq = new[rk][1] if rk in new else self._next_seq()
-            new[rk] = (Entry(e.map, _copy(e.key), _copy(e.value)), seq)
+            new[rk] = (bytes(e.value), seq)
         old = self._owners.pop(owner, {})
         if new:
             self._owners[owner] = new
         for rk in old.keys() - new.keys():
             row = self._rows.get(rk)
             if row is not None:
-                row.claims.discard(owner)
+                row.claims = tuple(o for o in row.claims if o != owner)
+                if len(row.claims) < 2:
+                    self._shared.discard(rk)
                 self._refresh(rk, row)
-        for rk, (e, _) in new.items():
+        for rk in new:
             row = self._rows.get(rk)
             if row is None:
-                kernel = self._observed.get(e.map, {}).pop(rk[1], UNKNOWN)
-                row = self._rows[rk] = _Row(e.map, e.key, None, kernel)
-            row.claims.add(owner)
+                kernel = self._observed.get(rk[0], {}).pop(rk[1], UNKNOWN)
+                row = self._add_row(rk, _Row(rk[0], rk[1], None, kernel))
+            if owner not in row.claims:
+                row.claims += (owner,)
+            if len(row.claims) > 1:
+                self._shared.add(rk)
             self._refresh(rk, row)
 
     def clear_owner(self, owner: str) -> None:
@@ -252,12 +274,14 @@ class Reconciler:
         return sorted(self._owners)
 
     def owner_entries(self, owner: str) -> list[Entry]:
-        return [e for e, _ in self._owners.get(owner, {}).values()]
+        """What ``owner`` last asked for, in its order (fresh layouts)."""
+        mine = sorted(self._owners.get(owner, {}).items(), key=lambda kv: kv[1][1])
+        return [Entry(m, _key_layout(m, kb), _value_layout(m, vb)) for (m, kb), (vb, _) in mine]
 
     def desired_entries(self) -> list[Entry]:
         """The winning desired entries (no pending deletes), sorted by map and key."""
-        return [Entry(r.map, r.key, r.value) for _, r in sorted(self._rows.items())
-                if r.value is not None]
+        return [Entry(r.map, _key_layout(r.map, r.key), _value_layout(r.map, r.value))
+                for _, r in sorted(self._rows.items()) if r.value is not None]
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -267,16 +291,18 @@ class Reconciler:
         """Recompute a row's desired value from its claims."""
         if row.claims:
             winner = min(row.claims)
-            e, seq = self._owners[winner][rk]
+            value, seq = self._owners[winner][rk]
             row.owner, row.seq = winner, seq
-            self._want(rk, row, e.value)
+            self._want(rk, row, value)
         else:
             self._want(rk, row, None)
 
-    def _want(self, rk: RowKey, row: _Row, value: Layout | None) -> None:
+    def _want(self, rk: RowKey, row: _Row, value: bytes | None) -> None:
         if _same(row.value, value):
             return  # unchanged: keep status and retry schedule
+        self._count(row, -1)
         row.value = value
+        self._count(row, +1)
         row.attempts, row.last_error, row.next_retry = 0, None, 0.0
         self._settle(rk, row, Status.PENDING)
 
@@ -285,15 +311,52 @@ class Reconciler:
         rows that are desired absent and known absent."""
         if _same(row.kernel, row.value):
             if row.value is None:
-                self._rows.pop(rk, None)
+                if self._rows.pop(rk, None) is not None:
+                    self._count(row, -1)
+                    self._shared.discard(rk)
+                    if self._touched is not None:
+                        self._touched.add(rk)
                 self._dirty.discard(rk)
                 return
-            row.status = Status.DONE
+            self._set_status(row, Status.DONE)
             row.attempts, row.last_error, row.next_retry = 0, None, 0.0
             self._dirty.discard(rk)
         else:
-            row.status = otherwise
+            self._set_status(row, otherwise)
             self._dirty.add(rk)
+
+    # ---- running totals (every change of a row's value, kernel belief or status, and
+    # every row added or dropped, goes through these) -----------------------------------
+
+    def _add_row(self, rk: RowKey, row: _Row) -> _Row:
+        self._rows[rk] = row
+        self._count(row, +1)
+        if self._touched is not None:
+            self._touched.add(rk)
+        return row
+
+    def _count(self, row: _Row, sign: int) -> None:
+        """Add (+1) or remove (-1) ``row``'s part of the running totals."""
+        self._by_status[row.status] += sign
+        if row.value is None:
+            self._pending_deletes += sign
+        else:
+            self._desired_by_map[row.map] = self._desired_by_map.get(row.map, 0) + sign
+        if row.kernel is not None and row.kernel is not UNKNOWN:
+            self._present_by_map[row.map] = self._present_by_map.get(row.map, 0) + sign
+
+    def _set_status(self, row: _Row, status: Status) -> None:
+        if row.status is not status:
+            self._by_status[row.status] -= 1
+            self._by_status[status] += 1
+            row.status = status
+
+    def _set_kernel(self, row: _Row, kernel: bytes | None | _Unknown) -> None:
+        self._count(row, -1)
+        row.kernel = kernel
+        self._count(row, +1)
+        if self._touched is not None:
+            self._touched.add((row.map, row.key))
 
     # ---- reconcile ----------------------------------------------------------------
 
@@ -341,11 +404,13 @@ class Reconciler:
 
     def _run_batch(self, ops: MapOps, map_name: str, rows: list[_Row], now: float,
                    *, delete: bool) -> tuple[int, int]:
+        kt, vt = _layouts_for(map_name)
         try:
             if delete:
-                ops.delete_batch(map_name, [r.key for r in rows])
+                ops.delete_batch(map_name, [kt.from_bytes(r.key) for r in rows])
             else:
-                ops.update_batch(map_name, [(r.key, r.value) for r in rows])
+                ops.update_batch(map_name, [(kt.from_bytes(r.key), vt.from_bytes(r.value))
+                                            for r in rows])
         except MapOpsError as err:
             if len(rows) == 1:
                 self._failed(rows[0], err, now)
@@ -361,9 +426,9 @@ class Reconciler:
         for r in rows:
             try:
                 if delete:
-                    ops.delete(map_name, r.key)
+                    ops.delete(map_name, kt.from_bytes(r.key))
                 else:
-                    ops.update(map_name, r.key, r.value)
+                    ops.update(map_name, kt.from_bytes(r.key), vt.from_bytes(r.value))
             except MapOpsError as err:
                 self._failed(r, err, now)
                 bad += 1
@@ -373,16 +438,16 @@ class Reconciler:
         return ok, bad
 
     def _applied(self, row: _Row) -> None:
-        row.kernel = row.value
-        self._settle((row.map, bytes(row.key)), row, Status.PENDING)
+        self._set_kernel(row, row.value)
+        self._settle((row.map, row.key), row, Status.PENDING)
 
     def _failed(self, row: _Row, err: Exception, now: float) -> None:
-        row.kernel = UNKNOWN  # a failed call may have been partly applied
+        self._set_kernel(row, UNKNOWN)  # a failed call may have been partly applied
         row.attempts += 1
-        row.status = Status.ERROR
+        self._set_status(row, Status.ERROR)
         row.last_error = str(err)
         row.next_retry = now + backoff_delay(row.attempts, cap=ENTRY_CAP)
-        self._dirty.add((row.map, bytes(row.key)))
+        self._dirty.add((row.map, row.key))
         self._total_errors += 1
 
     # ---- restore and resync -------------------------------------------------------
@@ -400,9 +465,9 @@ class Reconciler:
         dumps = {m: ops.dump(m) for m in names}
         by_map = self._rows_by_map()
         for m, dumped in dumps.items():
-            self._learn(by_map.get(m, []), dumped)
-            self._observed[m] = {kb: v for kb, v in ((bytes(k), v) for k, v in dumped.items())
-                                 if (m, kb) not in self._rows}
+            by_bytes = {bytes(k): bytes(v) for k, v in dumped.items()}
+            self._learn(by_map.get(m, []), by_bytes)
+            self._observed[m] = {kb: v for kb, v in by_bytes.items() if (m, kb) not in self._rows}
         self._restored.update({m: dict(d) for m, d in dumps.items()})
         return {m: dict(d) for m, d in dumps.items()}
 
@@ -416,13 +481,12 @@ class Reconciler:
             out.setdefault(rk[0], []).append((rk, row))
         return out
 
-    def _learn(self, rows: list[tuple[RowKey, _Row]], dumped: Mapping[Layout, Layout]) -> int:
-        """Set the kernel belief of ``rows`` (all of one map) from that map's dump;
-        return how many done rows had drifted (now pending, due at once)."""
-        by_bytes = {bytes(k): v for k, v in dumped.items()}
+    def _learn(self, rows: list[tuple[RowKey, _Row]], by_bytes: Mapping[bytes, bytes]) -> int:
+        """Set the kernel belief of ``rows`` (all of one map) from that map's dump (key
+        bytes -> value); return how many done rows had drifted (now pending, due at once)."""
         drifted = 0
         for rk, row in rows:
-            row.kernel = by_bytes.get(rk[1])
+            self._set_kernel(row, by_bytes.get(rk[1]))
             was_done = row.status is Status.DONE
             if was_done and not _same(row.kernel, row.value):
                 drifted += 1
@@ -434,32 +498,25 @@ class Reconciler:
 
     def full_resync(self, ops: MapOps, now: float) -> ResyncResult:
         """Dump, repair drift, prune orphans in owned maps, then ``reconcile``."""
-        by_map = self._rows_by_map()
-        names = sorted(self.owned_maps | by_map.keys())
-        drifted = orphans = 0
-        failed: list[str] = []
-        for m in names:
+        resync = self.begin_resync()
+        for m in resync.maps:
+            resync.dump_starting()
             try:
                 dumped = ops.dump(m)
             except MapOpsError as err:
-                log.warning("resync: dump %s failed: %s", m, err)
-                self._total_errors += 1
-                failed.append(m)
+                resync.dump_failed(m, err)
                 continue
-            drifted += self._learn(by_map.get(m, []), dumped)
-            if m not in self.owned_maps:
-                continue
-            self._observed.pop(m, None)
-            for k, v in dumped.items():
-                rk = (m, bytes(k))
-                if rk not in self._rows:
-                    row = self._rows[rk] = _Row(m, _copy(k), None, _copy(v))
-                    self._settle(rk, row, Status.PENDING)
-                    orphans += 1
-        result = self.reconcile(ops, now)
-        if not failed:
-            self._last_resync = now
-        return ResyncResult(drifted, orphans, tuple(failed), result)
+            for _ in resync.learn(m, dumped):
+                pass
+        return resync.finish(ops, now)
+
+    def begin_resync(self) -> Resync:
+        """A full resync in steps, for a driver that lets other work run between them (see
+        ``Resync``). ``full_resync`` is the same steps run back to back."""
+        return Resync(self)
+
+    def _track_kernel_changes(self, on: bool) -> None:
+        self._touched = set() if on else None
 
     # ---- inspection ---------------------------------------------------------------
 
@@ -474,11 +531,21 @@ class Reconciler:
                 yield _view(row)
 
     def stats(self) -> ReconcilerStats:
+        """Counts and fill per map from the running totals: O(maps + keys claimed by several
+        owners), not O(rows), so a periodic status report never stalls the loop."""
+        present = {m: n for m, n in self._present_by_map.items() if n}
+        for m, observed in self._observed.items():
+            present[m] = present.get(m, 0) + len(observed)
+        desired = {m: n for m, n in self._desired_by_map.items() if n}
+        return self._stats(self._by_status, self._pending_deletes, desired, present, self._shared)
+
+    def recount(self) -> ReconcilerStats:
+        """``stats`` computed by walking every row (O(rows)); equals ``stats()``."""
         counts = dict.fromkeys(Status, 0)
         desired: dict[str, int] = {}
-        present: dict[str, int] = {m: len(o) for m, o in self._observed.items()}
-        pending_deletes = conflicts = 0
-        for rk, row in self._rows.items():
+        present: dict[str, int] = {m: len(o) for m, o in self._observed.items() if o}
+        pending_deletes = 0
+        for row in self._rows.values():
             counts[row.status] += 1
             if row.value is None:
                 pending_deletes += 1
@@ -486,9 +553,17 @@ class Reconciler:
                 desired[row.map] = desired.get(row.map, 0) + 1
             if row.kernel is not None and row.kernel is not UNKNOWN:
                 present[row.map] = present.get(row.map, 0) + 1
-            if len(row.claims) > 1:
-                values = {bytes(self._owners[o][rk][0].value) for o in row.claims}
-                conflicts += len(values) > 1
+        shared = [rk for rk, row in self._rows.items() if len(row.claims) > 1]
+        return self._stats(counts, pending_deletes, desired, present, shared)
+
+    def _stats(self, counts: Mapping[Status, int], pending_deletes: int,
+               desired: Mapping[str, int], present: Mapping[str, int],
+               shared: Iterable[RowKey]) -> ReconcilerStats:
+        conflicts = 0
+        for rk in shared:
+            claims = self._rows[rk].claims
+            values = {self._owners[o][rk][0] for o in claims}
+            conflicts += len(values) > 1
         maps = {}
         for m in sorted(self.owned_maps | desired.keys() | present.keys()):
             n, cap = present.get(m, 0), self.max_entries.get(m)
@@ -508,7 +583,8 @@ def _layouts_for(map_name: str) -> tuple[type[Layout], type[Layout]]:
 
 
 def _view(row: _Row) -> EntryStatus:
-    return EntryStatus(row.map, row.key, row.value, row.owner, row.status, row.attempts,
+    return EntryStatus(row.map, _key_layout(row.map, row.key), _value_layout(row.map, row.value),
+                       row.owner, row.status, row.attempts,
                        row.last_error, row.next_retry)
 
 
@@ -530,7 +606,7 @@ def _schedule(rows: list[_Row], *, reverse: bool) -> list[tuple[str, list[_Row]]
         per_owner.setdefault(r.owner, []).append(r)
     queues: list[deque[tuple[str, list[_Row]]]] = []
     for owner in sorted(per_owner):
-        rs = sorted(per_owner[owner], key=lambda r: (r.seq, r.map, bytes(r.key)))
+        rs = sorted(per_owner[owner], key=lambda r: (r.seq, r.map, r.key))
         if reverse and owner != ORPHAN_OWNER:
             rs.reverse()
         runs: deque[tuple[str, list[_Row]]] = deque()
@@ -567,6 +643,71 @@ def _schedule(rows: list[_Row], *, reverse: bool) -> list[tuple[str, list[_Row]]
 
 
 # ---- async driver ---------------------------------------------------------------------
+
+
+class Resync:
+    """One full resync of a ``Reconciler`` in steps: per map, a dump (which the driver may
+    take in another thread) then ``learn`` in chunks; ``finish`` reconciles.
+
+    Between steps the owning loop may call ``set_desired`` and ``reconcile`` as usual. A
+    dump is a snapshot: rows whose kernel belief changed, or that were added or dropped,
+    after the dump of the map being learned was started are skipped for that map (the table
+    knows them better than the dump), so interleaved work is never undone and never
+    repeated. Only one ``Resync`` may be under way per reconciler.
+    """
+
+    CHUNK = 2048  # rows (or dumped entries) learned per step
+
+    def __init__(self, rec: Reconciler) -> None:
+        self._rec = rec
+        self._by_map = rec._rows_by_map()
+        self.maps: list[str] = sorted(rec.owned_maps | self._by_map.keys())
+        self.drifted = self.orphans = 0
+        self.failed: list[str] = []
+        rec._track_kernel_changes(True)
+
+    def dump_starting(self) -> None:
+        """Call just before each dump: from here on, changes make that dump stale."""
+        assert self._rec._touched is not None
+        self._rec._touched.clear()
+
+    def dump_failed(self, map_name: str, err: Exception) -> None:
+        log.warning("resync: dump %s failed: %s", map_name, err)
+        self._rec._total_errors += 1
+        self.failed.append(map_name)
+
+    def learn(self, map_name: str, dumped: Mapping[Layout, Layout]) -> Iterator[None]:
+        """Learn one map's dump; yields between chunks of ``CHUNK``."""
+        rec = self._rec
+        touched = rec._touched
+        assert touched is not None
+        by_bytes = {bytes(k): bytes(v) for k, v in dumped.items()}
+        rows = self._by_map.get(map_name, [])
+        for at in range(0, len(rows), self.CHUNK):
+            live = [(rk, row) for rk, row in rows[at:at + self.CHUNK]
+                    if rk not in touched and rec._rows.get(rk) is row]
+            self.drifted += rec._learn(live, by_bytes)
+            yield
+        if map_name not in rec.owned_maps:
+            return
+        rec._observed.pop(map_name, None)
+        items = list(by_bytes.items())
+        for at in range(0, len(items), self.CHUNK):
+            for kb, v in items[at:at + self.CHUNK]:
+                rk = (map_name, kb)
+                if rk not in rec._rows and rk not in touched:
+                    row = rec._add_row(rk, _Row(map_name, kb, None, v))
+                    rec._settle(rk, row, Status.PENDING)
+                    self.orphans += 1
+            yield
+
+    def finish(self, ops: MapOps, now: float) -> ResyncResult:
+        rec = self._rec
+        rec._track_kernel_changes(False)
+        result = rec.reconcile(ops, now)
+        if not self.failed:
+            rec._last_resync = now
+        return ResyncResult(self.drifted, self.orphans, tuple(self.failed), result)
 
 
 class ReconcileLoop:
@@ -621,7 +762,7 @@ class ReconcileLoop:
             now = self.clock()
             if now >= self._next_resync:
                 if self.ready():
-                    self.reconciler.full_resync(self.ops, now)
+                    await self._full_resync(now)
                     self._next_resync = now + self.resync_interval
                 else:  # inputs not complete: pruning now would delete live entries
                     self._next_resync = now + min(1.0, self.resync_interval)
@@ -630,6 +771,40 @@ class ReconcileLoop:
             timeout = max(0.0, deadline - self.clock())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _full_resync(self, now: float) -> ResyncResult:
+        """``full_resync`` without stalling the loop: each map is dumped in a thread and
+        learned in chunks; a change kicked meanwhile is reconciled between chunks."""
+        resync = self.reconciler.begin_resync()
+        try:
+            for m in resync.maps:
+                resync.dump_starting()
+                try:
+                    dumped = await self._dump_meanwhile_reconciling(m)
+                except MapOpsError as err:
+                    resync.dump_failed(m, err)
+                    continue
+                for _ in resync.learn(m, dumped):
+                    await asyncio.sleep(0)
+                    if self._kicked:
+                        self._reconcile(self.clock())
+        finally:
+            result = resync.finish(self.ops, now)
+        return result
+
+    async def _dump_meanwhile_reconciling(self, map_name: str) -> dict[Layout, Layout]:
+        """Dump ``map_name`` in a thread; reconcile whatever is kicked until it returns."""
+        dump = asyncio.ensure_future(asyncio.to_thread(self.ops.dump, map_name))
+        while not dump.done():
+            self._wake.clear()
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({dump, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                woken.cancel()
+            if self._kicked:
+                self._reconcile(self.clock())
+        return dump.result()
 
     def _reconcile(self, now: float) -> float | None:
         """One reconcile; after a kick, in a ``node map write`` span joined to the traced

@@ -237,12 +237,14 @@ def test_converges_to_desired_under_30_percent_faults(actions, seed, leftovers):
         else:
             now += a
             rec.full_resync(ops, now)
+        assert rec.stats() == rec.recount()  # the running totals never drift from the table
     want = expected_text(final) + f"{L.CT} {ct_key!r} => {L.CtEntry(packets=1)!r}\n"
     want = "".join(sorted(want.splitlines(keepends=True)))
     for _ in range(300):
         now += 61.0
         rec.full_resync(ops, now)
         st_ = rec.stats()
+        assert st_ == rec.recount()
         if inner.dump_text() == want and st_.pending == st_.error == 0:
             break
     assert inner.dump_text() == want
@@ -801,3 +803,89 @@ def test_unsettled_looks_at_one_owner_prefix_and_at_failures():
     assert rec.unsettled("lb:")
     converge(rec, ops, 2.0)
     assert not rec.unsettled("lb:") and ops.dump(L.LB4_SERVICES) == {}
+
+
+# ---- resync in steps ----------------------------------------------------------------------
+
+
+class HeldDumps(M.FakeMapOps):
+    """Dumps that wait (in the dumping thread) until the test releases them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.release = threading.Event()
+        self.dumping = threading.Event()
+
+    def maps_snapshot(self, map_name):
+        """What the map holds now (never held)."""
+        return super().dump(map_name)
+
+    def dump(self, map_name):
+        snapshot = super().dump(map_name)  # taken now, returned only when released
+        self.dumping.set()
+        assert self.release.wait(10), "test never released the dump"
+        return snapshot
+
+
+async def test_a_change_during_a_resync_is_applied_at_once_and_not_undone_by_the_stale_dump():
+    ops = HeldDumps()
+    ops.release.set()
+    loop = ReconcileLoop(Reconciler(), ops, resync_interval=3600.0)
+    task = asyncio.create_task(loop.run())
+    try:
+        await asyncio.wait_for(loop.restored.wait(), 2.0)
+        old = M.ipcache_entry("10.0.0.1/32", 1001)
+        loop.reconciler.set_desired("ipcache", [old])
+        loop.kick()
+        for _ in range(100):
+            if old.key in ops.maps_snapshot(L.IPCACHE):
+                break
+            await asyncio.sleep(0.01)
+        ops.release.clear()
+        ops.dumping.clear()
+        loop.request_resync()
+        assert await asyncio.to_thread(ops.dumping.wait, 5)  # a map's dump is now held
+        new = M.ipcache_entry("10.0.0.2/32", 1002)
+        loop.reconciler.set_desired("ipcache", [new])  # replaces old while the dump is held
+        loop.kick()
+        for _ in range(100):
+            if new.key in ops.maps_snapshot(L.IPCACHE) and old.key not in ops.maps_snapshot(L.IPCACHE):
+                break
+            await asyncio.sleep(0.01)
+        # written although the resync has not finished (its dumps are still held)
+        assert loop.reconciler.stats().last_resync is None
+        assert set(ops.maps_snapshot(L.IPCACHE)) == {new.key}
+        ops.release.set()
+        for _ in range(200):
+            if loop.reconciler.stats().last_resync is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert loop.reconciler.stats().last_resync is not None
+        # stale dumps (they may still hold old and lack new) changed nothing
+        assert set(ops.maps_snapshot(L.IPCACHE)) == {new.key}
+        assert loop.reconciler.stats() == loop.reconciler.recount()
+        assert {e.status for e in loop.reconciler.entries()} == {Status.DONE}
+    finally:
+        ops.release.set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+def test_resync_in_steps_yields_between_chunks_of_a_large_map():
+    rec = Reconciler()
+    ops = M.FakeMapOps()
+    rec.set_desired("ipcache", [M.ipcache_entry(f"10.{i // 250}.{i % 250}.1/32", 1000 + i)
+                                for i in range(5000)])
+    rec.reconcile(ops, 0.0)
+    resync = rec.begin_resync()
+    steps = 0
+    for m in resync.maps:
+        resync.dump_starting()
+        steps += sum(1 for _ in resync.learn(m, ops.dump(m)))
+    result = resync.finish(ops, 1.0)
+    assert steps >= 5000 // resync.CHUNK  # the ipcache rows alone take several steps
+    assert (result.drifted, result.orphans) == (0, 0)
+    assert rec.stats().last_resync == 1.0
