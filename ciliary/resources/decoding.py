@@ -49,7 +49,8 @@ def normalize(kind: str, manifest: dict[str, Any]) -> dict[str, Any]:
     if kind == "Service" and isinstance(spec, dict) and isinstance(spec.get("selector"), dict):
         spec["selector"] = _null_to_empty(manifest["spec"]["selector"])
     if kind in _CILIUM_KINDS:
-        rules = [data.get("spec")] + list(data.get("specs") or [])
+        specs = data.get("specs")  # not a list: the model's decoding names the field
+        rules = [data.get("spec")] + (list(specs) if isinstance(specs, list) else [])
         for rule in rules:
             _normalize_rule_ports(rule)
     return data

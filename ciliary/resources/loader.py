@@ -267,6 +267,9 @@ def _load_object(obj: Any, place: _Place, problems: list[Problem]) -> Resource |
     except (TypeError, msgspec.EncodeError) as exc:
         problems.append(place.problem(f"value cannot be represented as JSON: {exc}", **ident))
         return None
+    except RecursionError:
+        problems.append(place.problem("nested too deeply to be a Kubernetes object", **ident))
+        return None
     manifest = _with_namespace(obj, info.namespaced)
     typed, errors = convert(kind, manifest, nulls=b"null" in as_json)
     if typed is not None:
@@ -314,7 +317,7 @@ def _deep_copy(obj: dict[str, Any]) -> dict[str, Any]:
     ``copy.deepcopy`` for plain data; ``deepcopy`` for what msgpack cannot carry)."""
     try:
         copied = msgspec.msgpack.decode(msgspec.msgpack.encode(obj))
-    except (TypeError, msgspec.EncodeError, msgspec.DecodeError):
+    except (TypeError, OverflowError, msgspec.EncodeError, msgspec.DecodeError):
         return copy.deepcopy(obj)
     return copied if copied == obj else copy.deepcopy(obj)
 

@@ -256,7 +256,8 @@ def _from_manifest(manifest: dict[str, Any], cluster_name: str, local_cluster_on
     from ciliary.resources import ManifestError, decode
 
     kind = str(manifest.get("kind", ""))
-    meta = manifest.get("metadata") or {}
+    meta = manifest.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
     namespace = "" if kind == KIND_CCNP else str(meta.get("namespace") or "default")
     key = PolicyKey(kind, namespace, str(meta.get("name", "")))
     if kind not in POLICY_KINDS:
@@ -293,7 +294,8 @@ def _cilium_policy(obj: Any, cluster_name: str, peer_cluster: str) -> NormPolicy
 def _subject(pol: NormPolicy, rule: m.Rule) -> tuple[Selector, bool]:
     namespace = pol.key.namespace
     if rule.endpoint_selector is None:
-        assert rule.node_selector is not None
+        if rule.node_selector is None:  # validation refuses it; a stored record may hold it
+            raise ValueError("needs endpointSelector or nodeSelector")
         sel = from_label_selector(rule.node_selector, "any")
         return sel.with_requirement(reserved("host").requirements[0]), True
     sel = from_label_selector(rule.endpoint_selector, "any")
