@@ -237,6 +237,9 @@ def _watching(report: schema.HealthReport) -> str:
         text = " ".join(f"{key}={report.detail[key]}" for key in keys if key in report.detail)
         if "map_pressure_max" in report.detail:
             text += f" map-pressure={report.detail['map_pressure_max']:.2%}"
+        socket_lb = report.detail.get("socket_lb")
+        if isinstance(socket_lb, dict) and socket_lb.get("mode"):
+            text += f" socket-lb={socket_lb.get('effective') or socket_lb['mode']}"
         return text
     counts = report.detail.get("resources") or {}
     kinds = [w.split("/", 1)[1] for w in report.watching if w.startswith("resources/")]

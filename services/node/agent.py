@@ -48,7 +48,7 @@ from ciliary.bus import SYNCED, Bus, KVEntry, Message, RevisionMismatch, Synced
 from ciliary.runtime import Context
 from ciliary.store import ResourceStore, kv_key
 from ciliary.watch import Mirror, PassLoop, decoder
-from services.node import addressing, cniinstall, cnirelay, dnsfeed
+from services.node import addressing, cniinstall, cnirelay, dnsfeed, sidecar
 from services.node import layouts as L
 from services.node import translate as T
 from services.node.datapath import MapSizes
@@ -506,6 +506,7 @@ class NodeAgent:
         last_gc = time.monotonic()
         while True:
             self._report_map_pressure()
+            self._report_socket_lb()
             await asyncio.sleep(STATS_INTERVAL)
             if time.monotonic() - last_gc < GC_INTERVAL:
                 continue
@@ -516,6 +517,14 @@ class NodeAgent:
                     log.info("conntrack gc removed %d entries", removed)
             except Exception as err:
                 log.warning("conntrack gc failed: %s", err)
+
+    def _report_socket_lb(self) -> None:
+        """The socket-LB mode in effect: sidecar pods never join the node cgroup."""
+        sidecars = self.runner.sidecar_pods if self.runner is not None else 0
+        report = self.ctx.detail.get("socket_lb")
+        if isinstance(report, dict):
+            report["sidecar_pods"] = sidecars
+            report["effective"] = sidecar.effective_socket_lb(self.socket_lb_mode, sidecars)
 
     def _report_map_pressure(self) -> None:
         """Fill ratio of every map the reconciler writes (what Cilium calls map pressure)."""

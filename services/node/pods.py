@@ -17,6 +17,11 @@ Invariants:
   balancer (``socklb``) is attached; pods of the outside world never do.
 - Readiness probes run inside the pod's namespace (tcpSocket against 127.0.0.1, exec via
   ``ip netns exec``), so they never depend on the datapath's policy.
+- A pod annotated ``sidecar.istio.io/inject: "true"`` gets one more container, the Envoy
+  sidecar (``sidecar``), and its pod namespace gets the sidecar's iptables redirection
+  after CNI ADD and before any container starts. Such a pod's containers never join the
+  node cgroup: socket-level load balancing stays out of sidecar pods whatever its mode,
+  so Envoy sees the ClusterIP its app connected to (``sidecar_pods`` counts them).
 - Pod namespaces are created and removed through the node's kernel facade
   (``PodNamespaces``, i.e. ``kernel.NodeKernel``); the runner's own blocking work
   (reading ``pods.json``, signalling and reaping containers, probes) runs in worker
@@ -39,8 +44,9 @@ from typing import Any, Protocol
 
 from ciliary import schema
 from ciliary.bus import KVEntry
+from ciliary.otlpsocket import otlp_socket_path
 from ciliary.resources import decode
-from services.node import netns, world
+from services.node import netns, sidecar, world
 from services.node.runner import ContainerProcess, ContainerSpec, ContainerState, pod_phase
 
 log = logging.getLogger(__name__)
@@ -77,6 +83,7 @@ class RunningPod:
     containers: list[ContainerProcess] = field(default_factory=list)
     probes: list[Any] = field(default_factory=list)
     ready: bool = False
+    sidecar: sidecar.SidecarPlan | None = None
     last_probe: float = 0.0
     reported: dict[str, Any] | None = None
     error: str = ""
@@ -207,6 +214,9 @@ class PodRunner:
         logs = self.cfg.state_dir / "logs" / f"{record.namespace}_{record.name}"
         procs: list[ContainerProcess] = []
         probes: list[Any] = []
+        proxy = None if is_world_pod(record) or is_host_network_pod(record) else self._sidecar_of(record)
+        if proxy is not None:
+            cgroup = ""  # socket-LB never applies inside a sidecar pod
         for c in pod.spec.containers:
             argv = tuple(c.command + c.args)
             env = tuple((e.name, e.value) for e in c.env)
@@ -216,7 +226,31 @@ class PodRunner:
                 cgroup=cgroup,
             ))
             probes.append(c.readiness_probe)
+        if proxy is not None:
+            config = sidecar.write_bootstrap(logs.parent.parent / "sidecars" / logs.name, proxy)
+            procs.append(ContainerProcess(
+                ContainerState(ContainerSpec(sidecar.CONTAINER_NAME, sidecar.container_argv(config))),
+                netns=pns, restart_policy="Always", log_path=logs / f"{sidecar.CONTAINER_NAME}.log",
+            ))
+            probes.append(None)
         return procs, probes
+
+    def _sidecar_of(self, record: schema.ResourceRecord) -> sidecar.SidecarPlan | None:
+        return sidecar.plan(record, otlp_socket_path(self.cfg.cluster))
+
+    @property
+    def sidecar_pods(self) -> int:
+        """Running pods with an Envoy sidecar."""
+        return sum(1 for p in self.pods.values() if p.sidecar is not None)
+
+    async def _redirect(self, running: RunningPod) -> str:
+        """Install the sidecar's iptables rules in the pod namespace; an error text or ""."""
+        assert running.sidecar is not None
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", running.netns, "iptables-restore", "--noflush",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _out, err = await proc.communicate(running.sidecar.iptables.encode())
+        return "" if proc.returncode == 0 else err.decode(errors="replace").strip() or "iptables-restore failed"
 
     async def _start(self, record: schema.ResourceRecord) -> None:
         key = record_key(record)
@@ -230,6 +264,7 @@ class PodRunner:
         running = RunningPod(key, record.namespace, record.name, record.uid, pns)
         try:
             running.containers, running.probes = self._containers(record, pns, self.cfg.cgroup)
+            running.sidecar = self._sidecar_of(record)
         except Exception as err:
             running.error = f"invalid pod spec: {err}"
             self.pods[key] = running
@@ -247,6 +282,16 @@ class PodRunner:
             self.pods.pop(key, None)  # retried on a later pass
             return
         running.ip = result["ips"][0]["address"].split("/")[0]
+        if running.sidecar is not None:
+            problem = await self._redirect(running)
+            if problem:
+                running.error = f"sidecar redirection failed: {problem}"
+                log.warning("pod %s: %s", key, running.error)
+                running.ip = ""
+                await self._report(running)
+                await self._teardown(running)
+                self.pods.pop(key, None)  # retried on a later pass
+                return
         for proc in running.containers:
             proc.poll()
         self._save()
@@ -467,6 +512,7 @@ class PodRunner:
                 continue
             fresh, probes = self._containers(record, running.netns,
                                              "" if running.world else self.cfg.cgroup)
+            running.sidecar = None if running.world or running.host else self._sidecar_of(record)
             for old, new in zip(running.containers, fresh, strict=False):
                 new.state.pid = old.state.pid
                 new.state.started_at = old.state.started_at
