@@ -184,7 +184,8 @@ def service_user(service: str, cluster: str, instance: str = "") -> User:
                     b.BUCKET_SERVICES, b.BUCKET_POLICY),
             *stream_manage(b.STREAM_FLOWS), *stream_read(b.STREAM_FLOWS), b.SUBJECT_FLOWS_ALL,
             b.SUBJECT_HEALTH_ALL,  # the service map shows every service's health
-        ), subscribe=(b.SUBJECT_FLOWS_RAW_ALL, b.SUBJECT_FLOWS_QUERY, b.SUBJECT_FLOWS_METRICS))
+        ), subscribe=(b.SUBJECT_FLOWS_RAW_ALL, b.SUBJECT_FLOWS_QUERY, b.SUBJECT_FLOWS_METRICS,
+                     b.SUBJECT_L7_QUERY))
     if service == "mesh":
         return _service(service, service, "mesh service", instance, cluster=cluster, publish=(
             *_reads(b.BUCKET_RESOURCES, b.BUCKET_STATUS, b.BUCKET_IDENTITIES, b.BUCKET_IPCACHE,
@@ -228,7 +229,7 @@ def cli_user(cluster: str) -> User:
         f"{JS_API}.STREAM.INFO.{b.STREAM_FLOWS}",
         *health_requests(), f"{INBOX_ROOT}.>",
         b.SUBJECT_IDENTITY_EXPLAIN, b.SUBJECT_IDENTITY_REPORT, b.SUBJECT_POLICY_TRACE,
-        b.SUBJECT_FLOWS_QUERY, b.SUBJECT_FLOWS_METRICS,
+        b.SUBJECT_FLOWS_QUERY, b.SUBJECT_FLOWS_METRICS, b.SUBJECT_L7_QUERY,
         b.SUBJECT_NODE_DEBUG.format(cluster=cluster, node="*"),
     )), subscribe=(inbox_prefix(CLI) + ".>", b.SUBJECT_FLOWS_ALL, events.SUBJECT_ALL))
 
@@ -237,7 +238,8 @@ def observer_user() -> User:
     """Read-only: flows (live and queried), the event API and health."""
     b = schema
     return User(OBSERVER, "read-only observer of flows, events and health", publish=_unique((
-        *health_requests(), b.SUBJECT_FLOWS_QUERY, b.SUBJECT_FLOWS_METRICS, events.SUBJECT_INTEREST,
+        *health_requests(), b.SUBJECT_FLOWS_QUERY, b.SUBJECT_FLOWS_METRICS, b.SUBJECT_L7_QUERY,
+        events.SUBJECT_INTEREST,
         f"{INBOX_ROOT}.>",
     )), subscribe=(inbox_prefix(OBSERVER) + ".>", b.SUBJECT_FLOWS_ALL, events.SUBJECT_ALL))
 

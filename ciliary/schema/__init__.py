@@ -31,6 +31,7 @@ import msgspec as msgspec  # callers reach its errors and JSON decoder as ``sche
 from .flows import *  # noqa: F403
 from .health import *  # noqa: F403
 from .identity import *  # noqa: F403
+from .l7 import *  # noqa: F403
 from .mesh import *  # noqa: F403
 from .names import *  # noqa: F403
 from .node import *  # noqa: F403

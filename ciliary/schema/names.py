@@ -35,6 +35,7 @@ __all__ = [
     "SUBJECT_FLOWS",
     "SUBJECT_FLOWS_ALL",
     "SUBJECT_FLOWS_METRICS",
+    "SUBJECT_L7_QUERY",
     "SUBJECT_FLOWS_QUERY",
     "SUBJECT_FLOWS_RAW",
     "SUBJECT_FLOWS_RAW_ALL",
@@ -97,6 +98,7 @@ SUBJECT_FLOWS = "flows.enriched.{cluster}.{node}"  # FlowBatch
 SUBJECT_FLOWS_ALL = "flows.enriched.>"
 SUBJECT_FLOWS_QUERY = "ciliary.flows.query"  # FlowQuery -> stream of FlowQueryReply
 SUBJECT_FLOWS_METRICS = "ciliary.flows.metrics"  # FlowMetricsRequest -> FlowMetricsReply
+SUBJECT_L7_QUERY = "ciliary.flows.l7"  # L7Query -> L7QueryReply (spans from the OTLP receiver)
 
 # ---------------------------------------------------------------- public event API (JSON, ``ciliary.events``)
 

@@ -2,7 +2,7 @@
 
 Two dashboards over one Prometheus data source: ``ciliary-flows.json`` (Hubble's flow
 metrics: flows by type and verdict, drops by reason, policy verdicts, DNS, TCP flags, lost
-events) and ``ciliary-control-plane.json`` (map pressure with the warn/critical bands of
+events, L7 request rate, error ratio and latency from Envoy's spans) and ``ciliary-control-plane.json`` (map pressure with the warn/critical bands of
 ``ciliary.mappressure``, map fill, endpoints, identities, service health, control-plane
 pass latency, event API traffic). tests/unit/test_grafana_dashboards.py checks that the
 files are what this script writes and that every query names only exported metrics.
@@ -112,6 +112,19 @@ def flows() -> dict[str, Any]:
         panel("Lost events", [
             (f"sum by (source) (rate(hubble_lost_events_total{rate}))", "{{source}}")], "ops", width=12,
             description="Events the ring buffer, the bus or the decoder lost: flows missing from the counts"),
+        row("L7 (Envoy sidecars)"),
+        panel("HTTP requests by source and destination", [
+            (f"sum by (source, destination) (rate(hubble_http_requests_total{{reporter=\"server\"}}{rate}))",
+             "{{source}} -> {{destination}}")], "reqps", width=12,
+            description="Requests the destination's sidecar served (OTLP spans from Envoy, docs/istio.md)"),
+        panel("HTTP error ratio (5xx)", [
+            (f'sum by (destination) (rate(hubble_http_requests_total{{reporter="server",status=~"5.."}}{rate})) '
+             f'/ clamp_min(sum by (destination) (rate(hubble_http_requests_total{{reporter="server"}}{rate})), 1e-9)',
+             "{{destination}}")], "percentunit", width=6, min=0, max=1),
+        panel("HTTP latency p95", [
+            (f"histogram_quantile(0.95, sum by (le, destination) "
+             f"(rate(hubble_http_request_duration_seconds_bucket{{reporter=\"server\"}}{rate})))",
+             "{{destination}}")], "s", width=6),
     ], [], "Hubble's flow metrics as the flows service serves them on /metrics (docs/metrics.md).")
 
 

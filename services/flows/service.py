@@ -29,6 +29,10 @@ Invariants:
   in ``hubble_lost_events_total{source="decode"}``, never crashes the service; events the
   node's ring buffer lost are counted under ``source="perf_event_ring_buffer"``.
 - Nothing here blocks the event loop: the HTTP endpoints use asyncio streams.
+- L7: an OTLP/HTTP receiver (``otlpserver``) on the cluster's Unix socket (and
+  ``CILIARY_OTLP_PORT``) hands Envoy's spans to ``l7core``, which joins them with the
+  flows of their connection; spans are queried on ``ciliary.flows.l7``, and the HTTP
+  metrics are part of the metrics text.
 - The service map is rebuilt from the stored flows on each request (``servicemap.py``).
 - Health: connected and every watch has delivered its initial state.
 - Flows leave as one ``FlowBatch`` message per raw batch (``wire.flow_batches``; more
@@ -56,15 +60,18 @@ from ciliary import config, schema
 from ciliary.bus import BusError, KVEntry, Message
 from ciliary.events import subjects as events
 from ciliary.events.publisher import EventPublisher
+from ciliary.otlpsocket import otlp_socket_path
 from ciliary.runtime import Context, mirror_kinds
 from ciliary.tracing_flows import FlowLogs
 from ciliary.watch import entries_only
 
+from . import otlpserver
 from .core import METRICS_CONTENT_TYPE, FlowsCore, QueryPlan
 from .export import ExportConfig, write_lines
 from .healthscrape import HealthScrape
 from .history import PROGRESS_EVERY_S, HistoryLimits, StreamScan, read_history, start_time_ns
 from .http import DEFAULT_HOST, Response, start_http_server
+from .l7core import L7Core
 from .settings import (
     DEFAULT_STREAM_MAX_AGE,
     DEFAULT_STREAM_MAX_MB,
@@ -81,6 +88,7 @@ log = logging.getLogger(__name__)
 
 WATCHED_KINDS = ("Pod", "Namespace", "Service")
 QUEUE_GROUP = "flows"
+ENV_OTLP_PORT = "CILIARY_OTLP_PORT"  # OTLP/HTTP on TCP too (the Unix socket is always served)
 GC_THRESHOLDS = (10_000, 10, 10)  # Python's default is (700, 10, 10)
 HISTORY_READERS = 2  # stream-reading queries at once
 
@@ -136,8 +144,13 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     ctx.detail["events"] = publisher.stats
     flow_logs = FlowLogs.from_env("flows", cluster=ctx.settings.cluster, instance=ctx.settings.instance)
 
+    l7 = L7Core(resolve=lambda ip: _workload_of(core, ip))
+    ctx.detail["l7"] = l7.stats()
+
     async def on_raw(msg: Message) -> None:
         flows = core.ingest(msg.data)
+        if flows:
+            l7.on_flows(flows)
         ctx.detail["flows"] = {"seen": core.store.seen, "stored": len(core.store), "lost": core.lost}
         ctx.detail["names"] = core.names.stats()
         if flows:
@@ -175,7 +188,15 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     health = HealthScrape(ctx.bus)
 
     async def metrics_text() -> str:
-        return core.metrics.render() + await health.text()
+        return core.metrics.render() + l7.metrics.render() + await health.text()
+
+    def on_spans(spans: list[schema.L7Span]) -> None:
+        l7.accept(spans)
+        ctx.detail["l7"] = l7.stats()
+
+    async def on_l7_query(msg: Message) -> None:
+        if msg.reply:
+            await msg.respond(l7.query(msg.data))
 
     async def on_metrics(msg: Message) -> None:
         await msg.respond(schema.FlowMetricsReply(text=await metrics_text()))
@@ -184,7 +205,9 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
         await ctx.bus.subscribe_raw(schema.SUBJECT_FLOWS_RAW_ALL, on_raw),
         await ctx.bus.subscribe_raw(schema.SUBJECT_FLOWS_QUERY, on_query, queue=QUEUE_GROUP),
         await ctx.bus.subscribe_raw(schema.SUBJECT_FLOWS_METRICS, on_metrics, queue=QUEUE_GROUP),
+        await ctx.bus.subscribe_raw(schema.SUBJECT_L7_QUERY, on_l7_query, queue=QUEUE_GROUP),
     ]
+    receiver = await _start_otlp(ctx, on_spans)
     if await _start_http(ctx, tg, core, metrics_text):
         tg.create_task(health.run(), name="flows-health-metrics")
     try:
@@ -192,6 +215,32 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     finally:
         for sub in subs:
             await sub.unsubscribe()
+        if receiver is not None:
+            await receiver.cleanup()
+
+
+def _workload_of(core: FlowsCore, ip: str) -> str:
+    info = core.enrichment.ip(ip)
+    return f"{info.namespace}/{info.pod}" if info is not None and info.pod else ""
+
+
+async def _start_otlp(ctx: Context, accept: Callable[[list[schema.L7Span]], None]) -> Any:
+    """The OTLP/HTTP receiver on the cluster's Unix socket (and ``CILIARY_OTLP_PORT``)."""
+    path = otlp_socket_path(ctx.settings.cluster)
+    try:
+        port = int(os.environ.get(ENV_OTLP_PORT, "0") or 0)
+    except ValueError:
+        log.error("flows: %s is not a port number; OTLP on the Unix socket only", ENV_OTLP_PORT)
+        port = 0
+    try:
+        runner = await otlpserver.start(accept, path, port, os.environ.get(ENV_HTTP_HOST) or DEFAULT_HOST)
+    except OSError as err:
+        log.error("flows: OTLP receiver not started: %s", err)
+        ctx.detail["otlp"] = {"error": str(err)}
+        return None
+    ctx.detail["otlp"] = {"socket": path, **({"port": port} if port else {})}
+    log.info("flows: OTLP/HTTP receiver on %s%s", path, f" and port {port}" if port else "")
+    return runner
 
 
 async def _ensure_flows_stream(ctx: Context) -> bool:

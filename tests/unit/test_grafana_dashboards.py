@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ciliary import healthmetrics
+from services.flows.l7store import FAMILIES as L7_FAMILIES
 from services.flows.metrics import FAMILIES as HUBBLE_FAMILIES
 
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
@@ -29,7 +30,7 @@ def exported() -> set[str]:
     """Every series name /metrics can carry: counters and gauges as named, histograms as
     their _bucket/_sum/_count series."""
     names = set(HUBBLE_FAMILIES)
-    for name, (kind, _) in healthmetrics.FAMILIES.items():
+    for name, (kind, _) in {**healthmetrics.FAMILIES, **L7_FAMILIES}.items():
         names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
     return names
 
@@ -88,7 +89,8 @@ def test_the_dashboards_cover_the_issue_topics() -> None:
     used = {n for path in FILES for _, e in queries(json.loads(path.read_text())) for n in metric_names(e)}
     for needed in ("hubble_flows_processed_total", "hubble_drop_total", "hubble_policy_verdicts_total",
                    "hubble_dns_responses_total", "ciliary_bpf_map_pressure",
-                   "ciliary_controlplane_pass_duration_seconds_bucket"):
+                   "ciliary_controlplane_pass_duration_seconds_bucket", "hubble_http_requests_total",
+                   "hubble_http_request_duration_seconds_bucket"):
         assert needed in used
 
 

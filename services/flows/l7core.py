@@ -1,0 +1,59 @@
+"""The flows service's L7 side: spans from the OTLP receiver, joined, stored, counted (no I/O).
+
+Invariants:
+- ``accept`` takes the spans of one accepted OTLP request: each is joined with the flows
+  of its connection held so far, stored, and counted in the HTTP metrics once.
+- ``on_flows`` is called with every ingested flow batch: the flows are indexed for the
+  join, and held spans they complete are replaced by their joined copies.
+- ``query`` answers an ``L7Query`` payload; a payload that does not decode is one
+  ``ok=False`` reply. A trace's answer carries the flows joined to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+
+from ciliary import schema
+
+from .join import JoinIndex
+from .l7store import DEFAULT_CAPACITY, L7Metrics, L7Store
+
+
+class L7Core:
+    def __init__(self, resolve: Callable[[str], str] = lambda _ip: "",
+                 capacity: int = DEFAULT_CAPACITY) -> None:
+        self.store = L7Store(capacity)
+        self.metrics = L7Metrics()
+        self.join = JoinIndex()
+        self.resolve = resolve
+        self.accepted = 0
+        self.rejected = 0
+
+    def accept(self, spans: list[schema.L7Span]) -> None:
+        joined = [self.join.join_span(span) for span in spans]
+        self.store.add(joined)
+        self.metrics.count(joined, self.resolve)
+        self.accepted += len(joined)
+
+    def on_flows(self, flows: list[schema.Flow]) -> None:
+        for old, new in self.join.add_flows(flows):
+            self.store.replace(old, new)
+
+    def trace_of_flow(self, uuid: str) -> str:
+        return self.join.trace_of_flow.get(uuid, "")
+
+    def query(self, data: bytes) -> schema.L7QueryReply:
+        try:
+            q = schema.decode(data, schema.L7Query)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            return schema.L7QueryReply(ok=False, error=str(err))
+        spans = self.store.query(q)
+        flows = [schema.encode(f) for f in self.join.flows_of_trace.get(q.trace_id.lower(), [])] \
+            if q.trace_id else []
+        return schema.L7QueryReply(spans=spans, flows=flows)
+
+    def stats(self) -> dict[str, int]:
+        return {"accepted": self.accepted, "stored": len(self.store), "overwritten": self.store.overwritten,
+                "joined": sum(1 for s in self.store.recent() if s.joined)}
