@@ -290,6 +290,9 @@ class KubeBridge:
                 self.counters["status_writes"] += 1
         for gone in [k for k in self.status_written if k not in live]:
             del self.status_written[gone]
+        live_refs = {(k.split(".", 2)[0], *k.split(".", 2)[1:]) for k in live}
+        self.events_sent = {e for e in self.events_sent
+                            if (e[0], e[1] or "_", e[2]) in live_refs}
 
     async def _event(self, ref: ObjectRef, reason: str, message: str, now: str) -> None:
         key = event_key(ref, reason)
