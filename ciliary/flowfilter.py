@@ -236,6 +236,9 @@ def filter_matches(f: schema.FlowFilter, flow: schema.Flow) -> bool:
     ip = flow.ip or schema.FlowIP()
     if f.uuid and flow.uuid not in f.uuid:
         return False
+    if f.trace_id and (flow.trace_context is None or flow.trace_context.parent is None
+                       or flow.trace_context.parent.trace_id not in f.trace_id):
+        return False
     if f.source_ip and not _ip_matches(f.source_ip, ip.source):
         return False
     if f.destination_ip and not _ip_matches(f.destination_ip, ip.destination):
@@ -398,6 +401,7 @@ CONFLICTS: tuple[tuple[str, ...], ...] = (
 #   "both":  the one field goes into left and right (--from-pod X, --verdict V)
 _FLAGS: dict[str, tuple[str, str, str]] = {
     "uuid": ("both", "uuid", "uuid"),
+    "trace-id": ("both", "trace_id", "trace_id"),
     "pod": ("split", "source_pod", "destination_pod"),
     "from-pod": ("both", "source_pod", "source_pod"),
     "to-pod": ("both", "destination_pod", "destination_pod"),
@@ -499,6 +503,11 @@ def _convert(name: str, value: str) -> object:
         if not value or "/" in value:
             raise FilterError(f"invalid namespace {value!r}")
         return value + "/"
+    if name == "trace-id":
+        trace = value.strip().lower()
+        if len(trace) != 32 or any(c not in "0123456789abcdef" for c in trace):
+            raise FilterError(f"invalid --trace-id value: {value} (expected 32 hex digits)")
+        return trace
     if name == "verdict":
         verdict = value.upper()
         if verdict not in VERDICT_NAMES or verdict == "VERDICT_UNKNOWN":

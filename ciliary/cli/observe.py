@@ -155,6 +155,7 @@ FILTER_OPTIONS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("--tcp-flags",), "tcp-flags", "TCP flags, e.g. SYN or SYN,ACK"),
     (("--ip-version",), "ip-version", "4 or 6"),
     (("--uuid",), "uuid", "flow UUID"),
+    (("--trace-id",), "trace-id", "trace id of the request on the flow's connection (Envoy sidecars)"),
 )
 
 

@@ -45,6 +45,8 @@ __all__ = [
     "FlowQueryReply",
     "FlowService",
     "FlowTCP",
+    "FlowTraceContext",
+    "FlowTraceParent",
     "FlowUDP",
     "FlowWorkload",
     "RawEventBatch",
@@ -197,6 +199,17 @@ class FlowPolicy(Record, gc=False):
     kind: str = ""  # CiliumNetworkPolicy | NetworkPolicy | CiliumClusterwideNetworkPolicy
 
 
+class FlowTraceParent(Record, gc=False):
+    trace_id: str = ""  # 32 hex digits
+
+
+class FlowTraceContext(Record, gc=False):
+    """Hubble ``flow.TraceContext``: the trace of the request that rode on the flow's
+    connection (set by the join with the sidecars' L7 spans)."""
+
+    parent: FlowTraceParent | None = None
+
+
 class Flow(Record, gc=False):
     """Hubble ``flow.Flow``; JSON field names and zero-value omission follow protojson."""
 
@@ -229,6 +242,7 @@ class Flow(Record, gc=False):
     ingress_allowed_by: list[FlowPolicy] = []
     egress_denied_by: list[FlowPolicy] = []
     ingress_denied_by: list[FlowPolicy] = []
+    trace_context: FlowTraceContext | None = None
 
 
 class FlowBatch(Record, forbid_unknown_fields=True, gc=False):
@@ -273,6 +287,7 @@ class FlowFilter(Record):
     destination_fqdn: list[str] = []  # against Flow.destination_names
     source_cluster_name: list[str] = []  # ClusterMesh: the endpoint's cluster
     destination_cluster_name: list[str] = []
+    trace_id: list[str] = []  # trace_context.parent.trace_id
 
 
 class FlowQuery(Record):

@@ -98,6 +98,7 @@ class JoinIndex:
         self._spans: OrderedDict[Key, list[schema.L7Span]] = OrderedDict()
         self.trace_of_flow: OrderedDict[str, str] = OrderedDict()  # flow uuid -> trace id
         self.flows_of_trace: dict[str, list[schema.Flow]] = {}
+        self.new_links: list[tuple[schema.Flow, str]] = []  # (flow, trace id) since last drained
 
     def _remember_trace(self, flows: list[schema.Flow], trace_id: str) -> None:
         held = self.flows_of_trace.setdefault(trace_id, [])
@@ -105,6 +106,7 @@ class JoinIndex:
             if flow.uuid and flow.uuid not in self.trace_of_flow:
                 self.trace_of_flow[flow.uuid] = trace_id
                 held.append(flow)
+                self.new_links.append((flow, trace_id))
         while len(self.trace_of_flow) > self.max_traces:
             uuid, old_trace = self.trace_of_flow.popitem(last=False)
             kept = [f for f in self.flows_of_trace.get(old_trace, []) if f.uuid != uuid]

@@ -5,6 +5,8 @@ Invariants:
   of its connection held so far, stored, and counted in the HTTP metrics once.
 - ``on_flows`` is called with every ingested flow batch: the flows are indexed for the
   join, and held spans they complete are replaced by their joined copies.
+- ``drain_links`` hands out each new flow→trace link once (the caller marks the stored
+  flows with it).
 - ``query`` answers an ``L7Query`` payload; a payload that does not decode is one
   ``ok=False`` reply. A trace's answer carries the flows joined to it.
 """
@@ -40,6 +42,14 @@ class L7Core:
     def on_flows(self, flows: list[schema.Flow]) -> None:
         for old, new in self.join.add_flows(flows):
             self.store.replace(old, new)
+
+    def drain_links(self) -> dict[tuple[str, str], set[str]]:
+        """Flows linked to a trace since the last call: {(node, trace id): flow uuids}."""
+        out: dict[tuple[str, str], set[str]] = {}
+        for flow, trace_id in self.join.new_links:
+            out.setdefault((flow.node_name, trace_id), set()).add(flow.uuid)
+        self.join.new_links.clear()
+        return out
 
     def trace_of_flow(self, uuid: str) -> str:
         return self.join.trace_of_flow.get(uuid, "")

@@ -151,6 +151,7 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
         flows = core.ingest(msg.data)
         if flows:
             l7.on_flows(flows)
+            _mark_traces(core, l7)
         ctx.detail["flows"] = {"seen": core.store.seen, "stored": len(core.store), "lost": core.lost}
         ctx.detail["names"] = core.names.stats()
         if flows:
@@ -192,6 +193,7 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
 
     def on_spans(spans: list[schema.L7Span]) -> None:
         l7.accept(spans)
+        _mark_traces(core, l7)
         ctx.detail["l7"] = l7.stats()
 
     async def on_l7_query(msg: Message) -> None:
@@ -217,6 +219,11 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
             await sub.unsubscribe()
         if receiver is not None:
             await receiver.cleanup()
+
+
+def _mark_traces(core: FlowsCore, l7: L7Core) -> None:
+    for (node, trace_id), uuids in l7.drain_links().items():
+        core.store.set_trace(node, uuids, trace_id)
 
 
 def _workload_of(core: FlowsCore, ip: str) -> str:

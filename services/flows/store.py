@@ -3,6 +3,8 @@
 Invariants:
 - Each node has its own ring of at most ``capacity`` flows (Hubble's default 4095); the
   oldest flow is overwritten first and counted in ``overwritten``.
+- ``set_trace`` rewrites held flows only to add their trace context (the join); the ring's
+  order, times and counts never change.
 - ``query`` returns flows oldest first: those matching the whitelist/blacklist filters
   and ``since <= time <= until``, then the first or last ``number`` of them.
 - ``horizon_ns`` is the time from which on the rings hold every flow the service has
@@ -18,6 +20,8 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+
+import msgspec
 
 from ciliary import flowfilter, schema
 from ciliary.hubble import flow_time_ns
@@ -90,6 +94,24 @@ class FlowStore:
 
     def __len__(self) -> int:
         return sum(len(r) for r in self.rings.values())
+
+    def set_trace(self, node_name: str, uuids: set[str], trace_id: str) -> int:
+        """Give the held flows ``uuids`` of one node's ring Hubble's
+        ``trace_context.parent.trace_id`` (the join with L7 spans); how many were found."""
+        ring = self.rings.get(node_name)
+        if ring is None or not uuids:
+            return 0
+        context = schema.FlowTraceContext(parent=schema.FlowTraceParent(trace_id=trace_id))
+        found = 0
+        entries = ring._ring
+        for i in range(len(entries) - 1, -1, -1):
+            t, flow = entries[i]
+            if flow.uuid in uuids:
+                entries[i] = (t, msgspec.structs.replace(flow, trace_context=context))
+                found += 1
+                if found == len(uuids):
+                    break
+        return found
 
     def horizon_ns(self) -> int:
         """From this time on the rings hold every flow (see the module invariants)."""

@@ -118,3 +118,26 @@ def test_join_memory_is_bounded() -> None:
         index.join_span(span)
     assert len(index.trace_of_flow) == 5
     assert sum(len(v) for v in index.flows_of_trace.values()) == 5
+
+
+def test_joined_flows_carry_the_trace_id_and_observe_filters_by_it() -> None:
+    from ciliary import flowfilter
+    from services.flows.store import FlowStore
+
+    store = FlowStore()
+    l7 = L7Core()
+    flows = [flow("10.1.0.5", 40000, "10.1.1.7", 8080, T0 - 10**6, uuid="syn"),
+             flow("10.1.0.5", 40001, "10.1.1.7", 8080, T0, uuid="other")]
+    store.extend(flows)
+    l7.on_flows(flows)
+    l7.accept(decode_traces(envoy_request(), "application/x-protobuf"))
+    links = l7.drain_links()
+    assert links == {("t1/node-1", TRACE): {"syn"}} and l7.drain_links() == {}
+    for (node, trace_id), uuids in links.items():
+        assert store.set_trace(node, uuids, trace_id) == 1
+    whitelist, blacklist = flowfilter.build_filters([("trace-id", TRACE.upper())])
+    [found] = store.query(schema.FlowQuery(whitelist=whitelist, blacklist=blacklist))
+    assert found.uuid == "syn" and found.trace_context.parent.trace_id == TRACE
+    assert '"trace_context":{"parent":{"trace_id":"' + TRACE in schema.to_json(found).decode()
+    with pytest.raises(flowfilter.FilterError, match="--trace-id"):
+        flowfilter.build_filters([("trace-id", "xyz")])
