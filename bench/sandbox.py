@@ -578,6 +578,11 @@ class EmbeddedInstance:
             raise RuntimeError(f"no instance state in {self.data_dir}")
         return state.nats_url
 
+    async def connect(self, name: str, **options: Any) -> Any:
+        """A ``ciliary.bus.Bus`` on the instance's NATS as its CLI user (``ciliary up``
+        writes one credential per user; an instance without them takes none)."""
+        return await connect_as_cli(self.nats_url(), self.data_dir, name, **options)
+
     def pids(self) -> dict[str, int]:
         """Process name (``identity``, ``node/node-1``, ``nats-server`` ...) -> pid."""
         from ciliary import config
@@ -619,6 +624,15 @@ class EmbeddedInstance:
 
 
 _MEMORY_FIELDS = {"VmRSS": "rss_mib", "VmHWM": "peak_rss_mib", "RssAnon": "anon_mib", "RssFile": "file_mib"}
+
+
+async def connect_as_cli(url: str, data_dir: Path, name: str, **options: Any) -> Any:
+    """``Bus.connect`` to an instance's NATS with the credential its CLI uses."""
+    from ciliary import natscreds
+    from ciliary.bus import Bus
+
+    credential = natscreds.instance_credential(data_dir, "cli")
+    return await Bus.connect(url, name, credential=credential, **options)
 
 
 def process_memory(pid: int) -> dict[str, float]:
