@@ -460,8 +460,6 @@ def _connect_once(ip: str, port: int) -> None:
 
 
 def latency(stack: Stack, pods: dict[str, dict], count: int) -> dict[str, Any]:
-    import nats
-
     from services.node import netns as N
 
     payments_ip = pods["payments"]["podIP"]
@@ -470,7 +468,7 @@ def latency(stack: Stack, pods: dict[str, dict], count: int) -> dict[str, Any]:
     cli_got: list[float] = []
 
     async def subscribe_and_drive() -> None:
-        nc = await nats.connect(stack.state().nats_url)
+        bus = await S.connect_as_cli(stack.state().nats_url, stack.data_dir, "bench-flows-latency")
 
         async def on_flow(msg: Any) -> None:
             now = time.time_ns()
@@ -480,8 +478,7 @@ def latency(stack: Stack, pods: dict[str, dict], count: int) -> dict[str, Any]:
                         and f.trace_observation_point == "FROM_ENDPOINT"):
                     got.append((now - hubble.flow_time_ns(f)) / 1e6)
 
-        sub = await nc.subscribe(schema.SUBJECT_FLOWS_ALL, cb=on_flow)
-        await nc.flush()
+        sub = await bus.subscribe_raw(schema.SUBJECT_FLOWS_ALL, on_flow)
         follow = subprocess.Popen([sys.executable, "-m", "ciliary.cli", "observe", "--follow", "--from-pod",
                                    "default/checkout", "--to-pod", "default/payments", "--tcp-flags", "SYN",
                                    "--type", "trace:from-endpoint", "-o", "json"],
@@ -513,7 +510,7 @@ def latency(stack: Stack, pods: dict[str, dict], count: int) -> dict[str, Any]:
                 continue
             cli_got.append((t - hubble.flow_time_ns(schema.Flow(time=flow["time"]))) / 1e6)
         await sub.unsubscribe()
-        await nc.close()
+        await bus.close()
 
     asyncio.run(subscribe_and_drive())
 
