@@ -11,7 +11,8 @@ Invariants:
   4. flows forwarded but a sidecar pod's request never reached its Envoy →
      ``sidecar-bypass`` (socket-LB on in the pod, or no redirection);
   5. an Envoy span with a 5xx, a response flag (UF, UH, URX, NR, UT, ...) or an error
-     → ``l7`` with status, flags, upstream and retries;
+     → ``l7`` with status, flags, upstream and retries (from the source's outbound span
+     when there is one: it names the upstream as the caller addressed it);
   6. otherwise ``healthy``.
 - The first layer at fault wins; the answer always carries its evidence lines and the
   counts it looked at, so an empty input is reported as such, never guessed around.
@@ -169,7 +170,8 @@ def diagnose(ev: Evidence) -> Diagnosis:
                          {"socket_lb_in_pods": ev.socket_lb_in_pods})
     bad = [s for s in ev.spans if _span_problem(s)]
     if bad:
-        last = bad[-1]
+        # the caller's sidecar names the upstream as the source sees it (the Service)
+        last = next((s for s in reversed(bad) if s.direction == "outbound"), bad[-1])
         flags = [f for f in last.response_flags.split(",") if f]
         retries = last.attributes.get("x-envoy-attempt-count") or last.attributes.get("retries", "")
         upstream = last.upstream_address or last.upstream_cluster or "?"

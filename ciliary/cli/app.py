@@ -3,10 +3,10 @@
 Invariants:
 - Each command group lives in its own module (``objects``, ``instance``, ``service``,
   ``observe``, ``node``, ``policy``, ``identity``, ``connectivity``, ``sysdump``, ``preflight``,
-  ``clustermesh``) and adds its sub-commands through
+  ``clustermesh``, ``trace``, ``diagnose``) and adds its sub-commands through
   ``add_commands(subparsers, common_parent)``; every sub-command takes ``--data-dir``.
 - ``main`` turns every failure into one ``error: <message>`` line and exit code 1
-  (``CliError``, ``ManifestError``, ``BusError``, anything unexpected), 2 for bad
+  (``CliError``, ``ManifestError``, ``UnknownKindError``, ``BusError``, anything unexpected), 2 for bad
   arguments, 130 for Ctrl-C — never a traceback.
 - With an OTLP endpoint in the environment the command exports its spans as
   ``ciliary-cli`` and flushes them before it exits.
@@ -25,6 +25,7 @@ from ciliary.cli import (
     clustermesh,
     common,
     connectivity,
+    diagnose,
     identity,
     instance,
     node,
@@ -34,11 +35,12 @@ from ciliary.cli import (
     preflight,
     service,
     sysdump,
+    trace,
 )
-from ciliary.resources import ManifestError
+from ciliary.resources import ManifestError, UnknownKindError
 
 COMMAND_GROUPS = (objects, instance, service, observe, node, policy, identity, connectivity, sysdump,
-                  preflight, clustermesh)
+                  preflight, clustermesh, trace, diagnose)
 
 
 class Parser(argparse.ArgumentParser):
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     telemetry.setup_tracing("cli", export_timeout=telemetry.CLI_EXPORT_TIMEOUT)
     try:
         code = args.func(args)
-    except (ManifestError, common.CliError, BusError) as err:
+    except (ManifestError, UnknownKindError, common.CliError, BusError) as err:
         common.print_error(str(err))
         code = 1
     except KeyboardInterrupt:

@@ -21,7 +21,8 @@ Invariants:
   sidecar (``sidecar``), and its pod namespace gets the sidecar's iptables redirection
   after CNI ADD and before any container starts. Such a pod's containers never join the
   node cgroup: socket-level load balancing stays out of sidecar pods whatever its mode,
-  so Envoy sees the ClusterIP its app connected to (``sidecar_pods`` counts them).
+  so Envoy sees the ClusterIP its app connected to (``sidecar_pods`` counts them);
+  ``CILIARY_SIDECAR_SOCKET_LB=1`` puts them in it anyway, to reproduce the bypass.
 - Pod namespaces are created and removed through the node's kernel facade
   (``PodNamespaces``, i.e. ``kernel.NodeKernel``); the runner's own blocking work
   (reading ``pods.json``, signalling and reaping containers, probes) runs in worker
@@ -52,6 +53,8 @@ from services.node.runner import ContainerProcess, ContainerSpec, ContainerState
 log = logging.getLogger(__name__)
 
 CNI_IFNAME = "eth0"
+# "1": sidecar pods join the node cgroup like any pod (reproduces the socket-LB bypass)
+ENV_SIDECAR_SOCKET_LB = "CILIARY_SIDECAR_SOCKET_LB"
 PASS_INTERVAL = 0.5
 PROBE_INTERVAL = 2.0
 
@@ -215,7 +218,7 @@ class PodRunner:
         procs: list[ContainerProcess] = []
         probes: list[Any] = []
         proxy = None if is_world_pod(record) or is_host_network_pod(record) else self._sidecar_of(record)
-        if proxy is not None:
+        if proxy is not None and os.environ.get(ENV_SIDECAR_SOCKET_LB) != "1":
             cgroup = ""  # socket-LB never applies inside a sidecar pod
         for c in pod.spec.containers:
             argv = tuple(c.command + c.args)
@@ -447,7 +450,9 @@ class PodRunner:
             "ciliary": {"netns": running.netns, "node": self.cfg.node,
                         **({"outsideWorld": world.WORLD_CIDR} if running.world else {}),
                         **({"hostNetwork": True} if running.host else {}),
-                        **({"cgroup": self.cfg.cgroup} if self.cfg.cgroup and not running.world else {})},
+                        **({"sidecar": sidecar.CONTAINER_NAME} if running.sidecar is not None else {}),
+                        **({"cgroup": self.cfg.cgroup} if self.cfg.cgroup and not running.world and (
+                            running.sidecar is None or os.environ.get(ENV_SIDECAR_SOCKET_LB) == "1") else {})},
         }
         if running.ip:
             status["podIP"] = running.ip

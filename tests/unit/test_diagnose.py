@@ -98,3 +98,10 @@ def test_l7_failure_reports_status_flags_and_upstream() -> None:
 def test_healthy() -> None:
     d = diagnose(Evidence(**BASE, flows=[tcp()], sidecar=True, spans=[span()]))
     assert d.layer == LAYER_HEALTHY and d.looked_at == {"flows": 1, "spans": 1, "dns_flows": 0}
+
+
+def test_l7_failure_prefers_the_callers_view_of_the_upstream() -> None:
+    inbound = schema.L7Span(trace_id="cd" * 16, direction="inbound", status_code=503,
+                            upstream_address="127.0.0.1:8080", upstream_cluster="inbound|8080||")
+    d = diagnose(Evidence(**BASE, flows=[tcp()], sidecar=True, spans=[span(503), inbound]))
+    assert d.layer == LAYER_L7 and d.details["upstream"] == "10.96.0.20:8080"
