@@ -421,7 +421,7 @@ def in_process(n: int) -> dict[str, Any]:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
     from ciliary import telemetry, tracing
-    from ciliary.kv import KVEntry
+    from ciliary.kv import SYNCED, KVEntry
     from ciliary.watch import Mirror, PassLoop
 
     cpu = F.pin_cpu()
@@ -442,6 +442,7 @@ def in_process(n: int) -> dict[str, Any]:
     def per_event(headers: dict[str, str]) -> float:
         loop = PassLoop("bench", noop)
         mirror = Mirror("resources").notify(loop)
+        mirror.apply(SYNCED)  # changes from now on
         entries = [KVEntry("resources", f"Pod.default.p{i}", i, b"v", headers) for i in range(n)]
         t0 = time.perf_counter()
         for e in entries:

@@ -23,8 +23,10 @@ Invariants:
 - ``PassClock`` times the parts of one pass for the health detail (``last_pass_ms``,
   ``last_pass``, ``recent_passes``): every service reports its passes in one shape, and
   the same parts land on the pass's span when it records.
-- Tracing (``ciliary.tracing``): listeners run with the entry's trace context as the
-  current change; ``mark_dirty`` notes it, and a pass that something marked runs in a
+- Tracing (``ciliary.tracing``): after the first ``SYNCED``, listeners run with the
+  entry's trace context as the current change (the initial state is no change: a
+  service that starts does not continue the trace of each key's last writer);
+  ``mark_dirty`` notes it, and a pass that something marked runs in a
   ``<loop> pass`` span, child of the first traced change and linked to the others, so
   the writes it makes carry its context to the next hop.
 """
@@ -121,7 +123,7 @@ class Mirror(Generic[T]):
                     self.entries[key] = event
                 if self.decode is not None:
                     self._decode(event)
-            if tracing.carries_trace(event.headers):
+            if self.synced and tracing.carries_trace(event.headers):
                 with tracing.change(event.headers):
                     for listener in self.listeners:
                         listener(event)

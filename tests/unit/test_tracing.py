@@ -86,6 +86,13 @@ async def one_pass(loop: PassLoop) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
+def synced_mirror(bucket: str) -> Mirror:
+    """A mirror past its initial state (changes from now on)."""
+    mirror: Mirror = Mirror(bucket)
+    mirror.apply(SYNCED)
+    return mirror
+
+
 async def test_a_pass_continues_the_trace_of_the_change_that_made_it_due(spans: InMemorySpanExporter) -> None:
     seen: list[dict[str, str]] = []
 
@@ -93,7 +100,7 @@ async def test_a_pass_continues_the_trace_of_the_change_that_made_it_due(spans: 
         seen.append(telemetry.inject_headers())  # what a write in the pass carries
 
     loop = PassLoop("identity", run_pass)
-    mirror = Mirror("resources").notify(loop)
+    mirror = synced_mirror("resources").notify(loop)
     apply_span, headers = sender()
     mirror.apply(entry("Pod.default.a", headers))
     mirror.apply(entry("Pod.default.b", headers))  # the same apply: one cause
@@ -117,7 +124,7 @@ async def test_a_pass_of_several_changes_is_the_first_ones_child_and_links_the_r
         pass
 
     loop = PassLoop("policy", run_pass)
-    mirror = Mirror("identities").notify(loop)
+    mirror = synced_mirror("identities").notify(loop)
     first, first_headers = sender("first")
     second, second_headers = sender("second")
     mirror.apply(entry("id.1", first_headers))
@@ -137,7 +144,7 @@ async def test_causes_are_bounded_and_counted(spans: InMemorySpanExporter) -> No
         pass
 
     loop = PassLoop("servicelb", run_pass)
-    mirror = Mirror("resources").notify(loop)
+    mirror = synced_mirror("resources").notify(loop)
     for n in range(tracing.MAX_CAUSES + 5):
         mirror.apply(entry(f"Service.default.s{n}", sender()[1]))
     await one_pass(loop)
@@ -178,7 +185,7 @@ async def test_a_failed_pass_records_the_error_and_the_loop_goes_on(spans: InMem
         raise ValueError("odd input")
 
     loop = PassLoop("policy", run_pass)
-    Mirror("resources").notify(loop).apply(entry("x", sender()[1]))
+    synced_mirror("resources").notify(loop).apply(entry("x", sender()[1]))
     task = asyncio.create_task(loop.run())
     try:
         for _ in range(200):
@@ -210,7 +217,7 @@ async def test_a_kicked_map_write_continues_the_change_behind_the_kick(spans: In
         reconciler.set_desired("ipcache", [M.ipcache_entry("10.0.0.1/32", 1001)])
         loop.kick()
 
-    Mirror("ipcache").listen(on_change).apply(entry("10.0.0.1/32", headers))
+    synced_mirror("ipcache").listen(on_change).apply(entry("10.0.0.1/32", headers))
     task = asyncio.create_task(loop.run())
     try:
         for _ in range(200):
@@ -240,3 +247,22 @@ def test_the_supervisor_hands_the_otel_environment_to_every_child(monkeypatch: p
     assert {c.name for c in services} >= {"identity", "policy", "servicelb", "flows", "node/node-1", "node/node-2"}
     for child in services:
         assert {k: child.env.get(k) for k in otel} == otel, child.name
+
+
+async def test_the_initial_state_and_bad_headers_continue_no_trace(spans: InMemorySpanExporter,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telemetry, "exporting", lambda: True)
+
+    async def run_pass() -> None:
+        pass
+
+    loop = PassLoop("identity", run_pass)
+    mirror = Mirror("resources").notify(loop)
+    mirror.apply(entry("Pod.default.a", sender()[1]))  # written long ago, read at start
+    mirror.apply(SYNCED)
+    await one_pass(loop)
+    mirror.apply(entry("Pod.default.b", {"traceparent": "00-not-a-trace-01"}))  # malformed
+    await one_pass(loop)
+    first, second = spans.get_finished_spans()
+    assert first.parent is None and second.parent is None
+    assert first.attributes[tracing.ATTR_CAUSES] == 0 and second.attributes[tracing.ATTR_CAUSES] == 0
