@@ -332,8 +332,9 @@ class Supervisor:
 
 
 def remove_cluster_leftovers(cluster: str) -> None:
-    """Safety net after every node executor exited: no ``ciliary-<cluster>-*`` namespace
-    and no pinned map of the cluster may outlive ``ciliary down``."""
+    """Safety net after every node executor exited: no ``ciliary-<cluster>-*`` namespace,
+    no pinned map and no node cgroup (socket LB) of the cluster may outlive ``ciliary down``."""
+    _remove_cluster_cgroups(cluster)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
     prefix = f"ciliary-{cluster}-"
     names = [line.split()[0] for line in listed.stdout.splitlines() if line.startswith(prefix)]
@@ -347,6 +348,31 @@ def remove_cluster_leftovers(cluster: str) -> None:
                     pinned.unlink(missing_ok=True)
                 node_dir.rmdir()
         pins.rmdir()
+
+
+def _remove_cluster_cgroups(cluster: str) -> None:
+    """Remove ``ciliary-<cluster>-*`` under every cgroup2 mount (deepest first). A cgroup
+    that still holds a process stays (rmdir refuses it) and is logged."""
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [parts[1] for parts in (line.split() for line in f)
+                      if len(parts) > 2 and parts[2] == "cgroup2"]
+    except OSError:
+        return
+    for mount in mounts:
+        for top in Path(mount).glob(f"ciliary-{cluster}-*"):
+            for cgroup in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                _rmdir_cgroup(cgroup)
+            _rmdir_cgroup(top)
+
+
+def _rmdir_cgroup(cgroup: Path) -> None:
+    try:
+        cgroup.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        log.warning("cgroup %s not removed: %s", cgroup, err)
 
 
 async def _terminate(children: list[Child]) -> None:
