@@ -14,7 +14,9 @@ Invariants:
   ``PER_KEY`` flows per connection, and ``max_traces`` flow→trace entries.
 - A flow's trace id is Hubble's ``trace_context.parent.trace_id``; a span gains the flow's
   verdict, identities, workloads, the policies that decided and the node, from the
-  flow that decided (a policy verdict or a drop first, else the newest).
+  flow that decided (a policy verdict or a drop first, else the newest); the node is the
+  sidecar's: where the connection leaves the client (outbound) or reaches the server
+  (inbound).
 """
 
 from __future__ import annotations
@@ -82,11 +84,14 @@ def joined_span(span: schema.L7Span, flows: list[schema.Flow]) -> schema.L7Span:
     src = next((f.source for f in forward if f.source is not None and f.source.identity), None)
     dst = next((f.destination for f in forward if f.destination is not None and f.destination.identity), None)
     uuids = list(dict.fromkeys([*span.flow_uuids, *(f.uuid for f in flows if f.uuid)]))
+    # the node of the sidecar: where the flow leaves the client (outbound) or reaches the server
+    point = "TO_ENDPOINT" if span.direction == "inbound" else "FROM_ENDPOINT"
+    node = next((f.node_name for f in forward if f.trace_observation_point == point), decider.node_name)
     return schema.msgspec.structs.replace(
         span, joined=True, flow_uuids=uuids, verdict=decider.verdict,
         source_identity=src.identity if src else 0, destination_identity=dst.identity if dst else 0,
         source_workload=_workload(src), destination_workload=_workload(dst),
-        policies=policies, node=decider.node_name,
+        policies=policies, node=node,
     )
 
 

@@ -8,8 +8,8 @@ Invariants:
 - ``L7Metrics`` counts every stored span once: ``hubble_http_requests_total`` and
   ``hubble_http_request_duration_seconds`` with Hubble's labels (``method``, ``protocol``,
   ``reporter`` = server for an inbound sidecar span, client for an outbound one, ``status``)
-  plus ``source`` and ``destination`` workload (``namespace/name``, the workload's IP when
-  unknown). ``render`` is Prometheus text 0.0.4 in a stable order.
+  plus ``source`` and ``destination`` workload (``namespace/name`` of the pod, or of the
+  Service a ClusterIP belongs to, else the IP). ``render`` is Prometheus text 0.0.4 in a stable order.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class L7Store:
         return spans[-q.number:] if q.number else spans
 
 
-Resolve = Callable[[str], str]  # ip -> "namespace/pod" ("" when unknown)
+Resolve = Callable[[str], str]  # "ip:port" -> "namespace/pod" or the Service's "namespace/name" ("" when unknown)
 
 
 def _ip(address: str) -> str:
@@ -95,10 +95,10 @@ def workloads(span: schema.L7Span, resolve: Resolve) -> tuple[str, str]:
     if span.source_workload or span.destination_workload:
         return span.source_workload or own, span.destination_workload or own
     if span.direction == "inbound":
-        peer = _ip(span.downstream_remote_address)
-        return resolve(peer) or peer or "unknown", own
-    peer = _ip(span.upstream_address or span.downstream_local_address)
-    return own, resolve(peer) or peer or "unknown"
+        peer = span.downstream_remote_address
+        return resolve(peer) or _ip(peer) or "unknown", own
+    peer = span.upstream_address or span.downstream_local_address
+    return own, resolve(peer) or _ip(peer) or "unknown"
 
 
 def _labels(pairs: dict[str, str]) -> str:
@@ -117,7 +117,10 @@ class L7Metrics:
             if span.kind not in ("SERVER", "CLIENT", "") or not (span.method or span.status_code):
                 continue
             source, destination = workloads(span, resolve)
-            reporter = "server" if span.direction == "inbound" or span.kind == "SERVER" else "client"
+            if span.direction:
+                reporter = "server" if span.direction == "inbound" else "client"
+            else:
+                reporter = "server" if span.kind == "SERVER" else "client"
             base = {"source": source, "destination": destination, "method": span.method or "",
                     "reporter": reporter}
             key = tuple(sorted({**base, "protocol": span.attributes.get("http.protocol", "HTTP/1.1"),

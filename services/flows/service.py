@@ -226,9 +226,16 @@ def _mark_traces(core: FlowsCore, l7: L7Core) -> None:
         core.store.set_trace(node, uuids, trace_id)
 
 
-def _workload_of(core: FlowsCore, ip: str) -> str:
+def _workload_of(core: FlowsCore, address: str) -> str:
+    """``ip:port`` -> the pod at that IP, else the Service of that frontend, else ""."""
+    ip, _, port = address.rpartition(":")
+    if not ip:
+        ip, port = address, ""
     info = core.enrichment.ip(ip)
-    return f"{info.namespace}/{info.pod}" if info is not None and info.pod else ""
+    if info is not None and info.pod:
+        return f"{info.namespace}/{info.pod}"
+    service = core.enrichment.frontend(ip, int(port), "TCP") if port.isdigit() else None
+    return f"{service[0]}/{service[1]}" if service else ""
 
 
 async def _start_otlp(ctx: Context, accept: Callable[[list[schema.L7Span]], None]) -> Any:

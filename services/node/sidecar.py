@@ -220,6 +220,7 @@ def bootstrap(namespace: str, pod: str, service: str, inbound_ports: tuple[int, 
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}]
     inbound = {
         "name": "virtualInbound",
+        "traffic_direction": "INBOUND",
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": INBOUND_PORT}},
         "listener_filters": original_dst,
         "filter_chains": [
@@ -230,6 +231,7 @@ def bootstrap(namespace: str, pod: str, service: str, inbound_ports: tuple[int, 
     }
     outbound = {
         "name": "virtualOutbound",
+        "traffic_direction": "OUTBOUND",
         "address": {"socket_address": {"address": "0.0.0.0", "port_value": OUTBOUND_PORT}},
         "listener_filters": original_dst,
         "filter_chains": [{"filters": [_http_manager("outbound", namespace, pod, service,

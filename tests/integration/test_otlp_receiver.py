@@ -205,6 +205,7 @@ async def test_envoy_sidecars_export_joinable_spans_unchanged(receiver, two_name
             pytest.fail(f"no trace with both sidecars' spans: {core.store.recent()}")
         spans = {s.direction: s for s in core.store.trace(full[0])}
         client, server = spans["outbound"], spans["inbound"]
+        assert (client.kind, server.kind) == ("CLIENT", "SERVER")  # listener traffic directions
         assert server.parent_span_id == client.span_id  # W3C traceparent carried by Envoy
         assert (client.status_code, server.status_code) == (503, 503)
         assert client.upstream_address == "10.254.0.2:8080"

@@ -141,3 +141,11 @@ def test_joined_flows_carry_the_trace_id_and_observe_filters_by_it() -> None:
     assert '"trace_context":{"parent":{"trace_id":"' + TRACE in schema.to_json(found).decode()
     with pytest.raises(flowfilter.FilterError, match="--trace-id"):
         flowfilter.build_filters([("trace-id", "xyz")])
+
+
+def test_unjoined_spans_are_counted_by_direction_with_the_service_of_a_clusterip() -> None:
+    l7 = L7Core(resolve=lambda address: "shop/payments" if address == "10.96.0.10:8080" else "")
+    l7.accept(decode_traces(envoy_request(), "application/x-protobuf"))
+    text = l7.metrics.render()
+    assert ('hubble_http_requests_total{destination="shop/payments",method="GET",protocol="HTTP/1.1",'
+            'reporter="client",source="shop/checkout-1",status="503"} 1') in text
