@@ -51,6 +51,7 @@ class FlowsCore:
 
     def __init__(self, cluster: str, capacity: int = schema.FLOWS_RING_CAPACITY,
                  names: EndpointNameCache | None = None) -> None:
+        self.cluster = cluster
         self.names = names if names is not None else EndpointNameCache()
         self.enrichment = EnrichmentState(cluster, self.names)
         self.store = FlowStore(capacity)
@@ -160,7 +161,7 @@ class FlowsCore:
     def service_map(self, since_ns: int = 0, now_ns: int = 0) -> dict[str, Any]:
         flows = self.store.query(schema.FlowQuery(since_ns=since_ns, number=0))
         return build_service_map(flows, since_ns=since_ns, now_ns=now_ns,
-                                 seen=self.store.seen, lost=self.lost)
+                                 seen=self.store.seen, lost=self.lost, local_cluster=self.cluster)
 
     def http_routes(self, *, metrics: bool = True, ui: bool = True) -> dict[str, Handler]:
         """The HTTP routes of the metrics and/or service map server."""

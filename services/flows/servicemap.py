@@ -7,7 +7,9 @@ Invariants:
   itself; an endpoint without a pod is its reserved identity (``world``, ``host``, …),
   or the Service it was still addressed to (a drop before load balancing), or
   ``identity:<n>``. Nodes carry their namespace (``""`` for reserved ones) so a view can
-  group them.
+  group them. A pod of a connected cluster (ClusterMesh: its ``cluster_name`` is not
+  ``local_cluster``) is a node of its own, ``<cluster>:<namespace>/<workload>``, labelled
+  with its cluster and carrying it in ``cluster``.
 - One edge per (source node, destination node, verdict class) with class ``forwarded``,
   ``dropped`` or ``audit``. A packet is counted once per hook that reported it, from the
   connection's point of view: replies are not counted (they travel the same edge back),
@@ -39,6 +41,7 @@ class _Node:
     identity: int = 0
     pods: set[str] = field(default_factory=set)
     labels: list[str] = field(default_factory=list)
+    cluster: str = ""  # a connected cluster's workload; "" for this cluster's and reserved ones
 
 
 @dataclass
@@ -54,7 +57,8 @@ class _Edge:
     last_ns: int = 0
 
 
-def endpoint_node(ep: schema.FlowEndpoint | None, service: schema.FlowService | None = None) -> _Node:
+def endpoint_node(ep: schema.FlowEndpoint | None, service: schema.FlowService | None = None,
+                  local_cluster: str = "") -> _Node:
     """The service-map node an endpoint belongs to."""
     if ep is None:
         ep = schema.FlowEndpoint()
@@ -64,6 +68,10 @@ def endpoint_node(ep: schema.FlowEndpoint | None, service: schema.FlowService | 
             name, kind = w.name, w.kind or "Workload"
         else:
             name, kind = ep.pod_name, "Pod"
+        if local_cluster and ep.cluster_name and ep.cluster_name != local_cluster:
+            return _Node(id=f"{ep.cluster_name}:{ep.namespace}/{name}", label=f"{name} ({ep.cluster_name})",
+                         namespace=ep.namespace, kind=kind, identity=ep.identity, pods={ep.pod_name},
+                         labels=list(ep.labels), cluster=ep.cluster_name)
         return _Node(id=f"{ep.namespace}/{name}", label=name, namespace=ep.namespace, kind=kind,
                      identity=ep.identity, pods={ep.pod_name}, labels=list(ep.labels))
     reserved = [lab.split(":", 1)[1] for lab in ep.labels if lab.startswith("reserved:")]
@@ -123,9 +131,10 @@ def _audited_packets(flows: list[schema.Flow]) -> set[tuple[str, str, str]]:
 
 def build_service_map(
     flows: Iterable[schema.Flow], *, since_ns: int = 0, now_ns: int = 0,
-    seen: int = 0, lost: int = 0,
+    seen: int = 0, lost: int = 0, local_cluster: str = "",
 ) -> dict[str, Any]:
-    """The service map of ``flows`` (oldest first) as a JSON-ready dict."""
+    """The service map of ``flows`` (oldest first) as a JSON-ready dict; ``local_cluster``
+    tells a connected cluster's pods apart."""
     flows = list(flows)
     audited = _audited_packets(flows)
     # (client node, service) -> the backend node its L3/L4 flows went to: a DNS response
@@ -135,14 +144,14 @@ def build_service_map(
         svc = f.destination_service
         if (svc is not None and svc.name and f.destination is not None and f.destination.pod_name
                 and verdict_class(f) == "forwarded"):
-            client = endpoint_node(f.source, f.source_service).id
-            backends[(client, f"{svc.namespace}/{svc.name}")] = endpoint_node(f.destination).id
+            client = endpoint_node(f.source, f.source_service, local_cluster).id
+            backends[(client, f"{svc.namespace}/{svc.name}")] = endpoint_node(f.destination, None, local_cluster).id
     nodes: dict[str, _Node] = {}
     edges: dict[tuple[str, str, str], _Edge] = {}
     counted = 0
 
     def node_of(ep: schema.FlowEndpoint | None, svc: schema.FlowService | None) -> str:
-        n = endpoint_node(ep, svc)
+        n = endpoint_node(ep, svc, local_cluster)
         have = nodes.get(n.id)
         if have is None:
             nodes[n.id] = n
@@ -208,7 +217,8 @@ def build_service_map(
     return {
         "nodes": [
             {"id": n.id, "label": n.label, "namespace": n.namespace, "kind": n.kind,
-             "identity": n.identity, "pods": sorted(n.pods), "labels": sorted(n.labels)}
+             "identity": n.identity, "pods": sorted(n.pods), "labels": sorted(n.labels),
+             **({"cluster": n.cluster} if n.cluster else {})}
             for n in sorted(nodes.values(), key=lambda n: (n.namespace, n.id))
         ],
         "edges": [

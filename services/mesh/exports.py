@@ -31,6 +31,20 @@ def mcs_names(resources: Iterable[schema.ResourceRecord], kind: str) -> set[tupl
     return {(r.namespace, r.name) for r in resources if r.kind == kind}
 
 
+class ExportMemo:
+    """Service records of earlier passes, reused while their inputs are the very same
+    objects (a mirror replaces an object when its key changes): an unchanged Service costs
+    no new record, and the writer can tell "unchanged" by identity. The memo holds the
+    input objects, so their ids cannot be reused while it does."""
+
+    def __init__(self) -> None:
+        self.services: dict[tuple[str, str], tuple[Any, bool, tuple[Any, ...], Any]] = {}
+
+    def prune(self, live: set[tuple[str, str]]) -> None:
+        for ref in [r for r in self.services if r not in live]:
+            del self.services[ref]
+
+
 def export_state(
     cluster: str,
     cluster_id: int,
@@ -40,8 +54,10 @@ def export_state(
     exported: set[tuple[str, str]],
     frontends: Iterable[schema.LBFrontend],
     node_status: Mapping[str, schema.StatusRecord],
+    memo: ExportMemo | None = None,
 ) -> dict[str, Any]:
-    """Export key -> record (see the module invariants)."""
+    """Export key -> record (see the module invariants); with ``memo``, unchanged Services
+    give the record object of the pass before."""
     out: dict[str, Any] = {}
     wanted_ids: set[int] = set()
     for key, entry in ipcache.items():
@@ -55,30 +71,50 @@ def export_state(
     for fe in frontends:
         if fe.type == LB_CLUSTER_IP:
             by_service.setdefault((fe.namespace, fe.name), []).append(fe)
+    live: set[tuple[str, str]] = set()
     for svc in services:
         ref = (svc.namespace, svc.name)
-        how = global_service(svc.manifest, exported=ref in exported)
-        if not how.shared:
-            continue
-        ports: list[schema.MeshServicePort] = []
-        backends: dict[tuple[str, int, str], schema.MeshBackend] = {}
-        for fe in sorted(by_service.get(ref, []), key=lambda f: (f.port, f.proto)):
-            ports.append(schema.MeshServicePort(name=fe.port_name, port=fe.port, proto=fe.proto))
-            for be in fe.backends:
-                if be.cluster:
-                    continue  # a connected cluster's backend: its own cluster shares it
-                ready = be.state == schema.LB_STATE_ACTIVE
-                backends.setdefault((be.ip, be.port, be.proto), schema.MeshBackend(
-                    ip=be.ip, port=be.port, proto=be.proto, port_name=fe.port_name, ready=ready,
-                    node=be.node, pod=be.pod))
-        out[schema.mesh_key(schema.MESH_SERVICE_PREFIX, svc.namespace, svc.name)] = schema.MeshService(
-            namespace=svc.namespace, name=svc.name, cluster=cluster, cluster_id=cluster_id,
-            ports=ports, backends=[backends[k] for k in sorted(backends)], source=how.source)
+        live.add(ref)
+        is_exported = ref in exported
+        fes = tuple(by_service.get(ref, ()))
+        held = memo.services.get(ref) if memo is not None else None
+        if held is not None and held[0] is svc and held[1] == is_exported and len(held[2]) == len(fes) \
+                and all(a is b for a, b in zip(held[2], fes, strict=True)):
+            record = held[3]
+        else:
+            record = service_record(cluster, cluster_id, svc, is_exported, fes)
+            if memo is not None:
+                memo.services[ref] = (svc, is_exported, fes, record)
+        if record is not None:
+            out[schema.mesh_key(schema.MESH_SERVICE_PREFIX, svc.namespace, svc.name)] = record
+    if memo is not None:
+        memo.prune(live)
     for key, status in node_status.items():
         node = node_record(cluster, cluster_id, key.split(".", 2)[-1], status)
         if node is not None:
             out[schema.mesh_key(schema.MESH_NODE_PREFIX, node.name)] = node
     return out
+
+
+def service_record(cluster: str, cluster_id: int, svc: schema.ResourceRecord, exported: bool,
+                   frontends: Iterable[schema.LBFrontend]) -> schema.MeshService | None:
+    """The export of one Service, or None when it is not a shared global Service."""
+    how = global_service(svc.manifest, exported=exported)
+    if not how.shared:
+        return None
+    ports: list[schema.MeshServicePort] = []
+    backends: dict[tuple[str, int, str], schema.MeshBackend] = {}
+    for fe in sorted(frontends, key=lambda f: (f.port, f.proto)):
+        ports.append(schema.MeshServicePort(name=fe.port_name, port=fe.port, proto=fe.proto))
+        for be in fe.backends:
+            if be.cluster:
+                continue  # a connected cluster's backend: its own cluster shares it
+            ready = be.state == schema.LB_STATE_ACTIVE
+            backends.setdefault((be.ip, be.port, be.proto), schema.MeshBackend(
+                ip=be.ip, port=be.port, proto=be.proto, port_name=fe.port_name, ready=ready,
+                node=be.node, pod=be.pod))
+    return schema.MeshService(namespace=svc.namespace, name=svc.name, cluster=cluster, cluster_id=cluster_id,
+                              ports=ports, backends=[backends[k] for k in sorted(backends)], source=how.source)
 
 
 def node_record(cluster: str, cluster_id: int, name: str, status: schema.StatusRecord) -> schema.MeshNode | None:

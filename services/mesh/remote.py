@@ -104,7 +104,7 @@ class RemoteFollower:
 
     async def _follow(self, bus: Bus) -> None:
         mirror: Mirror[Any] = Mirror(schema.BUCKET_MESH_EXPORT, ">", name=f"{self.config.name}/export",
-                                     decode=decode_export)
+                                     decode=decode_export, keep=False)
         self.view.entries = mirror.values
         self.view.synced = False
         self._set(reachable=True, errors=[])

@@ -16,6 +16,8 @@ Invariants:
   remote whose export was not heard for ``ttl`` (``CILIARY_MESH_TTL``, default 10 s) is
   withdrawn from ``mesh`` (only its status stays, ``connected: false``). The loop wakes
   by itself when the next heartbeat or the next staleness is due.
+- Mirrors keep decoded values only (``keep=False``): a remote's 10,000 services are held
+  once per view, not also as raw KV entries.
 - Health detail: ``remotes``, ``remotes_connected``, ``exported``, ``imported``.
 """
 
@@ -33,7 +35,7 @@ from ciliary.bus import KVEntry
 from ciliary.runtime import Context
 from ciliary.watch import PassLoop, decoder
 
-from .exports import export_state, mcs_names
+from .exports import ExportMemo, export_state, mcs_names
 from .imports import LocalCluster, imported_state
 from .remote import EXPORT_TYPES, RemoteFollower
 
@@ -70,26 +72,28 @@ class MeshService:
         self.next_beat = 0.0  # monotonic
         self.tg: asyncio.TaskGroup | None = None
         self.recent: deque[dict[str, Any]] = deque(maxlen=watch.RECENT_PASSES)
+        self.memo = ExportMemo()
+        self.written: dict[str, dict[str, Any]] = {}  # bucket -> key -> the record object last put
 
     async def start(self, tg: asyncio.TaskGroup) -> None:
         self.tg = tg
         ctx = self.ctx
         res = decoder(schema.ResourceRecord)
         self.services = ctx.mirror(tg, schema.BUCKET_RESOURCES, "Service.>", name="resources/Service",
-                                   decode=res).notify(self.loop)
+                                   keep=False, decode=res).notify(self.loop)
         self.mcs = {kind: ctx.mirror(tg, schema.BUCKET_RESOURCES, f"{kind}.>", name=f"resources/{kind}",
-                                     decode=res).notify(self.loop) for kind in MCS_KINDS}
+                                     keep=False, decode=res).notify(self.loop) for kind in MCS_KINDS}
         self.identities = ctx.mirror(tg, schema.BUCKET_IDENTITIES, f"{schema.IDENTITY_ID_PREFIX}>",
-                                     decode=decoder(schema.IdentityRecord)).notify(self.loop)
-        self.ipcache = ctx.mirror(tg, schema.BUCKET_IPCACHE, decode=decoder(schema.IPCacheRecord)).notify(self.loop)
+                                     keep=False, decode=decoder(schema.IdentityRecord)).notify(self.loop)
+        self.ipcache = ctx.mirror(tg, schema.BUCKET_IPCACHE, keep=False, decode=decoder(schema.IPCacheRecord)).notify(self.loop)
         self.frontends = ctx.mirror(tg, schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>",
-                                    decode=decoder(schema.LBFrontend)).notify(self.loop)
+                                    keep=False, decode=decoder(schema.LBFrontend)).notify(self.loop)
         self.nodes = ctx.mirror(tg, schema.BUCKET_STATUS, "Node.>", name="status/Node",
-                                decode=decoder(schema.StatusRecord)).notify(self.loop)
+                                keep=False, decode=decoder(schema.StatusRecord)).notify(self.loop)
         self.remotes = ctx.mirror(tg, schema.BUCKET_MESH_REMOTES, f"{schema.MESH_REMOTE_PREFIX}.>",
-                                  decode=decoder(schema.MeshRemote)).notify(self.loop)
-        self.exported = ctx.mirror(tg, schema.BUCKET_MESH_EXPORT, decode=_decode_by_prefix(EXPORT_TYPES))
-        self.imported = ctx.mirror(tg, schema.BUCKET_MESH, decode=_decode_by_prefix(MESH_TYPES))
+                                  keep=False, decode=decoder(schema.MeshRemote)).notify(self.loop)
+        self.exported = ctx.mirror(tg, schema.BUCKET_MESH_EXPORT, keep=False, decode=_decode_by_prefix(EXPORT_TYPES))
+        self.imported = ctx.mirror(tg, schema.BUCKET_MESH, keep=False, decode=_decode_by_prefix(MESH_TYPES))
         ctx.detail.update(remotes=0, remotes_connected=0, exported=0, imported=0, ttl_seconds=self.ttl)
         tg.create_task(self.loop.run(), name="mesh-pass")
 
@@ -112,7 +116,7 @@ class MeshService:
         exported_refs = mcs_names(self.mcs["ServiceExport"].values.values(), "ServiceExport")
         desired_export = export_state(
             self.local.name, self.local.cluster_id, self.identities.values, self.ipcache.values,
-            resources, exported_refs, self.frontends.values.values(), self.nodes.values)
+            resources, exported_refs, self.frontends.values.values(), self.nodes.values, self.memo)
         if time.monotonic() >= self.next_beat:
             self.next_beat = time.monotonic() + self.ttl / 3
             desired_export[schema.MESH_CLUSTER_KEY] = schema.MeshCluster(
@@ -148,14 +152,20 @@ class MeshService:
                 self.followers[name] = follower
 
     async def _write(self, bucket: str, mirror: Any, desired: dict[str, Any]) -> bool:
-        """Put what differs, delete what is not desired; True when a write failed."""
+        """Put what differs, delete what is not desired; True when a write failed. A record
+        that is the very object this writer put last (memoised, unchanged) is not compared."""
         held = mirror.values
-        puts = [(key, record, None) for key, record in desired.items() if held.get(key) != record]
+        written = self.written.setdefault(bucket, {})
+        puts = [(key, record, None) for key, record in desired.items()
+                if not (written.get(key) is record and key in held) and held.get(key) != record]
         deletes = [key for key in [*held, *mirror.bad] if key not in desired]
+        for key in [k for k in written if k not in desired]:
+            del written[key]
         failed = False
         if puts:
             try:
                 await self.ctx.bus.kv_put_many(bucket, puts)
+                written.update((key, record) for key, record, _ in puts)
             except Exception as err:
                 log.warning("%s: %s", bucket, err)
                 failed = True

@@ -280,3 +280,40 @@ def test_remote_credentials_are_read_or_named(tmp_path: Any) -> None:
     with pytest.raises(BusError, match=str(bad)):
         remote_connect_options(schema.MeshRemote(name="west", cluster_id=WEST, nats_url="nats://x",
                                                  credentials=str(bad)))
+
+
+def test_export_memo_reuses_records_of_unchanged_services() -> None:
+    from services.mesh.exports import ExportMemo
+
+    svc = schema.ResourceRecord(kind="Service", api_version="v1", namespace="shop", name="payments", uid="u",
+                                generation=1, created="", manifest=service("payments", {GLOBAL: "true"}))
+    fe = schema.LBFrontend(namespace="shop", name="payments", type="ClusterIP", address="10.96.0.9", port=80,
+                           proto="TCP", service_id=1, rev_nat_id=1,
+                           backends=[schema.LBBackend(id=1, ip="10.2.1.5", port=8080, proto="TCP")])
+    memo = ExportMemo()
+
+    def run(fes: list[schema.LBFrontend], services: list[schema.ResourceRecord]) -> Any:
+        return export_state("west", WEST, {}, {}, services, set(), fes, {}, memo).get("service.shop.payments")
+
+    first = run([fe], [svc])
+    assert run([fe], [svc]) is first  # same inputs: the same record object
+    changed = schema.LBFrontend(**{**{f: getattr(fe, f) for f in fe.__struct_fields__}, "backends": []})
+    second = run([changed], [svc])
+    assert second is not first and second.backends == []
+    assert run([changed], []) is None and memo.services == {}
+
+
+def test_service_map_keeps_a_connected_clusters_pods_apart() -> None:
+    from services.flows.servicemap import build_service_map
+
+    def flow(cluster: str) -> schema.Flow:
+        return schema.Flow(
+            verdict="FORWARDED", event_type=schema.FlowEventType(type=4),
+            source=schema.FlowEndpoint(cluster_name=cluster, namespace="default", pod_name="checkout", identity=7),
+            destination=schema.FlowEndpoint(cluster_name="east", namespace="default", pod_name="payments",
+                                            identity=8))
+    nodes = {n["id"]: n for n in build_service_map([flow("east"), flow("west")], local_cluster="east")["nodes"]}
+    assert set(nodes) == {"default/checkout", "west:default/checkout", "default/payments"}
+    assert nodes["west:default/checkout"]["cluster"] == "west" and "cluster" not in nodes["default/checkout"]
+    assert nodes["west:default/checkout"]["label"] == "checkout (west)"
+    assert {n["id"] for n in build_service_map([flow("west")])["nodes"]} == {"default/checkout", "default/payments"}
