@@ -7,6 +7,9 @@ Invariants:
 - A ``KVEntry`` with ``value`` None is a delete (or purge); ``revision`` is the bucket
   stream's sequence of that write (0 for a delete the watch inferred after a reconnect).
 - ``SYNCED`` is a singleton: compare with ``is``.
+- ``headers`` are the NATS headers of the write as a watch delivered them: the KV
+  operation and, for a write made under a span, the writer's W3C trace context
+  (``traceparent``, see ``ciliary.tracing``); a get or an inferred delete has none.
 """
 
 from __future__ import annotations

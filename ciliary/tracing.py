@@ -2,7 +2,8 @@
 made it due.
 
 A change travels as a KV write whose headers carry the writer's trace context. A mirror
-makes an entry's headers the *current change* while its listeners run (``change``); a
+past its initial state makes an entry's headers the *current change* while its listeners
+run (``change``); a
 loop that a listener marks dirty notes that context (``Causes.note``); the pass then runs
 in a span whose parent is the first noted change, with a link to every other one
 (``work_span``). The writes a pass makes carry the pass's span, so the next hop continues
@@ -54,7 +55,6 @@ ATTR_AGAIN = "ciliary.pass.again"  # the pass asked for another at once
 ATTR_PART_MS = "ciliary.pass.ms.{part}"  # wall time of one part of the pass (PassClock)
 ATTR_OBJECTS = "ciliary.apply.objects"  # objects in the applied manifests
 ATTR_ACTION = "ciliary.apply.{action}"  # created / configured / unchanged / deleted count
-ATTR_NODE = "ciliary.node"
 ATTR_MAP_UPSERTED = "ciliary.maps.upserted"
 ATTR_MAP_DELETED = "ciliary.maps.deleted"
 ATTR_MAP_FAILED = "ciliary.maps.failed"

@@ -142,3 +142,42 @@ class OTLPReceiver:
                 return True
             await asyncio.sleep(0.05)
         return check()
+
+
+class GrpcTraceReceiver:
+    """An OTLP/gRPC trace receiver on a loopback port (grpc.aio), keeping each span's
+    service and name."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.spans: list[tuple[str, str, str]] = []  # (service, name, trace id)
+        self._server: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        receiver = self
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            async def Export(self, request: ExportTraceServiceRequest, context: Any) -> ExportTraceServiceResponse:  # noqa: N802
+                for resource_spans in request.resource_spans:
+                    resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+                    for scope_spans in resource_spans.scope_spans:
+                        for span in scope_spans.spans:
+                            receiver.spans.append((str(resource.get("service.name", "")), span.name,
+                                                   span.trace_id.hex()))
+                return ExportTraceServiceResponse()
+
+        self._server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self._server)
+        self._server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await self._server.start()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(None)

@@ -28,7 +28,7 @@ from tests.integration.conftest import (
     service_process,
     stop_processes,
 )
-from tests.integration.otlp import OTLPReceiver, ReceivedSpan
+from tests.integration.otlp import GrpcTraceReceiver, OTLPReceiver, ReceivedSpan
 
 MANIFESTS = """
 apiVersion: v1
@@ -260,3 +260,18 @@ async def test_flows_exported_as_log_records(nats_server: NatsServer, tmp_path: 
         assert record.time_unix_nano > 1_790_000_000 * 10**9  # the kernel time, on the boot clock
         assert set(attrs) <= set(tracing_flows.ATTRIBUTES)
     assert receiver.rejected == 0 and not receiver.spans  # flows make no spans
+
+
+@pytest.mark.timeout(60)
+async def test_grpc_protocol(nats_server: NatsServer, tmp_path: Path) -> None:
+    receiver = GrpcTraceReceiver()
+    await receiver.start()
+    try:
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+        result = await asyncio.to_thread(apply, cli_instance(nats_server, tmp_path), otel)
+        assert result.returncode == 0, result.stderr
+        trace_id = result.stderr.split("trace ", 1)[1].split()[0]
+        # the CLI flushed before it exited
+        assert ("ciliary-cli", tracing.SPAN_APPLY, trace_id) in receiver.spans
+    finally:
+        await receiver.stop()
