@@ -25,7 +25,7 @@ NASTY = ["", " ", ".", "..", "*", ">", "a.b", "a b", "\x00", "\n", "\t", "é", "
          "TCP", "UDP", "ANY", "ICMP", "80", "65536", "http", "default", "kube-system"]
 HUGE = [0, -1, 1, 2**31, 2**31 - 1, 2**32, 2**63, -(2**63), 2**64, 10**30, 65535, 65536]
 
-strings = st.one_of(st.sampled_from(NASTY), st.text(max_size=40))
+strings = st.one_of(st.sampled_from(NASTY), st.text(max_size=20))
 numbers = st.one_of(st.sampled_from(HUGE), st.integers(), st.floats(allow_nan=True))
 scalars = st.one_of(st.none(), st.booleans(), numbers, strings)
 
@@ -34,9 +34,9 @@ def json_values(depth: int = 6) -> st.SearchStrategy[Any]:
     """Any JSON/YAML-shaped value, nested up to about ``depth`` levels."""
     return st.recursive(
         scalars,
-        lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                st.dictionaries(strings, inner, max_size=4)),
-        max_leaves=12 if depth < 8 else 40,
+        lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                st.dictionaries(strings, inner, max_size=3)),
+        max_leaves=depth,
     )
 
 
@@ -54,6 +54,6 @@ def shaped(vocabulary: list[str], depth: int = 4) -> st.SearchStrategy[Any]:
     return st.recursive(
         scalars,
         lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                st.dictionaries(keys, inner, max_size=5)),
-        max_leaves=16,
+                                st.dictionaries(keys, inner, max_size=4)),
+        max_leaves=2 * depth,
     )
