@@ -21,7 +21,9 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +111,7 @@ def slot_clusters(data_dir: Path, name: str) -> list[str] | None:
     fe = frontend(data_dir, name)
     if fe is None:
         return None
-    by_id = {b["id"]: b.get("cluster", "") for b in fe["backends"]}
+    by_id = {b["id"]: b.get("cluster", "") for b in fe.get("backends", [])}
     return sorted(by_id[i] for i in fe.get("slots", []))
 
 
@@ -144,6 +146,23 @@ def observe(data_dir: Path, *args: str) -> list[dict]:
     return [json.loads(line)["flow"] for line in out.splitlines() if line.strip().startswith("{")]
 
 
+@contextmanager
+def both_up(*instances: AbstractContextManager[Path]) -> Iterator[None]:
+    """Enter the instances' contexts at once (``ciliary up`` side by side), exit every one
+    that came up, also when another failed."""
+    with ExitStack() as stack, ThreadPoolExecutor(len(instances)) as pool:
+        started = [pool.submit(cm.__enter__) for cm in instances]
+        errors = []
+        for cm, future in zip(instances, started, strict=True):
+            if future.exception() is None:
+                stack.push(cm.__exit__)
+            else:
+                errors.append(future.exception())
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+        yield
+
+
 def answered_since(data_dir: Path, pod: str, since: float) -> bool:
     """A flow from checkout to ``pod`` seen after ``since`` (unix seconds)."""
     flows = observe(data_dir, "--from-pod", "default/checkout", "--to-pod", f"default/{pod}")
@@ -158,8 +177,8 @@ def test_two_clusters_east_west(tmp_path: Path, cluster_names: list[str]) -> Non
     gates = tmp_path / "gates"
     gates.mkdir()
     ttl = ("--mesh-ttl", str(TTL))
-    with embedded_instance(east_dir, east, nodes=1, cluster_id=EAST_ID, args=ttl), \
-            embedded_instance(west_dir, west, nodes=1, cluster_id=WEST_ID, args=ttl):
+    with both_up(embedded_instance(east_dir, east, nodes=1, cluster_id=EAST_ID, args=ttl),
+                 embedded_instance(west_dir, west, nodes=1, cluster_id=WEST_ID, args=ttl)):
         connected = ciliary("clustermesh", "connect", "--to", str(west_dir), data_dir=east_dir)
         assert f"cluster {east} <-> {west}: connected" in connected.stdout
 

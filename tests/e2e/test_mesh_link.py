@@ -4,6 +4,7 @@ routes from a node to a remote node's pods, and both gone after unlink / teardow
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -82,5 +83,11 @@ def test_no_link_to_a_cluster_not_on_this_machine(two_clusters: tuple[str, str])
     assert meshlink.ensure_link(east, west) is True
     N.delete_cluster(west)  # ciliary down of west: the pair goes with its namespace
     (ns_a, if_a), _ = meshlink.link_names(east, west)
-    with IPRoute(netns=ns_a) as ipr:
-        assert not ipr.link_lookup(ifname=if_a)
+
+    def east_end_left() -> bool:
+        with IPRoute(netns=ns_a) as ipr:
+            return bool(ipr.link_lookup(ifname=if_a))
+    deadline = time.monotonic() + 10  # the kernel dismantles a deleted namespace asynchronously
+    while east_end_left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not east_end_left()
