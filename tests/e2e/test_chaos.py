@@ -5,6 +5,7 @@ healthy, the kernel maps end as they began, and an apply afterwards is enforced.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from ciliary import config
+from ciliary import config, natsauth, natscreds, schema
+from ciliary.bus import Bus
 
 from .instance import ciliary as cli
 from .instance import pods_ready
@@ -58,6 +60,27 @@ def pid_of(data_dir: Path, name: str) -> int:
     return next(p.pid for p in state.processes if p.name == name)
 
 
+# the buckets the services compute (sources and statuses are what users and nodes wrote)
+COMPUTED = (schema.BUCKET_IDENTITIES, schema.BUCKET_IPCACHE, schema.BUCKET_SERVICES, schema.BUCKET_POLICY,
+            schema.BUCKET_ALLOCATIONS)
+
+
+def buckets_snapshot(data_dir: Path) -> dict[str, dict[str, bytes]]:
+    """Every key and value of the computed buckets, read as the instance's admin."""
+    state = config.read_instance(data_dir)
+    assert state is not None
+
+    async def read() -> dict[str, dict[str, bytes]]:
+        bus = await Bus.connect(state.nats_url, "chaos", allow_reconnect=False,
+                                credential=natscreds.instance_credential(data_dir, natsauth.ADMIN))
+        try:
+            return {b: {k: e.value or b"" for k, e in (await bus.kv_list(b)).items()} for b in COMPUTED}
+        finally:
+            await bus.close()
+
+    return asyncio.run(read())
+
+
 def all_healthy(data_dir: Path) -> bool:
     status = json.loads(cli("status", "-o", "json", data_dir=data_dir, check=False).stdout or "{}")
     return bool(status.get("healthy"))
@@ -86,6 +109,8 @@ def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) 
     wait_for(lambda: connect(data_dir, "checkout", vip, 8080).returncode == 0, 20, "checkout -> payments")
     assert connect(data_dir, "frontend", vip, 8080, timeout=1.5).returncode != 0
     before = maps_snapshot(data_dir)
+    stored = buckets_snapshot(data_dir)
+    assert all(stored[b] for b in (schema.BUCKET_IDENTITIES, schema.BUCKET_SERVICES, schema.BUCKET_POLICY))
 
     allowed = client(pods["checkout"]["ciliary"]["netns"], vip, 8080)
     denied = client(pods["frontend"]["ciliary"]["netns"], vip, 8080)
@@ -104,6 +129,10 @@ def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) 
 
     # every part converged back to what it held before
     wait_for(lambda: maps_snapshot(data_dir) == before, 30, "kernel maps as before the kills")
+    after = buckets_snapshot(data_dir)
+    for bucket in COMPUTED:  # same keys, same values: nothing lost, nothing allocated twice
+        assert after[bucket] == stored[bucket], (bucket, set(after[bucket]) ^ set(stored[bucket]))
+    print("items compared: " + ", ".join(f"{b} {len(stored[b])}" for b in COMPUTED))
 
     # an apply afterwards is enforced: the widened policy lets frontend in
     policies = (SHOP / "30-policies.yaml").read_text()
