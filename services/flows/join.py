@@ -12,6 +12,8 @@ Invariants:
   requests); flows arriving after the span are joined when they arrive.
 - Memory is bounded: at most ``max_keys`` connections (least recently seen dropped first),
   ``PER_KEY`` flows per connection, and ``max_traces`` flow→trace entries.
+- Flows joined later add to what a span already has (flow uuids, policies; a drop stays
+  the verdict; the node and identities are kept unless the new flows name them).
 - A flow's trace id is Hubble's ``trace_context.parent.trace_id``; a span gains the flow's
   verdict, identities, workloads, the policies that decided and the node, from the
   flow that decided (a policy verdict or a drop first, else the newest); the node is the
@@ -77,20 +79,24 @@ def _workload(endpoint: schema.FlowEndpoint | None) -> str:
 def joined_span(span: schema.L7Span, flows: list[schema.Flow]) -> schema.L7Span:
     """``span`` with the join's fields taken from ``flows`` (same connection)."""
     decider = _deciding(flows)
-    policies = sorted({f"{p.namespace}/{p.name}" if p.namespace else p.name
-                       for f in flows for p in (*f.egress_allowed_by, *f.ingress_allowed_by,
-                                                *f.egress_denied_by, *f.ingress_denied_by)})
+    policies = sorted({*span.policies, *(f"{p.namespace}/{p.name}" if p.namespace else p.name
+                                         for f in flows for p in (*f.egress_allowed_by, *f.ingress_allowed_by,
+                                                                  *f.egress_denied_by, *f.ingress_denied_by))})
     forward = [f for f in flows if not (f.is_reply if f.is_reply is not None else f.reply)] or flows
     src = next((f.source for f in forward if f.source is not None and f.source.identity), None)
     dst = next((f.destination for f in forward if f.destination is not None and f.destination.identity), None)
     uuids = list(dict.fromkeys([*span.flow_uuids, *(f.uuid for f in flows if f.uuid)]))
     # the node of the sidecar: where the flow leaves the client (outbound) or reaches the server
     point = "TO_ENDPOINT" if span.direction == "inbound" else "FROM_ENDPOINT"
-    node = next((f.node_name for f in forward if f.trace_observation_point == point), decider.node_name)
+    node = next((f.node_name for f in forward if f.trace_observation_point == point),
+                span.node or decider.node_name)
+    verdict = span.verdict if span.verdict == "DROPPED" else decider.verdict
     return schema.msgspec.structs.replace(
-        span, joined=True, flow_uuids=uuids, verdict=decider.verdict,
-        source_identity=src.identity if src else 0, destination_identity=dst.identity if dst else 0,
-        source_workload=_workload(src), destination_workload=_workload(dst),
+        span, joined=True, flow_uuids=uuids, verdict=verdict,
+        source_identity=src.identity if src else span.source_identity,
+        destination_identity=dst.identity if dst else span.destination_identity,
+        source_workload=_workload(src) or span.source_workload,
+        destination_workload=_workload(dst) or span.destination_workload,
         policies=policies, node=node,
     )
 

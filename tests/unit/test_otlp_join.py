@@ -62,7 +62,7 @@ def test_store_is_bounded_and_its_trace_index_follows() -> None:
     assert [s.span_id for s in store.trace(f"{1:032x}")] == [f"{3:016x}"]
 
 
-def flow(src: str, sport: int, dst: str, dport: int, t_ns: int, *, reply: bool = False,
+def flow(src: str, sport: int, dst: str, dport: int, t_ns: int, *, reply: bool = False, node: str = "t1/node-1",
          verdict: str = "FORWARDED", uuid: str = "", policy: str = "") -> schema.Flow:
     allowed = [schema.FlowPolicy(name=policy, namespace="shop")] if policy else []
     return schema.Flow(
@@ -71,7 +71,7 @@ def flow(src: str, sport: int, dst: str, dport: int, t_ns: int, *, reply: bool =
         l4=schema.FlowLayer4(TCP=schema.FlowTCP(source_port=sport, destination_port=dport)),
         source=schema.FlowEndpoint(identity=1001, namespace="shop", pod_name="checkout-1"),
         destination=schema.FlowEndpoint(identity=1002, namespace="shop", pod_name="payments-1"),
-        node_name="t1/node-1", egress_allowed_by=allowed)
+        node_name=node, egress_allowed_by=allowed)
 
 
 def test_flow_key_is_the_client_socket_on_both_directions() -> None:
@@ -91,9 +91,11 @@ def test_span_joins_flows_of_its_connection_before_or_after_it_arrives() -> None
     assert (span.source_workload, span.destination_workload) == ("shop/checkout-1", "shop/payments-1")
     assert span.policies == ["shop/allow-checkout"] and span.node == "t1/node-1"
     # a reply flow arriving later joins too, and both flows carry the trace id
-    l7.on_flows([flow("10.1.1.7", 8080, "10.1.0.5", 40000, T0 + 2 * 10**6, reply=True, uuid="synack")])
+    l7.on_flows([flow("10.1.1.7", 8080, "10.1.0.5", 40000, T0 + 2 * 10**6, reply=True, uuid="synack",
+                      node="t1/node-2")])
     [span] = l7.store.trace(TRACE)
     assert span.flow_uuids == ["syn", "synack"]
+    assert span.node == "t1/node-1" and span.policies == ["shop/allow-checkout"]  # kept from the first flows
     assert l7.trace_of_flow("syn") == l7.trace_of_flow("synack") == TRACE
     assert l7.trace_of_flow("other-connection") == ""
     reply = l7.query(schema.encode(schema.L7Query(trace_id=TRACE)))
