@@ -13,7 +13,14 @@ Invariants:
   directories); it never tears down on exit, so a rollout keeps the pinned datapath.
 - NATS is a StatefulSet on the host network (it must run before any pod network),
   JetStream on file storage, routes between all replicas, a headless Service and a PDB
-  keeping a quorum.
+  keeping a quorum. Its configuration includes the ``authorization`` block from Secret
+  ``ciliary-nats-auth``: every client connects with an nkey credential.
+- Every pod that talks to NATS mounts the Secret of exactly its own user
+  (``credentials.secret_name``) and names the credential with ``CILIARY_NATS_CREDS``: a
+  Deployment's init container copies it, mode 0600, into a memory-backed volume the
+  service mounts read-only; the node executor (root) reads ``node-<its node>.json`` of
+  Secret ``ciliary-nats-nodes`` directly. No seed is in any rendered object.
+- A Job connects as ``admin`` and creates the buckets (services may only look them up).
 - Pure: values in, plain dicts out; the output order is fixed (a render is reproducible).
 """
 
@@ -21,7 +28,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ciliary.deploy import crds
+from ciliary import config as ciliary_config
+from ciliary import natsauth
+from ciliary.deploy import crds, credentials
 from ciliary.deploy.values import SERVICES, Resources, Values
 
 PART_OF = {"app.kubernetes.io/part-of": "ciliary"}
@@ -31,6 +40,11 @@ NATS_CLIENT_PORT, NATS_CLUSTER_PORT, NATS_MONITOR_PORT = 4222, 6222, 8222
 NODE_NAME = "ciliary-node"
 STATE_DIR = "/var/lib/ciliary"
 HOST_MOUNT = "/host"
+PROVISION_NAME = "ciliary-nats-provision"
+NATS_AUTH_MOUNT = "/etc/nats-auth"  # beside /etc/nats: nats.conf includes ../nats-auth/auth.conf
+CREDS_SECRET_MOUNT = "/etc/ciliary/nats-secret"  # the Secret, read by the init container only
+CREDS_DIR = "/run/ciliary/nats"  # memory-backed; the credential the service reads, mode 0600
+NODE_CREDS_MOUNT = "/etc/ciliary/nats"
 
 Obj = dict[str, Any]
 
@@ -134,9 +148,11 @@ def deployment(service: str, values: Values) -> Obj:
                 {"name": "CILIARY_FLOWS_HTTP_HOST", "value": "0.0.0.0"}]
     if service == "kubebridge":  # its leader Lease lives where its Role grants it
         env.append({"name": "CILIARY_KUBE_LEASE_NAMESPACE", "value": values.namespace})
+    env.append({"name": ciliary_config.ENV_NATS_CREDS, "value": f"{CREDS_DIR}/{credentials.credential_file(service)}"})
     container = _container(service, values, ["python", "-m", f"services.{service}"], spec.resources,
                            ports=ports, env=env, security=_UNPRIVILEGED)
-    container["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]  # the root filesystem is read-only
+    container["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"},  # the root filesystem is read-only
+                                 {"name": "nats-creds", "mountPath": CREDS_DIR, "readOnly": True}]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -152,8 +168,74 @@ def deployment(service: str, values: Values) -> Obj:
                     "serviceAccountName": name,
                     "automountServiceAccountToken": service == "kubebridge",
                     "terminationGracePeriodSeconds": 30,
+                    # the Secret's files are group-readable by this group (the init container reads them)
+                    "securityContext": {"fsGroup": _UNPRIVILEGED["runAsUser"]},
+                    "initContainers": [_credential_install(service, values)],
                     "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}, *_credential_volumes(service)],
+                },
+            },
+        },
+    }
+
+
+def _credential_install(user: str, values: Values) -> Obj:
+    """The init container copying ``user``'s credential from its Secret, mode 0600."""
+    name = credentials.credential_file(user)
+    return {
+        "name": "nats-credential",
+        "image": values.image,
+        "imagePullPolicy": values.image_pull_policy,
+        "command": ["python", "-m", "ciliary.deploy.credinstall", "--user", user,
+                    f"{CREDS_SECRET_MOUNT}/{name}", f"{CREDS_DIR}/{name}"],
+        "resources": _resources(Resources()),
+        "securityContext": _UNPRIVILEGED,
+        "volumeMounts": [{"name": "nats-secret", "mountPath": CREDS_SECRET_MOUNT, "readOnly": True},
+                         {"name": "nats-creds", "mountPath": CREDS_DIR}],
+    }
+
+
+def _credential_volumes(user: str) -> list[Obj]:
+    name = credentials.credential_file(user)
+    return [
+        {"name": "nats-secret", "secret": {"secretName": credentials.secret_name(user), "defaultMode": 0o400,
+                                           "items": [{"key": name, "path": name}]}},
+        {"name": "nats-creds", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+    ]
+
+
+def provision_job(values: Values) -> Obj:
+    """Creates the buckets as ``admin`` (idempotent; removed 10 minutes after it completes,
+    applied again on every upgrade)."""
+    admin = natsauth.ADMIN
+    container = {
+        "name": "provision",
+        "image": values.image,
+        "imagePullPolicy": values.image_pull_policy,
+        "command": ["python", "-m", "ciliary.deploy.provision"],
+        "envFrom": [{"configMapRef": {"name": CONFIG_NAME}}],
+        "env": [{"name": ciliary_config.ENV_NATS_CREDS,
+                 "value": f"{CREDS_DIR}/{credentials.credential_file(admin)}"}],
+        "resources": _resources(Resources()),
+        "securityContext": _UNPRIVILEGED,
+        "volumeMounts": [{"name": "nats-creds", "mountPath": CREDS_DIR, "readOnly": True}],
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(PROVISION_NAME, values, "nats"),
+        "spec": {
+            "backoffLimit": 6,
+            "ttlSecondsAfterFinished": 600,
+            "template": {
+                "metadata": {"labels": {**PART_OF, **_selector(PROVISION_NAME)}},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "automountServiceAccountToken": False,
+                    "securityContext": {"fsGroup": _UNPRIVILEGED["runAsUser"]},
+                    "initContainers": [_credential_install(admin, values)],
+                    "containers": [container],
+                    "volumes": _credential_volumes(admin),
                 },
             },
         },
@@ -241,6 +323,7 @@ def nats_config(values: Values) -> Obj:
             "}",
         ]),
         "lame_duck_duration: 30s",
+        f"include ..{NATS_AUTH_MOUNT.removeprefix('/etc')}/{credentials.AUTH_FILE}",
         "",
     ])
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(f"{NATS_NAME}-config", values, "nats"),
@@ -270,7 +353,9 @@ def nats_objects(values: Values) -> list[Obj]:
         "lifecycle": {"preStop": {"exec": {"command": ["nats-server", "--signal", "ldm=/data/nats.pid"]}}},
         "resources": _resources(values.nats.resources),
         "securityContext": {**_UNPRIVILEGED},
-        "volumeMounts": [{"name": "config", "mountPath": "/etc/nats"}, {"name": "data", "mountPath": "/data"}],
+        "volumeMounts": [{"name": "config", "mountPath": "/etc/nats"},
+                         {"name": "auth", "mountPath": NATS_AUTH_MOUNT, "readOnly": True},
+                         {"name": "data", "mountPath": "/data"}],
     }
     container["command"] += ["--pid", "/data/nats.pid"]
     return [
@@ -300,7 +385,10 @@ def nats_objects(values: Values) -> list[Obj]:
                                      {"key": "node.kubernetes.io/not-ready", "operator": "Exists",
                                       "effect": "NoSchedule"}],
                      "containers": [container],
-                     "volumes": [{"name": "config", "configMap": {"name": f"{NATS_NAME}-config"}}],
+                     "volumes": [{"name": "config", "configMap": {"name": f"{NATS_NAME}-config"}},
+                                 {"name": "auth", "secret": {
+                                     "secretName": credentials.AUTH_SECRET, "defaultMode": 0o440,
+                                     "items": [{"key": credentials.AUTH_FILE, "path": credentials.AUTH_FILE}]}}],
                  },
              },
              "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": pvc_spec}],
@@ -319,7 +407,9 @@ def _host_path(name: str, path: str, kind: str = "DirectoryOrCreate") -> Obj:
 def node_daemonset(values: Values) -> Obj:
     env = [
         {"name": "CILIARY_NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-        {"name": "CILIARY_INSTANCE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        # the instance name its NATS user answers health under (natsauth.node_executor_user)
+        {"name": "CILIARY_INSTANCE", "value": natsauth.node_user("$(CILIARY_NODE)")},
+        {"name": ciliary_config.ENV_NATS_CREDS, "value": credentials.node_credential_path(NODE_CREDS_MOUNT)},
         {"name": "CILIARY_NODE_MODE", "value": "host"},
         {"name": "CILIARY_CNI_CONF_DIR", "value": f"{HOST_MOUNT}{values.node.cni_conf_dir}"},
         {"name": "CILIARY_CNI_BIN_DIR", "value": f"{HOST_MOUNT}{values.node.cni_bin_dir}"},
@@ -336,6 +426,7 @@ def node_daemonset(values: Values) -> Obj:
         {"name": "lib-modules", "mountPath": "/lib/modules", "readOnly": True},
         {"name": "usr-src", "mountPath": "/usr/src", "readOnly": True},
         {"name": "run-lock", "mountPath": "/run/lock"},
+        {"name": "nats-creds", "mountPath": NODE_CREDS_MOUNT, "readOnly": True},
     ]
     container = _container("node", values, ["python", "-m", "services.node"], values.node.resources,
                            ports=[], env=env, security={"privileged": True}, startup_grace=180)
@@ -381,6 +472,9 @@ def node_daemonset(values: Values) -> Obj:
                         _host_path("lib-modules", "/lib/modules", "Directory"),
                         _host_path("usr-src", "/usr/src", "Directory"),
                         _host_path("run-lock", "/run/lock"),
+                        # root-owned, 0400: the executor runs as root and reads its node's file
+                        {"name": "nats-creds", "secret": {"secretName": credentials.NODES_SECRET,
+                                                          "defaultMode": 0o400}},
                     ],
                 },
             },
@@ -402,7 +496,7 @@ def render_objects(values: Values) -> dict[str, list[Obj]]:
     return {
         "00-namespace.yaml": [namespace(values), config_map(values)],
         "10-crds.yaml": crds.policy_crds(),
-        "20-nats.yaml": nats_objects(values),
+        "20-nats.yaml": [*nats_objects(values), provision_job(values)],
         "30-rbac.yaml": bridge_rbac(values),
         "40-services.yaml": service_objs,
         "50-node.yaml": [service_account(NODE_NAME, values), node_daemonset(values)],

@@ -39,9 +39,12 @@ def _objects() -> list[dict]:
 OBJECTS = _objects()
 
 
-def _pod_specs() -> list[tuple[str, dict]]:
+def _pod_specs(kinds: tuple[str, ...] = ("Deployment", "DaemonSet", "StatefulSet")) -> list[tuple[str, dict]]:
     return [(f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"])
-            for o in OBJECTS if o["kind"] in ("Deployment", "DaemonSet", "StatefulSet")]
+            for o in OBJECTS if o["kind"] in kinds]
+
+
+WITH_JOBS = ("Deployment", "DaemonSet", "StatefulSet", "Job")
 
 
 def _containers(spec: dict) -> list[dict]:
@@ -153,9 +156,11 @@ def test_a_deployment_per_control_plane_service_with_probes_and_limits() -> None
 
 
 def test_every_workload_has_probes_and_limits() -> None:
-    for name, spec in _pod_specs():
+    """Long-running containers have probes (a Job's container runs to completion); every
+    container has requests and limits."""
+    for name, spec in _pod_specs(WITH_JOBS):
         for c in spec["containers"]:
-            assert "readinessProbe" in c and "livenessProbe" in c, name
+            assert name.startswith("Job/") or ("readinessProbe" in c and "livenessProbe" in c), name
         for c in _containers(spec):
             assert c["resources"]["limits"]["memory"] and c["resources"]["requests"]["memory"], (name, c["name"])
 
@@ -178,19 +183,19 @@ def test_memory_limits_hold_what_the_benches_measured() -> None:
 
 def test_only_the_node_executor_is_privileged() -> None:
     privileged = set()
-    for name, spec in _pod_specs():
+    for name, spec in _pod_specs(WITH_JOBS):
         for c in _containers(spec):
             if c.get("securityContext", {}).get("privileged"):
                 privileged.add((name, c["name"]))
             else:
                 assert c["securityContext"]["allowPrivilegeEscalation"] is False, (name, c["name"])
     assert privileged == {("DaemonSet/ciliary-node", "node")}
-    hostnet = {name for name, spec in _pod_specs() if spec.get("hostNetwork")}
+    hostnet = {name for name, spec in _pod_specs(WITH_JOBS) if spec.get("hostNetwork")}
     assert hostnet == {"DaemonSet/ciliary-node", "StatefulSet/ciliary-nats"}
 
 
 def test_every_image_reference_is_the_one_built_image() -> None:
-    images = {c["image"] for _name, spec in _pod_specs() for c in _containers(spec)}
+    images = {c["image"] for _name, spec in _pod_specs(WITH_JOBS) for c in _containers(spec)}
     assert images == {VALUES.image}
     containerfile = (ROOT / "Containerfile").read_text()
     assert VALUES.image.rsplit(":", 1)[1] in (ROOT / "ciliary" / "__init__.py").read_text()
@@ -205,7 +210,7 @@ def test_every_command_is_in_the_image() -> None:
         for source in sources.split():
             assert (ROOT / source).exists(), source
     assert "pip install --no-cache-dir -e ." in containerfile
-    for name, spec in _pod_specs():
+    for name, spec in _pod_specs(WITH_JOBS):
         for c in _containers(spec):
             command = c["command"]
             if command[:2] == ["python", "-m"]:
@@ -226,7 +231,7 @@ def test_the_node_daemonset_keeps_the_datapath_through_a_rollout() -> None:
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
     mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
     assert mounts["/sys/fs/bpf"]["mountPropagation"] == "Bidirectional"
-    paths = {v["hostPath"]["path"] for v in spec["volumes"]}
+    paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     assert {"/sys/fs/bpf", "/sys/fs/cgroup", "/opt/cni/bin", "/etc/cni/net.d"} <= paths
     assert spec["initContainers"][0]["command"][:3] == ["python", "-m", "services.node.cniinstall"]
     assert spec["tolerations"] == [{"operator": "Exists"}]
@@ -248,12 +253,21 @@ def test_nats_is_a_jetstream_cluster_of_three_with_a_quorum_kept() -> None:
     assert settings["data"]["CILIARY_NATS_URL"].count("nats://") == 3
 
 
-def test_the_rendered_nats_configuration_is_valid_for_nats_server(tmp_path: Path) -> None:
+def test_the_rendered_nats_configuration_is_valid_for_nats_server(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     conf = next(o for o in OBJECTS if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "ciliary-nats-config")
-    path = tmp_path / "nats.conf"
+    # laid out as the pod mounts it: the ConfigMap at /etc/nats, Secret ciliary-nats-auth
+    # (a generated auth.conf) at /etc/nats-auth
+    (tmp_path / "nats").mkdir()
+    path = tmp_path / "nats" / "nats.conf"
     path.write_text(conf["data"]["nats.conf"].replace("/data/jetstream", str(tmp_path / "js")))
+    env = {**os.environ, "SERVER_NAME": "ciliary-nats-0"}
+    missing = subprocess.run([nats_server_binary(), "-c", str(path), "-t"], capture_output=True, text=True,
+                             env=env, timeout=30)
+    assert missing.returncode != 0 and "auth.conf" in missing.stderr  # no Secret, no server
+    assert deploy_main(["credentials", "--nodes", "n1", "--out", str(tmp_path / "nats-auth")]) == 0
     result = subprocess.run([nats_server_binary(), "-c", str(path), "-t"], capture_output=True, text=True,
-                            env={**os.environ, "SERVER_NAME": "ciliary-nats-0"}, timeout=30)
+                            env=env, timeout=30)
     assert result.returncode == 0 and "is valid" in result.stdout + result.stderr, result.stderr
     path.write_text("jetstream { store_dir: \n")
     assert subprocess.run([nats_server_binary(), "-c", str(path), "-t"], capture_output=True, timeout=30).returncode

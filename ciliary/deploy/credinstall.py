@@ -1,0 +1,81 @@
+"""``python -m ciliary.deploy.credinstall --user USER SRC DST``: the init container that
+puts a pod's NATS credential where its process reads it.
+
+A Secret volume cannot give a file to a non-root user with mode 0600 (with ``fsGroup`` the
+kubelet makes it group-readable, 0440, which ``natscreds.read_credential`` refuses). This
+step runs as the pod's user, reads the credential from the Secret and writes it, mode 0600,
+into a memory-backed ``emptyDir`` the service container mounts read-only.
+
+Invariants:
+- ``SRC`` must hold a credential of exactly ``USER`` (a Secret loaded with another
+  service's file is refused, naming both users); the seed must be an nkey user seed.
+- ``DST`` is written to a temporary name, mode 0600, then renamed: the service never
+  reads half a file. On any error one line on stderr naming the file and field, exit 1,
+  nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import msgspec
+
+from ciliary import natscreds
+from ciliary.config import NatsCredential
+
+
+def check_credential(data: bytes, user: str, source: str) -> NatsCredential:
+    """Decode ``data`` as ``user``'s credential; ``CredentialError`` names ``source``."""
+    try:
+        cred = msgspec.json.decode(data, type=NatsCredential)
+    except msgspec.DecodeError as err:
+        raise natscreds.CredentialError(f"NATS credential {source}: not a credential file: {err}") from None
+    if cred.user != user:
+        raise natscreds.CredentialError(f"NATS credential {source}: field user: is {cred.user!r}, "
+                                        f"this pod runs as {user!r}")
+    try:
+        natscreds.public_key(cred.seed)
+    except Exception as err:  # nkeys raises its own errors for a malformed seed
+        raise natscreds.CredentialError(f"NATS credential {source}: field seed: not an nkey user seed "
+                                        f"({type(err).__name__})") from None
+    if not cred.seed.startswith("SU"):
+        raise natscreds.CredentialError(f"NATS credential {source}: field seed: not an nkey user seed")
+    return cred
+
+
+def install(src: Path, dst: Path, user: str) -> None:
+    try:
+        data = src.read_bytes()
+    except OSError as err:
+        raise natscreds.CredentialError(f"NATS credential {src}: {err.strerror or err}") from None
+    check_credential(data, user, str(src))
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    tmp.replace(dst)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ciliary.deploy.credinstall")
+    parser.add_argument("--user", required=True, help="the NATS user this pod runs as")
+    parser.add_argument("src", help="the credential as mounted from the Secret")
+    parser.add_argument("dst", help="where the service reads it (CILIARY_NATS_CREDS)")
+    args = parser.parse_args(argv)
+    try:
+        install(Path(args.src), Path(args.dst), args.user)
+    except (natscreds.CredentialError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.dst}: credential of {args.user}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
