@@ -20,8 +20,9 @@ Invariants:
   the acknowledgements; a subclass with its own ``kv_put`` gets it through that.
 - Payloads that fail to decode are logged and skipped, never raised into a service loop.
 - With a credential (``ciliary.config.NatsCredential``) the connection authenticates with
-  its nkey and receives replies under the credential's inbox prefix. A refused
-  credential is a ``BusError`` naming the user. A write, delete, get, request or watch
+  its nkey and receives replies under the credential's inbox prefix; when the credential
+  names a CA the connection is TLS and the server must present a certificate it signed.
+  A refused credential is a ``BusError`` naming the user. A write, delete, get, request or watch
   the server's permissions refuse raises ``PermissionDenied`` (a ``BusError`` naming the
   user and the subject) as soon as the server reports it; a refused plain publish or
   subscription is logged as a warning. Either way the connection stays up.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -52,6 +54,17 @@ from ciliary.config import NatsCredential
 from ciliary.kv import SYNCED, KVEntry, Synced
 
 log = logging.getLogger(__name__)
+
+
+class _TLSCloseNotice(logging.Filter):
+    """asyncio's notice that a TLS peer closed its side first, logged on every closed TLS
+    connection to NATS: not a problem, only noise on the CLI's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+logging.getLogger("asyncio").addFilter(_TLSCloseNotice())
 
 T = TypeVar("T")
 
@@ -232,6 +245,11 @@ class Bus:
         auth: dict[str, Any] = {}
         if credential is not None:
             auth = {"nkeys_seed_str": credential.seed, "inbox_prefix": credential.inbox_prefix}
+            if credential.tls_ca:
+                try:
+                    auth["tls"] = ssl.create_default_context(cafile=credential.tls_ca)
+                except (OSError, ssl.SSLError) as err:
+                    raise BusError(f"NATS TLS CA {credential.tls_ca}: {err}") from err
         try:
             nc = await nats.connect(
                 servers=[u.strip() for u in url.split(",") if u.strip()],  # a cluster: several

@@ -30,6 +30,7 @@ ENV_NATS_CREDS = "CILIARY_NATS_CREDS"  # path of this process's NATS credential 
 INSTANCE_FILE = "instance.json"
 NATS_CREDS_DIR = "nats-creds"  # one <user>.json per NATS user, mode 0600, directory 0700
 NATS_AUTH_FILE = "nats-auth.conf"  # nats-server's authorization block, mode 0600
+NATS_TLS_DIR = "nats-tls"  # CA and server certificate with ``up --nats-tls`` (directory 0700)
 
 
 class ProcessInfo(msgspec.Struct, frozen=True):
@@ -51,6 +52,7 @@ class InstanceState(msgspec.Struct, frozen=True, kw_only=True):
     ui_url: str = ""  # service map page of the flows service
     metrics_url: str = ""  # Prometheus endpoint of the flows service
     nats_auth: bool = False  # every connection authenticates with its own nkey credential
+    nats_tls: bool = False  # connections are TLS (``up --nats-tls``)
 
 
 class NatsCredential(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,6 +62,7 @@ class NatsCredential(msgspec.Struct, frozen=True, kw_only=True):
     user: str
     seed: str  # nkey seed of a NATS user ("SU...")
     inbox_prefix: str  # where this user receives replies
+    tls_ca: str = ""  # the CA file that signed the server's certificate ("" = plain TCP)
 
 
 def default_data_dir() -> Path:

@@ -54,10 +54,11 @@ def _write_private(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def write_instance_credentials(creds_dir: Path, auth_file: Path,
-                               users: Iterable[natsauth.User]) -> dict[str, Path]:
+def write_instance_credentials(creds_dir: Path, auth_file: Path, users: Iterable[natsauth.User],
+                               *, tls_ca: str = "") -> dict[str, Path]:
     """One credential file per user and the server's authorization block; returns the
-    credential path of every user."""
+    credential path of every user. With ``tls_ca`` every credential names the CA that
+    signed the server's certificate."""
     creds_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(creds_dir, 0o700)
     listed = list(users)
@@ -68,7 +69,7 @@ def write_instance_credentials(creds_dir: Path, auth_file: Path,
         keys[user.name] = public_key(seed)
         path = creds_dir / f"{user.name}.json"
         _write_private(path, msgspec.json.format(msgspec.json.encode(
-            NatsCredential(user=user.name, seed=seed, inbox_prefix=user.inbox_prefix))))
+            NatsCredential(user=user.name, seed=seed, inbox_prefix=user.inbox_prefix, tls_ca=tls_ca))))
         paths[user.name] = path
     _write_private(auth_file, natsauth.server_authorization(listed, keys).encode())
     return paths

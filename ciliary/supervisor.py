@@ -17,6 +17,8 @@ Invariants:
   gets a fresh nkey credential in ``<data-dir>/nats-creds/<user>.json`` (0600) and the
   server loads their public keys and permissions from ``<data-dir>/nats-auth.conf``. Each
   child connects as its own user (``CILIARY_NATS_CREDS``); the supervisor as ``admin``.
+  With ``--nats-tls`` the client port is TLS only, with a server certificate from a CA
+  made for the instance (``ciliary.natstls``) that every credential names.
 - With ``kubeconfig`` (``ciliary up --kubeconfig``) the kube bridge runs as one more
   control-plane child, started before the node executors; without it the instance stays
   fed by ``ciliary apply`` alone.
@@ -41,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ciliary import claims, config, natsauth, natscreds, schema
+from ciliary import claims, config, natsauth, natscreds, natstls, schema
 from ciliary.bus import Bus, BusError
 from ciliary.resources import resource_from_manifest
 from ciliary.runtime import install_stop_handlers
@@ -151,12 +153,14 @@ class Supervisor:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     claims: tuple[int, ...] = ()
     credentials: dict[str, Path] = field(default_factory=dict)  # NATS user -> credential file
+    nats_tls: bool = False  # TLS on the client port, with a CA made for the instance
+    tls: natstls.TLSFiles | None = None
 
     http_port: int = 0  # flows service: metrics and service map (0 = pick a free port)
 
     @property
     def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.nats_port}"
+        return f"{'tls' if self.nats_tls else 'nats'}://127.0.0.1:{self.nats_port}"
 
     def _child_env(self, instance: str, node: str = "", *, user: str = "") -> dict[str, str]:
         env = dict(os.environ)
@@ -191,7 +195,8 @@ class Supervisor:
             "nats-server",
             [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port), "-js",
              "-sd", str(self.data_dir / "nats"), "-n", f"ciliary-{self.cluster}",
-             "-c", str(self.data_dir / config.NATS_AUTH_FILE)],
+             "-c", str(self.data_dir / config.NATS_AUTH_FILE),
+             *(["--tls", "--tlscert", str(self.tls.cert), "--tlskey", str(self.tls.key)] if self.tls else [])],
             dict(os.environ), logs / "nats-server.log",
         ))
         for name in CONTROL_PLANE:
@@ -228,6 +233,7 @@ class Supervisor:
             ui_url=f"http://127.0.0.1:{self.http_port}/",
             metrics_url=f"http://127.0.0.1:{self.http_port}/metrics",
             nats_auth=bool(self.credentials),
+            nats_tls=self.tls is not None,
         ))
 
     async def _wait_for_nats(self, timeout: float = 20.0) -> None:
@@ -256,9 +262,15 @@ class Supervisor:
     def write_credentials(self) -> None:
         """A fresh credential for every NATS user of the instance, and the server's
         authorization block (before nats-server starts)."""
+        if self.nats_tls:
+            try:
+                self.tls = natstls.write_certificates(self.data_dir / config.NATS_TLS_DIR)
+            except natstls.TLSSetupError as err:
+                raise RuntimeError(f"cannot start: NATS TLS: {err}") from None
         self.credentials = natscreds.write_instance_credentials(
             self.data_dir / config.NATS_CREDS_DIR, self.data_dir / config.NATS_AUTH_FILE,
-            natsauth.users(self.cluster, node_names(self.nodes)))
+            natsauth.users(self.cluster, node_names(self.nodes)),
+            tls_ca=str(self.tls.ca) if self.tls else "")
 
     def claim(self) -> None:
         """Claim the data directory and the cluster name; ``RuntimeError`` naming the holder
@@ -403,12 +415,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pod-cidr", default="")
     parser.add_argument("--mesh-ttl", type=float, default=DEFAULT_MESH_TTL)
     parser.add_argument("--kubeconfig", default="")
+    parser.add_argument("--nats-tls", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s: %(message)s")
     supervisor = Supervisor(
         data_dir=Path(args.data_dir), nats_port=args.nats_port, nodes=args.nodes,
         cluster=args.cluster, cluster_id=args.cluster_id, pod_cidr=args.pod_cidr, mesh_ttl=args.mesh_ttl,
-        kubeconfig=args.kubeconfig,
+        kubeconfig=args.kubeconfig, nats_tls=args.nats_tls,
     )
     try:
         asyncio.run(supervisor.run())

@@ -91,6 +91,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--nats-port", str(args.nats_port), "--nodes", str(args.nodes),
         "--cluster", args.cluster, "--cluster-id", str(args.cluster_id),
         "--pod-cidr", pod_cidr, "--mesh-ttl", str(args.mesh_ttl),
+        *(["--nats-tls"] if args.nats_tls else []),
     ]
     if args.kubeconfig:
         kubeconfig = Path(args.kubeconfig).resolve()
@@ -186,6 +187,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(output.to_json({
             "nats_url": state.nats_url,
             "nats_auth": state.nats_auth,
+            "nats_tls": state.nats_tls,
             "cluster": state.cluster,
             "cluster_id": state.cluster_id,
             "data_dir": str(args.data_dir_path),
@@ -211,7 +213,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "resource_source": resource_source(reports),
         }))
         return 0 if not missing else 1
-    auth = "auth: nkey per process" if state.nats_auth else "auth: off"
+    auth = ("auth: nkey per process" if state.nats_auth else "auth: off") + (", TLS" if state.nats_tls else "")
     print(f"cluster {state.cluster} (id {state.cluster_id})   nats {state.nats_url} ({auth})   "
           f"data dir {args.data_dir_path}")
     if state.ui_url:
@@ -252,6 +254,8 @@ def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> Non
     p.add_argument("-d", "--detach", action="store_true", help="return once every service is healthy")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--nats-port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--nats-tls", action="store_true",
+                   help="TLS on the NATS port, with a certificate authority made for the instance")
     p.add_argument("--cluster", default=schema.DEFAULT_CLUSTER_NAME)
     p.add_argument("--cluster-id", type=int, default=schema.DEFAULT_CLUSTER_ID, help="1..255")
     p.add_argument("--pod-cidr", default="", help="pods' IPv4 CIDR, a /24 per node (default 10.<cluster id>.0.0/16)")

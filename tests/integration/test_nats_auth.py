@@ -12,12 +12,14 @@ import stat
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from ciliary import config, natsauth, natscreds, schema
+from ciliary import config, natsauth, natscreds, natstls, schema
 from ciliary.bus import Bus, BusError, PermissionDenied, PutManyError
 from ciliary.status import gather_health
 from ciliary.supervisor import free_port, nats_server_binary
@@ -41,16 +43,20 @@ class SecuredNats:
                                  credential=self.credential(user))
 
 
-@pytest.fixture
-def secured_nats(tmp_path: Path) -> Iterator[SecuredNats]:
-    """nats-server with the authorization block ``ciliary up`` writes, buckets provisioned."""
+@contextmanager
+def running_secured_nats(tmp_path: Path, *, tls: bool = False) -> Iterator[SecuredNats]:
+    """nats-server with the authorization block ``ciliary up`` writes (and, with ``tls``,
+    the certificates ``up --nats-tls`` makes), buckets provisioned."""
     auth = tmp_path / "nats-auth.conf"
-    creds = natscreds.write_instance_credentials(tmp_path / "creds", auth, natsauth.users(CLUSTER, NODES))
+    certs = natstls.write_certificates(tmp_path / "tls") if tls else None
+    creds = natscreds.write_instance_credentials(tmp_path / "creds", auth, natsauth.users(CLUSTER, NODES),
+                                                 tls_ca=str(certs.ca) if certs else "")
     port = free_port()
     log = tmp_path / "nats-server.log"
+    tls_args = ["--tls", "--tlscert", str(certs.cert), "--tlskey", str(certs.key)] if certs else []
     with open(log, "ab") as out:
         proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js",
-                                 "-sd", str(tmp_path / "nats"), "-c", str(auth)],
+                                 "-sd", str(tmp_path / "nats"), "-c", str(auth), *tls_args],
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10
@@ -61,7 +67,7 @@ def secured_nats(tmp_path: Path) -> Iterator[SecuredNats]:
             except OSError:
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.05)
-        server = SecuredNats(f"nats://127.0.0.1:{port}", creds, log)
+        server = SecuredNats(f"{'tls' if tls else 'nats'}://127.0.0.1:{port}", creds, log)
 
         async def provision() -> None:
             bus = await server.connect(natsauth.ADMIN)
@@ -75,6 +81,12 @@ def secured_nats(tmp_path: Path) -> Iterator[SecuredNats]:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def secured_nats(tmp_path: Path) -> Iterator[SecuredNats]:
+    with running_secured_nats(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
@@ -215,3 +227,29 @@ def test_a_service_with_an_unusable_credential_exits_naming_the_file(secured_nat
     log = (tmp_path / "bad.log").read_text()
     assert f"NATS credential {bad}: field seed: not an nkey user seed" in log
     assert "Traceback" not in log
+
+
+def test_with_tls_only_clients_that_trust_the_instance_ca_connect(tmp_path: Path) -> None:
+    with running_secured_nats(tmp_path, tls=True) as server:
+        cli = server.credential(natsauth.CLI)
+        assert cli.tls_ca == str(tmp_path / "tls" / "ca.pem")
+        assert stat.S_IMODE((tmp_path / "tls" / "server-key.pem").stat().st_mode) == 0o600
+        assert not (tmp_path / "tls" / "ca-key.pem").exists()  # nothing more can be signed
+
+        async def scenario() -> None:
+            bus = await server.connect(natsauth.CLI)
+            try:
+                await bus.kv_put(schema.BUCKET_RESOURCES, "Namespace._.tls", b"{}")
+                assert "Namespace._.tls" in await bus.kv_list(schema.BUCKET_RESOURCES)
+            finally:
+                await bus.close()
+            plain = msgspec.structs.replace(cli, tls_ca="")
+            with pytest.raises(BusError):
+                await Bus.connect(server.url.replace("tls://", "nats://"), "plain", allow_reconnect=False,
+                                  credential=plain, connect_timeout=1.0)
+            other_ca = natstls.write_certificates(tmp_path / "other").ca
+            with pytest.raises(BusError):
+                await Bus.connect(server.url, "untrusting", allow_reconnect=False, connect_timeout=1.0,
+                                  credential=msgspec.structs.replace(cli, tls_ca=str(other_ca)))
+
+        asyncio.run(scenario())
