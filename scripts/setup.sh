@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv"
 PYTHON="${PYTHON:-python3}"
 APT_PACKAGES=(python3-bpfcc libbpfcc linux-headers-amd64 iproute2 iptables nftables curl chromium fonts-dejavu-core
-    podman containerd runc containernetworking-plugins prometheus)
+    podman containerd runc containernetworking-plugins prometheus openssl)
 
 log() { printf '[setup] %s\n' "$*"; }
 
