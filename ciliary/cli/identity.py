@@ -74,6 +74,9 @@ def plain(value: Any) -> Any:
     return value
 
 
+UNCOUNTED = ("reserved", "remote")
+
+
 async def read_identities(bus: Bus) -> list[dict[str, Any]]:
     """Every identity in bucket ``identities``, joined with its label-set record."""
     entries = await bus.kv_list(schema.BUCKET_IDENTITIES)
@@ -104,9 +107,10 @@ async def read_identities(bus: Bus) -> list[dict[str, Any]]:
             "labels": list(rec.labels),
             "cluster": rec.cluster,
             "cluster_id": rec.cluster_id,
-            "refs": use.refs if committed and use is not None else (None if rec.scope == "reserved" else 0),
+            # reserved identities and a connected cluster's (scope remote) have no label-set record
+            "refs": use.refs if committed and use is not None else (None if rec.scope in UNCOUNTED else 0),
             "unused_since": use.unused_since if committed and use is not None else 0.0,
-            "committed": committed or rec.scope == "reserved",
+            "committed": committed or rec.scope in UNCOUNTED,
         })
     return out
 
