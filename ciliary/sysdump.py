@@ -168,6 +168,13 @@ BUCKET_RECORDS: dict[str, tuple[tuple[str, type], ...]] = {
                              (schema.LB_ENDPOINTS_PREFIX + ".", schema.LBEndpoints)),
     schema.BUCKET_POLICY: ((schema.POLICY_ID_PREFIX, schema.PolicyMapRecord),),
     schema.BUCKET_ALLOCATIONS: (("servicelb-", schema.LBAllocation),),
+    schema.BUCKET_MESH_REMOTES: (("remote.", schema.MeshRemote),),
+    schema.BUCKET_MESH_EXPORT: (("cluster", schema.MeshCluster), ("identity.", schema.IdentityRecord),
+                                ("ipcache.", schema.IPCacheRecord), ("service.", schema.MeshService),
+                                ("node.", schema.MeshNode)),
+    schema.BUCKET_MESH: (("status.", schema.MeshRemoteStatus), ("identity.", schema.IdentityRecord),
+                         ("ipcache.", schema.IPCacheRecord), ("service.", schema.MeshService),
+                         ("node.", schema.MeshNode)),
 }
 
 

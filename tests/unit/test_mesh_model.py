@@ -317,3 +317,13 @@ def test_service_map_keeps_a_connected_clusters_pods_apart() -> None:
     assert nodes["west:default/checkout"]["cluster"] == "west" and "cluster" not in nodes["default/checkout"]
     assert nodes["west:default/checkout"]["label"] == "checkout (west)"
     assert {n["id"] for n in build_service_map([flow("west")])["nodes"]} == {"default/checkout", "default/payments"}
+
+
+def test_sysdump_decodes_the_mesh_buckets() -> None:
+    from ciliary.sysdump import decode_entry
+
+    status = schema.MeshRemoteStatus(name="west", connected=True, nodes=1)
+    assert decode_entry(schema.BUCKET_MESH, "status.west", schema.encode(status)) == (
+        "MeshRemoteStatus", {"name": "west", "connected": True, "nodes": 1})
+    kind, _ = decode_entry(schema.BUCKET_MESH_EXPORT, "service.shop.payments", schema.encode(remote_record()))
+    assert kind == "MeshService"
