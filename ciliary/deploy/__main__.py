@@ -61,7 +61,8 @@ def _credentials(values: Values, nodes_arg: str, out: Path) -> int:
     nodes = [n for n in nodes_arg.split(",") if n]
     bad = [n for n in nodes if not _NODE_RE.match(n)]
     if not nodes or bad:
-        print(f"error: --nodes: Kubernetes node names expected, got {nodes_arg!r}", file=sys.stderr)
+        print(f"error: --nodes: {', '.join(map(repr, bad)) if bad else 'no node'}: a node name is a token of "
+              "ciliary's NATS subjects: lowercase letters, digits and '-' (no dots)", file=sys.stderr)
         return 2
     users = credentials.deploy_users(values.cluster.name, nodes)
     paths = natscreds.write_instance_credentials(out, out / credentials.AUTH_FILE, users)
