@@ -1,7 +1,8 @@
 """Chaos under traffic: on a 2-node instance, SIGKILL in turn each control-plane service and
 nats-server while a client keeps connecting across a service VIP and another keeps trying a
 path policy denies. Nothing allowed fails, nothing denied passes, every part comes back
-healthy, the kernel maps end as they began, and an apply afterwards is enforced."""
+healthy, the kernel maps and computed buckets end as they began, a policy applied while
+the policy service is out is enforced once it is back, and an apply afterwards too."""
 
 from __future__ import annotations
 
@@ -134,12 +135,24 @@ def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) 
         assert after[bucket] == stored[bucket], (bucket, set(after[bucket]) ^ set(stored[bucket]))
     print("items compared: " + ", ".join(f"{b} {len(stored[b])}" for b in COMPUTED))
 
-    # an apply afterwards is enforced: the widened policy lets frontend in
+    # a policy applied while the policy service is out is enforced once it is back
     policies = (SHOP / "30-policies.yaml").read_text()
     widened = policies.replace(
         "            app: checkout\n      toPorts:",
         "            app: checkout\n        - matchLabels:\n            tier: web\n      toPorts:", 1)
     assert widened != policies
-    cli("apply", "-f", "-", data_dir=data_dir, stdin=widened)
+    policy_pid = pid_of(data_dir, "policy")
+    os.kill(policy_pid, signal.SIGSTOP)  # out, but not exited: the supervisor waits
+    try:
+        cli("apply", "-f", "-", data_dir=data_dir, stdin=widened)
+        time.sleep(2.0)
+        assert connect(data_dir, "frontend", vip, 8080, timeout=1).returncode != 0, "enforced with policy out"
+    finally:
+        os.kill(policy_pid, signal.SIGKILL)
+    wait_for(lambda: pid_of(data_dir, "policy") != policy_pid, 30, "policy restarted")
     wait_for(lambda: connect(data_dir, "frontend", vip, 8080, timeout=1).returncode == 0, 30,
-             "frontend -> payments once the widened policy is applied")
+             "frontend -> payments once the policy applied during the outage is enforced")
+    # and an apply afterwards too: the original policy closes the path again
+    cli("apply", "-f", "-", data_dir=data_dir, stdin=policies)
+    wait_for(lambda: connect(data_dir, "frontend", vip, 8080, timeout=1).returncode != 0, 30,
+             "frontend -> payments denied again")
