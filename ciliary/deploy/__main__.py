@@ -4,7 +4,8 @@
 ``render`` renders the Kubernetes manifests from a values file; ``--check`` writes nothing
 and exits 1 naming the files that differ from ``--out``. ``credentials`` writes a fresh
 NATS credential for every user of the installation (``<user>.json``, 0600) and the
-server's ``auth.conf`` into ``--out`` (never into the manifests) and prints the kubectl
+server's ``auth.conf`` (and, clustered, ``cluster.conf``: the route password and the
+route URLs) into ``--out`` (never into the manifests) and prints the kubectl
 commands that load them into the Secrets the manifests mount. A bad values file or
 argument is one error line naming the field, exit code 2.
 """
@@ -12,12 +13,15 @@ argument is one error line naming the field, exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import secrets
 import sys
 from pathlib import Path
 
 from ciliary import natscreds
 from ciliary.deploy import credentials
+from ciliary.deploy.manifests import route_addresses
 from ciliary.deploy.render import differences, render_files, write
 from ciliary.deploy.values import Values, ValuesError, load_values
 
@@ -57,6 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+
+
 def _credentials(values: Values, nodes_arg: str, out: Path) -> int:
     nodes = [n for n in nodes_arg.split(",") if n]
     bad = [n for n in nodes if not _NODE_RE.match(n)]
@@ -69,8 +84,12 @@ def _credentials(values: Values, nodes_arg: str, out: Path) -> int:
     for user, path in paths.items():
         print(f"{user:<16} {path}")
     print(f"{'(server)':<16} {out / credentials.AUTH_FILE}")
+    if values.nats.replicas > 1:
+        _write_private(out / credentials.CLUSTER_FILE, credentials.cluster_authorization(
+            secrets.token_urlsafe(32), route_addresses(values)))
+        print(f"{'(routes)':<16} {out / credentials.CLUSTER_FILE}")
     print("\nLoad them into the cluster (creates or replaces the Secrets):")
-    for line in credentials.kubectl_commands(str(out), values.namespace, nodes):
+    for line in credentials.kubectl_commands(str(out), values.namespace, nodes, values.nats.replicas):
         print(f"  {line}")
     return 0
 

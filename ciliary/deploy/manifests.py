@@ -14,7 +14,8 @@ Invariants:
 - NATS is a StatefulSet on the host network (it must run before any pod network),
   JetStream on file storage, routes between all replicas, a headless Service and a PDB
   keeping a quorum. Its configuration includes the ``authorization`` block from Secret
-  ``ciliary-nats-auth``: every client connects with an nkey credential.
+  ``ciliary-nats-auth`` (every client connects with an nkey credential) and, clustered,
+  the route authorization and the route URLs with their password from the same Secret.
 - Every pod that talks to NATS mounts the Secret of exactly its own user
   (``credentials.secret_name``) and names the credential with ``CILIARY_NATS_CREDS``: a
   Deployment's init container copies it, mode 0600, into a memory-backed volume the
@@ -299,11 +300,18 @@ def bridge_rbac(values: Values) -> list[Obj]:
 
 # ---------------------------------------------------------------- NATS
 
+def route_addresses(values: Values) -> list[str]:
+    """``host:port`` of every server's route listener (host addresses when given, else DNS
+    names). The route URLs carry the route password, so they are in Secret
+    ``ciliary-nats-auth`` (``credentials.cluster_authorization``), not here."""
+    hosts = values.nats.host_addresses or [
+        f"{NATS_NAME}-{i}.{NATS_NAME}.{values.namespace}.svc" for i in range(values.nats.replicas)]
+    return [f"{host}:{NATS_CLUSTER_PORT}" for host in hosts]
+
+
 def nats_config(values: Values) -> Obj:
     n = values.nats.replicas
-    routes = [f"nats-route://{h}:{NATS_CLUSTER_PORT}" for h in (
-        values.nats.host_addresses or
-        [f"{NATS_NAME}-{i}.{NATS_NAME}.{values.namespace}.svc" for i in range(n)])]
+    auth_dir = f"..{NATS_AUTH_MOUNT.removeprefix('/etc')}"
     conf = "\n".join([
         f"port: {NATS_CLIENT_PORT}",
         f"http_port: {NATS_MONITOR_PORT}",
@@ -316,14 +324,12 @@ def nats_config(values: Values) -> Obj:
             "cluster {",
             f"  name: ciliary-{values.cluster.name}",
             f"  port: {NATS_CLUSTER_PORT}",
-            "  routes: [",
-            *[f"    {r}" for r in routes],
-            "  ]",
+            f"  include {auth_dir}/{credentials.CLUSTER_FILE}",  # route authorization and routes
             "  connect_retries: 120",
             "}",
         ]),
         "lame_duck_duration: 30s",
-        f"include ..{NATS_AUTH_MOUNT.removeprefix('/etc')}/{credentials.AUTH_FILE}",
+        f"include {auth_dir}/{credentials.AUTH_FILE}",
         "",
     ])
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(f"{NATS_NAME}-config", values, "nats"),
@@ -388,7 +394,7 @@ def nats_objects(values: Values) -> list[Obj]:
                      "volumes": [{"name": "config", "configMap": {"name": f"{NATS_NAME}-config"}},
                                  {"name": "auth", "secret": {
                                      "secretName": credentials.AUTH_SECRET, "defaultMode": 0o440,
-                                     "items": [{"key": credentials.AUTH_FILE, "path": credentials.AUTH_FILE}]}}],
+                                     "items": [{"key": f, "path": f} for f in credentials.auth_files(n)]}}],
                  },
              },
              "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": pvc_spec}],

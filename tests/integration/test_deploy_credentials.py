@@ -3,7 +3,9 @@ configuration, which includes the ``auth.conf`` written by ``python -m ciliary.d
 credentials`` (laid out as the pod mounts ConfigMap and Secret); the provisioning Job's
 command creating the buckets as ``admin``; a service started as its Deployment starts it
 (credential copied by the init container's command, a pod name as instance) becoming
-ready and answering health; another service's credential refused the service's writes."""
+ready and answering health; another service's credential refused the service's writes.
+Three servers routing with the password of the Secret's ``cluster.conf``; a server
+without it refused as a route."""
 
 from __future__ import annotations
 
@@ -134,3 +136,61 @@ async def test_a_service_runs_under_its_mounted_credential_and_another_is_refuse
         await cli.close()
     text = identity_log.read_text()
     assert "NATS refused" not in text and "Violation" not in text, text[-2000:]
+
+
+def test_the_servers_route_with_the_password_of_the_secret_and_a_stranger_is_refused(tmp_path: Path, procs) -> None:
+    """Three servers as the StatefulSet runs them (here on 127.0.0.2-4 with free ports):
+    the rendered configuration with the Secret's ``auth.conf`` and ``cluster.conf`` forms a
+    JetStream cluster; a server without the route password is refused as a route."""
+    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    values = tmp_path / "values.yaml"
+    values.write_text(f"nats: {{hostAddresses: [{', '.join(hosts)}]}}\n")
+    conf = next(d for d in yaml.safe_load_all(render_files(load_values(values.read_text()))["20-nats.yaml"])
+                if d and d["metadata"]["name"] == "ciliary-nats-config")["data"]["nats.conf"]
+    client, monitor, route = free_port(), free_port(), free_port()
+    auth = tmp_path / "auth"
+    assert deploy_main(["credentials", "--values", str(values), "--nodes", "n1", "--out", str(auth)]) == 0
+    cluster = (auth / "cluster.conf").read_text()
+    assert cluster.count(":6222") == 3
+    (auth / "cluster.conf").write_text(cluster.replace(":6222", f":{route}"))
+    logs = []
+    for i, host in enumerate(hosts):
+        server = tmp_path / f"s{i}"
+        (server / "nats").mkdir(parents=True)
+        shutil.copytree(auth, server / "nats-auth")  # the Secret, mounted beside the config
+        lines = conf.replace("/data/jetstream", str(server / "js")).splitlines()
+        wired = {"port: 4222": f"listen: {host}:{client}", "http_port: 8222": f"http: {host}:{monitor}",
+                 "  port: 6222": f"  listen: {host}:{route}"}
+        assert set(wired) <= set(lines)
+        (server / "nats" / "nats.conf").write_text("\n".join(wired.get(line, line) for line in lines) + "\n")
+        logs.append(server / "nats-server.log")
+        with open(logs[-1], "ab") as out:
+            procs.append(subprocess.Popen([nats_server_binary(), "-c", str(server / "nats" / "nats.conf")],
+                                          stdout=out, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "SERVER_NAME": f"ciliary-nats-{i}"}))
+    for host in hosts:
+        _until(lambda host=host: _get(f"http://{host}:{monitor}/healthz?js-enabled-only=true")[0] == 200,
+               30, f"JetStream of {host}")
+
+    def peers(host: str) -> set[str]:
+        status, body = _get(f"http://{host}:{monitor}/routez")
+        return {r.get("remote_name", "") for r in json.loads(body)["routes"]} if status == 200 else set()
+
+    _until(lambda: all(peers(h) == {f"ciliary-nats-{j}" for j in range(3)} - {f"ciliary-nats-{i}"}
+                       for i, h in enumerate(hosts)), 20, "every server routed to the two others")
+    jsz = json.loads(_get(f"http://{hosts[0]}:{monitor}/jsz")[1])
+    assert jsz["meta_cluster"]["cluster_size"] == 3
+
+    assert "Authentication Failure" not in logs[0].read_text(errors="replace")
+    # a server that knows the routes but not the password
+    stranger = tmp_path / "stranger.conf"
+    stranger.write_text("\n".join([
+        "server_name: stranger", f"listen: 127.0.0.5:{client}", "cluster {", "  name: ciliary-default",
+        f"  listen: 127.0.0.5:{route}", f"  routes: [nats-route://ciliary-route:guessed@{hosts[0]}:{route}]",
+        "}", ""]))
+    with open(tmp_path / "stranger.log", "ab") as out:
+        procs.append(subprocess.Popen([nats_server_binary(), "-c", str(stranger)], stdout=out,
+                                      stderr=subprocess.STDOUT))
+    _until(lambda: "Authentication Failure" in logs[0].read_text(errors="replace"), 15,
+           "the stranger's route refused")
+    assert "stranger" not in peers(hosts[0])

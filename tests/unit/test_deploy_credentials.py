@@ -107,14 +107,43 @@ def test_nats_includes_the_authorization_from_its_secret() -> None:
     (sts,) = _workloads("StatefulSet").values()
     spec = sts["spec"]["template"]["spec"]
     assert _secret_volumes(spec) == {"auth": {"secretName": credentials.AUTH_SECRET, "defaultMode": 0o440,
-                                              "items": [{"key": "auth.conf", "path": "auth.conf"}]}}
+                                              "items": [{"key": "auth.conf", "path": "auth.conf"},
+                                                        {"key": "cluster.conf", "path": "cluster.conf"}]}}
     mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
     assert mounts["auth"] == {"name": "auth", "mountPath": "/etc/nats-auth", "readOnly": True}
     assert mounts["config"]["mountPath"] == "/etc/nats"
     conf = next(o for o in OBJECTS if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "ciliary-nats-config")
     # nats-server resolves an include against the including file's directory
     assert "include ../nats-auth/auth.conf" in conf["data"]["nats.conf"].splitlines()
-    assert "authorization" not in conf["data"]["nats.conf"]
+    assert "  include ../nats-auth/cluster.conf" in conf["data"]["nats.conf"].splitlines()
+    assert "authorization" not in conf["data"]["nats.conf"] and "password" not in conf["data"]["nats.conf"]
+
+
+def test_the_routes_and_their_password_are_written_with_the_credentials(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "creds"
+    assert deploy_main(["credentials", "--nodes", "n1", "--out", str(out)]) == 0
+    assert f"--from-file={out}/auth.conf --from-file={out}/cluster.conf" in capsys.readouterr().out
+    cluster = out / "cluster.conf"
+    assert stat.S_IMODE(cluster.stat().st_mode) == 0o600
+    text = cluster.read_text()
+    (password,) = set(re.findall(r'password: "([^"]+)"', text))
+    assert len(password) >= 32
+    routes = re.findall(r"nats-route://(\S+)", text)
+    assert routes == [f"ciliary-route:{password}@ciliary-nats-{i}.ciliary-nats.ciliary-system.svc:6222"
+                      for i in range(3)]
+    assert all(password not in p.read_text() for p in MANIFESTS.glob("*.yaml"))
+    # a new set, a new password
+    assert deploy_main(["credentials", "--nodes", "n1", "--out", str(out)]) == 0
+    assert password not in cluster.read_text()
+    capsys.readouterr()
+    # one server: no routes, no cluster file
+    single = tmp_path / "single.yaml"
+    single.write_text("nats: {replicas: 1}\n")
+    assert deploy_main(["credentials", "--values", str(single), "--nodes", "n1", "--out", str(tmp_path / "one")]) == 0
+    assert "cluster.conf" not in capsys.readouterr().out and not (tmp_path / "one" / "cluster.conf").exists()
+    with pytest.raises(ValueError, match="route password"):
+        credentials.cluster_authorization('x"}', ["h:6222"])
 
 
 SEED = re.compile(r"\bS[UOA][A-Z2-7]{50,}")
