@@ -32,20 +32,20 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import ipaddress
 import os
 import re
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import states as nud_states
+
+from services.node import nssocket
+from services.node.nssocket import run_in_netns
 
 PREFIX = "ciliary-"
 TOPOLOGY_LOCK = "/run/lock/ciliary-topology.lock"
@@ -54,12 +54,10 @@ GATEWAY_IP = "169.254.1.1"
 BRIDGE = "ciliary-br"
 POD_IFNAME = "eth0"
 
+nssocket.install()  # sockets in named namespaces without forking this process
+
 _CLUSTER_RE = re.compile(r"^[a-z0-9]{1,16}$")
 _NODE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,36 +131,6 @@ def cluster_netns(cluster: str) -> list[str]:
 
 
 # ---- running code inside a namespace -------------------------------------------
-
-
-def run_in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a fresh thread that has joined netns ``name``.
-
-    Sockets created by ``fn`` stay in that namespace after it returns. The
-    calling thread's namespace is never touched.
-    """
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            fd = os.open(os.path.join(NETNS_RUN_DIR, name), os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(fn())
-        except BaseException as exc:  # handed to the caller
-            error.append(exc)
-
-    t = threading.Thread(target=target, name=f"netns-{name}", daemon=True)
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 def set_sysctls(name: str | None, values: dict[str, str]) -> None:
