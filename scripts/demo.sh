@@ -36,6 +36,15 @@ rows = [r for n in json.load(sys.stdin) for r in n["rows"] if r["pod"] == "defau
 sys.exit(0 if rows and rows[0]["ingress_enforcement"] else 1)'
 }
 
+mesh_ready() {
+    "$CILIARY" get pods -n mesh -o json | "$PY" -c '
+import json, sys
+items = json.load(sys.stdin)["items"]
+ready = [p for p in items if any(c["type"] == "Ready" and c["status"] == "True"
+         for c in p.get("status", {}).get("conditions", []))]
+sys.exit(0 if len(ready) == 2 else 1)'
+}
+
 call() {  # call FROM-POD HOST PORT
     if out=$("$CILIARY" exec "$1" -- "$PY" -m ciliary.workload connect "$2" "$3" --timeout 2 2>&1); then
         say "$1 -> $2:$3  answered: $out"
@@ -98,6 +107,25 @@ say "checkout -> payments, forwarded:"
 ALLOWED_BY=$("$CILIARY" observe --type policy-verdict --from-pod default/checkout --to-pod default/payments --verdict FORWARDED --last 1 -o json \
   | "$PY" -c 'import json,sys; f=json.loads(sys.stdin.readline())["flow"]; print(", ".join(p["kind"]+" "+p["namespace"]+"/"+p["name"] for p in f.get("ingress_allowed_by", [])) or "?")')
 say "   the policy verdict names the rule that let it in: $ALLOWED_BY"
+
+step "Istio co-deployment: Envoy sidecars in checkout and payments (namespace mesh)"
+"$CILIARY" apply -f "$ROOT/examples/istio"
+wait_until 90 "the sidecar pods" mesh_ready
+MESH_VIP=$("$CILIARY" get svc payments -n mesh -o json | "$PY" -c 'import json,sys; s=json.load(sys.stdin); print(s.get("status",{}).get("clusterIP") or s["spec"]["clusterIP"])')
+TRACE_ID=$("$PY" -c 'import secrets; print(secrets.token_hex(16))')
+HTTP_CALL='import http.client,sys
+c = http.client.HTTPConnection(sys.argv[1], 8080, timeout=5)
+c.request("GET", "/pay", headers={"traceparent": "00-" + sys.argv[2] + "-" + "1" * 16 + "-01"})
+print(c.getresponse().status)'
+wait_until 30 "an answer through the sidecars" "$CILIARY" exec -n mesh checkout -- "$PY" -c "$HTTP_CALL" "$MESH_VIP" "$TRACE_ID"
+say "checkout -> payments ($MESH_VIP:8080) through both Envoys, trace $TRACE_ID"
+sleep 3
+say "one request across the layers: Envoy's spans joined to the datapath's flows"
+"$CILIARY" trace show "$TRACE_ID"
+say "the flows carry the trace id (Hubble's trace_context):"
+"$CILIARY" observe --trace-id "$TRACE_ID" --last 4
+say "and the debug order, walked in one command:"
+"$CILIARY" diagnose mesh/checkout mesh/payments --port 8080 || true
 
 step "Every service, its health and what it watches"
 "$CILIARY" status
