@@ -38,7 +38,8 @@ class ExportMemo:
     input objects, so their ids cannot be reused while it does."""
 
     def __init__(self) -> None:
-        self.services: dict[tuple[str, str], tuple[Any, bool, tuple[Any, ...], Any]] = {}
+        # (namespace, name) -> (Service record, exported, its frontends, export key, export record)
+        self.services: dict[tuple[str, str], tuple[Any, bool, tuple[Any, ...], str, Any]] = {}
 
     def prune(self, live: set[tuple[str, str]]) -> None:
         for ref in [r for r in self.services if r not in live]:
@@ -78,15 +79,16 @@ def export_state(
         is_exported = ref in exported
         fes = tuple(by_service.get(ref, ()))
         held = memo.services.get(ref) if memo is not None else None
-        if held is not None and held[0] is svc and held[1] == is_exported and len(held[2]) == len(fes) \
-                and all(a is b for a, b in zip(held[2], fes, strict=True)):
-            record = held[3]
+        # tuples compare element by element, identity first: unchanged frontends cost no field compare
+        if held is not None and held[0] is svc and held[1] == is_exported and held[2] == fes:
+            key, record = held[3], held[4]
         else:
+            key = f"{schema.MESH_SERVICE_PREFIX}.{svc.namespace}.{svc.name}"
             record = service_record(cluster, cluster_id, svc, is_exported, fes)
             if memo is not None:
-                memo.services[ref] = (svc, is_exported, fes, record)
+                memo.services[ref] = (svc, is_exported, fes, key, record)
         if record is not None:
-            out[schema.mesh_key(schema.MESH_SERVICE_PREFIX, svc.namespace, svc.name)] = record
+            out[key] = record
     if memo is not None:
         memo.prune(live)
     for key, status in node_status.items():

@@ -38,6 +38,9 @@ class RemoteView:
     reachable: bool = False  # its NATS connection is up
     synced: bool = False  # the export was read in full at least once
     errors: list[str] = field(default_factory=list)  # connection and decoding errors
+    # export key -> (entry as heard, imported flag, mesh key, mesh record or None, problem):
+    # an entry that is the very object checked before is not checked again
+    checked: dict[str, tuple[Any, bool, str, Any, str | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,20 +110,29 @@ def imported_state(local: LocalCluster, remotes: Mapping[str, RemoteView], now: 
                   schema.MESH_IDENTITY_PREFIX: 0, schema.MESH_SERVICE_PREFIX: 0}
         bad = 0
         if usable:
+            checked = view.checked
             for key, value in view.entries.items():
                 if key == schema.MESH_CLUSTER_KEY:
                     continue
-                problem = _entry_error(name, cfg.cluster_id, key, value)
-                if problem:
+                wanted = isinstance(value, schema.MeshService) and (value.namespace, value.name) in service_imports
+                held = checked.get(key)
+                if held is None or held[0] is not value or held[1] != wanted:
+                    problem = _entry_error(name, cfg.cluster_id, key, value)
+                    prefix, rest = key.split(".", 1)
+                    record = msgspec.structs.replace(value, imported=True) if wanted and not problem else value
+                    held = (value, wanted, f"{prefix}.{name}.{rest}", None if problem else record, problem)
+                    checked[key] = held
+                if held[4]:
                     bad += 1
                     if bad <= MAX_ERRORS:
-                        errors.append(problem)
+                        errors.append(held[4])
                     continue
                 prefix = key.split(".", 1)[0]
                 counts[prefix] = counts.get(prefix, 0) + 1
-                if isinstance(value, schema.MeshService) and (value.namespace, value.name) in service_imports:
-                    value = msgspec.structs.replace(value, imported=True)
-                out[schema.mesh_key(prefix, name, key.split(".", 1)[1])] = value
+                out[held[2]] = held[3]
+            if len(checked) + (schema.MESH_CLUSTER_KEY in view.entries) > len(view.entries):  # some went
+                for key in [k for k in checked if k not in view.entries]:
+                    del checked[key]
         if bad > MAX_ERRORS:
             errors.append(f"{bad - MAX_ERRORS} more entries of cluster {name} left out")
         out[schema.mesh_key(schema.MESH_STATUS_PREFIX, name)] = schema.MeshRemoteStatus(

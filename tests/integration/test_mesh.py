@@ -25,7 +25,7 @@ TTL = 2.0
 WEST_ID, EAST_ID = 2, 3
 
 
-async def eventually(probe: Callable[[], Awaitable[Any]], what: str, timeout: float = 15.0) -> Any:
+async def eventually(probe: Callable[[], Awaitable[Any]], what: str, timeout: float = 30.0) -> Any:
     deadline = asyncio.get_running_loop().time() + timeout
     last = None
     while asyncio.get_running_loop().time() < deadline:
@@ -145,7 +145,7 @@ async def test_connect_sync_disconnect_reconnect_restart_and_ttl(tmp_path: Path,
 
         # west's NATS gone for longer than the TTL: withdrawn, status says why
         west.stop()
-        st = await eventually(lambda: _stale(ebus, "west"), "west withdrawn after the TTL", timeout=TTL * 4 + 5)
+        st = await eventually(lambda: _stale(ebus, "west"), "west withdrawn after the TTL", timeout=TTL * 4 + 15)
         assert any("TTL" in e or "lost" in e for e in st.errors)
         assert set(await imported(ebus)) == {"status.west"}
         west.start()

@@ -327,3 +327,18 @@ def test_sysdump_decodes_the_mesh_buckets() -> None:
         "MeshRemoteStatus", {"name": "west", "connected": True, "nodes": 1})
     kind, _ = decode_entry(schema.BUCKET_MESH_EXPORT, "service.shop.payments", schema.encode(remote_record()))
     assert kind == "MeshService"
+
+
+def test_import_rechecks_only_changed_entries_and_follows_service_imports() -> None:
+    record = remote_record()
+    entries = {"cluster": schema.MeshCluster(name="west", cluster_id=WEST), "service.shop.payments": record}
+    remote = view(entries)
+    first = imported_state(EAST, {"west": remote}, now=101.0, ttl=10.0)
+    assert first["service.west.shop.payments"] is record  # passed through as heard
+    again = imported_state(EAST, {"west": remote}, now=101.0, ttl=10.0)
+    assert again["service.west.shop.payments"] is record
+    asked = imported_state(EAST, {"west": remote}, now=101.0, ttl=10.0, service_imports={("shop", "payments")})
+    assert asked["service.west.shop.payments"].imported is True
+    del entries["service.shop.payments"]
+    assert "service.west.shop.payments" not in imported_state(EAST, {"west": remote}, now=101.0, ttl=10.0)
+    assert "service.shop.payments" not in remote.checked
