@@ -8,8 +8,10 @@ Invariants:
   3. a dropped flow → ``policy`` when the datapath's reason is a policy denial (naming
      the policy that denied, or the missing allow rule, with the ``policy trace``
      answer), else ``network`` with the drop reason;
-  4. flows forwarded but a sidecar pod's request never reached its Envoy →
-     ``sidecar-bypass`` (socket-LB on in the pod, or no redirection);
+  4. flows forwarded but a sidecar pod's request bypassed its Envoy → ``sidecar-bypass``:
+     socket-LB translating in the pod (known from the node, or seen as an outbound span
+     whose upstream is a backend rather than one of the Service's ClusterIPs), or no span
+     at all (no redirection);
   5. an Envoy span with a 5xx, a response flag (UF, UH, URX, NR, UT, ...) or an error
      → ``l7`` with status, flags, upstream and retries (from the source's outbound span
      when there is one: it names the upstream as the caller addressed it);
@@ -57,6 +59,7 @@ class Evidence:
     policy_trace: schema.PolicyTraceReply | None = None
     sidecar: bool = False  # the source or destination pod runs an Envoy sidecar
     socket_lb_in_pods: bool = False  # socket-LB translates in pod namespaces on the source's node
+    service_ips: list[str] = field(default_factory=list)  # DST's ClusterIPs, when DST is a Service
 
 
 @dataclass(frozen=True)
@@ -161,11 +164,22 @@ def diagnose(ev: Evidence) -> Diagnosis:
             reasons = sorted({f.drop_reason_desc or str(f.drop_reason) for f in dropped})
             return Diagnosis(LAYER_NETWORK, f"{target} is dropped by the datapath: {', '.join(reasons)}",
                              [_flow_line(f) for f in dropped[-5:]], looked, {"drop_reasons": reasons})
+    outbound = [s for s in ev.spans if s.direction == "outbound"]
+    translated = [s for s in outbound if ev.service_ips and s.upstream_address
+                  and s.upstream_address.rpartition(":")[0] not in ev.service_ips]
+    if ev.sidecar and (ev.socket_lb_in_pods or translated):
+        seen = sorted({s.upstream_address for s in translated})
+        why = ("socket-LB translates the Service address inside the pod namespace, before Envoy: "
+               + (f"Envoy saw the backend {', '.join(seen)} instead of the ClusterIP"
+                  if seen else "Envoy sees backends, never the ClusterIP"))
+        lines = [f"span {s.trace_id}/{s.span_id} outbound {s.canonical_service or s.service}: upstream "
+                 f"{s.upstream_address} (ClusterIPs {', '.join(ev.service_ips) or '-'})" for s in translated[-3:]]
+        return Diagnosis(LAYER_SIDECAR, f"{target} bypasses the sidecar's view of the Service: {why}",
+                         lines + [_flow_line(f) for f in forwarded[-3:]], looked,
+                         {"socket_lb_in_pods": ev.socket_lb_in_pods, "upstreams": seen})
     if ev.sidecar and not ev.spans:
-        why = ("socket-LB translates the service address inside the pod namespace, so the request "
-               "bypasses Envoy's view of the ClusterIP" if ev.socket_lb_in_pods
-               else "no redirection into the sidecar (or the sidecar did not export)")
-        return Diagnosis(LAYER_SIDECAR, f"{target} never reached the sidecar: {why}",
+        return Diagnosis(LAYER_SIDECAR, f"{target} never reached the sidecar: no redirection into the "
+                         "sidecar (or the sidecar did not export)",
                          [_flow_line(f) for f in forwarded[-5:]], looked,
                          {"socket_lb_in_pods": ev.socket_lb_in_pods})
     bad = [s for s in ev.spans if _span_problem(s)]

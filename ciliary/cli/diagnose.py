@@ -92,11 +92,14 @@ async def gather(bus: Bus, args: argparse.Namespace) -> diagnose.Evidence:
         l4 = (last.l4.TCP or last.l4.UDP) if last.l4 else None
         trace = await l7data.policy_trace(bus, last, args.port or (l4.destination_port if l4 else 0),
                                           args.protocol.upper())
+    # socket-LB reaches a sidecar pod's sockets only when the pod is in the node cgroup
+    # and the node attaches it for every namespace (mode "on")
+    in_pod = src.sidecar and src.in_node_cgroup and await l7data.socket_lb_mode(bus, src.node) == "on"
     return diagnose.Evidence(
         source=src.ref, destination=target, port=args.port or 0, protocol=args.protocol.upper(),
         dns_name=dns_name, dns_flows=dns_flows, flows=flows, spans=spans, policy_trace=trace,
-        sidecar=src.sidecar or bool(dst_pod and dst_pod.sidecar),
-        socket_lb_in_pods=src.sidecar and src.in_node_cgroup)
+        sidecar=src.sidecar or bool(dst_pod and dst_pod.sidecar), socket_lb_in_pods=in_pod,
+        service_ips=dst_ips if dst_service else [])
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:

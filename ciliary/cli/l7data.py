@@ -2,8 +2,8 @@
 
 Invariants:
 - Read-only: flow queries (``ciliary.flows.query``, every chunk of the answer), L7 span
-  queries (``ciliary.flows.l7``), KV reads of pods, their status and services, and the
-  policy service's trace; nothing is written.
+  queries (``ciliary.flows.l7``), KV reads of pods, their status and services, the
+  policy service's trace and the nodes' health; nothing is written.
 - A service that does not answer is a ``CliError`` naming the subject, never a hang:
   every request has a timeout.
 """
@@ -18,6 +18,7 @@ from typing import Any
 from ciliary import schema
 from ciliary.bus import Bus, BusError, NoReply
 from ciliary.cli import common
+from ciliary.status import gather_health
 
 SIDECAR_ANNOTATION = "sidecar.istio.io/inject"
 
@@ -59,7 +60,8 @@ class Pod:
     ip: str
     labels: dict[str, str]
     sidecar: bool
-    in_node_cgroup: bool  # socket-LB (mode on) applies to its sockets
+    in_node_cgroup: bool  # its sockets belong to the node cgroup (socket-LB's scope)
+    node: str = ""
 
 
 async def pod(bus: Bus, ref: str) -> Pod:
@@ -74,7 +76,16 @@ async def pod(bus: Bus, ref: str) -> Pod:
     annotations = meta.get("annotations") or {}
     return Pod(f"{namespace}/{name}", st.get("podIP", ""), dict(meta.get("labels") or {}),
                str(annotations.get(SIDECAR_ANNOTATION, "")).lower() == "true",
-               bool((st.get("ciliary") or {}).get("cgroup")))
+               bool((st.get("ciliary") or {}).get("cgroup")), str((st.get("ciliary") or {}).get("node") or ""))
+
+
+async def socket_lb_mode(bus: Bus, node: str) -> str:
+    """The socket-LB mode node ``node`` reports in its health ("" when it does not answer)."""
+    for report in await gather_health(bus, timeout=1.0):
+        if report.service == "node" and report.node == node:
+            mode = (report.detail.get("socket_lb") or {}).get("mode")
+            return str(mode or "")
+    return ""
 
 
 async def service_ips(bus: Bus, ref: str) -> list[str] | None:

@@ -3,7 +3,9 @@ datapath's flows, ``trace show`` and ``diagnose`` on a real 2-node instance.
 
 checkout (node-1) calls the payments Service through its sidecar; payments (node-2)
 answers through its own. The client sends its own W3C ``traceparent`` so the test knows
-the trace id; Envoy continues that trace on both sides.
+the trace id; Envoy continues that trace on both sides. A second instance forces
+socket-LB (mode on) into the sidecar pods: Envoy then sees a backend instead of the
+ClusterIP, and diagnose reports the bypass.
 """
 
 from __future__ import annotations
@@ -163,3 +165,45 @@ def test_sidecar_spans_join_flows_and_diagnose_walks_the_layers(stack, tmp_path:
     assert any("policy trace" in line for line in found["evidence"]), found
     status = ciliary("status", data_dir=data_dir).stdout
     assert "socket-lb=" in status
+
+
+def test_socket_lb_forced_into_sidecar_pods_is_reported_as_a_bypass(tmp_path: Path, cluster_names: list[str]) -> None:
+    require_privileges()
+    cluster = "i" + secrets.token_hex(2)
+    cluster_names.append(cluster)
+    env = {"CILIARY_SOCKET_LB": "on", "CILIARY_SIDECAR_SOCKET_LB": "1"}
+    with embedded_instance(tmp_path / "instance", cluster, nodes=2, cluster_id=24, env=env) as data_dir:
+        ciliary("apply", "-f", "-", stdin=manifests(tmp_path / "status"), data_dir=data_dir, env=env)
+        pods = wait_for(lambda: pods_ready(data_dir, 2), 60, "checkout and payments ready")
+        svc = json.loads(ciliary("get", "svc", "payments", "-o", "json", data_dir=data_dir).stdout)
+        vip = svc.get("status", {}).get("clusterIP") or svc["spec"]["clusterIP"]
+        assert "socket-lb=on" in ciliary("status", data_dir=data_dir).stdout
+
+        trace_id = secrets.token_hex(16)
+
+        def answered() -> bool:
+            out = ciliary("exec", "checkout", "--", sys.executable, "-c", CLIENT, vip, trace_id, "3",
+                          data_dir=data_dir, check=False, timeout=40)
+            return out.stdout.strip() == "200"
+
+        wait_for(answered, 30, "an answer through the sidecars")
+
+        def outbound_upstream() -> str:
+            out = ciliary("trace", "show", trace_id, "-o", "json", data_dir=data_dir, check=False)
+            rows = json.loads(out.stdout)["timeline"] if out.returncode == 0 else []
+            return next((r["span"]["upstream_address"] for r in rows
+                         if "span" in r and r["span"].get("direction") == "outbound"), "")
+
+        # Envoy saw the backend the socket layer chose, never the ClusterIP
+        upstream = wait_for(outbound_upstream, 20, "the outbound span")
+        assert upstream == f"{pods['payments']['podIP']}:8080" and vip not in upstream
+
+        def bypass() -> dict | None:
+            out = ciliary("diagnose", "default/checkout", "default/payments", "--port", "8080", "-o", "json",
+                          data_dir=data_dir, check=False)
+            found = json.loads(out.stdout)
+            return found if found["layer"] == "sidecar-bypass" and found["looked_at"]["spans"] else None
+
+        found = wait_for(bypass, 20, "diagnose to report the socket-LB bypass")
+        assert found["details"]["socket_lb_in_pods"] is True
+        assert "socket-LB" in found["summary"]

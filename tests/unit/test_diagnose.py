@@ -84,6 +84,12 @@ def test_other_drops_are_network() -> None:
 def test_sidecar_bypass_by_socket_lb_or_missing_redirection() -> None:
     d = diagnose(Evidence(**BASE, flows=[tcp()], sidecar=True, socket_lb_in_pods=True))
     assert d.layer == LAYER_SIDECAR and "socket-LB" in d.summary
+    # seen in the spans: Envoy's upstream is a backend, not the Service's ClusterIP
+    d = diagnose(Evidence(**BASE, flows=[tcp()], sidecar=True, spans=[span(upstream="10.1.1.7:8080")],
+                          service_ips=["10.96.0.20"]))
+    assert d.layer == LAYER_SIDECAR and "10.1.1.7:8080" in d.summary and d.details["upstreams"] == ["10.1.1.7:8080"]
+    d = diagnose(Evidence(**BASE, flows=[tcp()], sidecar=True, spans=[span()], service_ips=["10.96.0.20"]))
+    assert d.layer == LAYER_HEALTHY
     d = diagnose(Evidence(**BASE, flows=[tcp()], sidecar=True))
     assert d.layer == LAYER_SIDECAR and "redirection" in d.summary
 
