@@ -57,7 +57,7 @@ except OSError as e:
 """
 
 
-def manifests(status_file: Path) -> str:
+def manifests(status_file: Path, *, dns: bool = False) -> str:
     def pod(name: str, node: str, command: list[str]) -> dict:
         return {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": "default", "labels": {"app": name},
@@ -73,6 +73,13 @@ def manifests(status_file: Path) -> str:
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "payments", "namespace": "default"},
          "spec": {"selector": {"app": "payments"}, "ports": [{"port": 8080, "targetPort": 8080}]}},
     ]
+    if dns:  # a DNS server that knows only payments.shop.example
+        docs.append({"apiVersion": "v1", "kind": "Pod",
+                     "metadata": {"name": "coredns", "namespace": "default", "labels": {"app": "coredns"}},
+                     "spec": {"nodeName": "node-2", "containers": [{
+                         "name": "dns", "image": "x",
+                         "command": [sys.executable, "-m", "ciliary.workload", "serve", "--dns", "53",
+                                     "--name", "coredns", "--dns-record", "payments.shop.example=10.96.0.99"]}]}})
     return "\n---\n".join(json.dumps(d) for d in docs)
 
 
@@ -95,8 +102,8 @@ def stack(tmp_path: Path, cluster_names: list[str]) -> Iterator[tuple[Path, str]
 def test_sidecar_spans_join_flows_and_diagnose_walks_the_layers(stack, tmp_path: Path) -> None:
     data_dir, _cluster = stack
     status_file = tmp_path / "payments-status"
-    ciliary("apply", "-f", "-", stdin=manifests(status_file), data_dir=data_dir)
-    wait_for(lambda: pods_ready(data_dir, 2), 60, "checkout and payments ready")
+    ciliary("apply", "-f", "-", stdin=manifests(status_file, dns=True), data_dir=data_dir)
+    pods = wait_for(lambda: pods_ready(data_dir, 3), 60, "checkout, payments and coredns ready")
     svc = json.loads(ciliary("get", "svc", "payments", "-o", "json", data_dir=data_dir).stdout)
     vip = svc.get("status", {}).get("clusterIP") or svc["spec"]["clusterIP"]
 
@@ -136,7 +143,21 @@ def test_sidecar_spans_join_flows_and_diagnose_walks_the_layers(stack, tmp_path:
     assert diagnosis["layer"] == "healthy", diagnosis
     assert diagnosis["seconds"] < 5
 
-    # 2. payments answers 503: diagnose says L7 with the status and the upstream
+    # 2. a name the DNS server does not know: diagnose says DNS, with the rcode and the server
+    dns_ip = pods["coredns"]["podIP"]
+    looked_up = ciliary("exec", "checkout", "--", sys.executable, "-m", "ciliary.workload", "resolve", dns_ip,
+                        "nope.shop.example", data_dir=data_dir, check=False)
+    assert "NXDOMAIN" in looked_up.stdout, looked_up.stdout + looked_up.stderr
+
+    def dns_fault() -> dict | None:
+        out = ciliary("diagnose", "default/checkout", "nope.shop.example", "-o", "json", data_dir=data_dir, check=False)
+        found = json.loads(out.stdout)
+        return found if found["layer"] == "dns" and found["details"].get("rcode") == "NXDOMAIN" else None
+
+    found = wait_for(dns_fault, 20, "diagnose to report the NXDOMAIN")
+    assert found["details"]["server"] == dns_ip, found
+
+    # 3. payments answers 503: diagnose says L7 with the status and the upstream
     status_file.write_text("503")
     assert request(secrets.token_hex(16)) == "503"
 
@@ -149,7 +170,7 @@ def test_sidecar_spans_join_flows_and_diagnose_walks_the_layers(stack, tmp_path:
     found = wait_for(l7_fault, 20, "diagnose to report the L7 failure")
     assert found["details"]["status"] == 503 and vip in found["details"]["upstream"], found
 
-    # 3. a deny policy: diagnose says policy and names it
+    # 4. a deny policy: diagnose says policy and names it
     status_file.write_text("200")
     ciliary("apply", "-f", "-", stdin=DENY, data_dir=data_dir)
 
