@@ -187,11 +187,13 @@ def diagnose(ev: Evidence) -> Diagnosis:
         # the caller's sidecar names the upstream as the source sees it (the Service)
         last = next((s for s in reversed(bad) if s.direction == "outbound"), bad[-1])
         flags = [f for f in last.response_flags.split(",") if f]
-        retries = last.attributes.get("x-envoy-attempt-count") or last.attributes.get("retries", "")
+        attempts = last.attributes.get("upstream.attempts", "")
+        retries = int(attempts) - 1 if attempts.isdigit() and int(attempts) > 0 else 0
         upstream = last.upstream_address or last.upstream_cluster or "?"
         meaning = "; ".join(FLAG_MEANINGS.get(f, f) for f in flags)
         summary = (f"{target} reached L7 and failed: status {last.status_code or 'none'}"
-                   f"{f', flags {last.response_flags} ({meaning})' if flags else ''}, upstream {upstream}")
+                   f"{f', flags {last.response_flags} ({meaning})' if flags else ''}, upstream {upstream}"
+                   f"{f', {retries} retries' if retries else ''}")
         lines = [f"span {s.trace_id}/{s.span_id} {s.direction or s.kind} {s.canonical_service or s.service}: "
                  f"status {s.status_code} flags {s.response_flags or '-'} upstream {s.upstream_address or '-'} "
                  f"({s.upstream_cluster or '-'}) verdict {s.verdict or '-'}" for s in bad[-5:]]

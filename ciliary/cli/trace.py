@@ -50,7 +50,7 @@ def _flow_row(flow: schema.Flow, layer: str) -> dict[str, Any]:
 
 def _span_row(span: schema.L7Span) -> dict[str, Any]:
     who = f"{span.namespace}/{span.pod}" if span.pod else span.service
-    retries = span.attributes.get("x-envoy-attempt-count", "")
+    retries = span.attributes.get("upstream.attempts", "")
     detail = [f"{span.method} {span.url}".strip(), f"status={span.status_code}",
               f"flags={span.response_flags or '-'}", f"upstream={span.upstream_address or '-'}",
               f"cluster={span.upstream_cluster or '-'}",

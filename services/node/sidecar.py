@@ -47,6 +47,7 @@ TAG_DOWNSTREAM_REMOTE = "downstream.remote_address"
 TAG_DOWNSTREAM_LOCAL = "downstream.local_address"
 TAG_UPSTREAM_LOCAL = "upstream.local_address"
 TAG_UPSTREAM_REMOTE = "upstream.remote_address"
+TAG_ATTEMPTS = "upstream.attempts"  # 1 + retries
 TAG_DIRECTION = "istio.direction"  # inbound | outbound
 TAG_CANONICAL_SERVICE = "istio.canonical_service"
 TAG_POD = "k8s.pod.name"
@@ -161,6 +162,7 @@ def _address_tags(direction: str, namespace: str, pod: str, service: str) -> lis
         {"tag": TAG_DOWNSTREAM_LOCAL, "value": "%DOWNSTREAM_LOCAL_ADDRESS%"},
         {"tag": TAG_UPSTREAM_LOCAL, "value": "%UPSTREAM_LOCAL_ADDRESS%"},
         {"tag": TAG_UPSTREAM_REMOTE, "value": "%UPSTREAM_HOST%"},
+        {"tag": TAG_ATTEMPTS, "value": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"},
     ]
 
 

@@ -215,6 +215,7 @@ async def test_envoy_sidecars_export_joinable_spans_unchanged(receiver, two_name
         assert client.upstream_local_address == server.downstream_remote_address
         assert client.upstream_local_address.startswith("10.254.0.1:")
         assert (client.canonical_service, server.canonical_service) == ("checkout", "payments")
+        assert client.attributes[sidecar.TAG_ATTEMPTS] == "1"  # no retry
         log_text = (tmp_path / "checkout-1-envoy.log").read_text()
         assert " 503 " in log_text and "upstream=10.254.0.2:8080" in log_text
     finally:

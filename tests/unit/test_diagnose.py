@@ -34,8 +34,9 @@ def dns(kind: str, rcode: int = 0, ips: tuple[str, ...] = ()) -> schema.Flow:
         l7=schema.FlowLayer7(type=kind, dns=schema.FlowDNS(query="payments.shop.", rcode=rcode, ips=list(ips))))
 
 
-def span(status: int = 200, flags: str = "", upstream: str = "10.96.0.20:8080") -> schema.L7Span:
+def span(status: int = 200, flags: str = "", upstream: str = "10.96.0.20:8080", attempts: str = "1") -> schema.L7Span:
     return schema.L7Span(trace_id="ab" * 16, span_id="01" * 8, direction="outbound", status_code=status,
+                         attributes={"upstream.attempts": attempts},
                          response_flags=flags, upstream_address=upstream, upstream_cluster="PassthroughCluster",
                          canonical_service="checkout", verdict="FORWARDED")
 
@@ -95,10 +96,11 @@ def test_sidecar_bypass_by_socket_lb_or_missing_redirection() -> None:
 
 
 def test_l7_failure_reports_status_flags_and_upstream() -> None:
-    d = diagnose(Evidence(**BASE, flows=[tcp()], sidecar=True, spans=[span(), span(503, "URX")]))
+    d = diagnose(Evidence(**BASE, flows=[tcp()], sidecar=True, spans=[span(), span(503, "URX", attempts="3")]))
     assert d.layer == LAYER_L7
     assert "status 503" in d.summary and "URX" in d.summary and "10.96.0.20:8080" in d.summary
-    assert d.details["response_flags"] == ["URX"] and d.details["status"] == 503
+    assert "retry limit exceeded" in d.summary and "2 retries" in d.summary
+    assert d.details["response_flags"] == ["URX"] and d.details["status"] == 503 and d.details["retries"] == 2
 
 
 def test_healthy() -> None:

@@ -68,6 +68,7 @@ def test_bootstrap_traces_to_the_socket_with_connection_tags() -> None:
     assert tags[sidecar.TAG_CANONICAL_SERVICE] == "pay"
     assert tags[sidecar.TAG_DOWNSTREAM_REMOTE] == "%DOWNSTREAM_REMOTE_ADDRESS%"
     assert tags[sidecar.TAG_UPSTREAM_LOCAL] == "%UPSTREAM_LOCAL_ADDRESS%"
+    assert tags[sidecar.TAG_ATTEMPTS] == "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"
     clusters = {c["name"]: c for c in plan.bootstrap["static_resources"]["clusters"]}
     otlp = clusters[sidecar.OTLP_CLUSTER]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
     assert otlp["endpoint"]["address"]["pipe"]["path"] == "/run/ciliary/otlp/t1.sock"
