@@ -151,3 +151,8 @@ def test_unjoined_spans_are_counted_by_direction_with_the_service_of_a_clusterip
     text = l7.metrics.render()
     assert ('hubble_http_requests_total{destination="shop/payments",method="GET",protocol="HTTP/1.1",'
             'reporter="client",source="shop/checkout-1",status="503"} 1') in text
+
+
+def test_a_bad_query_is_one_error_reply() -> None:
+    reply = L7Core().query(b"\xc1not msgpack")
+    assert not reply.ok and reply.error and not reply.spans
