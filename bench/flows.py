@@ -237,13 +237,19 @@ def proc_cpu_s(pid: int) -> float:
 
 async def _seen(nc: Any, patience: float = 30.0) -> tuple[int, int]:
     """(flows seen, events lost) as the flows service reports them; waits while it
-    reconnects (after the server cut it off as a slow consumer)."""
+    reconnects (after the server cut it off as a slow consumer). ``nc``: a nats-py client
+    or a ``ciliary.bus.Bus``."""
+    from ciliary.bus import Bus
+
     q = schema.FlowQuery(number=1, whitelist=[schema.FlowFilter(uuid=["none"])], rings_only=True)
     deadline = time.monotonic() + patience
     while True:
         try:
-            msg = await nc.request(schema.SUBJECT_FLOWS_QUERY, schema.encode(q), timeout=5)
-            reply = schema.decode(msg.data, schema.FlowQueryReply)
+            if isinstance(nc, Bus):
+                reply = await nc.request(schema.SUBJECT_FLOWS_QUERY, q, schema.FlowQueryReply, timeout=5)
+            else:
+                msg = await nc.request(schema.SUBJECT_FLOWS_QUERY, schema.encode(q), timeout=5)
+                reply = schema.decode(msg.data, schema.FlowQueryReply)
             return reply.seen, reply.lost
         except Exception:
             if time.monotonic() > deadline:
@@ -564,14 +570,12 @@ def conn_rate(netns: str, ip: str, port: int, seconds: float) -> dict[str, Any]:
 
 
 def stack_seen(stack: Stack) -> int:
-    import nats
-
     async def run() -> int:
-        nc = await nats.connect(stack.state().nats_url)
+        bus = await S.connect_as_cli(stack.state().nats_url, stack.data_dir, "bench-flows-seen")
         try:
-            return (await _seen(nc))[0]
+            return (await _seen(bus))[0]
         finally:
-            await nc.close()
+            await bus.close()
 
     return asyncio.run(run())
 
