@@ -56,6 +56,9 @@ def _nats_cluster(tmp_path: Path, procs: list) -> tuple[list[int], list[int], li
     for port in monitors:  # JetStream of the cluster is up once every server reports healthy
         _until(lambda port=port: _get(f"http://127.0.0.1:{port}/healthz?js-enabled-only=true")[0] == 200,
                30, f"nats monitor {port}")
+    for port in monitors:  # and its meta leader is elected (streams can be created)
+        _until(lambda port=port: _get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 60,
+               f"JetStream cluster current on monitor {port}")
     return clients, monitors, servers
 
 
@@ -67,7 +70,11 @@ def test_a_service_on_a_three_server_jetstream_cluster_as_deployed(tmp_path: Pat
         "CILIARY_JS_REPLICAS": "3", "CILIARY_HEALTH_PORT": str(health), "CILIARY_HEALTH_HOST": "127.0.0.1"}))
 
     readyz = f"http://127.0.0.1:{health}/readyz"
-    _until(lambda: _get(readyz)[0] == 200, 60, "identity ready")
+    try:  # creating R3 buckets waits on the cluster's consensus: slow on a busy machine
+        _until(lambda: _get(readyz)[0] == 200, 120, "identity ready")
+    except AssertionError as err:
+        log = (tmp_path / "identity.log").read_text(errors="replace")[-2000:]
+        raise AssertionError(f"{err}; identity log ends:\n{log}") from None
     assert json.loads(_get(readyz)[1])["service"] == "identity"
     assert _get(f"http://127.0.0.1:{health}/livez")[0] == 200
 
