@@ -43,7 +43,9 @@ def public_key(seed: str) -> str:
     return nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600, through a temporary name and a rename (a
+    reader never sees half a file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -68,10 +70,10 @@ def write_instance_credentials(creds_dir: Path, auth_file: Path, users: Iterable
         seed = new_seed()
         keys[user.name] = public_key(seed)
         path = creds_dir / f"{user.name}.json"
-        _write_private(path, msgspec.json.format(msgspec.json.encode(
+        write_private(path, msgspec.json.format(msgspec.json.encode(
             NatsCredential(user=user.name, seed=seed, inbox_prefix=user.inbox_prefix, tls_ca=tls_ca))))
         paths[user.name] = path
-    _write_private(auth_file, natsauth.server_authorization(listed, keys).encode())
+    write_private(auth_file, natsauth.server_authorization(listed, keys).encode())
     return paths
 
 

@@ -13,7 +13,6 @@ argument is one error line naming the field, exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import secrets
 import sys
@@ -62,14 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    tmp.replace(path)
+    natscreds.write_private(path, text.encode())
 
 
 def _credentials(values: Values, nodes_arg: str, out: Path) -> int:

@@ -17,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -52,14 +51,7 @@ def install(src: Path, dst: Path, user: str) -> None:
     except OSError as err:
         raise natscreds.CredentialError(f"NATS credential {src}: {err.strerror or err}") from None
     check_credential(data, user, str(src))
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    tmp.replace(dst)
+    natscreds.write_private(dst, data)
 
 
 def main(argv: list[str] | None = None) -> int:
