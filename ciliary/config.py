@@ -5,7 +5,8 @@ Invariants:
   ``CILIARY_DATA_DIR``, then the per-user default (``$XDG_STATE_HOME/ciliary`` or
   ``~/.local/state/ciliary``).
 - ``instance.json`` in the data directory exists exactly while a supervisor runs for it;
-  it records the NATS URL and the process ids, and is the only way the CLI finds a
+  it records the NATS URL (every server, comma-separated, for a replicated bus) and the
+  process ids, and is the only way the CLI finds a
   running instance.
 """
 
@@ -38,6 +39,15 @@ class ProcessInfo(msgspec.Struct, frozen=True):
     pid: int
 
 
+class NatsServerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One server of a replicated bus (``ciliary up --nats-replicas N``)."""
+
+    name: str  # the process name in ``processes``: "nats-server-1"
+    server_name: str  # NATS server_name: "ciliary-<cluster>-1"
+    url: str  # client URL
+    monitor_url: str  # nats-server's HTTP monitoring endpoint
+
+
 class InstanceState(msgspec.Struct, frozen=True, kw_only=True):
     """What ``ciliary up`` records in ``<data-dir>/instance.json``."""
 
@@ -53,6 +63,8 @@ class InstanceState(msgspec.Struct, frozen=True, kw_only=True):
     metrics_url: str = ""  # Prometheus endpoint of the flows service
     nats_auth: bool = False  # every connection authenticates with its own nkey credential
     nats_tls: bool = False  # connections are TLS (``up --nats-tls``)
+    nats_replicas: int = 1  # servers of the bus, and copies of every bucket and stream
+    nats_servers: list[NatsServerInfo] = []  # with nats_replicas > 1; nats_url lists them all
 
 
 class NatsCredential(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,4 +1,4 @@
-"""``ciliary up``: one NATS server and every service as its own process.
+"""``ciliary up``: the NATS bus and every service as its own process.
 
 Invariants:
 - The supervisor owns every process it starts: nats-server first (JetStream, loopback
@@ -22,6 +22,12 @@ Invariants:
 - With ``kubeconfig`` (``ciliary up --kubeconfig``) the kube bridge runs as one more
   control-plane child, started before the node executors; without it the instance stays
   fed by ``ciliary apply`` alone.
+- With ``nats_replicas`` > 1 the bus is that many nats-servers on loopback forming one
+  NATS cluster with JetStream in cluster mode (``ciliary.natscluster``: one store
+  directory and one claim per server, routes authenticated with a password generated per
+  instance, the same client authorization on every server). Every child gets every
+  server's URL and ``CILIARY_JS_REPLICAS``, so buckets and streams have one copy per
+  server; each server is restarted like any other child, on its own ports and store.
 - Children die with the supervisor: each gets SIGTERM when the supervisor exits, however it
   exits (``PR_SET_PDEATHSIG``), so a killed supervisor leaves no orphan behind.
 """
@@ -39,11 +45,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ciliary import claims, config, natsauth, natscreds, natstls, schema
+from ciliary import claims, config, natsauth, natscluster, natscreds, natstls, schema
 from ciliary.bus import Bus, BusError
 from ciliary.resources import resource_from_manifest
 from ciliary.runtime import install_stop_handlers
@@ -155,12 +162,21 @@ class Supervisor:
     credentials: dict[str, Path] = field(default_factory=dict)  # NATS user -> credential file
     nats_tls: bool = False  # TLS on the client port, with a CA made for the instance
     tls: natstls.TLSFiles | None = None
+    nats_replicas: int = 1  # > 1: a replicated bus of that many servers
+    nats_servers: list[natscluster.ServerPlan] = field(default_factory=list)
+    store_claims: dict[str, int] = field(default_factory=dict)  # server process -> its claim
 
     http_port: int = 0  # flows service: metrics and service map (0 = pick a free port)
 
     @property
     def nats_url(self) -> str:
+        if self.nats_servers:
+            return natscluster.client_url(self.nats_servers, tls=self.nats_tls)
         return f"{'tls' if self.nats_tls else 'nats'}://127.0.0.1:{self.nats_port}"
+
+    @property
+    def nats_children(self) -> list[Child]:
+        return [c for c in self.children if is_nats_server(c.name)]
 
     def _child_env(self, instance: str, node: str = "", *, user: str = "") -> dict[str, str]:
         env = dict(os.environ)
@@ -171,6 +187,7 @@ class Supervisor:
             config.ENV_DATA_DIR: str(self.data_dir),
             config.ENV_INSTANCE: instance,
             ENV_MESH_TTL: f"{self.mesh_ttl:g}",
+            config.ENV_JS_REPLICAS: str(self.nats_replicas),
             "PYTHONUNBUFFERED": "1",
         })
         if self.pod_cidr:
@@ -187,10 +204,44 @@ class Supervisor:
     def _plan(self) -> None:
         self._plan_children()
         for child in self.children:
-            child.keep_fds = self.claims
+            own = self.store_claims.get(child.name)
+            child.keep_fds = self.claims + ((own,) if own is not None else ())
+
+    def _plan_nats(self) -> None:
+        """Ports, store directories and claim files of a replicated bus's servers."""
+        if self.nats_replicas > 1 and not self.nats_servers:
+            self.nats_servers = natscluster.plan(
+                self.data_dir, self.cluster,
+                [(free_port(), free_port(), free_port()) for _ in range(self.nats_replicas)])
+
+    def write_cluster_configs(self) -> None:
+        """Every server's configuration (0600: it holds the route password)."""
+        password = natscluster.route_password()
+        for server in self.nats_servers:
+            server.store_dir.mkdir(parents=True, exist_ok=True)
+            text = natscluster.server_config(
+                server, self.nats_servers, cluster=self.cluster, password=password,
+                auth_file=self.data_dir / config.NATS_AUTH_FILE,
+                tls_cert=self.tls.cert if self.tls else None, tls_key=self.tls.key if self.tls else None)
+            fd = os.open(server.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
 
     def _plan_children(self) -> None:
         logs = self.data_dir / "logs"
+        for server in self.nats_servers:
+            self.children.append(Child(
+                server.process, [nats_server_binary(), "-c", str(server.config_path)],
+                dict(os.environ), logs / f"{server.process}.log",
+            ))
+        if not self.nats_servers:
+            self._plan_single_nats(logs)
+        self._plan_services(logs)
+
+    def _plan_single_nats(self, logs: Path) -> None:
         self.children.append(Child(
             "nats-server",
             [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port), "-js",
@@ -199,6 +250,8 @@ class Supervisor:
              *(["--tls", "--tlscert", str(self.tls.cert), "--tlskey", str(self.tls.key)] if self.tls else [])],
             dict(os.environ), logs / "nats-server.log",
         ))
+
+    def _plan_services(self, logs: Path) -> None:
         for name in CONTROL_PLANE:
             env = self._child_env(name, user=name)
             if name == "flows" and "CILIARY_FLOWS_METRICS_PORT" not in env:
@@ -234,27 +287,46 @@ class Supervisor:
             metrics_url=f"http://127.0.0.1:{self.http_port}/metrics",
             nats_auth=bool(self.credentials),
             nats_tls=self.tls is not None,
+            nats_replicas=self.nats_replicas,
+            nats_servers=[config.NatsServerInfo(
+                name=s.process, server_name=s.server_name, url=s.client_url(tls=self.nats_tls),
+                monitor_url=s.monitor_url) for s in self.nats_servers],
         ))
 
     async def _wait_for_nats(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        nats_child = self.children[0]
+        deadline = time.monotonic() + (timeout if not self.nats_servers else 2 * timeout)
         while time.monotonic() < deadline:
-            if not nats_child.running:
-                raise RuntimeError(f"nats-server exited; see {nats_child.log_path}")
+            for nats_child in self.nats_children:
+                if not nats_child.running:
+                    raise RuntimeError(f"{nats_child.name} exited; see {nats_child.log_path}")
+            if self.nats_servers and not await asyncio.to_thread(self._cluster_healthy):
+                await asyncio.sleep(0.2)
+                continue
             try:
                 bus = await Bus.connect(self.nats_url, "ciliary-supervisor", allow_reconnect=False,
                                         credential=self._admin_credential())
             except BusError:
                 await asyncio.sleep(0.1)
                 continue
+            bus.replicas = self.nats_replicas
             try:
                 await bus.ensure_buckets()
                 await create_builtin_namespaces(bus)
+            except Exception as err:  # JetStream of a new cluster may still elect its leader
+                if not self.nats_servers:
+                    raise
+                log.info("JetStream cluster not ready yet: %s", err or type(err).__name__)
+                await asyncio.sleep(0.5)
+                continue
             finally:
                 await bus.close()
             return
         raise RuntimeError(f"nats-server did not answer within {timeout:.0f}s")
+
+    def _cluster_healthy(self) -> bool:
+        """Every server of the replicated bus reports JetStream healthy (blocking: run in a
+        thread)."""
+        return all(monitor_ok(f"{s.monitor_url}/healthz") for s in self.nats_servers)
 
     def _admin_credential(self) -> config.NatsCredential:
         return natscreds.read_credential(self.credentials[natsauth.ADMIN])
@@ -281,27 +353,36 @@ class Supervisor:
         try:
             for path in (claims.data_dir_claim(self.data_dir), claims.cluster_claim(self.cluster)):
                 taken.append(claims.take(path, holder))
+            for server in self.nats_servers:  # one store, one server
+                self.store_claims[server.process] = claims.take(
+                    server.claim_path, f"{server.process} of {holder}")
+                taken.append(self.store_claims[server.process])
         except claims.ClaimError as err:
             for fd in taken:
                 os.close(fd)
+            self.store_claims.clear()
             raise RuntimeError(f"cannot start: {err}") from None
-        self.claims = tuple(taken)
+        self.claims = tuple(fd for fd in taken if fd not in self.store_claims.values())
 
     async def run(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._plan_nats()
         self.claim()
         self.write_credentials()
-        if not self.nats_port:
+        self.write_cluster_configs()
+        if not self.nats_port and not self.nats_servers:
             self.nats_port = free_port()
         if not self.http_port:
             self.http_port = int(os.environ.get("CILIARY_FLOWS_METRICS_PORT") or 0) or free_port()
         self._plan()
         install_stop_handlers(self.stopping)
         try:
-            self.children[0].start()
-            await self._wait_for_nats()
-            for child in self.children[1:]:
+            for child in self.nats_children:
                 child.start()
+            await self._wait_for_nats()
+            for child in self.children:
+                if not is_nats_server(child.name):
+                    child.start()
             self._record()
             log.info("ciliary up: nats %s, %d processes", self.nats_url, len(self.children))
             await self._watch_children()
@@ -337,10 +418,24 @@ class Supervisor:
                 pass
 
     async def _stop_all(self) -> None:
-        services = [c for c in self.children if c.name != "nats-server"]
+        services = [c for c in self.children if not is_nats_server(c.name)]
         await _terminate([c for c in services if c.running])
-        await _terminate([c for c in self.children if c.name == "nats-server" and c.running])
+        await _terminate([c for c in self.nats_children if c.running])
         await asyncio.to_thread(remove_cluster_leftovers, self.cluster)
+
+
+def is_nats_server(process: str) -> bool:
+    """``nats-server`` (the single server) or ``nats-server-<i>`` (a replicated bus's)."""
+    return process == "nats-server" or process.startswith("nats-server-")
+
+
+def monitor_ok(url: str) -> bool:
+    """Whether nats-server's monitoring endpoint ``url`` answers 200 (blocking)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def remove_cluster_leftovers(cluster: str) -> None:
@@ -416,13 +511,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mesh-ttl", type=float, default=DEFAULT_MESH_TTL)
     parser.add_argument("--kubeconfig", default="")
     parser.add_argument("--nats-tls", action="store_true")
+    parser.add_argument("--nats-replicas", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s: %(message)s")
     supervisor = Supervisor(
         data_dir=Path(args.data_dir), nats_port=args.nats_port, nodes=args.nodes,
         cluster=args.cluster, cluster_id=args.cluster_id, pod_cidr=args.pod_cidr, mesh_ttl=args.mesh_ttl,
-        kubeconfig=args.kubeconfig, nats_tls=args.nats_tls,
+        kubeconfig=args.kubeconfig, nats_tls=args.nats_tls, nats_replicas=args.nats_replicas,
     )
+    error = natscluster.replicas_error(args.nats_replicas)
+    if error:
+        log.error("--nats-replicas: %s", error)
+        sys.exit(2)
     try:
         asyncio.run(supervisor.run())
     except RuntimeError as err:

@@ -12,21 +12,28 @@ Invariants:
   node map at or above 80 % fill, critical from 95 % (``ciliary.mappressure``); a warning
   does not change the exit code.
 - ``status`` has ``-o json``; tables are aligned.
+- ``up --nats-replicas 3`` runs a replicated bus (``ciliary.natscluster``); ``status`` then
+  lists each server (from ``instance.json`` and each server's monitoring port) and how many
+  streams have every copy current. A lost server does not change the exit code: the bus
+  keeps working on a quorum, and the services' health says whether they do.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ciliary import claims, clusters, config, output, schema, supervisor
+from ciliary import claims, clusters, config, natscluster, output, schema, supervisor
 from ciliary.bus import Bus, BusError
 from ciliary.cli import common
 from ciliary.config import NatsCredential
@@ -52,6 +59,12 @@ def checked_cluster(args: argparse.Namespace) -> str:
         raise common.CliError(f"--cluster-id: {error}")
     if args.nodes < 1:
         raise common.CliError("--nodes must be at least 1")
+    replicas = getattr(args, "nats_replicas", 1)
+    error = natscluster.replicas_error(replicas)
+    if error:
+        raise common.CliError(f"--nats-replicas: {error}")
+    if replicas > 1 and getattr(args, "nats_port", 0):
+        raise common.CliError("--nats-port: a replicated bus (--nats-replicas > 1) picks a free port per server")
     derived = not args.pod_cidr
     cidr = args.pod_cidr or os.environ.get("CILIARY_CLUSTER_CIDR") or clusters.default_pod_cidr(args.cluster_id)
     error = clusters.pod_cidr_error(cidr, args.nodes)
@@ -92,6 +105,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--cluster", args.cluster, "--cluster-id", str(args.cluster_id),
         "--pod-cidr", pod_cidr, "--mesh-ttl", str(args.mesh_ttl),
         *(["--nats-tls"] if args.nats_tls else []),
+        *(["--nats-replicas", str(args.nats_replicas)] if args.nats_replicas > 1 else []),
     ]
     if args.kubeconfig:
         kubeconfig = Path(args.kubeconfig).resolve()
@@ -183,11 +197,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     missing = missing_or_unhealthy(reports, state.nodes)
     alerts = map_pressure_alerts(reports)
+    servers, replication = nats_servers_state(state)
     if args.output == "json":
         print(output.to_json({
             "nats_url": state.nats_url,
             "nats_auth": state.nats_auth,
             "nats_tls": state.nats_tls,
+            "nats_replicas": state.nats_replicas,
+            "nats_servers": servers,
+            "replication": replication,
             "cluster": state.cluster,
             "cluster_id": state.cluster_id,
             "data_dir": str(args.data_dir_path),
@@ -219,6 +237,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if state.ui_url:
         print(f"service map {state.ui_url}   metrics {state.metrics_url}")
     print(resource_source_line(resource_source(reports)))
+    if servers:
+        print(output.table(["NATS SERVER", "URL", "PID", "STATE", "JETSTREAM"], [
+            [s["name"], s["url"], s["pid"] or "-", s["state"], s["role"]] for s in servers]))
+        print(replication_line(state.nats_replicas, replication))
     rows = [
         [r.service, r.node or "-", r.pid, r.version, "yes" if r.healthy else "NO",
          output.age(now - r.started), _watching(r)]
@@ -230,6 +252,60 @@ def cmd_status(args: argparse.Namespace) -> int:
     for alert in alerts:
         print(f"WARNING map pressure {alert['message']}")
     return 0 if not missing else 1
+
+
+def nats_servers_state(state: config.InstanceState) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each server of a replicated bus (``up``: healthz answers 200; ``catching-up``: it
+    runs but JetStream is not current yet; ``DOWN``: its process is gone or it does not
+    answer) and the replication its monitoring ports report. Empty for a single server."""
+    if not state.nats_servers:
+        return [], {}
+    pids = {p.name: p.pid for p in state.processes}
+    jsz: dict[str, dict[str, Any]] = {}
+    servers = []
+    for server in state.nats_servers:
+        pid = pids.get(server.name, 0)
+        healthy = _http_status(f"{server.monitor_url}/healthz") == 200
+        answer = _http_json(f"{server.monitor_url}/jsz?streams=true&config=true")
+        if answer is not None:
+            jsz[server.server_name] = answer
+        alive = bool(pid) and config.pid_alive(pid)
+        servers.append({"name": server.name, "server_name": server.server_name, "url": server.url,
+                        "pid": pid, "state": "up" if healthy else ("catching-up" if alive and answer else "DOWN")})
+    replication = natscluster.replication_summary(jsz)
+    for entry in servers:
+        entry["role"] = ("meta leader" if entry["server_name"] == replication["meta_leader"]
+                         else "follower" if entry["state"] != "DOWN" else "-")
+    return servers, replication
+
+
+def replication_line(replicas: int, replication: dict[str, Any]) -> str:
+    streams = replication.get("streams") or []
+    text = (f"replication: {replication.get('fully_replicated', 0)} of {len(streams)} streams "
+            f"with all {replicas} copies current")
+    lagging = sorted({name for s in streams for name in s["behind"]})
+    if lagging:
+        text += f"; behind: {', '.join(lagging)}"
+    return text
+
+
+def _http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
+def _http_json(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            answer = json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+    return answer if isinstance(answer, dict) else None
 
 
 def _watching(report: schema.HealthReport) -> str:
@@ -256,6 +332,9 @@ def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> Non
     p.add_argument("--nats-port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--nats-tls", action="store_true",
                    help="TLS on the NATS port, with a certificate authority made for the instance")
+    p.add_argument("--nats-replicas", type=int, default=1,
+                   help="NATS servers of the bus and copies of every bucket and stream: 1, or 3 "
+                        "for a replicated bus that survives the loss of one server")
     p.add_argument("--cluster", default=schema.DEFAULT_CLUSTER_NAME)
     p.add_argument("--cluster-id", type=int, default=schema.DEFAULT_CLUSTER_ID, help="1..255")
     p.add_argument("--pod-cidr", default="", help="pods' IPv4 CIDR, a /24 per node (default 10.<cluster id>.0.0/16)")
