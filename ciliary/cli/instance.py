@@ -274,8 +274,8 @@ def nats_servers_state(state: config.InstanceState) -> tuple[list[dict[str, Any]
                         "pid": pid, "state": "up" if healthy else ("catching-up" if alive and answer else "DOWN")})
     replication = natscluster.replication_summary(jsz)
     for entry in servers:
-        entry["role"] = ("meta leader" if entry["server_name"] == replication["meta_leader"]
-                         else "follower" if entry["state"] != "DOWN" else "-")
+        entry["role"] = ("-" if entry["state"] == "DOWN" else
+                         "meta leader" if entry["server_name"] == replication["meta_leader"] else "follower")
     return servers, replication
 
 
@@ -283,6 +283,9 @@ def replication_line(replicas: int, replication: dict[str, Any]) -> str:
     streams = replication.get("streams") or []
     text = (f"replication: {replication.get('fully_replicated', 0)} of {len(streams)} streams "
             f"with all {replicas} copies current")
+    leaderless = sum(1 for s in streams if not s["leader"])
+    if leaderless:
+        text += f"; {leaderless} electing a leader"
     lagging = sorted({name for s in streams for name in s["behind"]})
     if lagging:
         text += f"; behind: {', '.join(lagging)}"
