@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from ciliary import config, natscluster
+from ciliary.cli import app
+from ciliary.cli.instance import nats_servers_state, replication_line
 from ciliary.supervisor import Supervisor, is_nats_server
 
 PORTS = [(4001, 6001, 8001), (4002, 6002, 8002), (4003, 6003, 8003)]
@@ -157,3 +159,36 @@ def test_a_stream_whose_leader_did_not_answer_is_not_counted_replicated() -> Non
     summary = natscluster.replication_summary(answers)
     assert summary["fully_replicated"] == 0
     assert summary["streams"][0]["leader"] == ""
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--nats-replicas", "2"], "--nats-replicas: 2 servers cannot keep a quorum"),
+    (["--nats-replicas", "0"], "--nats-replicas: must be between 1 and 5, not 0"),
+    (["--nats-replicas", "7"], "--nats-replicas: must be between 1 and 5, not 7"),
+    (["--nats-replicas", "3", "--nats-port", "4222"], "--nats-port: a replicated bus"),
+])
+def test_up_refuses_a_bus_it_cannot_run_before_starting(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                                        words: str) -> None:
+    monkeypatch.delenv("CILIARY_CLUSTER_CIDR", raising=False)
+    monkeypatch.delenv("CILIARY_SERVICE_CIDR", raising=False)
+    with pytest.raises(SystemExit) as done:
+        app.main(["up", "-d", "--data-dir", str(tmp_path / "data"), "--cluster", "east", *args])
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and words in err, err
+    assert "Traceback" not in err and not (tmp_path / "data").exists()
+
+
+def test_the_replication_line_names_what_is_not_current() -> None:
+    summary = {"fully_replicated": 1, "streams": [
+        {"name": "KV_a", "replicas": 3, "leader": "s1", "current": 3, "behind": []},
+        {"name": "KV_b", "replicas": 3, "leader": "s2", "current": 2, "behind": ["s3"]},
+        {"name": "KV_c", "replicas": 3, "leader": "", "current": 0, "behind": []},
+    ]}
+    assert replication_line(3, summary) == \
+        "replication: 1 of 3 streams with all 3 copies current; 1 electing a leader; behind: s3"
+
+
+def test_a_single_server_instance_has_no_server_table() -> None:
+    state = config.InstanceState(nats_url="nats://127.0.0.1:4222", supervisor_pid=1)
+    assert nats_servers_state(state) == ([], {})
