@@ -34,7 +34,7 @@ VICTIMS = ("identity", "servicelb", "policy", "flows", "mesh", "nats-server")
 # connects until SIGTERM, then prints "<succeeded> <failed>"
 CLIENT_UNTIL_STOPPED = """
 import signal, socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 ok = failed = 0
 running = True
 def stop(*_):
@@ -43,7 +43,7 @@ def stop(*_):
 signal.signal(signal.SIGTERM, stop)
 while running:
     try:
-        with socket.create_connection((host, port), timeout=2) as s:
+        with socket.create_connection((host, port), timeout=timeout) as s:
             s.sendall(b"ping\\n")
             if s.recv(100):
                 ok += 1
@@ -87,9 +87,11 @@ def all_healthy(data_dir: Path) -> bool:
     return bool(status.get("healthy"))
 
 
-def client(netns: str, host: str, port: int) -> subprocess.Popen[str]:
+def client(netns: str, host: str, port: int, timeout: float) -> subprocess.Popen[str]:
+    """Connects in a loop until SIGTERM; prints ``ok failed``. A dropped SYN costs
+    ``timeout`` seconds, so the denied path uses a short one to try often."""
     return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", CLIENT_UNTIL_STOPPED, host,
-                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(port), str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def counts(proc: subprocess.Popen[str]) -> tuple[int, int]:
@@ -113,8 +115,8 @@ def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) 
     stored = buckets_snapshot(data_dir)
     assert all(stored[b] for b in (schema.BUCKET_IDENTITIES, schema.BUCKET_SERVICES, schema.BUCKET_POLICY))
 
-    allowed = client(pods["checkout"]["ciliary"]["netns"], vip, 8080)
-    denied = client(pods["frontend"]["ciliary"]["netns"], vip, 8080)
+    allowed = client(pods["checkout"]["ciliary"]["netns"], vip, 8080, timeout=2.0)
+    denied = client(pods["frontend"]["ciliary"]["netns"], vip, 8080, timeout=0.25)
     time.sleep(1.0)
     for victim in VICTIMS:
         pid = pid_of(data_dir, victim)

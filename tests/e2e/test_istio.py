@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,6 +187,19 @@ def test_sidecar_spans_join_flows_and_diagnose_walks_the_layers(stack, tmp_path:
     assert any("policy trace" in line for line in found["evidence"]), found
     status = ciliary("status", data_dir=data_dir).stdout
     assert "socket-lb=" in status
+
+    # 5. checkout loses its default route: its packets never reach the datapath, so there is
+    # no flow at all in a window that starts after the attempts above
+    time.sleep(3)
+    since = time.monotonic()
+    ciliary("exec", "checkout", "--", "ip", "route", "del", "default", data_dir=data_dir)
+    assert request(secrets.token_hex(16), timeout=2.0).startswith("error")
+    window = f"{max(2, int(time.monotonic() - since) + 2)}s"
+    out = ciliary("diagnose", "default/checkout", "default/payments", "--port", "8080", "--since", window,
+                  "-o", "json", data_dir=data_dir, check=False)
+    found = json.loads(out.stdout)
+    assert found["layer"] == "no-flow", found
+    assert found["looked_at"]["flows"] == 0, found
 
 
 def test_socket_lb_forced_into_sidecar_pods_is_reported_as_a_bypass(tmp_path: Path, cluster_names: list[str]) -> None:
