@@ -80,6 +80,11 @@ class PermissionDenied(BusError):
     """The server refused this connection's user an operation on a subject."""
 
 
+class BusTimeout(BusError, TimeoutError):
+    """NATS did not answer an operation in time (still a ``TimeoutError`` for callers that
+    retry on one). A write that timed out may have been stored."""
+
+
 DENIAL_PREFIX = "permissions violation for "
 
 
@@ -194,7 +199,13 @@ class Bus:
         try:
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if task.done():
-                return task.result()
+                try:
+                    return task.result()
+                except nats.errors.TimeoutError as err:
+                    raise BusTimeout(
+                        f"NATS did not answer in time ({wanted[0]}): the server is overloaded, or "
+                        f"(on a replicated bus, for ~10 s after one of its servers was lost) a "
+                        f"JetStream leader is being elected; retry") from err
             raise self._denied_error(waiter.result())
         finally:
             if not task.done():
@@ -810,7 +821,7 @@ class Bus:
             msg = await self._refusable(subject, self.nc.request(
                 subject, data, timeout=timeout, headers=telemetry.inject_headers() or None
             ))
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
+        except (BusTimeout, nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
             raise BusError(f"no answer on {subject}") from err
         return schema.decode(msg.data, type_)
 
