@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from ciliary import schema
-from ciliary.bus import Bus, BusError, KVEntry, PermissionDenied, PutManyError, RevisionMismatch
+from ciliary.bus import Bus, BusError, KVEntry, PutManyError, RevisionMismatch
 from ciliary.resources import Resource
 
 T = TypeVar("T")
@@ -318,10 +318,8 @@ class ResourceStore:
         if existing is None:
             return ApplyResult(kind, namespace, name, "not found")
         await self.bus.kv_delete(schema.BUCKET_RESOURCES, key)
-        try:
-            await self.bus.kv_delete(schema.BUCKET_STATUS, key)
-        except PermissionDenied:  # a user that writes resources only: the status's owner
-            pass  # removes it once the object is gone
+        # the status stays with its writer (node, policy, servicelb, kube bridge), which
+        # removes it once the object is gone: the CLI's user may not write statuses
         return ApplyResult(kind, namespace, name, "deleted")
 
     async def get(self, kind: str, namespace: str, name: str) -> StoredObject | None:
