@@ -47,6 +47,7 @@ import platform
 import random
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -573,6 +574,8 @@ KERNEL_KINDS = (
 
 
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so the instance's ``finally: ciliary down`` still runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser()
     parser.add_argument("--identities", type=int, default=1000)
     parser.add_argument("--rules", type=int, default=500)
