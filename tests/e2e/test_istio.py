@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,17 +187,19 @@ def test_sidecar_spans_join_flows_and_diagnose_walks_the_layers(stack, tmp_path:
     status = ciliary("status", data_dir=data_dir).stdout
     assert "socket-lb=" in status
 
-    # 5. checkout loses its default route: its packets never reach the datapath, so there is
-    # no flow at all in a window that starts after the attempts above
-    time.sleep(3)
-    since = time.monotonic()
+    # 5. checkout loses its default route: its packets (the app's and its sidecar's) never
+    # reach the datapath any more; once the sidecar's last upstream retries above are older
+    # than the window, diagnose finds no flow at all
     ciliary("exec", "checkout", "--", "ip", "route", "del", "default", data_dir=data_dir)
     assert request(secrets.token_hex(16), timeout=2.0).startswith("error")
-    window = f"{max(2, int(time.monotonic() - since) + 2)}s"
-    out = ciliary("diagnose", "default/checkout", "default/payments", "--port", "8080", "--since", window,
-                  "-o", "json", data_dir=data_dir, check=False)
-    found = json.loads(out.stdout)
-    assert found["layer"] == "no-flow", found
+
+    def no_flow() -> dict | None:
+        out = ciliary("diagnose", "default/checkout", "default/payments", "--port", "8080", "--since", "2s",
+                      "-o", "json", data_dir=data_dir, check=False)
+        found = json.loads(out.stdout)
+        return found if found["layer"] == "no-flow" else None
+
+    found = wait_for(no_flow, 30, "diagnose to report no flow once checkout has no route", interval=1.0)
     assert found["looked_at"]["flows"] == 0, found
 
 
