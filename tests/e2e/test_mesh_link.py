@@ -14,7 +14,7 @@ from services.node import meshlink
 from services.node import netns as N
 
 from .conftest import require_privileges
-from .podnet import EchoServer, tcp_roundtrip
+from .podnet import EchoServer, tcp_roundtrip, wait_for
 
 PORT = 7801
 
@@ -59,7 +59,9 @@ def test_link_routes_and_unlink(two_clusters: tuple[str, str]) -> None:
     try:
         assert not reaches(east_ns, "10.212.1.5")  # no link yet: the underlays are apart
         assert meshlink.ensure_link(east, west) and meshlink.ensure_link(west, east)  # idempotent, either side
-        assert reaches(east_ns, "10.212.1.5") and reaches(west_ns, "10.213.1.5")
+        # a new veth into both bridges forwards once its ports are up and ARP resolved
+        wait_for(lambda: reaches(east_ns, "10.212.1.5") and reaches(west_ns, "10.213.1.5"), 15,
+                 "both directions across the new link")
         assert servers[0].peers[-1][0] == "172.30.213.1"  # routed, not translated
         meshlink.unroute_remote_node(east, "node-1", "172.30.212.1", "10.212.1.0/24")
         assert not reaches(east_ns, "10.212.1.5")
