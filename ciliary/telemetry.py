@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import context, propagate, trace
@@ -49,16 +50,18 @@ class TracingSettingError(ValueError):
     """An OTel environment variable holds a value ciliary cannot use."""
 
 
-def export_protocol(env: dict[str, str] | os._Environ[str]) -> str | None:
-    """The OTLP protocol the environment asks for, or None when spans are not exported.
-    Raises ``TracingSettingError`` for an unsupported protocol."""
+def otlp_protocol(env: Mapping[str, str], signal: str) -> str | None:
+    """The OTLP protocol the environment asks for to export ``signal`` (``TRACES``,
+    ``LOGS``), or None when it is not exported: the SDK is disabled,
+    ``OTEL_<signal>_EXPORTER`` is ``none``, or no endpoint is named. Raises
+    ``TracingSettingError`` for an unsupported protocol."""
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return None
-    if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() in ("none", ""):
+    if env.get(f"OTEL_{signal}_EXPORTER", "otlp").strip().lower() in ("none", ""):
         return None
-    if not (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+    if not (env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
         return None
-    name = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    name = f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"
     protocol = env.get(name)
     if not protocol:
         name = "OTEL_EXPORTER_OTLP_PROTOCOL"
@@ -69,19 +72,20 @@ def export_protocol(env: dict[str, str] | os._Environ[str]) -> str | None:
     return protocol
 
 
+def export_protocol(env: Mapping[str, str]) -> str | None:
+    """The OTLP protocol spans are exported with, or None when they are not exported.
+    Raises ``TracingSettingError`` for an unsupported protocol."""
+    return otlp_protocol(env, "TRACES")
+
+
 def resource_attributes(process: str, *, cluster: str = "", node: str = "", instance: str = "",
-                        env: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, str]:
+                        env: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The attributes ciliary sets on this process's resource (they win over
     ``OTEL_RESOURCE_ATTRIBUTES``)."""
     attrs = {"service.name": f"ciliary-{process}", "service.version": __version__}
-    if env.get("OTEL_SERVICE_NAME"):
-        attrs["service.namespace"] = env["OTEL_SERVICE_NAME"]
-    if instance:
-        attrs["service.instance.id"] = instance
-    if cluster:
-        attrs["ciliary.cluster"] = cluster
-    if node:
-        attrs["ciliary.node"] = node
+    optional = {"service.namespace": env.get("OTEL_SERVICE_NAME", ""), "service.instance.id": instance,
+                "ciliary.cluster": cluster, "ciliary.node": node}
+    attrs.update((name, value) for name, value in optional.items() if value)
     return attrs
 
 

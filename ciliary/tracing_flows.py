@@ -152,21 +152,7 @@ def logs_protocol(env: Mapping[str, str]) -> str | None:
     ``telemetry.TracingSettingError`` for an unsupported protocol."""
     if env.get(ENV_FLOW_LOGS, "").strip().lower() not in ("1", "true", "yes", "on"):
         return None
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    if env.get("OTEL_LOGS_EXPORTER", "otlp").strip().lower() in ("none", ""):
-        return None
-    if not (env.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
-        return None
-    name = "OTEL_EXPORTER_OTLP_LOGS_PROTOCOL"
-    protocol = env.get(name)
-    if not protocol:
-        name = "OTEL_EXPORTER_OTLP_PROTOCOL"
-        protocol = env.get(name) or telemetry.PROTOCOL_HTTP
-    protocol = protocol.strip().lower()
-    if protocol not in telemetry.PROTOCOLS:
-        raise telemetry.TracingSettingError(f"{name}={protocol!r}: supported are {', '.join(telemetry.PROTOCOLS)}")
-    return protocol
+    return telemetry.otlp_protocol(env, "LOGS")
 
 
 class FlowLogs:
@@ -206,7 +192,7 @@ class FlowLogs:
                 )
             exporter = OTLPLogExporter()
         provider = LoggerProvider(resource=Resource.create(telemetry.resource_attributes(
-            process, cluster=cluster, instance=instance, env=dict(env))))
+            process, cluster=cluster, instance=instance, env=env)))
         provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
         return cls(provider)
 
