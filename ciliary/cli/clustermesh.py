@@ -23,7 +23,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ciliary import clusters, config, natsauth, natscreds, output, schema
 from ciliary.bus import Bus, BusError
@@ -45,17 +45,25 @@ async def _cluster_info(bus: Bus, where: str, timeout: float) -> schema.MeshClus
         await asyncio.sleep(0.2)
 
 
-async def _remotes(bus: Bus) -> dict[str, schema.MeshRemote]:
-    entries = await bus.kv_list(schema.BUCKET_MESH_REMOTES, f"{schema.MESH_REMOTE_PREFIX}.>")
+MeshRecord = TypeVar("MeshRecord", schema.MeshRemote, schema.MeshRemoteStatus)
+
+
+async def _records_by_name(bus: Bus, bucket: str, prefix: str, record_type: type[MeshRecord]) -> dict[str, MeshRecord]:
+    """Every decodable ``record_type`` under ``prefix`` in ``bucket``, by its name."""
+    entries = await bus.kv_list(bucket, f"{prefix}.>")
     out = {}
     for entry in entries.values():
         if entry.value:
             try:
-                remote = schema.decode(entry.value, schema.MeshRemote)
+                record = schema.decode(entry.value, record_type)
             except schema.msgspec.MsgspecError:
                 continue
-            out[remote.name] = remote
+            out[record.name] = record
     return out
+
+
+async def _remotes(bus: Bus) -> dict[str, schema.MeshRemote]:
+    return await _records_by_name(bus, schema.BUCKET_MESH_REMOTES, schema.MESH_REMOTE_PREFIX, schema.MeshRemote)
 
 
 def refusals(local: schema.MeshCluster, remote: schema.MeshCluster,
@@ -226,15 +234,7 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
 
 async def _status(bus: Bus) -> tuple[dict[str, schema.MeshRemote], dict[str, schema.MeshRemoteStatus]]:
     remotes = await _remotes(bus)
-    entries = await bus.kv_list(schema.BUCKET_MESH, f"{schema.MESH_STATUS_PREFIX}.>")
-    statuses = {}
-    for entry in entries.values():
-        if entry.value:
-            try:
-                status = schema.decode(entry.value, schema.MeshRemoteStatus)
-            except schema.msgspec.MsgspecError:
-                continue
-            statuses[status.name] = status
+    statuses = await _records_by_name(bus, schema.BUCKET_MESH, schema.MESH_STATUS_PREFIX, schema.MeshRemoteStatus)
     return remotes, statuses
 
 
