@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ciliary import claims, config, natsauth, natscluster, natscreds, natstls, schema
+from ciliary import cgroups, claims, config, natsauth, natscluster, natscreds, natstls, schema
 from ciliary.bus import Bus, BusError
 from ciliary.resources import resource_from_manifest
 from ciliary.runtime import install_stop_handlers
@@ -460,17 +460,10 @@ def remove_cluster_leftovers(cluster: str) -> None:
 def _remove_cluster_cgroups(cluster: str) -> None:
     """Remove ``ciliary-<cluster>-*`` under every cgroup2 mount (deepest first). A cgroup
     that still holds a process stays (rmdir refuses it) and is logged."""
-    try:
-        with open("/proc/mounts") as f:
-            mounts = [parts[1] for parts in (line.split() for line in f)
-                      if len(parts) > 2 and parts[2] == "cgroup2"]
-    except OSError:
-        return
-    for mount in mounts:
-        for top in Path(mount).glob(f"ciliary-{cluster}-*"):
-            for cgroup in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                _rmdir_cgroup(cgroup)
-            _rmdir_cgroup(top)
+    for top in cgroups.cluster_cgroups(cluster):
+        for cgroup in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            _rmdir_cgroup(cgroup)
+        _rmdir_cgroup(top)
 
 
 def _rmdir_cgroup(cgroup: Path) -> None:

@@ -36,6 +36,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ciliary import cgroups
+
 ENV_MODE = "CILIARY_SOCKET_LB"
 MODE_ON = "on"
 MODE_HOSTNS_ONLY = "hostns-only"
@@ -86,11 +88,7 @@ def parse_mode(value: str | None) -> str:
 
 def cgroup2_mount(mounts: str) -> str | None:
     """The first cgroup2 mount point in ``/proc/mounts`` text, or None."""
-    for line in mounts.splitlines():
-        parts = line.split()
-        if len(parts) > 2 and parts[2] == "cgroup2":
-            return parts[1].replace("\\040", " ")
-    return None
+    return next(iter(cgroups.cgroup2_mounts(mounts)), None)
 
 
 def cgroup_name(cluster: str, node: str) -> str:

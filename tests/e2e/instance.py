@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ciliary import config
+from ciliary import cgroups, config
 
 from .podnet import PIN_ROOT
 
@@ -38,9 +38,7 @@ def ciliary(*args: str, data_dir: Path, check: bool = True, timeout: float = 60,
 
 def cluster_cgroups(cluster: str) -> list[str]:
     """Node cgroups ``ciliary-<cluster>-*`` (socket LB) under any cgroup2 mount."""
-    with open("/proc/mounts") as f:
-        mounts = [parts[1] for parts in (line.split() for line in f) if len(parts) > 2 and parts[2] == "cgroup2"]
-    return sorted(str(p) for m in mounts for p in Path(m).glob(f"ciliary-{cluster}-*"))
+    return [str(p) for p in cgroups.cluster_cgroups(cluster)]
 
 
 def leftovers(cluster: str) -> list[str]:
