@@ -325,9 +325,18 @@ def synthetic_services(n: int, *, endpoints_per_service: int = 3, namespace: str
     return out
 
 
+def replace_endpoint(svc: ServicePort, rep: int) -> tuple[ServicePort, str]:
+    """``svc`` with its third endpoint replaced by a fresh unrouted address (never probed),
+    above the ``10.208.0.1 + 3n`` ones of ``synthetic_services``; ``rep`` picks which."""
+    new_ip = f"10.208.{200 + rep // 250}.{rep % 250 + 1}"
+    eps = (*svc.endpoints[:2], (new_ip, svc.endpoints[2][1]))
+    return ServicePort(svc.namespace, svc.name, svc.cluster_ip, svc.port, eps, svc.port_name,
+                       svc.protocol), new_ip
+
+
 __all__ = [
     "JUMP_CHAINS", "LARGE_CLUSTER_ENDPOINTS_THRESHOLD", "Options", "Ruleset", "ServicePort",
     "bootstrap_input", "build", "chain_line", "counts", "endpoint_chain", "flush_input",
-    "port_proto_hash", "probability", "restore_input", "service_chain", "service_chains",
+    "port_proto_hash", "probability", "replace_endpoint", "restore_input", "service_chain", "service_chains",
     "synthetic_services",
 ]

@@ -46,21 +46,10 @@ import kubeproxy_rules as K  # noqa: E402
 import sandbox as S  # noqa: E402
 
 from ciliary import output  # noqa: E402
-from services.node import layouts as L  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "mesh.json"
 NODE = "node-1"
 GLOBAL = {"service.cilium.io/global": "true"}
-
-
-def bus_options(data_dir: Path) -> dict[str, Any]:
-    """Connect as the instance's CLI user when it has NATS credentials."""
-    try:
-        from ciliary import natscreds
-    except ImportError:  # a tree without NATS authentication
-        return {}
-    credential = natscreds.instance_credential(data_dir, "cli")
-    return {"credential": credential} if credential else {}
 
 
 def service_doc(svc: K.ServicePort) -> str:
@@ -87,48 +76,6 @@ def manifests(svcs: list[K.ServicePort], *, slices: bool) -> str:
     return "---\n".join(docs)
 
 
-def replace_endpoint(svc: K.ServicePort, rep: int) -> tuple[K.ServicePort, str]:
-    new_ip = f"10.208.{200 + rep // 250}.{rep % 250 + 1}"
-    eps = (*svc.endpoints[:2], (new_ip, svc.endpoints[2][1]))
-    return K.ServicePort(svc.namespace, svc.name, svc.cluster_ip, svc.port, eps, svc.port_name,
-                         svc.protocol), new_ip
-
-
-class EastFrontend:
-    """East's node view of one frontend from its pinned lb4 maps: the slot addresses."""
-
-    def __init__(self, inst: S.EmbeddedInstance, vip: str, port: int):
-        self.services = S.PinnedMap(inst.pin(NODE, L.LB4_SERVICES), L.Lb4Key, L.Lb4Service)
-        self.backends = S.PinnedMap(inst.pin(NODE, L.LB4_BACKENDS), L.Lb4BackendKey, L.Lb4Backend)
-        self.key = L.Lb4Key(address=L.ip4(vip), dport=L.port(port), backend_slot=0, proto=L.IPPROTO_TCP)
-
-    def slot_addresses(self) -> set[str]:
-        self.key.backend_slot = 0
-        head = self.services.get(self.key)
-        out = set()
-        for slot in range(1, (head.count if head else 0) + 1):
-            self.key.backend_slot = slot
-            ent = self.services.get(self.key)
-            be = self.backends.get(L.Lb4BackendKey(backend_id=ent.backend_id)) if ent else None
-            if be is not None:
-                out.add(L.ip4_str(be.address))
-        return out
-
-    async def wait(self, cond: Any, timeout: float, what: str, poll: float = 0.0005) -> float:
-        deadline = time.perf_counter() + timeout
-        while True:
-            now = time.perf_counter()
-            if cond(self.slot_addresses()):
-                return now
-            if now > deadline:
-                raise TimeoutError(f"{what}: not in east's kernel after {timeout:.0f}s")
-            await asyncio.sleep(poll)
-
-    def close(self) -> None:
-        self.services.close()
-        self.backends.close()
-
-
 def frontend_vip(inst: S.EmbeddedInstance, name: str, namespace: str) -> str:
     out = inst.cli("service", "get", name, "-n", namespace, "-o", "json", check=False)
     if out.returncode != 0:
@@ -138,7 +85,7 @@ def frontend_vip(inst: S.EmbeddedInstance, name: str, namespace: str) -> str:
 
 
 async def _churn(west: S.EmbeddedInstance, east: S.EmbeddedInstance, svc: K.ServicePort, vip: str, reps: int,
-                 fe: EastFrontend) -> list[dict[str, float]]:
+                 fe: S.KernelFrontend) -> list[dict[str, float]]:
     """``reps`` one-backend changes in west, each timed to east's kernel with its stages."""
     from ciliary import schema
     from ciliary.bus import Bus
@@ -146,8 +93,8 @@ async def _churn(west: S.EmbeddedInstance, east: S.EmbeddedInstance, svc: K.Serv
     from ciliary.resources.loader import loads
     from ciliary.store import ResourceStore
 
-    wbus = await Bus.connect(west.nats_url(), "bench-mesh-west", allow_reconnect=False, **bus_options(west.data_dir))
-    ebus = await Bus.connect(east.nats_url(), "bench-mesh-east", allow_reconnect=False, **bus_options(east.data_dir))
+    wbus = await west.connect("bench-mesh-west", allow_reconnect=False)
+    ebus = await east.connect("bench-mesh-east", allow_reconnect=False)
     seen: dict[str, dict[str, float]] = {"export": {}, "mesh": {}, "row": {}}
 
     async def follow(bus: Bus, stage: str, bucket: str, key: str, type_: type) -> None:
@@ -174,7 +121,7 @@ async def _churn(west: S.EmbeddedInstance, east: S.EmbeddedInstance, svc: K.Serv
         old_ip = svc.endpoints[2][0]
         out = []
         for rep in range(reps):
-            new_svc, new_ip = replace_endpoint(svc, rep)
+            new_svc, new_ip = K.replace_endpoint(svc, rep)
             t0 = time.perf_counter()
             await store.apply(loads(slice_doc(new_svc), "<bench>"))
             t_kernel = await fe.wait(lambda a, ip=new_ip: ip in a, 60, f"backend {new_ip}")
@@ -227,7 +174,7 @@ def convergence(n: int, reps: int, load_timeout: float) -> dict[str, Any]:
         east.cli("clustermesh", "connect", "--to", str(west.data_dir), "--timeout", str(load_timeout),
                  timeout=load_timeout + 30)
         vip = wait_for(lambda: frontend_vip(east, churned.name, churned.namespace), "east's frontend", load_timeout)
-        fe = EastFrontend(east, vip, churned.port)
+        fe = S.KernelFrontend(east, NODE, vip, churned.port)
         try:
             want = {ip for ip, _ in churned.endpoints}
             wait_for(lambda: fe.slot_addresses() == want, "west's backends in east's kernel", load_timeout, 0.2)

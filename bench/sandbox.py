@@ -1,6 +1,6 @@
 """Shared sandbox harness of the benchmarks: namespaces, echo servers, clients, cleanup.
 
-Used by bench/datapath.py and bench/servicelb.py. Invariants:
+Used by the scripts under bench/. Invariants:
 
 - Everything a benchmark creates lives in namespaces ``ciliary-<cluster>-*`` (the node and
   pod namespaces of ``services/node/netns.py``) and pins under ``PIN_ROOT/<cluster>``, with
@@ -14,12 +14,14 @@ Used by bench/datapath.py and bench/servicelb.py. Invariants:
 - ``EmbeddedInstance`` drives ``ciliary up -d`` / ``ciliary down`` with a data directory of
   its own (a temporary directory), and ``down`` runs on every exit path.
 - ``PinnedMap`` only reads: it opens a pinned map read-only and looks entries up with the
-  bpf(2) syscall; it never creates, updates or deletes anything.
+  bpf(2) syscall; it never creates, updates or deletes anything (``KernelFrontend`` reads
+  a frontend's lb4 slots through it).
 - Timed client loops run with the cyclic garbage collector off (``no_gc``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import datetime as dt
 import gc
@@ -43,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from services.node import layouts as L  # noqa: E402
 from services.node import netns as N  # noqa: E402
 
 PIN_ROOT = "/sys/fs/bpf/ciliary"
@@ -621,6 +624,46 @@ class EmbeddedInstance:
             problems.append(f"pins left: {Path(PIN_ROOT, self.cluster)}")
         shutil.rmtree(self.data_dir, ignore_errors=True)
         return problems
+
+
+class KernelFrontend:
+    """A node's view of one frontend, read from its pinned lb4 maps the way the datapath
+    reads them: slot 0 (count), slots 1..count (backend ids), backends (addresses)."""
+
+    def __init__(self, inst: EmbeddedInstance, node: str, vip: str, port: int):
+        self.where = f"{inst.cluster}/{node}"
+        self.services = PinnedMap(inst.pin(node, L.LB4_SERVICES), L.Lb4Key, L.Lb4Service)
+        self.backends = PinnedMap(inst.pin(node, L.LB4_BACKENDS), L.Lb4BackendKey, L.Lb4Backend)
+        self.key = L.Lb4Key(address=L.ip4(vip), dport=L.port(port), backend_slot=0, proto=L.IPPROTO_TCP)
+
+    def slot_addresses(self) -> set[str]:
+        self.key.backend_slot = 0
+        head = self.services.get(self.key)
+        out = set()
+        for slot in range(1, (head.count if head else 0) + 1):
+            self.key.backend_slot = slot
+            ent = self.services.get(self.key)
+            be = self.backends.get(L.Lb4BackendKey(backend_id=ent.backend_id)) if ent else None
+            if be is not None:
+                out.add(L.ip4_str(be.address))
+        return out
+
+    async def wait(self, cond: Callable[[set[str]], bool], timeout: float, what: str,
+                   poll: float = 0.0005) -> float:
+        """Poll until ``cond(slot addresses)``; perf_counter time of the first poll that saw it
+        (the event loop keeps running in between, so the KV watch gets its timestamps)."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            now = time.perf_counter()
+            if cond(self.slot_addresses()):
+                return now
+            if now > deadline:
+                raise TimeoutError(f"{what}: not in the kernel of {self.where} after {timeout:.0f}s")
+            await asyncio.sleep(poll)
+
+    def close(self) -> None:
+        self.services.close()
+        self.backends.close()
 
 
 _MEMORY_FIELDS = {"VmRSS": "rss_mib", "VmHWM": "peak_rss_mib", "RssAnon": "anon_mib", "RssFile": "file_mib"}

@@ -537,54 +537,8 @@ def kv_manifests(svcs: list[K.ServicePort]) -> str:
     return "---\n".join(docs)
 
 
-def kv_replace_endpoint(svc: K.ServicePort, rep: int) -> tuple[K.ServicePort, str]:
-    """``svc`` with its third endpoint replaced by a fresh unrouted address (never probed)."""
-    new_ip = f"10.208.{200 + rep // 250}.{rep % 250 + 1}"  # above the 10.208.0.1 + 3N generated ones
-    eps = (*svc.endpoints[:2], (new_ip, svc.endpoints[2][1]))
-    return K.ServicePort(svc.namespace, svc.name, svc.cluster_ip, svc.port, eps, svc.port_name,
-                         svc.protocol), new_ip
-
-
-class KernelFrontend:
-    """The node's view of one frontend, read from its pinned lb4 maps the way the datapath
-    reads them: slot 0 (count), slots 1..count (backend ids), backends (addresses)."""
-
-    def __init__(self, inst: S.EmbeddedInstance, vip: str, port: int):
-        self.services = S.PinnedMap(inst.pin(KV_NODE, L.LB4_SERVICES), L.Lb4Key, L.Lb4Service)
-        self.backends = S.PinnedMap(inst.pin(KV_NODE, L.LB4_BACKENDS), L.Lb4BackendKey, L.Lb4Backend)
-        self.key = L.Lb4Key(address=L.ip4(vip), dport=L.port(port), backend_slot=0, proto=L.IPPROTO_TCP)
-
-    def slot_addresses(self) -> set[str]:
-        self.key.backend_slot = 0
-        head = self.services.get(self.key)
-        out = set()
-        for slot in range(1, (head.count if head else 0) + 1):
-            self.key.backend_slot = slot
-            ent = self.services.get(self.key)
-            be = self.backends.get(L.Lb4BackendKey(backend_id=ent.backend_id)) if ent else None
-            if be is not None:
-                out.add(L.ip4_str(be.address))
-        return out
-
-    async def wait(self, cond, timeout: float, what: str, poll: float = 0.0005) -> float:
-        """Poll until ``cond(slot addresses)``; perf_counter time of the first poll that saw it
-        (the event loop keeps running in between, so the KV watch gets its timestamps)."""
-        deadline = time.perf_counter() + timeout
-        while True:
-            now = time.perf_counter()
-            if cond(self.slot_addresses()):
-                return now
-            if now > deadline:
-                raise TimeoutError(f"{what}: not visible in the kernel after {timeout:.0f}s")
-            await asyncio.sleep(poll)
-
-    def close(self) -> None:
-        self.services.close()
-        self.backends.close()
-
-
 async def _kv_churn(inst: S.EmbeddedInstance, svc: K.ServicePort, reps: int,
-                    fe: KernelFrontend) -> list[tuple[float, float, float]]:
+                    fe: S.KernelFrontend) -> list[tuple[float, float, float]]:
     """``reps`` times: replace one endpoint of ``svc``'s slice through the store API. Per
     change, seconds from just before the write until (a) the KV write was acknowledged,
     (b) the new backend is in one of the frontend's slots in the kernel and (c) servicelb's
@@ -615,7 +569,7 @@ async def _kv_churn(inst: S.EmbeddedInstance, svc: K.ServicePort, reps: int,
         old_ip = svc.endpoints[2][0]
         out = []
         for rep in range(reps):
-            new_svc, new_ip = kv_replace_endpoint(svc, rep)
+            new_svc, new_ip = K.replace_endpoint(svc, rep)
             resources = loads(kv_slice_doc(new_svc), "<bench>")
             row_seen.clear()  # only rows written for this change count
             t0 = time.perf_counter()
@@ -646,12 +600,12 @@ async def _kv_bursts(inst: S.EmbeddedInstance, svcs: list[K.ServicePort], size: 
     from ciliary.store import ResourceStore
 
     bus = await inst.connect("bench-servicelb-burst", allow_reconnect=False)
-    fes = {svc.name: KernelFrontend(inst, svc.cluster_ip, svc.port) for svc in svcs[:size]}
+    fes = {svc.name: S.KernelFrontend(inst, KV_NODE, svc.cluster_ip, svc.port) for svc in svcs[:size]}
     try:
         store = ResourceStore(bus)
         out = []
         for burst in range(bursts):
-            changed = [kv_replace_endpoint(svc, 1000 + burst * size + i) for i, svc in enumerate(svcs[:size])]
+            changed = [K.replace_endpoint(svc, 1000 + burst * size + i) for i, svc in enumerate(svcs[:size])]
             resources = loads("---\n".join(kv_slice_doc(new) for new, _ in changed), "<bench>")
             t0 = time.perf_counter()
             await store.apply(resources)
@@ -709,7 +663,7 @@ def kv_kernel(n: int, reps: int, load_timeout: float) -> dict[str, Any]:
         print(f"  kv N={n}: instance {inst.cluster} up in {inst.up_seconds:.1f}s", flush=True)
         path = inst.data_dir / "services.yaml"
         path.write_text(kv_manifests(svcs))
-        fe = KernelFrontend(inst, churned.cluster_ip, churned.port)
+        fe = S.KernelFrontend(inst, KV_NODE, churned.cluster_ip, churned.port)
         try:
             t0 = time.monotonic()
             inst.cli("apply", "-f", str(path), timeout=load_timeout)
