@@ -42,13 +42,19 @@ EXPORT_TYPES: dict[str, type] = {
 }
 
 
-def decode_export(entry: KVEntry) -> Any:
-    """An export entry by its key's prefix; ValueError for an unknown prefix."""
-    assert entry.value is not None
-    type_ = EXPORT_TYPES.get(entry.key.split(".", 1)[0])
-    if type_ is None:
-        raise ValueError(f"unknown export key {entry.key!r}")
-    return schema.decode(entry.value, type_)
+def decode_by_prefix(types: dict[str, type]) -> Callable[[KVEntry], Any]:
+    """A decoder of entries typed by their key's prefix (``types``); ValueError for an
+    unknown prefix."""
+    def decode(entry: KVEntry) -> Any:
+        assert entry.value is not None
+        type_ = types.get(entry.key.split(".", 1)[0])
+        if type_ is None:
+            raise ValueError(f"unknown key {entry.key!r}")
+        return schema.decode(entry.value, type_)
+    return decode
+
+
+decode_export = decode_by_prefix(EXPORT_TYPES)
 
 
 def remote_connect_options(remote: schema.MeshRemote) -> dict[str, Any]:

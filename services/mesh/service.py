@@ -31,13 +31,12 @@ from collections import deque
 from typing import Any
 
 from ciliary import clusters, config, schema, watch
-from ciliary.bus import KVEntry
 from ciliary.runtime import Context
 from ciliary.watch import PassLoop, decoder
 
 from .exports import ExportMemo, export_state, mcs_names
 from .imports import LocalCluster, imported_state
-from .remote import EXPORT_TYPES, RemoteFollower
+from .remote import EXPORT_TYPES, RemoteFollower, decode_by_prefix, decode_export
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +46,6 @@ DEFAULT_TTL = 10.0
 MCS_KINDS = ("ServiceExport", "ServiceImport")
 
 MESH_TYPES: dict[str, type] = {**EXPORT_TYPES, schema.MESH_STATUS_PREFIX: schema.MeshRemoteStatus}
-
-
-def _decode_by_prefix(types: dict[str, type]) -> Any:
-    def decode(entry: KVEntry) -> Any:
-        assert entry.value is not None
-        type_ = types.get(entry.key.split(".", 1)[0])
-        if type_ is None:
-            raise ValueError(f"unknown key {entry.key!r}")
-        return schema.decode(entry.value, type_)
-    return decode
 
 
 class MeshService:
@@ -92,8 +81,8 @@ class MeshService:
                                 keep=False, decode=decoder(schema.StatusRecord)).notify(self.loop)
         self.remotes = ctx.mirror(tg, schema.BUCKET_MESH_REMOTES, f"{schema.MESH_REMOTE_PREFIX}.>",
                                   keep=False, decode=decoder(schema.MeshRemote)).notify(self.loop)
-        self.exported = ctx.mirror(tg, schema.BUCKET_MESH_EXPORT, keep=False, decode=_decode_by_prefix(EXPORT_TYPES))
-        self.imported = ctx.mirror(tg, schema.BUCKET_MESH, keep=False, decode=_decode_by_prefix(MESH_TYPES))
+        self.exported = ctx.mirror(tg, schema.BUCKET_MESH_EXPORT, keep=False, decode=decode_export)
+        self.imported = ctx.mirror(tg, schema.BUCKET_MESH, keep=False, decode=decode_by_prefix(MESH_TYPES))
         ctx.detail.update(remotes=0, remotes_connected=0, exported=0, imported=0, ttl_seconds=self.ttl)
         tg.create_task(self.loop.run(), name="mesh-pass")
 
