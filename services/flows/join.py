@@ -129,7 +129,7 @@ class JoinIndex:
     def add_flows(self, flows: list[schema.Flow]) -> list[tuple[schema.L7Span, schema.L7Span]]:
         """Index flows; returns (old, joined) for every held span a new flow joins."""
         updates: list[tuple[schema.L7Span, schema.L7Span]] = []
-        touched: dict[Key, list[schema.Flow]] = {}
+        touched: dict[Key, list[tuple[int, schema.Flow]]] = {}
         for flow in flows:
             key = flow_key(flow)
             if key is None:
@@ -141,14 +141,15 @@ class JoinIndex:
                     self._flows.popitem(last=False)
             else:
                 self._flows.move_to_end(key)
-            ring.append((flow_time_ns(flow), flow))
-            touched.setdefault(key, []).append(flow)
+            timed = (flow_time_ns(flow), flow)
+            ring.append(timed)
+            touched.setdefault(key, []).append(timed)
         for key, new in touched.items():
             spans = self._spans.get(key)
             if not spans:
                 continue
             for i, span in enumerate(spans):
-                hits = [f for f in new if span.start_ns - WINDOW_BEFORE_NS <= flow_time_ns(f)
+                hits = [f for t, f in new if span.start_ns - WINDOW_BEFORE_NS <= t
                         <= span.end_ns + WINDOW_AFTER_NS]
                 if hits:
                     joined = joined_span(span, hits)
