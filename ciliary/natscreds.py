@@ -77,6 +77,25 @@ def write_instance_credentials(creds_dir: Path, auth_file: Path, users: Iterable
     return paths
 
 
+def decode_credential(data: bytes, source: str | Path) -> NatsCredential:
+    """``data`` as a credential file; ``CredentialError`` names ``source``."""
+    try:
+        return msgspec.json.decode(data, type=NatsCredential)
+    except msgspec.DecodeError as err:
+        raise CredentialError(f"NATS credential {source}: not a credential file: {err}") from None
+
+
+def check_seed(cred: NatsCredential, source: str | Path) -> None:
+    """Raise ``CredentialError`` (naming ``source``) unless ``cred`` holds an nkey user seed."""
+    try:
+        public_key(cred.seed)
+    except Exception as err:  # nkeys raises its own errors for a malformed seed
+        raise CredentialError(f"NATS credential {source}: field seed: not an nkey user seed "
+                              f"({type(err).__name__})") from None
+    if not cred.seed.startswith("SU"):
+        raise CredentialError(f"NATS credential {source}: field seed: not an nkey user seed")
+
+
 def read_credential(path: str | Path) -> NatsCredential:
     path = Path(path)
     try:
@@ -87,16 +106,8 @@ def read_credential(path: str | Path) -> NatsCredential:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise CredentialError(f"NATS credential {path}: readable by others "
                               f"(mode {stat.S_IMODE(mode):04o}); it must be 0600")
-    try:
-        cred = msgspec.json.decode(data, type=NatsCredential)
-        public_key(cred.seed)
-    except msgspec.DecodeError as err:
-        raise CredentialError(f"NATS credential {path}: not a credential file: {err}") from None
-    except Exception as err:  # nkeys raises its own errors for a malformed seed
-        raise CredentialError(f"NATS credential {path}: field seed: not an nkey user seed "
-                              f"({type(err).__name__})") from None
-    if not cred.seed.startswith("SU"):
-        raise CredentialError(f"NATS credential {path}: field seed: not an nkey user seed")
+    cred = decode_credential(data, path)
+    check_seed(cred, path)
     return cred
 
 

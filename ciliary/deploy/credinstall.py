@@ -20,28 +20,17 @@ import argparse
 import sys
 from pathlib import Path
 
-import msgspec
-
 from ciliary import natscreds
 from ciliary.config import NatsCredential
 
 
 def check_credential(data: bytes, user: str, source: str) -> NatsCredential:
     """Decode ``data`` as ``user``'s credential; ``CredentialError`` names ``source``."""
-    try:
-        cred = msgspec.json.decode(data, type=NatsCredential)
-    except msgspec.DecodeError as err:
-        raise natscreds.CredentialError(f"NATS credential {source}: not a credential file: {err}") from None
+    cred = natscreds.decode_credential(data, source)
     if cred.user != user:
         raise natscreds.CredentialError(f"NATS credential {source}: field user: is {cred.user!r}, "
                                         f"this pod runs as {user!r}")
-    try:
-        natscreds.public_key(cred.seed)
-    except Exception as err:  # nkeys raises its own errors for a malformed seed
-        raise natscreds.CredentialError(f"NATS credential {source}: field seed: not an nkey user seed "
-                                        f"({type(err).__name__})") from None
-    if not cred.seed.startswith("SU"):
-        raise natscreds.CredentialError(f"NATS credential {source}: field seed: not an nkey user seed")
+    natscreds.check_seed(cred, source)
     return cred
 
 
