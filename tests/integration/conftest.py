@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import pytest
 from ciliary.supervisor import free_port, nats_server_binary
 
 REPO = Path(__file__).resolve().parents[2]
+
 
 
 @dataclass
@@ -158,3 +161,25 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30.0,
             return last
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what or check}: last {last!r}")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Call ``predicate`` until it returns something truthy (returned); fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout:.0f}s")
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    """Status and body of a GET (an HTTP error's too); ``(0, b"")`` while nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+    except OSError:
+        return 0, b""

@@ -9,34 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from ciliary import config, schema
 from ciliary.supervisor import free_port, nats_server_binary
 
-from .conftest import run_cli, service_process
-
-
-def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-    except OSError:
-        return 0, b""
-
-
-def _until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout:.0f}s")
+from .conftest import http_get, run_cli, service_process, wait_until
 
 
 def _nats_cluster(tmp_path: Path, procs: list) -> tuple[list[int], list[int], list[subprocess.Popen[bytes]]]:
@@ -54,11 +32,11 @@ def _nats_cluster(tmp_path: Path, procs: list) -> tuple[list[int], list[int], li
         procs.append(proc)
         servers.append(proc)
     for port in monitors:  # JetStream of the cluster is up once every server reports healthy
-        _until(lambda port=port: _get(f"http://127.0.0.1:{port}/healthz?js-enabled-only=true")[0] == 200,
-               30, f"nats monitor {port}")
+        wait_until(lambda port=port: http_get(f"http://127.0.0.1:{port}/healthz?js-enabled-only=true")[0] == 200,
+                   30, f"nats monitor {port}")
     for port in monitors:  # and its meta leader is elected (streams can be created)
-        _until(lambda port=port: _get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 60,
-               f"JetStream cluster current on monitor {port}")
+        wait_until(lambda port=port: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 60,
+                   f"JetStream cluster current on monitor {port}")
     return clients, monitors, servers
 
 
@@ -71,14 +49,14 @@ def test_a_service_on_a_three_server_jetstream_cluster_as_deployed(tmp_path: Pat
 
     readyz = f"http://127.0.0.1:{health}/readyz"
     try:  # creating R3 buckets waits on the cluster's consensus: slow on a busy machine
-        _until(lambda: _get(readyz)[0] == 200, 120, "identity ready")
+        wait_until(lambda: http_get(readyz)[0] == 200, 120, "identity ready")
     except AssertionError as err:
         log = (tmp_path / "identity.log").read_text(errors="replace")[-2000:]
         raise AssertionError(f"{err}; identity log ends:\n{log}") from None
-    assert json.loads(_get(readyz)[1])["service"] == "identity"
-    assert _get(f"http://127.0.0.1:{health}/livez")[0] == 200
+    assert json.loads(http_get(readyz)[1])["service"] == "identity"
+    assert http_get(f"http://127.0.0.1:{health}/livez")[0] == 200
 
-    streams = json.loads(_get(f"http://127.0.0.1:{monitors[0]}/jsz?streams=true&config=true")[1])
+    streams = json.loads(http_get(f"http://127.0.0.1:{monitors[0]}/jsz?streams=true&config=true")[1])
     replicas = {s["name"]: s["config"]["num_replicas"]
                 for account in streams["account_details"] for s in account["stream_detail"]}
     assert {f"KV_{bucket}" for bucket in schema.ALL_BUCKETS} <= set(replicas)
@@ -95,10 +73,10 @@ def test_a_service_on_a_three_server_jetstream_cluster_as_deployed(tmp_path: Pat
         return run_cli("apply", "-f", "-", data_dir=data_dir, timeout=30,
                        stdin="apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n").returncode == 0
 
-    _until(applied, 60, "apply with one NATS server gone")
+    wait_until(applied, 60, "apply with one NATS server gone")
 
     def namespaces_seen() -> int:
-        status, body = _get(readyz)
+        status, body = http_get(readyz)
         return json.loads(body)["detail"].get("resources", {}).get("Namespace", 0) if status == 200 else -1
 
-    _until(lambda: namespaces_seen() == 1, 60, "identity sees the write after losing one NATS server")
+    wait_until(lambda: namespaces_seen() == 1, 60, "identity sees the write after losing one NATS server")

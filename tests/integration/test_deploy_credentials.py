@@ -14,9 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,28 +28,9 @@ from ciliary.deploy.values import load_values
 from ciliary.status import gather_health
 from ciliary.supervisor import free_port, nats_server_binary
 
-from .conftest import REPO, eventually, service_process
+from .conftest import REPO, eventually, http_get, service_process, wait_until
 
 POD = "ciliary-identity-6b7f9c8d4-x2k9p"
-
-
-def _get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-    except OSError:
-        return 0, b""
-
-
-def _until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout:.0f}s")
 
 
 def _python(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -95,7 +73,7 @@ async def test_a_service_runs_under_its_mounted_credential_and_another_is_refuse
         procs.append(subprocess.Popen([nats_server_binary(), "-c", str(tmp_path / "nats" / "nats.conf")],
                                       stdout=out, stderr=subprocess.STDOUT,
                                       env={**os.environ, "SERVER_NAME": "ciliary-nats-0"}))
-    _until(lambda: _get(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true")[0] == 200, 15, "nats-server")
+    wait_until(lambda: http_get(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true")[0] == 200, 15, "nats-server")
     url = f"nats://127.0.0.1:{client}"
 
     with pytest.raises(BusError, match="without credential"):
@@ -112,8 +90,8 @@ async def test_a_service_runs_under_its_mounted_credential_and_another_is_refuse
     procs.append(service_process("identity", url, log_path=identity_log, instance=POD, env={
         config.ENV_NATS_CREDS: str(_pod_credential(tmp_path, creds, "identity")),
         "CILIARY_JS_REPLICAS": "1", "CILIARY_HEALTH_PORT": str(health), "CILIARY_HEALTH_HOST": "127.0.0.1"}))
-    _until(lambda: _get(f"http://127.0.0.1:{health}/readyz")[0] == 200, 30, "identity ready")
-    assert json.loads(_get(f"http://127.0.0.1:{health}/readyz")[1])["service"] == "identity"
+    wait_until(lambda: http_get(f"http://127.0.0.1:{health}/readyz")[0] == 200, 30, "identity ready")
+    assert json.loads(http_get(f"http://127.0.0.1:{health}/readyz")[1])["service"] == "identity"
 
     cli = await Bus.connect(url, "test-cli", allow_reconnect=False,
                             credential=natscreds.read_credential(creds / "cli.json"))
@@ -169,16 +147,16 @@ def test_the_servers_route_with_the_password_of_the_secret_and_a_stranger_is_ref
                                           stdout=out, stderr=subprocess.STDOUT,
                                           env={**os.environ, "SERVER_NAME": f"ciliary-nats-{i}"}))
     for host in hosts:
-        _until(lambda host=host: _get(f"http://{host}:{monitor}/healthz?js-enabled-only=true")[0] == 200,
-               30, f"JetStream of {host}")
+        wait_until(lambda host=host: http_get(f"http://{host}:{monitor}/healthz?js-enabled-only=true")[0] == 200,
+                   30, f"JetStream of {host}")
 
     def peers(host: str) -> set[str]:
-        status, body = _get(f"http://{host}:{monitor}/routez")
+        status, body = http_get(f"http://{host}:{monitor}/routez")
         return {r.get("remote_name", "") for r in json.loads(body)["routes"]} if status == 200 else set()
 
-    _until(lambda: all(peers(h) == {f"ciliary-nats-{j}" for j in range(3)} - {f"ciliary-nats-{i}"}
-                       for i, h in enumerate(hosts)), 20, "every server routed to the two others")
-    jsz = json.loads(_get(f"http://{hosts[0]}:{monitor}/jsz")[1])
+    wait_until(lambda: all(peers(h) == {f"ciliary-nats-{j}" for j in range(3)} - {f"ciliary-nats-{i}"}
+                           for i, h in enumerate(hosts)), 20, "every server routed to the two others")
+    jsz = json.loads(http_get(f"http://{hosts[0]}:{monitor}/jsz")[1])
     assert jsz["meta_cluster"]["cluster_size"] == 3
 
     assert "Authentication Failure" not in logs[0].read_text(errors="replace")
@@ -191,6 +169,6 @@ def test_the_servers_route_with_the_password_of_the_secret_and_a_stranger_is_ref
     with open(tmp_path / "stranger.log", "ab") as out:
         procs.append(subprocess.Popen([nats_server_binary(), "-c", str(stranger)], stdout=out,
                                       stderr=subprocess.STDOUT))
-    _until(lambda: "Authentication Failure" in logs[0].read_text(errors="replace"), 15,
-           "the stranger's route refused")
+    wait_until(lambda: "Authentication Failure" in logs[0].read_text(errors="replace"), 15,
+               "the stranger's route refused")
     assert "stranger" not in peers(hosts[0])

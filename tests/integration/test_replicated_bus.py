@@ -15,7 +15,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,7 @@ import pytest
 
 from ciliary import config, schema
 
-from .conftest import REPO, run_cli
-
-
-def _until(predicate, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout:.0f}s")
+from .conftest import REPO, run_cli, wait_until
 
 
 def _status(data_dir: Path) -> dict[str, Any] | None:
@@ -89,7 +78,7 @@ def test_an_apply_lands_while_one_of_three_servers_is_killed_and_it_catches_up(r
         replication = status["replication"]
         return status if replication["fully_replicated"] == len(replication["streams"]) > 0 else None
 
-    status = _until(healthy_and_replicated, 40, "three servers up and every stream fully replicated")
+    status = wait_until(healthy_and_replicated, 40, "three servers up and every stream fully replicated")
     assert status["nats_replicas"] == 3 and len(status["nats_servers"]) == 3
     assert status["nats_url"].count(",") == 2
     servers = {s["name"]: s for s in status["nats_servers"]}
@@ -111,12 +100,12 @@ def test_an_apply_lands_while_one_of_three_servers_is_killed_and_it_catches_up(r
                        stdin="apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n")
         return done.returncode == 0
 
-    _until(applied, 30, "apply with the resources bucket's leader killed")
-    _until(lambda: (s := _status(data_dir)) is not None and _namespaces_seen_by_identity(s) == before + 1,
-           20, "identity sees the namespace applied during the outage")
+    wait_until(applied, 30, "apply with the resources bucket's leader killed")
+    wait_until(lambda: (s := _status(data_dir)) is not None and _namespaces_seen_by_identity(s) == before + 1,
+               20, "identity sees the namespace applied during the outage")
 
     # the supervisor restarts the server on its own store; it catches up on the write
-    after = _until(healthy_and_replicated, 40, "the killed server back and every stream current")
+    after = wait_until(healthy_and_replicated, 40, "the killed server back and every stream current")
     restarted = next(s for s in after["nats_servers"] if s["name"] == victim["name"])
     assert restarted["pid"] != victim["pid"]
     assert restarted["url"] == servers[victim["name"]]["url"]  # same port: clients find it again
@@ -125,7 +114,7 @@ def test_an_apply_lands_while_one_of_three_servers_is_killed_and_it_catches_up(r
         counts = {name: _streams(url)["KV_resources"]["state"]["messages"] for name, url in monitors.items()}
         return len(set(counts.values())) == 1
 
-    _until(same_resources_everywhere, 20, "every server holds the same resources")
+    wait_until(same_resources_everywhere, 20, "every server holds the same resources")
 
     table = run_cli("status", data_dir=data_dir, timeout=30)
     assert table.returncode == 0, table.stdout + table.stderr
