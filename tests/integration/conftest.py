@@ -24,6 +24,15 @@ from ciliary.supervisor import free_port, nats_server_binary
 REPO = Path(__file__).resolve().parents[2]
 
 
+def require_root(what: str) -> None:
+    """Skip a test that needs root (``what`` says for what) when not root; under CI=true
+    that is a failure, never a skip."""
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"needs root for {what} (CI=true: not skipping)")
+    pytest.skip(f"needs root for {what}")
+
 
 @dataclass
 class NatsServer:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from ciliary.supervisor import free_port
 from services.flows import otlpserver
 from services.flows.l7core import L7Core
 from services.node import sidecar
+from tests.integration.conftest import require_root, stop_processes
 
 
 @pytest.fixture
@@ -138,8 +138,7 @@ def _sh(*argv: str) -> None:
 
 @pytest.fixture
 def two_namespaces() -> Iterator[tuple[str, str]]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces")
+    require_root("network namespaces")
     tag = secrets.token_hex(3)
     a, b = f"ciliary-t{tag}-a", f"ciliary-t{tag}-b"
     try:
@@ -219,10 +218,4 @@ async def test_envoy_sidecars_export_joinable_spans_unchanged(receiver, two_name
         log_text = (tmp_path / "checkout-1-envoy.log").read_text()
         assert " 503 " in log_text and "upstream=10.254.0.2:8080" in log_text
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs)
