@@ -1,4 +1,5 @@
-"""Memory of the node executor's desired state for N load-balancer frontends.
+"""Memory of the node executor's desired state for N load-balancer frontends, and the cost
+of the periodic work on it.
 
 Builds N frontends of 3 backends as servicelb writes them (``schema.LBFrontend``), then
 measures with tracemalloc, in this one process:
@@ -10,7 +11,11 @@ measures with tracemalloc, in this one process:
   map double that keeps nothing.
 
 The ratio column is the reconciler's memory over the decoded records' (the baseline: what
-the executor holds anyway for the same frontends). Nothing touches the kernel or NATS.
+the executor holds anyway for the same frontends). A second table times, on the same table,
+the status counts every 5 s (``stats()``, running totals) against walking every row
+(``recount()``, what the counts cost before they were kept), and one full resync against a
+map double that holds the entries (``FakeMapOps``: the Python part of a resync, without
+syscalls). Nothing touches the kernel or NATS.
 
 Usage: .venv/bin/python bench/node_memory.py [--sizes 1000,10000] [--output PATH]
 Writes bench/results/node_memory.json (with the git commit and whether the tree was dirty).
@@ -22,6 +27,7 @@ import argparse
 import gc
 import json
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,7 @@ import msgspec  # noqa: E402
 import sandbox as S  # noqa: E402
 
 from ciliary import output, schema  # noqa: E402
+from services.node import maps as M  # noqa: E402
 from services.node import translate as T  # noqa: E402
 from services.node.reconciler import Reconciler  # noqa: E402
 
@@ -82,20 +89,44 @@ def measure(n: int) -> dict[str, Any]:
         table_rows = rec.stats().done
     finally:
         tracemalloc.stop()
+    timing = time_periodic_work(rec)
     mib = 1 << 20
     return {"frontends": n, "table_rows": table_rows,
             "rows_mib": round((after_rows - base) / mib, 1),
             "decoded_mib": round((after_decoded - after_rows) / mib, 1),
             "reconciler_mib": round((after_reconciler - after_decoded) / mib, 1),
-            "reconciler_bytes_per_row": round((after_reconciler - after_decoded) / max(1, table_rows))}
+            "reconciler_bytes_per_row": round((after_reconciler - after_decoded) / max(1, table_rows)),
+            **timing}
+
+
+def best_ms(fn: Any, repeat: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 3)
+
+
+def time_periodic_work(rec: Reconciler) -> dict[str, float]:
+    ops = M.FakeMapOps()
+    rec.full_resync(ops, 1.0)  # the double now holds every entry
+    return {"stats_ms": best_ms(rec.stats), "recount_ms": best_ms(rec.recount),
+            "full_resync_ms": best_ms(lambda: rec.full_resync(ops, 2.0), repeat=3)}
 
 
 def render(results: dict[str, Any]) -> str:
     rows = [[r["frontends"], r["table_rows"], r["rows_mib"], r["decoded_mib"], r["reconciler_mib"],
              r["reconciler_bytes_per_row"], round(r["reconciler_mib"] / r["decoded_mib"], 2) if r["decoded_mib"] else "-"]
             for r in results["sizes"]]
-    return output.table(["frontends", "table rows", "KV rows MiB", "decoded MiB", "reconciler MiB",
-                         "bytes per row", "reconciler / decoded"], rows)
+    memory = output.table(["frontends", "table rows", "KV rows MiB", "decoded MiB", "reconciler MiB",
+                           "bytes per row", "reconciler / decoded"], rows)
+    periodic = output.table(
+        ["frontends", "stats() ms", "walk every row (recount) ms", "stats / walk", "full resync ms"],
+        [[r["frontends"], r["stats_ms"], r["recount_ms"],
+          round(r["stats_ms"] / r["recount_ms"], 4) if r["recount_ms"] else "-", r["full_resync_ms"]]
+         for r in results["sizes"]])
+    return memory + "\n\n" + periodic
 
 
 def main() -> int:
