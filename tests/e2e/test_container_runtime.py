@@ -12,10 +12,8 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-import pytest
 from pyroute2 import IPRoute
 
 from .hoststack import HostStack, root_links
@@ -138,28 +136,28 @@ def test_podman_containers_get_ciliary_networking_through_cni(cluster_name: str,
         def endpoint(ip: str) -> dict | None:
             return next((e for e in stack.endpoints() if e["ipv4"] == ip), None)
 
-        _until(lambda: (endpoint(web_ip) or {}).get("identity", 0) > 255, 30, "web has an identity", stack)
+        stack.wait(lambda: (endpoint(web_ip) or {}).get("identity", 0) > 255, 30, "web has an identity")
         assert endpoint(web_ip)["pod"] == "default/web"
 
         def cluster_ip() -> str:
             svc = json.loads(stack.ciliary("get", "svc", "web", "-o", "json").stdout)
             return svc.get("status", {}).get("clusterIP") or svc["spec"].get("clusterIP", "")
 
-        _until(cluster_ip, 20, "web has a ClusterIP", stack)
+        stack.wait(cluster_ip, 20, "web has a ClusterIP")
         vip = cluster_ip()
 
         def client_says() -> str:
             return podman.run("client", CLIENT, vip, "80", detach=False).stdout.strip()
 
-        _until(lambda: client_says() == "hello client", 60, f"client reaches web through {vip}:80", stack)
+        stack.wait(lambda: client_says() == "hello client", 60, f"client reaches web through {vip}:80")
 
         stack.ciliary("apply", "-f", "-", stdin=WEB_FROM_NOBODY)
-        _until(lambda: client_says().startswith("failed"), 60, "policy drops client -> web", stack)
+        stack.wait(lambda: client_says().startswith("failed"), 60, "policy drops client -> web")
 
         # removal: CNI DEL frees the endpoint, the host veth, the address and the namespace
         host_ifs = {e["interface"] for e in stack.endpoints()}
         podman("rm", "-f", "-t", "0", "web")
-        _until(lambda: endpoint(web_ip) is None, 15, "web's endpoint removed", stack)
+        stack.wait(lambda: endpoint(web_ip) is None, 15, "web's endpoint removed")
         with IPRoute(netns=host) as ipr:
             assert not any(ipr.link_lookup(ifname=name) for name in host_ifs)
         assert not list((tmp_path / "host1" / "ipam").rglob(web_ip))
@@ -176,12 +174,3 @@ def test_podman_containers_get_ciliary_networking_through_cni(cluster_name: str,
 def _netns() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _until(predicate, timeout: float, what: str, stack: HostStack) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    pytest.fail(f"{what}: not within {timeout:.0f}s\n{stack.logs()}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -39,15 +38,6 @@ def _reachable(src: str, ip: str, port: int) -> bool:
         return tcp_roundtrip(src, ip, port, timeout=1.5) == b"ping"
     except OSError:
         return False
-
-
-def _until(predicate, timeout: float, what: str, stack: HostStack) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout:.0f}s\n{stack.logs()}")
 
 
 def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
@@ -99,8 +89,8 @@ def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
         def identities() -> dict[str, int]:
             return {e["ipv4"]: e["identity"] for e in stack.endpoints() if e["ipv4"] in (ip_a, ip_b)}
 
-        _until(lambda: len(identities()) == 2 and all(i > 255 for i in identities().values()),
-               30, "endpoints with identities", stack)
+        stack.wait(lambda: len(identities()) == 2 and all(i > 255 for i in identities().values()),
+                   30, "endpoints with identities")
 
         # host1 routes host2's pod CIDR via host2's address, and pod a reaches pod b across
         with IPRoute(netns=stack.hosts["host1"]) as ipr:
@@ -109,10 +99,10 @@ def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
         assert routes.get(subnet2) == stack.addresses["host2"]
         server = EchoServer(ns_b, 8080)
         try:
-            _until(lambda: _reachable(ns_a, ip_b, 8080), 20, "a -> b across hosts", stack)
+            stack.wait(lambda: _reachable(ns_a, ip_b, 8080), 20, "a -> b across hosts")
             # a's egress policy, enforced by host1's datapath on a's veth
             stack.ciliary("apply", "-f", "-", stdin=A_TO_NOBODY)
-            _until(lambda: not _reachable(ns_a, ip_b, 8080), 20, "policy drops a -> b", stack)
+            stack.wait(lambda: not _reachable(ns_a, ip_b, 8080), 20, "policy drops a -> b")
 
             # an upgrade: host1's executor exits without teardown, as in a DaemonSet rollout;
             # the pinned datapath keeps enforcing on a's veth, the runtime keeps its
@@ -125,12 +115,12 @@ def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
             assert not any(_reachable(ns_a, ip_b, 8080) for _ in range(3)), "the policy outlives the executor"
             assert (stack.cni_dirs("host1")[0] / "05-ciliary.conflist").exists()
             stack.start_node("host1")
-            _until(lambda: len(identities()) == 2, 60, "host1's endpoint adopted", stack)
+            stack.wait(lambda: len(identities()) == 2, 60, "host1's endpoint adopted")
             assert sorted(p.name for p in Path(f"/sys/fs/bpf/ciliary/{cluster_name}/host1").iterdir()) == pins
             assert not _reachable(ns_a, ip_b, 8080)
             # the new executor applies changes: the policy goes, a reaches b again
             stack.ciliary("delete", "cnp", "a-to-nobody", "-n", "default")
-            _until(lambda: _reachable(ns_a, ip_b, 8080), 20, "a -> b once the policy is deleted", stack)
+            stack.wait(lambda: _reachable(ns_a, ip_b, 8080), 20, "a -> b once the policy is deleted")
         finally:
             server.close()
 
@@ -140,7 +130,7 @@ def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
         with IPRoute(netns=stack.hosts["host1"]) as ipr:
             assert not ipr.link_lookup(ifname=host_if_a)
         assert not list((tmp_path / "host1" / "ipam").rglob(ip_a))
-        _until(lambda: not identities(), 10, "endpoints removed", stack)
+        stack.wait(lambda: not identities(), 10, "endpoints removed")
     finally:
         stack.close()
     conf_dir, bin_dir = stack.cni_dirs("host1")
