@@ -37,7 +37,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 from ciliary import schema
@@ -88,6 +88,7 @@ def parse_cidr_label(key: str) -> Network | None:
         return None
 
 
+@lru_cache(maxsize=4096)  # selectors match by their CIDR texts, once per identity
 def parse_cidr(text: str) -> Network:
     """A CIDR or a bare IP (host prefix); raises ``ValueError`` on garbage."""
     return ipaddress.ip_network(text.strip(), strict=False)
