@@ -21,7 +21,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
@@ -31,21 +31,11 @@ from ciliary import hubble, schema
 
 from .conftest import require_privileges
 from .instance import REPO, ciliary, embedded_instance, pods_ready
+from .podnet import wait_for
 
 TTL = 3.0
 PORT, TARGET = 80, 8080
 EAST_ID, WEST_ID = 61, 62
-
-
-def wait(probe: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last: {last}")
 
 
 def apply(data_dir: Path, *docs: dict) -> None:
@@ -193,12 +183,12 @@ def test_two_clusters_east_west(tmp_path: Path, cluster_names: list[str]) -> Non
               service("ledger", {"tier": "shared"}, {"service.cilium.io/global": "true",
                                                      "service.cilium.io/shared": "false"}),
               service("orders", {"tier": "shared"}), mcs("ServiceExport", "orders"))
-        wait(lambda: pods_ready(east_dir, 2), "east's pods ready", timeout=60)
-        wait(lambda: pods_ready(west_dir, 3), "west's pods ready", timeout=60)
+        wait_for(lambda: pods_ready(east_dir, 2), what="east's pods ready", timeout=60)
+        wait_for(lambda: pods_ready(west_dir, 3), what="west's pods ready", timeout=60)
 
         # 1. affinity local: east while east is ready, west while it is not, back again
-        assert wait(lambda: (frontend(east_dir, "payments") or {}).get("backends", [None, None])[1:] and
-                    slot_clusters(east_dir, "payments") == [""], "west's backend merged into east's payments")
+        assert wait_for(lambda: (frontend(east_dir, "payments") or {}).get("backends", [None, None])[1:] and
+                        slot_clusters(east_dir, "payments") == [""], what="west's backend merged into east's payments")
         listed = ciliary("service", "list", data_dir=east_dir).stdout
         assert f"[cluster {west}]" in listed and f"[cluster {east}] (preferred)" in listed, listed
         vip = frontend(east_dir, "payments")["address"]  # type: ignore[index]
@@ -211,12 +201,12 @@ def test_two_clusters_east_west(tmp_path: Path, cluster_names: list[str]) -> Non
                                             "--timeout", "0.5", "--stop-file", str(stop), "--max-seconds", "60"),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
         try:
-            wait(lambda: answered_since(east_dir, "payments-east", started), "the continuous client answered by east")
+            wait_for(lambda: answered_since(east_dir, "payments-east", started), what="the continuous client answered by east")
             (gates / "east").unlink()  # every east backend unready
-            wait(lambda: slot_clusters(east_dir, "payments") == [west], "east's payments failing over to west")
+            wait_for(lambda: slot_clusters(east_dir, "payments") == [west], what="east's payments failing over to west")
             time.sleep(1.0)
             (gates / "east").touch()
-            wait(lambda: slot_clusters(east_dir, "payments") == [""], "east's payments back in east")
+            wait_for(lambda: slot_clusters(east_dir, "payments") == [""], what="east's payments back in east")
             time.sleep(1.0)
         finally:
             stop.touch()
@@ -232,7 +222,7 @@ def test_two_clusters_east_west(tmp_path: Path, cluster_names: list[str]) -> Non
               f"from the last answer of east to the first of west")
 
         # 2. shared: "false" exports nothing; MCS export/import gives the west backend
-        assert wait(lambda: (frontend(east_dir, "orders") or {}).get("backends"), "orders imported through MCS")
+        assert wait_for(lambda: (frontend(east_dir, "orders") or {}).get("backends"), what="orders imported through MCS")
         orders = frontend(east_dir, "orders")
         assert [b.get("cluster") for b in orders["backends"]] == [west]  # type: ignore[index]
         assert loop(east_dir, "checkout", orders["address"], PORT, "--count", "3")["by_backend"] == {  # type: ignore[index]
@@ -242,26 +232,26 @@ def test_two_clusters_east_west(tmp_path: Path, cluster_names: list[str]) -> Non
         # 3. policy: checkout only from cluster east
         target = pod_ip(east_dir, "payments-east")
         apply(east_dir, policy(east))
-        wait(lambda: loop(west_dir, "checkout", target, TARGET, "--count", "1", "--timeout", "1")["failed"] == 1,
-             "west's checkout dropped by east's policy")
+        wait_for(lambda: loop(west_dir, "checkout", target, TARGET, "--count", "1", "--timeout", "1")["failed"] == 1,
+                 what="west's checkout dropped by east's policy")
         assert loop(east_dir, "checkout", target, TARGET, "--count", "3")["ok"] == 3
-        drops = wait(lambda: [f for f in observe(east_dir, "--verdict", "DROPPED", "--from-cluster", west)
-                              if f.get("source", {}).get("pod_name") == "checkout"], "the drop's flow")
+        drops = wait_for(lambda: [f for f in observe(east_dir, "--verdict", "DROPPED", "--from-cluster", west)
+                                  if f.get("source", {}).get("pod_name") == "checkout"], what="the drop's flow")
         assert drops[-1]["source"]["cluster_name"] == west and drops[-1]["destination"]["cluster_name"] == east
         apply(east_dir, policy(west))
-        wait(lambda: loop(west_dir, "checkout", target, TARGET, "--count", "1", "--timeout", "1")["ok"] == 1,
-             "west's checkout allowed once the rule names west")
-        allowed = wait(lambda: [f for f in observe(east_dir, "--verdict", "FORWARDED", "--from-cluster", west,
-                                                   "--to-pod", "default/payments-east")
-                                if f.get("ingress_allowed_by")], "the allowed flow naming the policy")
+        wait_for(lambda: loop(west_dir, "checkout", target, TARGET, "--count", "1", "--timeout", "1")["ok"] == 1,
+                 what="west's checkout allowed once the rule names west")
+        allowed = wait_for(lambda: [f for f in observe(east_dir, "--verdict", "FORWARDED", "--from-cluster", west,
+                                                       "--to-pod", "default/payments-east")
+                                    if f.get("ingress_allowed_by")], what="the allowed flow naming the policy")
         assert allowed[-1]["ingress_allowed_by"][0]["name"] == "payments-from-checkout"
 
         # 4. west goes down: after the TTL nothing of it is left in east
         (gates / "east").unlink()
-        wait(lambda: slot_clusters(east_dir, "payments") == [west], "failover to west again")
+        wait_for(lambda: slot_clusters(east_dir, "payments") == [west], what="failover to west again")
         ciliary("down", data_dir=west_dir, timeout=120)
-        wait(lambda: all(b.get("cluster") != west for b in (frontend(east_dir, "payments") or {}).get(
-            "backends", [{"cluster": west}])), f"west withdrawn after the {TTL:g}s TTL", timeout=TTL * 4 + 10)
+        wait_for(lambda: all(b.get("cluster") != west for b in (frontend(east_dir, "payments") or {}).get(
+            "backends", [{"cluster": west}])), what=f"west withdrawn after the {TTL:g}s TTL", timeout=TTL * 4 + 10)
         assert slot_clusters(east_dir, "payments") == []
         after = loop(east_dir, "checkout", vip, PORT, "--count", "5", "--timeout", "0.5")
         assert after["ok"] == 0 and after["by_backend"] == {}
