@@ -38,8 +38,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,12 +51,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.sandbox import NatsServer  # noqa: E402
 from ciliary import config, schema  # noqa: E402
 from ciliary.bus import Bus, BusError, RevisionMismatch  # noqa: E402
 from ciliary.output import table  # noqa: E402
 from ciliary.resources import Resource, load_manifests, yamlio  # noqa: E402
 from ciliary.store import ApplyResult, ResourceStore, kv_key, now_rfc3339  # noqa: E402
-from ciliary.supervisor import free_port, nats_server_binary  # noqa: E402
 
 BEFORE = "fd0b24fc48d265af40b144731c1f683efae9609c"  # the last commit with the sequential apply
 RESULTS = REPO / "bench" / "results" / "apply.json"
@@ -152,31 +150,6 @@ def manifest(services: int, namespace: str) -> str:
 # ---- the server and the CLI -----------------------------------------------------------------------
 
 
-class Server:
-    """A throw-away nats-server with JetStream on a free loopback port."""
-
-    def __init__(self, root: Path) -> None:
-        self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(root / "nats")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("nats-server did not start") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=10)
-
-
 def cli_env(python_path: Path | None, data_dir: Path) -> dict[str, str]:
     """The CLI's environment: as installed, with byte code cached (``warm_up`` writes it)."""
     env = dict(os.environ, CILIARY_DATA_DIR=str(data_dir))
@@ -267,7 +240,7 @@ async def store_seconds(url: str, make: Callable[[Bus], Any], resources: list[Re
         await bus.close()
 
 
-def measure(size: int, runs: int, server: Server, root: Path, before: Path | None) -> dict[str, Any]:
+def measure(size: int, runs: int, server: NatsServer, root: Path, before: Path | None) -> dict[str, Any]:
     services = (size - 1) // 2
     text = manifest(services, "probe")
     path = root / f"apply-{size}.yaml"
@@ -378,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="ciliary-bench-apply-"))
     server = None
     try:
-        server = Server(root)
+        server = NatsServer(root / "nats")
         config.write_instance(root / "data", config.InstanceState(nats_url=server.url,
                                                                   supervisor_pid=os.getpid()))
         asyncio.run(_ensure_buckets(server.url))

@@ -221,17 +221,12 @@ async def _service_rounds(url: str, pid: int, rate: int, seconds: float, rounds:
 
 
 def service(rate: int, seconds: float, rounds: int) -> dict[str, Any]:
-    from ciliary.supervisor import nats_server_binary
-
     tmp = Path(tempfile.mkdtemp(prefix="ciliary-bench-events-"))
-    port = F.free_port()
-    url = f"nats://127.0.0.1:{port}"
+    server: S.NatsServer | None = None
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        nats_log = open(tmp / "nats.log", "wb")  # noqa: SIM115
-        procs.append(subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js",
-                                       "-sd", str(tmp / "nats")], stdout=nats_log, stderr=subprocess.STDOUT))
-        time.sleep(0.5)
+        server = S.NatsServer(tmp / "nats", log=tmp / "nats.log")
+        url = server.url
         env = dict(os.environ, **{config.ENV_NATS_URL: url, config.ENV_CLUSTER: CLUSTER,
                                   config.ENV_CLUSTER_ID: "9", config.ENV_DATA_DIR: str(tmp),
                                   config.ENV_INSTANCE: "flows-bench", "PYTHONUNBUFFERED": "1"})
@@ -254,13 +249,9 @@ def service(rate: int, seconds: float, rounds: int) -> dict[str, Any]:
                 "event_lines": statistics.median(r["event_lines"] for r in rs)}
         return out
     finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        S.stop_processes(procs)
+        if server is not None:
+            server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

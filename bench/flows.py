@@ -344,17 +344,12 @@ async def _service_bench(url: str, pid: int, rates: list[int], step_s: float) ->
 
 
 def service(rates: list[int], step_s: float) -> dict[str, Any]:
-    from ciliary.supervisor import nats_server_binary
-
     tmp = Path(tempfile.mkdtemp(prefix="ciliary-bench-flows-"))
-    port = free_port()
-    url = f"nats://127.0.0.1:{port}"
+    server: S.NatsServer | None = None
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        nats_log = open(tmp / "nats.log", "wb")  # noqa: SIM115
-        procs.append(subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js",
-                                       "-sd", str(tmp / "nats")], stdout=nats_log, stderr=subprocess.STDOUT))
-        time.sleep(0.5)
+        server = S.NatsServer(tmp / "nats", log=tmp / "nats.log")
+        url = server.url
         env = dict(os.environ, **{config.ENV_NATS_URL: url, config.ENV_CLUSTER: CLUSTER,
                                   config.ENV_CLUSTER_ID: "9", config.ENV_DATA_DIR: str(tmp),
                                   config.ENV_INSTANCE: "flows-bench", "PYTHONUNBUFFERED": "1"})
@@ -377,13 +372,9 @@ def service(rates: list[int], step_s: float) -> dict[str, Any]:
         return {"service_cpu": cpus[-1], "step_seconds": step_s, "rows": rows,
                 "stream": "JetStream stream FLOWS on (default 64 MB)"}
     finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        S.stop_processes(procs)
+        if server is not None:
+            server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -40,7 +40,6 @@ import sandbox as S  # noqa: E402
 from ciliary import output, schema  # noqa: E402
 from ciliary.bus import SYNCED, Bus, KVEntry  # noqa: E402
 from ciliary.store import kv_key, now_rfc3339  # noqa: E402
-from ciliary.supervisor import free_port, nats_server_binary  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "identity.json"
 BATCH = 250
@@ -112,17 +111,15 @@ async def delete_pods(bus: Bus, names: list[str]) -> None:
         await asyncio.gather(*(bus.kv_delete(schema.BUCKET_STATUS, kv_key("Pod", "bench", n)) for n in chunk))
 
 
-class Nats:
+class Nats(S.NatsServer):
+    """A nats-server (``S.NatsServer``) with its store in a temporary directory that ``stop`` removes."""
+
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="ciliary-bench-"))
-        self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                                      "-sd", str(self.dir / "js")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        super().__init__(self.dir / "js")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=10)
+        super().stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -171,7 +168,6 @@ async def run_scenario(replicas: int, pods: int, churn: int, log_dir: Path) -> d
     nats = Nats()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        await asyncio.sleep(0.3)
         bus = await Bus.connect(nats.url, "bench")
         await bus.ensure_buckets()
         procs = start_replicas(nats.url, replicas, log_dir)
@@ -225,7 +221,6 @@ async def run_rss(identities: int, log_dir: Path) -> dict[str, Any]:
     nats = Nats()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        await asyncio.sleep(0.3)
         bus = await Bus.connect(nats.url, "bench")
         await bus.ensure_buckets()
         procs = start_replicas(nats.url, 1, log_dir)

@@ -42,10 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.sandbox import git_state, machine  # noqa: E402
+from bench.sandbox import NatsServer, git_state, machine  # noqa: E402
 from ciliary import schema  # noqa: E402
 from ciliary.bus import Bus  # noqa: E402
-from ciliary.supervisor import free_port, nats_server_binary  # noqa: E402
 from tests.k8sdouble import fixtures  # noqa: E402
 from tests.k8sdouble.apiserver import ApiServerDouble  # noqa: E402
 
@@ -89,24 +88,15 @@ def populate(double: ApiServerDouble, pods: int) -> int:
 
 
 async def one_run(pods: int, changes: int, workdir: Path) -> dict[str, Any]:
-    port = free_port()
-    nats = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js",
-                             "-sd", str(workdir / "nats")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    nats = NatsServer(workdir / "nats")
     double = ApiServerDouble(bookmark_interval=5.0)
     await double.start()
     bridge: subprocess.Popen[bytes] | None = None
     bus: Bus | None = None
     try:
         total = populate(double, pods)
-        url = f"nats://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                bus = await Bus.connect(url, "bench-kubebridge")
-                break
-            except Exception:
-                await asyncio.sleep(0.05)
-        assert bus is not None, "nats-server did not start"
+        url = nats.url
+        bus = await Bus.connect(url, "bench-kubebridge")
         await bus.ensure_buckets()
         env = dict(os.environ, CILIARY_NATS_URL=url, CILIARY_INSTANCE="kubebridge-bench",
                    CILIARY_KUBECONFIG=str(double.kubeconfig(workdir / "kubeconfig")),
@@ -174,8 +164,7 @@ async def one_run(pods: int, changes: int, workdir: Path) -> dict[str, Any]:
         if bus is not None:
             await bus.close()
         await double.stop()
-        nats.terminate()
-        nats.wait(10)
+        nats.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

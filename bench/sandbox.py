@@ -11,6 +11,8 @@ Used by the scripts under bench/. Invariants:
 - ``Sandbox.cleanup`` removes servers, datapaths, namespaces and pins of its own cluster
   only, never raises, and returns the problems it saw; ``install_sigterm`` turns SIGTERM
   into KeyboardInterrupt, so a benchmark's ``try/finally`` cleans up on Ctrl-C and kill too.
+- ``NatsServer`` listens on 127.0.0.1 only; ``stop_processes`` ends the processes it is
+  given (SIGTERM, SIGKILL after a timeout) and no other.
 - ``EmbeddedInstance`` drives ``ciliary up -d`` / ``ciliary down`` with a data directory of
   its own (a temporary directory), and ``down`` runs on every exit path.
 - ``PinnedMap`` only reads: it opens a pinned map read-only and looks entries up with the
@@ -422,6 +424,53 @@ class Sandbox:
             problems.append(f"pins: {e}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         return problems + self.leftovers()
+
+
+# ---- local processes -------------------------------------------------------------------------
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 10) -> None:
+    """SIGTERM every process still running, then wait for each (SIGKILL after ``timeout``)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class NatsServer:
+    """A throw-away nats-server with JetStream on a free loopback port (127.0.0.1 only), its
+    store in ``store_dir``, output to ``log`` (discarded when None); ready (accepting
+    connections) when the constructor returns."""
+
+    def __init__(self, store_dir: Path, log: Path | None = None, timeout: float = 10) -> None:
+        from ciliary.supervisor import free_port, nats_server_binary
+
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self._log = open(log, "wb") if log else None  # noqa: SIM115
+        self.proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                                      "-sd", str(store_dir)],
+                                     stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"nats-server on port {self.port} did not start") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        stop_processes([self.proc])
+        if self._log:
+            self._log.close()
 
 
 # ---- machine description ----------------------------------------------------------------------

@@ -122,8 +122,7 @@ class Sink:
             return json.loads(answer.read())
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        S.stop_processes([self.proc])
 
 
 # ---- processes -----------------------------------------------------------------------------------
@@ -135,22 +134,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-class Server:
-    """A nats-server with JetStream in its own temporary directory."""
-
-    def __init__(self, tmp: Path) -> None:
-        from ciliary.supervisor import nats_server_binary
-
-        self.port = F.free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.log = open(tmp / f"nats-{self.port}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
-                                      "-sd", str(tmp / f"nats-{self.port}")],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        stop_all([self.proc])
-        self.log.close()
+def nats_server(tmp: Path) -> S.NatsServer:
+    """A fresh nats-server with its store and log in a new directory under ``tmp``."""
+    where = Path(tempfile.mkdtemp(prefix="nats-", dir=tmp))
+    return S.NatsServer(where / "js", log=where / "nats.log")
 
 
 def start_service(name: str, url: str, tmp: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -160,18 +147,6 @@ def start_service(name: str, url: str, tmp: Path, env: dict[str, str]) -> subpro
     with open(tmp / f"{name}.log", "ab") as out:
         return subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=full, cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT)
-
-
-def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 # ---- 1. apply path -------------------------------------------------------------------------------
@@ -251,10 +226,9 @@ def apply_round(tmp: Path, files: dict[str, Path], mode: str, sink: Sink) -> dic
     converged and a quiet second after (the exporters send every 200 ms); the services'
     CPU of each window."""
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint} if mode == "on" else {}
-    server = Server(tmp)
+    server = nats_server(tmp)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        time.sleep(0.3)
         procs = [start_service(name, server.url, tmp, {**otel, "OTEL_BSP_SCHEDULE_DELAY": "200"})
                  for name in SERVICES]
         wait_healthy(server.url, SERVICES)
@@ -294,7 +268,7 @@ def apply_round(tmp: Path, files: dict[str, Path], mode: str, sink: Sink) -> dic
                           "trace_printed": "trace " in cli.stderr}
         return out
     finally:
-        stop_all(procs)
+        S.stop_processes(procs, timeout=15)
         server.stop()
 
 
@@ -384,9 +358,8 @@ def flow_path(rate: int, seconds: float, rounds: int, sink: Sink) -> dict[str, A
     envs = {"off": {}, "tracing on": {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint},
             "tracing on + flow logs": {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "CILIARY_FLOWS_OTEL_LOGS": "1"}}
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in FLOW_MODES}
-    server = Server(tmp)
+    server = nats_server(tmp)
     try:
-        time.sleep(0.3)
         for _ in range(rounds):
             for mode in FLOW_MODES:
                 env = {config.ENV_CLUSTER: F.CLUSTER, config.ENV_CLUSTER_ID: "9", **envs[mode]}
@@ -396,7 +369,7 @@ def flow_path(rate: int, seconds: float, rounds: int, sink: Sink) -> dict[str, A
                     logs0 = sink.counts()["logs"]
                     row = asyncio.run(_flow_round(server.url, svc.pid, rate, seconds))
                 finally:
-                    stop_all([svc])
+                    S.stop_processes([svc], timeout=15)
                 row["log_records"] = sink.counts()["logs"] - logs0
                 rows[mode].append(row)
                 print(f"  {mode}: {row['service_cpu_ms_per_1k_flows']} ms/1k flows, {row['flows']} flows, "
