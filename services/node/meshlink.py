@@ -52,14 +52,7 @@ def ensure_link(local: str, remote: str) -> bool:
 def remove_link(local: str, remote: str) -> None:
     """Delete the pair (either end takes the other along). Idempotent."""
     for ns, ifname in link_names(local, remote):
-        if ns not in pr_netns.listnetns():
-            continue
-        with IPRoute(netns=ns) as ipr:
-            for idx in ipr.link_lookup(ifname=ifname):
-                try:
-                    ipr.link("del", index=idx)
-                except NetlinkError:
-                    pass
+        netns.delete_links(ns, ifname)
 
 
 def route_remote_node(cluster: str, node: str, address: str, pod_cidr: str) -> None:

@@ -205,6 +205,19 @@ def _remove_netns(name: str) -> None:
             pass
 
 
+def delete_links(ns: str | None, ifname: str) -> None:
+    """Delete the links named ``ifname`` in ``ns`` (None: this process's namespace), a
+    veth taking its peer along; nothing when the namespace or the link is gone."""
+    if ns is not None and ns not in netns.listnetns():
+        return
+    with IPRoute(netns=ns) as ipr:
+        for idx in ipr.link_lookup(ifname=ifname):
+            try:
+                ipr.link("del", index=idx)
+            except NetlinkError:
+                pass
+
+
 def _link(ipr: IPRoute, ifname: str) -> dict | None:
     idx = ipr.link_lookup(ifname=ifname)
     if not idx:
@@ -307,14 +320,7 @@ def delete_node(cluster: str, node: str) -> None:
     for name in netns.listnetns():
         if pod_re.match(name):
             _remove_netns(name)
-    ul = underlay_netns(cluster)
-    if ul in netns.listnetns():
-        with IPRoute(netns=ul) as ipr:
-            for idx in ipr.link_lookup(ifname=link_name(cluster, node, "ul")):
-                try:
-                    ipr.link("del", index=idx)
-                except NetlinkError:
-                    pass
+    delete_links(underlay_netns(cluster), link_name(cluster, node, "ul"))
     _remove_netns(ns)
 
 
@@ -406,15 +412,7 @@ def endpoint_links(cluster: str, node: str, host_if: str, pns: str, pod_if: str,
 
 def unwire_endpoint(cluster: str, node: str, host_if: str, *, host: bool = False) -> None:
     """Remove the host veth (which removes its pod peer and the routes). Idempotent."""
-    node_ns = node_side(cluster, node, host)
-    if node_ns is not None and node_ns not in netns.listnetns():
-        return
-    with IPRoute(netns=node_ns) as ipr:
-        for idx in ipr.link_lookup(ifname=host_if):
-            try:
-                ipr.link("del", index=idx)
-            except NetlinkError:
-                pass
+    delete_links(node_side(cluster, node, host), host_if)
 
 
 def delete_endpoint(cluster: str, node: str, pod: str) -> None:
