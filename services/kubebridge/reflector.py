@@ -36,7 +36,7 @@ from ciliary import backoff
 from .client import ApiError, KubeClient
 from .kinds import WatchedKind
 from .settings import BridgeSettings
-from .translate import Translated, translate
+from .translate import Translated, bucket_key, object_ref, translate
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +185,11 @@ class Reflector:
                 self.resource_version = version
             return
         self.counters["events"] += 1
-        item = translate(self.kind, obj)
         if kind in ("ADDED", "MODIFIED"):
-            self._apply(item)
-        elif kind == "DELETED":
-            self._drop(item.key)
+            self._apply(translate(self.kind, obj))
+        elif kind == "DELETED":  # only its key: a deleted object is not validated or encoded
+            ref = object_ref(self.kind, obj)
+            self._drop(bucket_key(self.kind.kind, ref.namespace, ref.name))
         if version:
             self.resource_version = version
         self.on_change(self.kind)
