@@ -296,10 +296,9 @@ class PassClock:
     def report(self, detail: dict[str, Any], recent: deque[dict[str, Any]]) -> None:
         """``last_pass_ms``, ``last_pass`` (its parts) and ``recent_passes`` (the last
         ``RECENT_PASSES``: start as Unix time, total and parts in ms) in `detail`."""
-        detail["last_pass_ms"] = self.total_ms()
-        detail["last_pass"] = self.laps_ms()
-        tracing.set_attributes({tracing.ATTR_PART_MS.format(part=part): ms
-                                for part, ms in detail["last_pass"].items()})
-        recent.append({"start": round(self.wall_start, 4), "ms": self.total_ms(),
-                       **self.laps_ms()})
+        total, laps = self.total_ms(), self.laps_ms()
+        detail["last_pass_ms"] = total
+        detail["last_pass"] = laps
+        tracing.set_attributes({tracing.ATTR_PART_MS.format(part=part): ms for part, ms in laps.items()})
+        recent.append({"start": round(self.wall_start, 4), "ms": total, **laps})
         detail["recent_passes"] = list(recent)
