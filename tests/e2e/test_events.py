@@ -12,7 +12,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -68,14 +67,15 @@ def test_flow_events_are_the_observe_lines_and_metrics_pass_promtool(make_stack,
 
     state = config.read_instance(stack.data_dir)
     assert state is not None and state.metrics_url
-    deadline = time.monotonic() + 30
-    while True:
-        with urllib.request.urlopen(state.metrics_url, timeout=10) as resp:
+    metrics_url = state.metrics_url
+
+    def metrics_with_both_nodes_pressure() -> str:
+        with urllib.request.urlopen(metrics_url, timeout=10) as resp:
             text = resp.read().decode()
-        if all(f'ciliary_bpf_map_pressure{{map_name="ciliary_policy",node="{n}"}}' in text
-               for n in ("node-1", "node-2")) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        return text if all(f'ciliary_bpf_map_pressure{{map_name="ciliary_policy",node="{n}"}}' in text
+                           for n in ("node-1", "node-2")) else ""
+
+    text = wait_for(metrics_with_both_nodes_pressure, 30, "both nodes' map pressure in /metrics", interval=0.5)
     for node in ("node-1", "node-2"):
         assert f'ciliary_bpf_map_pressure{{map_name="ciliary_policy",node="{node}"}}' in text
         assert f'ciliary_endpoint{{node="{node}"}}' in text
