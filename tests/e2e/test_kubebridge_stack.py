@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import secrets
 import subprocess
 import sys
 import threading
@@ -25,7 +24,6 @@ import pytest
 
 from tests.k8sdouble.apiserver import ApiServerDouble
 
-from .conftest import require_privileges
 from .instance import ciliary, embedded_instance, pods_ready
 from .podnet import wait_for
 
@@ -94,17 +92,13 @@ def double() -> Iterator[tuple[DoubleThread, ApiServerDouble]]:
 
 
 @pytest.fixture
-def instance(tmp_path: Path, cluster_names: list[str],
-             double: tuple[DoubleThread, ApiServerDouble]) -> Iterator[tuple[Path, str]]:
-    require_privileges()
-    cluster = "k" + secrets.token_hex(2)
-    cluster_names.append(cluster)
+def instance(tmp_path: Path, cluster_name: str, double: tuple[DoubleThread, ApiServerDouble]) -> Iterator[Path]:
     kubeconfig = double[1].kubeconfig(tmp_path / "kubeconfig")
     env = {"CILIARY_POD_CIDR_FROM_NODE": "1", "CILIARY_KUBE_RETRY_PERIOD": "0.2",
            "CILIARY_KUBE_RENEW_DEADLINE": "1.5", "CILIARY_KUBE_LEASE_DURATION": "2"}
-    with embedded_instance(tmp_path / "instance", cluster, nodes=1, cluster_id=9, env=env,
+    with embedded_instance(tmp_path / "instance", cluster_name, nodes=1, cluster_id=9, env=env,
                            args=("--kubeconfig", str(kubeconfig))) as data_dir:
-        yield data_dir, cluster
+        yield data_dir
 
 
 def connect(data_dir: Path, pod_name: str, host: str, timeout: float = 2.0) -> subprocess.CompletedProcess[str]:
@@ -112,9 +106,8 @@ def connect(data_dir: Path, pod_name: str, host: str, timeout: float = 2.0) -> s
                    host, "8080", "--timeout", str(timeout), data_dir=data_dir, check=False)
 
 
-def test_bridge_feeds_the_embedded_stack(instance: tuple[Path, str],
-                                        double: tuple[DoubleThread, ApiServerDouble]) -> None:
-    data_dir, _ = instance
+def test_bridge_feeds_the_embedded_stack(instance: Path, double: tuple[DoubleThread, ApiServerDouble]) -> None:
+    data_dir = instance
     runner, server = double
     pods = wait_for(lambda: pods_ready(data_dir, 3), 40, "three ready pods from the API server")
     network = ipaddress.ip_network(NODE_POD_CIDR)
