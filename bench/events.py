@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import gc
 import json
 import os
@@ -287,20 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="shorter rounds")
     args = ap.parse_args(argv)
-    res: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                           "command": "bench/events.py" + (" --quick" if args.quick else ""),
-                           "machine": S.machine(),
-                           "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    res: dict[str, Any] = {**S.results_header("bench/events.py" + (" --quick" if args.quick else "")),
+                           "load_average_start": S.load_averages()}
     print("1. pipeline", flush=True)
     res["pipeline"] = pipeline(1.0 if args.quick else 2.0, 3 if args.quick else 5)
     print("2. nats-server + flows service", flush=True)
     res["service"] = service(25_000, 2.0 if args.quick else 4.0, 2 if args.quick else 3)
-    res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-    print()
-    print(render(res))
-    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+    res["load_average_end"] = S.load_averages()
+    S.write_results(RESULTS, res, render)
     return 0
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import gc
 import json
 import os
@@ -626,10 +625,6 @@ def visibility_cost(stack: Stack, pods: dict[str, dict], seconds: float, rounds:
 # ---- output ------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    return S.machine()
-
-
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [headers] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -694,11 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only-stack", action="store_true", help="only parts 3 and 4; keeps the other results")
     args = ap.parse_args(argv)
     step = 1.0 if args.quick else 3.0
-    res: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                           "command": "bench/flows.py" + (" --quick" if args.quick else ""),
-                           "machine": machine(), "target_flows_per_s": TARGET,
+    res: dict[str, Any] = {**S.results_header("bench/flows.py" + (" --quick" if args.quick else "")),
+                           "target_flows_per_s": TARGET,
                            # the machine may be shared: record how busy it was
-                           "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+                           "load_average_start": S.load_averages()}
     if args.only_stack and RESULTS.exists():
         old_res = json.loads(RESULTS.read_text())
         res["pipeline"], res["service"] = old_res["pipeline"], old_res["service"]
@@ -743,12 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         + ("It keeps up with 100,000 flows/s per node." if 100_000 in kept
            else "It does NOT keep up with 100,000 flows/s per node.")
     )
-    res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-    print()
-    print(render(res))
-    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+    res["load_average_end"] = S.load_averages()
+    S.write_results(RESULTS, res, render)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import secrets
@@ -309,9 +308,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     S.install_sigterm()
-    res: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                           "command": "bench/istio.py" + (" --quick" if args.quick else ""),
-                           "machine": S.machine(("envoy",))}
+    res = S.results_header("bench/istio.py" + (" --quick" if args.quick else ""), ("envoy",))
     print("1. join", flush=True)
     res["join"] = bench_join(5_000 if args.quick else 20_000, 3)
     print("2. otlp", flush=True)
@@ -320,11 +317,7 @@ def main() -> int:
     res["diagnose"] = bench_diagnose(50 if args.quick else 200)
     print("4. sidecar latency", flush=True)
     res["sidecar"] = bench_sidecar(100 if args.quick else 300, 2 if args.quick else 3)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-    print()
-    print(render(res))
-    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+    S.write_results(RESULTS, res, render)
     return 0
 
 

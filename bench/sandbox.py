@@ -27,6 +27,7 @@ import asyncio
 import ctypes
 import datetime as dt
 import gc
+import json
 import os
 import platform
 import secrets
@@ -500,6 +501,26 @@ def machine(tools: tuple[str, ...] = ()) -> dict[str, Any]:
     out["load_average_1m"] = round(os.getloadavg()[0], 2)
     out["git"] = git_state()
     return out
+
+
+def load_averages() -> list[float]:
+    """The 1, 5 and 15 minute load averages now, rounded to 2 places."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def results_header(command: str, tools: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The first keys of a results file: ``date`` (UTC, seconds), ``command``, ``machine``."""
+    return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "command": command,
+            "machine": machine(tools)}
+
+
+def write_results(path: Path, res: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
+    """Write ``res`` to ``path`` as indented JSON, then print ``render(res)`` and the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print()
+    print(render(res))
+    print(f"\nwrote {path.relative_to(REPO)}")
 
 
 def git_state() -> dict[str, Any]:

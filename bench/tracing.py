@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import resource
@@ -513,10 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sink:
         run_sink(args.sink)
         return 0
-    res: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                           "command": "bench/tracing.py" + (" --quick" if args.quick else ""),
-                           "machine": S.machine(),
-                           "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    res: dict[str, Any] = {**S.results_header("bench/tracing.py" + (" --quick" if args.quick else "")),
+                           "load_average_start": S.load_averages()}
     sink = Sink()
     try:
         print("1. apply path", flush=True)
@@ -527,12 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         sink.stop()
     print("3. in process", flush=True)
     res["in_process"] = in_process(20_000 if args.quick else 100_000)
-    res["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-    print()
-    print(render(res))
-    print(f"\nwrote {RESULTS.relative_to(REPO)}")
+    res["load_average_end"] = S.load_averages()
+    S.write_results(RESULTS, res, render)
     return 0
 
 
