@@ -198,11 +198,10 @@ class NodeAgent:
         self.runner.deregister = self._deregister
         self._watch_desired_state(tg)
         self._watch_nodes(tg)
-        if not self.host_mode:  # ClusterMesh: links and routes to connected clusters' nodes
-            MeshRoutes(self.kernel, self.cluster).start(tg, self.bus)
         if self.host_mode:
             await self._serve_cni()
-        else:
+        else:  # ClusterMesh: links and routes to connected clusters' nodes; this node's pods
+            MeshRoutes(self.kernel, self.cluster).start(tg, self.bus)
             self._watch_pods(tg, self.runner)
         tg.create_task(self._housekeeping(), name="housekeeping")
         self.ctx.watch_synced("node/datapath")
