@@ -8,12 +8,14 @@ Invariants:
   sidecars' L7 spans of the pair, the pods' sidecar and socket-LB state, and — only when
   a flow was dropped by policy — the policy service's trace of that flow. The verdict
   is ``ciliary.diagnose`` (pure).
-- Every request carries a timeout; the whole command answers within a few seconds.
+- Every request carries a timeout; the two sides' DNS lookups and the two pods' spans are
+  asked for at once, so the whole command answers within a few seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import time
 from typing import Any
@@ -56,9 +58,11 @@ async def gather(bus: Bus, args: argparse.Namespace) -> diagnose.Evidence:
     elif re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\.?", target):
         dns_name = target.rstrip(".")
         pattern = "^" + re.escape(dns_name) + r"(\..*)?\.?$"
-        for side in ("source_pod", "destination_pod"):
-            dns_flows += await l7data.flows(bus, [schema.FlowFilter(
-                protocol=["dns"], dns_query=[pattern], **{side: [src.ref]})], since_ns=since_ns, timeout=args.timeout)
+        for found_flows in await asyncio.gather(*(
+                l7data.flows(bus, [schema.FlowFilter(protocol=["dns"], dns_query=[pattern], **{side: [src.ref]})],
+                             since_ns=since_ns, timeout=args.timeout)
+                for side in ("source_pod", "destination_pod"))):
+            dns_flows += found_flows
         dns_flows.sort(key=lambda f: f.time)
         dst_ips = sorted({ip for f in dns_flows if f.l7 and f.l7.dns and f.l7.dns.rcode == 0 for ip in f.l7.dns.ips})
     else:
@@ -74,8 +78,9 @@ async def gather(bus: Bus, args: argparse.Namespace) -> diagnose.Evidence:
                                            destination_service=[dst_service]))
     flows = await l7data.flows(bus, whitelist, since_ns=since_ns, number=500, timeout=args.timeout) if whitelist else []
     spans: list[schema.L7Span] = []
-    for who in {src.ref, *([dst_pod.ref] if dst_pod else [])}:
-        reply = await l7data.spans(bus, schema.L7Query(workload=who, number=200), timeout=args.timeout)
+    for reply in await asyncio.gather(*(
+            l7data.spans(bus, schema.L7Query(workload=who, number=200), timeout=args.timeout)
+            for who in {src.ref, *([dst_pod.ref] if dst_pod else [])})):
         spans += reply.spans
     wanted = set(dst_ips)
     spans = [s for s in {(s.trace_id, s.span_id): s for s in spans}.values()
