@@ -149,6 +149,10 @@ def cmd_get(args: argparse.Namespace) -> int:
 
     template = _jsonpath_template(args.output)
     objects = common.run_with_bus(args, work)
+    if args.output == "name":  # names only: nothing to shape
+        print("".join(f"{_resource_name(o.record.api_version, kind)}/{o.record.name}\n"
+                      for o in objects), end="")
+        return 0
     shaped = [kubeshape.shape(o.to_manifest()) for o in objects]
     data = shaped[0] if args.name else kubeshape.as_list(shaped)
     if args.output == "json":
@@ -157,9 +161,6 @@ def cmd_get(args: argparse.Namespace) -> int:
         print(output.to_yaml(data), end="")
     elif template is not None:
         sys.stdout.write(template.render(data))
-    elif args.output == "name":
-        print("".join(f"{_resource_name(o.record.api_version, kind)}/{o.record.name}\n"
-                      for o in objects), end="")
     else:
         if not objects:
             where = "" if namespace is None or not namespaced else f" in {namespace} namespace"
