@@ -223,12 +223,7 @@ class Supervisor:
                 server, self.nats_servers, cluster=self.cluster, password=password,
                 auth_file=self.data_dir / config.NATS_AUTH_FILE,
                 tls_cert=self.tls.cert if self.tls else None, tls_key=self.tls.key if self.tls else None)
-            fd = os.open(server.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
+            natscreds.write_private(server.config_path, text.encode())
 
     def _plan_children(self) -> None:
         logs = self.data_dir / "logs"
