@@ -28,7 +28,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -265,7 +264,7 @@ def nats_servers_state(state: config.InstanceState) -> tuple[list[dict[str, Any]
     servers = []
     for server in state.nats_servers:
         pid = pids.get(server.name, 0)
-        healthy = _http_status(f"{server.monitor_url}/healthz") == 200
+        healthy = supervisor.monitor_ok(f"{server.monitor_url}/healthz")
         answer = _http_json(f"{server.monitor_url}/jsz?streams=true&config=true")
         if answer is not None:
             jsz[server.server_name] = answer
@@ -290,16 +289,6 @@ def replication_line(replicas: int, replication: dict[str, Any]) -> str:
     if lagging:
         text += f"; behind: {', '.join(lagging)}"
     return text
-
-
-def _http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return 0
 
 
 def _http_json(url: str) -> dict[str, Any] | None:
