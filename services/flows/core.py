@@ -62,12 +62,16 @@ class FlowsCore:
 
     def ingest(self, data: bytes) -> list[schema.Flow]:
         """Decode, enrich, store and count one ``RawEventBatch`` payload."""
+        return self.ingest_timed(data)[1]
+
+    def ingest_timed(self, data: bytes) -> tuple[list[int], list[schema.Flow]]:
+        """``ingest``, with each flow's time (unix ns, same order) as the store holds it."""
         try:
             batch = schema.decode(data, schema.RawEventBatch)
         except (msgspec.DecodeError, msgspec.ValidationError):
             self.metrics.lost(LOST_DECODE, 1)
             self.lost += 1
-            return []
+            return [], []
         missed = self._missed(batch)
         if missed:
             # a batch never carries zero events: each missing one lost at least one
@@ -81,7 +85,7 @@ class FlowsCore:
         if result.flows:
             self.store.add_batch(f"{batch.cluster}/{batch.node}", result.times, result.flows)
             self.metrics.process_many(result.flows)
-        return result.flows
+        return result.times, result.flows
 
     def publish_payloads(self, flows: list[schema.Flow], limit: int) -> list[bytes]:
         """``FlowBatch`` messages for one ingested batch (all flows of one node); a flow

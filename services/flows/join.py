@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 
 from ciliary import schema
 from ciliary.hubble import flow_time_ns
@@ -126,11 +127,13 @@ class JoinIndex:
             else:
                 self.flows_of_trace.pop(old_trace, None)
 
-    def add_flows(self, flows: list[schema.Flow]) -> list[tuple[schema.L7Span, schema.L7Span]]:
-        """Index flows; returns (old, joined) for every held span a new flow joins."""
+    def add_flows(self, flows: list[schema.Flow], times: Sequence[int] | None = None,
+                  ) -> list[tuple[schema.L7Span, schema.L7Span]]:
+        """Index flows (``times``: their unix ns when known, else read from each flow);
+        returns (old, joined) for every held span a new flow joins."""
         updates: list[tuple[schema.L7Span, schema.L7Span]] = []
         touched: dict[Key, list[tuple[int, schema.Flow]]] = {}
-        for flow in flows:
+        for i, flow in enumerate(flows):
             key = flow_key(flow)
             if key is None:
                 continue
@@ -141,7 +144,7 @@ class JoinIndex:
                     self._flows.popitem(last=False)
             else:
                 self._flows.move_to_end(key)
-            timed = (flow_time_ns(flow), flow)
+            timed = (flow_time_ns(flow) if times is None else times[i], flow)
             ring.append(timed)
             touched.setdefault(key, []).append(timed)
         for key, new in touched.items():

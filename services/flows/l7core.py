@@ -13,7 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -39,8 +39,9 @@ class L7Core:
         self.metrics.count(joined, self.resolve)
         self.accepted += len(joined)
 
-    def on_flows(self, flows: list[schema.Flow]) -> None:
-        for old, new in self.join.add_flows(flows):
+    def on_flows(self, flows: list[schema.Flow], times: Sequence[int] | None = None) -> None:
+        """``times``: each flow's time (unix ns) when the caller has it, else read from the flow."""
+        for old, new in self.join.add_flows(flows, times):
             self.store.replace(old, new)
 
     def drain_links(self) -> dict[tuple[str, str], set[str]]:

@@ -148,9 +148,9 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     ctx.detail["l7"] = l7.stats()
 
     async def on_raw(msg: Message) -> None:
-        flows = core.ingest(msg.data)
+        times, flows = core.ingest_timed(msg.data)
         if flows:
-            l7.on_flows(flows)
+            l7.on_flows(flows, times)
             _mark_traces(core, l7)
         ctx.detail["flows"] = {"seen": core.store.seen, "stored": len(core.store), "lost": core.lost}
         ctx.detail["names"] = core.names.stats()
