@@ -7,7 +7,6 @@ the widest cell of each column and carry an upper-case header row.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,11 +38,3 @@ def age(seconds: float) -> str:
     if seconds < 2 * 86400:
         return f"{seconds // 3600}h"
     return f"{seconds // 86400}d"
-
-
-def age_since_rfc3339(stamp: str) -> str:
-    try:
-        then = time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
-    except (ValueError, TypeError):
-        return "<unknown>"
-    return age(time.time() - then)
