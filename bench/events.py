@@ -58,7 +58,7 @@ LEASE_TTL_S = 2.0
 
 
 def pipeline(seconds: float, rounds: int) -> dict[str, Any]:
-    cpu = F.pin_cpu()
+    cpu = S.pin_one_cpu()
     gc_default = gc.get_threshold()
     gc.set_threshold(*GC_THRESHOLDS)
     batches = F.batches(64)
@@ -156,7 +156,7 @@ async def _round(nc: Any, pid: int, rate: int, seconds: float, seq: list[int]) -
     fpe = F.flows_per_event()
     subject = schema.SUBJECT_FLOWS_RAW.format(cluster=CLUSTER, node="node-1")
     seen0, _ = await F._seen(nc)
-    cpu0 = F.proc_cpu_s(pid)
+    cpu0 = S.process_cpu_s(pid)
     sent = 0
     t0 = time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds:
@@ -175,7 +175,7 @@ async def _round(nc: Any, pid: int, rate: int, seconds: float, seq: list[int]) -
         if seen - seen0 >= expected or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.05)
-    cpu_s = F.proc_cpu_s(pid) - cpu0
+    cpu_s = S.process_cpu_s(pid) - cpu0
     done = seen - seen0
     return {"flows": done, "service_cpu_s": round(cpu_s, 3),
             "service_cpu_ms_per_1k_flows": round(cpu_s / done * 1e6, 2) if done else None,

@@ -75,13 +75,6 @@ SHOP = REPO / "examples" / "shop"
 PUBLISH_STEP = "ingest + encode the FlowBatch messages to publish"
 
 
-def pin_cpu() -> int:
-    cpus = sorted(os.sched_getaffinity(0))
-    cpu = cpus[-1]
-    os.sched_setaffinity(0, {cpu})
-    return cpu
-
-
 def pct(samples: list[float], p: float) -> float:
     s = sorted(samples)
     return s[min(len(s) - 1, int(p * len(s)))] if s else float("nan")
@@ -173,7 +166,7 @@ def flows_per_event() -> float:
 
 
 def pipeline(seconds: float) -> dict[str, Any]:
-    cpu = pin_cpu()
+    cpu = S.pin_one_cpu()
     gc_default = gc.get_threshold()
     gc.set_threshold(*GC_THRESHOLDS)  # as services/flows/service.py main() does
     payloads = batches(64)
@@ -220,18 +213,6 @@ def pipeline(seconds: float) -> dict[str, Any]:
 
 
 # ---- 2. real nats-server + flows service -------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _seen(nc: Any, patience: float = 30.0) -> tuple[int, int]:
@@ -283,7 +264,7 @@ async def _service_bench(url: str, pid: int, rates: list[int], step_s: float) ->
         rows = []
         for rate in rates:  # offered flows/s; 0 = flat out
             seen0, lost0 = await _seen(nc)
-            cpu0 = proc_cpu_s(pid)
+            cpu0 = S.process_cpu_s(pid)
             sent_events = 0
             t0 = time.perf_counter()
             i = 0
@@ -314,7 +295,7 @@ async def _service_bench(url: str, pid: int, rates: list[int], step_s: float) ->
                     break
                 await asyncio.sleep(0.05)
             total_s = time.perf_counter() - t0
-            cpu_s = proc_cpu_s(pid) - cpu0
+            cpu_s = S.process_cpu_s(pid) - cpu0
             if done < expected:
                 # one more batch reveals a gap in the sequence (batches the bus dropped)
                 await nc.publish(subject, payload())
@@ -522,7 +503,7 @@ def instance_cpu(stack: Stack) -> dict[str, float]:
     out: dict[str, float] = {}
     for p in stack.state().processes:
         try:
-            out[p.name] = proc_cpu_s(p.pid)
+            out[p.name] = S.process_cpu_s(p.pid)
         except (FileNotFoundError, ProcessLookupError):
             pass
     return out

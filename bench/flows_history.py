@@ -37,9 +37,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.flows import CLUSTER, batches, enrichment, free_port  # noqa: E402
+from bench.flows import CLUSTER, batches, enrichment  # noqa: E402
 from ciliary import schema  # noqa: E402
 from ciliary.bus import Bus  # noqa: E402
+from ciliary.supervisor import free_port  # noqa: E402
 from services.flows.core import FlowsCore, QueryPlan  # noqa: E402
 from services.flows.history import HistoryLimits, StreamScan, read_history  # noqa: E402
 from services.flows.service import GC_THRESHOLDS  # noqa: E402

@@ -42,7 +42,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.sandbox import NatsServer, git_state, machine  # noqa: E402
+from bench.sandbox import NatsServer, git_state, machine, process_memory  # noqa: E402
 from ciliary import schema  # noqa: E402
 from ciliary.bus import Bus  # noqa: E402
 from tests.k8sdouble import fixtures  # noqa: E402
@@ -50,17 +50,6 @@ from tests.k8sdouble.apiserver import ApiServerDouble  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "kubebridge.json"
 PAGE_SIZE = 500
-
-
-def memory_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of ``pid`` in MB."""
-    values = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) / 1024
-    return round(values.get("VmRSS", 0.0), 1), round(values.get("VmHWM", 0.0), 1)
 
 
 def populate(double: ApiServerDouble, pods: int) -> int:
@@ -118,7 +107,7 @@ async def one_run(pods: int, changes: int, workdir: Path) -> dict[str, Any]:
             if not first and (pod_pages or any(r.path == "/api/v1/pods" for r in
                                                double.requests[served_before:])):
                 first = time.monotonic() - t0
-                start_rss = memory_mb(bridge.pid)[0]
+                start_rss = process_memory(bridge.pid).get("rss_mib", 0.0)
             if len(pod_pages) > pages_seen:
                 pages_seen = len(pod_pages)
                 if not listed and pages_seen >= -(-pods // PAGE_SIZE):
@@ -130,7 +119,8 @@ async def one_run(pods: int, changes: int, workdir: Path) -> dict[str, Any]:
                     break
             if time.monotonic() - t0 > 300:
                 raise RuntimeError("the bridge did not sync within 300 s")
-        rss, peak = memory_mb(bridge.pid)
+        memory = process_memory(bridge.pid)
+        rss, peak = memory.get("rss_mib", 0.0), memory.get("peak_rss_mib", 0.0)
         latencies = []
         base = fixtures.load("pod")
         for i in range(changes):

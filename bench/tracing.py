@@ -50,6 +50,7 @@ import flows as F  # noqa: E402
 import sandbox as S  # noqa: E402
 
 from ciliary import config, schema  # noqa: E402
+from ciliary.supervisor import free_port  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "tracing.json"
 APPS = 50
@@ -98,7 +99,7 @@ def run_sink(port: int) -> None:
 
 class Sink:
     def __init__(self) -> None:
-        self.port = F.free_port()
+        self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, __file__, "--sink", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
@@ -237,7 +238,7 @@ def apply_round(tmp: Path, files: dict[str, Path], mode: str, sink: Sink) -> dic
         for which in APPLIES:
             before = asyncio.run(converged(server.url))
             spans0 = sink.counts()["spans"]
-            cpu0 = [F.proc_cpu_s(p.pid) for p in procs]
+            cpu0 = [S.process_cpu_s(p.pid) for p in procs]
             usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             cli = subprocess.run([sys.executable, "-m", "ciliary.cli", "apply", "-f", str(files[which])],
@@ -257,7 +258,7 @@ def apply_round(tmp: Path, files: dict[str, Path], mode: str, sink: Sink) -> dic
                 time.sleep(0.02)
             convergence = time.perf_counter() - t0
             time.sleep(1.0)  # the echo passes and the exporters' batches
-            cpu1 = [F.proc_cpu_s(p.pid) for p in procs]
+            cpu1 = [S.process_cpu_s(p.pid) for p in procs]
             services_cpu = {name: round(b - a, 3) for name, a, b in zip(SERVICES, cpu0, cpu1, strict=True)}
             out[which] = {"cli_wall_s": round(cli_wall, 3),
                           "cli_cpu_s": round(usage1.ru_utime + usage1.ru_stime - usage0.ru_utime - usage0.ru_stime, 3),
@@ -340,11 +341,11 @@ async def _flow_round(url: str, pid: int, rate: int, seconds: float) -> dict[str
         seen0, _ = await F._seen(nc)
         await drained(seen0, await offer(1.0))  # warm-up
         seen0, _ = await F._seen(nc)
-        cpu0 = F.proc_cpu_s(pid)
+        cpu0 = S.process_cpu_s(pid)
         expected = await offer(seconds)
         done = await drained(seen0, expected)
         await asyncio.sleep(0.5)  # the batch processor's last export
-        cpu_s = F.proc_cpu_s(pid) - cpu0
+        cpu_s = S.process_cpu_s(pid) - cpu0
         return {"flows": done, "service_cpu_s": round(cpu_s, 3),
                 "service_cpu_ms_per_1k_flows": round(cpu_s / done * 1e6, 2) if done else None}
     finally:
@@ -396,7 +397,7 @@ def in_process(n: int) -> dict[str, Any]:
     from ciliary.kv import SYNCED, KVEntry
     from ciliary.watch import Mirror, PassLoop
 
-    cpu = F.pin_cpu()
+    cpu = S.pin_one_cpu()
 
     class Discard(SpanExporter):
         def export(self, spans: Any) -> SpanExportResult:
