@@ -30,6 +30,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -275,16 +276,11 @@ def bench_sidecar(requests: int, rounds: int) -> dict[str, Any]:
         out["added_p50_ms"] = round(out["sidecars"]["p50_ms"] - out["bare"]["p50_ms"], 3)
         return out
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        S.stop_processes(procs, timeout=5)
         for ns in (a, b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         loop.call_soon_threadsafe(loop.stop)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def render(res: dict[str, Any]) -> str:
