@@ -5,7 +5,9 @@ Invariants:
   that is not valid OTLP gets ``400`` with the reason and nothing is handed on; an
   accepted one is handed to ``accept`` whole, then answered with an empty
   ``ExportTraceServiceResponse`` in the request's encoding.
-- Bodies above ``MAX_BODY`` are refused with ``413`` by aiohttp before decoding.
+- Bodies above ``MAX_BODY`` are refused with ``413``: by aiohttp before decoding, and a
+  gzip body whose decompressed size would exceed it is refused the same way without
+  inflating more than ``MAX_BODY + 1`` bytes (no decompression bomb).
 - The Unix socket (``ciliary.otlpsocket``) is made reachable for sidecars (mode 0666:
   Envoy runs under the proxy group); a stale socket file is replaced.
 - Decoding runs on the event loop: a sidecar's export is a few KiB and decodes in well
@@ -14,9 +16,9 @@ Invariants:
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,17 +35,35 @@ PATH = "/v1/traces"
 Accept = Callable[[list[schema.L7Span]], None]
 
 
+class TooLarge(Exception):
+    """A body that decompresses to more than the receiver accepts."""
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """The gzip ``data`` inflated, or ``TooLarge`` once more than ``limit`` bytes would come
+    out (at most ``limit + 1`` are ever inflated); ``OTLPError`` for a broken stream."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as err:
+        raise OTLPError(f"gzip: {err}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise TooLarge(f"the body inflates to more than {limit} bytes")
+    if not inflater.eof:
+        raise OTLPError("gzip: the stream ends early")
+    return out
+
+
 def make_app(accept: Accept) -> web.Application:
     async def traces(request: web.Request) -> web.Response:
         body = await request.read()
         content_type = request.headers.get("Content-Type", "application/x-protobuf")
         try:
             if request.headers.get("Content-Encoding", "").lower() == "gzip":
-                try:
-                    body = gzip.decompress(body)
-                except (OSError, EOFError) as err:
-                    raise OTLPError(f"gzip: {err}") from None
+                body = gunzip_bounded(body, MAX_BODY)
             spans = decode_traces(body, content_type)
+        except TooLarge as err:
+            return web.Response(status=413, text=f"OTLP body too large: {err}\n")
         except OTLPError as err:
             return web.Response(status=400, text=f"malformed OTLP: {err}\n")
         accept(spans)
