@@ -61,9 +61,9 @@ def annotation_problems(manifest: dict[str, Any]) -> list[str]:
 def global_service(manifest: dict[str, Any], *, exported: bool = False, imported: bool = False) -> GlobalService:
     """How a Service takes part in the mesh; ``exported``/``imported``: a ServiceExport /
     ServiceImport of the same namespace/name exists."""
-    if annotation_problems(manifest):
-        return NOT_GLOBAL
     notes = (manifest.get("metadata") or {}).get("annotations") or {}
+    if annotation_errors(notes):
+        return NOT_GLOBAL
     annotated = _BOOLS.get(str(notes.get(ANNOTATION_GLOBAL, "false")).lower(), False)
     shared_note = _BOOLS.get(str(notes.get(ANNOTATION_SHARED, "true")).lower(), True)
     affinity = str(notes.get(ANNOTATION_AFFINITY, AFFINITY_NONE)).lower()
