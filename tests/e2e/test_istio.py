@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require_privileges
 from .instance import ciliary, embedded_instance, pods_ready
 from .podnet import wait_for
 
@@ -91,16 +90,13 @@ DENY = json.dumps({
 
 
 @pytest.fixture
-def stack(tmp_path: Path, cluster_names: list[str]) -> Iterator[tuple[Path, str]]:
-    require_privileges()
-    cluster = "i" + secrets.token_hex(2)
-    cluster_names.append(cluster)
-    with embedded_instance(tmp_path / "instance", cluster, nodes=2, cluster_id=23) as data_dir:
-        yield data_dir, cluster
+def stack(tmp_path: Path, cluster_name: str) -> Iterator[Path]:
+    with embedded_instance(tmp_path / "instance", cluster_name, nodes=2, cluster_id=23) as data_dir:
+        yield data_dir
 
 
 def test_sidecar_spans_join_flows_and_diagnose_walks_the_layers(stack, tmp_path: Path) -> None:
-    data_dir, _cluster = stack
+    data_dir = stack
     status_file = tmp_path / "payments-status"
     ciliary("apply", "-f", "-", stdin=manifests(status_file, dns=True), data_dir=data_dir)
     pods = wait_for(lambda: pods_ready(data_dir, 3), 60, "checkout, payments and coredns ready")
@@ -203,12 +199,9 @@ def test_sidecar_spans_join_flows_and_diagnose_walks_the_layers(stack, tmp_path:
     assert found["looked_at"]["flows"] == 0, found
 
 
-def test_socket_lb_forced_into_sidecar_pods_is_reported_as_a_bypass(tmp_path: Path, cluster_names: list[str]) -> None:
-    require_privileges()
-    cluster = "i" + secrets.token_hex(2)
-    cluster_names.append(cluster)
+def test_socket_lb_forced_into_sidecar_pods_is_reported_as_a_bypass(tmp_path: Path, cluster_name: str) -> None:
     env = {"CILIARY_SOCKET_LB": "on", "CILIARY_SIDECAR_SOCKET_LB": "1"}
-    with embedded_instance(tmp_path / "instance", cluster, nodes=2, cluster_id=24, env=env) as data_dir:
+    with embedded_instance(tmp_path / "instance", cluster_name, nodes=2, cluster_id=24, env=env) as data_dir:
         ciliary("apply", "-f", "-", stdin=manifests(tmp_path / "status"), data_dir=data_dir, env=env)
         pods = wait_for(lambda: pods_ready(data_dir, 2), 60, "checkout and payments ready")
         svc = json.loads(ciliary("get", "svc", "payments", "-o", "json", data_dir=data_dir).stdout)
