@@ -34,6 +34,18 @@ def require_root(what: str) -> None:
     pytest.skip(f"needs root for {what}")
 
 
+def wait_listening(port: int, timeout: float = 10) -> bool:
+    """True once something accepts connections on ``127.0.0.1:port``; False after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
 @dataclass
 class NatsServer:
     port: int
@@ -49,14 +61,8 @@ class NatsServer:
             [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nats-server did not start")
+        if not wait_listening(self.port):
+            raise RuntimeError("nats-server did not start")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

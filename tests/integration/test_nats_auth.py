@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -23,7 +22,7 @@ from ciliary import config, natsauth, natscreds, natstls, schema
 from ciliary.bus import Bus, BusError, PermissionDenied, PutManyError
 from ciliary.status import gather_health
 from ciliary.supervisor import free_port, nats_server_binary
-from tests.integration.conftest import eventually, service_process, stop_processes
+from tests.integration.conftest import eventually, service_process, stop_processes, wait_listening
 
 CLUSTER = "tauth"
 NODES = ["node-1", "node-2"]
@@ -59,14 +58,7 @@ def running_secured_nats(tmp_path: Path, *, tls: bool = False) -> Iterator[Secur
                                  "-sd", str(tmp_path / "nats"), "-c", str(auth), *tls_args],
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
+        assert wait_listening(port), log.read_text()
         server = SecuredNats(f"{'tls' if tls else 'nats'}://127.0.0.1:{port}", creds, log)
 
         async def provision() -> None:
