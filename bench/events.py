@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import flows as F  # noqa: E402
 import sandbox as S  # noqa: E402
 
-from ciliary import config, schema  # noqa: E402
+from ciliary import schema  # noqa: E402
 from ciliary.events import payloads, subjects  # noqa: E402
 from ciliary.events.publisher import EventPublisher  # noqa: E402
 from services.flows.core import FlowsCore  # noqa: E402
@@ -225,21 +225,10 @@ def service(rate: int, seconds: float, rounds: int) -> dict[str, Any]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         server = S.NatsServer(tmp / "nats", log=tmp / "nats.log")
-        url = server.url
-        env = dict(os.environ, **{config.ENV_NATS_URL: url, config.ENV_CLUSTER: CLUSTER,
-                                  config.ENV_CLUSTER_ID: "9", config.ENV_DATA_DIR: str(tmp),
-                                  config.ENV_INSTANCE: "flows-bench", "PYTHONUNBUFFERED": "1"})
-        for k in ("CILIARY_FLOWS_METRICS_PORT", "CILIARY_FLOWS_UI_PORT", "CILIARY_FLOWS_EXPORT_FILE",
-                  subjects.ENV_EVENTS):
-            env.pop(k, None)
-        flows_log = open(tmp / "flows.log", "wb")  # noqa: SIM115
-        svc = subprocess.Popen([sys.executable, "-m", "services.flows"], env=env, cwd=REPO, stdout=flows_log,
-                               stderr=subprocess.STDOUT)
+        svc, cpu = F.start_flows_service(tmp, server.url, unset=(subjects.ENV_EVENTS,))
         procs.append(svc)
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(svc.pid, {cpus[-1]})
-        rows = asyncio.run(_service_rounds(url, svc.pid, rate, seconds, rounds))
-        out: dict[str, Any] = {"service_cpu": cpus[-1], "offered_flows_per_s": rate, "seconds_per_round": seconds,
+        rows = asyncio.run(_service_rounds(server.url, svc.pid, rate, seconds, rounds))
+        out: dict[str, Any] = {"service_cpu": cpu, "offered_flows_per_s": rate, "seconds_per_round": seconds,
                                "rounds": rows, "median": {}}
         for mode, rs in rows.items():
             out["median"][mode] = {

@@ -323,6 +323,23 @@ async def _service_bench(url: str, pid: int, rates: list[int], step_s: float) ->
         await nc.close()
 
 
+def start_flows_service(tmp: Path, url: str, unset: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], int]:
+    """``python -m services.flows`` on ``url`` (cluster CLUSTER, data directory and flows.log
+    in ``tmp``) without the flows settings a developer's shell may carry nor the variables
+    ``unset``, pinned to the last allowed CPU; returns the process and that CPU."""
+    env = dict(os.environ, **{config.ENV_NATS_URL: url, config.ENV_CLUSTER: CLUSTER,
+                              config.ENV_CLUSTER_ID: "9", config.ENV_DATA_DIR: str(tmp),
+                              config.ENV_INSTANCE: "flows-bench", "PYTHONUNBUFFERED": "1"})
+    for k in ("CILIARY_FLOWS_METRICS_PORT", "CILIARY_FLOWS_UI_PORT", "CILIARY_FLOWS_EXPORT_FILE", *unset):
+        env.pop(k, None)
+    with open(tmp / "flows.log", "wb") as log:
+        svc = subprocess.Popen([sys.executable, "-m", "services.flows"], env=env, cwd=REPO, stdout=log,
+                               stderr=subprocess.STDOUT)
+    cpu = max(os.sched_getaffinity(0))
+    os.sched_setaffinity(svc.pid, {cpu})
+    return svc, cpu
+
+
 def service(rates: list[int], step_s: float) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="ciliary-bench-flows-"))
     server: S.NatsServer | None = None
@@ -330,17 +347,8 @@ def service(rates: list[int], step_s: float) -> dict[str, Any]:
     try:
         server = S.NatsServer(tmp / "nats", log=tmp / "nats.log")
         url = server.url
-        env = dict(os.environ, **{config.ENV_NATS_URL: url, config.ENV_CLUSTER: CLUSTER,
-                                  config.ENV_CLUSTER_ID: "9", config.ENV_DATA_DIR: str(tmp),
-                                  config.ENV_INSTANCE: "flows-bench", "PYTHONUNBUFFERED": "1"})
-        for k in ("CILIARY_FLOWS_METRICS_PORT", "CILIARY_FLOWS_UI_PORT", "CILIARY_FLOWS_EXPORT_FILE"):
-            env.pop(k, None)
-        flows_log = open(tmp / "flows.log", "wb")  # noqa: SIM115
-        svc = subprocess.Popen([sys.executable, "-m", "services.flows"], env=env, cwd=REPO, stdout=flows_log,
-                               stderr=subprocess.STDOUT)
+        svc, cpu = start_flows_service(tmp, url)
         procs.append(svc)
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(svc.pid, {cpus[-1]})
         try:
             rows = asyncio.run(_service_bench(url, svc.pid, rates, step_s))
         except Exception:
@@ -349,7 +357,7 @@ def service(rates: list[int], step_s: float) -> dict[str, Any]:
             shutil.copytree(tmp, keep, ignore=shutil.ignore_patterns("nats"))
             print(f"service bench failed; logs in {keep}", file=sys.stderr)
             raise
-        return {"service_cpu": cpus[-1], "step_seconds": step_s, "rows": rows,
+        return {"service_cpu": cpu, "step_seconds": step_s, "rows": rows,
                 "stream": "JetStream stream FLOWS on (default 64 MB)"}
     finally:
         S.stop_processes(procs)
