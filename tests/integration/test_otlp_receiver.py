@@ -177,9 +177,9 @@ async def test_envoy_sidecars_export_joinable_spans_unchanged(receiver, two_name
             subprocess.run(["ip", "netns", "exec", ns, "iptables-restore", "--noflush"],
                            input=plan.iptables.encode(), check=True, capture_output=True)
             config = sidecar.write_bootstrap(tmp_path / pod, plan)
-            log = open(tmp_path / f"{pod}-envoy.log", "wb")  # noqa: SIM115
-            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *sidecar.container_argv(config)],
-                                          stdout=log, stderr=subprocess.STDOUT))
+            with open(tmp_path / f"{pod}-envoy.log", "wb") as log:
+                procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *sidecar.container_argv(config)],
+                                              stdout=log, stderr=subprocess.STDOUT))
         procs.append(subprocess.Popen(["ip", "netns", "exec", server_ns, sys.executable, "-c", APP, "503"]))
 
         async def request() -> str:
