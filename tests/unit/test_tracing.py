@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,18 +72,25 @@ def entry(key: str, headers: dict[str, str] | None = None) -> KVEntry:
     return KVEntry("resources", key, 1, b"v", headers or {})
 
 
-async def one_pass(loop: PassLoop) -> None:
-    before = loop.passes
-    task = asyncio.create_task(loop.run())
+async def run_until(run: Callable[[], Awaitable[object]], done: Callable[[], object], what: str,
+                    step: float = 0.001) -> None:
+    """``run()`` as a task until ``done()`` holds (checked 200 times, ``step`` s apart), then
+    cancelled; fails naming ``what`` when it never does."""
+    task = asyncio.create_task(run())
     try:
         for _ in range(200):
-            if loop.passes > before:
+            if done():
                 return
-            await asyncio.sleep(0.001)
-        raise AssertionError("no pass ran")
+            await asyncio.sleep(step)
+        raise AssertionError(f"no {what}")
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def one_pass(loop: PassLoop) -> None:
+    before = loop.passes
+    await run_until(loop.run, lambda: loop.passes > before, "pass ran")
 
 
 def synced_mirror(bucket: str) -> Mirror:
@@ -186,15 +193,7 @@ async def test_a_failed_pass_records_the_error_and_the_loop_goes_on(spans: InMem
 
     loop = PassLoop("policy", run_pass)
     synced_mirror("resources").notify(loop).apply(entry("x", sender()[1]))
-    task = asyncio.create_task(loop.run())
-    try:
-        for _ in range(200):
-            if loop.failures:
-                break
-            await asyncio.sleep(0.001)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await run_until(loop.run, lambda: loop.failures, "failed pass")
     (span,) = spans.get_finished_spans()
     assert not span.status.is_ok
     assert span.events[0].name == "exception"
@@ -218,15 +217,7 @@ async def test_a_kicked_map_write_continues_the_change_behind_the_kick(spans: In
         loop.kick()
 
     synced_mirror("ipcache").listen(on_change).apply(entry("10.0.0.1/32", headers))
-    task = asyncio.create_task(loop.run())
-    try:
-        for _ in range(200):
-            if spans.get_finished_spans():
-                break
-            await asyncio.sleep(0.005)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await run_until(loop.run, spans.get_finished_spans, "map write span", step=0.005)
     (span,) = spans.get_finished_spans()
     assert span.name == tracing.SPAN_MAP_WRITE
     assert span.parent.span_id == policy_pass.get_span_context().span_id
