@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from ciliary import config, hubble, natsauth, natscreds, schema
+from ciliary.bus import Bus
 
 from .conftest import require_privileges
 from .instance import leftovers
@@ -325,16 +326,12 @@ def test_observe_follow_streams_new_flows(make_stack) -> None:
 
 async def _publish(nats_url: str, subject: str, payloads: list[bytes],
                    credential: config.NatsCredential | None) -> None:
-    import nats
-
-    auth = {"nkeys_seed_str": credential.seed, "inbox_prefix": credential.inbox_prefix} if credential else {}
-    nc = await nats.connect(nats_url, **auth)
+    bus = await Bus.connect(nats_url, "test-publish", allow_reconnect=False, credential=credential)
     try:
         for p in payloads:
-            await nc.publish(subject, p)
-        await nc.flush()
+            await bus.publish(subject, p)
     finally:
-        await nc.close()
+        await bus.close()  # drains: every publish reached the server
 
 
 UDP_BURST = """
