@@ -83,6 +83,7 @@ from ciliary.bus import (
     Subscription,
     Synced,
 )
+from ciliary.natsauth import subject_matches  # NATS wildcard rules, one implementation
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +92,6 @@ T = TypeVar("T")
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # nats-server's default
 STREAM_MESSAGE_OVERHEAD = 22  # bytes a stored message costs beyond subject and payload (estimate)
 QUEUE_GROUP_SERVICE = "q"  # the queue group micro-service endpoints join
-
-
-def subject_matches(pattern: str, subject: str) -> bool:
-    """Whether NATS would deliver ``subject`` to a subscription on ``pattern``."""
-    tokens = subject.split(".")
-    for i, want in enumerate(pattern.split(".")):
-        if want == ">":
-            return len(tokens) > i
-        if i >= len(tokens) or (want != "*" and want != tokens[i]):
-            return False
-    return len(tokens) == len(pattern.split("."))
 
 
 class _Bucket:
