@@ -319,15 +319,13 @@ class Writer:
     interpreter start-up inside the measured interval."""
 
     def __init__(self, data_dir: Path) -> None:
-        from ciliary import config, natscreds
-        from ciliary.bus import Bus
+        from bench.sandbox import connect_as_cli
+        from ciliary import config
 
         self.loop = asyncio.new_event_loop()
         state = config.read_instance(data_dir)
         assert state is not None
-        credential = natscreds.instance_credential(data_dir, "cli")  # the CLI's user
-        self.bus = self.loop.run_until_complete(Bus.connect(state.nats_url, "bench-policy",
-                                                            credential=credential))
+        self.bus = self.loop.run_until_complete(connect_as_cli(state.nats_url, data_dir, "bench-policy"))
         self.loop.run_until_complete(self.bus.ensure_buckets())
 
     def parse(self, text: str) -> list[Any]:
