@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import subprocess
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,10 @@ from ciliary.bus import Bus
 from ciliary.resources.clustermesh import ANNOTATION_GLOBAL, ANNOTATION_SHARED
 from ciliary.supervisor import free_port
 
-from .conftest import NatsServer, run_cli, service_process
+from .conftest import NatsServer, eventually, run_cli, service_process
 
 TTL = 2.0
 WEST_ID, EAST_ID = 2, 3
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], what: str, timeout: float = 30.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    last = None
-    while asyncio.get_running_loop().time() < deadline:
-        last = await probe()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last: {last}")
 
 
 def fake_instance(data_dir: Path, server: NatsServer, cluster: str, cluster_id: int) -> None:
@@ -107,8 +95,8 @@ async def test_connect_sync_disconnect_reconnect_restart_and_ttl(tmp_path: Path,
         assert done.returncode == 0, done.stdout + done.stderr
         assert "cluster east <-> west: connected" in done.stdout
 
-        got = await eventually(lambda: imported(ebus), "west in east's mesh bucket")
-        got = await eventually(lambda: _has(ebus, "service.west.shop.payments"), "west's services")
+        got = await eventually(lambda: imported(ebus), what="west in east's mesh bucket")
+        got = await eventually(lambda: _has(ebus, "service.west.shop.payments"), what="west's services")
         keys = set(got)
         assert "ipcache.west.10.2.1.5_32" in keys
         assert f"identity.west.{(WEST_ID << 16) | 300}" in keys and "node.west.node-1" in keys
@@ -117,7 +105,7 @@ async def test_connect_sync_disconnect_reconnect_restart_and_ttl(tmp_path: Path,
         service_rec = schema.decode(got["service.west.shop.payments"], schema.MeshService)
         assert [(b.ip, b.port, b.ready) for b in service_rec.backends] == [("10.2.1.5", 8080, True)]
         # both directions: west follows east too
-        assert await eventually(lambda: remote_status(wbus, "east"), "east followed by west")
+        assert await eventually(lambda: remote_status(wbus, "east"), what="east followed by west")
 
         status = json.loads((await asyncio.to_thread(run_cli, "clustermesh", "status", "-o", "json",
                                                      data_dir=east_dir)).stdout)
@@ -135,30 +123,30 @@ async def test_connect_sync_disconnect_reconnect_restart_and_ttl(tmp_path: Path,
             got = await imported(ebus)
             raw = got.get("service.west.shop.payments")
             return bool(raw) and not schema.decode(raw, schema.MeshService).backends[0].ready
-        await eventually(unready, "west's backend unready in east")
+        await eventually(unready, what="west's backend unready in east")
 
         # the remote's NATS restarts: within the TTL nothing is withdrawn, then it syncs again
         west.stop()
         west.start()
-        await eventually(lambda: _connected(ebus, "west"), "west connected again after its restart")
+        await eventually(lambda: _connected(ebus, "west"), what="west connected again after its restart")
         assert "service.west.shop.payments" in await imported(ebus)
 
         # west's NATS gone for longer than the TTL: withdrawn, status says why
         west.stop()
-        st = await eventually(lambda: _stale(ebus, "west"), "west withdrawn after the TTL", timeout=TTL * 4 + 15)
+        st = await eventually(lambda: _stale(ebus, "west"), what="west withdrawn after the TTL", timeout=TTL * 4 + 15)
         assert any("TTL" in e or "lost" in e for e in st.errors)
         assert set(await imported(ebus)) == {"status.west"}
         west.start()
-        await eventually(lambda: _has(ebus, "service.west.shop.payments"), "west back")
+        await eventually(lambda: _has(ebus, "service.west.shop.payments"), what="west back")
 
         # disconnect withdraws at once, both sides; reconnect brings it all back
         done = await asyncio.to_thread(run_cli, "clustermesh", "disconnect", "--from", "west", data_dir=east_dir)
         assert done.returncode == 0, done.stdout + done.stderr
-        await eventually(lambda: _empty(ebus), "east's mesh bucket empty after disconnect")
-        await eventually(lambda: _empty(wbus), "west's mesh bucket empty after disconnect")
+        await eventually(lambda: _empty(ebus), what="east's mesh bucket empty after disconnect")
+        await eventually(lambda: _empty(wbus), what="west's mesh bucket empty after disconnect")
         done = await asyncio.to_thread(run_cli, "clustermesh", "connect", "--to", str(west_dir), data_dir=east_dir)
         assert done.returncode == 0, done.stdout + done.stderr
-        await eventually(lambda: _has(ebus, "service.west.shop.payments"), "west after reconnect")
+        await eventually(lambda: _has(ebus, "service.west.shop.payments"), what="west after reconnect")
         await wbus.close()
         await ebus.close()
     finally:
