@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ciliary import schema
+from ciliary.dnswire import RCODE_MNEMONICS
 
 LAYER_DNS = "dns"
 LAYER_NO_FLOW = "no-flow"
@@ -36,7 +37,7 @@ LAYER_L7 = "l7"
 LAYER_HEALTHY = "healthy"
 LAYERS = (LAYER_DNS, LAYER_NO_FLOW, LAYER_POLICY, LAYER_NETWORK, LAYER_SIDECAR, LAYER_L7, LAYER_HEALTHY)
 
-DNS_RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+DNS_RCODES = RCODE_MNEMONICS
 POLICY_DROPS = {"POLICY_DENIED", "POLICY_DENY", "AUTH_REQUIRED"}
 FLAG_MEANINGS = {
     "UF": "upstream connection failure", "UH": "no healthy upstream", "URX": "retry limit exceeded",

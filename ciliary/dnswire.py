@@ -41,6 +41,9 @@ RCODE_NAMES = {
     5: "Query Refused",
 }
 
+# The rcode mnemonics of RFC 1035 / dig ("NXDOMAIN"), as the CLI and the test workload print them.
+RCODE_MNEMONICS = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+
 TTL_NONE = 0xFFFFFFFF  # Cilium reports this TTL for a response without answers
 
 

@@ -38,6 +38,8 @@ import struct
 import sys
 import time
 
+from ciliary.dnswire import RCODE_MNEMONICS  # stdlib-only, like this module
+
 
 class _UdpResponder(asyncio.DatagramProtocol):
     def __init__(self, name: str) -> None:
@@ -52,7 +54,7 @@ class _UdpResponder(asyncio.DatagramProtocol):
         self.transport.sendto(f"{self.name} {addr[0]}\n".encode(), addr)
 
 
-DNS_RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+DNS_RCODES = RCODE_MNEMONICS
 DNS_TTL = 30
 
 
