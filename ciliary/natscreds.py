@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 import nkeys
 
-from ciliary import config, natsauth
+from ciliary import atomicfile, config, natsauth
 from ciliary.config import NatsCredential
 
 
@@ -46,14 +46,7 @@ def public_key(seed: str) -> str:
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0600, through a temporary name and a rename (a
     reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
+    atomicfile.write_atomically(path, data, 0o600)
 
 
 def write_instance_credentials(creds_dir: Path, auth_file: Path, users: Iterable[natsauth.User],

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ciliary import atomicfile
+
 PLUGIN = "ciliary-cni"
 CONFLIST = "05-ciliary.conflist"
 DEFAULT_RELAY_PORT = 9878
@@ -78,10 +80,7 @@ def conflist(*, cluster: str, node: str, subnet: str, nats_url: str, nats_creds:
 
 def _write_atomically(path: Path, text: str, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(mode)
-    tmp.replace(path)
+    atomicfile.write_atomically(path, text.encode(), mode)
 
 
 def install_plugin(bin_dir: str | Path, port: int = DEFAULT_RELAY_PORT) -> Path:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ciliary import schema
+from ciliary import atomicfile, schema
 from ciliary.resources import decode
 
 INJECT_ANNOTATION = "sidecar.istio.io/inject"
@@ -275,9 +275,7 @@ def write_bootstrap(directory: Path, sidecar: SidecarPlan) -> Path:
     """Write the bootstrap as JSON (Envoy reads it as YAML); blocking."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "envoy.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sidecar.bootstrap, indent=1))
-    tmp.replace(path)
+    atomicfile.write_atomically(path, json.dumps(sidecar.bootstrap, indent=1).encode(), 0o644)
     return path
 
 
