@@ -95,6 +95,15 @@ def tcp_roundtrip(netns: str, ip: str, port: int, payload: bytes = b"ping",
         return s.recv(2048)
 
 
+def tcp_echoes(netns: str, ip: str, port: int, timeout: float = 2.0) -> bool:
+    """True when a TCP round trip from ``netns`` to the echo server at ``ip:port`` comes back
+    as sent; False when the connection is refused, dropped or reset."""
+    try:
+        return tcp_roundtrip(netns, ip, port, b"ping", timeout) == b"ping"
+    except OSError:
+        return False
+
+
 def udp_roundtrip(netns: str, ip: str, port: int, payload: bytes = b"ping",
                   timeout: float = 2.0) -> tuple[bytes, tuple[str, int]]:
     s = N.run_in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))

@@ -13,7 +13,7 @@ from pyroute2 import IPRoute
 from services.node import netns as N
 
 from .hoststack import HostStack, root_links
-from .podnet import EchoServer, tcp_roundtrip
+from .podnet import EchoServer, tcp_echoes
 
 POD = """apiVersion: v1
 kind: Pod
@@ -31,13 +31,6 @@ spec:
   egress:
     - toEndpoints: [{matchLabels: {app: nobody}}]
 """
-
-
-def _reachable(src: str, ip: str, port: int) -> bool:
-    try:
-        return tcp_roundtrip(src, ip, port, timeout=1.5) == b"ping"
-    except OSError:
-        return False
 
 
 def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
@@ -99,10 +92,10 @@ def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
         assert routes.get(subnet2) == stack.addresses["host2"]
         server = EchoServer(ns_b, 8080)
         try:
-            stack.wait(lambda: _reachable(ns_a, ip_b, 8080), 20, "a -> b across hosts")
+            stack.wait(lambda: tcp_echoes(ns_a, ip_b, 8080, timeout=1.5), 20, "a -> b across hosts")
             # a's egress policy, enforced by host1's datapath on a's veth
             stack.ciliary("apply", "-f", "-", stdin=A_TO_NOBODY)
-            stack.wait(lambda: not _reachable(ns_a, ip_b, 8080), 20, "policy drops a -> b")
+            stack.wait(lambda: not tcp_echoes(ns_a, ip_b, 8080, timeout=1.5), 20, "policy drops a -> b")
 
             # an upgrade: host1's executor exits without teardown, as in a DaemonSet rollout;
             # the pinned datapath keeps enforcing on a's veth, the runtime keeps its
@@ -112,15 +105,16 @@ def test_host_mode_serves_runtime_pods_routes_peers_and_creates_no_namespace(
             with IPRoute(netns=stack.hosts["host1"]) as ipr:
                 qdiscs = ipr.get_qdiscs(index=ipr.link_lookup(ifname=host_if_a)[0])
             assert "clsact" in {q.get_attr("TCA_KIND") for q in qdiscs}, "programs stay attached"
-            assert not any(_reachable(ns_a, ip_b, 8080) for _ in range(3)), "the policy outlives the executor"
+            assert not any(tcp_echoes(ns_a, ip_b, 8080, timeout=1.5) for _ in range(3)), \
+                "the policy outlives the executor"
             assert (stack.cni_dirs("host1")[0] / "05-ciliary.conflist").exists()
             stack.start_node("host1")
             stack.wait(lambda: len(identities()) == 2, 60, "host1's endpoint adopted")
             assert sorted(p.name for p in Path(f"/sys/fs/bpf/ciliary/{cluster_name}/host1").iterdir()) == pins
-            assert not _reachable(ns_a, ip_b, 8080)
+            assert not tcp_echoes(ns_a, ip_b, 8080, timeout=1.5)
             # the new executor applies changes: the policy goes, a reaches b again
             stack.ciliary("delete", "cnp", "a-to-nobody", "-n", "default")
-            stack.wait(lambda: _reachable(ns_a, ip_b, 8080), 20, "a -> b once the policy is deleted")
+            stack.wait(lambda: tcp_echoes(ns_a, ip_b, 8080, timeout=1.5), 20, "a -> b once the policy is deleted")
         finally:
             server.close()
 

@@ -13,17 +13,14 @@ from services.node import meshlink
 from services.node import netns as N
 
 from .conftest import require_privileges
-from .podnet import EchoServer, tcp_roundtrip, wait_for
+from .podnet import EchoServer, tcp_echoes, wait_for
 
 PORT = 7801
 
 
 def reaches(ns: str, address: str) -> bool:
     """A TCP round trip from namespace ``ns`` to the echo server at ``address``."""
-    try:
-        return tcp_roundtrip(ns, address, PORT, timeout=1.0) == b"ping"
-    except OSError:
-        return False
+    return tcp_echoes(ns, address, PORT, timeout=1.0)
 
 
 def add_pod_address(cluster: str, node: str, address: str) -> None:
