@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
     ExportLogsServiceResponse,
@@ -81,14 +81,20 @@ class OTLPReceiver:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _on_traces(self, request: web.Request) -> web.Response:
+    async def _decoded(self, request: web.Request, export: Message) -> bool:
+        """Count the request and parse its body into ``export``; False (counted as
+        rejected) when it is not one."""
         self.requests += 1
-        body = await request.read()
-        export = ExportTraceServiceRequest()
         try:
-            export.ParseFromString(body)
+            export.ParseFromString(await request.read())
         except DecodeError:
             self.rejected += 1
+            return False
+        return True
+
+    async def _on_traces(self, request: web.Request) -> web.Response:
+        export = ExportTraceServiceRequest()
+        if not await self._decoded(request, export):
             return web.Response(status=400)
         for resource_spans in export.resource_spans:
             resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
@@ -108,12 +114,8 @@ class OTLPReceiver:
                             content_type="application/x-protobuf")
 
     async def _on_logs(self, request: web.Request) -> web.Response:
-        self.requests += 1
         export = ExportLogsServiceRequest()
-        try:
-            export.ParseFromString(await request.read())
-        except DecodeError:
-            self.rejected += 1
+        if not await self._decoded(request, export):
             return web.Response(status=400)
         for resource_logs in export.resource_logs:
             resource = {a.key: _value(a.value) for a in resource_logs.resource.attributes}
