@@ -36,6 +36,14 @@ def ciliary(*args: str, data_dir: Path, check: bool = True, timeout: float = 60,
     return result
 
 
+def pod_connect(data_dir: Path, pod: str, host: str, port: int,
+                timeout: float = 2.0) -> subprocess.CompletedProcess[str]:
+    """``ciliary exec POD -- python -m ciliary.workload connect HOST PORT``: exit 0 when the
+    connection from inside the pod succeeds (never checked here)."""
+    return ciliary("exec", pod, "--", sys.executable, "-m", "ciliary.workload", "connect", host, str(port),
+                   "--timeout", str(timeout), data_dir=data_dir, check=False)
+
+
 def cluster_cgroups(cluster: str) -> list[str]:
     """Node cgroups ``ciliary-<cluster>-*`` (socket LB) under any cgroup2 mount."""
     return [str(p) for p in cgroups.cluster_cgroups(cluster)]

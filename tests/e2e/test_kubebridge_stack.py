@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ import pytest
 
 from tests.k8sdouble.apiserver import ApiServerDouble
 
-from .instance import ciliary, embedded_instance, pods_ready
+from .instance import ciliary, embedded_instance, pod_connect, pods_ready
 from .podnet import wait_for
 
 VIP = "10.96.77.7"
@@ -101,11 +99,6 @@ def instance(tmp_path: Path, cluster_name: str, double: tuple[DoubleThread, ApiS
         yield data_dir
 
 
-def connect(data_dir: Path, pod_name: str, host: str, timeout: float = 2.0) -> subprocess.CompletedProcess[str]:
-    return ciliary("exec", pod_name, "--", sys.executable, "-m", "ciliary.workload", "connect",
-                   host, "8080", "--timeout", str(timeout), data_dir=data_dir, check=False)
-
-
 def test_bridge_feeds_the_embedded_stack(instance: Path, double: tuple[DoubleThread, ApiServerDouble]) -> None:
     data_dir = instance
     runner, server = double
@@ -117,11 +110,11 @@ def test_bridge_feeds_the_embedded_stack(instance: Path, double: tuple[DoubleThr
                                                         data_dir=data_dir).stdout)
                          for r in node["rows"]), 20, "the CNP in force on web")
     # the API server's clusterIP is a frontend in the datapath: packets to it arrive
-    ok = wait_for(lambda: (r := connect(data_dir, "client", VIP)).returncode == 0 and r, 20,
+    ok = wait_for(lambda: (r := pod_connect(data_dir, "client", VIP, 8080)).returncode == 0 and r, 20,
                   f"client reaches web through the clusterIP {VIP}")
     assert ok.stdout.split()[0] == "web"
     assert ok.stdout.split()[1] == pods["client"]["podIP"]
-    assert connect(data_dir, "intruder", VIP, timeout=1.0).returncode != 0
+    assert pod_connect(data_dir, "intruder", VIP, 8080, timeout=1.0).returncode != 0
     status = ciliary("status", data_dir=data_dir, check=False).stdout
     assert f"resources: Kubernetes API server {server.url} (kube bridge leader kubebridge" in status, status
     # the policy is written back as enforced on node-1

@@ -22,6 +22,7 @@ from ciliary import config
 
 from .conftest import require_privileges
 from .instance import ciliary, embedded_instance, pods_ready
+from .instance import pod_connect as connect
 from .podnet import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,11 +64,6 @@ def policy_in_force(data_dir: Path) -> bool:
     rows = json.loads(cli("endpoint", "list", "-o", "json", data_dir=data_dir).stdout)
     payments = [r for node in rows for r in node["rows"] if r["pod"] == "default/payments"]
     return bool(payments) and payments[0]["ingress_enforcement"]
-
-
-def connect(data_dir: Path, pod: str, host: str, port: int, timeout: float = 2.0) -> subprocess.CompletedProcess[str]:
-    return cli("exec", pod, "--", sys.executable, "-m", "ciliary.workload", "connect", host, str(port),
-               "--timeout", str(timeout), data_dir=data_dir, check=False)
 
 
 def cluster_ip(data_dir: Path, name: str) -> str:
