@@ -28,6 +28,9 @@ Invariants:
   instance, the same client authorization on every server). Every child gets every
   server's URL and ``CILIARY_JS_REPLICAS``, so buckets and streams have one copy per
   server; each server is restarted like any other child, on its own ports and store.
+- With ``identity_replicas`` > 1 the identity service runs as that many processes
+  (``identity``, ``identity-2``, …), each its own instance on the same NATS user; they
+  allocate concurrently, safe by compare-and-set on the identities bucket.
 - Children die with the supervisor: each gets SIGTERM when the supervisor exits, however it
   exits (``PR_SET_PDEATHSIG``), so a killed supervisor leaves no orphan behind.
 """
@@ -64,6 +67,7 @@ GRACE_SECONDS = 10.0
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0
+MAX_IDENTITY_REPLICAS = 5
 DEFAULT_MESH_TTL = 10.0  # seconds a remote cluster's state stays valid without news
 ENV_CLUSTER_CIDR = "CILIARY_CLUSTER_CIDR"  # pod CIDR of the cluster: node executors, mesh
 ENV_MESH_TTL = "CILIARY_MESH_TTL"
@@ -163,6 +167,7 @@ class Supervisor:
     nats_tls: bool = False  # TLS on the client port, with a CA made for the instance
     tls: natstls.TLSFiles | None = None
     nats_replicas: int = 1  # > 1: a replicated bus of that many servers
+    identity_replicas: int = 1  # identity processes racing on one bucket
     nats_servers: list[natscluster.ServerPlan] = field(default_factory=list)
     store_claims: dict[str, int] = field(default_factory=dict)  # server process -> its claim
 
@@ -247,12 +252,12 @@ class Supervisor:
         ))
 
     def _plan_services(self, logs: Path) -> None:
-        for name in CONTROL_PLANE:
-            env = self._child_env(name, user=name)
+        for service, name in service_processes(self.identity_replicas):
+            env = self._child_env(name, user=service)
             if name == "flows" and "CILIARY_FLOWS_METRICS_PORT" not in env:
                 env["CILIARY_FLOWS_METRICS_PORT"] = str(self.http_port)  # UI shares it
             self.children.append(Child(
-                name, [sys.executable, "-m", f"services.{name}"], env, logs / f"{name}.log",
+                name, [sys.executable, "-m", f"services.{service}"], env, logs / f"{name}.log",
             ))
         if self.kubeconfig:
             env = self._child_env("kubebridge", user="kubebridge")
@@ -419,6 +424,24 @@ class Supervisor:
         await asyncio.to_thread(remove_cluster_leftovers, self.cluster)
 
 
+def service_processes(identity_replicas: int) -> list[tuple[str, str]]:
+    """``(service, process name)`` of every control-plane process: one per service, and
+    ``identity-2`` … ``identity-<n>`` after ``identity`` for ``identity_replicas`` n."""
+    out: list[tuple[str, str]] = []
+    for service in CONTROL_PLANE:
+        out.append((service, service))
+        if service == "identity":
+            out += [(service, f"identity-{i}") for i in range(2, identity_replicas + 1)]
+    return out
+
+
+def identity_replicas_error(replicas: int) -> str:
+    """Why ``replicas`` cannot be the number of identity processes ("" when it can)."""
+    if replicas < 1 or replicas > MAX_IDENTITY_REPLICAS:
+        return f"must be between 1 and {MAX_IDENTITY_REPLICAS}, not {replicas}"
+    return ""
+
+
 def is_nats_server(process: str) -> bool:
     """``nats-server`` (the single server) or ``nats-server-<i>`` (a replicated bus's)."""
     return process == "nats-server" or process.startswith("nats-server-")
@@ -500,16 +523,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kubeconfig", default="")
     parser.add_argument("--nats-tls", action="store_true")
     parser.add_argument("--nats-replicas", type=int, default=1)
+    parser.add_argument("--identity-replicas", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s: %(message)s")
     supervisor = Supervisor(
         data_dir=Path(args.data_dir), nats_port=args.nats_port, nodes=args.nodes,
         cluster=args.cluster, cluster_id=args.cluster_id, pod_cidr=args.pod_cidr, mesh_ttl=args.mesh_ttl,
         kubeconfig=args.kubeconfig, nats_tls=args.nats_tls, nats_replicas=args.nats_replicas,
+        identity_replicas=args.identity_replicas,
     )
     error = natscluster.replicas_error(args.nats_replicas)
     if error:
         log.error("--nats-replicas: %s", error)
+        sys.exit(2)
+    error = identity_replicas_error(args.identity_replicas)
+    if error:
+        log.error("--identity-replicas: %s", error)
         sys.exit(2)
     try:
         asyncio.run(supervisor.run())

@@ -12,6 +12,8 @@ Invariants:
   node map at or above 80 % fill, critical from 95 % (``ciliary.mappressure``); a warning
   does not change the exit code.
 - ``status`` has ``-o json``; tables are aligned.
+- ``up --identity-replicas N`` runs N identity processes (``identity``, ``identity-2``…);
+  ``status`` lists each.
 - ``up --nats-replicas 3`` runs a replicated bus (``ciliary.natscluster``); ``status`` then
   lists each server (from ``instance.json`` and each server's monitoring port) and how many
   streams have every copy current. A lost server does not change the exit code: the bus
@@ -64,6 +66,9 @@ def checked_cluster(args: argparse.Namespace) -> str:
         raise common.CliError(f"--nats-replicas: {error}")
     if replicas > 1 and getattr(args, "nats_port", 0):
         raise common.CliError("--nats-port: a replicated bus (--nats-replicas > 1) picks a free port per server")
+    error = supervisor.identity_replicas_error(getattr(args, "identity_replicas", 1))
+    if error:
+        raise common.CliError(f"--identity-replicas: {error}")
     derived = not args.pod_cidr
     cidr = args.pod_cidr or os.environ.get("CILIARY_CLUSTER_CIDR") or clusters.default_pod_cidr(args.cluster_id)
     error = clusters.pod_cidr_error(cidr, args.nodes)
@@ -105,6 +110,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--pod-cidr", pod_cidr, "--mesh-ttl", str(args.mesh_ttl),
         *(["--nats-tls"] if args.nats_tls else []),
         *(["--nats-replicas", str(args.nats_replicas)] if args.nats_replicas > 1 else []),
+        *(["--identity-replicas", str(args.identity_replicas)] if args.identity_replicas > 1 else []),
     ]
     if args.kubeconfig:
         kubeconfig = Path(args.kubeconfig).resolve()
@@ -327,6 +333,8 @@ def add_commands(subparsers: Any, common_parent: argparse.ArgumentParser) -> Non
     p.add_argument("--nats-replicas", type=int, default=1,
                    help="NATS servers of the bus and copies of every bucket and stream: 1, or 3 "
                         "for a replicated bus that survives the loss of one server")
+    p.add_argument("--identity-replicas", type=int, default=1,
+                   help="identity service processes allocating concurrently (compare-and-set)")
     p.add_argument("--cluster", default=schema.DEFAULT_CLUSTER_NAME)
     p.add_argument("--cluster-id", type=int, default=schema.DEFAULT_CLUSTER_ID, help="1..255")
     p.add_argument("--pod-cidr", default="", help="pods' IPv4 CIDR, a /24 per node (default 10.<cluster id>.0.0/16)")
