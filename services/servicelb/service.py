@@ -24,7 +24,10 @@ Invariants:
   (`departures`), so its established connections finish while the node executor stops
   it; a pass runs when such a period ends.
 - Bad objects and failed writes are logged (each problem once) and retried; they never
-  end the service. A failed pass or a lost release makes the next pass a whole one.
+  end the service. The problems already logged are remembered up to
+  ``CILIARY_SERVICELB_LOGGED_MAX`` (default 1024; the oldest is forgotten first, and
+  logged again should it recur); health detail ``caches`` reports that set's size and
+  evictions and the sizes of the written rows and statuses. A failed pass or a lost release makes the next pass a whole one.
   Healthy = connected, inputs synced and the last pass succeeded.
 - The periodic whole pass (``RESYNC_S``) waits for inputs to be quiet for
   ``RESYNC_QUIET_S`` (a change arriving meanwhile would wait for it), at most until
@@ -48,6 +51,7 @@ from typing import Any, TypeVar
 
 from ciliary import schema
 from ciliary.bus import BusError, KVEntry, PutManyError, RevisionMismatch
+from ciliary.cachestats import BoundedSet, CacheStats, env_cap
 from ciliary.events import subjects as events
 from ciliary.events.changes import start_change_events
 from ciliary.runtime import Context, mirror_kinds
@@ -58,6 +62,8 @@ from services.servicelb.inputs import InputDecoder
 from services.servicelb.settings import config_from_env
 
 log = logging.getLogger(__name__)
+ENV_LOGGED_MAX = "CILIARY_SERVICELB_LOGGED_MAX"
+DEFAULT_LOGGED_MAX = 1024
 
 WATCHED_KINDS = ("Service", "EndpointSlice", "Pod", "Node")
 MESH = "mesh"  # change source: bucket ``mesh`` (connected clusters' global services)
@@ -93,7 +99,12 @@ class ServiceLB:
         self.loaded = False  # allocations and current output read, engine built, since the last failure
         self.resynced = 0.0  # monotonic time of the last whole pass
         self.last_change = 0.0  # monotonic time a mirror last delivered a change
-        self.logged: set[str] = set()
+        self.logged = BoundedSet(env_cap(ENV_LOGGED_MAX, DEFAULT_LOGGED_MAX))
+        self.caches = CacheStats()
+        self.caches.register("logged_problems", lambda: len(self.logged), self.logged.cap,
+                             lambda: self.logged.evicted)
+        self.caches.register("written_rows", lambda: len(self.written))
+        self.caches.register("service_status", lambda: len(self.service_status))
         self.reconciles = 0
         self.decoder = InputDecoder(self._log_once)
         self.mesh: dict[str, schema.MeshService] = {}  # bucket mesh: connected clusters' global services
@@ -127,8 +138,7 @@ class ServiceLB:
         return not (self.ctx.pending_watches - {RECONCILE})
 
     def _log_once(self, problem: str) -> None:
-        if problem not in self.logged:
-            self.logged.add(problem)
+        if self.logged.add(problem):
             log.warning("%s", problem)
 
     # ------------------------------------------------------------------ the loop
@@ -322,6 +332,7 @@ class ServiceLB:
             reconciles=self.reconciles, services_recomputed=recomputed,
             last_reconcile_ms=round((time.monotonic() - started) * 1000, 1),
         )
+        self.caches.publish(self.ctx.detail)
         if puts or deletes:
             log.info("reconciled: %d rows written, %d removed (%d services recomputed, %d frontends)",
                      len(puts), len(deletes), recomputed, len(self.engine.frontends))

@@ -411,3 +411,22 @@ async def test_a_failed_write_keeps_what_was_written_and_the_next_whole_pass_com
     await lb.load()
     await lb.reconcile()
     assert len(bus.kv[schema.BUCKET_SERVICES]) == 5 and set(lb.written) == set(bus.kv[schema.BUCKET_SERVICES])
+
+
+async def test_logged_problems_are_capped_and_reported(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("CILIARY_SERVICELB_LOGGED_MAX", "2")
+    bus = FakeBus()
+    lb = make_lb(bus)
+    for problem in ("p1", "p2", "p1", "p3"):
+        lb._log_once(problem)
+    assert list(lb.logged) == ["p2", "p3"] and lb.logged.evicted == 1
+    caplog.clear()
+    lb._log_once("p1")  # forgotten, so logged again; the set stays at its cap
+    assert "p1" in caplog.text and len(lb.logged) == 2
+    lb.resources = resource_entries(slice_yaml("10.0.0.1"))
+    await lb.load()
+    await lb.reconcile()
+    caches = lb.ctx.detail["caches"]
+    assert caches["logged_problems"] == {"size": 2, "cap": 2, "evicted": 2}
+    assert caches["written_rows"]["size"] == len(bus.kv[schema.BUCKET_SERVICES]) > 0
