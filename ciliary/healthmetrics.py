@@ -5,7 +5,8 @@ pressure per BPF map and node (``ciliary_bpf_map_pressure``, named like Cilium's
 ``cilium_bpf_map_pressure`` with its ``map_name`` label), map fill, endpoints and
 identities, service health, and how long the control-plane passes take
 (``ciliary_controlplane_pass_duration_seconds``, a histogram of every pass the reports
-listed in ``recent_passes``; ``ciliary_controlplane_last_pass_seconds`` for the last one).
+listed in ``recent_passes``; ``ciliary_controlplane_last_pass_seconds`` for the last one), and each process's cyclic
+garbage-collector pauses per generation (``ciliary_gc_*``, from the report's ``gc``).
 
 Invariants:
 - ``FAMILIES`` is every family ``render`` can write (name -> type, help); the dashboards
@@ -36,7 +37,15 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "ciliary_controlplane_pass_duration_seconds": (
         "histogram", "Duration of control-plane passes (dirty -> recompute -> write)"),
     "ciliary_events_published_total": ("counter", "Messages a service published on the public event API"),
+    "ciliary_gc_collections_total": ("counter", "Cyclic garbage collections of a service process, per generation"),
+    "ciliary_gc_pause_seconds_total": ("counter", "Time a service process spent paused in cyclic garbage collection"),
+    "ciliary_gc_pause_seconds_max": ("gauge", "Longest cyclic garbage collection pause of a service process"),
 }
+GC_FAMILIES = (  # family, key in the report's ``gc`` detail, scale to the family's unit
+    ("ciliary_gc_collections_total", "collections", 1.0),
+    ("ciliary_gc_pause_seconds_total", "pause_ms_total", 0.001),
+    ("ciliary_gc_pause_seconds_max", "pause_ms_max", 0.001),
+)
 
 PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LAST_PASS_KEYS = ("last_pass_ms", "last_reconcile_ms")  # identity/policy, servicelb
@@ -121,6 +130,7 @@ def samples(reports: Iterable[schema.HealthReport]) -> dict[str, list[tuple[dict
         if isinstance(events, Mapping) and isinstance(events.get("published"), int):
             out["ciliary_events_published_total"].append((
                 {"service": report.service, "instance": report.instance}, float(events["published"])))
+        _gc_samples(out, report)
         if report.service == "identity" and isinstance(detail.get("identities"), int):
             out["ciliary_identity"].append(({"cluster": report.cluster, "instance": report.instance}, float(detail["identities"])))
         if report.service != "node":
@@ -138,6 +148,20 @@ def samples(reports: Iterable[schema.HealthReport]) -> dict[str, list[tuple[dict
         if isinstance(detail.get("endpoints"), int):
             out["ciliary_endpoint"].append(({"node": report.node}, float(detail["endpoints"])))
     return out
+
+
+def _gc_samples(out: dict[str, list[tuple[dict[str, str], float]]], report: schema.HealthReport) -> None:
+    pauses = report.detail.get("gc")
+    if not isinstance(pauses, Mapping):
+        return
+    for family, key, scale in GC_FAMILIES:
+        values = pauses.get(key)
+        if not isinstance(values, list):
+            continue
+        for generation, value in enumerate(values):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[family].append(({"service": report.service, "instance": report.instance,
+                                     "generation": str(generation)}, round(value * scale, 9)))
 
 
 def render(reports: Iterable[schema.HealthReport], passes: PassHistograms | None = None) -> str:

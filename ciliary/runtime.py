@@ -9,6 +9,8 @@ Invariants:
   deregisters, drains its connection and exits 0 with no task left pending.
 - A service is healthy when it is connected and every watch it declared has delivered
   its initial state at least once.
+- Every health report carries the process's cyclic-collector pauses under ``gc``
+  (``ciliary.heap.GcPauses``: collections, total and longest pause per generation).
 - A service exports spans as ``ciliary-<name>`` when the OTel environment names an
   endpoint (``ciliary.telemetry``), and flushes them after its event loop has ended.
 """
@@ -25,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ciliary import __version__, config, healthhttp, natscreds, schema, telemetry
+from ciliary import __version__, config, healthhttp, heap, natscreds, schema, telemetry
 from ciliary.bus import SYNCED, Bus, BusError, KVEntry, Message, Synced
 from ciliary.config import NatsCredential
 from ciliary.watch import Mirror, PassLoop
@@ -70,6 +72,7 @@ class Context:
     started: float = field(default_factory=time.time)
     pending_watches: set[str] = field(default_factory=set)
     detail: dict[str, Any] = field(default_factory=dict)
+    gc_pauses: heap.GcPauses | None = None  # the process's collector pauses, reported as ``gc``
 
     def declare_watch(self, name: str) -> None:
         self.pending_watches.add(name)
@@ -92,7 +95,8 @@ class Context:
             cluster=self.settings.cluster,
             node=self.settings.node,
             watching=list(self.detail.get("watching", [])),
-            detail={k: v for k, v in self.detail.items() if k != "watching"},
+            detail={k: v for k, v in self.detail.items() if k != "watching"}
+            | ({"gc": self.gc_pauses.snapshot()} if self.gc_pauses is not None else {}),
         )
 
 
@@ -151,7 +155,7 @@ async def _serve(service: str, main: Main, settings: Settings) -> None:
     credential = natscreds.read_credential(settings.nats_creds) if settings.nats_creds else None
     bus = await _connect_with_retry(settings.nats_url, f"ciliary-{service}/{settings.instance}", credential)
     await bus.ensure_buckets()
-    ctx = Context(service=service, settings=settings, bus=bus)
+    ctx = Context(service=service, settings=settings, bus=bus, gc_pauses=heap.manage_process_heap())
 
     async def on_health(msg: Message) -> None:
         await msg.respond(ctx.health())

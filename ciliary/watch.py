@@ -18,6 +18,9 @@ Invariants:
 - A pass returning True asks for another pass at once; a pass that raises is logged and
   retried after ``backoff_delay`` (base 100 ms, doubling, capped at ``backoff.PASS_CAP``);
   the first success resets the backoff. A loop never dies of a failed pass.
+- With a ``heap`` (``ciliary.heap.HeapFreezer``, for a loop that is its process's main
+  work) what a successful pass leaves is frozen out of the cyclic collector's walks, and
+  the rare full collection runs only when the loop is about to idle.
 - ``wake_at()`` (monotonic seconds, or None) wakes the loop without a change: periodic
   audits, expiry of graceful state.
 - ``PassClock`` times the parts of one pass for the health detail (``last_pass_ms``,
@@ -44,6 +47,7 @@ import msgspec
 
 from ciliary import backoff, schema, tracing
 from ciliary.bus import BusError
+from ciliary.heap import HeapFreezer
 from ciliary.kv import SYNCED, KVEntry, Synced
 
 log = logging.getLogger(__name__)
@@ -167,8 +171,10 @@ class PassLoop:
         on_success: Callable[[], None] | None = None,
         backoff_cap: float = backoff.PASS_CAP,
         clock: Callable[[], float] = time.monotonic,
+        heap: HeapFreezer | None = None,
     ) -> None:
         self.name = name
+        self.heap = heap  # in a service's own process: what a pass leaves is long-lived
         self.run_pass = run_pass
         self.ready = ready
         self.wake_at = wake_at
@@ -192,6 +198,8 @@ class PassLoop:
         """Until dirty, or the wake-up time has come."""
         if self.dirty.is_set():
             return
+        if self.heap is not None:
+            self.heap.collect_if_due()  # idle: the one long pause is off every change's path
         at = self.wake_at()
         if at is None:
             await self.dirty.wait()
@@ -240,6 +248,8 @@ class PassLoop:
                 continue
             self.passes += 1
             self.failures = 0
+            if self.heap is not None:
+                self.heap.settled()
             if self.on_success is not None:
                 self.on_success()
             if again:

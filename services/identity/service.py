@@ -52,7 +52,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from ciliary import schema, watch
+from ciliary import heap, schema, watch
 from ciliary.bus import BusError, KVEntry, Synced
 from ciliary.events import subjects as events
 from ciliary.events.changes import start_change_events
@@ -104,7 +104,7 @@ class IdentityService:
         self.ipcache = BusCasStore(ctx.bus, schema.BUCKET_IPCACHE, decode_ipcache)
         self.allocator = IdentityAllocator(self.identities, self.cluster, self.cluster_id)
         self.inputs = IdentityInputs(self.filter, self.cluster)
-        self.loop = PassLoop("identity", self._pass, ready=lambda: not self.ctx.pending_watches,
+        self.loop = PassLoop("identity", self._pass, ready=lambda: not self.ctx.pending_watches, heap=heap.freezer(),
                              wake_at=lambda: time.monotonic() + self._wait_limit())
         self.reserved_ensured = False
         self._lkeys: dict[tuple[str, ...], str] = {}  # label set -> its labels. key

@@ -17,7 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from ciliary import schema
@@ -32,18 +32,19 @@ def mcs_names(resources: Iterable[schema.ResourceRecord], kind: str) -> set[tupl
 
 
 class ExportMemo:
-    """Service records of earlier passes, reused while their inputs are the very same
-    objects (a mirror replaces an object when its key changes): an unchanged Service costs
-    no new record, and the writer can tell "unchanged" by identity. The memo holds the
-    input objects, so their ids cannot be reused while it does."""
+    """What earlier passes derived, reused while the inputs are the very same objects (a
+    mirror replaces an object when its key changes): whether a Service is a shared global
+    one (``shared``), and the export record of each shared one (``services``). An
+    unchanged Service costs no new record, and the writer can tell "unchanged" by
+    identity. The memo holds the input objects, so their ids cannot be reused while it
+    does. A pass over N Services of which none is global allocates nothing that outlives
+    it (its frontends are not even grouped)."""
 
     def __init__(self) -> None:
+        # (namespace, name) -> (Service record, exported, shared)
+        self.shared: dict[tuple[str, str], tuple[Any, bool, bool]] = {}
         # (namespace, name) -> (Service record, exported, its frontends, export key, export record)
         self.services: dict[tuple[str, str], tuple[Any, bool, tuple[Any, ...], str, Any]] = {}
-
-    def prune(self, live: set[tuple[str, str]]) -> None:
-        for ref in [r for r in self.services if r not in live]:
-            del self.services[ref]
 
 
 def export_state(
@@ -51,7 +52,7 @@ def export_state(
     cluster_id: int,
     identities: Mapping[str, schema.IdentityRecord],
     ipcache: Mapping[str, schema.IPCacheRecord],
-    services: Iterable[schema.ResourceRecord],
+    services: Collection[schema.ResourceRecord],
     exported: set[tuple[str, str]],
     frontends: Iterable[schema.LBFrontend],
     node_status: Mapping[str, schema.StatusRecord],
@@ -68,33 +69,55 @@ def export_state(
     for record in identities.values():
         if record.id in wanted_ids:
             out[schema.mesh_key(schema.MESH_IDENTITY_PREFIX, record.id)] = record
+    memo = memo if memo is not None else ExportMemo()
+    shared = _shared_services(services, exported, memo)
     by_service: dict[tuple[str, str], list[schema.LBFrontend]] = {}
-    for fe in frontends:
-        if fe.type == LB_CLUSTER_IP:
-            by_service.setdefault((fe.namespace, fe.name), []).append(fe)
-    live: set[tuple[str, str]] = set()
-    for svc in services:
-        ref = (svc.namespace, svc.name)
-        live.add(ref)
+    if shared:
+        for fe in frontends:
+            if fe.type == LB_CLUSTER_IP and (fe.namespace, fe.name) in shared:
+                by_service.setdefault((fe.namespace, fe.name), []).append(fe)
+    for ref, svc in shared.items():
         is_exported = ref in exported
         fes = tuple(by_service.get(ref, ()))
-        held = memo.services.get(ref) if memo is not None else None
+        held = memo.services.get(ref)
         # tuples compare element by element, identity first: unchanged frontends cost no field compare
         if held is not None and held[0] is svc and held[1] == is_exported and held[2] == fes:
             key, record = held[3], held[4]
         else:
             key = f"{schema.MESH_SERVICE_PREFIX}.{svc.namespace}.{svc.name}"
             record = service_record(cluster, cluster_id, svc, is_exported, fes)
-            if memo is not None:
-                memo.services[ref] = (svc, is_exported, fes, key, record)
+            memo.services[ref] = (svc, is_exported, fes, key, record)
         if record is not None:
             out[key] = record
-    if memo is not None:
-        memo.prune(live)
+    for ref in [r for r in memo.services if r not in shared]:
+        del memo.services[ref]
     for key, status in node_status.items():
         node = node_record(cluster, cluster_id, key.split(".", 2)[-1], status)
         if node is not None:
             out[schema.mesh_key(schema.MESH_NODE_PREFIX, node.name)] = node
+    return out
+
+
+def _shared_services(services: Collection[schema.ResourceRecord], exported: set[tuple[str, str]],
+                     memo: ExportMemo) -> dict[tuple[str, str], schema.ResourceRecord]:
+    """``(namespace, name)`` -> Service, of the shared global ones; ``memo.shared`` keeps the
+    verdict of every Service and drops those that are gone."""
+    out: dict[tuple[str, str], schema.ResourceRecord] = {}
+    seen = 0
+    for svc in services:
+        seen += 1
+        ref = (svc.namespace, svc.name)
+        is_exported = ref in exported
+        held = memo.shared.get(ref)
+        if held is None or held[0] is not svc or held[1] != is_exported:
+            held = (svc, is_exported, global_service(svc.manifest, exported=is_exported).shared)
+            memo.shared[ref] = held
+        if held[2]:
+            out[ref] = svc
+    if len(memo.shared) != seen:  # every Service seen is in the memo: the rest are gone
+        live = {(svc.namespace, svc.name) for svc in services}
+        for ref in [r for r in memo.shared if r not in live]:
+            del memo.shared[ref]
     return out
 
 

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from typing import Any
 
-from ciliary import clusters, config, schema, watch
+from ciliary import clusters, config, heap, schema, watch
 from ciliary.runtime import Context
 from ciliary.watch import PassLoop, decoder
 
@@ -55,7 +55,7 @@ class MeshService:
         pod_cidr = os.environ.get(ENV_CLUSTER_CIDR) or clusters.default_pod_cidr(s.cluster_id)
         self.local = LocalCluster(s.cluster, s.cluster_id, pod_cidr)
         self.ttl = config.env_number(ENV_MESH_TTL, DEFAULT_TTL, minimum=0.5)
-        self.loop = PassLoop("mesh", self._pass, ready=lambda: not self.ctx.pending_watches,
+        self.loop = PassLoop("mesh", self._pass, ready=lambda: not self.ctx.pending_watches, heap=heap.freezer(),
                              wake_at=self._wake_at)
         self.followers: dict[str, RemoteFollower] = {}
         self.next_beat = 0.0  # monotonic

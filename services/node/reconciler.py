@@ -71,6 +71,7 @@ from dataclasses import dataclass
 
 from ciliary import tracing
 from ciliary.backoff import ENTRY_CAP, backoff_delay
+from ciliary.heap import HeapFreezer
 from services.node import layouts as L
 from services.node.layouts import Layout
 from services.node.maps import Entry, MapOps, MapOpsError
@@ -720,8 +721,9 @@ class ReconcileLoop:
 
     def __init__(self, reconciler: Reconciler, ops: MapOps, *, resync_interval: float = 300.0,
                  clock: Callable[[], float] = time.monotonic,
-                 ready: Callable[[], bool] = lambda: True) -> None:
+                 ready: Callable[[], bool] = lambda: True, heap: HeapFreezer | None = None) -> None:
         self.reconciler = reconciler
+        self.heap = heap  # the process's long-lived table kept out of the collector's way
         self.ops = ops
         self.resync_interval = resync_interval
         self.clock = clock
@@ -767,6 +769,10 @@ class ReconcileLoop:
                 else:  # inputs not complete: pruning now would delete live entries
                     self._next_resync = now + min(1.0, self.resync_interval)
             due = self._reconcile(now)
+            if self.heap is not None:
+                self.heap.settled()
+                if not self._kicked:  # quiet: a full collection here is off every change's path
+                    self.heap.collect_if_due()
             deadline = self._next_resync if due is None else min(due, self._next_resync)
             timeout = max(0.0, deadline - self.clock())
             with contextlib.suppress(TimeoutError):

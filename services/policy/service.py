@@ -54,7 +54,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ciliary import schema, watch
+from ciliary import heap, schema, watch
 from ciliary.bus import SYNCED, KVEntry, RevisionMismatch, Synced
 from ciliary.events import subjects as events
 from ciliary.events.changes import start_change_events
@@ -122,7 +122,7 @@ class PolicyService:
         self.norm: list[NormPolicy] = []
         self.named_ports: dict[int, dict[str, tuple[int, int]]] = {}
         self.last: Resolution | None = None
-        self.loop = PassLoop("policy", self.reconcile, ready=lambda: not self.ctx.pending_watches,
+        self.loop = PassLoop("policy", self.reconcile, ready=lambda: not self.ctx.pending_watches, heap=heap.freezer(),
                              on_error=self._on_pass_error)
         self.dirty = self.loop.dirty  # set: a pass is due
         self._pending: list[tuple[dict[int, frozenset[str]], list[int]]] = []

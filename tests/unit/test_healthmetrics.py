@@ -26,7 +26,8 @@ REPORTS = [
     report("identity", "identity", identities=12, last_pass_ms=3.5, recent_passes=passes((10.0, 3.0), (11.0, 3.5)),
            events={"published": 4}),
     report("policy", "policy", healthy=False, last_pass_ms=40.0, recent_passes=passes((10.5, 40.0))),
-    report("servicelb", "servicelb", last_reconcile_ms=1.25),
+    report("servicelb", "servicelb", last_reconcile_ms=1.25,
+           gc={"collections": [40, 3, 1], "pause_ms_total": [2.0, 1.5, 35.0], "pause_ms_max": [0.5, 0.75, 35.0]}),
     NODE,
 ]
 
@@ -41,6 +42,11 @@ def test_gauges() -> None:
     assert 'ciliary_service_healthy{service="policy",instance="policy",node=""} 0\n' in text
     assert 'ciliary_controlplane_last_pass_seconds{service="servicelb",instance="servicelb"} 0.00125\n' in text
     assert 'ciliary_events_published_total{service="identity",instance="identity"} 4\n' in text
+    gc_labels = 'service="servicelb",instance="servicelb",generation'
+    assert f'ciliary_gc_collections_total{{{gc_labels}="2"}} 1\n' in text
+    assert f'ciliary_gc_pause_seconds_total{{{gc_labels}="0"}} 0.002\n' in text
+    assert f'ciliary_gc_pause_seconds_max{{{gc_labels}="2"}} 0.035\n' in text
+    assert "ciliary_gc_collections_total{service=\"identity\"" not in text  # no ``gc`` detail, no sample
 
 
 def test_pass_histogram_counts_each_pass_once() -> None:

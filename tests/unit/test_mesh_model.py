@@ -303,6 +303,35 @@ def test_export_memo_reuses_records_of_unchanged_services() -> None:
     assert run([changed], []) is None and memo.services == {}
 
 
+def test_export_memo_follows_services_turning_global_and_going_away() -> None:
+    from services.mesh.exports import ExportMemo
+
+    def svc(name: str, annotations: dict[str, str]) -> schema.ResourceRecord:
+        return schema.ResourceRecord(kind="Service", api_version="v1", namespace="shop", name=name, uid="u",
+                                     generation=1, created="", manifest=service(name, annotations))
+
+    def fe(name: str) -> schema.LBFrontend:
+        return schema.LBFrontend(namespace="shop", name=name, type="ClusterIP", address="10.96.0.9", port=80,
+                                 proto="TCP", service_id=1, rev_nat_id=1,
+                                 backends=[schema.LBBackend(id=1, ip="10.2.1.5", port=8080, proto="TCP")])
+    memo = ExportMemo()
+    plain = [svc(f"s{i}", {}) for i in range(50)]
+    fes = [fe(s.name) for s in plain]
+    assert export_state("west", WEST, {}, {}, plain, set(), fes, {}, memo) == {}
+    assert len(memo.shared) == 50 and memo.services == {}
+    # one Service annotated global: exported with its backends, the memo now holds its record
+    turned = [svc("s7", {GLOBAL: "true"}), *[s for s in plain if s.name != "s7"]]
+    out = export_state("west", WEST, {}, {}, turned, set(), fes, {}, memo)
+    assert list(out) == ["service.shop.s7"] and [b.ip for b in out["service.shop.s7"].backends] == ["10.2.1.5"]
+    # ... and exported as a ServiceExport names it even without the annotation
+    out = export_state("west", WEST, {}, {}, plain, {("shop", "s3")}, fes, {}, memo)
+    assert list(out) == ["service.shop.s3"] and set(memo.services) == {("shop", "s3")}
+    # Services that are gone leave the memo, whatever else changed in the same pass
+    fewer = [svc("new", {}), *plain[:10]]
+    assert export_state("west", WEST, {}, {}, fewer, set(), fes, {}, memo) == {}
+    assert set(memo.shared) == {("shop", s.name) for s in fewer} and memo.services == {}
+
+
 def test_service_map_keeps_a_connected_clusters_pods_apart() -> None:
     from services.flows.servicemap import build_service_map
 
