@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ciliary import clusters, config, schema
+from ciliary import clusters, config, heap, schema
 from ciliary.bus import SYNCED, Bus, KVEntry, Message, RevisionMismatch, Synced
 from ciliary.runtime import Context
 from ciliary.store import ResourceStore, kv_key
@@ -168,7 +168,7 @@ class NodeAgent:
         self.ctx.detail["datapath_load_seconds"] = round(seconds, 3)
         await self._attach_socket_lb()
         self.loop_ = ReconcileLoop(self.reconciler, self.kernel.maps, resync_interval=RESYNC_INTERVAL,
-                                   ready=lambda: self.inputs <= self.synced)
+                                   ready=lambda: self.inputs <= self.synced, heap=heap.freezer())
         tg.create_task(self.loop_.run(), name="reconcile")
         await self.loop_.restored.wait()
         self.endpoints.restore()
