@@ -21,7 +21,8 @@ Invariants:
   a cycle among them waits for ``collect_if_due``.
 - ``HeapFreezer.collect_if_due()`` unfreezes and runs one full collection when the frozen
   heap has grown by ``GROWTH`` since the last one and at least ``MIN_INTERVAL_S`` have
-  passed; callers run it when their inputs are quiet, so the one long pause falls outside
+  passed (the growth is counted at most once per ``MIN_INTERVAL_S``: counting walks the
+  frozen objects); callers run it when their inputs are quiet, so the one long pause falls outside
   the path of a change. Nothing is ever frozen for longer than ``MAX_INTERVAL_S``.
 """
 
@@ -63,7 +64,6 @@ class GcPauses:
             "collections": list(self.collections),
             "pause_ms_total": [round(s * 1000, 3) for s in self.pause_s],
             "pause_ms_max": [round(s * 1000, 3) for s in self.max_pause_s],
-            "frozen": gc.get_freeze_count(),
         }
 
 
@@ -93,7 +93,7 @@ class HeapFreezer:
 
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
-        self._last_full = clock()
+        self._last_full = self._last_check = clock()
         self._frozen_after_full = gc.get_freeze_count()
         self.full_collections = 0
 
@@ -102,11 +102,17 @@ class HeapFreezer:
         gc.freeze()
 
     def due(self) -> bool:
-        elapsed = self._clock() - self._last_full
-        if elapsed >= MAX_INTERVAL_S:
+        """Whether a full collection is due. Counting the frozen objects walks them all
+        (``gc.get_freeze_count`` is O(n)), so the growth is looked at once per
+        ``MIN_INTERVAL_S`` at most; every other call is a clock read."""
+        now = self._clock()
+        if now - self._last_full >= MAX_INTERVAL_S:
             return True
+        if now - self._last_check < MIN_INTERVAL_S:
+            return False
+        self._last_check = now
         grown = gc.get_freeze_count() - self._frozen_after_full
-        return elapsed >= MIN_INTERVAL_S and grown > GROWTH * max(self._frozen_after_full, 10_000)
+        return grown > GROWTH * max(self._frozen_after_full, 10_000)
 
     def collect_if_due(self) -> bool:
         """One full collection over everything when due (inputs quiet); True if it ran."""
@@ -115,7 +121,7 @@ class HeapFreezer:
         gc.unfreeze()
         gc.collect()
         gc.freeze()
-        self._last_full = self._clock()
+        self._last_full = self._last_check = self._clock()
         self._frozen_after_full = gc.get_freeze_count()
         self.full_collections += 1
         return True

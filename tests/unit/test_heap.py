@@ -48,10 +48,16 @@ def test_settled_freezes_what_is_alive_and_a_due_collection_unfreezes_it() -> No
     assert gc.get_freeze_count() >= len(table)
     assert not freezer.due()  # grown, but not for MIN_INTERVAL_S yet
     now[0] += heap.MIN_INTERVAL_S
-    assert freezer.due()
     assert freezer.collect_if_due() and freezer.full_collections == 1
     assert gc.get_freeze_count() >= len(table)  # frozen again after the collection
+    now[0] += heap.MIN_INTERVAL_S
     assert not freezer.due()  # nothing grew since: not due before MAX_INTERVAL_S
+    more = [[i] for i in range(50_000)]
+    freezer.settled()
+    now[0] += 1.0
+    assert not freezer.due()  # grown, but the growth was looked at less than MIN_INTERVAL_S ago
+    now[0] += heap.MIN_INTERVAL_S
+    assert freezer.due() and more
     now[0] += heap.MAX_INTERVAL_S
     assert freezer.collect_if_due()
 
