@@ -229,7 +229,9 @@ class Bus:
         credential: NatsCredential | None = None,
     ) -> Bus:
         """Connect (as ``credential``'s user when given), retrying forever on disconnect
-        unless told otherwise."""
+        unless told otherwise. Without reconnects (``allow_reconnect=False``: the CLI, the
+        CNI plugin) a first connect that reaches no server raises ``BusError`` after trying
+        each server twice, instead of waiting for one."""
         bus: Bus | None = None
         who = f"user {credential.user}" if credential else "a connection without credential"
 
@@ -261,6 +263,10 @@ class Bus:
                     auth["tls"] = ssl.create_default_context(cafile=credential.tls_ca)
                 except (OSError, ssl.SSLError) as err:
                     raise BusError(f"NATS TLS CA {credential.tls_ca}: {err}") from err
+        if not allow_reconnect and max_reconnect_attempts < 0:
+            # nats-py retries its first connect as often as reconnects: forever by default;
+            # a connection that does not reconnect tries each server twice, then fails
+            max_reconnect_attempts = 1
         try:
             nc = await nats.connect(
                 servers=[u.strip() for u in url.split(",") if u.strip()],  # a cluster: several
@@ -287,7 +293,10 @@ class Bus:
             try:
                 await self.nc.drain()
             except Exception:  # draining a broken connection: closing is enough
-                await self.nc.close()
+                try:
+                    await self.nc.close()
+                except (OSError, nats.errors.Error):  # the server is gone: nothing left to close
+                    pass
 
     @property
     def connected(self) -> bool:
@@ -338,6 +347,19 @@ class Bus:
         except (TimeoutError, nats.errors.Error) as err:
             raise BusError(f"stream {name}: {err}") from err
         return info.state.last_seq if info.state.messages else 0
+
+    async def stream_last_message(self, name: str, subject: str) -> StreamMessage | None:
+        """The last message stream ``name`` stores on ``subject`` (no wildcards); ``None``
+        when it stores none there or the stream is missing. Raises ``BusError`` if the
+        server does not answer or refuses."""
+        try:
+            msg = await self._refusable(f"{JS_API}.STREAM.MSG.GET.{name}", self.js.get_last_msg(name, subject))
+        except nats.js.errors.NotFoundError:
+            return None
+        except (TimeoutError, nats.errors.Error) as err:
+            raise BusError(f"stream {name}, last message on {subject}: {err}") from err
+        stored = msg.time.timestamp() if msg.time is not None else 0.0
+        return StreamMessage(msg.seq or 0, int(stored * 1e6) * 1000, msg.subject or subject, msg.data or b"")
 
     async def read_stream(
         self,

@@ -308,3 +308,19 @@ def _go_json(data: Any) -> str:
 def format_jsonpb(flow: schema.Flow) -> str:
     """One line of ``hubble observe -o jsonpb`` (and ``-o json``, and Hubble's exporter)."""
     return _go_json(response_dict(flow))
+
+
+def lost_response_dict(lost: schema.LostEvent) -> dict[str, Any]:
+    """Hubble's GetFlowsResponse carrying a LostEvent: ``{"lost_events": {"source": …,
+    "num_events_lost": "…"}, "node_name": …, "time": …}`` (uint64 as a string, like protojson)."""
+    out: dict[str, Any] = {"lost_events": {"source": lost.source, "num_events_lost": str(lost.num_events_lost)}}
+    if lost.node_name:
+        out["node_name"] = lost.node_name
+    if lost.time_ns:
+        out["time"] = rfc3339_nano(lost.time_ns)
+    return out
+
+
+def format_lost_jsonpb(lost: schema.LostEvent) -> str:
+    """One line of ``hubble observe -o json`` for a lost-events response."""
+    return _go_json(lost_response_dict(lost))

@@ -95,8 +95,10 @@ def kv_write(bucket: str, *keys: str) -> tuple[str, ...]:
 
 
 def stream_read(stream: str) -> tuple[str, ...]:
-    """Publish permissions to read a stream through an ephemeral pull consumer."""
+    """Publish permissions to read a stream through an ephemeral pull consumer, and its
+    last message on a subject."""
     return (
+        f"{JS_API}.STREAM.MSG.GET.{stream}",
         f"{JS_API}.CONSUMER.CREATE.{stream}",
         f"{JS_API}.CONSUMER.CREATE.{stream}.>",
         f"{JS_API}.CONSUMER.INFO.{stream}.*",

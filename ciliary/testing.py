@@ -264,6 +264,12 @@ class FakeBus(Bus):
         stream = self._stream(name)
         return stream.seq if stream.messages else 0
 
+    async def stream_last_message(self, name: str, subject: str) -> StreamMessage | None:
+        stream = self._streams.get(name)
+        if stream is None:
+            return None
+        return next((m for m in reversed(stream.messages) if m.subject == subject), None)
+
     async def read_stream(
         self,
         name: str,

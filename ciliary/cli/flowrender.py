@@ -5,6 +5,8 @@ Invariants:
   (``hubble observe`` printer formats, UTC ``Jan _2 15:04:05.000`` timestamps) and json /
   jsonpb (one ``{"flow": …, "node_name": …, "time": …}`` object per line, the shape
   ``hubble observe -o json`` prints: ``hubble.format_jsonpb``).
+- Lost events print as ``hubble observe`` prints them: ``EVENTS LOST: <SOURCE> CPU(0) <n>``
+  (after the table, in table format), or a ``{"lost_events": …}`` line in json / jsonpb.
 - Names (verdicts, drop reasons, trace observation points, reserved identities) come
   from ``ciliary.hubble`` and ``ciliary.schema``, so output reads like ``hubble observe``.
 """
@@ -23,6 +25,7 @@ from ciliary.hubble import (
     TRACE_POINTS,
     drop_reason_text,
     format_jsonpb,
+    format_lost_jsonpb,
     l4_ports,
     parse_rfc3339,
 )
@@ -209,6 +212,7 @@ class FlowPrinter:
         self.node_name = node_name
         self.lines = 0
         self._table: list[schema.Flow] = []
+        self._lost: list[str] = []
 
     def write(self, flow: schema.Flow) -> str | None:
         """Text to print now for this flow (no trailing newline), or None if buffered."""
@@ -223,12 +227,25 @@ class FlowPrinter:
         self._table.append(flow)
         return None
 
+    def write_lost(self, lost: schema.LostEvent) -> str | None:
+        """Text to print now for a lost-events record, or None if buffered (table)."""
+        if self.output in ("json", "jsonpb"):
+            return format_lost_jsonpb(lost)
+        node = f" [{lost.node_name}]" if self.node_name and lost.node_name else ""
+        text = f"EVENTS LOST: {lost.source} CPU(0) {lost.num_events_lost}{node}"
+        if self.output == "table":
+            self._lost.append(text)
+            return None
+        return text
+
     def close(self) -> str | None:
+        parts: list[str] = []
         if self.output == "table" and self._table:
-            text = format_table(self._table, node_name=self.node_name)
+            parts.append(format_table(self._table, node_name=self.node_name))
             self._table = []
-            return text
-        return None
+        parts += self._lost
+        self._lost = []
+        return "\n".join(parts) if parts else None
 
 
 def render(flows: Iterable[schema.Flow], output: str = "compact", *, node_name: bool = False) -> str:

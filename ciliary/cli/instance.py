@@ -256,7 +256,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(output.table(["SERVICE", "NODE", "PID", "VERSION", "HEALTHY", "UPTIME", "WATCHING"], rows))
     for alert in alerts:
         print(f"WARNING map pressure {alert['message']}")
+    lost = flows_lost_line(reports)
+    if lost:
+        print(lost)
     return 0 if not missing else 1
+
+
+def flows_lost_line(reports: list[schema.HealthReport]) -> str:
+    """``flows lost 32 events (bus 6, observer_events_queue 26) …`` when the flows service
+    counted losses; "" when it did not (or is not reporting)."""
+    for report in reports:
+        flows = report.detail.get("flows") if report.service == "flows" else None
+        if isinstance(flows, dict) and flows.get("lost"):
+            by_source = flows.get("lost_by_source") or {}
+            parts = ", ".join(f"{source} {count}" for source, count in sorted(by_source.items()))
+            return (f"flows lost {flows['lost']} events{f' ({parts})' if parts else ''}; "
+                    f"ciliary observe shows them as EVENTS LOST")
+    return ""
 
 
 def nats_servers_state(state: config.InstanceState) -> tuple[list[dict[str, Any]], dict[str, Any]]:

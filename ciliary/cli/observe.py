@@ -14,7 +14,9 @@ Invariants:
   reads it sends empty progress chunks (``scanned``), shown on stderr only on a terminal
   or with ``--progress``. An answer cut short by the service's scan bound (``truncated``)
   or lacking the stream part (``notice``) is printed with a notice on stderr.
-- Output formats are ``hubble observe``'s: compact, dict, json, jsonpb, table.
+- Output formats are ``hubble observe``'s: compact, dict, json, jsonpb, table. Events
+  the service counted as lost within the answer's time span (``lost_events`` of the last
+  chunk) follow the flows as Hubble lost-events lines.
 - Failures are ``CliError``s (exit code 1, one clear line), never tracebacks.
 """
 
@@ -291,6 +293,10 @@ def cmd_observe(args: argparse.Namespace) -> int:
                 raise common.CliError(f"{err}{hint}") from err
             finally:
                 progress.clear()
+            for lost in chunks.final.lost_events if chunks.final is not None else ():
+                text = printer.write_lost(lost)
+                if text is not None:
+                    print(text, flush=args.follow)
             for notice in chunks.notices():
                 print(f"notice: {notice}", file=sys.stderr)
         if sub is None:

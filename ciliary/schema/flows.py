@@ -12,6 +12,11 @@ Invariants:
 - It answers ``FlowQuery`` on SUBJECT_FLOWS_QUERY with a stream of ``FlowQueryReply``
   chunks (``more`` set on all but the last) and ``FlowMetricsRequest`` on
   SUBJECT_FLOWS_METRICS.
+- Every sequenced ``RawEventBatch`` says where it stands in its executor run (``run``,
+  ``seq``, ``events_total``, ``lost_total``); the flows service copies that into the
+  ``FlowBatch`` messages it stores (``position``), so the ``FLOWS`` stream's last message of
+  a node is the position the service last stored. Events missing between two positions are
+  counted as lost and reported as Hubble ``LostEvent`` records (``FlowQueryReply.lost_events``).
 - Flow records are trees without reference cycles, so they are not tracked by Python's
   cyclic garbage collector (``gc=False``): the service creates ~100k of them per second.
 """
@@ -27,6 +32,7 @@ from .wire import Record
 
 __all__ = [
     "FLOWS_RING_CAPACITY",
+    "BatchPosition",
     "Flow",
     "FlowBatch",
     "FlowDNS",
@@ -49,6 +55,7 @@ __all__ = [
     "FlowTraceParent",
     "FlowUDP",
     "FlowWorkload",
+    "LostEvent",
     "RawEventBatch",
     "RawFlowEvent",
     "TCPFlags",
@@ -97,7 +104,30 @@ class RawEventBatch(Record):
     cluster_id: int = DEFAULT_CLUSTER_ID
     boot_time_ns: int = 0  # unix ns at CLOCK_MONOTONIC 0 on this node
     lost: int = 0  # events the ring buffer lost since the previous batch
-    seq: int = 0  # batch sequence number per node executor run
+    seq: int = 0  # batch sequence number per node executor run (1, 2, …; 0 = not sequenced)
+    run: int = 0  # the executor run: unix ns when it started publishing (0 = not told)
+    events_total: int = 0  # events this run put into batches, this batch's included
+    lost_total: int = 0  # ``lost`` summed over this run's batches, this batch's included
+
+
+class BatchPosition(Record, gc=False):
+    """Where a raw batch stands in its node executor's run (the fields of
+    ``RawEventBatch`` of the same names); stored with the flows of that batch."""
+
+    run: int = 0
+    seq: int = 0
+    events_total: int = 0
+    lost_total: int = 0
+
+
+class LostEvent(Record):
+    """Hubble ``flow.LostEvent`` with the ``node_name`` and ``time`` of the
+    ``GetFlowsResponse`` that carries it: events counted as lost, never shown as flows."""
+
+    source: str  # Hubble's LostEventSource name, e.g. "OBSERVER_EVENTS_QUEUE"
+    num_events_lost: int
+    node_name: str = ""  # "<cluster>/<node>"
+    time_ns: int = 0  # unix ns when the loss was noticed
 
 
 class FlowWorkload(Record, gc=False):
@@ -249,6 +279,7 @@ class FlowBatch(Record, forbid_unknown_fields=True, gc=False):
     """Enriched flows of one node, oldest first: the payload of SUBJECT_FLOWS."""
 
     flows: list[Flow] = []
+    position: BatchPosition | None = None  # the raw batch these flows came from
 
 
 class FlowEventTypeFilter(Record):
@@ -318,6 +349,7 @@ class FlowQueryReply(Record):
     scanned: int = 0  # flows read from the FLOWS stream so far (progress chunks and the last one)
     truncated: bool = False  # the stream scan stopped at the service's per-query bound
     notice: str = ""  # something the answer lacks, e.g. the stream could not be read
+    lost_events: list[LostEvent] = []  # losses noticed within the answer's time span (last chunk)
 
 
 class FlowMetricsRequest(Record):

@@ -116,6 +116,7 @@ class _RawBatch(msgspec.Struct, forbid_unknown_fields=True):
     """A ``FlowBatch`` with its flows left encoded."""
 
     flows: list[msgspec.Raw] = []
+    position: schema.BatchPosition | None = None
 
 
 class _FlowKey(msgspec.Struct):

@@ -41,7 +41,8 @@ FAMILIES: dict[str, str] = {
 
 LOST_RING_BUFFER = "perf_event_ring_buffer"
 LOST_DECODE = "decode"
-LOST_BUS = "bus"  # raw batches missing from a node's sequence (one per batch: a lower bound)
+LOST_BUS = "bus"  # events of raw batches the bus dropped while the service ran (losses.py)
+LOST_OUTAGE = "observer_events_queue"  # events published while the flows service was not running
 LOST_PUBLISH = "publish"  # flows too large for one bus message (never published)
 
 

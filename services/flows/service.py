@@ -148,17 +148,27 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
     ctx.detail["l7"] = l7.stats()
 
     async def on_raw(msg: Message) -> None:
-        times, flows = core.ingest_timed(msg.data)
+        batch = core.decode_raw(msg.data)
+        if batch is None:
+            _flows_detail(ctx, core)
+            return
+        subject = schema.SUBJECT_FLOWS.format(cluster=batch.cluster, node=batch.node)
+        node_key = f"{batch.cluster}/{batch.node}"
+        if stream_on and core.ledger.needs_restore(node_key) and msg.subject == schema.SUBJECT_FLOWS_RAW.format(
+                cluster=batch.cluster, node=batch.node):
+            core.ledger.restore(node_key, await _stored_position(ctx, subject))
+        got = core.ingest_raw(batch)
+        times, flows = got.times, got.flows
         if flows:
             l7.on_flows(flows, times)
             _mark_traces(core, l7)
-        ctx.detail["flows"] = {"seen": core.store.seen, "stored": len(core.store), "lost": core.lost}
+        _flows_detail(ctx, core)
         ctx.detail["names"] = core.names.stats()
+        if flows or got.position is not None:
+            for data in core.publish_payloads(flows, ctx.bus.max_payload, got.position):
+                await ctx.bus.publish(subject, data)
         if flows:
             cluster, _, node = flows[0].node_name.partition("/")
-            subject = schema.SUBJECT_FLOWS.format(cluster=cluster, node=node)
-            for data in core.publish_payloads(flows, ctx.bus.max_payload):
-                await ctx.bus.publish(subject, data)
             if publisher.active(events.FLOWS):
                 await publisher.publish_flows(flows, cluster, node)
             if flow_logs is not None:
@@ -167,8 +177,7 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
             try:
                 export_queue.put_nowait(export.lines(flows))
             except asyncio.QueueFull:
-                core.metrics.lost("export_queue", len(flows))
-                core.lost += len(flows)
+                core.count_lost("export_queue", len(flows), node_key)
 
     history = history_limits(stream_on)
     readers = asyncio.Semaphore(HISTORY_READERS)
@@ -219,6 +228,34 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
             await sub.unsubscribe()
         if receiver is not None:
             await receiver.cleanup()
+
+
+def _flows_detail(ctx: Context, core: FlowsCore) -> None:
+    ctx.detail["flows"] = {"seen": core.store.seen, "stored": len(core.store), "lost": core.lost,
+                           "lost_by_source": core.lost_by_source()}
+
+
+async def _stored_position(ctx: Context, subject: str) -> schema.BatchPosition | None:
+    """The raw-batch position of the last ``FlowBatch`` the ``FLOWS`` stream holds on
+    ``subject`` (a node's flows): where this service stopped before it (re)started."""
+    try:
+        stored = await ctx.bus.stream_last_message(schema.STREAM_FLOWS, subject)
+    except BusError as err:
+        log.warning("flows: no stored position for %s, its losses before now are not counted: %s",
+                    subject, err)
+        return None
+    if stored is None:
+        return None
+    try:
+        return schema.decode(stored.data, _StoredPosition).position
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+class _StoredPosition(msgspec.Struct):
+    """The position of a stored ``FlowBatch``, its flows left undecoded."""
+
+    position: schema.BatchPosition | None = None
 
 
 def _mark_traces(core: FlowsCore, l7: L7Core) -> None:

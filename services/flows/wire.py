@@ -2,7 +2,8 @@
 
 Invariants:
 - ``flow_batches`` encodes flows as ``FlowBatch`` messages, as few as possible (one when
-  it fits), each within ``limit`` bytes, keeping the flows' order; a single flow larger
+  it fits), each within ``limit`` bytes, keeping the flows' order and each carrying the
+  raw batch's position (when split, every part carries it); a single flow larger
   than ``limit`` cannot be sent and is returned in ``too_large`` (the caller counts it).
 - ``reply_chunks`` encodes a query answer as ``FlowQueryReply`` chunks 0, 1, … in order,
   each within ``limit`` bytes; every chunk but the last has ``more`` set and the last one
@@ -28,22 +29,25 @@ class Batches:
     too_large: int = 0  # flows that do not fit one message on their own
 
 
-def _fit(flows: Sequence[schema.Flow], limit: int, out: list[tuple[Sequence[schema.Flow], bytes]]) -> int:
+def _fit(flows: Sequence[schema.Flow], limit: int, out: list[tuple[Sequence[schema.Flow], bytes]],
+         position: schema.BatchPosition | None = None) -> int:
     """Append (flows, FlowBatch bytes) parts within ``limit``; returns flows that cannot fit."""
-    data = schema.encode(schema.FlowBatch(flows=list(flows)))
+    data = schema.encode(schema.FlowBatch(flows=list(flows), position=position))
     if len(data) <= limit:
         out.append((flows, data))
         return 0
     if len(flows) == 1:
         return 1
     mid = len(flows) // 2
-    return _fit(flows[:mid], limit, out) + _fit(flows[mid:], limit, out)
+    return _fit(flows[:mid], limit, out, position) + _fit(flows[mid:], limit, out, position)
 
 
-def flow_batches(flows: Sequence[schema.Flow], limit: int) -> Batches:
-    """``FlowBatch`` payloads for ``flows`` (see the module invariants)."""
+def flow_batches(flows: Sequence[schema.Flow], limit: int,
+                 position: schema.BatchPosition | None = None) -> Batches:
+    """``FlowBatch`` payloads for ``flows`` (see the module invariants), each carrying
+    ``position`` (the raw batch's place in its executor run)."""
     parts: list[tuple[Sequence[schema.Flow], bytes]] = []
-    too_large = _fit(flows, limit, parts) if flows else 0
+    too_large = _fit(flows, limit, parts, position) if flows else 0
     return Batches([data for _, data in parts], too_large)
 
 
@@ -51,10 +55,11 @@ def reply_chunks(
     flows: Sequence[schema.Flow], limit: int, *, seen: int = 0, capacity: int = 0, lost: int = 0,
     chunk_flows: int = REPLY_CHUNK_FLOWS, first_chunk: int = 0, scanned: int = 0,
     truncated: bool = False, notice: str = "", final: bool = True,
+    lost_events: Sequence[schema.LostEvent] = (),
 ) -> list[bytes]:
     """``FlowQueryReply`` chunks for an answer (see the module invariants), numbered from
     ``first_chunk`` (after chunks already sent); the history counters (``scanned``,
-    ``truncated``, ``notice``) go into the last chunk with the others. Without ``final``
+    ``truncated``, ``notice``) and ``lost_events`` go into the last chunk with the others. Without ``final``
     these are the chunks of one part of an answer that continues: all have ``more`` set."""
     room = max(1, limit - REPLY_MARGIN)
     parts: list[Sequence[schema.Flow]] = []
@@ -73,6 +78,7 @@ def reply_chunks(
         if i < last else
         schema.encode(schema.FlowQueryReply(flows=list(part), chunk=first_chunk + i, seen=seen,
                                             capacity=capacity, lost=lost, scanned=scanned,
-                                            truncated=truncated, notice=notice))
+                                            truncated=truncated, notice=notice,
+                                            lost_events=list(lost_events)))
         for i, part in enumerate(parts)
     ]

@@ -6,6 +6,11 @@ Invariants:
   event loop without blocking the reader. When the queue is full the batch is counted as
   lost (source "queue"), never silently dropped.
 - Losses the kernel reports (ring buffer full) are carried in ``RawEventBatch.lost``.
+- Every batch carries its position in this run (``run`` = the pump's start time in unix
+  ns, ``seq``, and the running totals ``events_total``/``lost_total``), so a receiver
+  counts exactly the events of batches it never got. A batch that could not be published
+  is taken back (``unpublished``): its events and losses go into the next batch's ``lost``
+  and the totals and ``seq`` continue as if it had never been made.
 - Conversion is pure (``to_raw``): addresses become dotted strings, ports host order,
   payloads are cut to their length.
 """
@@ -70,6 +75,9 @@ class EventPump:
         self.lost_queue = 0
         self.published = 0
         self.seq = 0
+        self.run = time.time_ns()
+        self.events_total = 0
+        self.lost_total = 0
         self.boot_ns = boot_time_ns()
         self.kernel_lost_seen = 0
 
@@ -89,7 +97,18 @@ class EventPump:
         self.kernel_lost_seen = kernel_lost_total
         self.lost_queue = 0
         self.seq += 1
+        self.events_total += len(events)
+        self.lost_total += lost
         return schema.RawEventBatch(
             cluster=self.cluster, node=self.node, events=events, cluster_id=self.cluster_id,
-            boot_time_ns=self.boot_ns, lost=lost, seq=self.seq,
+            boot_time_ns=self.boot_ns, lost=lost, seq=self.seq, run=self.run,
+            events_total=self.events_total, lost_total=self.lost_total,
         )
+
+    def unpublished(self, batch: schema.RawEventBatch) -> None:
+        """Take back the last ``batch`` (its publish failed): its events and losses are
+        reported as lost in the next batch, which takes its sequence number."""
+        self.seq -= 1
+        self.events_total -= len(batch.events)
+        self.lost_total -= batch.lost
+        self.lost_queue += len(batch.events) + batch.lost

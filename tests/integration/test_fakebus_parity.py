@@ -279,9 +279,11 @@ async def test_failures_are_bus_errors(nats_server: Any) -> None:
 async def streams(bus: Bus, seen: Seen) -> None:
     await step(seen, "missing: last seq", bus.stream_last_seq("PARITY"))
     await step(seen, "missing: read", read(bus))
+    await step(seen, "missing: last message", last(bus, "ps.a"))
     await bus.ensure_stream("PARITY", ["ps.>"], max_bytes=1 << 20, max_age_s=60)
     await step(seen, "empty: last seq", bus.stream_last_seq("PARITY"))
     await step(seen, "empty: read", read(bus))
+    await step(seen, "empty: last message", last(bus, "ps.a"))
     for i in range(7):
         await bus.publish(f"ps.{'ab'[i % 2]}", f"m{i}".encode())
         await asyncio.sleep(0.01)  # start times between two messages are unambiguous
@@ -294,12 +296,19 @@ async def streams(bus: Bus, seen: Seen) -> None:
     everything = [m async for batch in bus.read_stream("PARITY", batch=3) for m in batch]
     seen.append(("read all", [(m.seq, m.subject, m.data) for m in everything]))
     await step(seen, "read ps.b", read(bus, subject="ps.b"))
+    await step(seen, "last message on ps.b", last(bus, "ps.b"))
+    await step(seen, "last message on ps.c", last(bus, "ps.c"))
     await step(seen, "read 3..5", read(bus, start_seq=3, end_seq=5))
     await step(seen, "read from 6", read(bus, start_seq=6))
     await step(seen, "read from beyond", read(bus, start_seq=9))
     just_before = everything[4].time_ns - 5_000_000
     await step(seen, "read from a time", read(bus, start_time_ns=just_before))
     await step(seen, "read ps.a from a time", read(bus, "ps.a", start_time_ns=just_before))
+
+
+async def last(bus: Bus, subject: str) -> tuple[int, str, bytes] | None:
+    m = await bus.stream_last_message("PARITY", subject)
+    return None if m is None else (m.seq, m.subject, m.data)
 
 
 async def read(bus: Bus, subject: str = ">", **kwargs: Any) -> list[tuple[int, str, bytes]]:
@@ -313,3 +322,4 @@ async def read(bus: Bus, subject: str = ">", **kwargs: Any) -> list[tuple[int, s
 async def test_streams_store_and_read_ranges(nats_server: Any) -> None:
     seen = await on_both(nats_server, streams)
     assert dict(seen)["read 3..5"] == [(3, "ps.a", b"m2"), (4, "ps.b", b"m3"), (5, "ps.a", b"m4")]
+    assert dict(seen)["last message on ps.b"] == (6, "ps.b", b"m5")
