@@ -28,6 +28,8 @@ Invariants:
   instance, the same client authorization on every server). Every child gets every
   server's URL and ``CILIARY_JS_REPLICAS``, so buckets and streams have one copy per
   server; each server is restarted like any other child, on its own ports and store.
+  When the shape differs from the one ``bus.json`` records, the previous store's state is
+  carried over before any service starts (``ciliary.busmigration``).
 - With ``identity_replicas`` > 1 the identity service runs as that many processes
   (``identity``, ``identity-2``, …), each its own instance on the same NATS user; they
   allocate concurrently, safe by compare-and-set on the identities bucket.
@@ -53,7 +55,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ciliary import cgroups, claims, config, natsauth, natscluster, natscreds, natstls, schema
+from ciliary import (
+    busmigration,
+    cgroups,
+    claims,
+    config,
+    natsauth,
+    natscluster,
+    natscreds,
+    natstls,
+    schema,
+)
 from ciliary.bus import Bus, BusError
 from ciliary.resources import resource_from_manifest
 from ciliary.runtime import install_stop_handlers
@@ -377,9 +389,11 @@ class Supervisor:
         self._plan()
         install_stop_handlers(self.stopping)
         try:
+            carried = await self._read_previous_bus()
             for child in self.nats_children:
                 child.start()
             await self._wait_for_nats()
+            await self._carry_over(carried)
             for child in self.children:
                 if not is_nats_server(child.name):
                     child.start()
@@ -389,6 +403,39 @@ class Supervisor:
         finally:
             await self._stop_all()
             config.remove_instance(self.data_dir)
+
+    async def _read_previous_bus(self) -> tuple[int, busmigration.Snapshot] | None:
+        """When the bus changed shape since the last start (``busmigration``): the previous
+        store's state, read before anything is changed; the stale store of this shape goes."""
+        previous = busmigration.migration_from(self.data_dir, self.nats_replicas)
+        if previous is None:
+            return None
+        log.info("the bus changes from %d to %d server(s): reading the previous store", previous, self.nats_replicas)
+        snapshot = await busmigration.read_previous(busmigration.BusPlan(
+            data_dir=self.data_dir, cluster=self.cluster, server_binary=nats_server_binary(), free_port=free_port,
+            credential=self._admin_credential(), tls_cert=self.tls.cert if self.tls else None,
+            tls_key=self.tls.key if self.tls else None), previous)
+        busmigration.remove_stores(self.data_dir, self.nats_replicas)
+        for server in self.nats_servers:
+            server.store_dir.mkdir(parents=True, exist_ok=True)
+        return previous, snapshot
+
+    async def _carry_over(self, carried: tuple[int, busmigration.Snapshot] | None) -> None:
+        """Writes what ``_read_previous_bus`` read into the new bus, then records its shape."""
+        if carried is not None:
+            previous, snapshot = carried
+            bus = await Bus.connect(self.nats_url, "ciliary-supervisor", allow_reconnect=False,
+                                    credential=self._admin_credential())
+            try:
+                written = await busmigration.write(bus, snapshot)
+            finally:
+                await bus.close()
+            log.info("carried %d entries of %d buckets over from the %d-server store", written,
+                     sum(1 for entries in snapshot.values() if entries), previous)
+            busmigration.record(self.data_dir, self.nats_replicas)
+            busmigration.remove_stores(self.data_dir, previous, keep=self.nats_replicas)
+        else:
+            busmigration.record(self.data_dir, self.nats_replicas)
 
     async def _watch_children(self) -> None:
         restart_at: dict[str, float] = {}

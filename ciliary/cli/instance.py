@@ -125,7 +125,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "logs").mkdir(exist_ok=True)
     started = time.monotonic()
-    with open(data_dir / "logs" / "supervisor.log", "ab") as log_file:
+    log_path = data_dir / "logs" / "supervisor.log"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
@@ -136,8 +138,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     last_report = ""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            reason = _start_refusal(log_path, log_start)
             raise common.CliError(
-                f"the supervisor exited with code {proc.returncode}; see {data_dir / 'logs'}"
+                f"{reason} (see {log_path})" if reason else
+                 f"the supervisor exited with code {proc.returncode}; see {data_dir / 'logs'}"
             )
         state = config.read_instance(data_dir)
         if state is not None:
@@ -171,6 +175,19 @@ async def _health(url: str, credential: NatsCredential | None) -> list[schema.He
         return await gather_health(bus, timeout=0.5)
     finally:
         await bus.close()
+
+
+def _start_refusal(log_path: Path, offset: int) -> str:
+    """The supervisor's ``cannot start: ...`` line written since ``offset``, or ""."""
+    try:
+        with open(log_path, "rb") as log_file:
+            log_file.seek(offset)
+            text = log_file.read(1 << 20).decode(errors="replace")
+    except OSError:
+        return ""
+    found = [line.split(" ERROR: ", 1)[1] for line in text.splitlines()
+             if " ERROR: " in line and "cannot start:" in line]
+    return found[-1] if found else ""
 
 
 def cmd_down(args: argparse.Namespace) -> int:
