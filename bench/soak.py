@@ -88,37 +88,6 @@ def wait_for(what: str, fn: Any, timeout: float, poll: float = 1.0) -> Any:
         time.sleep(poll)
 
 
-def ready_pods(cli: SL.Cli) -> dict[str, dict[str, Any]]:
-    items = json.loads(cli("get", "pods", "-o", "json"))["items"]
-    return {p["metadata"]["name"]: p["status"] for p in items
-            if p.get("status", {}).get("phase") == "Running" and p["status"].get("podIP")
-            and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))}
-
-
-def leftovers(cli: SL.Cli, instance: S.EmbeddedInstance, churn: SL.Churn) -> dict[str, list[str]]:
-    """Identities labelled with a deleted pod's ``gen`` and ipcache entries naming a
-    deleted pod (empty lists: converged)."""
-    identities = json.loads(cli("identity", "list", "-o", "json"))
-    stale_ids = [str(i["id"]) for i in identities
-                 if any(label.removeprefix("k8s:").startswith("gen=")
-                        and label.split("=", 1)[1] in churn.deleted_gens for label in i["labels"])]
-
-    async def ipcache() -> list[str]:
-        bus = await instance.connect("soak-ipcache")
-        try:
-            entries = await bus.kv_list(schema.BUCKET_IPCACHE)
-        finally:
-            await bus.close()
-        out = []
-        for key, entry in entries.items():
-            record = schema.decode(entry.value, schema.IPCacheRecord) if entry.value else None
-            if record is not None and record.pod in churn.deleted:
-                out.append(f"{key} ({record.pod})")
-        return out
-
-    return {"identities": stale_ids, "ipcache": asyncio.run(ipcache())}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -135,7 +104,7 @@ def main() -> None:
         cli = cli_for(instance.data_dir)
         churn = SL.Churn(cli, ["node-1", "node-2"], live_pods=args.live_pods)
         churn.setup()
-        client = wait_for("the client pod ready", lambda: ready_pods(cli).get("soak-client"), 90)
+        client = wait_for("the client pod ready", lambda: SL.ready_pods(cli).get("soak-client"), 90)
         vip = wait_for("churn-web's cluster IP", lambda: json.loads(
             cli("get", "svc", "churn-web", "-o", "json")).get("spec", {}).get("clusterIP"), 30)
         sampler = SL.Sampler(instance.data_dir, args.interval).start()
@@ -159,9 +128,9 @@ def main() -> None:
             sampler.stop()
         print(file=sys.stderr)
         converge_t0 = time.monotonic()
-        wait_for("every live pod ready", lambda: len(ready_pods(cli)) == churn.expected_pods() or None, 120)
+        wait_for("every live pod ready", lambda: len(SL.ready_pods(cli)) == churn.expected_pods() or None, 120)
         wait_for("no identity or ipcache entry of a deleted pod",
-                 lambda: not any(leftovers(cli, instance, churn).values()) or None, args.gc_grace + 90, poll=5)
+                 lambda: not any(SL.leftovers(cli, churn).values()) or None, args.gc_grace + 90, poll=5)
         converged_s = time.monotonic() - converge_t0
         status = json.loads(cli("status", "-o", "json"))
         final = {"caches": SL.cache_counts(status), "buckets": bucket_sizes(instance)}

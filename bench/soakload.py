@@ -292,3 +292,28 @@ def cache_counts(status: dict[str, Any]) -> dict[str, dict[str, dict[str, int]]]
             name = report["name"] + (f"/{report['node']}" if report.get("node") else "")
             out[name] = caches
     return out
+
+
+def ready_pods(cli: Cli) -> dict[str, dict[str, Any]]:
+    """Status of every Running and Ready pod with an IP, by name."""
+    items = json.loads(cli("get", "pods", "-o", "json"))["items"]
+    return {p["metadata"]["name"]: p["status"] for p in items
+            if p.get("status", {}).get("phase") == "Running" and p["status"].get("podIP")
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))}
+
+
+def leftovers(cli: Cli, churn: Churn) -> dict[str, list[str]]:
+    """What deleted churn pods left (empty lists: converged): identities still labelled
+    with a deleted pod's ``gen``, and kernel ipcache rows (any node) for a deleted pod's IP
+    that no live pod holds now."""
+    identities = json.loads(cli("identity", "list", "-o", "json"))
+    stale_ids = [f"{i['id']} {','.join(i['labels'])}" for i in identities
+                 if any(label.split(":", 1)[-1].startswith("gen=")
+                        and label.split("=", 1)[1] in churn.deleted_gens for label in i["labels"])]
+    live_ips = {status.get("podIP") for status in
+                (p.get("status", {}) for p in json.loads(cli("get", "pods", "-o", "json"))["items"])}
+    gone = {f"{ip}/32": name for name, ip in churn.deleted.items() if ip and ip not in live_ips}
+    rows = [(node["node"], row) for node in json.loads(cli("bpf", "ipcache", "list", "-o", "json"))
+            for row in node.get("rows", [])]
+    stale_ipcache = [f"{node}: {row['prefix']} ({gone[row['prefix']]})" for node, row in rows if row["prefix"] in gone]
+    return {"identities": stale_ids, "ipcache": stale_ipcache}

@@ -56,7 +56,7 @@ from services.node.endpoints import EndpointBook
 from services.node.events import EventPump
 from services.node.kernel import NodeKernel
 from services.node.meshroutes import MeshRoutes
-from services.node.pods import PodRunner, RunnerConfig
+from services.node.pods import PodRunner, RunnerConfig, clear_reported_status
 from services.node.reconciler import ReconcileLoop, Reconciler
 from services.node.socklb import ENV_MODE as ENV_SOCKET_LB
 from services.node.socklb import SockLBError, parse_mode
@@ -194,7 +194,8 @@ class NodeAgent:
             nats_url=self.ctx.settings.nats_url, nats_creds=self.ctx.settings.nats_creds,
             cni_bin=str(Path(sys.executable).parent / "ciliary-cni"),
             cgroup=self.node_cgroup,
-        ), self._write_pod_status, self.kernel)
+        ), self._write_pod_status, self.kernel,
+            clear_status=lambda namespace, name, reporter: clear_reported_status(self.bus, namespace, name, reporter))
         self.runner.deregister = self._deregister
         self._watch_desired_state(tg)
         self._watch_nodes(tg)
@@ -494,7 +495,7 @@ class NodeAgent:
                 await self.bus.publish(subject, batch)
                 self.pump.published += len(events)
             except Exception as err:
-                self.pump.lost_queue += len(events)
+                self.pump.unpublished(batch)
                 log.warning("publishing %d events failed: %s", len(events), err)
             await dnsfeed.publish(self.bus, batch, self.ctx.detail)
             self.ctx.detail["events_published"] = self.pump.published

@@ -5,7 +5,9 @@ Invariants:
   default node when unset) it creates the pod's network namespace, calls the CNI plugin
   (``ciliary-cni``) with ADD exactly as a container runtime does, starts every container
   in the namespace, and reports phase, pod IP, readiness and container states into bucket
-  ``status``. On delete it stops the containers, calls CNI DEL and removes the namespace.
+  ``status``. On delete it stops the containers, calls CNI DEL and removes the namespace,
+  then removes the status it reported (``clear_status``; the object is gone, so nothing
+  else would, and every service mirroring ``status`` would keep it forever).
 - Work is serial per pod and parallel across pods; level-triggered: every pass compares
   the desired pods with the running ones.
 - What runs is recorded in ``<state dir>/pods.json``; a restarted executor adopts running
@@ -44,7 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ciliary import schema
-from ciliary.bus import KVEntry
+from ciliary.bus import Bus, BusError, KVEntry, RevisionMismatch
 from ciliary.otlpsocket import otlp_socket_path
 from ciliary.resources import decode
 from services.node import netns, sidecar, world
@@ -98,6 +100,31 @@ class RunningPod:
 
 
 StatusWriter = Callable[[str, str, str, dict[str, Any]], Awaitable[None]]
+StatusClearer = Callable[[str, str, str], Awaitable[None]]  # (namespace, name, reporter)
+
+
+async def clear_reported_status(bus: Bus, namespace: str, name: str, reporter: str) -> bool:
+    """Delete the Pod's entry in bucket ``status`` if ``reporter`` wrote it, by compare-and-
+    set on the revision read: a status another node reports now (the pod was re-created
+    there) or rewritten meanwhile stays. True when deleted; a bus error is logged."""
+    key = f"Pod.{namespace}.{name}"
+    try:
+        found = await bus.kv_get(schema.BUCKET_STATUS, key)
+        if found is None or found.value is None:
+            return False
+        try:
+            record = schema.decode(found.value, schema.StatusRecord)
+        except Exception:  # noqa: BLE001 - not a status record: not ours to remove
+            return False
+        if record.reporter != reporter:
+            return False
+        await bus.kv_delete(schema.BUCKET_STATUS, key, last_revision=found.revision)
+        return True
+    except RevisionMismatch:
+        return False
+    except BusError as err:
+        log.warning("status of pod %s/%s not removed: %s", namespace, name, err)
+        return False
 
 
 class PodNamespaces(Protocol):
@@ -123,9 +150,10 @@ def netconf(cfg: RunnerConfig) -> dict[str, Any]:
 
 class PodRunner:
     def __init__(self, cfg: RunnerConfig, write_status: StatusWriter,
-                 kernel: PodNamespaces | None = None) -> None:
+                 kernel: PodNamespaces | None = None, clear_status: StatusClearer | None = None) -> None:
         self.cfg = cfg
         self.write_status = write_status
+        self.clear_status = clear_status
         self._kernel = kernel
         self.desired: dict[str, schema.ResourceRecord] = {}
         self.pods: dict[str, RunningPod] = {}
@@ -349,6 +377,8 @@ class PodRunner:
         if self.deregister is not None and running.ip:
             await self.deregister(running.ip)
         await self._stop(running)
+        if self.clear_status is not None:
+            await self.clear_status(running.namespace, running.name, f"node/{self.cfg.node}")
 
     async def _stop(self, running: RunningPod) -> None:
         await asyncio.to_thread(lambda: [p.stop() for p in running.containers])
