@@ -15,6 +15,10 @@ Invariants:
   with a bounded number in flight, in no promised order among different keys.
 - Status lives in bucket ``status`` under the same key, written by the owning service;
   readers merge it into ``status`` of the object.
+- An apply that failed on a NATS timeout (``timed_out``) may be run again as a whole: it
+  changed nothing (rolled back) or, where a write's answer was lost, wrote exactly what
+  was asked, which the next run reads back as ``unchanged``; its compare-and-sets never
+  overwrite a newer write by someone else.
 """
 
 from __future__ import annotations
@@ -51,6 +55,20 @@ def kind_pattern(kind: str, namespace: str | None = None) -> str:
     if namespace is None:
         return f"{kind}.>"
     return f"{kind}.{namespace or CLUSTER_SCOPE}.>"
+
+
+def timed_out(err: BaseException) -> bool:
+    """Whether ``err`` or an error it was raised from is a NATS timeout (``BusTimeout``, or
+    nats' own timeout error): the server did not answer, e.g. while a replicated bus
+    elects a new JetStream leader after losing a server."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, TimeoutError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def now_rfc3339() -> str:

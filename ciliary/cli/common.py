@@ -8,6 +8,9 @@ Invariants:
 - A command's bus work runs through ``run_with_bus``: one connection, no reconnects,
   closed when the work is done. Command modules call it as ``common.run_with_bus`` (one
   seam for tests to put a fake bus behind every command).
+- A write command may run its bus work through ``run_with_bus_retrying``: after a NATS
+  timeout (``store.timed_out``) the work runs again on a fresh connection, with a note on
+  stderr, until ``within`` seconds have passed; the work must be safe to repeat.
 - A user-facing failure is a ``CliError``: ``main`` prints it as one ``error: <message>``
   line (``print_error``) and exits with code 1 — never a traceback.
 - Progress reports (``Progress``) go to stderr only, never stdout, and only when enabled
@@ -29,8 +32,10 @@ from typing import Any
 from ciliary import config, natsauth, natscreds
 from ciliary.bus import Bus, BusError
 from ciliary.config import NatsCredential
+from ciliary.store import timed_out
 
 REQUEST_TIMEOUT = 5.0  # seconds a command waits for a service's answer
+RETRY_PAUSE = 0.5  # seconds between attempts of run_with_bus_retrying
 
 
 class CliError(Exception):
@@ -76,6 +81,21 @@ def cli_credential(data_dir: Path) -> NatsCredential | None:
 def run_with_bus(args: argparse.Namespace, work: Callable[[Bus], Awaitable[Any]]) -> Any:
     """``work(bus)`` on a fresh connection to the instance of ``args.data_dir_path``."""
     return asyncio.run(_with_bus(args.data_dir_path, work))
+
+
+def run_with_bus_retrying(args: argparse.Namespace, work: Callable[[Bus], Awaitable[Any]], *,
+                          within: float, what: str) -> Any:
+    """``run_with_bus``, repeated after a NATS timeout until ``within`` seconds have passed
+    (a replicated bus that lost a server answers again once it elected a new leader)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return run_with_bus(args, work)
+        except Exception as err:
+            if not timed_out(err) or time.monotonic() + RETRY_PAUSE >= deadline:
+                raise
+            print(f"{what}: NATS did not answer in time; retrying", file=sys.stderr)
+            time.sleep(RETRY_PAUSE)
 
 
 class Progress:

@@ -9,6 +9,9 @@ Invariants:
   checked before connecting), ``-o name``, and tables with kubectl's columns, ``-o wide``
   adding kubectl's wide ones (``gettable``).
 - Reads and writes go through ``ciliary.store.ResourceStore`` on the command's bus.
+- ``apply`` that meets a NATS timeout (a replicated bus electing a leader after losing a
+  server) runs again as a whole, up to ``APPLY_RETRY_SECONDS`` after it started; every run
+  is all-or-nothing and compare-and-set, so repeating it is safe.
 - ``apply`` parses and validates everything before it connects (a large file in parts
   on every core, the cyclic garbage collector kept off the loaded objects), then writes
   through the store's pipelined all-or-nothing apply; on stdout it prints one result
@@ -34,6 +37,7 @@ from ciliary.resources import KINDS, Resource, load_manifests, resolve_kind
 from ciliary.store import ResourceStore, StoredObject
 
 PROGRESS_MIN_OBJECTS = 500  # applies of more objects show progress on a terminal
+APPLY_RETRY_SECONDS = 30.0  # a JetStream leader election takes ~10 s
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -68,7 +72,7 @@ def _apply(args: argparse.Namespace, resources: list[Resource]) -> int:
         return await ResourceStore(bus).apply(resources, progress=report if progress.enabled else None)
 
     try:
-        results = common.run_with_bus(args, work)
+        results = common.run_with_bus_retrying(args, work, within=APPLY_RETRY_SECONDS, what="apply")
     finally:
         progress.clear()
     sys.stdout.write("".join(f"{result}\n" for result in results))
