@@ -38,12 +38,14 @@ import datetime
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
 import nats
 import nats.errors
 import nats.js.errors
+import nkeys
 from nats import micro
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -71,6 +73,25 @@ T = TypeVar("T")
 KV_OPERATION = "KV-Operation"
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 
+
+
+def _take_rotated_seed(nc: Client, path: Path, in_use: str) -> str:
+    """The seed the connection signs its next (re)connect with: the one in ``path`` now.
+    nats-py fixes the public key it presents at the first connect, so a new seed is set
+    together with its public key (nats-py's ``_nkeys_seed_str`` / ``_public_nkey``; the
+    rotation test in tests/integration/test_nats_rotation.py fails if that changes)."""
+    try:
+        current = msgspec.json.decode(path.read_bytes(), type=NatsCredential)
+        public_key = nkeys.from_seed(bytearray(current.seed.encode())).public_key.decode()
+    except (OSError, msgspec.DecodeError, nkeys.NkeysError, ValueError) as err:
+        log.warning("keeping the NATS key in use: credential %s: %s", path, err)
+        return in_use
+    if current.seed == in_use:
+        return in_use
+    nc._nkeys_seed_str = current.seed
+    nc._public_nkey = public_key
+    log.info("NATS credential %s holds a new key: reconnecting with it", path)
+    return current.seed
 
 class BusError(Exception):
     """A bus operation failed in a way the caller should report."""
@@ -227,13 +248,17 @@ class Bus:
         max_reconnect_attempts: int = -1,
         allow_reconnect: bool = True,
         credential: NatsCredential | None = None,
+        credential_path: str | Path | None = None,
     ) -> Bus:
         """Connect (as ``credential``'s user when given), retrying forever on disconnect
         unless told otherwise. Without reconnects (``allow_reconnect=False``: the CLI, the
         CNI plugin) a first connect that reaches no server raises ``BusError`` after trying
-        each server twice, instead of waiting for one."""
+        each server twice, instead of waiting for one. With ``credential_path`` (the file
+        ``credential`` was read from) every reconnect first reads the file again, so a
+        rotated key (``ciliary.natsrotate``) is used without a restart."""
         bus: Bus | None = None
         who = f"user {credential.user}" if credential else "a connection without credential"
+        seed_in_use = credential.seed if credential else ""
 
         async def on_reconnect() -> None:
             if bus is not None:
@@ -243,8 +268,11 @@ class Bus:
                 log.info("reconnected to %s", url)
 
         async def on_disconnect() -> None:
+            nonlocal seed_in_use
             if bus is not None and not bus.closing:
                 log.warning("disconnected from %s", url)
+                if credential_path:
+                    seed_in_use = _take_rotated_seed(bus.nc, Path(credential_path), seed_in_use)
 
         async def on_error(err: Exception) -> None:
             denied = denied_subject(str(err)) if isinstance(err, nats.errors.Error) else None

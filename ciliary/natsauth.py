@@ -22,7 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -294,15 +294,19 @@ def _quoted(items: Iterable[str]) -> str:
     return "[" + ", ".join(msgspec.json.encode(i).decode() for i in items) + "]"
 
 
-def server_authorization(instance_users: Iterable[User], public_keys: dict[str, str]) -> str:
+def server_authorization(instance_users: Iterable[User],
+                         public_keys: Mapping[str, str | Sequence[str]]) -> str:
     """The ``authorization`` block of nats-server's configuration: each user by its nkey
-    public key (``public_keys[user.name]``) with its permissions."""
+    public key (``public_keys[user.name]``) with its permissions. A user given several
+    keys (while its keys are rotated) is accepted under each, with the same permissions."""
     lines = ["authorization {", "  users = ["]
     for user in instance_users:
-        lines.append(f"    # {user.name}: {user.role}")
-        lines.append(f"    {{nkey: {public_keys[user.name]}, permissions: {{")
-        lines.append(f"      publish: {{allow: {_quoted(user.publish)}}}")
-        lines.append(f"      subscribe: {{allow: {_quoted(user.subscribe)}}}")
-        lines.append("    }}")
+        keys = public_keys[user.name]
+        for key in [keys] if isinstance(keys, str) else keys:
+            lines.append(f"    # {user.name}: {user.role}")
+            lines.append(f"    {{nkey: {key}, permissions: {{")
+            lines.append(f"      publish: {{allow: {_quoted(user.publish)}}}")
+            lines.append(f"      subscribe: {{allow: {_quoted(user.subscribe)}}}")
+            lines.append("    }}")
     lines += ["  ]", "}", ""]
     return "\n".join(lines)

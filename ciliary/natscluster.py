@@ -119,6 +119,20 @@ def server_config(server: ServerPlan, servers: list[ServerPlan], *, cluster: str
     return "\n".join(lines)
 
 
+def single_server_config(*, server_name: str, port: int, store_dir: Path, config_path: Path, auth_file: Path,
+                         tls_cert: Path | None = None, tls_key: Path | None = None) -> str:
+    """The configuration file of the single server (no ``--nats-replicas``): everything in
+    the file, nothing on the command line, so a reload (``SIGHUP``, e.g. when keys are
+    rotated) sees the options it started with."""
+    include = os.path.relpath(auth_file, config_path.parent)
+    lines = [f"server_name: {server_name}", f"listen: 127.0.0.1:{port}",
+             "jetstream {", f'  store_dir: "{store_dir}"', "}"]
+    if tls_cert is not None and tls_key is not None:
+        lines += ["tls {", f'  cert_file: "{tls_cert}"', f'  key_file: "{tls_key}"', "}"]
+    lines += [f'include "{include}"', ""]
+    return "\n".join(lines)
+
+
 def replication_summary(jsz: dict[str, dict]) -> dict:
     """What the servers' ``/jsz?streams=true&config=true`` answers (by server_name; a server
     that did not answer is absent) say about replication: the JetStream meta leader, every

@@ -29,7 +29,6 @@ from typing import Any
 
 from ciliary import __version__, config, healthhttp, heap, natscreds, schema, telemetry
 from ciliary.bus import SYNCED, Bus, BusError, KVEntry, Message, Synced
-from ciliary.config import NatsCredential
 from ciliary.watch import Mirror, PassLoop
 
 log = logging.getLogger(__name__)
@@ -152,8 +151,7 @@ def mirror_kinds(
 
 async def _serve(service: str, main: Main, settings: Settings) -> None:
     telemetry.setup_tracing(service, settings.cluster, node=settings.node, instance=settings.instance)
-    credential = natscreds.read_credential(settings.nats_creds) if settings.nats_creds else None
-    bus = await _connect_with_retry(settings.nats_url, f"ciliary-{service}/{settings.instance}", credential)
+    bus = await _connect_with_retry(settings.nats_url, f"ciliary-{service}/{settings.instance}", settings.nats_creds)
     await bus.ensure_buckets()
     ctx = Context(service=service, settings=settings, bus=bus, gc_pauses=heap.manage_process_heap())
 
@@ -232,11 +230,13 @@ class _Stop(Exception):
     """Raised inside the task group to cancel every task on SIGTERM."""
 
 
-async def _connect_with_retry(url: str, name: str, credential: NatsCredential | None = None,
-                              attempts: int = 60) -> Bus:
+async def _connect_with_retry(url: str, name: str, credential_path: str = "", attempts: int = 60) -> Bus:
+    """Connected as the user of the credential file at ``credential_path`` ("": without
+    one), read again before every attempt and on every reconnect (keys may be rotated)."""
     for attempt in range(attempts):
+        credential = natscreds.read_credential(credential_path) if credential_path else None
         try:
-            return await Bus.connect(url, name, credential=credential)
+            return await Bus.connect(url, name, credential=credential, credential_path=credential_path or None)
         except BusError as err:
             if attempt == attempts - 1:
                 raise

@@ -76,6 +76,7 @@ log = logging.getLogger("ciliary.supervisor")
 BUILTIN_NAMESPACES = ("default", "kube-system")
 CONTROL_PLANE = ("identity", "servicelb", "policy", "flows", "mesh")
 GRACE_SECONDS = 10.0
+SINGLE_CONFIG = "nats.conf"  # the single server's configuration, under the data dir
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0
@@ -254,13 +255,13 @@ class Supervisor:
         self._plan_services(logs)
 
     def _plan_single_nats(self, logs: Path) -> None:
+        path = self.data_dir / SINGLE_CONFIG
+        natscreds.write_private(path, natscluster.single_server_config(
+            server_name=f"ciliary-{self.cluster}", port=self.nats_port, store_dir=self.data_dir / "nats",
+            config_path=path, auth_file=self.data_dir / config.NATS_AUTH_FILE,
+            tls_cert=self.tls.cert if self.tls else None, tls_key=self.tls.key if self.tls else None).encode())
         self.children.append(Child(
-            "nats-server",
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.nats_port), "-js",
-             "-sd", str(self.data_dir / "nats"), "-n", f"ciliary-{self.cluster}",
-             "-c", str(self.data_dir / config.NATS_AUTH_FILE),
-             *(["--tls", "--tlscert", str(self.tls.cert), "--tlskey", str(self.tls.key)] if self.tls else [])],
-            dict(os.environ), logs / "nats-server.log",
+            "nats-server", [nats_server_binary(), "-c", str(path)], dict(os.environ), logs / "nats-server.log",
         ))
 
     def _plan_services(self, logs: Path) -> None:

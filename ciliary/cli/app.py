@@ -28,6 +28,7 @@ from ciliary.cli import (
     diagnose,
     identity,
     instance,
+    natskeys,
     node,
     objects,
     observe,
@@ -40,7 +41,7 @@ from ciliary.cli import (
 from ciliary.resources import ManifestError, UnknownKindError
 
 COMMAND_GROUPS = (objects, instance, service, observe, node, policy, identity, connectivity, sysdump,
-                  preflight, clustermesh, trace, diagnose)
+                  preflight, clustermesh, trace, diagnose, natskeys)
 
 
 class Parser(argparse.ArgumentParser):

@@ -63,8 +63,8 @@ def remote_connect_options(remote: schema.MeshRemote) -> dict[str, Any]:
     credential that cannot be read is a ``BusError`` naming the file."""
     if not remote.credentials:
         return {}
-    try:
-        return {"credential": natscreds.read_credential(remote.credentials)}
+    try:  # the file is read again on every reconnect: the remote may rotate its keys
+        return {"credential": natscreds.read_credential(remote.credentials), "credential_path": remote.credentials}
     except natscreds.CredentialError as err:
         raise BusError(str(err)) from None
 
