@@ -24,6 +24,7 @@ Used by the scripts under bench/. Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import datetime as dt
 import gc
@@ -681,19 +682,41 @@ class EmbeddedInstance:
 
     def down(self) -> list[str]:
         """``ciliary down``; then check that no namespace or pin of the cluster is left."""
+        from ciliary import config
+
         problems = []
+        state = config.read_instance(self.data_dir)
         try:
             p = self.cli("down", timeout=60, check=False)
             if p.returncode != 0 and "no ciliary instance" not in p.stdout + p.stderr:
                 problems.append(f"ciliary down: {(p.stdout + p.stderr)[-300:]}")
         except Exception as e:
             problems.append(f"ciliary down: {e}")
+        if problems and state is not None:  # stop the supervisor itself: its children die with it
+            _terminate(state.supervisor_pid, timeout=30)
         if N.cluster_netns(self.cluster):
             problems.append(f"namespaces left: {N.cluster_netns(self.cluster)}")
         if Path(PIN_ROOT, self.cluster).exists():
             problems.append(f"pins left: {Path(PIN_ROOT, self.cluster)}")
         shutil.rmtree(self.data_dir, ignore_errors=True)
         return problems
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    """SIGTERM ``pid`` and wait until it is gone (SIGKILL after ``timeout``)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 class KernelFrontend:

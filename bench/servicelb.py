@@ -650,8 +650,8 @@ def gc_during(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name, end in after.items():
         start = before.get(name) or {"collections": [0, 0, 0], "pause_ms_total": [0.0, 0.0, 0.0]}
-        out[name] = {"collections": [b - a for a, b in zip(start["collections"], end["collections"])],
-                     "pause_ms": [round(b - a, 3) for a, b in zip(start["pause_ms_total"], end["pause_ms_total"])],
+        out[name] = {"collections": [b - a for a, b in zip(start["collections"], end["collections"], strict=True)],
+                     "pause_ms": [round(b - a, 3) for a, b in zip(start["pause_ms_total"], end["pause_ms_total"], strict=True)],
                      "longest_pause_ms_ever": end.get("pause_ms_max")}
     return out
 
