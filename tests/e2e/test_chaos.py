@@ -1,25 +1,47 @@
-"""Chaos under traffic: on a 2-node instance, SIGKILL in turn each control-plane service and
-nats-server while a client keeps connecting across a service VIP and another keeps trying a
-path policy denies. Nothing allowed fails, nothing denied passes, every part comes back
-healthy, the kernel maps and computed buckets end as they began, a policy applied while
-the policy service is out is enforced once it is back, and an apply afterwards too."""
+"""Chaos under traffic: on a 2-node instance, SIGKILL in turn each control-plane service,
+nats-server and a node executor while a client keeps connecting across a service VIP and
+another keeps trying a path policy denies. Nothing allowed fails, nothing denied passes,
+every part comes back healthy, the kernel maps and computed buckets end as they began, a
+policy applied while the policy service is out is enforced once it is back, and an apply
+afterwards too. Then the supervisor itself is killed: its children go with it, the next
+``ciliary up`` brings the same pods, identities, services and maps back and traffic resumes.
+
+On a replicated bus (``--nats-replicas 3``) with two identity replicas: one server is
+killed under the clients and restarted, then another is kept down while a changed policy
+is applied; nothing allowed fails, no service restarts, the applied policy is enforced,
+every computed bucket ends as it began; and one identity replica killed while pods are
+created leaves every label set with exactly one identity and every pod with its own."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from ciliary import config, natsauth, natscreds, schema
-from ciliary.bus import Bus
+from ciliary import config, schema
 
+from .chaos import (
+    COMPUTED,
+    WIDENED_FROM,
+    WIDENED_TO,
+    all_healthy,
+    assert_one_identity_per_label_set,
+    buckets_snapshot,
+    by_pod,
+    client,
+    counts,
+    endpoint_identities,
+    fully_replicated,
+    identity_pods,
+    maps_differ,
+    pid_of,
+    resources_leader,
+    service_pids,
+)
 from .instance import ciliary as cli
-from .instance import pods_ready
+from .instance import embedded_instance, pods_ready
 from .podnet import wait_for
 from .test_stack import (  # noqa: F401
     SHOP,
@@ -30,80 +52,9 @@ from .test_stack import (  # noqa: F401
     stack,
 )
 
-VICTIMS = ("identity", "servicelb", "policy", "flows", "mesh", "nats-server")
-# connects until SIGTERM, then prints "<succeeded> <failed>"
-CLIENT_UNTIL_STOPPED = """
-import signal, socket, sys
-host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-ok = failed = 0
-running = True
-def stop(*_):
-    global running
-    running = False
-signal.signal(signal.SIGTERM, stop)
-while running:
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.sendall(b"ping\\n")
-            if s.recv(100):
-                ok += 1
-            else:
-                failed += 1
-    except OSError:
-        failed += 1
-print(ok, failed, flush=True)
-"""
-
-
-def pid_of(data_dir: Path, name: str) -> int:
-    state = config.read_instance(data_dir)
-    assert state is not None
-    return next(p.pid for p in state.processes if p.name == name)
-
-
-# the buckets the services compute (sources and statuses are what users and nodes wrote)
-COMPUTED = (schema.BUCKET_IDENTITIES, schema.BUCKET_IPCACHE, schema.BUCKET_SERVICES, schema.BUCKET_POLICY,
-            schema.BUCKET_ALLOCATIONS)
-
-
-def buckets_snapshot(data_dir: Path) -> dict[str, dict[str, bytes]]:
-    """Every key and value of the computed buckets, read as the instance's admin."""
-    state = config.read_instance(data_dir)
-    assert state is not None
-
-    async def read() -> dict[str, dict[str, bytes]]:
-        bus = await Bus.connect(state.nats_url, "chaos", allow_reconnect=False,
-                                credential=natscreds.instance_credential(data_dir, natsauth.ADMIN))
-        try:
-            return {b: {k: e.value or b"" for k, e in (await bus.kv_list(b)).items()} for b in COMPUTED}
-        finally:
-            await bus.close()
-
-    return asyncio.run(read())
-
-
-def all_healthy(data_dir: Path) -> bool:
-    status = json.loads(cli("status", "-o", "json", data_dir=data_dir, check=False).stdout or "{}")
-    return bool(status.get("healthy"))
-
-
-def client(netns: str, host: str, port: int, timeout: float) -> subprocess.Popen[str]:
-    """Connects in a loop until SIGTERM; prints ``ok failed``. A dropped SYN costs
-    ``timeout`` seconds, so the denied path uses a short one to try often."""
-    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", CLIENT_UNTIL_STOPPED, host,
-                             str(port), str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def counts(proc: subprocess.Popen[str]) -> tuple[int, int]:
-    proc.send_signal(signal.SIGTERM)  # ip netns exec passes it on (it execs the command)
-    out, err = proc.communicate(timeout=30)
-    assert out.strip(), err
-    ok, failed = map(int, out.split())
-    return ok, failed
-
-
+VICTIMS = ("identity", "servicelb", "policy", "flows", "mesh", "nats-server", "node/node-1")
 def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) -> None:  # noqa: F811
-    data_dir, _ = stack
+    data_dir, cluster = stack
     cli("apply", "-f", str(SHOP / "10-workloads.yaml"), "-f", str(SHOP / "20-services.yaml"),
         "-f", str(SHOP / "30-policies.yaml"), data_dir=data_dir)
     pods = wait_for(lambda: pods_ready(data_dir, 3), 60, "three ready pods")
@@ -139,9 +90,7 @@ def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) 
 
     # a policy applied while the policy service is out is enforced once it is back
     policies = (SHOP / "30-policies.yaml").read_text()
-    widened = policies.replace(
-        "            app: checkout\n      toPorts:",
-        "            app: checkout\n        - matchLabels:\n            tier: web\n      toPorts:", 1)
+    widened = policies.replace(WIDENED_FROM, WIDENED_TO, 1)
     assert widened != policies
     policy_pid = pid_of(data_dir, "policy")
     os.kill(policy_pid, signal.SIGSTOP)  # out, but not exited: the supervisor waits
@@ -158,3 +107,107 @@ def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) 
     cli("apply", "-f", "-", data_dir=data_dir, stdin=policies)
     wait_for(lambda: connect(data_dir, "frontend", vip, 8080, timeout=1).returncode != 0, 30,
              "frontend -> payments denied again")
+
+    # the supervisor killed: every child goes with it, and the next `up` brings back the same
+    # pods, identities, services and maps from the store; traffic resumes
+    state = config.read_instance(data_dir)
+    assert state is not None
+    os.kill(state.supervisor_pid, signal.SIGKILL)
+    wait_for(lambda: not any(config.pid_alive(p.pid) for p in state.processes), 30,
+             "every child of the killed supervisor exited")
+    cli("up", "-d", "--nodes", "2", "--cluster", cluster, "--cluster-id", "7", data_dir=data_dir, timeout=120)
+    wait_for(lambda: pods_ready(data_dir, 3), 60, "the three pods ready again")
+    wait_for(lambda: connect(data_dir, "checkout", vip, 8080).returncode == 0, 30, "checkout -> payments again")
+    # the pods were created again (new addresses, new backend ids): equal pod for pod
+    wait_for(lambda: not maps_differ(by_pod(before), by_pod(maps_snapshot(data_dir))), 60,
+             "kernel maps as before the supervisor was killed, pod for pod")
+    after = buckets_snapshot(data_dir)
+    for bucket in (schema.BUCKET_IDENTITIES, schema.BUCKET_POLICY):
+        assert after[bucket] == stored[bucket], (bucket, set(after[bucket]) ^ set(stored[bucket]))
+    assert connect(data_dir, "frontend", vip, 8080, timeout=1).returncode != 0
+
+
+# ---------------------------------------------------------------- replicated bus
+
+def test_replicated_bus_and_identity_replicas_under_traffic(tmp_path: Path, cluster_name: str) -> None:
+    args = ("--nats-replicas", "3", "--identity-replicas", "2")
+    with embedded_instance(tmp_path / "instance", cluster_name, nodes=2, cluster_id=27, args=args) as data_dir:
+        status = json.loads(cli("status", "-o", "json", data_dir=data_dir).stdout)
+        assert sorted(s["instance"] for s in status["services"] if s["name"] == "identity") == [
+            "identity", "identity-2"]
+        policies = (SHOP / "30-policies.yaml").read_text()
+        widened = policies.replace(WIDENED_FROM, WIDENED_TO, 1)
+        assert widened != policies
+        cli("apply", "-f", str(SHOP / "10-workloads.yaml"), "-f", str(SHOP / "20-services.yaml"), "-f", "-",
+            data_dir=data_dir, stdin=policies)
+        pods = wait_for(lambda: pods_ready(data_dir, 3), 60, "three ready pods")
+        vip = wait_for(lambda: cluster_ip(data_dir, "payments"), 20, "a cluster IP")
+        wait_for(lambda: policy_in_force(data_dir), 30, "payments ingress policy in the datapath")
+        wait_for(lambda: connect(data_dir, "checkout", vip, 8080).returncode == 0, 20, "checkout -> payments")
+        wait_for(lambda: fully_replicated(data_dir), 30, "every stream with three current copies")
+        before = maps_snapshot(data_dir)
+        stored = buckets_snapshot(data_dir)
+        pids = service_pids(data_dir)
+        state = config.read_instance(data_dir)
+        assert state is not None and len(state.nats_servers) == 3
+        supervisor_pid = state.supervisor_pid
+
+        allowed = client(pods["checkout"]["ciliary"]["netns"], vip, 8080, timeout=2.0)
+        denied = client(pods["frontend"]["ciliary"]["netns"], vip, 8080, timeout=0.25)
+        time.sleep(1.0)
+        # one server (the resources leader) killed and restarted at once by the supervisor
+        first = resources_leader(data_dir)
+        first_pid = pid_of(data_dir, first)
+        os.kill(first_pid, signal.SIGKILL)
+        wait_for(lambda: pid_of(data_dir, first) != first_pid, 30, f"{first} restarted")
+        wait_for(lambda: fully_replicated(data_dir), 60, f"every copy current after {first} was killed")
+        passed, refused = counts(denied)  # the changed policy applied next opens this path
+
+        # another one kept down (the supervisor paused) while a changed policy is applied
+        second = next(s.name for s in state.nats_servers if s.name != first)
+        second_pid = pid_of(data_dir, second)
+        os.kill(supervisor_pid, signal.SIGSTOP)
+        try:
+            os.kill(second_pid, signal.SIGKILL)
+            applied = cli("apply", "-f", "-", data_dir=data_dir, stdin=widened)
+            assert "configured" in applied.stdout, applied.stdout
+        finally:
+            os.kill(supervisor_pid, signal.SIGCONT)
+        wait_for(lambda: pid_of(data_dir, second) != second_pid, 30, f"{second} restarted")
+        wait_for(lambda: fully_replicated(data_dir), 60, f"every copy current after {second} was killed")
+        wait_for(lambda: all_healthy(data_dir), 60, "every service healthy")
+        wait_for(lambda: connect(data_dir, "frontend", vip, 8080, timeout=1).returncode == 0, 30,
+                 "frontend -> payments: the policy applied with a server down is enforced")
+        ok, failed = counts(allowed)
+        print(f"replicated bus, {first} then {second} killed: allowed path {ok} connections, {failed} failed; "
+              f"denied path {passed} passed, {refused} refused")
+        assert failed == 0 and ok > 100, (ok, failed)
+        assert passed == 0 and refused > 5, (passed, refused)
+        assert service_pids(data_dir) == pids, "a service restarted while a server of the bus was lost"
+
+        # the original policy back: every computed bucket and map as it began
+        cli("apply", "-f", "-", data_dir=data_dir, stdin=policies)
+        wait_for(lambda: connect(data_dir, "frontend", vip, 8080, timeout=1).returncode != 0, 30,
+                 "frontend -> payments denied again")
+        wait_for(lambda: maps_snapshot(data_dir) == before, 30, "kernel maps as before the kills")
+        after = buckets_snapshot(data_dir)
+        for bucket in COMPUTED:
+            assert after[bucket] == stored[bucket], (bucket, set(after[bucket]) ^ set(stored[bucket]))
+
+        # two identity replicas racing: one killed while pods with new label sets are created
+        cli("apply", "-f", "-", data_dir=data_dir, stdin=identity_pods(6, 3))
+        victim = pid_of(data_dir, "identity-2")
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: pods_ready(data_dir, 9), 90, "nine ready pods")
+        wait_for(lambda: pid_of(data_dir, "identity-2") != victim, 30, "identity-2 restarted")
+        by_labels = assert_one_identity_per_label_set(data_dir)
+
+        def race_identities() -> dict[str, int] | None:
+            found = {p: i for p, i in endpoint_identities(data_dir).items() if p.startswith("default/race-")}
+            return found if len(found) == 6 and all(found.values()) else None
+
+        race_ids = wait_for(race_identities, 30, "an identity in the datapath for every new pod")
+        for i in range(6):  # pods with one label set share its identity; different sets differ
+            assert race_ids[f"default/race-{i}"] == race_ids[f"default/race-{i % 3}"]
+        assert len(set(race_ids.values())) == 3
+        assert set(race_ids.values()) <= set(by_labels.values())

@@ -1,0 +1,204 @@
+"""What the chaos test and ``bench/chaos.py`` share: clients that connect until stopped,
+snapshots of the computed buckets and the kernel maps (also pod for pod, for pods created
+again), the pids and health of an instance, and the state of a replicated bus.
+
+Invariants:
+- Everything here reads an instance through its CLI, its ``instance.json``, its admin
+  credential or its servers' loopback monitoring ports; nothing changes it.
+- A client runs inside a pod's namespace and prints ``<succeeded> <failed>`` once it gets
+  SIGTERM; ``counts`` stops it and returns them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from ciliary import config, natsauth, natscluster, natscreds, schema
+from ciliary.bus import Bus
+
+from .instance import ciliary as cli
+
+# connects until SIGTERM, then prints "<succeeded> <failed>"
+CLIENT_UNTIL_STOPPED = """
+import signal, socket, sys
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ok = failed = 0
+running = True
+def stop(*_):
+    global running
+    running = False
+signal.signal(signal.SIGTERM, stop)
+while running:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(b"ping\\n")
+            if s.recv(100):
+                ok += 1
+            else:
+                failed += 1
+    except OSError:
+        failed += 1
+print(ok, failed, flush=True)
+"""
+
+
+def pid_of(data_dir: Path, name: str) -> int:
+    state = config.read_instance(data_dir)
+    assert state is not None
+    return next(p.pid for p in state.processes if p.name == name)
+
+
+# the buckets the services compute (sources and statuses are what users and nodes wrote)
+COMPUTED = (schema.BUCKET_IDENTITIES, schema.BUCKET_IPCACHE, schema.BUCKET_SERVICES, schema.BUCKET_POLICY,
+            schema.BUCKET_ALLOCATIONS)
+
+
+def buckets_snapshot(data_dir: Path) -> dict[str, dict[str, bytes]]:
+    """Every key and value of the computed buckets, read as the instance's admin."""
+    state = config.read_instance(data_dir)
+    assert state is not None
+
+    async def read() -> dict[str, dict[str, bytes]]:
+        bus = await Bus.connect(state.nats_url, "chaos", allow_reconnect=False,
+                                credential=natscreds.instance_credential(data_dir, natsauth.ADMIN))
+        try:
+            return {b: {k: e.value or b"" for k, e in (await bus.kv_list(b)).items()} for b in COMPUTED}
+        finally:
+            await bus.close()
+
+    return asyncio.run(read())
+
+
+def by_pod(maps: dict[str, list]) -> dict[str, list]:
+    """``maps`` (a ``maps_snapshot``) with every pod address replaced by the pod's name, no
+    endpoint ids and each node's rows sorted: what must hold after pods were created again."""
+    names = {r["ipv4"]: r["pod"] for node in maps["endpoints"] for r in node["rows"]}
+    text = json.dumps(maps)
+    if names:
+        pattern = re.compile(r"(?<![\d.])(" + "|".join(re.escape(ip) for ip in names) + r")(?![\d])")
+        text = pattern.sub(lambda m: names[m.group(1)], text)
+    out = json.loads(text)
+    for node in out.get("endpoints", []):  # numbered per node in the order pods were created
+        for row in node["rows"]:
+            row.pop("endpoint_id", None)
+    for nodes in out.values():
+        for node in nodes:
+            node["rows"] = sorted(node["rows"], key=lambda r: json.dumps(r, sort_keys=True))
+    return out
+
+
+def maps_differ(expected: dict[str, list], found: dict[str, list]) -> dict[str, tuple[list, list]]:
+    """The views of two map snapshots that differ (empty when equal); printed as it goes."""
+    differ = {view: (expected[view], found.get(view, [])) for view in expected if found.get(view) != expected[view]}
+    if differ:
+        print(f"maps differ: {json.dumps(differ)[:3000]}")
+    return differ
+
+
+def all_healthy(data_dir: Path) -> bool:
+    status = json.loads(cli("status", "-o", "json", data_dir=data_dir, check=False).stdout or "{}")
+    return bool(status.get("healthy"))
+
+
+def client(netns: str, host: str, port: int, timeout: float) -> subprocess.Popen[str]:
+    """Connects in a loop until SIGTERM; prints ``ok failed``. A dropped SYN costs
+    ``timeout`` seconds, so the denied path uses a short one to try often."""
+    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", CLIENT_UNTIL_STOPPED, host,
+                             str(port), str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def counts(proc: subprocess.Popen[str]) -> tuple[int, int]:
+    proc.send_signal(signal.SIGTERM)  # ip netns exec passes it on (it execs the command)
+    out, err = proc.communicate(timeout=30)
+    assert out.strip(), err
+    ok, failed = map(int, out.split())
+    return ok, failed
+
+
+WIDENED_FROM = "            app: checkout\n      toPorts:"
+WIDENED_TO = "            app: checkout\n        - matchLabels:\n            tier: web\n      toPorts:"
+
+
+def service_pids(data_dir: Path) -> dict[str, int]:
+    """Pid of every process of the instance but its nats-servers."""
+    state = config.read_instance(data_dir)
+    assert state is not None
+    return {p.name: p.pid for p in state.processes if not p.name.startswith("nats-server")}
+
+
+def _jsz(monitor_url: str) -> dict:
+    with urllib.request.urlopen(f"{monitor_url}/jsz?streams=true&config=true", timeout=1) as resp:
+        return json.loads(resp.read())
+
+
+def fully_replicated(data_dir: Path) -> bool:
+    """Every server of the bus answers and every stream has all its copies current."""
+    state = config.read_instance(data_dir)
+    assert state is not None
+    try:
+        answers = {s.server_name: _jsz(s.monitor_url) for s in state.nats_servers}
+    except OSError:
+        return False
+    summary = natscluster.replication_summary(answers)
+    return summary["fully_replicated"] == len(summary["streams"]) > 0
+
+
+def resources_leader(data_dir: Path) -> str:
+    """Process name (``nats-server-<i>``) of the server leading the resources bucket."""
+    state = config.read_instance(data_dir)
+    assert state is not None
+    for server in state.nats_servers:
+        for account in _jsz(server.monitor_url).get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                if stream["name"] == f"KV_{schema.BUCKET_RESOURCES}" and (stream.get("cluster") or {}).get("leader"):
+                    leader = stream["cluster"]["leader"]
+                    return next(s.name for s in state.nats_servers if s.server_name == leader)
+    raise AssertionError("no leader of the resources bucket")
+
+
+def identity_pods(count: int, label_sets: int) -> str:
+    """``count`` pods over both nodes with ``label_sets`` distinct label sets (one new
+    identity each), as one manifest stream."""
+    docs = []
+    for i in range(count):
+        docs.append(json.dumps({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"race-{i}", "namespace": "default",
+                         "labels": {"app": "race", "race-set": str(i % label_sets)}},
+            "spec": {"nodeName": f"node-{1 + i % 2}", "containers": [{
+                "name": "c", "image": "ciliary/workload",
+                "command": ["python3", "-m", "ciliary.workload", "serve", "--tcp", "80", "--name", f"race-{i}"]}]},
+        }))
+    return "\n---\n".join(docs)
+
+
+def assert_one_identity_per_label_set(data_dir: Path) -> dict[tuple[str, ...], int]:
+    """No two ids with one label set, no id with two label sets; label set -> id."""
+    stored = buckets_snapshot(data_dir)[schema.BUCKET_IDENTITIES]
+    by_id: dict[int, tuple[str, ...]] = {}
+    by_labels: dict[tuple[str, ...], int] = {}
+    for key, value in stored.items():
+        if key.startswith(schema.IDENTITY_ID_PREFIX):
+            record = schema.decode(value, schema.IdentityRecord)
+            assert record.id not in by_id, f"id {record.id} stored twice"
+            by_id[record.id] = tuple(record.labels)
+    for key, value in stored.items():
+        if key.startswith(schema.IDENTITY_LABELS_PREFIX):
+            named = schema.decode(value, schema.IdentityLabelsRecord)
+            labels = tuple(named.labels)
+            assert labels not in by_labels, f"{labels} has ids {by_labels[labels]} and {named.id}"
+            assert by_id.get(named.id) == labels, f"id {named.id}: {by_id.get(named.id)} and {labels}"
+            by_labels[labels] = named.id
+    return by_labels
+
+
+def endpoint_identities(data_dir: Path) -> dict[str, int]:
+    rows = json.loads(cli("endpoint", "list", "-o", "json", data_dir=data_dir).stdout)
+    return {r["pod"]: int(r["identity"]) for node in rows for r in node["rows"]}
