@@ -40,7 +40,9 @@ class BusCasStore:
         self.tombstones: dict[str, int] = {}
 
     # -- mirror
-    def observe(self, entry: KVEntry) -> None:
+    def observe(self, entry: KVEntry) -> bool:
+        """Apply a watched event; True when the view changed (the echo of a write this
+        replica made, already in the view, changes nothing)."""
         key = entry.key
         held = self.entries.get(key)
         tombstone = self.tombstones.get(key)
@@ -49,12 +51,14 @@ class BusCasStore:
         if entry.deleted:
             if held is None or entry.revision == 0 or entry.revision >= held[1]:
                 self.entries.pop(key, None)
+                present = key in self.bad
                 self.bad.discard(key)
-            return
-        if held is not None and entry.revision < held[1]:
-            return
+                return held is not None or present
+            return False
+        if held is not None and entry.revision <= held[1]:
+            return False  # older, or the very revision held
         if entry.revision <= self.tombstones.get(key, 0):
-            return
+            return False
         assert entry.value is not None
         try:
             value = self.decoder(key, entry.value)
@@ -62,9 +66,10 @@ class BusCasStore:
             log.warning("%s/%s: skipping bad payload: %s", self.bucket, key, err)
             self.bad.add(key)
             self.entries.pop(key, None)
-            return
+            return True
         self.bad.discard(key)
         self.entries[key] = (value, entry.revision)
+        return True
 
     def _wrote(self, key: str, value: Any, revision: int) -> None:
         held = self.entries.get(key)

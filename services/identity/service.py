@@ -57,7 +57,7 @@ from ciliary.bus import BusError, KVEntry, Synced
 from ciliary.events import subjects as events
 from ciliary.events.changes import start_change_events
 from ciliary.runtime import Context, mirror_kinds
-from ciliary.watch import PassLoop, decoder, entries_only
+from ciliary.watch import PassLoop, decoder
 
 from . import fqdn
 from .allocator import (
@@ -143,7 +143,7 @@ class IdentityService:
                                             decode=decoder(schema.IPCacheRecord)).notify(self.loop)
         for store in (self.identities, self.ipcache):
             self.ctx.mirror(tg, store.bucket, keep=False).listen(
-                entries_only(store.observe)).notify(self.loop)
+                lambda event, store=store: self._on_output(store, event))
         await self.ctx.bus.subscribe(schema.SUBJECT_IDENTITY_EXPLAIN, schema.IdentityExplainRequest,
                                      self._answer(self.explain, schema.IdentityExplainReply), queue=QUEUE_GROUP)
         await self.ctx.bus.subscribe(schema.SUBJECT_IDENTITY_REPORT, schema.IdentityReportRequest,
@@ -156,6 +156,12 @@ class IdentityService:
         if self.pattern_errors:
             self.ctx.detail["label_pattern_errors"] = self.pattern_errors
         tg.create_task(self.loop.run(), name="identity-reconcile")
+
+    def _on_output(self, store: BusCasStore, event: KVEntry | Synced) -> None:
+        """A pass for news in an output bucket (another replica's write, a sync); the echo
+        of this replica's own write is already in the view and needs none."""
+        if not isinstance(event, KVEntry) or store.observe(event):
+            self.loop.mark_dirty()
 
     def _touch_pod(self, event: KVEntry | Synced) -> None:
         if isinstance(event, KVEntry):

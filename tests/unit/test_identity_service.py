@@ -83,3 +83,20 @@ async def test_audit_adds_keys_the_watch_missed() -> None:
     assert await store.audit() == 1
     assert store.peek("10.0.0.3_32")[0].identity == 5  # type: ignore[index]
     assert await store.audit() == 0
+
+
+async def test_the_echo_of_an_own_write_is_no_news() -> None:
+    bus = FakeBus()
+    store = BusCasStore(bus, schema.BUCKET_IPCACHE, decode_ipcache)
+    record = schema.IPCacheRecord(prefix="10.0.0.4/32", identity=9, source="pod", cluster="c", cluster_id=1)
+    rev = await store.create("10.0.0.4_32", record)
+    # the watch delivers this replica's own write: nothing new, no pass needed
+    assert store.observe(KVEntry("ipcache", "10.0.0.4_32", rev, schema.encode(record))) is False
+    # another replica's newer write is news
+    newer = bus.put(schema.BUCKET_IPCACHE, "10.0.0.4_32", ipc("10.0.0.4/32", 10))
+    assert store.observe(KVEntry("ipcache", "10.0.0.4_32", newer, ipc("10.0.0.4/32", 10))) is True
+    await store.delete("10.0.0.4_32", newer)
+    assert store.observe(KVEntry("ipcache", "10.0.0.4_32", newer + 1, None)) is False  # our delete's echo
+    assert store.observe(KVEntry("ipcache", "10.0.0.5_32", 1, ipc("10.0.0.5/32", 11))) is True
+    assert store.observe(KVEntry("ipcache", "10.0.0.5_32", 2, None)) is True  # someone else's delete
+    assert store.observe(KVEntry("ipcache", "bad", 3, b"\xc1")) is True
