@@ -10,7 +10,7 @@ keeps connecting to the ``churn-web`` cluster IP. RSS and RssAnon of the supervi
 nats-server, every service and every node executor are sampled every ``--interval``
 seconds; cache sizes (``detail.caches`` of ``ciliary status -o json``) and KV bucket sizes
 are taken every minute. At the end: convergence (every live pod ready, no identity or
-ipcache entry of a deleted pod after the grace), ``ciliary down``.
+ipcache row and no status of a deleted pod after the grace), ``ciliary down``.
 
 Everything lives in ``ciliary-`` namespaces and on loopback. Writes
 bench/results/soak.json (git commit and dirty flag included) and prints a table per process:
@@ -23,7 +23,6 @@ middle third, verdict.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -56,22 +55,8 @@ def cli_for(data_dir: Path) -> SL.Cli:
     return cli
 
 
-async def _bucket_sizes(instance: S.EmbeddedInstance) -> dict[str, int]:
-    bus = await instance.connect("soak-buckets")
-    try:
-        out = {}
-        for bucket in BUCKETS:
-            try:
-                out[bucket] = len(await bus.kv_list(bucket))
-            except Exception:  # noqa: BLE001 - a bucket the CLI user may not read is reported as -1
-                out[bucket] = -1
-        return out
-    finally:
-        await bus.close()
-
-
 def bucket_sizes(instance: S.EmbeddedInstance) -> dict[str, int]:
-    return asyncio.run(_bucket_sizes(instance))
+    return {bucket: len(keys) for bucket, keys in SL.bucket_keys(instance.data_dir, BUCKETS).items()}
 
 
 def wait_for(what: str, fn: Any, timeout: float, poll: float = 1.0) -> Any:
@@ -130,10 +115,11 @@ def main() -> None:
         converge_t0 = time.monotonic()
         wait_for("every live pod ready", lambda: len(SL.ready_pods(cli)) == churn.expected_pods() or None, 120)
         wait_for("no identity or ipcache entry of a deleted pod",
-                 lambda: not any(SL.leftovers(cli, churn).values()) or None, args.gc_grace + 90, poll=5)
+                 lambda: not any(SL.leftovers(cli, churn, instance.data_dir).values()) or None, args.gc_grace + 90, poll=5)
         converged_s = time.monotonic() - converge_t0
         status = json.loads(cli("status", "-o", "json"))
-        final = {"caches": SL.cache_counts(status), "buckets": bucket_sizes(instance)}
+        final = {"caches": SL.cache_counts(status), "buckets": bucket_sizes(instance),
+                 "leftovers": SL.leftovers(cli, churn, instance.data_dir)}
         restarts = {name: len(pids) - 1 for name, pids in sampler.pids_seen.items() if len(pids) > 1}
     processes = {name: SL.summary(samples) for name, samples in sorted(sampler.samples.items())}
     results = {

@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -33,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ciliary import config  # noqa: E402
+from ciliary import config, natscreds, schema  # noqa: E402
+from ciliary.bus import Bus  # noqa: E402
 
 Cli = Callable[..., str]  # cli(*args, stdin=None) -> stdout; raises when ciliary exits non-zero
 PORT = 8080
@@ -302,10 +304,28 @@ def ready_pods(cli: Cli) -> dict[str, dict[str, Any]]:
             and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))}
 
 
-def leftovers(cli: Cli, churn: Churn) -> dict[str, list[str]]:
+async def _bucket_keys(data_dir: Path, buckets: Sequence[str]) -> dict[str, list[str]]:
+    state = config.read_instance(data_dir)
+    if state is None:
+        raise RuntimeError(f"no instance in {data_dir}")
+    bus = await Bus.connect(state.nats_url, "soak-buckets",
+                            credential=natscreds.instance_credential(data_dir, "cli"))
+    try:
+        return {bucket: sorted(await bus.kv_list(bucket)) for bucket in buckets}
+    finally:
+        await bus.close()
+
+
+def bucket_keys(data_dir: Path, buckets: Sequence[str]) -> dict[str, list[str]]:
+    """The live keys of ``buckets``, read as the instance's CLI user."""
+    return asyncio.run(_bucket_keys(data_dir, buckets))
+
+
+def leftovers(cli: Cli, churn: Churn, data_dir: Path | None = None) -> dict[str, list[str]]:
     """What deleted churn pods left (empty lists: converged): identities still labelled
-    with a deleted pod's ``gen``, and kernel ipcache rows (any node) for a deleted pod's IP
-    that no live pod holds now."""
+    with a deleted pod's ``gen``, kernel ipcache rows (any node) for a deleted pod's IP
+    that no live pod holds now, and (with ``data_dir``) entries of bucket ``status``
+    for a deleted pod."""
     identities = json.loads(cli("identity", "list", "-o", "json"))
     stale_ids = [f"{i['id']} {','.join(i['labels'])}" for i in identities
                  if any(label.split(":", 1)[-1].startswith("gen=")
@@ -316,4 +336,9 @@ def leftovers(cli: Cli, churn: Churn) -> dict[str, list[str]]:
     rows = [(node["node"], row) for node in json.loads(cli("bpf", "ipcache", "list", "-o", "json"))
             for row in node.get("rows", [])]
     stale_ipcache = [f"{node}: {row['prefix']} ({gone[row['prefix']]})" for node, row in rows if row["prefix"] in gone]
-    return {"identities": stale_ids, "ipcache": stale_ipcache}
+    out = {"identities": stale_ids, "ipcache": stale_ipcache}
+    if data_dir is not None:
+        statuses = bucket_keys(data_dir, [schema.BUCKET_STATUS])[schema.BUCKET_STATUS]
+        out["status"] = [key for key in statuses if key.startswith("Pod.default.churn-")
+                         and key.removeprefix("Pod.default.") in churn.deleted]
+    return out

@@ -25,7 +25,8 @@ Invariants:
   when no source claims it any more.
 - Health detail: ``last_pass_ms``, ``last_pass`` (its parts: inputs, allocate,
   ipcache, housekeeping) and ``recent_passes`` (the last ``watch.RECENT_PASSES``, each with
-  its start as Unix time).
+  its start as Unix time), and ``caches`` (sizes of its long-lived tables: the toFQDNs name
+  cache against its cap, delete tombstones, held label sets, pods; ``ciliary.cachestats``).
 - Bad payloads in any bucket are logged and skipped; requests for ``explain``/``report``
   are answered by one replica (queue group).
 - toFQDNs: every replica hears the DNS responses the node executors publish on
@@ -54,6 +55,7 @@ from typing import Any
 
 from ciliary import heap, schema, watch
 from ciliary.bus import BusError, KVEntry, Synced
+from ciliary.cachestats import CacheStats
 from ciliary.events import subjects as events
 from ciliary.events.changes import start_change_events
 from ciliary.runtime import Context, mirror_kinds
@@ -115,6 +117,13 @@ class IdentityService:
         self.passes = 0
         self.names = fqdn.FQDNAddressCache(min_ttl=config.fqdn_min_ttl, max_entries=config.fqdn_max_entries)
         self.fqdn_matcher = fqdn.SelectorMatcher()
+        self.caches = CacheStats()  # health detail "caches", refreshed after every pass
+        self.caches.register("fqdn_names", lambda: self.names.size, config.fqdn_max_entries,
+                             lambda: self.names.evicted)
+        self.caches.register("identity_tombstones", lambda: len(self.identities.tombstones))
+        self.caches.register("ipcache_tombstones", lambda: len(self.ipcache.tombstones))
+        self.caches.register("held_label_sets", lambda: len(self._held))
+        self.caches.register("pods", lambda: len(self.inputs.pods))
 
     # ---------------------------------------------------------------- wiring
 
@@ -431,6 +440,7 @@ class IdentityService:
         self.ctx.detail["fqdn_selectors"] = len(self.fqdn_matcher.selectors)
         if self.names.evicted:
             self.ctx.detail["fqdn_evicted"] = self.names.evicted
+        self.caches.publish(self.ctx.detail)
 
     # ---------------------------------------------------------------- requests
 

@@ -45,6 +45,7 @@ from typing import Any
 
 from ciliary import clusters, config, heap, schema
 from ciliary.bus import SYNCED, Bus, KVEntry, Message, RevisionMismatch, Synced
+from ciliary.cachestats import CacheStats
 from ciliary.runtime import Context
 from ciliary.store import ResourceStore, kv_key
 from ciliary.watch import Mirror, PassLoop, decoder
@@ -149,6 +150,12 @@ class NodeAgent:
         self.synced: set[str] = set()
         self.runner: PodRunner | None = None
         self.pump: EventPump | None = None
+        self.caches = CacheStats()  # reported under detail "caches" with the map pressure
+        for name in ("rows", "owners", "observed"):
+            self.caches.register(f"reconciler_{name}", lambda name=name: self.reconciler.table_sizes()[name])
+        self.caches.register("endpoints", lambda: len(self.endpoints))
+        self.caches.register("pods", lambda: len(self.runner.pods) if self.runner is not None else 0)
+        self.caches.register("policy_owners", lambda: len(self.policy_selection.owners))
 
     # ------------------------------------------------------------------ start
 
@@ -537,6 +544,7 @@ class NodeAgent:
             (m.fill or 0.0 for m in stats.maps.values() if m.max_entries), default=0.0)
         self.ctx.detail["reconciler"] = {"pending": stats.pending, "error": stats.error,
                                          "total_errors": stats.total_errors}
+        self.caches.publish(self.ctx.detail)
 
     # ------------------------------------------------------------------ stop
 

@@ -39,8 +39,10 @@ Invariants:
   every owner has delivered its desired state, or it prunes what was merely
   not loaded yet.
 - ``restore`` only reads: rows whose kernel value already matches become done
-  without a write; nothing is deleted. The dumped entries stay available
-  (``restored_entries``) for re-seeding ID allocators.
+  without a write; nothing is deleted. It returns the dumped entries (for re-seeding
+  ID allocators) and keeps no copy of them: what stays is the desired table and, per
+  owned map, the entries outside it (until a ``set_desired`` claims them or a full
+  resync deletes them). ``table_sizes`` reports these sizes.
 - Time is whatever clock the caller passes as ``now`` (seconds, monotonic); the
   core (``Reconciler``) never reads a clock, never sleeps and never touches NATS
   or asyncio; only the optional ``ReconcileLoop`` driver does.
@@ -213,7 +215,6 @@ class Reconciler:
         self._rows: dict[RowKey, _Row] = {}
         self._dirty: set[RowKey] = set()  # rows not done
         self._observed: dict[str, dict[bytes, bytes]] = {}  # dumped, not in the table
-        self._restored: dict[str, dict[Layout, Layout]] = {}
         self._seq = 0
         self._total_errors = 0
         self._batch_fallbacks = 0
@@ -460,7 +461,7 @@ class Reconciler:
         entries outside the table are remembered so a later ``set_desired`` with
         the same value is done without a write. Dumps every map before changing
         any state; a failed dump raises ``MapOpsError`` and changes nothing (call
-        again). Returns the dumped entries per map (also ``restored_entries``).
+        again). Returns the dumped entries per map (not kept).
         """
         names = sorted(self.owned_maps if maps is None else set(maps))
         dumps = {m: ops.dump(m) for m in names}
@@ -469,12 +470,12 @@ class Reconciler:
             by_bytes = {bytes(k): bytes(v) for k, v in dumped.items()}
             self._learn(by_map.get(m, []), by_bytes)
             self._observed[m] = {kb: v for kb, v in by_bytes.items() if (m, kb) not in self._rows}
-        self._restored.update({m: dict(d) for m, d in dumps.items()})
         return {m: dict(d) for m, d in dumps.items()}
 
-    def restored_entries(self, map_name: str) -> dict[Layout, Layout]:
-        """Entries of ``map_name`` as the last ``restore`` found them (for ID re-seeding)."""
-        return dict(self._restored.get(map_name, {}))
+    def table_sizes(self) -> dict[str, int]:
+        """Rows of the desired table, owners, and dumped entries outside the table."""
+        return {"rows": len(self._rows), "owners": len(self._owners),
+                "observed": sum(len(d) for d in self._observed.values())}
 
     def _rows_by_map(self) -> dict[str, list[tuple[RowKey, _Row]]]:
         out: dict[str, list[tuple[RowKey, _Row]]] = {}

@@ -384,6 +384,10 @@ class SelectorCache:
     def selectors(self) -> list[Selector]:
         return sorted(self._selections)
 
+    def size(self) -> int:
+        """Selectors held (the policies' selectors; ``retain`` forgets the rest)."""
+        return len(self._selections)
+
     def selections(self, selector: Selector) -> frozenset[int]:
         return self.add_selector(selector)
 

@@ -24,7 +24,8 @@ Invariants:
   a new status for it, and written only when its payload changed.
 - Health detail ``last_pass_ms`` is the wall time of the last pass, ``last_pass`` its
   parts (inputs, resolve, encode, write, status) and ``recent_passes`` the same for the
-  last ``watch.RECENT_PASSES`` passes, each with its start (Unix time).
+  last ``watch.RECENT_PASSES`` passes, each with its start (Unix time); ``caches`` the
+  sizes of its long-lived tables (selectors, identities, policy rows, statuses).
 - One pass at a time touches the engine. A pass whose changes involve at most
   ``SMALL_PASS`` identities (identity changes, plus what the rules of every added,
   updated or deleted policy select) with an unchanged named-port table resolves on the
@@ -56,6 +57,7 @@ from typing import Any
 
 from ciliary import heap, schema, watch
 from ciliary.bus import SYNCED, KVEntry, RevisionMismatch, Synced
+from ciliary.cachestats import CacheStats
 from ciliary.events import subjects as events
 from ciliary.events.changes import start_change_events
 from ciliary.runtime import Context, mirror_kinds
@@ -121,6 +123,11 @@ class PolicyService:
         self.inputs = PolicyInputs(self.options)
         self.norm: list[NormPolicy] = []
         self.named_ports: dict[int, dict[str, tuple[int, int]]] = {}
+        self.caches = CacheStats()  # health detail "caches", refreshed after every pass
+        self.caches.register("selectors", lambda: self.engine.cache.size())
+        self.caches.register("identities", lambda: len(self.identities))
+        self.caches.register("policy_rows", lambda: len(self.policy_bucket))
+        self.caches.register("statuses", lambda: len(self.status_written))
         self.last: Resolution | None = None
         self.loop = PassLoop("policy", self.reconcile, ready=lambda: not self.ctx.pending_watches, heap=heap.freezer(),
                              on_error=self._on_pass_error)
@@ -243,6 +250,7 @@ class PolicyService:
         self.counters["overflow"] = res.counters["overflow"]
         self.ctx.detail["identities_with_policy"] = res.counters["identities"]
         self.ctx.detail["entries"] = res.counters["entries"]
+        self.caches.publish(self.ctx.detail)
         plan = self._plan()
         await self._write_policy(WritePlan(plan.puts, []))
         await self._write_policy(WritePlan([], plan.deletes))

@@ -11,7 +11,8 @@ the same churn ``bench/soak.py`` runs for half an hour), then
 - no process restarted during the churn;
 - every cache a service reports (``detail.caches``) is within its cap;
 - the instance converges: every live pod ready, no identity left for a deleted pod after
-  the (shortened) identity GC grace, no kernel ipcache row for a deleted pod's address.
+  the (shortened) identity GC grace, no kernel ipcache row for a deleted pod's address, no
+  entry of bucket ``status`` for a deleted pod.
 """
 
 from __future__ import annotations
@@ -97,13 +98,14 @@ def test_memory_and_caches_stay_bounded_under_churn(soak_instance: Path) -> None
     assert not grown, f"RssAnon grew from the middle to the last third of the churn: {grown}"
 
     caches = SL.cache_counts(json.loads(cli("status", "-o", "json")))
-    assert caches.get("servicelb"), caches  # at least the services that report caches do
+    reporting = {"identity", "policy", "servicelb", "node/node-1", "node/node-2"}
+    assert reporting <= set(caches), caches
     over = {f"{service}/{name}": c for service, named in caches.items() for name, c in named.items()
             if "cap" in c and c["size"] > c["cap"]}
     assert not over, over
 
     wait_for(lambda: len(SL.ready_pods(cli)) == churn.expected_pods(), 60, "every live pod ready")
     deadline = time.monotonic() + 45  # the identity GC grace, then a GC round
-    while any((left := SL.leftovers(cli, churn)).values()) and time.monotonic() < deadline:
+    while any((left := SL.leftovers(cli, churn, data_dir)).values()) and time.monotonic() < deadline:
         time.sleep(1.0)
     assert not any(left.values()), f"left by deleted pods: {left}"

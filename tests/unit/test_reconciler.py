@@ -528,7 +528,7 @@ def test_restore_marks_matching_entries_done_with_zero_writes():
     assert ops.writes == 0
     assert {op for op, _, _ in ops.calls} == {"dump"}
     assert set(dumped) == rec.owned_maps
-    assert set(rec.restored_entries(L.LB4_BACKENDS)) == {L.Lb4BackendKey(backend_id=b) for b in (5, 6)}
+    assert set(dumped[L.LB4_BACKENDS]) == {L.Lb4BackendKey(backend_id=b) for b in (5, 6)}
     assert rec.status(changed.map, changed.key).status is Status.PENDING
     st_ = rec.stats()
     assert (st_.done, st_.pending) == (len(desired), 1)
@@ -558,7 +558,20 @@ def test_restore_failure_raises_and_changes_nothing():
     rec.set_desired("ipcache", [M.ipcache_entry("10.0.0.1/32", 1001)])
     with pytest.raises(M.MapOpsError):
         rec.restore(M.FaultyMapOps(M.FakeMapOps(), rate=1.0))
-    assert rec.stats().pending == 1 and rec.restored_entries(L.IPCACHE) == {}
+    assert rec.stats().pending == 1 and rec.table_sizes() == {"rows": 1, "owners": 1, "observed": 0}
+
+
+def test_restore_keeps_no_copy_of_the_dump() -> None:
+    desired = lb_owner([5, 6])
+    leftovers = [M.ipcache_entry(f"10.0.1.{i}/32", 2000 + i) for i in range(50)]
+    rec = Reconciler()
+    rec.set_desired("lb:web", desired)
+    dumped = rec.restore(RecordingOps(fake_of([*desired, *leftovers])))
+    assert len(dumped[L.IPCACHE]) == 50
+    # what stays: the desired rows, and the 50 entries nobody desires (until a resync)
+    assert rec.table_sizes() == {"rows": len(desired), "owners": 1, "observed": 50}
+    rec.set_desired("ipcache", leftovers[:10])  # claimed entries leave "observed"
+    assert rec.table_sizes()["observed"] == 40
 
 
 # ---- owners, validation, stats ----------------------------------------------------------
