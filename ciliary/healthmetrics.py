@@ -14,7 +14,12 @@ Invariants:
 - ``PassHistograms.observe`` counts each pass once: per reporting instance, only passes
   that started after the newest one it already counted (a report lists the last
   ``watch.RECENT_PASSES``; passes that scrolled out between two observations are not
-  counted, so the histogram is a sample when passes come faster than refreshes).
+  counted, so the histogram is a sample when passes come faster than refreshes). It
+  remembers at most ``max_instances`` instances (default 1024: without
+  ``CILIARY_INSTANCE`` an instance is named after its process, so every restart is a new
+  one); beyond that the one whose newest counted pass is oldest is
+  forgotten first (``evicted``), so only an instance silent for longest could have its
+  last passes counted again.
 - ``render`` writes the text exposition format 0.0.4 that ``promtool check metrics``
   accepts: HELP and TYPE for every family, label values escaped, stable order.
 """
@@ -68,8 +73,10 @@ def _labels(labels: Mapping[str, str]) -> str:
 class PassHistograms:
     """Per service: pass counts per bucket, sum, count; the newest pass start counted per instance."""
 
-    def __init__(self, buckets: tuple[float, ...] = PASS_BUCKETS) -> None:
+    def __init__(self, buckets: tuple[float, ...] = PASS_BUCKETS, max_instances: int = 1024) -> None:
         self.buckets = buckets
+        self.max_instances = max_instances
+        self.evicted = 0
         self.counts: dict[str, list[int]] = {}  # service -> per bucket (not cumulative), +Inf last
         self.sums: dict[str, float] = {}
         self.newest: dict[str, float] = {}  # instance -> start of the newest pass counted
@@ -98,6 +105,10 @@ class PassHistograms:
                     continue
                 self.add(report.service, ms / 1000)
                 self.newest[report.instance] = max(self.newest.get(report.instance, 0.0), float(start))
+        if len(self.newest) > self.max_instances:
+            for instance, _ in sorted(self.newest.items(), key=lambda kv: kv[1])[:len(self.newest) - self.max_instances]:
+                del self.newest[instance]
+                self.evicted += 1
 
     def samples(self) -> list[str]:
         name = "ciliary_controlplane_pass_duration_seconds"

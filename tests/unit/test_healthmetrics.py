@@ -83,3 +83,15 @@ def test_reports_without_detail_give_only_headers_and_health() -> None:
     text = healthmetrics.render([report("mesh", "mesh")])
     samples = [line for line in text.splitlines() if not line.startswith("#")]
     assert samples == ['ciliary_service_healthy{service="mesh",instance="mesh",node=""} 1']
+
+
+def test_pass_histogram_remembers_a_bounded_number_of_instances() -> None:
+    hist = healthmetrics.PassHistograms(max_instances=3)
+    for i in range(10):  # ten restarts of identity: ten instances, one pass each
+        hist.observe([report("identity", f"identity-{i}", recent_passes=passes((100.0 + i, 1.0)))])
+    assert sorted(hist.newest) == ["identity-7", "identity-8", "identity-9"] and hist.evicted == 7
+    name = "ciliary_controlplane_pass_duration_seconds"
+    assert f'{name}_count{{service="identity"}} 10\n' in healthmetrics.render([], hist)
+    # a remembered instance still counts each pass once
+    hist.observe([report("identity", "identity-9", recent_passes=passes((109.0, 1.0)))])
+    assert f'{name}_count{{service="identity"}} 10\n' in healthmetrics.render([], hist)
