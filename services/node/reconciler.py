@@ -302,9 +302,9 @@ class Reconciler:
     def _want(self, rk: RowKey, row: _Row, value: bytes | None) -> None:
         if _same(row.value, value):
             return  # unchanged: keep status and retry schedule
-        self._count(row, -1)
+        self._count_value(row.map, row.value, -1)
         row.value = value
-        self._count(row, +1)
+        self._count_value(row.map, value, +1)
         row.attempts, row.last_error, row.next_retry = 0, None, 0.0
         self._settle(rk, row, Status.PENDING)
 
@@ -347,6 +347,21 @@ class Reconciler:
         if row.kernel is not None and row.kernel is not UNKNOWN:
             self._present_by_map[row.map] = self._present_by_map.get(row.map, 0) + sign
 
+    def _count_value(self, map_name: str, value: bytes | None, sign: int) -> None:
+        """The part of ``_count`` that depends on a row's desired value (its status and
+        kernel belief unchanged)."""
+        if value is None:
+            self._pending_deletes += sign
+        else:
+            by_map = self._desired_by_map
+            by_map[map_name] = by_map.get(map_name, 0) + sign
+
+    def _count_kernel(self, map_name: str, kernel: bytes | None | _Unknown, sign: int) -> None:
+        """The part of ``_count`` that depends on a row's kernel belief."""
+        if kernel is not None and kernel is not UNKNOWN:
+            present = self._present_by_map
+            present[map_name] = present.get(map_name, 0) + sign
+
     def _set_status(self, row: _Row, status: Status) -> None:
         if row.status is not status:
             self._by_status[row.status] -= 1
@@ -354,9 +369,9 @@ class Reconciler:
             row.status = status
 
     def _set_kernel(self, row: _Row, kernel: bytes | None | _Unknown) -> None:
-        self._count(row, -1)
+        self._count_kernel(row.map, row.kernel, -1)
         row.kernel = kernel
-        self._count(row, +1)
+        self._count_kernel(row.map, kernel, +1)
         if self._touched is not None:
             self._touched.add((row.map, row.key))
 
