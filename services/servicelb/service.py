@@ -5,7 +5,9 @@ Invariants:
   from every mirrored input (`model.compute`, through `incremental.Engine.rebuild`) and
   diff it against what bucket ``services`` holds. In between, the mirrors' listeners
   collect the keys that changed; a pass hands their current values to the engine, which
-  recomputes only the Services they touch, and diffs only those rows. Either way only the
+  recomputes only the Services they touch, and diffs only those rows. A pass takes at most
+  ``PASS_CHANGES_MAX`` keys; a larger burst is handled by passes that follow at once, and
+  each one's rows are written before the next is computed. Either way only the
   difference is written; a restart re-reads inputs, allocations and output and writes
   nothing when nothing changed.
 - Nothing is computed before every input watch (resources Service/EndpointSlice/Pod/Node, mesh,
@@ -44,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -74,6 +77,7 @@ RESYNC_S = 60.0  # a whole pass this long after the last one ...
 RESYNC_QUIET_S = 1.0  # ... once no input changed for this long ...
 RESYNC_LATEST_S = 300.0  # ... or at the latest this long after the last one
 WRITES_IN_FLIGHT = 128  # unacknowledged KV writes at a time
+PASS_CHANGES_MAX = 2048  # changed keys one pass takes; the rest make the next pass due at once
 ALLOCATION_ATTEMPTS = 5
 
 T = TypeVar("T")
@@ -166,7 +170,7 @@ class ServiceLB:
             self.resynced = time.monotonic()
         with self._heap(whole):
             await (self.reconcile() if whole else self.reconcile_changes())
-        return self.engine.has_work()
+        return self.engine.has_work() or bool(self.changes)
 
     @contextlib.contextmanager
     def _heap(self, whole: bool) -> Iterator[None]:
@@ -239,7 +243,7 @@ class ServiceLB:
     async def reconcile_changes(self) -> None:
         """A pass over the keys changed since the last one: only the Services they touch."""
         started = time.monotonic()
-        changes, self.changes = self.changes, set()
+        changes = self._take_changes()
         for source, key in changes:
             self._feed(source, key)
         delta = self.engine.update(started)
@@ -257,6 +261,17 @@ class ServiceLB:
             rows[key] = None if endpoints is None else schema.encode(endpoints)
         statuses = {kv_key("Service", *ref): self._status_of(ref) for ref in delta.statuses}
         await self._write(rows, statuses, started, delta.recomputed)
+
+    def _take_changes(self) -> set[Change]:
+        """The changed keys this pass handles: all of them, or ``PASS_CHANGES_MAX`` of a
+        burst, so a bulk load reaches the node executors in waves while servicelb computes
+        the next one (the rest stay for the pass that follows at once)."""
+        if len(self.changes) <= PASS_CHANGES_MAX:
+            taken, self.changes = self.changes, set()
+            return taken
+        taken = set(itertools.islice(self.changes, PASS_CHANGES_MAX))
+        self.changes -= taken
+        return taken
 
     def _feed(self, source: str, key: str) -> None:
         """Hand the engine what one changed key gives the model now."""

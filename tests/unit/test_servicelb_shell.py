@@ -4,6 +4,7 @@ passes over changed keys between resyncs, writes in flight together."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -228,6 +229,39 @@ async def test_a_changed_slice_rewrites_only_its_service() -> None:
     await lb.load()
     await lb.reconcile()
     assert bus.ops == []
+
+
+async def test_a_burst_is_handled_in_passes_of_at_most_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst larger than ``PASS_CHANGES_MAX`` keys: each pass takes at most that many and
+    writes its rows, asks for the next pass at once, and the end state is the whole pass's."""
+    from services.servicelb import service as shell
+
+    monkeypatch.setattr(shell, "PASS_CHANGES_MAX", 7)
+    bus = FakeBus()
+    lb = make_lb(bus)
+    lb.resources = resource_entries(many_services(1))
+    await lb.load()
+    await lb.reconcile()
+    changed_entries(lb, many_services(20))  # 19 new Services with a slice each: 38 keys
+    lb.loaded, lb.resynced = True, time.monotonic()  # between resyncs: passes over changed keys
+    rows_after: list[int] = []
+    while True:
+        before = len(lb.changes)
+        again = await lb._pass()
+        assert before - len(lb.changes) <= 7
+        rows_after.append(len(bus.kv[schema.BUCKET_SERVICES]))
+        if not again:
+            break
+        assert lb.changes  # keys left over are the reason for the next pass
+    assert not lb.changes and len(rows_after) == 6
+    assert rows_after == sorted(rows_after) and rows_after[0] < rows_after[-1] == 20  # written in waves
+    chunked = {k: v for k, (_, v) in bus.kv[schema.BUCKET_SERVICES].items()}
+    # the same inputs in one whole pass: nothing left to write, same rows
+    bus.ops.clear()
+    await lb.load()
+    await lb.reconcile()
+    assert [op for op in bus.ops if op[1] == schema.BUCKET_SERVICES] == []
+    assert {k: v for k, (_, v) in bus.kv[schema.BUCKET_SERVICES].items()} == chunked
 
 
 async def test_a_deleted_service_goes_with_its_rows_status_and_values() -> None:
