@@ -13,7 +13,7 @@ Invariants:
   does not change the exit code.
 - ``status`` has ``-o json``; tables are aligned.
 - ``up --identity-replicas N`` runs N identity processes (``identity``, ``identity-2``…);
-  ``status`` lists each.
+  ``status`` lists each under its instance name.
 - ``up --nats-replicas 3`` runs a replicated bus (``ciliary.natscluster``); ``status`` then
   lists each server (from ``instance.json`` and each server's monitoring port) and how many
   streams have every copy current. A lost server does not change the exit code: the bus
@@ -264,7 +264,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             [s["name"], s["url"], s["pid"] or "-", s["state"], s["role"]] for s in servers]))
         print(replication_line(state.nats_replicas, replication))
     rows = [
-        [r.service, r.node or "-", r.pid, r.version, "yes" if r.healthy else "NO",
+        [service_label(r, reports), r.node or "-", r.pid, r.version, "yes" if r.healthy else "NO",
          output.age(now - r.started), _watching(r)]
         for r in reports
     ]
@@ -337,6 +337,14 @@ def _http_json(url: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return answer if isinstance(answer, dict) else None
+
+
+def service_label(report: schema.HealthReport, reports: list[schema.HealthReport]) -> str:
+    """The SERVICE column: the service's name, or its instance's (``identity-2``) when
+    several instances of one service run off-node (``--identity-replicas``)."""
+    if report.node or sum(1 for r in reports if r.service == report.service and not r.node) < 2:
+        return report.service
+    return report.instance
 
 
 def _watching(report: schema.HealthReport) -> str:

@@ -1,5 +1,6 @@
 """``ciliary up --identity-replicas N``: the supervisor plans N identity processes, each its
-own instance on the identity service's NATS user; bad counts are refused naming the flag."""
+own instance on the identity service's NATS user; bad counts are refused naming the flag;
+``status`` names each replica by its instance."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from ciliary import schema
 from ciliary.cli import common
 from ciliary.cli.app import build_parser
-from ciliary.cli.instance import checked_cluster
+from ciliary.cli.instance import checked_cluster, service_label
 from ciliary.supervisor import Supervisor, identity_replicas_error, service_processes
 
 
@@ -45,3 +47,14 @@ def test_the_flag_parses() -> None:
     args = build_parser().parse_args(["up", "-d", "--identity-replicas", "2"])
     assert isinstance(args, argparse.Namespace) and args.identity_replicas == 2
     assert identity_replicas_error(2) == ""
+
+
+def report(service: str, instance: str, node: str = "") -> schema.HealthReport:
+    return schema.HealthReport(service=service, instance=instance, pid=1, version="0", started=0.0,
+                               healthy=True, node=node)
+
+
+def test_status_names_each_replica_by_its_instance() -> None:
+    reports = [report("identity", "identity"), report("identity", "identity-2"), report("policy", "policy"),
+               report("node", "node-node-1", "node-1"), report("node", "node-node-2", "node-2")]
+    assert [service_label(r, reports) for r in reports] == ["identity", "identity-2", "policy", "node", "node"]
