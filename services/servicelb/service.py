@@ -95,7 +95,9 @@ class ServiceLB:
         self.engine = incremental.Engine(self.alloc, cfg)
         self.resources: dict[str, dict[str, KVEntry]] = {}
         self.status: dict[str, dict[str, KVEntry]] = {kind: {} for kind in STATUS_KINDS}
-        self.changes: set[Change] = set()  # keys changed since the last pass took them
+        # keys changed since the last pass took them, in arrival order (a dict as an ordered
+        # set: a burst split over passes keeps a Service next to the slices applied with it)
+        self.changes: dict[Change, None] = {}
         self.written: dict[str, bytes] = {}  # bucket services: key -> value as stored
         self.service_status: dict[str, tuple[int, dict[str, Any]]] = {}  # status key -> (gen, status)
         self.loop = PassLoop("servicelb", self._pass, ready=self.inputs_synced, wake_at=self._wake_at,
@@ -133,7 +135,7 @@ class ServiceLB:
 
     def _collect(self, source: str) -> Callable[[Any], None]:
         def collect(entry: KVEntry) -> None:
-            self.changes.add((source, entry.key))
+            self.changes[(source, entry.key)] = None
             self.last_change = time.monotonic()
 
         return entries_only(collect)
@@ -262,15 +264,17 @@ class ServiceLB:
         statuses = {kv_key("Service", *ref): self._status_of(ref) for ref in delta.statuses}
         await self._write(rows, statuses, started, delta.recomputed)
 
-    def _take_changes(self) -> set[Change]:
-        """The changed keys this pass handles: all of them, or ``PASS_CHANGES_MAX`` of a
-        burst, so a bulk load reaches the node executors in waves while servicelb computes
-        the next one (the rest stay for the pass that follows at once)."""
+    def _take_changes(self) -> list[Change]:
+        """The changed keys this pass handles, oldest first: all of them, or the first
+        ``PASS_CHANGES_MAX`` of a burst, so a bulk load reaches the node executors in waves
+        while servicelb computes the next one (the rest stay for the pass that follows at
+        once)."""
         if len(self.changes) <= PASS_CHANGES_MAX:
-            taken, self.changes = self.changes, set()
+            taken, self.changes = list(self.changes), {}
             return taken
-        taken = set(itertools.islice(self.changes, PASS_CHANGES_MAX))
-        self.changes -= taken
+        taken = list(itertools.islice(self.changes, PASS_CHANGES_MAX))
+        for change in taken:
+            del self.changes[change]
         return taken
 
     def _feed(self, source: str, key: str) -> None:

@@ -201,7 +201,7 @@ def changed_entries(lb: ServiceLB, text: str) -> None:
                     schema.decode(entry.value, schema.ResourceRecord).manifest:
                 top += 1
                 lb.resources[kind][key] = KVEntry(entry.bucket, key, top, entry.value)
-                lb.changes.add((kind, key))
+                lb.changes[(kind, key)] = None
 
 
 async def test_a_changed_slice_rewrites_only_its_service() -> None:
@@ -272,7 +272,7 @@ async def test_a_deleted_service_goes_with_its_rows_status_and_values() -> None:
     await lb.reconcile()
     bus.ops.clear()
     del lb.resources["Service"]["Service.default.s1"]
-    lb.changes.add(("Service", "Service.default.s1"))
+    lb.changes[("Service", "Service.default.s1")] = None
     await lb.reconcile_changes()
     kinds = [(op, bucket) for op, bucket, _ in bus.ops]
     assert kinds == [("delete", schema.BUCKET_SERVICES), ("delete", schema.BUCKET_STATUS)] + [
