@@ -178,6 +178,27 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30.0,
     raise AssertionError(f"timed out waiting for {what or check}: last {last!r}")
 
 
+@contextmanager
+def supervisor_without_nodes(data_dir: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m ciliary.supervisor --data-dir DIR --nodes 0 ARGS`` (the NATS part of an
+    instance with every control-plane service, no kernel datapath) in its own session,
+    logging to ``logs/supervisor.log``; on exit ``ciliary down`` (which must succeed) and
+    the supervisor gone."""
+    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "logs" / "supervisor.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ciliary.supervisor", "--data-dir", str(data_dir), "--nodes", "0", *args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        down = run_cli("down", data_dir=data_dir)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
     """Call ``predicate`` until it returns something truthy (returned); fail naming ``what``."""
     deadline = time.monotonic() + timeout

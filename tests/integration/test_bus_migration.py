@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +14,7 @@ from typing import Any
 
 from ciliary import busmigration, config
 
-from .conftest import REPO, run_cli, wait_until
+from .conftest import run_cli, supervisor_without_nodes, wait_until
 
 SERVICE = """\
 apiVersion: v1
@@ -31,21 +28,10 @@ spec:
 
 @contextmanager
 def supervisor(data_dir: Path, cluster: str, replicas: int) -> Iterator[None]:
-    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
-    with open(data_dir / "logs" / "supervisor.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ciliary.supervisor", "--data-dir", str(data_dir), "--nodes", "0",
-             "--cluster", cluster, "--cluster-id", "96", "--nats-replicas", str(replicas)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
-    try:
+    with supervisor_without_nodes(data_dir, "--cluster", cluster, "--cluster-id", "96",
+                                  "--nats-replicas", str(replicas)):
         wait_until(lambda: _healthy(data_dir), 60, f"the instance healthy on {replicas} server(s)")
         yield
-    finally:
-        down = run_cli("down", data_dir=data_dir)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        assert down.returncode == 0, down.stdout + down.stderr
 
 
 def _healthy(data_dir: Path) -> bool:

@@ -8,16 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from ciliary import config, natsauth, natscreds
 from ciliary.bus import Bus, BusError
 
-from .conftest import REPO, run_cli, wait_until
+from .conftest import run_cli, supervisor_without_nodes, wait_until
 
 
 def _status(data_dir: Path) -> dict[str, Any] | None:
@@ -44,13 +41,7 @@ def _accepted(url: str, credential: config.NatsCredential) -> bool:
 
 def test_rotating_the_keys_restarts_nothing_and_retires_the_old_ones(tmp_path: Path) -> None:
     data_dir = tmp_path / "inst"
-    (data_dir / "logs").mkdir(parents=True)
-    with open(data_dir / "logs" / "supervisor.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ciliary.supervisor", "--data-dir", str(data_dir), "--nodes", "0",
-             "--cluster", "t" + secrets.token_hex(4), "--cluster-id", "95"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
-    try:
+    with supervisor_without_nodes(data_dir, "--cluster", "t" + secrets.token_hex(4), "--cluster-id", "95"):
         before = wait_until(lambda: (s := _status(data_dir)) is not None and s["healthy"] and s, 60,
                             "the instance healthy")
         pids = {s["instance"]: s["pid"] for s in before["services"]}
@@ -81,12 +72,6 @@ def test_rotating_the_keys_restarts_nothing_and_retires_the_old_ones(tmp_path: P
         assert applied.returncode == 0, applied.stderr
         wait_until(lambda: (s := _status(data_dir)) is not None and _namespaces_seen_by_identity(s) == seen + 1,
                    20, "identity, reconnected on its new key, sees the namespace applied afterwards")
-    finally:
-        down = run_cli("down", data_dir=data_dir)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        assert down.returncode == 0, down.stdout + down.stderr
 
 
 def test_rotating_without_an_instance_is_a_clear_error(tmp_path: Path) -> None:

@@ -13,8 +13,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import pytest
 
 from ciliary import config, schema
 
-from .conftest import REPO, run_cli, wait_until
+from .conftest import run_cli, supervisor_without_nodes, wait_until
 
 
 def _status(data_dir: Path) -> dict[str, Any] | None:
@@ -48,24 +46,16 @@ def _namespaces_seen_by_identity(status: dict[str, Any]) -> int:
 @pytest.fixture
 def replicated_instance(tmp_path: Path):
     data_dir = tmp_path / "inst"
-    (data_dir / "logs").mkdir(parents=True)
-    with open(data_dir / "logs" / "supervisor.log", "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ciliary.supervisor", "--data-dir", str(data_dir), "--nodes", "0",
-             "--cluster", "t" + secrets.token_hex(4), "--cluster-id", "97", "--nats-replicas", "3"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
-    try:
-        yield data_dir
-    finally:
-        state = config.read_instance(data_dir)
-        down = run_cli("down", data_dir=data_dir)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        assert down.returncode == 0, down.stdout + down.stderr
-        if state is not None:  # every server stopped with the instance
-            left = [p.pid for p in state.processes if config.pid_alive(p.pid)]
-            assert not left, f"processes outlived ciliary down: {left}"
+    state = None
+    with supervisor_without_nodes(data_dir, "--cluster", "t" + secrets.token_hex(4), "--cluster-id", "97",
+                                  "--nats-replicas", "3"):
+        try:
+            yield data_dir
+        finally:
+            state = config.read_instance(data_dir)
+    if state is not None:  # every server stopped with the instance
+        left = [p.pid for p in state.processes if config.pid_alive(p.pid)]
+        assert not left, f"processes outlived ciliary down: {left}"
 
 
 def test_an_apply_lands_while_one_of_three_servers_is_killed_and_it_catches_up(replicated_instance: Path) -> None:
