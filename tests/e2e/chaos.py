@@ -107,6 +107,51 @@ def all_healthy(data_dir: Path) -> bool:
     return bool(status.get("healthy"))
 
 
+# one connection, a line and its answer every 20 ms until SIGTERM (or until the connection
+# breaks), then prints "<exchanges> <failed>"
+ESTABLISHED_UNTIL_STOPPED = """
+import signal, socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+ok = failed = 0
+running = True
+def stop(*_):
+    global running
+    running = False
+signal.signal(signal.SIGTERM, stop)
+with socket.create_connection((host, port), timeout=5) as s:
+    reader = s.makefile("rb")
+    while running:
+        try:
+            s.sendall(b"ping\\n")
+            if reader.readline():
+                ok += 1
+            else:
+                failed += 1
+                break
+        except OSError:
+            failed += 1
+            break
+        time.sleep(0.02)
+print(ok, failed, flush=True)
+"""
+SESSION_PORT = 9000
+
+
+def session_server(netns: str) -> subprocess.Popen[bytes]:
+    """``ciliary.workload session`` on ``SESSION_PORT`` inside the pod namespace ``netns``:
+    answers every line on a connection for as long as it lives."""
+    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "ciliary.workload", "session",
+                             "--tcp", str(SESSION_PORT), "--name", "session"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def established(netns: str, host: str) -> subprocess.Popen[str]:
+    """One connection from ``netns`` to ``host``'s session server, kept exchanging lines
+    until ``counts`` stops it (``exchanges failed``; failed is 1 once it broke)."""
+    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", ESTABLISHED_UNTIL_STOPPED, host,
+                             str(SESSION_PORT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def client(netns: str, host: str, port: int, timeout: float) -> subprocess.Popen[str]:
     """Connects in a loop until SIGTERM; prints ``ok failed``. A dropped SYN costs
     ``timeout`` seconds, so the denied path uses a short one to try often."""

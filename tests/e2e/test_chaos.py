@@ -6,6 +6,9 @@ policy applied while the policy service is out is enforced once it is back, and 
 afterwards too. Then the supervisor itself is killed: its children go with it, the next
 ``ciliary up`` brings the same pods, identities, services and maps back and traffic resumes.
 
+An established connection (frontend to a session server in checkout) lives through every
+kill but the supervisor's.
+
 On a replicated bus (``--nats-replicas 3``) with two identity replicas: one server is
 killed under the clients and restarted, then another is kept down while a changed policy
 is applied; nothing allowed fails, no service restarts, the applied policy is enforced,
@@ -24,6 +27,7 @@ from ciliary import config, schema
 
 from .chaos import (
     COMPUTED,
+    SESSION_PORT,
     WIDENED_FROM,
     WIDENED_TO,
     all_healthy,
@@ -33,12 +37,14 @@ from .chaos import (
     client,
     counts,
     endpoint_identities,
+    established,
     fully_replicated,
     identity_pods,
     maps_differ,
     pid_of,
     resources_leader,
     service_pids,
+    session_server,
 )
 from .instance import ciliary as cli
 from .instance import embedded_instance, pods_ready
@@ -66,15 +72,27 @@ def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) 
     stored = buckets_snapshot(data_dir)
     assert all(stored[b] for b in (schema.BUCKET_IDENTITIES, schema.BUCKET_SERVICES, schema.BUCKET_POLICY))
 
-    allowed = client(pods["checkout"]["ciliary"]["netns"], vip, 8080, timeout=2.0)
-    denied = client(pods["frontend"]["ciliary"]["netns"], vip, 8080, timeout=0.25)
-    time.sleep(1.0)
-    for victim in VICTIMS:
-        pid = pid_of(data_dir, victim)
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda victim=victim, pid=pid: pid_of(data_dir, victim) != pid, 30, f"{victim} restarted")
-        wait_for(lambda: all_healthy(data_dir), 60, f"every service healthy after {victim} was killed")
-    time.sleep(1.0)
+    # an established flow too: frontend holds one connection to a session server in checkout
+    server = session_server(pods["checkout"]["ciliary"]["netns"])
+    try:
+        wait_for(lambda: connect(data_dir, "frontend", pods["checkout"]["podIP"], SESSION_PORT).returncode == 0,
+                 20, "frontend -> checkout's session server")
+        held = established(pods["frontend"]["ciliary"]["netns"], pods["checkout"]["podIP"])
+        allowed = client(pods["checkout"]["ciliary"]["netns"], vip, 8080, timeout=2.0)
+        denied = client(pods["frontend"]["ciliary"]["netns"], vip, 8080, timeout=0.25)
+        time.sleep(1.0)
+        for victim in VICTIMS:
+            pid = pid_of(data_dir, victim)
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda victim=victim, pid=pid: pid_of(data_dir, victim) != pid, 30, f"{victim} restarted")
+            wait_for(lambda: all_healthy(data_dir), 60, f"every service healthy after {victim} was killed")
+        time.sleep(1.0)
+        exchanges, broken = counts(held)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    print(f"established flow: {exchanges} exchanges, {'broken' if broken else 'never broken'}")
+    assert broken == 0 and exchanges > 100, (exchanges, broken)
     ok, failed = counts(allowed)
     passed, refused = counts(denied)
     print(f"allowed path: {ok} connections, {failed} failed; denied path: {passed} passed, {refused} refused")
