@@ -10,7 +10,8 @@ Invariants:
 - A span joins the flows of its key seen from ``WINDOW_BEFORE_NS`` before its start to
   ``WINDOW_AFTER_NS`` after its end (a kept-alive connection's flows precede its
   requests); flows arriving after the span are joined when they arrive.
-- Memory is bounded: at most ``max_keys`` connections (least recently seen dropped first),
+- Memory is bounded: at most ``max_keys`` connections and ``max_flows`` flows held in all
+  (least recently seen connections dropped first, counted in ``evicted_keys``),
   ``PER_KEY`` flows per connection, and ``max_traces`` flow→trace entries.
 - Flows joined later add to what a span already has (flow uuids, policies; a drop stays
   the verdict; the node and identities are kept unless the new flows name them).
@@ -34,6 +35,7 @@ WINDOW_AFTER_NS = 10 * 10**9
 PER_KEY = 16
 DEFAULT_MAX_KEYS = 65536
 DEFAULT_MAX_TRACES = 65536
+DEFAULT_MAX_FLOWS = 16384  # four flow rings' worth (Hubble's 4095 per node)
 
 Key = tuple[str, int]
 
@@ -103,9 +105,13 @@ def joined_span(span: schema.L7Span, flows: list[schema.Flow]) -> schema.L7Span:
 
 
 class JoinIndex:
-    def __init__(self, max_keys: int = DEFAULT_MAX_KEYS, max_traces: int = DEFAULT_MAX_TRACES) -> None:
+    def __init__(self, max_keys: int = DEFAULT_MAX_KEYS, max_traces: int = DEFAULT_MAX_TRACES,
+                 max_flows: int = DEFAULT_MAX_FLOWS) -> None:
         self.max_keys = max_keys
         self.max_traces = max_traces
+        self.max_flows = max_flows
+        self.held = 0  # flows in every connection's ring
+        self.evicted_keys = 0
         self._flows: OrderedDict[Key, deque[tuple[int, schema.Flow]]] = OrderedDict()
         self._spans: OrderedDict[Key, list[schema.L7Span]] = OrderedDict()
         self.trace_of_flow: OrderedDict[str, str] = OrderedDict()  # flow uuid -> trace id
@@ -140,12 +146,16 @@ class JoinIndex:
             ring = self._flows.get(key)
             if ring is None:
                 ring = self._flows[key] = deque(maxlen=PER_KEY)
-                if len(self._flows) > self.max_keys:
-                    self._flows.popitem(last=False)
             else:
                 self._flows.move_to_end(key)
             timed = (flow_time_ns(flow) if times is None else times[i], flow)
+            if len(ring) < PER_KEY:
+                self.held += 1
             ring.append(timed)
+            while len(self._flows) > self.max_keys or self.held > self.max_flows:
+                _, dropped = self._flows.popitem(last=False)
+                self.held -= len(dropped)
+                self.evicted_keys += 1
             touched.setdefault(key, []).append(timed)
         for key, new in touched.items():
             spans = self._spans.get(key)

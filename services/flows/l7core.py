@@ -7,6 +7,9 @@ Invariants:
   join, and held spans they complete are replaced by their joined copies.
 - ``drain_links`` hands out each new flow→trace link once (the caller marks the stored
   flows with it).
+- The join holds at most ``CILIARY_FLOWS_JOIN_MAX_FLOWS`` flows (default 16384, least
+  recently seen connections dropped first); ``stats()["join"]`` reports its size, cap and
+  evicted connections.
 - ``query`` answers an ``L7Query`` payload; a payload that does not decode is one
   ``ok=False`` reply. A trace's answer carries the flows joined to it.
 """
@@ -18,9 +21,12 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from ciliary import schema
+from ciliary.cachestats import env_cap
 
-from .join import JoinIndex
+from .join import DEFAULT_MAX_FLOWS, JoinIndex
 from .l7store import DEFAULT_CAPACITY, L7Metrics, L7Store
+
+ENV_JOIN_MAX_FLOWS = "CILIARY_FLOWS_JOIN_MAX_FLOWS"
 
 
 class L7Core:
@@ -28,7 +34,7 @@ class L7Core:
                  capacity: int = DEFAULT_CAPACITY) -> None:
         self.store = L7Store(capacity)
         self.metrics = L7Metrics()
-        self.join = JoinIndex()
+        self.join = JoinIndex(max_flows=env_cap(ENV_JOIN_MAX_FLOWS, DEFAULT_MAX_FLOWS))
         self.resolve = resolve
         self.accepted = 0
         self.rejected = 0
@@ -67,4 +73,9 @@ class L7Core:
 
     def stats(self) -> dict[str, int]:
         return {"accepted": self.accepted, "stored": len(self.store), "overwritten": self.store.overwritten,
-                "joined": sum(1 for s in self.store.recent() if s.joined)}
+                "joined": sum(1 for s in self.store.recent() if s.joined),
+                "join": self.join_stats()}
+
+    def join_stats(self) -> dict[str, int]:
+        """Flows the join holds, its cap, connections it dropped to stay within it."""
+        return {"size": self.join.held, "cap": self.join.max_flows, "evicted": self.join.evicted_keys}

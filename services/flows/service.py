@@ -162,6 +162,7 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
         if flows:
             l7.on_flows(flows, times)
             _mark_traces(core, l7)
+            ctx.detail["l7"]["join"] = l7.join_stats()
         _flows_detail(ctx, core)
         ctx.detail["names"] = core.names.stats()
         if flows or got.position is not None:

@@ -156,3 +156,15 @@ def test_unjoined_spans_are_counted_by_direction_with_the_service_of_a_clusterip
 def test_a_bad_query_is_one_error_reply() -> None:
     reply = L7Core().query(b"\xc1not msgpack")
     assert not reply.ok and reply.error and not reply.spans
+
+
+def test_join_holds_at_most_max_flows_in_all() -> None:
+    index = JoinIndex(max_flows=20)
+    index.add_flows([flow("10.1.0.5", 30000 + i, "10.1.1.7", 8080, T0) for i in range(50)])
+    assert index.held == 20 and len(index._flows) == 20 and index.evicted_keys == 30
+    # one busy connection: its ring keeps PER_KEY flows, the oldest connections make room
+    index.add_flows([flow("10.1.0.9", 40000, "10.1.1.7", 8080, T0 + i) for i in range(40)])
+    assert index.held == 20 and len(index._flows[("10.1.0.9", 40000)]) == 16
+    assert len(index._flows) == 5 and index.evicted_keys == 30 + 16
+    core = L7Core()
+    assert core.stats()["join"] == {"size": 0, "cap": 16384, "evicted": 0}
