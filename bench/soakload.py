@@ -286,10 +286,15 @@ def summary(samples: Sequence[tuple[float, float, float]]) -> dict[str, Any]:
 
 def cache_counts(status: dict[str, Any]) -> dict[str, dict[str, dict[str, int]]]:
     """``ciliary status -o json`` → service (``node/<name>`` for node executors) → cache →
-    {size, cap, evicted} as the services report them under ``detail.caches``."""
+    {size, cap, evicted} as the services report them under ``detail.caches`` (and the
+    flows service's L7 join under ``detail.l7.join``)."""
     out: dict[str, dict[str, dict[str, int]]] = {}
     for report in status.get("services", []):
-        caches = report.get("detail", {}).get("caches")
+        detail = report.get("detail", {})
+        caches = dict(detail.get("caches") or {})
+        join = (detail.get("l7") or {}).get("join") if isinstance(detail.get("l7"), dict) else None
+        if join:
+            caches["l7_join_flows"] = join
         if caches:
             name = report["name"] + (f"/{report['node']}" if report.get("node") else "")
             out[name] = caches

@@ -4,8 +4,9 @@ the same churn ``bench/soak.py`` runs for half an hour), then
 - no process's own memory (RssAnon) grows from the middle third of the run to the last
   third by more than its allowance (``soakload.growth_allowance``: 4 MiB or 10 % of the
   middle third's mean, 16 MiB for nats-server, whose Go heap grows to twice its live
-  data between collections; the first third is warm-up). The flows ring is made small
-  (256 flows per node) so that it is full before the middle third. A leak of 0.25 MiB/s
+  data between collections; the first third is warm-up). The flows ring and the L7
+  join are made small (256 flows per node, 512 flows) so that they are full before the
+  middle third. A leak of 0.25 MiB/s
   (about 0.6 MiB per churn round) in one service fails this (tried: +6.7 MiB); the noise
   of the Python services under churn stays below 1 MiB;
 - no process restarted during the churn;
@@ -51,7 +52,8 @@ def soak_instance(tmp_path: Path, cluster_names: list[str]) -> Iterator[Path]:
     cluster = "t" + secrets.token_hex(2)
     cluster_names.append(cluster)
     with embedded_instance(tmp_path / "instance", cluster, nodes=2, cluster_id=29,
-                           env={"CILIARY_IDENTITY_GC_GRACE": GC_GRACE, "CILIARY_FLOWS_RING_CAPACITY": "256"}) as data_dir:
+                           env={"CILIARY_IDENTITY_GC_GRACE": GC_GRACE, "CILIARY_FLOWS_RING_CAPACITY": "256",
+                                "CILIARY_FLOWS_JOIN_MAX_FLOWS": "512"}) as data_dir:
         yield data_dir
 
 
@@ -98,7 +100,7 @@ def test_memory_and_caches_stay_bounded_under_churn(soak_instance: Path) -> None
     assert not grown, f"RssAnon grew from the middle to the last third of the churn: {grown}"
 
     caches = SL.cache_counts(json.loads(cli("status", "-o", "json")))
-    reporting = {"identity", "policy", "servicelb", "node/node-1", "node/node-2"}
+    reporting = {"identity", "policy", "servicelb", "flows", "node/node-1", "node/node-2"}
     assert reporting <= set(caches), caches
     over = {f"{service}/{name}": c for service, named in caches.items() for name, c in named.items()
             if "cap" in c and c["size"] > c["cap"]}
