@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    for arg in argv if argv is not None else sys.argv[1:]:
+        if "\x00" in arg:  # no operating system passes one in a command line; no path holds one
+            parser.error(f"argument {arg!r} contains a NUL byte")
     args = parser.parse_args(argv)
     args.data_dir_path = config.resolve_data_dir(getattr(args, "data_dir", None))
     # exports only with an OTLP endpoint in the environment

@@ -111,6 +111,10 @@ def _read_inputs(
         else:
             files = [path]
         for file in files:
+            if "\x00" in file:  # no file system path holds one (open() raises ValueError)
+                problems.append(Problem(source=file.replace("\x00", "\\x00"),
+                                        message="cannot read: the path contains a NUL byte"))
+                continue
             try:
                 with open(file, encoding="utf-8") as fh:
                     inputs.append((file, fh.read()))

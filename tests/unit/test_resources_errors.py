@@ -447,6 +447,12 @@ def test_missing_file_is_a_problem(tmp_path):
     assert "cannot read" in problem.message
 
 
+def test_a_path_with_a_nul_byte_is_a_problem_naming_it(tmp_path):
+    (problem,) = _problems([str(tmp_path / "a\x00b.yaml")])
+    assert problem.source.endswith("a\\x00b.yaml")
+    assert problem.message == "cannot read: the path contains a NUL byte"
+
+
 def test_multiple_problems_in_one_object_are_all_reported(tmp_path):
     doc = patch(patch(SERVICE, "spec.ports", [{"name": "http", "port": 0},
                                               {"name": "http", "port": 70000}]),
