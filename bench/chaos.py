@@ -8,7 +8,9 @@ frontend (denied). Right after each kill a Namespace is applied (the CLI retries
 timeout); it must be stored once the fault is over. Per fault:
 
 - connections attempted and failed on the allowed path, attempts and passed on the denied
-  path (clients started before the kill, stopped once converged);
+  path (clients started before the kill, stopped once converged); and whether one
+  established connection (frontend holding a connection to a session server in checkout,
+  a line and its answer every 20 ms) lived through the fault, with its exchanges;
 - seconds from the kill until converged: the victim restarted, every service healthy
   (replicated: every stream with all copies current), the kernel maps and the computed
   buckets equal to what they held before the fault; polled through the CLI, so the
@@ -116,6 +118,7 @@ def apply_namespace(inst: ChaosInstance, name: str) -> dict[str, Any]:
 def fault(inst: ChaosInstance, victim: str, pods: dict[str, Any], vip: str, before: dict[str, Any],
           stored: dict[str, Any], namespace: str) -> dict[str, Any]:
     data_dir = inst.data_dir
+    held = C.established(pods["frontend"]["ciliary"]["netns"], pods["checkout"]["podIP"])
     allowed = C.client(pods["checkout"]["ciliary"]["netns"], vip, 8080, timeout=2.0)
     denied = C.client(pods["frontend"]["ciliary"]["netns"], vip, 8080, timeout=0.25)
     time.sleep(1.0)
@@ -127,11 +130,13 @@ def fault(inst: ChaosInstance, victim: str, pods: dict[str, Any], vip: str, befo
     restarted = time.monotonic() - killed
     wait(lambda: converged(inst, before, stored), CONVERGE_TIMEOUT, f"converged after {victim}")
     seconds = time.monotonic() - killed
+    exchanges, broken = C.counts(held)
     ok, failed = C.counts(allowed)
     passed, refused = C.counts(denied)
     kept = inst.cli("get", "ns", namespace, check=False).returncode == 0
     return {"victim": victim, "allowed_attempted": ok + failed, "allowed_failed": failed,
             "denied_attempted": passed + refused, "denied_passed": passed,
+            "established_exchanges": exchanges, "established_broken": bool(broken),
             "restarted_s": round(restarted, 2), "converged_s": round(seconds, 2),
             "items_compared": items(before, stored), "apply_during_fault": {**applied, "stored_after": kept}}
 
@@ -184,13 +189,20 @@ def run_bus(bus: str, rounds: int) -> dict[str, Any]:
         before = maps_snapshot(data_dir)
         stored = C.buckets_snapshot(data_dir)
         faults = []
-        for round_ in range(rounds):
-            for victim in victims:
-                entry = fault(inst, victim, pods, vip, before, stored, f"chaos-{round_}-{len(faults)}")
-                entry["round"] = round_ + 1
-                faults.append(entry)
-                print(f"{bus}: {victim}: {entry['allowed_failed']}/{entry['allowed_attempted']} failed, "
-                      f"converged in {entry['converged_s']:.1f}s", file=sys.stderr, flush=True)
+        server = C.session_server(pods["checkout"]["ciliary"]["netns"])
+        try:
+            wait(lambda: connect(data_dir, "frontend", pods["checkout"]["podIP"], C.SESSION_PORT).returncode == 0,
+                 30, "frontend -> checkout's session server")
+            for round_ in range(rounds):
+                for victim in victims:
+                    entry = fault(inst, victim, pods, vip, before, stored, f"chaos-{round_}-{len(faults)}")
+                    entry["round"] = round_ + 1
+                    faults.append(entry)
+                    print(f"{bus}: {victim}: {entry['allowed_failed']}/{entry['allowed_attempted']} failed, "
+                          f"converged in {entry['converged_s']:.1f}s", file=sys.stderr, flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
         entry = supervisor_fault(inst, pods, vip, before, stored)
         entry["round"] = rounds
         faults.append(entry)
@@ -216,13 +228,15 @@ def render(res: dict[str, Any]) -> str:
     for run in res["runs"]:
         for f in run["faults"]:
             outage = f["victim"] == "supervisor"  # pods torn down: every attempt fails at once
+            held = "-" if outage else (f"BROKEN after {f['established_exchanges']}" if f["established_broken"]
+                                       else f"kept ({f['established_exchanges']:,})")
             rows.append([
                 run["bus"], str(f["round"]), f["victim"], "-" if outage else f"{f['allowed_attempted']:,}",
                 "-" if outage else str(f["allowed_failed"]), f"{f['denied_passed']}/{f['denied_attempted']:,}",
-                f"{f['converged_s']:.1f}s", str(f["items_compared"]), _note(f),
+                held, f"{f['converged_s']:.1f}s", str(f["items_compared"]), _note(f),
             ])
-    return table(["BUS", "ROUND", "KILLED", "ALLOWED", "FAILED", "DENIED PASSED", "CONVERGED", "ITEMS", "NOTE"],
-                 rows)
+    return table(["BUS", "ROUND", "KILLED", "ALLOWED", "FAILED", "DENIED PASSED", "ESTABLISHED", "CONVERGED",
+                  "ITEMS", "NOTE"], rows)
 
 
 def main() -> None:
@@ -240,7 +254,7 @@ def main() -> None:
     res["runs"] = [run_bus(bus, args.rounds) for bus in buses]
     write_results(REPO / "bench" / "results" / "chaos.json", res, render)
     bad = [f"{run['bus']}/{f['victim']}" for run in res["runs"] for f in run["faults"]
-           if f["victim"] != "supervisor" and (f["allowed_failed"] or f["denied_passed"])]
+           if f["victim"] != "supervisor" and (f["allowed_failed"] or f["denied_passed"] or f["established_broken"])]
     if bad:
         raise SystemExit(f"traffic affected by: {', '.join(bad)}")
 
