@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ciliary import config, telemetry
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"argument {arg!r} contains a NUL byte")
     args = parser.parse_args(argv)
     args.data_dir_path = config.resolve_data_dir(getattr(args, "data_dir", None))
+    try:
+        os.stat(args.data_dir_path)
+    except FileNotFoundError:
+        pass  # made by `up`; other commands say no instance runs there
+    except OSError as err:  # a name too long, a file where a directory is wanted ...
+        parser.error(f"--data-dir {str(args.data_dir_path)[:120]}: {err.strerror or err}")
     # exports only with an OTLP endpoint in the environment
     telemetry.setup_tracing("cli", export_timeout=telemetry.CLI_EXPORT_TIMEOUT)
     try:
