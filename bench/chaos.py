@@ -251,7 +251,10 @@ def main() -> None:
     install_sigterm()
     buses = ["single", "replicated"] if args.bus == "both" else [args.bus]
     res = results_header(f"bench/chaos.py --rounds {args.rounds} --bus {args.bus}")
-    res["runs"] = [run_bus(bus, args.rounds) for bus in buses]
+    try:
+        res["runs"] = [run_bus(bus, args.rounds) for bus in buses]
+    finally:
+        C.stop_leftovers()  # a run that failed half way leaves no client connecting
     write_results(REPO / "bench" / "results" / "chaos.json", res, render)
     bad = [f"{run['bus']}/{f['victim']}" for run in res["runs"] for f in run["faults"]
            if f["victim"] != "supervisor" and (f["allowed_failed"] or f["denied_passed"] or f["established_broken"])]

@@ -137,26 +137,48 @@ print(ok, failed, flush=True)
 SESSION_PORT = 9000
 
 
+_STARTED: list[subprocess.Popen] = []  # every client and server started here, for stop_leftovers
+
+
+def _started(proc: subprocess.Popen) -> subprocess.Popen:
+    _STARTED.append(proc)
+    return proc
+
+
+def stop_leftovers() -> int:
+    """Kill every client or server started here that still runs (a test that failed half
+    way never stopped it: it would keep connecting into a namespace that is gone); returns
+    how many were left."""
+    left = [p for p in _STARTED if p.poll() is None]
+    for proc in left:
+        proc.kill()
+        proc.wait(timeout=10)
+    _STARTED.clear()
+    return len(left)
+
+
 def session_server(netns: str) -> subprocess.Popen[bytes]:
     """``ciliary.workload session`` on ``SESSION_PORT`` inside the pod namespace ``netns``:
     answers every line on a connection for as long as it lives."""
-    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "ciliary.workload", "session",
-                             "--tcp", str(SESSION_PORT), "--name", "session"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return _started(subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "ciliary.workload", "session",
+         "--tcp", str(SESSION_PORT), "--name", "session"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
 
 def established(netns: str, host: str) -> subprocess.Popen[str]:
     """One connection from ``netns`` to ``host``'s session server, kept exchanging lines
     until ``counts`` stops it (``exchanges failed``; failed is 1 once it broke)."""
-    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", ESTABLISHED_UNTIL_STOPPED, host,
-                             str(SESSION_PORT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _started(subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", ESTABLISHED_UNTIL_STOPPED, host, str(SESSION_PORT)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
 
 def client(netns: str, host: str, port: int, timeout: float) -> subprocess.Popen[str]:
     """Connects in a loop until SIGTERM; prints ``ok failed``. A dropped SYN costs
     ``timeout`` seconds, so the denied path uses a short one to try often."""
-    return subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", CLIENT_UNTIL_STOPPED, host,
-                             str(port), str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _started(subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", CLIENT_UNTIL_STOPPED, host, str(port), str(timeout)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
 
 def counts(proc: subprocess.Popen[str]) -> tuple[int, int]:

@@ -21,7 +21,10 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from ciliary import config, schema
 
@@ -45,6 +48,7 @@ from .chaos import (
     resources_leader,
     service_pids,
     session_server,
+    stop_leftovers,
 )
 from .instance import ciliary as cli
 from .instance import embedded_instance, pods_ready
@@ -59,6 +63,13 @@ from .test_stack import (  # noqa: F401
 )
 
 VICTIMS = ("identity", "servicelb", "policy", "flows", "mesh", "nats-server", "node/node-1")
+@pytest.fixture(autouse=True)
+def no_client_left() -> Iterator[None]:
+    """A test that fails half way leaves its clients running: they go with the test."""
+    yield
+    stop_leftovers()
+
+
 def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) -> None:  # noqa: F811
     data_dir, cluster = stack
     cli("apply", "-f", str(SHOP / "10-workloads.yaml"), "-f", str(SHOP / "20-services.yaml"),
