@@ -18,7 +18,8 @@ Invariants:
   by itself when the next heartbeat or the next staleness is due.
 - Mirrors keep decoded values only (``keep=False``): a remote's 10,000 services are held
   once per view, not also as raw KV entries.
-- Health detail: ``remotes``, ``remotes_connected``, ``exported``, ``imported``.
+- Health detail: ``remotes``, ``remotes_connected``, ``exported``, ``imported``, and
+  ``caches`` (remote followers, rows last written).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections import deque
 from typing import Any
 
 from ciliary import clusters, config, heap, schema, watch
+from ciliary.cachestats import CacheStats
 from ciliary.runtime import Context
 from ciliary.watch import PassLoop, decoder
 
@@ -63,6 +65,9 @@ class MeshService:
         self.recent: deque[dict[str, Any]] = deque(maxlen=watch.RECENT_PASSES)
         self.memo = ExportMemo()
         self.written: dict[str, dict[str, Any]] = {}  # bucket -> key -> the record object last put
+        self.caches = CacheStats()  # health detail "caches", refreshed after every pass
+        self.caches.register("followers", lambda: len(self.followers))
+        self.caches.register("written_rows", lambda: sum(len(rows) for rows in self.written.values()))
 
     async def start(self, tg: asyncio.TaskGroup) -> None:
         self.tg = tg
@@ -125,6 +130,7 @@ class MeshService:
         self.ctx.detail.update(remotes=len(statuses), remotes_connected=sum(s.connected for s in statuses),
                                exported=len(desired_export), imported=len(desired_import) - len(statuses))
         clock.report(self.ctx.detail, self.recent)
+        self.caches.publish(self.ctx.detail)
         return again
 
     async def _follow_remotes(self) -> None:

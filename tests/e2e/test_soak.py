@@ -100,7 +100,7 @@ def test_memory_and_caches_stay_bounded_under_churn(soak_instance: Path) -> None
     assert not grown, f"RssAnon grew from the middle to the last third of the churn: {grown}"
 
     caches = SL.cache_counts(json.loads(cli("status", "-o", "json")))
-    reporting = {"identity", "policy", "servicelb", "flows", "node/node-1", "node/node-2"}
+    reporting = {"identity", "policy", "servicelb", "flows", "mesh", "node/node-1", "node/node-2"}
     assert reporting <= set(caches), caches
     over = {f"{service}/{name}": c for service, named in caches.items() for name, c in named.items()
             if "cap" in c and c["size"] > c["cap"]}
