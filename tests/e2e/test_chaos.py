@@ -63,6 +63,8 @@ from .test_stack import (  # noqa: F401
 )
 
 VICTIMS = ("identity", "servicelb", "policy", "flows", "mesh", "nats-server", "node/node-1")
+
+
 @pytest.fixture(autouse=True)
 def no_client_left() -> Iterator[None]:
     """A test that fails half way leaves its clients running: they go with the test."""
@@ -109,6 +111,12 @@ def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) 
     print(f"allowed path: {ok} connections, {failed} failed; denied path: {passed} passed, {refused} refused")
     assert failed == 0 and ok > 100, (ok, failed)
     assert passed == 0 and refused > 10, (passed, refused)
+    # the flows published while the flows service was down are counted, not silently missing
+    lost = {line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+            for line in cli("metrics", data_dir=data_dir).stdout.splitlines()
+            if line.startswith("hubble_lost_events_total{")}
+    print(f"lost events counted: {lost}")
+    assert lost.get("observer_events_queue", 0) > 0, lost
 
     # every part converged back to what it held before
     wait_for(lambda: maps_snapshot(data_dir) == before, 30, "kernel maps as before the kills")
