@@ -101,6 +101,11 @@ class PermissionDenied(BusError):
     """The server refused this connection's user an operation on a subject."""
 
 
+class BucketMissing(BusError):
+    """The KV bucket does not exist (yet: the services of an instance create their buckets
+    when they start)."""
+
+
 class BusTimeout(BusError, TimeoutError):
     """NATS did not answer an operation in time (still a ``TimeoutError`` for callers that
     retry on one). A write that timed out may have been stored."""
@@ -332,12 +337,21 @@ class Bus:
 
     # ------------------------------------------------------------------ provisioning
 
-    async def ensure_buckets(self, buckets: tuple[str, ...] = schema.ALL_BUCKETS) -> None:
-        """Create the KV buckets (file storage, ``replicas`` copies) that do not exist yet."""
+    async def ensure_buckets(self, buckets: tuple[str, ...] = schema.ALL_BUCKETS, *,
+                             timeout: float = 60.0) -> None:
+        """Create the KV buckets (file storage, ``replicas`` copies) that do not exist yet.
+        A create the server refuses (another process created the bucket at the same moment,
+        or a JetStream cluster cannot place its copies yet) is retried until the bucket
+        exists, for up to ``timeout`` seconds; then ``BusError`` names the bucket."""
+        loop = asyncio.get_running_loop()
         for bucket in buckets:
-            try:
-                await self.js.key_value(bucket)
-            except nats.js.errors.BucketNotFoundError:
+            deadline = loop.time() + timeout
+            while True:
+                try:
+                    await self.js.key_value(bucket)
+                    break
+                except nats.js.errors.BucketNotFoundError:
+                    pass
                 try:
                     await self.js.create_key_value(
                         js_api.KeyValueConfig(
@@ -345,8 +359,12 @@ class Bus:
                             replicas=self.replicas,
                         )
                     )
-                except nats.js.errors.BadRequestError:
-                    await self.js.key_value(bucket)  # created concurrently by another process
+                    break
+                except nats.js.errors.BadRequestError as err:
+                    if loop.time() >= deadline:
+                        raise BusError(f"KV bucket {bucket!r} could not be created: {err}") from err
+                    log.info("KV bucket %s not created yet (%s); retrying", bucket, err)
+                    await asyncio.sleep(0.25)
 
     async def ensure_stream(
         self, name: str, subjects: list[str], *, max_bytes: int, max_age_s: float
@@ -470,7 +488,7 @@ class Bus:
                 handle = await self._refusable(f"{JS_API}.STREAM.INFO.{kv_stream(bucket)}",
                                                self.js.key_value(bucket))
             except nats.js.errors.BucketNotFoundError as err:
-                raise BusError(f"KV bucket {bucket!r} does not exist") from err
+                raise BucketMissing(f"KV bucket {bucket!r} does not exist") from err
             self._kv_handles[bucket] = handle
         return handle
 

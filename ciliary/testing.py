@@ -73,6 +73,7 @@ from ciliary.bus import (
     KV_OPERATION,
     NO_RESPONDERS_STATUS,
     SYNCED,
+    BucketMissing,
     Bus,
     BusError,
     KVEntry,
@@ -315,7 +316,7 @@ class FakeBus(Bus):
         self._check_open()
         state = self._buckets.get(bucket)
         if state is None:
-            raise BusError(f"KV bucket {bucket!r} does not exist")
+            raise BucketMissing(f"KV bucket {bucket!r} does not exist")
         entry = state.last.get(key)
         if entry is None:
             return None
@@ -388,7 +389,7 @@ class FakeBus(Bus):
     def _writable(self, bucket: str) -> _Bucket:
         state = self._buckets.get(bucket)
         if state is None:
-            raise BusError(f"KV bucket {bucket!r} does not exist")
+            raise BucketMissing(f"KV bucket {bucket!r} does not exist")
         return state
 
     def _write(self, bucket: str, key: str, value: bytes | None, headers: dict[str, str],

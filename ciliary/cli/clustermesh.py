@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ciliary import clusters, config, natsauth, natscreds, output, schema
-from ciliary.bus import Bus, BusError
+from ciliary.bus import BucketMissing, Bus, BusError
 from ciliary.cli import common
 
 EXPORT_WAIT = 15.0  # seconds to wait for a cluster's mesh service to export its identity
@@ -36,7 +36,10 @@ async def _cluster_info(bus: Bus, where: str, timeout: float) -> schema.MeshClus
     """The ``cluster`` record a mesh service exports (name, id, pod CIDR)."""
     deadline = time.monotonic() + timeout
     while True:
-        found = await bus.kv_get_record(schema.BUCKET_MESH_EXPORT, schema.MESH_CLUSTER_KEY, schema.MeshCluster)
+        try:
+            found = await bus.kv_get_record(schema.BUCKET_MESH_EXPORT, schema.MESH_CLUSTER_KEY, schema.MeshCluster)
+        except BucketMissing:  # the cluster's services are still starting
+            found = None
         if found is not None:
             return found[0]
         if time.monotonic() >= deadline:
