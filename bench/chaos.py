@@ -131,10 +131,11 @@ def fault(inst: ChaosInstance, victim: str, pods: dict[str, Any], vip: str, befo
     wait(lambda: converged(inst, before, stored), CONVERGE_TIMEOUT, f"converged after {victim}")
     seconds = time.monotonic() - killed
     exchanges, broken = C.counts(held)
-    ok, failed = C.counts(allowed)
+    ok, failed, reasons = C.counts_and_reasons(allowed)
     passed, refused = C.counts(denied)
     kept = inst.cli("get", "ns", namespace, check=False).returncode == 0
     return {"victim": victim, "allowed_attempted": ok + failed, "allowed_failed": failed,
+            "allowed_failed_by_reason": reasons,
             "denied_attempted": passed + refused, "denied_passed": passed,
             "established_exchanges": exchanges, "established_broken": bool(broken),
             "restarted_s": round(restarted, 2), "converged_s": round(seconds, 2),

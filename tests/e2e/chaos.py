@@ -27,13 +27,20 @@ from .instance import ciliary as cli
 
 # connects until SIGTERM, then prints "<succeeded> <failed>"
 CLIENT_UNTIL_STOPPED = """
-import signal, socket, sys
+import errno, json, signal, socket, sys, time
 host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 ok = failed = 0
+reasons = {}
 running = True
 def stop(*_):
     global running
     running = False
+def fail(reason):
+    global failed
+    failed += 1
+    reasons[reason] = reasons.get(reason, 0) + 1
+    if len(reasons) < 20:
+        print(time.strftime("%H:%M:%S"), reason, file=sys.stderr, flush=True)
 signal.signal(signal.SIGTERM, stop)
 while running:
     try:
@@ -42,10 +49,13 @@ while running:
             if s.recv(100):
                 ok += 1
             else:
-                failed += 1
-    except OSError:
-        failed += 1
+                fail("closed without an answer")
+    except socket.timeout:
+        fail("timed out")
+    except OSError as err:
+        fail(errno.errorcode.get(err.errno, type(err).__name__))
 print(ok, failed, flush=True)
+print(json.dumps(reasons), flush=True)
 """
 
 
@@ -182,11 +192,22 @@ def client(netns: str, host: str, port: int, timeout: float) -> subprocess.Popen
 
 
 def counts(proc: subprocess.Popen[str]) -> tuple[int, int]:
+    """Stops a client; ``(succeeded, failed)``."""
+    ok, failed, _ = counts_and_reasons(proc)
+    return ok, failed
+
+
+def counts_and_reasons(proc: subprocess.Popen[str]) -> tuple[int, int, dict[str, int]]:
+    """Stops a client; ``(succeeded, failed, failures by reason)`` (a connect client names
+    each failure: ``timed out``, an errno name such as ``ECONNREFUSED``, or ``closed without
+    an answer``; an established-connection client gives no reasons)."""
     proc.send_signal(signal.SIGTERM)  # ip netns exec passes it on (it execs the command)
     out, err = proc.communicate(timeout=30)
-    assert out.strip(), err
-    ok, failed = map(int, out.split())
-    return ok, failed
+    lines = out.strip().splitlines()
+    assert lines, err
+    ok, failed = map(int, lines[0].split())
+    reasons = json.loads(lines[1]) if len(lines) > 1 else {}
+    return ok, failed, reasons
 
 
 WIDENED_FROM = "            app: checkout\n      toPorts:"

@@ -39,6 +39,7 @@ from .chaos import (
     by_pod,
     client,
     counts,
+    counts_and_reasons,
     endpoint_identities,
     established,
     fully_replicated,
@@ -106,10 +107,10 @@ def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) 
         server.wait(timeout=10)
     print(f"established flow: {exchanges} exchanges, {'broken' if broken else 'never broken'}")
     assert broken == 0 and exchanges > 100, (exchanges, broken)
-    ok, failed = counts(allowed)
+    ok, failed, reasons = counts_and_reasons(allowed)
     passed, refused = counts(denied)
     print(f"allowed path: {ok} connections, {failed} failed; denied path: {passed} passed, {refused} refused")
-    assert failed == 0 and ok > 100, (ok, failed)
+    assert failed == 0 and ok > 100, (ok, failed, reasons)
     assert passed == 0 and refused > 10, (passed, refused)
     # the flows published while the flows service was down are counted, not silently missing
     lost = {line.split('"')[1]: float(line.rsplit(" ", 1)[1])
@@ -215,10 +216,10 @@ def test_replicated_bus_and_identity_replicas_under_traffic(tmp_path: Path, clus
         wait_for(lambda: all_healthy(data_dir), 60, "every service healthy")
         wait_for(lambda: connect(data_dir, "frontend", vip, 8080, timeout=1).returncode == 0, 30,
                  "frontend -> payments: the policy applied with a server down is enforced")
-        ok, failed = counts(allowed)
+        ok, failed, reasons = counts_and_reasons(allowed)
         print(f"replicated bus, {first} then {second} killed: allowed path {ok} connections, {failed} failed; "
               f"denied path {passed} passed, {refused} refused")
-        assert failed == 0 and ok > 100, (ok, failed)
+        assert failed == 0 and ok > 100, (ok, failed, reasons)
         assert passed == 0 and refused > 5, (passed, refused)
         assert service_pids(data_dir) == pids, "a service restarted while a server of the bus was lost"
 
