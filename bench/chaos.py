@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.sandbox import EmbeddedInstance, install_sigterm, results_header, write_results  # noqa: E402
 from ciliary import config, schema  # noqa: E402
+from ciliary.bus import BusError  # noqa: E402
 from ciliary.output import table  # noqa: E402
 from tests.e2e import chaos as C  # noqa: E402
 from tests.e2e.instance import pods_ready  # noqa: E402
@@ -60,13 +61,20 @@ CONVERGE_TIMEOUT = 120.0
 
 
 def wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``predicate()``'s first truthy value within ``timeout``. A read that fails meanwhile
+    (a CLI command timing out while a replicated bus elects a leader) counts as "not yet";
+    the last such failure is named if the time runs out."""
     deadline = time.monotonic() + timeout
+    failure = ""
     while time.monotonic() < deadline:
-        found = predicate()
+        try:
+            found = predicate()
+        except (AssertionError, OSError, BusError) as err:
+            found, failure = None, str(err).splitlines()[0][:200]
         if found:
             return found
         time.sleep(0.2)
-    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last: {failure})" if failure else ""))
 
 
 class ChaosInstance(EmbeddedInstance):
@@ -91,6 +99,7 @@ class ChaosInstance(EmbeddedInstance):
 
 
 def converged(inst: ChaosInstance, before: dict[str, Any], stored: dict[str, Any]) -> bool:
+    """Healthy, replicated, and maps and computed buckets as before."""
     data_dir = inst.data_dir
     if not C.all_healthy(data_dir):
         return False
