@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import threading
@@ -36,32 +35,10 @@ if str(REPO) not in sys.path:
 
 from ciliary import config, natscreds, schema  # noqa: E402
 from ciliary.bus import Bus  # noqa: E402
+from tests.e2e import chaos  # noqa: E402
 
 Cli = Callable[..., str]  # cli(*args, stdin=None) -> stdout; raises when ciliary exits non-zero
 PORT = 8080
-# Connects to host:port until SIGTERM (one attempt every 0.2 s), then prints "<ok> <failed>".
-TRAFFIC_CLIENT = """
-import signal, socket, sys, time
-host, port = sys.argv[1], int(sys.argv[2])
-ok = failed = 0
-running = True
-def stop(*_):
-    global running
-    running = False
-signal.signal(signal.SIGTERM, stop)
-while running:
-    try:
-        with socket.create_connection((host, port), timeout=2) as s:
-            s.sendall(b"ping\\n")
-            if s.recv(100):
-                ok += 1
-            else:
-                failed += 1
-    except OSError:
-        failed += 1
-    time.sleep(0.2)
-print(ok, failed, flush=True)
-"""
 
 
 def _docs(*docs: dict[str, Any]) -> str:
@@ -145,18 +122,15 @@ class Churn:
             self.errors.append(f"round {r}: {err}")
 
     def start_traffic(self, client_netns: str, vip: str) -> None:
-        self.traffic = subprocess.Popen(
-            ["ip", "netns", "exec", client_netns, sys.executable, "-c", TRAFFIC_CLIENT, vip, str(PORT)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        """The chaos test's client (``tests/e2e/chaos.py``), one attempt every 0.2 s."""
+        self.traffic = chaos.client(client_netns, vip, PORT, timeout=2.0, pause=0.2)
 
     def stop_traffic(self) -> tuple[int, int]:
         """(connections answered, connections failed) since ``start_traffic``."""
         if self.traffic is None:
             return 0, 0
-        self.traffic.send_signal(signal.SIGTERM)
-        out, _ = self.traffic.communicate(timeout=15)
+        ok, failed = chaos.counts(self.traffic)
         self.traffic = None
-        ok, failed = (int(x) for x in out.split()[:2])
         return ok, failed
 
 

@@ -29,6 +29,7 @@ from .instance import ciliary as cli
 CLIENT_UNTIL_STOPPED = """
 import errno, json, signal, socket, sys, time
 host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+pause = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 ok = failed = 0
 reasons = {}
 running = True
@@ -54,6 +55,8 @@ while running:
         fail("timed out")
     except OSError as err:
         fail(errno.errorcode.get(err.errno, type(err).__name__))
+    if pause:
+        time.sleep(pause)
 print(ok, failed, flush=True)
 print(json.dumps(reasons), flush=True)
 """
@@ -183,12 +186,13 @@ def established(netns: str, host: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
 
-def client(netns: str, host: str, port: int, timeout: float) -> subprocess.Popen[str]:
-    """Connects in a loop until SIGTERM; prints ``ok failed``. A dropped SYN costs
-    ``timeout`` seconds, so the denied path uses a short one to try often."""
+def client(netns: str, host: str, port: int, timeout: float, pause: float = 0.0) -> subprocess.Popen[str]:
+    """Connects in a loop until SIGTERM (``pause`` seconds between attempts); prints ``ok
+    failed``. A dropped SYN costs ``timeout`` seconds, so the denied path uses a short one
+    to try often."""
     return _started(subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", CLIENT_UNTIL_STOPPED, host, str(port), str(timeout)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        ["ip", "netns", "exec", netns, sys.executable, "-c", CLIENT_UNTIL_STOPPED, host, str(port), str(timeout),
+         str(pause)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
 
 
 def counts(proc: subprocess.Popen[str]) -> tuple[int, int]:
