@@ -126,12 +126,15 @@ def _start_previous(plan: BusPlan, replicas: int) -> tuple[list[subprocess.Popen
     logs = plan.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     auth = plan.data_dir / config.NATS_AUTH_FILE
-    tls = ["--tls", "--tlscert", str(plan.tls_cert), "--tlskey", str(plan.tls_key)] if plan.tls_cert else []
-    if replicas <= 1:
+    if replicas <= 1:  # the single server as the supervisor runs it, on a fresh port
         port = plan.free_port()
-        argv = [plan.server_binary, "-a", "127.0.0.1", "-p", str(port), "-js",
-                "-sd", str(plan.data_dir / SINGLE_STORE), "-n", f"ciliary-{plan.cluster}", "-c", str(auth), *tls]
-        return [_spawn(argv, logs / "nats-migration.log")], f"nats://127.0.0.1:{port}"
+        path = plan.data_dir / "nats.migration.conf"
+        text = natscluster.single_server_config(
+            server_name=f"ciliary-{plan.cluster}", port=port, store_dir=plan.data_dir / SINGLE_STORE,
+            config_path=path, auth_file=auth, tls_cert=plan.tls_cert, tls_key=plan.tls_key)
+        atomicfile.write_atomically(path, text.encode(), 0o600)
+        scheme = "tls" if plan.tls_cert else "nats"
+        return [_spawn([plan.server_binary, "-c", str(path)], logs / "nats-migration.log")], f"{scheme}://127.0.0.1:{port}"
     servers = natscluster.plan(plan.data_dir, plan.cluster,
                                [(plan.free_port(), plan.free_port(), plan.free_port()) for _ in range(replicas)])
     password = natscluster.route_password()

@@ -55,7 +55,7 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     servers = _servers(state)
     started = time.monotonic()
     rotation = natsrotate.plan(creds_dir, natsauth.users(state.cluster, state.nodes))
-    old_admin = _credential(creds_dir, natsauth.ADMIN)
+    old_admin = natscreds.instance_credential(data_dir, natsauth.ADMIN)
     _progress(f"rotating the keys of {len(rotation.users)} NATS users on {len(servers)} server(s)")
 
     natsrotate.overlap(rotation, auth_file)
@@ -95,11 +95,6 @@ def _servers(state: config.InstanceState) -> list[tuple[str, int, str]]:
     if not found:
         raise common.CliError("the instance records no nats-server process")
     return found
-
-
-def _credential(creds_dir: Path, user: str) -> NatsCredential | None:
-    path = creds_dir / f"{user}.json"
-    return natscreds.read_credential(path) if path.exists() else None
 
 
 def _reload(servers: list[tuple[str, int, str]]) -> None:
