@@ -12,6 +12,8 @@ measures with tracemalloc, in this one process:
 
 The ratio column is the reconciler's memory over the decoded records' (the baseline: what
 the executor holds anyway for the same frontends). A second table times, on the same table,
+one full garbage collection with the table in the process and with it frozen (``gc.freeze``, as
+the executor keeps it), and
 the status counts every 5 s (``stats()``, running totals) against walking every row
 (``recount()``, what the counts cost before they were kept), and one full resync against a
 map double that holds the entries (``FakeMapOps``: the Python part of a resync, without
@@ -112,7 +114,19 @@ def time_periodic_work(rec: Reconciler) -> dict[str, float]:
     ops = M.FakeMapOps()
     rec.full_resync(ops, 1.0)  # the double now holds every entry
     return {"stats_ms": best_ms(rec.stats), "recount_ms": best_ms(rec.recount),
-            "full_resync_ms": best_ms(lambda: rec.full_resync(ops, 2.0), repeat=3)}
+            "full_resync_ms": best_ms(lambda: rec.full_resync(ops, 2.0), repeat=3),
+            # what a full (generation 2) collection costs with this table in the process,
+            # and once the table is frozen out of it (ciliary/heap.py)
+            "gc_full_collection_ms": best_ms(gc.collect, repeat=3),
+            "gc_full_collection_frozen_ms": _frozen_collection_ms()}
+
+
+def _frozen_collection_ms() -> float:
+    gc.freeze()
+    try:
+        return best_ms(gc.collect, repeat=3)
+    finally:
+        gc.unfreeze()
 
 
 def render(results: dict[str, Any]) -> str:
@@ -122,9 +136,11 @@ def render(results: dict[str, Any]) -> str:
     memory = output.table(["frontends", "table rows", "KV rows MiB", "decoded MiB", "reconciler MiB",
                            "bytes per row", "reconciler / decoded"], rows)
     periodic = output.table(
-        ["frontends", "stats() ms", "walk every row (recount) ms", "stats / walk", "full resync ms"],
+        ["frontends", "stats() ms", "walk every row (recount) ms", "stats / walk", "full resync ms",
+         "full gc ms", "full gc, table frozen ms"],
         [[r["frontends"], r["stats_ms"], r["recount_ms"],
-          round(r["stats_ms"] / r["recount_ms"], 4) if r["recount_ms"] else "-", r["full_resync_ms"]]
+          round(r["stats_ms"] / r["recount_ms"], 4) if r["recount_ms"] else "-", r["full_resync_ms"],
+          r.get("gc_full_collection_ms"), r.get("gc_full_collection_frozen_ms")]
          for r in results["sizes"]])
     return memory + "\n\n" + periodic
 

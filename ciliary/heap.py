@@ -3,7 +3,8 @@ long-lived state kept out of its way.
 
 A service that holds a large table (the node executor's desired map rows, the policy and
 identity models) pays for it in every full (generation 2) collection: CPython walks every
-tracked object, ~35 ms for the node executor's table at 10,000 services. Such a
+tracked object: ~97 ms beside the node executor's table at 10,000 services
+(bench/node_memory.py). Such a
 collection starts whenever enough new objects have survived, so it lands at random on the
 path of one change and makes that change's tail.
 
