@@ -11,7 +11,10 @@ Invariants:
   caches drop keys no mirror holds any more.
 - Pods are re-derived only when touched (`touch_pod`: the Pod or its status changed;
   `touch_all`: a sync or a Namespace change), so a pass costs what changed, not the
-  number of pods; the result equals deriving every pod afresh.
+  number of pods; the result equals deriving every pod afresh. `changed` names the pods
+  whose derived `PodInfo` is another object (or gone) since the previous `compute_pods`.
+- The policy CIDR references and the toFQDNs selectors are recomputed only when a policy
+  mirror changed (its size or its newest revision: KV revisions only grow).
 - A policy matters to identities only through the CIDRs and toFQDNs selectors it names:
   `on_policy` tells whether one event changed them.
 - A payload that does not decode, or a pod whose identity cannot be derived, is logged
@@ -49,7 +52,10 @@ class IdentityInputs:
         self._decoded: dict[str, tuple[int, Any]] = {}
         self._pods: dict[str, tuple[tuple[int, int, int], PodInfo | None]] = {}
         self._dirty: set[str] | None = None  # Pod keys touched since compute_pods; None: all
-        self._fqdn_policies: tuple[tuple[str, int], ...] = ()
+        self.changed: set[str] = set()  # Pod keys whose PodInfo changed in the last compute_pods
+        self._decoded_floor = 64  # size of the decode cache after its last sweep
+        self._cidr_refs: tuple[Any, dict[str, int]] = ((), {})
+        self._fqdn_policies: tuple[tuple[int, int], ...] = ()
         # policy key -> (revision, CIDRs, toFQDNs selectors) it names
         self._facts: dict[str, tuple[int, frozenset[str], frozenset[Any]]] = {}
 
@@ -105,17 +111,21 @@ class IdentityInputs:
         them after `touch_all`, and on the first call)."""
         namespaces = self.namespace_labels()
         mirror = self.resources.get("Pod", {})
+        changed: set[str] = set()
         if self._dirty is None:
             keys: Any = list(mirror)
             for key in [k for k in self._pods if k not in mirror]:
-                del self._pods[key]
+                if self._pods.pop(key)[1] is not None:
+                    changed.add(key)
         else:
             keys = self._dirty
         self._dirty = set()
         for key in keys:
             entry = mirror.get(key)
             if entry is None:
-                self._pods.pop(key, None)
+                gone = self._pods.pop(key, None)
+                if gone is not None and gone[1] is not None:
+                    changed.add(key)
                 continue
             status, status_rev = self.status_of("Pod", key)
             ns = key.split(".", 2)[1]
@@ -132,13 +142,25 @@ class IdentityInputs:
                                     ns_labels, status, status_rev)
                 except (AttributeError, TypeError, ValueError) as err:
                     log.warning("resources/%s: cannot derive identity: %s", key, err)
+            if info is not None and cached is not None and cached[1] == info:
+                info = cached[1]  # an equal derivation keeps its object: nothing changed
+            elif info is not None or (cached is not None and cached[1] is not None):
+                changed.add(key)
             self._pods[key] = (version, info)
-        if len(self._decoded) > 2 * (len(self._pods) + 64):
+        if len(self._decoded) > 2 * self._decoded_floor:
             live = self._live_keys()
             for key in [k for k in self._decoded if k.split(":", 1)[-1] not in live]:
                 self._decoded.pop(key, None)
-        self.pods = [info for _, info in self._pods.values() if info is not None]
+            self._decoded_floor = max(64, len(self._decoded))
+        self.changed = changed
+        if changed:
+            self.pods = [info for _, info in self._pods.values() if info is not None]
         return self.pods
+
+    def pod(self, key: str) -> PodInfo | None:
+        """The endpoint Pod ``key`` stands for as of the last `compute_pods`."""
+        held = self._pods.get(key)
+        return held[1] if held is not None else None
 
     def _live_keys(self) -> set[str]:
         live = set()
@@ -148,7 +170,21 @@ class IdentityInputs:
             live.update(kind_state)
         return live
 
+    def policy_version(self) -> tuple[tuple[int, int], ...]:
+        """Changes whenever a policy mirror changed: per kind, its size and newest revision."""
+        return tuple(
+            (len(entries), max((entry.revision for entry in entries.values()), default=0))
+            for entries in (self.resources.get(kind, {}) for kind in POLICY_KINDS)
+        )
+
     def compute_cidrs(self) -> dict[str, int]:
+        """Policy CIDR -> number of policies naming it (a fresh dict the caller may change)."""
+        version = self.policy_version()
+        if self._cidr_refs[0] != version:
+            self._cidr_refs = (version, self._count_cidrs())
+        return dict(self._cidr_refs[1])
+
+    def _count_cidrs(self) -> dict[str, int]:
         refs: dict[str, int] = {}
         live: set[str] = set()
         for kind in POLICY_KINDS:
@@ -199,10 +235,7 @@ class IdentityInputs:
 
     def fqdn_selectors(self, matcher: fqdn.SelectorMatcher) -> frozenset[fqdn.FQDNSelector]:
         """The toFQDNs selectors of every policy (recomputed when a policy changed)."""
-        version = tuple(sorted(
-            (key, entry.revision) for kind in POLICY_KINDS
-            for key, entry in self.resources.get(kind, {}).items()
-        ))
+        version = self.policy_version()
         if version != self._fqdn_policies:
             found: set[fqdn.FQDNSelector] = set()
             for kind in POLICY_KINDS:

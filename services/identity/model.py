@@ -11,8 +11,8 @@ Invariants:
   claims over manifest claims, then the higher KV revision, then the key.
 - ``desired_ipcache`` is a pure function of its inputs: one entry per prefix. On a prefix
   claimed by several sources, node beats pod beats a connected cluster's pod (ClusterMesh,
-  kept as that cluster wrote it: its identity, its cluster name) beats policy CIDR beats
-  the world default.
+  kept as that cluster wrote it: its identity, its cluster name; between two connected
+  clusters the higher cluster ID) beats policy CIDR beats the world default.
 - Policy CIDRs are the ``fromCIDR``/``toCIDR`` entries, the ``cidr`` and ``except`` of
   ``fromCIDRSet``/``toCIDRSet`` (CNP/CCNP, every rule in ``spec`` and ``specs``) and the
   ``ipBlock`` ``cidr``/``except`` of NetworkPolicy peers, normalised to network form.
@@ -177,6 +177,37 @@ def label_refs(pods: Iterable[PodInfo]) -> dict[tuple[str, ...], int]:
     return refs
 
 
+Rank = tuple[int, tuple[int, int, str]]
+Claim = tuple[Rank, schema.IPCacheRecord]
+
+
+def world_claim(cluster: str, cluster_id: int) -> Claim:
+    return (SOURCE_RANK["world"], (0, 0, "")), schema.IPCacheRecord(
+        prefix=WORLD_PREFIX_V4, identity=WORLD, source="world", cluster=cluster, cluster_id=cluster_id)
+
+
+def cidr_claim(prefix: str, ident: int, cluster: str, cluster_id: int) -> Claim:
+    return (SOURCE_RANK["cidr"], (0, 0, prefix)), schema.IPCacheRecord(
+        prefix=prefix, identity=ident, source="cidr", cluster=cluster, cluster_id=cluster_id)
+
+
+def remote_claim(record: schema.IPCacheRecord) -> Claim:
+    """A connected cluster's pod entry, as that cluster wrote it; between two clusters
+    claiming one prefix the higher cluster ID wins."""
+    return (SOURCE_RANK["remote"], (0, record.cluster_id, record.cluster)), record
+
+
+def pod_claim(pod: PodInfo, ident: int, cluster: str, cluster_id: int) -> Claim:
+    return (SOURCE_RANK["pod"], pod.claim), schema.IPCacheRecord(
+        prefix=pod.ip, identity=ident, source="pod", cluster=cluster, cluster_id=cluster_id,
+        node=pod.node, namespace=pod.namespace, pod=pod.name)
+
+
+def node_claim(node: str, prefix: str, cluster: str, cluster_id: int) -> Claim:
+    return (SOURCE_RANK["node"], (0, 0, node)), schema.IPCacheRecord(
+        prefix=prefix, identity=REMOTE_NODE, source="node", cluster=cluster, cluster_id=cluster_id, node=node)
+
+
 def desired_ipcache(
     pods: Iterable[PodInfo],
     pod_identities: Mapping[tuple[str, ...], int],
@@ -187,36 +218,26 @@ def desired_ipcache(
     remote: Iterable[schema.IPCacheRecord] = (),
 ) -> dict[str, schema.IPCacheRecord]:
     """``ipcache`` key -> record for every prefix (see module invariants); ``remote``: the
-    pod entries of connected clusters (bucket ``mesh``), kept as their cluster wrote them."""
-    best: dict[str, tuple[tuple[int, tuple[int, int, str]], schema.IPCacheRecord]] = {}
+    pod entries of connected clusters (bucket ``mesh``), kept as their cluster wrote them.
+    From scratch: the service keeps the same result current with ``IpcacheIndex``."""
+    best: dict[str, Claim] = {}
 
-    def offer(rank: tuple[int, tuple[int, int, str]], record: schema.IPCacheRecord) -> None:
-        key = schema.ipcache_key(record.prefix)
+    def offer(claim: Claim) -> None:
+        key = schema.ipcache_key(claim[1].prefix)
         held = best.get(key)
-        if held is None or rank > held[0]:
-            best[key] = (rank, record)
+        if held is None or claim[0] > held[0]:
+            best[key] = claim
 
-    offer((SOURCE_RANK["world"], (0, 0, "")), schema.IPCacheRecord(
-        prefix=WORLD_PREFIX_V4, identity=WORLD, source="world", cluster=cluster, cluster_id=cluster_id,
-    ))
+    offer(world_claim(cluster, cluster_id))
     for prefix, ident in cidr_identities.items():
-        offer((SOURCE_RANK["cidr"], (0, 0, prefix)), schema.IPCacheRecord(
-            prefix=prefix, identity=ident, source="cidr", cluster=cluster, cluster_id=cluster_id,
-        ))
+        offer(cidr_claim(prefix, ident, cluster, cluster_id))
     for record in remote:
-        offer((SOURCE_RANK["remote"], (0, 0, record.prefix)), record)
+        offer(remote_claim(record))
     for pod in pods:
         ident = pod_identities.get(pod.labels)
-        if not pod.ip or not ident:
-            continue
-        offer((SOURCE_RANK["pod"], pod.claim), schema.IPCacheRecord(
-            prefix=pod.ip, identity=ident, source="pod", cluster=cluster, cluster_id=cluster_id,
-            node=pod.node, namespace=pod.namespace, pod=pod.name,
-        ))
+        if pod.ip and ident:
+            offer(pod_claim(pod, ident, cluster, cluster_id))
     for node, prefixes in nodes.items():
         for prefix in prefixes:
-            offer((SOURCE_RANK["node"], (0, 0, node)), schema.IPCacheRecord(
-                prefix=prefix, identity=REMOTE_NODE, source="node", cluster=cluster,
-                cluster_id=cluster_id, node=node,
-            ))
+            offer(node_claim(node, prefix, cluster, cluster_id))
     return {key: record for key, (_, record) in best.items()}

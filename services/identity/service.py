@@ -8,9 +8,14 @@ pods), and its own outputs ``identities`` and ``ipcache``. Writes ``identities``
 when the CIDRs or toFQDNs selectors it names changed.
 
 Invariants:
-- Level-triggered: every pass recomputes the desired state from the mirrored buckets and
-  writes only the difference, so a restarted replica (or one that missed events)
-  converges; nothing is written before every watch has delivered its initial state.
+- Level-triggered: a pass derives the desired state from the mirrored buckets and writes
+  only the difference, so a restarted replica (or one that missed events) converges;
+  nothing is written before every watch has delivered its initial state. A pass costs
+  what changed: pods are re-derived only when touched, the desired ipcache is kept by
+  deltas (``IpcacheIndex``), and only keys whose winner or whose watched value changed are
+  compared. A full pass (the first, one after any failed write, conflict, sync or healing
+  audit, and one per sweep period) compares every key and scans every label set, so
+  whatever a delta missed is repaired within ``min(gc_interval, orphan_age / 2)``.
 - Any number of replicas may run: every write is a compare-and-set against the revision
   this replica saw; a conflict only schedules another pass.
 - Passes are serial (``ciliary.watch.PassLoop``: a burst of changes becomes one pass); within a pass, writes to different keys run in
@@ -73,8 +78,9 @@ from .allocator import (
 )
 from .casstore import BusCasStore, decode_identity, decode_ipcache
 from .inputs import POLICY_KINDS, IdentityInputs
+from .ipcache_index import IpcacheIndex
 from .labels import cidr_labels, explain, label_set_hash
-from .model import desired_ipcache, label_refs
+from .model import PodInfo, label_refs
 from .report import cardinality_report
 from .settings import ENV_LABELS, IdentityConfig, label_filter
 
@@ -113,6 +119,11 @@ class IdentityService:
         self._held: dict[tuple[str, ...], tuple[Any, int, int]] = {}  # -> (view entry, refs, id)
         self.next_audit = 0.0
         self.next_sweep = 0.0
+        self._index: IpcacheIndex | None = None  # the desired ipcache, kept across passes
+        self._pod_ids: dict[tuple[str, ...], int] = {}  # pod label set -> identity, last pass
+        self._full_due = True
+        self._ipcache_news: set[str] = set()  # ipcache keys whose view changed since the last pass
+        self._mesh_changed = True
         self.recent_passes: deque[dict[str, Any]] = deque(maxlen=watch.RECENT_PASSES)
         self.passes = 0
         self.names = fqdn.FQDNAddressCache(min_ttl=config.fqdn_min_ttl, max_entries=config.fqdn_max_entries)
@@ -147,9 +158,9 @@ class IdentityService:
                 status.listen(self._touch_pod)
             self.inputs.status[kind] = status.notify(self.loop).entries
         self.mesh_ids = self.ctx.mirror(tg, schema.BUCKET_MESH, f"{schema.MESH_IDENTITY_PREFIX}.>",
-                                        decode=decoder(schema.IdentityRecord)).notify(self.loop)
+                                        decode=decoder(schema.IdentityRecord)).listen(self._on_mesh)
         self.mesh_ipcache = self.ctx.mirror(tg, schema.BUCKET_MESH, f"{schema.MESH_IPCACHE_PREFIX}.>",
-                                            decode=decoder(schema.IPCacheRecord)).notify(self.loop)
+                                            decode=decoder(schema.IPCacheRecord)).listen(self._on_mesh)
         for store in (self.identities, self.ipcache):
             self.ctx.mirror(tg, store.bucket, keep=False).listen(
                 lambda event, store=store: self._on_output(store, event))
@@ -169,8 +180,19 @@ class IdentityService:
     def _on_output(self, store: BusCasStore, event: KVEntry | Synced) -> None:
         """A pass for news in an output bucket (another replica's write, a sync); the echo
         of this replica's own write is already in the view and needs none."""
-        if not isinstance(event, KVEntry) or store.observe(event):
+        if not isinstance(event, KVEntry):
+            self._full_due = True
             self.loop.mark_dirty()
+        elif store.observe(event):
+            if store is self.ipcache:
+                self._ipcache_news.add(event.key)
+            elif event.key.startswith(schema.IDENTITY_ID_PREFIX):
+                self._mesh_changed = True  # another writer's id.: check the remote ones again
+            self.loop.mark_dirty()
+
+    def _on_mesh(self, _event: KVEntry | Synced) -> None:
+        self._mesh_changed = True
+        self.loop.mark_dirty()
 
     def _touch_pod(self, event: KVEntry | Synced) -> None:
         if isinstance(event, KVEntry):
@@ -240,19 +262,30 @@ class IdentityService:
         for store in (self.identities, self.ipcache):
             missing = await store.audit()
             if missing:
+                self._full_due = True
                 log.warning("%s: %d keys were missing from the watched view; added", store.bucket, missing)
 
     async def reconcile(self) -> bool:
-        """One pass; True when another pass is needed (conflicts, failed writes)."""
+        """One pass; True when another pass is needed (conflicts, failed writes).
+
+        A full pass (the first, one after a failure or an audit that healed the view, and
+        one per sweep period) compares every ``ipcache`` key and scans every label set for
+        release; the others compare only the keys whose winner may have changed or whose
+        view changed, and release only the label sets that fell out of use."""
         started = time.monotonic()
         laps = watch.PassClock()
         self.passes += 1
+        full = self._full_due or self._index is None or started >= self.next_sweep
+        self._full_due = False
         conflicts_before = self.allocator.conflicts
         # ipcache as it was *before* reading the inputs: a write another replica made from
         # newer inputs meanwhile has a newer revision, so our CAS fails instead of undoing it
         ipcache_view = dict(self.ipcache.entries)
         ipcache_bad = set(self.ipcache.bad)
+        ipcache_news, self._ipcache_news = self._ipcache_news, set()
+        mesh_changed, self._mesh_changed = self._mesh_changed, False
         pods = self.inputs.compute_pods()
+        changed_pods = set(self.inputs.changed)
         refs = label_refs(pods)
         cidr_refs = self.inputs.compute_cidrs()
         fqdn_labels = self.compute_fqdn()
@@ -281,6 +314,7 @@ class IdentityService:
         cidrs = sorted(cidr_refs)
         jobs = [(labels, refs[labels], SCOPE_CLUSTER) for labels in pod_sets]
         jobs += [(prefix_labels(prefix), cidr_refs[prefix], SCOPE_CIDR) for prefix in cidrs]
+        previous_lkeys = self._lkeys
         lkeys = self._labels_keys(labels for labels, _, _ in jobs)
         # label sets already allocated with this usage need no write: no task for them
         results = self._held_now(jobs, lkeys)
@@ -293,17 +327,26 @@ class IdentityService:
 
         # ipcache, before the housekeeping below: a relabelled pod's new identity is what
         # its peers wait for
-        failed += await self._write_remote_identities(sem)
-        desired = desired_ipcache(pods, pod_ids, self.inputs.compute_nodes(), cidr_ids,
-                                  self.cluster, self.cluster_id, self._remote_ipcache())
+        if full or mesh_changed:
+            failed += await self._write_remote_identities(sem)
+        index = self._ipcache_index(full, pods, changed_pods, pod_ids)
+        index.set_nodes(self.inputs.compute_nodes())
+        index.set_cidrs(cidr_ids)
+        if full or mesh_changed:
+            index.set_remote(self._remote_ipcache())
+        touched = index.take_touched()
+        desired = index.desired
+        candidates: Iterable[str] = (
+            [*desired, *(k for k in ipcache_view if k not in desired), *(k for k in ipcache_bad if k not in desired)]
+            if full else touched | ipcache_news)
         writes = []
-        for key, record in desired.items():
+        for key in candidates:
+            record = desired.get(key)
             held = ipcache_view.get(key)
-            if held is None or held[0] != record:
-                writes.append(self._put_ipcache(sem, key, record, held[1] if held else 0))
-        for key in [*ipcache_view, *ipcache_bad]:
-            if key not in desired and not failed:  # an allocation failed: keep what we have
-                held = ipcache_view.get(key)
+            if record is not None:
+                if held is None or held[0] != record:
+                    writes.append(self._put_ipcache(sem, key, record, held[1] if held else 0))
+            elif (held is not None or key in ipcache_bad) and not failed:  # an allocation failed: keep what we have
                 writes.append(self._delete_ipcache(sem, key, held[1] if held else None))
         outcomes = await _gather(*writes)
         failed += outcomes.count(False)
@@ -311,16 +354,18 @@ class IdentityService:
 
         # release what no pod or policy uses any more
         wanted = set(lkeys.values())
+        unused = (self.identities.keys(schema.IDENTITY_LABELS_PREFIX) if full
+                  else [lkey for lkey in previous_lkeys.values() if lkey not in wanted])
 
         async def release(lkey: str) -> None:
             async with sem:
                 await self.allocator.release(lkey, self.config.gc_grace)
 
         await _gather(*(
-            release(lkey) for lkey in self.identities.keys(schema.IDENTITY_LABELS_PREFIX)
+            release(lkey) for lkey in unused
             if lkey not in wanted and self.identities.peek(lkey) is not None
         ))
-        if time.monotonic() >= self.next_sweep:  # a full scan of both key spaces
+        if full:  # a full scan of both key spaces
             self.next_sweep = time.monotonic() + min(self.config.gc_interval, self.config.orphan_age / 2)
             await self.allocator.sweep_orphans(self.config.orphan_age)
         laps.lap("housekeeping")
@@ -328,7 +373,29 @@ class IdentityService:
         self._report(len(desired), time.monotonic() - started)
         laps.report(self.ctx.detail, self.recent_passes)
         conflicted = self.allocator.conflicts != conflicts_before
+        if failed or conflicted:
+            self._full_due = True
         return bool(failed or conflicted)
+
+    def _ipcache_index(self, full: bool, pods: list[PodInfo], changed: set[str],
+                       pod_ids: dict[tuple[str, ...], int]) -> IpcacheIndex:
+        """The desired ipcache with this pass's pods: rebuilt on a full pass; else only the
+        pods re-derived, or whose label set's identity changed, claim again."""
+        previous, self._pod_ids = self._pod_ids, pod_ids
+        if full or self._index is None:
+            self._index = IpcacheIndex(self.cluster, self.cluster_id)
+            for pod in pods:
+                self._index.set_pod(pod.key, pod, pod_ids.get(pod.labels, 0))
+            return self._index
+        index = self._index
+        if pod_ids != previous:
+            for labels in {*pod_ids, *previous}:
+                if pod_ids.get(labels) != previous.get(labels):
+                    changed.update(index.pods_with(labels))
+        for key in changed:
+            pod = self.inputs.pod(key)
+            index.set_pod(key, pod, pod_ids.get(pod.labels, 0) if pod is not None else 0)
+        return index
 
     def _held_now(self, jobs: list[tuple[tuple[str, ...], int, str]],
                   lkeys: dict[tuple[str, ...], str]) -> list[int]:
@@ -429,9 +496,14 @@ class IdentityService:
         return True
 
     def _report(self, ipcache_entries: int, seconds: float) -> None:
-        ids = self.identities.keys(schema.IDENTITY_ID_PREFIX)
-        self.ctx.detail["identities"] = len(ids)
-        self.ctx.detail["label_sets"] = len(self.identities.keys(schema.IDENTITY_LABELS_PREFIX))
+        ids = label_sets = 0
+        for key in (*self.identities.entries, *self.identities.bad):
+            if key.startswith(schema.IDENTITY_ID_PREFIX):
+                ids += 1
+            elif key.startswith(schema.IDENTITY_LABELS_PREFIX):
+                label_sets += 1
+        self.ctx.detail["identities"] = ids
+        self.ctx.detail["label_sets"] = label_sets
         self.ctx.detail["ipcache"] = ipcache_entries
         self.ctx.detail["endpoints"] = len(self.inputs.pods)
         self.ctx.detail["passes"] = self.passes

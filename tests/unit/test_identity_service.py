@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
 from ciliary import schema
 from ciliary.bus import KVEntry
+from ciliary.runtime import Context, Settings
 from ciliary.testing import FakeBus
 from services.identity.allocator import Conflict
 from services.identity.service import (
     BusCasStore,
     IdentityConfig,
+    IdentityService,
     decode_identity,
     decode_ipcache,
     label_filter,
@@ -100,3 +105,65 @@ async def test_the_echo_of_an_own_write_is_no_news() -> None:
     assert store.observe(KVEntry("ipcache", "10.0.0.5_32", 1, ipc("10.0.0.5/32", 11))) is True
     assert store.observe(KVEntry("ipcache", "10.0.0.5_32", 2, None)) is True  # someone else's delete
     assert store.observe(KVEntry("ipcache", "bad", 3, b"\xc1")) is True
+
+
+def _resource(bus: FakeBus, manifest: dict[str, object]) -> str:
+    meta = manifest["metadata"]
+    assert isinstance(meta, dict)
+    key = f"{manifest['kind']}.{meta.get('namespace', 'default')}.{meta['name']}"
+    bus.put(schema.BUCKET_RESOURCES, key, schema.ResourceRecord(
+        kind=str(manifest["kind"]), api_version="v1", namespace=str(meta.get("namespace", "default")),
+        name=str(meta["name"]), uid="u", generation=1, created="", manifest=manifest))
+    return key
+
+
+def _pod(bus: FakeBus, name: str, app: str, ip: str) -> str:
+    key = _resource(bus, {"apiVersion": "v1", "kind": "Pod", "spec": {"nodeName": "n1"},
+                          "metadata": {"name": name, "namespace": "default", "labels": {"app": app}}})
+    bus.put(schema.BUCKET_STATUS, key, schema.StatusRecord(reporter="node/n1", status={"podIP": ip}))
+    return key
+
+
+def _ipcache_identity(bus: FakeBus, key: str) -> int:
+    held = bus.data.get(schema.BUCKET_IPCACHE, {}).get(key)
+    return schema.decode(held[1], schema.IPCacheRecord).identity if held else 0
+
+
+async def test_passes_after_the_first_touch_only_what_changed_and_still_heal() -> None:
+    """A relabel rewrites only its pod's ipcache key; a foreign write to a key is undone by
+    the next pass; a deleted pod's key goes; the counts in the health detail follow."""
+    bus = FakeBus()
+    for n in range(20):
+        _pod(bus, f"p{n}", f"a{n}", f"10.0.0.{n + 1}")
+    ctx = Context(service="identity", settings=Settings(nats_url="mem://", instance="identity-t"), bus=bus)
+    svc = IdentityService(ctx, IdentityConfig())
+
+    async def until(predicate: Any) -> None:
+        for _ in range(300):
+            if predicate():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition not reached")
+
+    async with asyncio.TaskGroup() as tg:
+        await svc.start(tg)
+        try:
+            await until(lambda: all(_ipcache_identity(bus, f"10.0.0.{n + 1}_32") for n in range(20)))
+            before = {n: _ipcache_identity(bus, f"10.0.0.{n + 1}_32") for n in range(20)}
+            bus.log.clear()
+            _pod(bus, "p3", "moved", "10.0.0.4")
+            await until(lambda: _ipcache_identity(bus, "10.0.0.4_32") not in (0, before[3]))
+            await asyncio.sleep(0.2)  # the passes that follow the relabel (its echoes)
+            ipcache_writes = [key for op, bucket, key in bus.log if bucket == schema.BUCKET_IPCACHE]
+            assert ipcache_writes == ["10.0.0.4_32"]
+            # another writer's value for a key this service owns: put back
+            bus.put(schema.BUCKET_IPCACHE, "10.0.0.7_32", schema.IPCacheRecord(
+                prefix="10.0.0.7/32", identity=999, source="pod", cluster="default", cluster_id=0))
+            await until(lambda: _ipcache_identity(bus, "10.0.0.7_32") == before[6])
+            bus.delete(schema.BUCKET_RESOURCES, "Pod.default.p9")
+            await until(lambda: "10.0.0.10_32" not in bus.data[schema.BUCKET_IPCACHE])
+            await until(lambda: ctx.detail.get("endpoints") == 19)
+            assert ctx.detail["label_sets"] == 21 and ctx.detail["identities"] >= 21
+        finally:
+            for task in tg._tasks:  # type: ignore[attr-defined]
+                task.cancel()
