@@ -6,8 +6,13 @@ Invariants:
   update by this process, so a leader cut off from the API server stops writing before
   the lease can expire for the others.
 - A lost update (409) or any failure only ends this round; nothing is retried blindly.
+  After a 429/503 the next round waits the answer's ``Retry-After`` when that is longer
+  than ``retry_period``.
 - ``on_change`` is called whenever `is_leader()` may have changed value (a gain, a loss,
-  a release); `release()` clears the holder when the process stops while leading.
+  a release), and after every write that renews a leadership that had run out, even if
+  nothing observed it running out (the deadline passed while that write was in flight):
+  a caller that found no leader in that gap and skipped its work is woken again.
+  `release()` clears the holder when the process stops while leading.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,12 +38,16 @@ RELEASE_TIMEOUT = 2.0  # seconds a stopping leader spends giving the lease up
 class LeaderElector:
     def __init__(self, client: KubeClient, settings: BridgeSettings,
                  on_change: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.client = client
         self.settings = settings
         self.on_change = on_change
         self.clock = clock
+        self.sleep = sleep
         self.renewed_at: float | None = None
+        self.reported = False  # `is_leader()` as last passed on through ``on_change``
+        self.retry_after = 0.0  # seconds the API server asked to wait (429/503), this round
         self._seen: tuple[tuple[str, str, int], float] | None = None  # record, first seen
         self._view: LeaseView | None = None
         self.holder = ""
@@ -54,22 +63,26 @@ class LeaderElector:
                 and self.clock() - self.renewed_at < self.settings.renew_deadline)
 
     async def run(self) -> None:
-        was = False
         while True:
             await self.round()
-            now = self.is_leader()
-            if now != was:
-                log.info("kubebridge: %s the lease %s/%s", "holds" if now else "does not hold",
-                         self.settings.lease_namespace, self.settings.lease_name)
-                was = now
-                self.on_change()
-            await asyncio.sleep(self.settings.retry_period)
-            if self.is_leader() != was:  # the renew deadline passed while sleeping
-                was = not was
-                self.on_change()
+            self._report()
+            await self.sleep(max(self.settings.retry_period, self.retry_after))
+            self._report()  # the renew deadline may have passed while sleeping
+
+    def _report(self, *, regained: bool = False) -> None:
+        """Call ``on_change`` if `is_leader()` changed since the last call, or if
+        ``regained`` (leadership renewed after running out, seen or not)."""
+        now = self.is_leader()
+        if now != self.reported:
+            log.info("kubebridge: %s the lease %s/%s", "holds" if now else "does not hold",
+                     self.settings.lease_namespace, self.settings.lease_name)
+        if now != self.reported or regained:
+            self.reported = now
+            self.on_change()
 
     async def round(self) -> None:
         s = self.settings
+        self.retry_after = 0.0
         try:
             try:
                 lease: dict[str, Any] | None = await self.client.request("GET", self.path)
@@ -95,12 +108,16 @@ class LeaderElector:
                 written = await self.client.request("POST", path, body=body)
             else:
                 written = await self.client.request("PUT", self.path, body=body)
+            lapsed = not self.is_leader()  # ran out at some moment before this write landed
             self.renewed_at = now
             self._view = LeaseView.of(written) if isinstance(written, dict) else None
             self.holder = s.identity
             self.counters["renewals" if action == "renew" else "acquired"] += 1
+            self._report(regained=lapsed)
         except ApiError as err:
             self.counters["conflicts" if err.status == 409 else "errors"] += 1
+            if err.status in (429, 503) and err.retry_after is not None:
+                self.retry_after = err.retry_after
             if err.status != 409:
                 log.info("kubebridge: lease: %s", err)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as err:
@@ -120,4 +137,4 @@ class LeaderElector:
                                    RELEASE_TIMEOUT)
         except (ApiError, aiohttp.ClientError, TimeoutError, ConnectionError) as err:
             log.info("kubebridge: releasing the lease: %s", err)
-        self.on_change()
+        self._report()

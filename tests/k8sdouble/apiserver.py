@@ -22,6 +22,7 @@ import base64
 import copy
 import json
 import secrets
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -82,6 +83,7 @@ class Request:
     path: str
     query: dict[str, str]
     status: int
+    at: float = field(default_factory=time.monotonic)  # when it was answered
 
 
 class ApiServerDouble:
