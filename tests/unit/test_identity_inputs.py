@@ -43,6 +43,9 @@ def test_policy_events_matter_only_through_cidrs_and_fqdn_selectors() -> None:
     assert event(cnp([{"toCIDR": ["10.0.0.0/8"]}]))
     assert inputs.compute_cidrs() == {"10.0.0.0/8": 1}
     assert not event(cnp([{"toCIDR": ["10.0.0.0/8"]}], selector="db"))  # same CIDRs
+    assert event(cnp([{"toCIDR": ["10.1.0.0/16"]}]))  # as many policies as before, a new revision
+    assert inputs.compute_cidrs() == {"10.1.0.0/16": 1}
+    assert event(cnp([{"toCIDR": ["10.0.0.0/8"]}]))
     assert event(cnp([{"toCIDR": ["10.0.0.0/8"]}, {"toFQDNs": [{"matchName": "a.example"}]}]))
     assert event(None)
     assert inputs.compute_cidrs() == {}
@@ -94,16 +97,25 @@ def test_only_touched_pods_are_derived_again_and_the_result_equals_a_fresh_deriv
         return next(p.labels for p in inputs.pods if p.name == name)
 
     assert sorted(inputs.compute_pods(), key=lambda p: p.key) == fresh()
+    assert inputs.changed == {"Pod.default.a", "Pod.default.b"}
     pods["Pod.default.a"] = pod_entry("a", 4, {"app": "a2"})
     inputs.compute_pods()
     assert "k8s:app=a" in labels_of("a")  # not touched: not looked at
+    assert inputs.changed == set()
     inputs.touch_pod("Pod.default.a")
     assert sorted(inputs.compute_pods(), key=lambda p: p.key) == fresh()
-    assert "k8s:app=a2" in labels_of("a")
+    assert "k8s:app=a2" in labels_of("a") and inputs.changed == {"Pod.default.a"}
+    same = inputs.pod("Pod.default.b")
+    pods["Pod.default.b"] = pod_entry("b", 6, {"app": "b"})  # a new revision, the same endpoint
+    inputs.touch_pod("Pod.default.b")
+    inputs.compute_pods()
+    assert inputs.changed == set() and inputs.pod("Pod.default.b") is same
     del pods["Pod.default.b"]
     inputs.touch_pod("Pod.default.b")
     assert [p.name for p in inputs.compute_pods()] == ["a"]
+    assert inputs.changed == {"Pod.default.b"} and inputs.pod("Pod.default.b") is None
     namespaces["Namespace._.default"] = namespace_entry("default", 5, {"team": "y"})
     inputs.touch_all()
     assert sorted(inputs.compute_pods(), key=lambda p: p.key) == fresh()
     assert "k8s:io.cilium.k8s.namespace.labels.team=y" in labels_of("a")
+    assert inputs.changed == {"Pod.default.a"}
