@@ -521,7 +521,7 @@ def write_results(path: Path, res: dict[str, Any], render: Callable[[dict[str, A
     path.write_text(json.dumps(res, indent=2) + "\n")
     print()
     print(render(res))
-    print(f"\nwrote {path.relative_to(REPO)}")
+    print(f"\nwrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
 
 def git_state() -> dict[str, Any]:

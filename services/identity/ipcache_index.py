@@ -83,9 +83,9 @@ class IpcacheIndex:
         """Keys of the pods (with or without a claim) whose label set is ``labels``."""
         return tuple(self._by_labels.get(labels, ()))
 
-    def pod_identity(self, key: str) -> int:
-        held = self._pods.get(key)
-        return held[1] if held is not None else 0
+    def pod_keys(self) -> list[str]:
+        """Keys of every pod the index holds."""
+        return list(self._pods)
 
     def set_nodes(self, nodes: Mapping[str, list[str]]) -> None:
         if nodes == self._nodes:

@@ -379,15 +379,18 @@ class IdentityService:
 
     def _ipcache_index(self, full: bool, pods: list[PodInfo], changed: set[str],
                        pod_ids: dict[tuple[str, ...], int]) -> IpcacheIndex:
-        """The desired ipcache with this pass's pods: rebuilt on a full pass; else only the
-        pods re-derived, or whose label set's identity changed, claim again."""
+        """The desired ipcache with this pass's pods: on a full pass every pod claims again;
+        else only the pods re-derived, or whose label set's identity changed."""
         previous, self._pod_ids = self._pod_ids, pod_ids
-        if full or self._index is None:
+        if self._index is None:
             self._index = IpcacheIndex(self.cluster, self.cluster_id)
-            for pod in pods:
-                self._index.set_pod(pod.key, pod, pod_ids.get(pod.labels, 0))
-            return self._index
         index = self._index
+        if full:  # every pod claims again (a no-op for the unchanged ones)
+            for pod in pods:
+                index.set_pod(pod.key, pod, pod_ids.get(pod.labels, 0))
+            for key in [key for key in index.pod_keys() if self.inputs.pod(key) is None]:
+                index.set_pod(key, None, 0)
+            return index
         if pod_ids != previous:
             for labels in {*pod_ids, *previous}:
                 if pod_ids.get(labels) != previous.get(labels):

@@ -15,7 +15,9 @@ Invariants:
   orphans once every input (``ipcache``, ``services``, ``policy``, ``pods``) has synced.
 - Each input is a ``Mirror`` named after it in the service health; after its first
   ``SYNCED`` every change re-translates what it affects, and every (re-)sync
-  re-translates all of it.
+  re-translates all of it. An ``ipcache`` or ``services`` key is its own reconciler owner
+  (``translate.ipcache_owner``, ``frontend_owner``): one changed key re-translates and
+  re-diffs one record, never the whole bucket.
 - Endpoints are registered by the CNI plugin over NATS (``ciliary.node.<c>.<n>.endpoint``)
   and recorded in ``<state dir>/endpoints.json`` with their endpoint id.
 - Once the datapath is compiled and loaded, the compiler's resident pages and freed heap
@@ -146,6 +148,7 @@ class NodeAgent:
         self.endpoints = EndpointBook(self.state_dir)
         # the mirrors' decoded values (by KV key) once watching; empty before
         self.ipcache: Mapping[str, schema.IPCacheRecord] = {}
+        self._ipcache_owned: set[str] = set()  # ipcache keys with an entry in the reconciler
         self.frontends: Mapping[str, schema.LBFrontend] = {}
         self.policies: Mapping[str, schema.PolicyMapRecord] = {}
         self.peer_routes: dict[str, str] = {}  # pod CIDR -> via, as routed
@@ -348,7 +351,7 @@ class NodeAgent:
 
     def _watch_desired_state(self, tg: asyncio.TaskGroup) -> None:
         self.ipcache = self._follow(tg, "ipcache", schema.BUCKET_IPCACHE, ">", schema.IPCacheRecord,
-                                    lambda _key: self._sync_ipcache())
+                                    self._sync_ipcache)
         self.frontends = self._follow(tg, "services", schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>",
                                       schema.LBFrontend, self._sync_frontends)
         self.policies = self._follow(tg, "policy", schema.BUCKET_POLICY, f"{schema.POLICY_ID_PREFIX}>",
@@ -378,10 +381,27 @@ class NodeAgent:
         if self.loop_ is not None and self.inputs <= self.synced:
             self.loop_.request_resync()
 
-    def _sync_ipcache(self) -> None:
-        entries = T.ipcache_entries(self.ipcache.values(), self.node)
-        self.reconciler.set_desired(T.IPCACHE_OWNER, entries)
-        self.ctx.detail["ipcache"] = len(entries)
+    def _sync_ipcache(self, key: str | None) -> None:
+        """One prefix's entry (``key``), or every prefix after a (re-)sync; each prefix is
+        its own reconciler owner, so one change costs one row, not the whole table."""
+        if key is not None:
+            entries = T.ipcache_record_entries(self.ipcache.get(key), self.node)
+            self.reconciler.set_desired(T.ipcache_owner(key), entries)
+            if entries:
+                self._ipcache_owned.add(key)
+            else:
+                self._ipcache_owned.discard(key)
+        else:
+            owned = set()
+            for each, record in self.ipcache.items():
+                entries = T.ipcache_record_entries(record, self.node)
+                self.reconciler.set_desired(T.ipcache_owner(each), entries)
+                if entries:
+                    owned.add(each)
+            for gone in self._ipcache_owned - owned:
+                self.reconciler.clear_owner(T.ipcache_owner(gone))
+            self._ipcache_owned = owned
+        self.ctx.detail["ipcache"] = len(self._ipcache_owned)
         self._sync_endpoint_entries()
 
     def _sync_endpoint_entries(self) -> None:

@@ -32,11 +32,17 @@ from ciliary import schema
 from services.node import layouts as L
 from services.node import maps as M
 
-IPCACHE_OWNER = "ipcache"
+IPCACHE_OWNER_PREFIX = "ipcache:"
 ENDPOINTS_OWNER = "endpoints"
 POLICY_OWNER_PREFIX = "policy:"
 LB_OWNER_PREFIX = "lb:"
 IDENTITY_INIT = schema.IDENTITY_INIT  # until the endpoint's identity resolves
+
+
+def ipcache_owner(key: str) -> str:
+    """Reconciler owner of one ``ipcache`` KV key's entry (one owner per prefix, so a change
+    of one prefix touches one row)."""
+    return f"{IPCACHE_OWNER_PREFIX}{key}"
 
 
 def policy_owner(identity: int) -> str:
@@ -59,15 +65,18 @@ class EndpointAddress(Protocol):
 
 
 def ipcache_entries(records: Iterable[schema.IPCacheRecord], node: str) -> list[M.Entry]:
-    entries = []
-    for record in records:
-        if ":" in record.prefix:
-            continue  # IPv4 datapath
-        identity = record.identity
-        if record.source == "node" and record.node == node:
-            identity = L.IDENTITY_HOST
-        entries.append(M.ipcache_entry(record.prefix, identity))
-    return entries
+    return [entry for record in records for entry in ipcache_record_entries(record, node)]
+
+
+def ipcache_record_entries(record: schema.IPCacheRecord | None, node: str) -> list[M.Entry]:
+    """The ipcache map entry of one record (none for IPv6: the datapath is IPv4); this
+    node's own addresses map to the host identity."""
+    if record is None or ":" in record.prefix:
+        return []
+    identity = record.identity
+    if record.source == "node" and record.node == node:
+        identity = L.IDENTITY_HOST
+    return [M.ipcache_entry(record.prefix, identity)]
 
 
 def identity_of_ip(ipcache: Mapping[str, schema.IPCacheRecord], ip: str) -> int:
@@ -257,8 +266,8 @@ def peer_routes(statuses: Mapping[str, schema.StatusRecord], node: str) -> dict[
 
 
 __all__ = [
-    "ENDPOINTS_OWNER", "IDENTITY_INIT", "IPCACHE_OWNER", "LB_OWNER_PREFIX", "POLICY_OWNER_PREFIX",
+    "ENDPOINTS_OWNER", "IDENTITY_INIT", "IPCACHE_OWNER_PREFIX", "LB_OWNER_PREFIX", "POLICY_OWNER_PREFIX",
     "EndpointAddress", "PolicyPlan", "PolicySelection", "endpoint_entries", "frontend_entries",
-    "frontend_owner", "identity_of_ip", "ipcache_entries", "lb_frontend_entries", "local_identities",
+    "frontend_owner", "identity_of_ip", "ipcache_entries", "ipcache_owner", "ipcache_record_entries", "lb_frontend_entries", "local_identities",
     "peer_routes", "policy_map_entries", "policy_owner", "selects_backend", "serves_here",
 ]
