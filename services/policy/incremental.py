@@ -234,10 +234,8 @@ class PolicyEngine:
         norm = normalize_all(policies, self.opts)
         new = {p.key: p for p in norm}
         old = self._policies
-        changed = {
-            k for k in old.keys() | new.keys()
-            if old.get(k) is not new.get(k) and old.get(k) != new.get(k)
-        }
+        changed = {k for k, pol in new.items() if (was := old.get(k)) is not pol and was != pol}
+        changed.update(k for k in old if k not in new)
         if not changed:
             return changed
         for key in changed:  # subjects before the change (selections not yet updated)

@@ -2,7 +2,9 @@
 
 Invariants:
 - Pure over the mirrored entries: no bus, no clock. Policies are decoded and normalized
-  once per KV revision; caches drop keys no mirror holds. Pods come as events
+  once per KV revision; caches drop keys no mirror holds. While no policy mirror changed
+  (its size and newest revision: KV revisions only grow), `policies` returns the very
+  objects of its previous call, so a caller can tell "unchanged" by identity. Pods come as events
   (`on_pod`), decoded once per revision; the named-port table is recomputed only when
   a pod's named container ports (or name) or the ipcache's pod identities changed, and
   an unchanged table is returned as the same object.
@@ -76,8 +78,21 @@ class PolicyInputs:
         self._pods: dict[str, tuple[int, str, dict[str, Any], tuple[Any, ...]]] = {}
         self._pods_version = 0  # counts changes of what named ports are made of
         self._named: tuple[Any, dict[int, dict[str, tuple[int, int]]]] | None = None
+        self._policies: tuple[Any, tuple[list[NormPolicy], dict[PolicyKey, str], dict[PolicyKey, int]]] | None = None
 
     def policies(self) -> tuple[list[NormPolicy], dict[PolicyKey, str], dict[PolicyKey, int]]:
+        """Normalized policies (sorted by KV key within each kind), their KV keys and
+        generations; the previous call's objects while no policy mirror changed."""
+        version = tuple(
+            (len(entries), max((entry.revision for entry in entries.values()), default=0))
+            for entries in (self.resources.get(kind, {}) for kind in POLICY_KINDS))
+        if self._policies is not None and self._policies[0] == version:
+            return self._policies[1]
+        result = self._collect_policies()
+        self._policies = (version, result)
+        return result
+
+    def _collect_policies(self) -> tuple[list[NormPolicy], dict[PolicyKey, str], dict[PolicyKey, int]]:
         norm: list[NormPolicy] = []
         keys: dict[PolicyKey, str] = {}
         generations: dict[PolicyKey, int] = {}

@@ -119,6 +119,12 @@ class PolicyKey:
     namespace: str  # "" for the clusterwide kind
     name: str
 
+    def __post_init__(self) -> None:  # keys are looked up in every pass: hash once
+        object.__setattr__(self, "_hash", hash((self.kind, self.namespace, self.name)))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined, no-any-return]
+
     def __str__(self) -> str:
         return f"{self.kind}/{self.namespace}/{self.name}" if self.namespace else (
             f"{self.kind}/{self.name}")

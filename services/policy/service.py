@@ -120,6 +120,7 @@ class PolicyService:
         self.policy_bucket: dict[str, tuple[int, bytes]] = {}  # key -> (revision, value)
         self.status_written: dict[str, dict[str, Any]] = {}  # status key -> payload
         self.status_source: dict[str, PolicyStatus] = {}  # status key -> what it was made of
+        self._status_keys_swept: dict[PolicyKey, str] | None = None  # policy set last swept
         self.inputs = PolicyInputs(self.options)
         self.norm: list[NormPolicy] = []
         self.named_ports: dict[int, dict[str, tuple[int, int]]] = {}
@@ -299,15 +300,16 @@ class PolicyService:
                 added[ident] = labels | extra
                 self.identities[ident] = IdentityView(ident, labels | extra)
         small = self._small(norm, len(added) + len(removed))
+        policies_now = norm if self._applied is None or norm is not self._applied[0] else None
+        ports_now = self.named_ports if self._applied is None or self.named_ports is not self._applied[1] else None
         self._applied = (norm, self.named_ports)
-        step = await self._run(small, self.engine.begin, norm, added, sorted(removed),
-                               self.named_ports)
+        step = await self._run(small, self.engine.begin, policies_now, added, sorted(removed), ports_now)
         return step, small
 
     def _pod_address_changes(self, norm: list[NormPolicy]) -> set[int]:
         """The identities whose ``podip:`` labels changed since the last pass (see
         `PodAddressLabels`): recomputed when the ipcache's pods or the ipBlocks changed."""
-        ids = tuple(id(p) for p in norm)
+        ids = self._blocks[0] if self._applied is not None and norm is self._applied[0] else tuple(id(p) for p in norm)
         if ids != self._blocks[0]:
             blocks = ipblock_networks(norm)
             if blocks != self._blocks[1]:
@@ -327,6 +329,8 @@ class PolicyService:
         the identities its rules select now), the named-port table unchanged."""
         if self._applied is None or self.named_ports is not self._applied[1]:
             return False
+        if norm is self._applied[0]:  # the policies are unchanged
+            return identity_changes <= SMALL_PASS
         before = {id(p): p for p in self._applied[0]}
         now = {id(p) for p in norm}
         changed = [p for p in norm if id(p) not in before]  # new objects: new or updated
@@ -360,13 +364,14 @@ class PolicyService:
     async def _write_statuses(self, res: Resolution, status_keys: dict[PolicyKey, str],
                               generations: dict[PolicyKey, int]) -> None:
         """The status of every policy whose payload changed; a status object the engine
-        kept from the previous pass has the payload already written."""
+        kept from the previous pass has the payload already written. Statuses of policies
+        that went are deleted when the policy set changed (a new ``status_keys``)."""
         reporter = f"policy/{self.ctx.settings.instance}"
-        wanted: dict[str, tuple[PolicyStatus, int]] = {}
+        changed = []
         for pkey, st in res.statuses.items():
             key = status_keys.get(pkey)
-            if key is not None:
-                wanted[key] = (st, generations.get(pkey, 0))
+            if key is not None and self.status_source.get(key) is not st:
+                changed.append((key, st, generations.get(pkey, 0)))
 
         async def put(key: str, st: PolicyStatus, gen: int) -> None:
             payload = status_payload(st)
@@ -382,10 +387,12 @@ class PolicyService:
             del self.status_written[key]
             self.status_source.pop(key, None)
 
-        await bounded_gather([put(key, st, gen) for key, (st, gen) in sorted(wanted.items())
-                              if self.status_source.get(key) is not st])
-        await bounded_gather([delete(key) for key in sorted(self.status_written)
-                              if key not in wanted])
+        await bounded_gather([put(key, st, gen) for key, st, gen in sorted(changed, key=lambda c: c[0])])
+        if status_keys is self._status_keys_swept:
+            return
+        wanted = {key for pkey, key in status_keys.items() if pkey in res.statuses}
+        await bounded_gather([delete(key) for key in sorted(self.status_written) if key not in wanted])
+        self._status_keys_swept = status_keys  # only once every delete went through
 
     # ---------------------------------------------------------------- trace
 
