@@ -425,7 +425,7 @@ def lock_manifest() -> str:
 def passes_in(reports: list[Any], window: tuple[float, float]) -> dict[str, float]:
     """Per service (identity, policy): the passes that started between the write and the
     first attempt with the new verdict (``recent_passes`` in the service health): how
-    many, their summed time and the longest, and the summed parts of the policy passes."""
+    many, their summed time and the longest, and the summed parts of each service's passes."""
     out: dict[str, float] = {}
     for service in ("identity", "policy"):
         recent = service_detail(reports, service).get("recent_passes") or []
@@ -433,9 +433,10 @@ def passes_in(reports: list[Any], window: tuple[float, float]) -> dict[str, floa
         out[f"{service}_passes"] = len(ran)
         out[f"{service}_pass_sum_ms"] = round(sum(p.get("ms", 0) for p in ran), 2)
         out[f"{service}_pass_max_ms"] = max((p.get("ms", 0) for p in ran), default=0.0)
-        if service == "policy":
-            for part in ("resolve", "encode", "write"):
-                out[f"policy_{part}_sum_ms"] = round(sum(p.get(part, 0) for p in ran), 2)
+        parts = ("resolve", "encode", "write") if service == "policy" else (
+            "inputs", "allocate", "ipcache", "housekeeping")
+        for part in parts:
+            out[f"{service}_{part}_sum_ms"] = round(sum(p.get(part, 0) for p in ran), 2)
     return out
 
 
