@@ -121,7 +121,8 @@ class IdentityService:
         self.next_sweep = 0.0
         self._index: IpcacheIndex | None = None  # the desired ipcache, kept across passes
         self._pod_ids: dict[tuple[str, ...], int] = {}  # pod label set -> identity, last pass
-        self._full_due = True
+        self._full_due = True  # a watch (re)synced or an audit healed the view
+        self._last_pass_ok = False  # the previous pass failed, raised, or there was none
         self._ipcache_news: set[str] = set()  # ipcache keys whose view changed since the last pass
         self._mesh_changed = True
         self.recent_passes: deque[dict[str, Any]] = deque(maxlen=watch.RECENT_PASSES)
@@ -275,8 +276,9 @@ class IdentityService:
         started = time.monotonic()
         laps = watch.PassClock()
         self.passes += 1
-        full = self._full_due or self._index is None or started >= self.next_sweep
+        full = self._full_due or not self._last_pass_ok or started >= self.next_sweep
         self._full_due = False
+        self._last_pass_ok = False  # until this pass ends without a failure (it may raise)
         conflicts_before = self.allocator.conflicts
         # ipcache as it was *before* reading the inputs: a write another replica made from
         # newer inputs meanwhile has a newer revision, so our CAS fails instead of undoing it
@@ -373,8 +375,7 @@ class IdentityService:
         self._report(len(desired), time.monotonic() - started)
         laps.report(self.ctx.detail, self.recent_passes)
         conflicted = self.allocator.conflicts != conflicts_before
-        if failed or conflicted:
-            self._full_due = True
+        self._last_pass_ok = not (failed or conflicted)
         return bool(failed or conflicted)
 
     def _ipcache_index(self, full: bool, pods: list[PodInfo], changed: set[str],

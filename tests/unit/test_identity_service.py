@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ciliary import schema
-from ciliary.bus import KVEntry
+from ciliary.bus import BusError, KVEntry
 from ciliary.runtime import Context, Settings
 from ciliary.testing import FakeBus
 from services.identity.allocator import Conflict
@@ -164,6 +164,53 @@ async def test_passes_after_the_first_touch_only_what_changed_and_still_heal() -
             await until(lambda: "10.0.0.10_32" not in bus.data[schema.BUCKET_IPCACHE])
             await until(lambda: ctx.detail.get("endpoints") == 19)
             assert ctx.detail["label_sets"] == 21 and ctx.detail["identities"] >= 21
+        finally:
+            for task in tg._tasks:  # type: ignore[attr-defined]
+                task.cancel()
+
+
+async def test_a_pass_that_raised_is_followed_by_a_full_one() -> None:
+    """A relabel whose release of the old label set fails on the bus: the pass raises, and
+    the next pass (a full one) still releases the label set nobody uses any more."""
+    bus = FakeBus()
+    _pod(bus, "p0", "before", "10.0.0.1")
+    ctx = Context(service="identity", settings=Settings(nats_url="mem://", instance="identity-t"), bus=bus)
+    svc = IdentityService(ctx, IdentityConfig())
+    release = svc.allocator.release
+    calls = 0
+
+    async def flaky_release(lkey: str, grace: float) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise BusError("the bus hiccuped")
+        return await release(lkey, grace)
+
+    svc.allocator.release = flaky_release  # type: ignore[method-assign]
+
+    def old_set() -> Any:
+        for key, (_, value) in bus.data.get(schema.BUCKET_IDENTITIES, {}).items():
+            if key.startswith(schema.IDENTITY_LABELS_PREFIX):
+                record = schema.decode(value, schema.IdentityLabelsRecord)
+                if "k8s:app=before" in record.labels:
+                    return record
+        return None
+
+    async with asyncio.TaskGroup() as tg:
+        await svc.start(tg)
+        try:
+            for _ in range(300):
+                if old_set() is not None and _ipcache_identity(bus, "10.0.0.1_32"):
+                    break
+                await asyncio.sleep(0.01)
+            _pod(bus, "p0", "after", "10.0.0.1")
+            for _ in range(500):
+                record = old_set()
+                if record is not None and record.refs == 0 and record.unused_since:
+                    break
+                await asyncio.sleep(0.01)
+            assert calls >= 2, "the release was not tried again"
+            assert old_set().refs == 0 and old_set().unused_since
         finally:
             for task in tg._tasks:  # type: ignore[attr-defined]
                 task.cancel()
