@@ -13,9 +13,10 @@ Invariants:
   nothing is written before every watch has delivered its initial state. A pass costs
   what changed: pods are re-derived only when touched, the desired ipcache is kept by
   deltas (``IpcacheIndex``), and only keys whose winner or whose watched value changed are
-  compared. A full pass (the first, one after any failed write, conflict, sync or healing
-  audit, and one per sweep period) compares every key and scans every label set, so
-  whatever a delta missed is repaired within ``min(gc_interval, orphan_age / 2)``.
+  compared. A full pass compares every key and scans every label set: the first, one
+  after a pass that failed a write, conflicted or raised, one after a watch sync or a
+  healing audit, and one per sweep period, so whatever a delta missed is repaired within
+  ``min(gc_interval, orphan_age / 2)``.
 - Any number of replicas may run: every write is a compare-and-set against the revision
   this replica saw; a conflict only schedules another pass.
 - Passes are serial (``ciliary.watch.PassLoop``: a burst of changes becomes one pass); within a pass, writes to different keys run in
@@ -269,8 +270,8 @@ class IdentityService:
     async def reconcile(self) -> bool:
         """One pass; True when another pass is needed (conflicts, failed writes).
 
-        A full pass (the first, one after a failure or an audit that healed the view, and
-        one per sweep period) compares every ``ipcache`` key and scans every label set for
+        A full pass (the first, one after a pass that failed, conflicted or raised, after a
+        sync or an audit that healed the view, and one per sweep period) compares every ``ipcache`` key and scans every label set for
         release; the others compare only the keys whose winner may have changed or whose
         view changed, and release only the label sets that fell out of use."""
         started = time.monotonic()
