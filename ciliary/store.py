@@ -147,7 +147,11 @@ class StoredObject:
         return manifest
 
 
-READ_BY_LIST_MIN = 32  # objects of one kind and namespace from which one kv_list reads them
+# Objects of one kind and namespace from which one kv_list reads them all. A list costs
+# what the namespace holds, pipelined gets what is applied: 100 EndpointSlices applied into
+# a namespace of 50,000 took 0.9 s listed; 1,000 objects into a small namespace take 0.15 s
+# longer as gets than listed (bench/apply.py, bench/servicelb.py --kv-sizes 50000).
+READ_BY_LIST_MIN = 256
 WRITE_CONCURRENCY = 256  # writes (and reads, roll-back writes) in flight during an apply
 
 Progress = Callable[[int, int], None]  # (writes done, writes planned)
