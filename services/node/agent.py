@@ -571,6 +571,8 @@ class NodeAgent:
             (m.fill or 0.0 for m in stats.maps.values() if m.max_entries), default=0.0)
         self.ctx.detail["reconciler"] = {"pending": stats.pending, "error": stats.error,
                                          "total_errors": stats.total_errors}
+        if self.loop_ is not None and self.loop_.last_resync:
+            self.ctx.detail["last_resync"] = self.loop_.last_resync
         self.caches.publish(self.ctx.detail)
 
     # ------------------------------------------------------------------ stop

@@ -53,7 +53,8 @@ Invariants:
   to this by calling ``reconcile`` synchronously on the loop.
 - ``ReconcileLoop`` never holds the event loop for a whole resync: maps are dumped in a
   thread and learned in chunks (``Resync``), and a kicked change is reconciled in between,
-  so one change's latency does not depend on the table's size.
+  so one change's latency does not depend on the table's size. ``last_resync`` keeps the
+  last resync's duration, its phases and its longest step on the loop.
 - ``stats`` reads running totals (O(maps)); ``recount`` re-derives them by walking the
   table and must always agree.
 - ``ReconcileLoop`` runs the reconcile a ``kick`` asked for in a ``node map write``
@@ -70,6 +71,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ciliary import tracing
 from ciliary.backoff import ENTRY_CAP, backoff_delay
@@ -749,6 +751,9 @@ class ReconcileLoop:
         self._next_resync: float | None = None  # None: first resync one interval after restore
         self.causes = tracing.Causes()  # the traced changes behind the next kicked reconcile
         self._kicked = False
+        # the last full resync: its start (Unix time), whole duration and the time spent in
+        # each of its phases (ms), for the health detail
+        self.last_resync: dict[str, Any] = {}
 
     def kick(self) -> None:
         """Reconcile soon (call after ``set_desired``)."""
@@ -796,8 +801,22 @@ class ReconcileLoop:
 
     async def _full_resync(self, now: float) -> ResyncResult:
         """``full_resync`` without stalling the loop: each map is dumped in a thread and
-        learned in chunks; a change kicked meanwhile is reconciled between chunks."""
+        learned in chunks; a change kicked meanwhile is reconciled between chunks. Times
+        its phases into ``last_resync`` (and logs them when it took over a second)."""
+        wall, started = time.time(), time.perf_counter()
+        phases = {"begin": 0.0, "dump": 0.0, "learn": 0.0, "finish": 0.0}
+        longest_step = 0.0
+
+        def lap(phase: str, since: float) -> float:
+            nonlocal longest_step
+            at = time.perf_counter()
+            phases[phase] += at - since
+            longest_step = max(longest_step, at - since) if phase != "dump" else longest_step
+            return at
+
+        mark = time.perf_counter()
         resync = self.reconciler.begin_resync()
+        mark = lap("begin", mark)
         try:
             for m in resync.maps:
                 resync.dump_starting()
@@ -806,12 +825,24 @@ class ReconcileLoop:
                 except MapOpsError as err:
                     resync.dump_failed(m, err)
                     continue
+                finally:
+                    mark = lap("dump", mark)
                 for _ in resync.learn(m, dumped):
+                    mark = lap("learn", mark)
                     await asyncio.sleep(0)
                     if self._kicked:
                         self._reconcile(self.clock())
+                    mark = time.perf_counter()
+                mark = lap("learn", mark)
         finally:
             result = resync.finish(self.ops, now)
+            lap("finish", mark)
+            whole = time.perf_counter() - started
+            self.last_resync = {"start": round(wall, 3), "ms": round(whole * 1000, 1),
+                                "longest_step_ms": round(longest_step * 1000, 1),
+                                **{f"{k}_ms": round(v * 1000, 1) for k, v in phases.items()}}
+            if whole > 1.0:
+                log.info("full resync took %.1fs: %s", whole, self.last_resync)
         return result
 
     async def _dump_meanwhile_reconciling(self, map_name: str) -> dict[Layout, Layout]:

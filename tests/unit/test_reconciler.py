@@ -876,6 +876,9 @@ async def test_a_change_during_a_resync_is_applied_at_once_and_not_undone_by_the
                 break
             await asyncio.sleep(0.01)
         assert loop.reconciler.stats().last_resync is not None
+        timing = loop.last_resync  # the resync's phases, for the health detail
+        assert set(timing) == {"start", "ms", "longest_step_ms", "begin_ms", "dump_ms", "learn_ms", "finish_ms"}
+        assert timing["ms"] >= timing["dump_ms"] > 0 and timing["longest_step_ms"] <= timing["ms"]
         # stale dumps (they may still hold old and lack new) changed nothing
         assert set(ops.maps_snapshot(L.IPCACHE)) == {new.key}
         assert loop.reconciler.stats() == loop.reconciler.recount()
