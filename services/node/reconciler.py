@@ -518,6 +518,8 @@ class Reconciler:
     def full_resync(self, ops: MapOps, now: float) -> ResyncResult:
         """Dump, repair drift, prune orphans in owned maps, then ``reconcile``."""
         resync = self.begin_resync()
+        for _ in resync.prepare():
+            pass
         for m in resync.maps:
             resync.dump_starting()
             try:
@@ -665,8 +667,9 @@ def _schedule(rows: list[_Row], *, reverse: bool) -> list[tuple[str, list[_Row]]
 
 
 class Resync:
-    """One full resync of a ``Reconciler`` in steps: per map, a dump (which the driver may
-    take in another thread) then ``learn`` in chunks; ``finish`` reconciles.
+    """One full resync of a ``Reconciler`` in steps: ``prepare`` (the table's rows grouped
+    by map, in chunks), then per map a dump (which the driver may take in another thread)
+    and ``learn`` in chunks; ``finish`` reconciles.
 
     Between steps the owning loop may call ``set_desired`` and ``reconcile`` as usual. A
     dump is a snapshot: rows whose kernel belief changed, or that were added or dropped,
@@ -676,14 +679,28 @@ class Resync:
     """
 
     CHUNK = 2048  # rows (or dumped entries) learned per step
+    GROUP_CHUNK = 16384  # rows grouped by map per step of ``prepare``
 
     def __init__(self, rec: Reconciler) -> None:
         self._rec = rec
-        self._by_map = rec._rows_by_map()
-        self.maps: list[str] = sorted(rec.owned_maps | self._by_map.keys())
+        self._snapshot: list[tuple[RowKey, _Row]] | None = list(rec._rows.items())
+        self._by_map: dict[str, list[tuple[RowKey, _Row]]] = {}
+        self.maps: list[str] = []  # set by ``prepare``
         self.drifted = self.orphans = 0
         self.failed: list[str] = []
         rec._track_kernel_changes(True)
+
+    def prepare(self) -> Iterator[None]:
+        """Group the table's rows (as they were when the resync began) by map, then set
+        ``maps``; yields between chunks. Rows dropped meanwhile are skipped when learned;
+        rows added meanwhile are not learned from the dumps (their own writes set them)."""
+        snapshot, self._snapshot = self._snapshot or [], None
+        by_map = self._by_map
+        for at in range(0, len(snapshot), self.GROUP_CHUNK):
+            for rk, row in snapshot[at:at + self.GROUP_CHUNK]:
+                by_map.setdefault(rk[0], []).append((rk, row))
+            yield
+        self.maps = sorted(self._rec.owned_maps | by_map.keys())
 
     def dump_starting(self) -> None:
         """Call just before each dump: from here on, changes make that dump stale."""
@@ -816,6 +833,12 @@ class ReconcileLoop:
 
         mark = time.perf_counter()
         resync = self.reconciler.begin_resync()
+        for _ in resync.prepare():
+            mark = lap("begin", mark)
+            await asyncio.sleep(0)
+            if self._kicked:
+                self._reconcile(self.clock())
+            mark = time.perf_counter()
         mark = lap("begin", mark)
         try:
             for m in resync.maps:

@@ -897,6 +897,8 @@ def test_resync_in_steps_yields_between_chunks_of_a_large_map():
                                 for i in range(5000)])
     rec.reconcile(ops, 0.0)
     resync = rec.begin_resync()
+    resync.GROUP_CHUNK = 1000
+    assert sum(1 for _ in resync.prepare()) == 5  # grouping the rows by map is stepped too
     steps = 0
     for m in resync.maps:
         resync.dump_starting()
@@ -905,3 +907,30 @@ def test_resync_in_steps_yields_between_chunks_of_a_large_map():
     assert steps >= 5000 // resync.CHUNK  # the ipcache rows alone take several steps
     assert (result.drifted, result.orphans) == (0, 0)
     assert rec.stats().last_resync == 1.0
+
+
+def test_rows_added_and_dropped_while_a_resync_groups_the_table_end_as_desired():
+    rec = Reconciler()
+    ops = M.FakeMapOps()
+    first = [M.ipcache_entry(f"10.1.{i // 250}.{i % 250}/32", 1000 + i) for i in range(3000)]
+    rec.set_desired("a", first)
+    rec.reconcile(ops, 0.0)
+    resync = rec.begin_resync()
+    resync.GROUP_CHUNK = 1000
+    steps = resync.prepare()
+    next(steps)  # one chunk grouped; the table changes before the rest
+    added = M.ipcache_entry("10.2.0.1/32", 7)
+    rec.set_desired("a", first[1000:])  # the first thousand rows go
+    rec.set_desired("b", [added])
+    rec.reconcile(ops, 0.5)
+    for _ in steps:
+        pass
+    for m in resync.maps:
+        resync.dump_starting()
+        for _ in resync.learn(m, ops.dump(m)):
+            pass
+    result = resync.finish(ops, 1.0)
+    assert result.orphans == 0 and result.drifted == 0
+    assert set(ops.dump(L.IPCACHE)) == {e.key for e in first[1000:]} | {added.key}
+    assert rec.stats() == rec.recount()
+    assert {e.status for e in rec.entries()} == {Status.DONE}
