@@ -108,7 +108,9 @@ async def test_initial_sync_changes_status_and_events(
     service["spec"]["ports"][0]["port"] = 8080
     double.put_object(service)
     double.delete_object("NetworkPolicy", "shop", "web-from-frontend")
+    # a key being replaced can be missing from one listing of the bucket: look again then
     await eventually(lambda: _when(resources(bus), lambda r: "Pod.shop.web-2" in r
+                                   and "Service.shop.web" in r
                                    and r["Service.shop.web"].manifest["spec"]["ports"][0]["port"] == 8080
                                    and "NetworkPolicy.shop.web-from-frontend" not in r), 20,
                      "add, update and delete applied")
