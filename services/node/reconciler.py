@@ -841,15 +841,22 @@ class ReconcileLoop:
             longest_step = max(longest_step, at - since) if phase != "dump" else longest_step
             return at
 
+        async def in_steps(phase: str, steps: Iterator[None]) -> None:
+            """Run ``steps`` on the loop, timing each; a kicked change goes in between."""
+            mark = time.perf_counter()
+            for _ in steps:
+                lap(phase, mark)
+                await asyncio.sleep(0)
+                if self._kicked:
+                    self._reconcile(self.clock())
+                mark = time.perf_counter()
+            lap(phase, mark)
+
         mark = time.perf_counter()
         resync = self.reconciler.begin_resync()
-        for _ in resync.prepare():
-            mark = lap("begin", mark)
-            await asyncio.sleep(0)
-            if self._kicked:
-                self._reconcile(self.clock())
-            mark = time.perf_counter()
-        mark = lap("begin", mark)
+        lap("begin", mark)
+        await in_steps("begin", resync.prepare())
+        mark = time.perf_counter()
         try:
             for m in resync.maps:
                 resync.dump_starting()
@@ -860,13 +867,8 @@ class ReconcileLoop:
                     continue
                 finally:
                     mark = lap("dump", mark)
-                for _ in resync.learn(m, dumped):
-                    mark = lap("learn", mark)
-                    await asyncio.sleep(0)
-                    if self._kicked:
-                        self._reconcile(self.clock())
-                    mark = time.perf_counter()
-                mark = lap("learn", mark)
+                await in_steps("learn", resync.learn(m, dumped))
+                mark = time.perf_counter()
         finally:
             result = resync.finish(self.ops, now)
             lap("finish", mark)
