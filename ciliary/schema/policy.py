@@ -1,10 +1,11 @@
 """Policy resolution: the records of bucket ``policy``, policy status and policy trace.
 
 Invariants:
-- Bucket ``policy`` (writer: policy) holds one key per local identity that at least one
-  policy selects: ``policy_key(identity)`` = ``id.<identity>`` -> PolicyMapRecord. No key
-  means no policy selects the identity: allow all in both directions. The writer puts new
-  and changed keys before it deletes stale ones.
+- Bucket ``policy`` (writer: policy) holds one key per local identity:
+  ``policy_key(identity)`` = ``id.<identity>`` -> PolicyMapRecord; an identity no policy
+  selects has an open record (neither direction enforced, no entries). No key means "not
+  resolved yet": the node executor keeps an endpoint's previous identity while its new
+  one has no key. The writer puts new and changed keys before it deletes stale ones.
 - Policy status goes to bucket ``status`` under the policy object's own key
   (``CiliumNetworkPolicy.<ns>.<name>``, ...) as a StatusRecord whose ``status`` is
   PolicyStatusRecord's fields.

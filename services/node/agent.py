@@ -151,6 +151,7 @@ class NodeAgent:
         self._ipcache_owned: set[str] = set()  # ipcache keys with an entry in the reconciler
         self.frontends: Mapping[str, schema.LBFrontend] = {}
         self.policies: Mapping[str, schema.PolicyMapRecord] = {}
+        self._endpoint_identity: dict[int, int] = {}  # endpoint id -> identity its lxc entry carries
         self.peer_routes: dict[str, str] = {}  # pod CIDR -> via, as routed
         self.synced: set[str] = set()
         self.runner: PodRunner | None = None
@@ -405,16 +406,21 @@ class NodeAgent:
         self._sync_endpoint_entries()
 
     def _sync_endpoint_entries(self) -> None:
-        entries = T.endpoint_entries(self.endpoints, self.ipcache, self.policies)
+        identities = T.endpoint_identities(self.endpoints, self.ipcache, self.policies,
+                                           self._endpoint_identity)
+        self._endpoint_identity = identities
+        held = sum(1 for ep in self.endpoints if identities[ep.ep_id] != T.identity_of_ip(self.ipcache, ep.ip))
+        self.ctx.detail["endpoints_awaiting_policy"] = held
+        entries = T.endpoint_entries(self.endpoints, identities, self.policies)
         # policy entries before the endpoint flags that make the datapath consult them
-        self._sync_policy_entries()
+        self._sync_policy_entries(set(identities.values()))
         self.reconciler.set_desired(T.ENDPOINTS_OWNER, entries)
         self.ctx.detail["endpoints"] = len(entries)
         self._kick()
 
-    def _sync_policy_entries(self) -> None:
+    def _sync_policy_entries(self, local: set[int]) -> None:
         """Policy map entries for the identities of this node's endpoints only."""
-        plan = self.policy_selection.select(T.local_identities(self.endpoints, self.ipcache), self.policies)
+        plan = self.policy_selection.select(local, self.policies)
         for owner, entries in plan.writes.items():
             self.reconciler.set_desired(owner, entries)
         self.ctx.detail["policy_entries"] = plan.total

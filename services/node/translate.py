@@ -13,7 +13,9 @@ Invariants:
   and ``lb:<KV key>`` (one per frontend).
 - IPv4 datapath: ipcache prefixes with ``:`` are left out; the prefix of this node's own
   address maps to the host identity.
-- An endpoint whose address has no ipcache record yet has identity ``reserved:init``.
+- An endpoint whose address has no ipcache record yet has identity ``reserved:init``; an
+  endpoint whose new identity has no policy record yet keeps its previous one while that
+  one has a record (`endpoint_identities`).
 - Policy entries exist only for identities of local endpoints; port ranges expand to one
   key per port, and where expanded ranges overlap on one key, deny wins over allow.
   Identities are filled in ascending order while the policy map has room; an identity
@@ -84,19 +86,36 @@ def identity_of_ip(ipcache: Mapping[str, schema.IPCacheRecord], ip: str) -> int:
     return record.identity if record else IDENTITY_INIT
 
 
-def local_identities(endpoints: Iterable[EndpointAddress],
-                     ipcache: Mapping[str, schema.IPCacheRecord]) -> set[int]:
-    return {identity_of_ip(ipcache, ep.ip) for ep in endpoints}
+def endpoint_identities(endpoints: Iterable[EndpointAddress],
+                        ipcache: Mapping[str, schema.IPCacheRecord],
+                        policies: Mapping[str, schema.PolicyMapRecord],
+                        previous: Mapping[int, int]) -> dict[int, int]:
+    """Endpoint id -> the identity its lxc entry carries: the ipcache's identity of its
+    address, except that an endpoint keeps its ``previous`` identity while that one has a
+    policy record and the new one has none yet. The policy service writes a record for
+    every local identity, so a missing one means "not resolved yet": a relabelled pod stays
+    under its old policy until its new policy is there, never unenforced in between (as a
+    Cilium endpoint keeps its identity until regeneration with the new one completes).
+    Without any record for the old identity either (no policy service), nothing is held."""
+    out: dict[int, int] = {}
+    for ep in endpoints:
+        wanted = identity_of_ip(ipcache, ep.ip)
+        held = previous.get(ep.ep_id)
+        if (held is not None and held != wanted and schema.policy_key(wanted) not in policies
+                and schema.policy_key(held) in policies):
+            wanted = held
+        out[ep.ep_id] = wanted
+    return out
 
 
-def endpoint_entries(endpoints: Iterable[EndpointAddress],
-                     ipcache: Mapping[str, schema.IPCacheRecord],
+def endpoint_entries(endpoints: Iterable[EndpointAddress], identities: Mapping[int, int],
                      policies: Mapping[str, schema.PolicyMapRecord]) -> list[M.Entry]:
-    """One lxc entry per endpoint (by endpoint id), with its identity and the policy
-    enforcement and audit flags of that identity's record."""
+    """One lxc entry per endpoint (by endpoint id), with its identity (``identities``, as
+    `endpoint_identities` chose) and the policy enforcement and audit flags of that
+    identity's record."""
     entries = []
     for ep in sorted(endpoints, key=lambda e: e.ep_id):
-        identity = identity_of_ip(ipcache, ep.ip)
+        identity = identities.get(ep.ep_id, IDENTITY_INIT)
         pol = policies.get(schema.policy_key(identity))
         entries.append(M.endpoint_entry(
             ep.host_ifindex, ep.ep_id, identity, ep.ip,
@@ -268,6 +287,7 @@ def peer_routes(statuses: Mapping[str, schema.StatusRecord], node: str) -> dict[
 __all__ = [
     "ENDPOINTS_OWNER", "IDENTITY_INIT", "IPCACHE_OWNER_PREFIX", "LB_OWNER_PREFIX", "POLICY_OWNER_PREFIX",
     "EndpointAddress", "PolicyPlan", "PolicySelection", "endpoint_entries", "frontend_entries",
-    "frontend_owner", "identity_of_ip", "ipcache_entries", "ipcache_owner", "ipcache_record_entries", "lb_frontend_entries", "local_identities",
+    "endpoint_identities", "frontend_owner", "identity_of_ip", "ipcache_entries", "ipcache_owner",
+    "ipcache_record_entries", "lb_frontend_entries",
     "peer_routes", "policy_map_entries", "policy_owner", "selects_backend", "serves_here",
 ]

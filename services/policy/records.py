@@ -4,6 +4,10 @@ Invariants:
 - Pure: no NATS. `identity_record` / `status_payload` are deterministic, so equal
   resolutions encode to equal bytes and an unchanged key is never rewritten.
 - `plan_writes` orders every put (sorted by key) before every delete (add before remove).
+- Every local identity has a record once resolved: one no policy selects gets an open
+  record (neither direction enforced, no entries), so a missing record means "not
+  resolved yet", and the node executor keeps an endpoint's previous identity until its
+  new one has a record (a relabelled pod never runs unenforced in between).
 - An identity whose resolution failed (``error``, e.g. overflow) keeps the record already
   written for it; if there is none it gets a fail-closed record (both directions enforced,
   no entries, the error): a policy that cannot be applied never silently opens traffic.
@@ -13,7 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,29 +68,42 @@ def fail_closed_record(ip: IdentityPolicy, cluster: str, cluster_id: int,
     )
 
 
+def open_record(identity: int, cluster: str, cluster_id: int) -> schema.PolicyMapRecord:
+    """The record of a local identity no policy selects: allow all, both directions."""
+    return schema.PolicyMapRecord(identity=identity, cluster=cluster, cluster_id=cluster_id,
+                                  ingress_enforced=False, egress_enforced=False)
+
+
 def desired_policy_bucket(
     res: Resolution, cluster: str, cluster_id: int, status_keys: Mapping[PolicyKey, str],
-    current: Mapping[str, bytes],
+    current: Mapping[str, bytes], local: Collection[int] = (),
 ) -> dict[str, bytes]:
-    """Every key of bucket ``policy`` as it should be (encoded values)."""
+    """Every key of bucket ``policy`` as it should be (encoded values); `local` holds the
+    local identities, each of which gets a record (an open one when nothing selects it)."""
     out: dict[str, bytes] = {}
-    update_desired(out, res, res.identities.keys(), cluster, cluster_id, status_keys, current)
+    update_desired(out, res, set(res.identities) | set(local), cluster, cluster_id,
+                   status_keys, current, local)
     return out
 
 
 def update_desired(
     desired: dict[str, bytes], res: Resolution, changed: Iterable[int], cluster: str,
     cluster_id: int, status_keys: Mapping[PolicyKey, str], current: Mapping[str, bytes],
+    local: Collection[int] = (),
 ) -> None:
     """Bring `desired` (as `desired_policy_bucket` made it for the previous resolution) up
     to date: only the identities in `changed` are re-encoded, plus those in error (whose
-    record depends on what is currently written)."""
+    record depends on what is currently written). `changed` must name every identity
+    that joined or left `local` since."""
     redo = set(changed) | {i for i, ip in res.identities.items() if ip.error}
     for ident in redo:
         key = schema.policy_key(ident)
         ip = res.identities.get(ident)
         if ip is None:
-            desired.pop(key, None)
+            if ident in local:
+                desired[key] = schema.encode(open_record(ident, cluster, cluster_id))
+            else:
+                desired.pop(key, None)
         elif not ip.error:
             desired[key] = schema.encode(identity_record(ip, cluster, cluster_id, status_keys))
         elif key in current:

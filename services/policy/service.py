@@ -3,7 +3,7 @@
 Watches CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy, Namespaces and
 Pods in ``resources``, the identity service's ``identities`` (``id.<n>`` keys) and
 ``ipcache`` (pod IP → identity, for named ports), and its own output ``policy``.
-Writes ``policy`` (one key per selected local identity) and the status of every policy
+Writes ``policy`` (one key per local identity; an open record for one nothing selects) and the status of every policy
 object in ``status``; answers ``ciliary policy trace`` on SUBJECT_POLICY_TRACE. A pass is
 due when a policy, an identity or the ipcache's pod identities changed, or a Pod's named
 container ports; a Pod's labels reach resolution only as its new identity.
@@ -68,7 +68,7 @@ from .incremental import PolicyEngine, Step
 from .inputs import PolicyInputs, decode_identity, decode_ipcache_prefix, decode_pod_ip
 from .podaddresses import PodAddressLabels, ipblock_networks
 from .records import WritePlan, plan_writes, status_payload, update_desired
-from .resolve import PolicyStatus, Resolution
+from .resolve import PolicyStatus, Resolution, is_local
 from .rules import POLICY_KINDS, NormPolicy, PolicyKey
 from .selectors import IdentityView
 from .settings import options_from_env
@@ -115,6 +115,8 @@ class PolicyService:
         self._addresses_dirty = True  # the ipcache's pods changed since the last pass
         self._blocks: tuple[tuple[int, ...], tuple[Any, ...]] = ((), ())  # policies -> ipBlocks
         self.desired: dict[str, bytes] = {}  # bucket policy as it should be (encoded)
+        self.local_ids: set[int] = set()  # local identities handed to the engine: one record each
+        self._joined_or_left: set[int] = set()  # identities the last `_begin` added or removed
         self.ipcache_pods: dict[str, tuple[str, int]] = {}  # ipcache key -> (pod ref, id)
         self.ipcache_prefixes: dict[str, tuple[str, int]] = {}  # ipcache key -> (prefix, id)
         self.policy_bucket: dict[str, tuple[int, bytes]] = {}  # key -> (revision, value)
@@ -234,7 +236,7 @@ class PolicyService:
         # delete after every put
         step, small = await self._begin(norm)
         clock.lap("resolve")
-        first = set(step.changed)
+        first = set(step.changed) | self._joined_or_left
         self._encode(step.resolution, first, status_keys)
         clock.lap("encode")
         try:
@@ -265,7 +267,7 @@ class PolicyService:
         """Bring `desired` up to date for `identities` (see `update_desired`)."""
         current = {k: v for k, (_, v) in self.policy_bucket.items()}
         update_desired(self.desired, res, identities, self.options.cluster_name,
-                       self.options.cluster_id, status_keys, current)
+                       self.options.cluster_id, status_keys, current, self.local_ids)
 
     def _plan(self) -> WritePlan:
         return plan_writes({k: v for k, (_, v) in self.policy_bucket.items()}, self.desired)
@@ -299,6 +301,9 @@ class PolicyService:
                 extra = self.pod_address_labels.extra(ident)
                 added[ident] = labels | extra
                 self.identities[ident] = IdentityView(ident, labels | extra)
+        self.local_ids -= removed
+        self.local_ids |= {i for i in added if is_local(i, self.options.cluster_id)}
+        self._joined_or_left = set(added) | removed
         small = self._small(norm, len(added) + len(removed))
         policies_now = norm if self._applied is None or norm is not self._applied[0] else None
         ports_now = self.named_ports if self._applied is None or self.named_ports is not self._applied[1] else None

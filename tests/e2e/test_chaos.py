@@ -165,6 +165,52 @@ def test_killing_each_part_under_traffic_drops_nothing(stack: tuple[Path, str]) 
     assert connect(data_dir, "frontend", vip, 8080, timeout=1).returncode != 0
 
 
+def ipcache_identity(data_dir: Path, node: str, prefix: str) -> int | None:
+    """The identity ``node``'s kernel ipcache holds for ``prefix``."""
+    views = json.loads(cli("bpf", "ipcache", "list", "-o", "json", data_dir=data_dir).stdout)
+    rows = [r for view in views if view["node"] == node for r in view["rows"] if r["prefix"] == prefix]
+    return rows[0]["identity"] if rows else None
+
+
+def test_a_relabelled_pod_keeps_its_policy_until_the_new_one_is_resolved(
+        stack: tuple[Path, str]) -> None:  # noqa: F811
+    """payments moves to a new label set (a new identity the same policy selects) while the
+    policy service is out: its endpoint keeps the old identity and its policy, so frontend
+    stays denied, instead of the new identity running without a policy record."""
+    data_dir, _ = stack
+    cli("apply", "-f", str(SHOP / "10-workloads.yaml"), "-f", str(SHOP / "30-policies.yaml"), data_dir=data_dir)
+    pods = wait_for(lambda: pods_ready(data_dir, 3), 60, "three ready pods")
+    payments = pods["payments"]["podIP"]
+    wait_for(lambda: policy_in_force(data_dir), 30, "payments ingress policy in the datapath")
+    wait_for(lambda: connect(data_dir, "checkout", payments, 8080).returncode == 0, 20, "checkout -> payments")
+    assert connect(data_dir, "frontend", payments, 8080, timeout=1.5).returncode != 0
+    old = endpoint_identities(data_dir)["default/payments"]
+    manifest = next(doc for doc in (SHOP / "10-workloads.yaml").read_text().split("\n---\n")
+                    if "name: payments" in doc)
+    relabelled = manifest.replace('    pci: "true"\n', '    pci: "true"\n    release: canary\n', 1)
+    assert relabelled != manifest
+
+    policy_pid = pid_of(data_dir, "policy")
+    os.kill(policy_pid, signal.SIGSTOP)  # out, but not exited: the supervisor waits
+    try:
+        cli("apply", "-f", "-", data_dir=data_dir, stdin=relabelled)
+        new = wait_for(lambda: (i := ipcache_identity(data_dir, "node-2", f"{payments}/32")) != old and i,
+                       30, "payments' new identity in node-2's ipcache")
+        time.sleep(1.0)  # the executor has seen the ipcache change: the endpoint would have moved by now
+        assert connect(data_dir, "frontend", payments, 8080, timeout=1).returncode != 0, \
+            "frontend -> payments passed while the new identity's policy was not resolved"
+        assert endpoint_identities(data_dir)["default/payments"] == old, "endpoint moved to an unresolved identity"
+        assert connect(data_dir, "checkout", payments, 8080).returncode == 0
+    finally:
+        os.kill(policy_pid, signal.SIGKILL)
+    wait_for(lambda: pid_of(data_dir, "policy") != policy_pid, 30, "policy restarted")
+    wait_for(lambda: endpoint_identities(data_dir)["default/payments"] == new, 30,
+             "payments' endpoint on its new identity once its policy is resolved")
+    assert policy_in_force(data_dir)
+    assert connect(data_dir, "frontend", payments, 8080, timeout=1).returncode != 0
+    assert connect(data_dir, "checkout", payments, 8080).returncode == 0
+
+
 # ---------------------------------------------------------------- replicated bus
 
 def test_replicated_bus_and_identity_replicas_under_traffic(tmp_path: Path, cluster_name: str) -> None:

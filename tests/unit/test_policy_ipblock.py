@@ -170,7 +170,8 @@ async def test_service_ipblock_allows_the_pod_inside_and_follows_its_address() -
         await wait_for(lambda: OTHER in client_peers(bus))
         # the policy goes: no identity keeps pod-address labels
         bus.delete(schema.BUCKET_RESOURCES, key)
-        await wait_for(lambda: schema.policy_key(CLIENT) not in bus.data[schema.BUCKET_POLICY])
+        await wait_for(lambda: not schema.decode(bus.data[schema.BUCKET_POLICY][schema.policy_key(CLIENT)][1],
+                                                 schema.PolicyMapRecord).egress_enforced)
         await wait_for(lambda: not any(
             x.startswith("podip:") for v in svc.identities.values() for x in v.labels))
 

@@ -96,6 +96,8 @@ async def test_service_writes_policy_records_and_status() -> None:
         await wait_for(lambda: schema.policy_key(WEB) in bus.data.get(schema.BUCKET_POLICY, {}))
         await wait_for(lambda: key in bus.data.get(schema.BUCKET_STATUS, {}))
         assert svc.ctx.healthy
+        # frontend is selected by nothing: an open record, written all the same
+        assert not enforced(bus.data[schema.BUCKET_POLICY][schema.policy_key(FRONT)])
         rec = schema.decode(bus.data[schema.BUCKET_POLICY][schema.policy_key(WEB)][1],
                             schema.PolicyMapRecord)
         assert rec.ingress_enforced and rec.egress_enforced
@@ -134,9 +136,21 @@ async def test_service_writes_policy_records_and_status() -> None:
         await wait_for(lambda: web_peers() == [1, FRONT])
         bus.log.clear()
         bus.delete(schema.BUCKET_RESOURCES, key)
-        await wait_for(lambda: not bus.data[schema.BUCKET_POLICY])
+        # no policy selects web any more: its records become open (allow all), not absent,
+        # so a missing record keeps meaning "not resolved yet"
+        await wait_for(lambda: not any(map(enforced, bus.data[schema.BUCKET_POLICY].values())))
         await wait_for(lambda: key not in bus.data[schema.BUCKET_STATUS])
-        assert [op for op, b, _ in bus.log if b == schema.BUCKET_POLICY] == ["delete", "delete"]
+        assert sorted(bus.data[schema.BUCKET_POLICY]) == sorted(
+            schema.policy_key(i) for i in (WEB, FRONT, 65794))
+        assert [op for op, b, _ in bus.log if b == schema.BUCKET_POLICY] == ["put", "put"]
+        # an identity that goes takes its record with it
+        bus.delete(schema.BUCKET_IDENTITIES, schema.identity_id_key(65794))
+        await wait_for(lambda: schema.policy_key(65794) not in bus.data[schema.BUCKET_POLICY])
+
+
+def enforced(stored: tuple[int, bytes]) -> bool:
+    rec = schema.decode(stored[1], schema.PolicyMapRecord)
+    return rec.ingress_enforced or rec.egress_enforced or bool(rec.entries)
 
 
 def web_open_to_all_and_lock_policies(bus: FakeBus) -> None:
