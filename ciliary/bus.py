@@ -164,6 +164,10 @@ def kv_stream(bucket: str) -> str:
 
 JS_API = "$JS.API"
 DENIED_RETRY = 10.0  # seconds between attempts of a watch the server's permissions refuse
+# seconds `close` waits for subscriptions to hand over what the server already sent; a
+# watch whose reader stopped never empties its queue, and nats-py's default (30 s) would
+# hold a stopping service that long
+DRAIN_TIMEOUT = 2
 
 
 def _kv_reads(bucket: str) -> tuple[str, ...]:
@@ -308,6 +312,7 @@ class Bus:
                 allow_reconnect=allow_reconnect,
                 max_reconnect_attempts=max_reconnect_attempts,
                 reconnect_time_wait=0.5,
+                drain_timeout=DRAIN_TIMEOUT,
                 reconnected_cb=on_reconnect,
                 disconnected_cb=on_disconnect,
                 error_cb=on_error,

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ciliary import __version__, config, healthhttp, heap, natscreds, schema, telemetry
-from ciliary.bus import SYNCED, Bus, BusError, KVEntry, Message, Synced
+from ciliary.bus import DRAIN_TIMEOUT, SYNCED, Bus, BusError, KVEntry, Message, Synced
 from ciliary.watch import Mirror, PassLoop
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,10 @@ async def _serve(service: str, main: Main, settings: Settings) -> None:
         if http_health is not None:
             http_health.close()
             await http_health.wait_closed()
-        await registration.stop()
+        try:  # its subscriptions drain without a bound of their own
+            await asyncio.wait_for(registration.stop(), DRAIN_TIMEOUT)
+        except TimeoutError:
+            log.warning("%s: the service registration did not drain within %ss", service, DRAIN_TIMEOUT)
         for sub in health_subs:
             await sub.unsubscribe()
         await bus.close()

@@ -143,7 +143,8 @@ class EnrichmentState:
         self.frontends[key] = (fe, svc)
         self._frontend_index[fe] = svc
 
-    def apply_policy(self, key: str, record: schema.PolicyMapRecord | None, revision: int = 0) -> None:
+    def apply_policy(self, key: str, record: schema.PolicyMapHead | schema.PolicyMapRecord | None,
+                     revision: int = 0) -> None:
         """A ``policy`` bucket entry (``id.<identity>``); ``revision`` is its KV revision."""
         if not key.startswith(schema.POLICY_ID_PREFIX):
             return

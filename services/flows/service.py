@@ -121,7 +121,7 @@ async def main(ctx: Context, tg: asyncio.TaskGroup) -> None:
         (schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>", lambda e: core.enrichment.apply_frontend(
             e.key, _decode(e, schema.LBFrontend))),
         (schema.BUCKET_POLICY, f"{schema.POLICY_ID_PREFIX}>", lambda e: core.enrichment.apply_policy(
-            e.key, _decode(e, schema.PolicyMapRecord), e.revision)),
+            e.key, _decode(e, schema.PolicyMapHead), e.revision)),
     ):
         ctx.mirror(tg, bucket, pattern, name=f"{bucket}/{pattern}", keep=False).listen(entries_only(apply))
 

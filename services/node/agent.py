@@ -62,6 +62,7 @@ from services.node.events import EventPump
 from services.node.kernel import NodeKernel
 from services.node.meshroutes import MeshRoutes
 from services.node.pods import PodRunner, RunnerConfig, clear_reported_status
+from services.node.policyrecords import FullPolicyRecords
 from services.node.reconciler import ReconcileLoop, Reconciler
 from services.node.socklb import ENV_MODE as ENV_SOCKET_LB
 from services.node.socklb import SockLBError, parse_mode
@@ -150,7 +151,10 @@ class NodeAgent:
         self.ipcache: Mapping[str, schema.IPCacheRecord] = {}
         self._ipcache_owned: set[str] = set()  # ipcache keys with an entry in the reconciler
         self.frontends: Mapping[str, schema.LBFrontend] = {}
-        self.policies: Mapping[str, schema.PolicyMapRecord] = {}
+        # bucket policy: every identity's head (flags), full records of local identities only
+        self.policies: Mapping[str, schema.PolicyMapHead] = {}
+        self.policy_records: Mapping[str, schema.PolicyMapRecord] = {}
+        self._policy_interest: set[int] = set()  # identities whose record changes this node's maps
         self._endpoint_identity: dict[int, int] = {}  # endpoint id -> identity its lxc entry carries
         self.peer_routes: dict[str, str] = {}  # pod CIDR -> via, as routed
         self.synced: set[str] = set()
@@ -355,8 +359,13 @@ class NodeAgent:
                                     self._sync_ipcache)
         self.frontends = self._follow(tg, "services", schema.BUCKET_SERVICES, f"{schema.LB_FRONTEND_PREFIX}.>",
                                       schema.LBFrontend, self._sync_frontends)
-        self.policies = self._follow(tg, "policy", schema.BUCKET_POLICY, f"{schema.POLICY_ID_PREFIX}>",
-                                     schema.PolicyMapRecord, lambda _key: self._sync_endpoint_entries())
+        policy = self.ctx.mirror(tg, schema.BUCKET_POLICY, f"{schema.POLICY_ID_PREFIX}>", name="policy",
+                                 decode=decoder(schema.PolicyMapHead))
+        self.policies = policy.values
+        records = FullPolicyRecords(policy.entries)
+        self.policy_records = records
+        self.caches.register("policy_records_decoded", records.decoded)
+        self._follow_mirror(policy, self._on_policy_record)
 
     def _follow(self, tg: asyncio.TaskGroup, name: str, bucket: str, pattern: str, type_: type,
                 on_change: Callable[[str | None], None]) -> Mapping[str, Any]:
@@ -364,6 +373,12 @@ class NodeAgent:
         ``on_change(key)`` per change and ``on_change(None)`` after every (re-)sync.
         Returns the mirror's decoded values by KV key."""
         mirror = self.ctx.mirror(tg, bucket, pattern, name=name, decode=decoder(type_))
+        self._follow_mirror(mirror, on_change)
+        return mirror.values
+
+    def _follow_mirror(self, mirror: Mirror[Any], on_change: Callable[[str | None], None]) -> None:
+        """``on_change`` as `_follow` calls it, for a mirror made by the caller."""
+        name = mirror.name
 
         def changed(event: KVEntry | Synced) -> None:
             if event is SYNCED:
@@ -374,7 +389,6 @@ class NodeAgent:
                 on_change(event.key)
 
         mirror.listen(changed)
-        return mirror.values
 
     def _input_synced(self, name: str) -> None:
         """Prune orphans as soon as every input has delivered its state once."""
@@ -405,12 +419,26 @@ class NodeAgent:
         self.ctx.detail["ipcache"] = len(self._ipcache_owned)
         self._sync_endpoint_entries()
 
+    def _on_policy_record(self, key: str | None) -> None:
+        """A policy record matters here only for an identity one of this node's endpoints
+        has or is about to get (or after a re-sync)."""
+        if key is not None:
+            try:
+                identity = int(key[len(schema.POLICY_ID_PREFIX):])
+            except ValueError:
+                return
+            if identity not in self._policy_interest:
+                return
+        self._sync_endpoint_entries()
+
     def _sync_endpoint_entries(self) -> None:
         identities = T.endpoint_identities(self.endpoints, self.ipcache, self.policies,
                                            self._endpoint_identity)
         self._endpoint_identity = identities
-        held = sum(1 for ep in self.endpoints if identities[ep.ep_id] != T.identity_of_ip(self.ipcache, ep.ip))
-        self.ctx.detail["endpoints_awaiting_policy"] = held
+        wanted = {ep.ep_id: T.identity_of_ip(self.ipcache, ep.ip) for ep in self.endpoints}
+        self._policy_interest = set(identities.values()) | set(wanted.values())
+        self.ctx.detail["endpoints_awaiting_policy"] = sum(
+            1 for ep_id, identity in identities.items() if identity != wanted[ep_id])
         entries = T.endpoint_entries(self.endpoints, identities, self.policies)
         # policy entries before the endpoint flags that make the datapath consult them
         self._sync_policy_entries(set(identities.values()))
@@ -420,7 +448,9 @@ class NodeAgent:
 
     def _sync_policy_entries(self, local: set[int]) -> None:
         """Policy map entries for the identities of this node's endpoints only."""
-        plan = self.policy_selection.select(local, self.policies)
+        plan = self.policy_selection.select(local, self.policy_records)
+        if isinstance(self.policy_records, FullPolicyRecords):
+            self.policy_records.retain(schema.policy_key(i) for i in local)
         for owner, entries in plan.writes.items():
             self.reconciler.set_desired(owner, entries)
         self.ctx.detail["policy_entries"] = plan.total

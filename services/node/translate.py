@@ -39,6 +39,8 @@ ENDPOINTS_OWNER = "endpoints"
 POLICY_OWNER_PREFIX = "policy:"
 LB_OWNER_PREFIX = "lb:"
 IDENTITY_INIT = schema.IDENTITY_INIT  # until the endpoint's identity resolves
+# what endpoint translation reads of an identity's policy record: its flags
+PolicyFlags = schema.PolicyMapHead | schema.PolicyMapRecord
 
 
 def ipcache_owner(key: str) -> str:
@@ -88,7 +90,7 @@ def identity_of_ip(ipcache: Mapping[str, schema.IPCacheRecord], ip: str) -> int:
 
 def endpoint_identities(endpoints: Iterable[EndpointAddress],
                         ipcache: Mapping[str, schema.IPCacheRecord],
-                        policies: Mapping[str, schema.PolicyMapRecord],
+                        policies: Mapping[str, PolicyFlags],
                         previous: Mapping[int, int]) -> dict[int, int]:
     """Endpoint id -> the identity its lxc entry carries: the ipcache's identity of its
     address, except that an endpoint keeps its ``previous`` identity while that one has a
@@ -109,7 +111,7 @@ def endpoint_identities(endpoints: Iterable[EndpointAddress],
 
 
 def endpoint_entries(endpoints: Iterable[EndpointAddress], identities: Mapping[int, int],
-                     policies: Mapping[str, schema.PolicyMapRecord]) -> list[M.Entry]:
+                     policies: Mapping[str, PolicyFlags]) -> list[M.Entry]:
     """One lxc entry per endpoint (by endpoint id), with its identity (``identities``, as
     `endpoint_identities` chose) and the policy enforcement and audit flags of that
     identity's record."""
