@@ -14,6 +14,8 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import msgspec
 
 
@@ -42,3 +44,11 @@ class KVEntry(msgspec.Struct, frozen=True):
 
 
 __all__ = ["SYNCED", "KVEntry", "Synced"]
+
+
+def entries_version(tables: Iterable[Mapping[str, KVEntry]]) -> tuple[tuple[int, int], ...]:
+    """A value that changes whenever one of ``tables`` (mirrored entries by key) changed:
+    per table its size and its newest revision. A put raises the newest revision (revisions
+    only grow), a delete lowers the size, so equal versions mean unchanged tables."""
+    return tuple((len(entries), max((entry.revision for entry in entries.values()), default=0))
+                 for entries in tables)

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from ciliary import schema
-from ciliary.kv import KVEntry
+from ciliary.kv import KVEntry, entries_version
 
 from . import fqdn
 from .labels import LabelFilter
@@ -172,10 +172,7 @@ class IdentityInputs:
 
     def policy_version(self) -> tuple[tuple[int, int], ...]:
         """Changes whenever a policy mirror changed: per kind, its size and newest revision."""
-        return tuple(
-            (len(entries), max((entry.revision for entry in entries.values()), default=0))
-            for entries in (self.resources.get(kind, {}) for kind in POLICY_KINDS)
-        )
+        return entries_version(self.resources.get(kind, {}) for kind in POLICY_KINDS)
 
     def compute_cidrs(self) -> dict[str, int]:
         """Policy CIDR -> number of policies naming it (a fresh dict the caller may change)."""

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from ciliary import schema
-from ciliary.kv import KVEntry
+from ciliary.kv import KVEntry, entries_version
 
 from .records import named_ports_from_pods
 from .resolve import ResolveOptions
@@ -83,9 +83,7 @@ class PolicyInputs:
     def policies(self) -> tuple[list[NormPolicy], dict[PolicyKey, str], dict[PolicyKey, int]]:
         """Normalized policies (sorted by KV key within each kind), their KV keys and
         generations; the previous call's objects while no policy mirror changed."""
-        version = tuple(
-            (len(entries), max((entry.revision for entry in entries.values()), default=0))
-            for entries in (self.resources.get(kind, {}) for kind in POLICY_KINDS))
+        version = entries_version(self.resources.get(kind, {}) for kind in POLICY_KINDS)
         if self._policies is not None and self._policies[0] == version:
             return self._policies[1]
         result = self._collect_policies()
