@@ -713,7 +713,9 @@ class Bus:
             raise BusError(f"delete {bucket}/{key}: {err or type(err).__name__}") from err
 
     async def kv_list(self, bucket: str, pattern: str = ">") -> dict[str, KVEntry]:
-        """A snapshot of every live key matching ``pattern``."""
+        """Every live key matching ``pattern``: a key written while the listing runs is in
+        it, with one of its values (the listing ends only once its consumer has sent
+        everything, see `_caught_up`)."""
         state: dict[str, KVEntry] = {}
         async for event in self.watch(bucket, pattern, once=True):
             if isinstance(event, KVEntry):
@@ -775,7 +777,10 @@ class Bus:
                 # pushed ones may not have reached this client yet, and the last of them
                 # (num_pending == 0) marks the end of the initial state.
                 synced = info.num_pending == 0 and info.delivered.consumer_seq == 0
+                last_seq = 0  # stream sequence of the last message received
                 while True:
+                    if synced and seen is not None and once and not await _caught_up(sub, last_seq):
+                        synced = False  # a key replaced while listing: its new value is still due
                     if synced and seen is not None:
                         for key in sorted(delivered - seen):
                             yield KVEntry(bucket, key, 0, None)
@@ -788,6 +793,7 @@ class Bus:
                     if msg is None:
                         break  # reconnected: re-read the bucket
                     entry = _entry_from_msg(bucket, msg)
+                    last_seq = max(last_seq, msg.metadata.sequence.stream)
                     if seen is not None:
                         if entry.deleted:
                             seen.discard(entry.key)
@@ -1038,6 +1044,19 @@ NO_RESPONDERS_STATUS = "503"
 def no_responders(msg: Message) -> bool:
     """The server's "no responders" notice on a request's inbox, not a reply."""
     return not msg.data and bool(msg.headers) and msg.headers.get("Status") == NO_RESPONDERS_STATUS
+
+
+async def _caught_up(sub: Any, last_seq: int) -> bool:
+    """Whether a listing's consumer has nothing left to send past stream sequence
+    ``last_seq``. A last-per-subject listing sees ``num_pending == 0`` on its last message,
+    but a key replaced meanwhile lost the old message it was about to send, and its new one
+    may be appended after that count was taken: the consumer's own counts then show it
+    pending (or pushed and not yet received)."""
+    try:
+        info = await sub.consumer_info()
+    except (TimeoutError, nats.errors.Error):
+        return True  # cannot tell: as before, the listing ends at num_pending == 0
+    return info.num_pending == 0 and info.delivered.stream_seq <= last_seq
 
 
 def _entry_from_msg(bucket: str, msg: Msg) -> KVEntry:

@@ -252,3 +252,37 @@ async def test_kv_put_many_pipelines_compare_and_set_writes(nats_server) -> None
         assert await bus.kv_get(bucket, "big.3") is None, "nothing is started after a failure"
     finally:
         await bus.close()
+
+
+async def test_a_listing_holds_every_key_while_keys_are_replaced(nats_server) -> None:
+    """A key replaced while ``kv_list`` reads loses the message the listing was about to
+    get; the listing waits for its new value instead of ending without the key."""
+    writer = await Bus.connect(nats_server.url, "writer")
+    reader = await Bus.connect(nats_server.url, "reader")
+    bucket = schema.BUCKET_ALLOCATIONS
+    try:
+        await writer.ensure_buckets()
+        keys = [f"k.{i:04d}" for i in range(300)]
+        await writer.kv_put_many(bucket, [(k, b"v0", None) for k in keys])
+        stop = asyncio.Event()
+
+        async def churn() -> int:
+            n = 0
+            while not stop.is_set():
+                await writer.kv_put(bucket, keys[(n * 7919) % len(keys)], f"v{n}".encode())
+                n += 1
+            return n
+
+        writes = asyncio.ensure_future(churn())
+        short = []
+        for _ in range(200):
+            listed = await reader.kv_list(bucket, "k.>")
+            if len(listed) != len(keys):
+                short.append(sorted(set(keys) - set(listed)))
+        stop.set()
+        replaced = await writes
+        assert replaced > 200, replaced  # the listings really ran beside the writes
+        assert not short, f"{len(short)} of 200 listings lacked keys, e.g. {short[:3]}"
+    finally:
+        await writer.close()
+        await reader.close()
