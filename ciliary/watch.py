@@ -158,7 +158,9 @@ class Mirror(Generic[T]):
 
 
 class PassLoop:
-    """Runs ``run_pass`` whenever something is dirty, one pass at a time."""
+    """Runs ``run_pass`` whenever something is dirty, one pass at a time. A pass that
+    raises is retried after the shared backoff, or after the error's ``retry_after``
+    (seconds a remote asked to wait, e.g. an API server's 429) when that is longer."""
 
     def __init__(
         self,
@@ -239,6 +241,9 @@ class PassLoop:
             except Exception as err:  # NATS down, timeouts, a bug on odd input: retry, never die
                 self.failures += 1
                 delay = backoff.backoff_delay(self.failures, cap=self.backoff_cap)
+                asked = getattr(err, "retry_after", None)  # e.g. an API server's Retry-After
+                if isinstance(asked, int | float) and asked > delay:
+                    delay = float(asked)
                 log.warning("%s: pass failed: %s: %s; retrying in %.1fs", self.name,
                             type(err).__name__, err, delay, exc_info=_unexpected(err))
                 if self.on_error is not None:

@@ -14,8 +14,9 @@ Invariants:
   old: the next step is a fresh list. A stream the server ended (its timeout, a restart, a
   dropped connection) is re-watched from the same version.
 - A 429 (or 503) waits its ``Retry-After`` before the next request; other failures wait
-  the shared backoff (``ciliary.backoff``, 100 ms doubling to 10 s), reset by the first
-  successful request.
+  the shared backoff (``ciliary.backoff``, 100 ms doubling to 10 s), reset by a
+  successful list, a watch the server ended cleanly, or a watch that delivered events or
+  bookmarks before it failed (so occasional broken watches never add up).
 - A kind the API server does not serve (404 on the list: a cluster without the Cilium
   CRDs) counts as listed and empty, and is listed again every ``NOT_SERVED_RETRY`` seconds.
 - ``on_change`` is called after every change of ``accepted`` or ``rejected`` (and after
@@ -86,6 +87,7 @@ class Reflector:
         attempts = 0
         need_list = True
         while True:
+            events_before = self._delivered()
             try:
                 if need_list:
                     await self._list()
@@ -107,15 +109,24 @@ class Reflector:
                     await asyncio.sleep(err.retry_after)
                     continue
                 self.counters["errors"] += 1
-                attempts += 1
+                attempts = self._failed_attempt(attempts, events_before)
                 log.warning("%s: %s", self.kind.kind, err)
                 await asyncio.sleep(backoff.backoff_delay(attempts, cap=backoff.PASS_CAP))
             except (aiohttp.ClientError, TimeoutError, ConnectionError) as err:
                 self.last_error = f"{type(err).__name__}: {err}"
                 self.counters["errors"] += 1
-                attempts += 1
+                attempts = self._failed_attempt(attempts, events_before)
                 log.info("%s: connection: %s", self.kind.kind, self.last_error)
                 await asyncio.sleep(backoff.backoff_delay(attempts, cap=backoff.PASS_CAP))
+
+    def _failed_attempt(self, attempts: int, events_before: int) -> int:
+        """The failure count after one more failure: a watch that delivered events before
+        it failed was healthy, so the count starts again (the backoff never creeps up over
+        a long-lived process's occasional broken watches)."""
+        return 1 if self._delivered() != events_before else attempts + 1
+
+    def _delivered(self) -> int:
+        return self.counters["events"] + self.counters["bookmarks"]
 
     async def _list(self) -> None:
         items: dict[str, Translated] = {}
