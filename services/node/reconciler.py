@@ -683,8 +683,10 @@ class Resync:
 
     def __init__(self, rec: Reconciler) -> None:
         self._rec = rec
-        self._snapshot: list[tuple[RowKey, _Row]] | None = list(rec._rows.items())
-        self._by_map: dict[str, list[tuple[RowKey, _Row]]] = {}
+        # the rows themselves, not (key, row) pairs: at 400,000 rows, new pairs that live
+        # through the resync are enough survivors to set off a full collection
+        self._snapshot: list[_Row] | None = list(rec._rows.values())
+        self._by_map: dict[str, list[_Row]] = {}
         self.maps: list[str] = []  # set by ``prepare``
         self.drifted = self.orphans = 0
         self.failed: list[str] = []
@@ -697,8 +699,8 @@ class Resync:
         snapshot, self._snapshot = self._snapshot or [], None
         by_map = self._by_map
         for at in range(0, len(snapshot), self.GROUP_CHUNK):
-            for rk, row in snapshot[at:at + self.GROUP_CHUNK]:
-                by_map.setdefault(rk[0], []).append((rk, row))
+            for row in snapshot[at:at + self.GROUP_CHUNK]:
+                by_map.setdefault(row.map, []).append(row)
             yield
         self.maps = sorted(self._rec.owned_maps | by_map.keys())
 
@@ -730,8 +732,8 @@ class Resync:
             else self.dump_bytes(dumped))  # type: ignore[arg-type]
         rows = self._by_map.get(map_name, [])
         for at in range(0, len(rows), self.CHUNK):
-            live = [(rk, row) for rk, row in rows[at:at + self.CHUNK]
-                    if rk not in touched and rec._rows.get(rk) is row]
+            live = [(rk, row) for row in rows[at:at + self.CHUNK]
+                    if (rk := (row.map, row.key)) not in touched and rec._rows.get(rk) is row]
             self.drifted += rec._learn(live, by_bytes)
             yield
         if map_name not in rec.owned_maps:
