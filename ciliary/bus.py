@@ -777,7 +777,9 @@ class Bus:
                 # pushed ones may not have reached this client yet, and the last of them
                 # (num_pending == 0) marks the end of the initial state.
                 synced = info.num_pending == 0 and info.delivered.consumer_seq == 0
-                last_seq = 0  # stream sequence of the last message received
+                # stream sequence of the last message received; to begin with, where the
+                # consumer starts (a consumer with nothing to send reports that as delivered)
+                last_seq = info.delivered.stream_seq
                 while True:
                     if synced and seen is not None and once and not await _caught_up(sub, last_seq):
                         synced = False  # a key replaced while listing: its new value is still due

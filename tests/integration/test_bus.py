@@ -273,6 +273,9 @@ async def test_a_listing_holds_every_key_while_keys_are_replaced(nats_server) ->
                 n += 1
             return n
 
+        # listings with nothing to list end too, in an empty bucket and beside live keys
+        assert await reader.kv_list(schema.BUCKET_MESH) == {}
+        assert await reader.kv_list(bucket, "none.>") == {}
         writes = asyncio.ensure_future(churn())
         short = []
         for _ in range(200):
