@@ -777,11 +777,9 @@ class Bus:
                 # pushed ones may not have reached this client yet, and the last of them
                 # (num_pending == 0) marks the end of the initial state.
                 synced = info.num_pending == 0 and info.delivered.consumer_seq == 0
-                # stream sequence of the last message received; to begin with, where the
-                # consumer starts (a consumer with nothing to send reports that as delivered)
-                last_seq = info.delivered.stream_seq
+                received = 0  # consumer sequence of the last message received
                 while True:
-                    if synced and seen is not None and once and not await _caught_up(sub, last_seq):
+                    if synced and seen is not None and once and not await _caught_up(sub, received):
                         synced = False  # a key replaced while listing: its new value is still due
                     if synced and seen is not None:
                         for key in sorted(delivered - seen):
@@ -795,7 +793,7 @@ class Bus:
                     if msg is None:
                         break  # reconnected: re-read the bucket
                     entry = _entry_from_msg(bucket, msg)
-                    last_seq = max(last_seq, msg.metadata.sequence.stream)
+                    received = max(received, msg.metadata.sequence.consumer)
                     if seen is not None:
                         if entry.deleted:
                             seen.discard(entry.key)
@@ -1048,17 +1046,19 @@ def no_responders(msg: Message) -> bool:
     return not msg.data and bool(msg.headers) and msg.headers.get("Status") == NO_RESPONDERS_STATUS
 
 
-async def _caught_up(sub: Any, last_seq: int) -> bool:
-    """Whether a listing's consumer has nothing left to send past stream sequence
-    ``last_seq``. A last-per-subject listing sees ``num_pending == 0`` on its last message,
-    but a key replaced meanwhile lost the old message it was about to send, and its new one
-    may be appended after that count was taken: the consumer's own counts then show it
-    pending (or pushed and not yet received)."""
+async def _caught_up(sub: Any, received: int) -> bool:
+    """Whether a listing's consumer has nothing left to send after the ``received``
+    messages that arrived (its consumer sequence counts what it pushed). A last-per-subject
+    listing sees ``num_pending == 0`` on its last message, but a key replaced meanwhile lost
+    the old message the consumer was about to send, and its new one may be appended after
+    that count was taken: the consumer's own counts then show it pending, or pushed and not
+    yet received. (Stream sequences would not do: a consumer with nothing to send reports
+    the stream position it starts from as delivered.)"""
     try:
         info = await sub.consumer_info()
     except (TimeoutError, nats.errors.Error):
         return True  # cannot tell: as before, the listing ends at num_pending == 0
-    return info.num_pending == 0 and info.delivered.stream_seq <= last_seq
+    return info.num_pending == 0 and info.delivered.consumer_seq <= received
 
 
 def _entry_from_msg(bucket: str, msg: Msg) -> KVEntry:
