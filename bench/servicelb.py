@@ -632,10 +632,11 @@ def process_stats(inst: S.EmbeddedInstance) -> dict[str, dict[str, float]]:
     return {name: S.process_memory(pid) for name, pid in sorted(inst.pids().items())}
 
 
-def servicelb_detail(inst: S.EmbeddedInstance) -> dict[str, Any]:
-    """servicelb's health detail (``ciliary status -o json``): frontends, last_reconcile_ms ..."""
+def service_detail(inst: S.EmbeddedInstance, name: str) -> dict[str, Any]:
+    """A service's health detail (``ciliary status -o json``), e.g. servicelb's frontends and
+    last_reconcile_ms, or the node executor's last_resync (the first service of that name)."""
     st = json.loads(inst.cli("status", "-o", "json", check=False).stdout or "{}")
-    return next((s.get("detail") or {} for s in st.get("services", []) if s.get("name") == "servicelb"), {})
+    return next((s.get("detail") or {} for s in st.get("services", []) if s.get("name") == name), {})
 
 
 def gc_details(inst: S.EmbeddedInstance) -> dict[str, Any]:
@@ -709,12 +710,13 @@ def kv_kernel(n: int, reps: int, load_timeout: float) -> dict[str, Any]:
             gc_before = gc_details(inst)
             samples = asyncio.run(_kv_churn(inst, churned, reps, fe))
             servicelb_cpu_ms = (S.process_cpu_s(servicelb_pid) - cpu0) * 1000 / max(1, reps)
-            detail = servicelb_detail(inst)
+            detail = service_detail(inst, "servicelb")
             gc_churn = gc_during(gc_before, gc_details(inst))
             burst_size = min(BURST, n)
             bursts = asyncio.run(_kv_bursts(inst, [s for s in svcs if s is not churned],
                                             burst_size, BURSTS))
             memory = process_stats(inst)
+            node_resync = service_detail(inst, "node").get("last_resync", {})
         finally:
             fe.close()
     problems = inst.problems
@@ -740,6 +742,8 @@ def kv_kernel(n: int, reps: int, load_timeout: float) -> dict[str, Any]:
             "memory_after_load": memory_loaded,
             "memory": memory,
             "servicelb_detail": detail,
+            # the node executor's last periodic full resync: phases and longest loop step
+            "node_last_resync": node_resync,
             # cyclic-collector pauses while the single changes ran, per process
             "gc_during_changes": gc_churn}
 
