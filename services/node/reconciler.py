@@ -71,6 +71,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from ciliary import tracing
@@ -739,9 +740,11 @@ class Resync:
         if map_name not in rec.owned_maps:
             return
         rec._observed.pop(map_name, None)
-        items = list(by_bytes.items())
-        for at in range(0, len(items), self.CHUNK):
-            for kb, v in items[at:at + self.CHUNK]:
+        # chunk by chunk from the dump itself: a list of every (key, value) pair would be
+        # 400,000 live tuples at 50,000 services, enough to set off full collections
+        items = iter(by_bytes.items())  # the dump is this resync's own: not changed meanwhile
+        while chunk := list(islice(items, self.CHUNK)):
+            for kb, v in chunk:
                 rk = (map_name, kb)
                 if rk not in rec._rows and rk not in touched:
                     row = rec._add_row(rk, _Row(map_name, kb, None, v))
