@@ -18,7 +18,6 @@ Writes bench/results/map_dump.json (with the git commit and whether the tree was
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ctypes as ct
 import statistics
@@ -99,15 +98,8 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="50000,200000,400000")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    res = S.results_header(" ".join([".venv/bin/python", "bench/map_dump.py", *sys.argv[1:]]))
-    res["sizes"] = [measure(int(n), args.repeat) for n in args.sizes.split(",")]
-    S.write_results(args.output, res, render)
-    return 0
+    return S.sized_bench(__doc__, "bench/map_dump.py", measure, render, sizes="50000,200000,400000", repeat=3,
+                         results=RESULTS)
 
 
 if __name__ == "__main__":

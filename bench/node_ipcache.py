@@ -16,7 +16,6 @@ Writes bench/results/node_ipcache.json (with the git commit and whether the tree
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -81,15 +80,8 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1000,10000,50000")
-    parser.add_argument("--repeat", type=int, default=50)
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    res = S.results_header(" ".join([".venv/bin/python", "bench/node_ipcache.py", *sys.argv[1:]]))
-    res["sizes"] = [measure(int(n), args.repeat) for n in args.sizes.split(",")]
-    S.write_results(args.output, res, render)
-    return 0
+    return S.sized_bench(__doc__, "bench/node_ipcache.py", measure, render, sizes="1000,10000,50000", repeat=50,
+                         results=RESULTS)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ Per entry count (a record of N ingress allow entries, 50 rules, as a relabel rew
 for every subject that names the relabelled pod as a peer): median decode time over
 ``--repeat`` decodes, both ways, and the ratio head / full.
 
-Usage: .venv/bin/python bench/policy_decode.py [--entries 100,1000,10000] [--repeat 200]
+Usage: .venv/bin/python bench/policy_decode.py [--sizes 100,1000,10000] [--repeat 200]
 Writes bench/results/policy_decode.json (with the git commit and whether the tree was dirty).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -62,15 +61,8 @@ def render(res: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--entries", default="100,1000,10000")
-    parser.add_argument("--repeat", type=int, default=200)
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    res = S.results_header(" ".join([".venv/bin/python", "bench/policy_decode.py", *sys.argv[1:]]))
-    res["sizes"] = [measure(int(n), args.repeat) for n in args.entries.split(",")]
-    S.write_results(args.output, res, render)
-    return 0
+    return S.sized_bench(__doc__, "bench/policy_decode.py", measure, render, sizes="100,1000,10000", repeat=200,
+                         results=RESULTS)
 
 
 if __name__ == "__main__":

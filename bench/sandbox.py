@@ -524,6 +524,27 @@ def write_results(path: Path, res: dict[str, Any], render: Callable[[dict[str, A
     print(f"\nwrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
 
+def sized_bench(doc: str, script: str, measure: Callable[[int, int], dict[str, Any]],
+                render: Callable[[dict[str, Any]], str], *, sizes: str, repeat: int,
+                results: Path) -> int:
+    """The ``main`` of a bench that measures one thing at several sizes in this process:
+    flags ``--sizes`` (comma-separated), ``--repeat`` and ``--output``; ``measure(size,
+    repeat)`` per size into ``sizes`` of the results (after `results_header`), written and
+    rendered by `write_results`."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--sizes", default=sizes)
+    parser.add_argument("--repeat", type=int, default=repeat)
+    parser.add_argument("--output", type=Path, default=results)
+    args = parser.parse_args()
+    res = results_header(" ".join([".venv/bin/python", script, *sys.argv[1:]]))
+    res["sizes"] = [measure(int(n), args.repeat) for n in args.sizes.split(",")]
+    write_results(args.output, res, render)
+    return 0
+
+
 def git_state() -> dict[str, Any]:
     """The commit the numbers were measured on and whether the tree had uncommitted changes
     (``dirty``); ``{}`` outside a git checkout."""
