@@ -6,7 +6,8 @@ Each instance is the supervisor without nodes (its NATS part and every control-p
 service; nothing leaves loopback). For a server kept down, the supervisor is paused
 (SIGSTOP) so it does not restart the server, then resumed (SIGCONT) to restart it.
 Every apply is the real CLI (a fresh process, as a user runs it) writing a new Namespace.
-Writes bench/results/replicated_bus.json and prints a table.
+Writes bench/results/replicated_bus.json (with the date, the machine, the git commit and
+whether the tree was dirty) and prints a table.
 
     .venv/bin/python bench/replicated_bus.py [--applies 7]
 """
@@ -29,6 +30,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import sandbox as S  # noqa: E402
 
 from ciliary import config, natscluster  # noqa: E402
 from ciliary.output import table  # noqa: E402
@@ -149,7 +153,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--applies", type=int, default=7)
     args = parser.parse_args()
-    results: dict[str, Any] = {"applies": args.applies}
+    results: dict[str, Any] = {
+        **S.results_header(" ".join([".venv/bin/python", "bench/replicated_bus.py", *sys.argv[1:]])),
+        "applies": args.applies}
     with tempfile.TemporaryDirectory(prefix="ciliary-bench-") as tmp:
         single = Instance(Path(tmp) / "r1", 1)
         try:
