@@ -153,7 +153,7 @@ class NodeAgent:
         self.frontends: Mapping[str, schema.LBFrontend] = {}
         # bucket policy: every identity's head (flags), full records of local identities only
         self.policies: Mapping[str, schema.PolicyMapHead] = {}
-        self.policy_records: Mapping[str, schema.PolicyMapRecord] = {}
+        self.policy_records = FullPolicyRecords({})  # over the policy mirror once watching
         self._policy_interest: set[int] = set()  # identities whose record changes this node's maps
         self._endpoint_identity: dict[int, int] = {}  # endpoint id -> identity its lxc entry carries
         self.peer_routes: dict[str, str] = {}  # pod CIDR -> via, as routed
@@ -166,6 +166,7 @@ class NodeAgent:
         self.caches.register("endpoints", lambda: len(self.endpoints))
         self.caches.register("pods", lambda: len(self.runner.pods) if self.runner is not None else 0)
         self.caches.register("policy_owners", lambda: len(self.policy_selection.owners))
+        self.caches.register("policy_records_decoded", lambda: self.policy_records.decoded())
 
     # ------------------------------------------------------------------ start
 
@@ -362,9 +363,7 @@ class NodeAgent:
         policy = self.ctx.mirror(tg, schema.BUCKET_POLICY, f"{schema.POLICY_ID_PREFIX}>", name="policy",
                                  decode=decoder(schema.PolicyMapHead))
         self.policies = policy.values
-        records = FullPolicyRecords(policy.entries)
-        self.policy_records = records
-        self.caches.register("policy_records_decoded", records.decoded)
+        self.policy_records = FullPolicyRecords(policy.entries)
         self._follow_mirror(policy, self._on_policy_record)
 
     def _follow(self, tg: asyncio.TaskGroup, name: str, bucket: str, pattern: str, type_: type,
@@ -432,10 +431,9 @@ class NodeAgent:
         self._sync_endpoint_entries()
 
     def _sync_endpoint_entries(self) -> None:
-        identities = T.endpoint_identities(self.endpoints, self.ipcache, self.policies,
-                                           self._endpoint_identity)
+        wanted = T.ipcache_identities(self.endpoints, self.ipcache)
+        identities = T.endpoint_identities(wanted, self.policies, self._endpoint_identity)
         self._endpoint_identity = identities
-        wanted = {ep.ep_id: T.identity_of_ip(self.ipcache, ep.ip) for ep in self.endpoints}
         self._policy_interest = set(identities.values()) | set(wanted.values())
         self.ctx.detail["endpoints_awaiting_policy"] = sum(
             1 for ep_id, identity in identities.items() if identity != wanted[ep_id])
@@ -449,8 +447,7 @@ class NodeAgent:
     def _sync_policy_entries(self, local: set[int]) -> None:
         """Policy map entries for the identities of this node's endpoints only."""
         plan = self.policy_selection.select(local, self.policy_records)
-        if isinstance(self.policy_records, FullPolicyRecords):
-            self.policy_records.retain(schema.policy_key(i) for i in local)
+        self.policy_records.retain(schema.policy_key(i) for i in local)
         for owner, entries in plan.writes.items():
             self.reconciler.set_desired(owner, entries)
         self.ctx.detail["policy_entries"] = plan.total

@@ -160,7 +160,12 @@ class BccMapOps:
                 pass
             except OSError as e:
                 raise MapOpsError(f"{map_name}: dump: {e}") from e
-        return {bytes(k): bytes(v) for k, v in self.dump(map_name).items()}
+        return dump_as_bytes(self.dump(map_name))
+
+
+def dump_as_bytes(dumped: Mapping[Layout, Layout]) -> dict[bytes, bytes]:
+    """A ``dump`` as key bytes -> value bytes (what a resync learns from)."""
+    return {bytes(k): bytes(v) for k, v in dumped.items()}
 
 
 def _sum_percpu(vt: type[Layout], values: Iterable[Any]) -> Layout:
@@ -412,7 +417,7 @@ def gc_conntrack(ops: MapOps, now_ns: int | None = None) -> int:
 
 
 __all__ = [
-    "BccMapOps", "Entry", "FakeMapOps", "FaultyMapOps", "MapOps", "MapOpsError", "apply",
+    "BccMapOps", "Entry", "FakeMapOps", "FaultyMapOps", "MapOps", "MapOpsError", "apply", "dump_as_bytes",
     "endpoint_entry", "fit_maglev_table", "gc_conntrack", "gc_nat", "ipcache_entry", "jhash_3words",
     "lb_affinity_match_entries", "lb_backend_entry", "lb_maglev_entries",
     "lb_revnat_entry", "lb_service_entries", "maglev_hash", "policy_entry", "proto_number", "remove",

@@ -79,7 +79,7 @@ from ciliary.backoff import ENTRY_CAP, backoff_delay
 from ciliary.heap import HeapFreezer
 from services.node import layouts as L
 from services.node.layouts import Layout
-from services.node.maps import Entry, MapOps, MapOpsError
+from services.node.maps import Entry, MapOps, MapOpsError, dump_as_bytes
 
 log = logging.getLogger(__name__)
 
@@ -715,22 +715,16 @@ class Resync:
         self._rec._total_errors += 1
         self.failed.append(map_name)
 
-    @staticmethod
-    def dump_bytes(dumped: Mapping[Layout, Layout]) -> dict[bytes, bytes]:
-        """A map's dump as key bytes -> value bytes (what ``learn`` works on); a driver may
-        build it in the thread that dumped the map."""
-        return {bytes(k): bytes(v) for k, v in dumped.items()}
-
     def learn(self, map_name: str, dumped: Mapping[Layout, Layout] | Mapping[bytes, bytes]) -> Iterator[None]:
-        """Learn one map's dump (layouts, or ``dump_bytes`` of them); yields between chunks
-        of ``CHUNK``."""
+        """Learn one map's dump (layouts, or ``maps.dump_as_bytes`` of them, which a driver
+        may build in the thread that dumped the map); yields between chunks of ``CHUNK``."""
         rec = self._rec
         touched = rec._touched
         assert touched is not None
         first = next(iter(dumped), None)
         by_bytes: Mapping[bytes, bytes] = (
             dumped if first is None or isinstance(first, bytes)  # type: ignore[assignment]
-            else self.dump_bytes(dumped))  # type: ignore[arg-type]
+            else dump_as_bytes(dumped))  # type: ignore[arg-type]
         rows = self._by_map.get(map_name, [])
         for at in range(0, len(rows), self.CHUNK):
             live = [(rk, row) for row in rows[at:at + self.CHUNK]
@@ -887,12 +881,12 @@ class ReconcileLoop:
 
     async def _dump_meanwhile_reconciling(self, map_name: str) -> dict[bytes, bytes]:
         """Dump ``map_name`` in a thread, as bytes (the ops' own ``dump_bytes`` where it has
-        one, the kernel's batch lookup for ``BccMapOps``; else ``Resync.dump_bytes`` built in
+        one, the kernel's batch lookup for ``BccMapOps``; else ``maps.dump_as_bytes`` built in
         the thread too: at 200,000 entries that is a quarter of a second the event loop does
         not spend); reconcile whatever is kicked until it returns."""
         raw = getattr(self.ops, "dump_bytes", None)  # MapOps that read bytes directly
         dump = asyncio.ensure_future(asyncio.to_thread(
-            (lambda: raw(map_name)) if raw is not None else (lambda: Resync.dump_bytes(self.ops.dump(map_name)))))
+            (lambda: raw(map_name)) if raw is not None else (lambda: dump_as_bytes(self.ops.dump(map_name)))))
         while not dump.done():
             self._wake.clear()
             woken = asyncio.ensure_future(self._wake.wait())

@@ -88,25 +88,28 @@ def identity_of_ip(ipcache: Mapping[str, schema.IPCacheRecord], ip: str) -> int:
     return record.identity if record else IDENTITY_INIT
 
 
-def endpoint_identities(endpoints: Iterable[EndpointAddress],
-                        ipcache: Mapping[str, schema.IPCacheRecord],
-                        policies: Mapping[str, PolicyFlags],
+def ipcache_identities(endpoints: Iterable[EndpointAddress],
+                       ipcache: Mapping[str, schema.IPCacheRecord]) -> dict[int, int]:
+    """Endpoint id -> the ipcache's identity of its address (``reserved:init`` without one)."""
+    return {ep.ep_id: identity_of_ip(ipcache, ep.ip) for ep in endpoints}
+
+
+def endpoint_identities(wanted: Mapping[int, int], policies: Mapping[str, PolicyFlags],
                         previous: Mapping[int, int]) -> dict[int, int]:
-    """Endpoint id -> the identity its lxc entry carries: the ipcache's identity of its
-    address, except that an endpoint keeps its ``previous`` identity while that one has a
-    policy record and the new one has none yet. The policy service writes a record for
+    """Endpoint id -> the identity its lxc entry carries: ``wanted`` (`ipcache_identities`),
+    except that an endpoint keeps its ``previous`` identity while that one has a policy
+    record and the wanted one has none yet. The policy service writes a record for
     every local identity, so a missing one means "not resolved yet": a relabelled pod stays
     under its old policy until its new policy is there, never unenforced in between (as a
     Cilium endpoint keeps its identity until regeneration with the new one completes).
     Without any record for the old identity either (no policy service), nothing is held."""
     out: dict[int, int] = {}
-    for ep in endpoints:
-        wanted = identity_of_ip(ipcache, ep.ip)
-        held = previous.get(ep.ep_id)
-        if (held is not None and held != wanted and schema.policy_key(wanted) not in policies
+    for ep_id, identity in wanted.items():
+        held = previous.get(ep_id)
+        if (held is not None and held != identity and schema.policy_key(identity) not in policies
                 and schema.policy_key(held) in policies):
-            wanted = held
-        out[ep.ep_id] = wanted
+            identity = held
+        out[ep_id] = identity
     return out
 
 
@@ -289,7 +292,8 @@ def peer_routes(statuses: Mapping[str, schema.StatusRecord], node: str) -> dict[
 __all__ = [
     "ENDPOINTS_OWNER", "IDENTITY_INIT", "IPCACHE_OWNER_PREFIX", "LB_OWNER_PREFIX", "POLICY_OWNER_PREFIX",
     "EndpointAddress", "PolicyPlan", "PolicySelection", "endpoint_entries", "frontend_entries",
-    "endpoint_identities", "frontend_owner", "identity_of_ip", "ipcache_entries", "ipcache_owner",
+    "endpoint_identities", "frontend_owner", "identity_of_ip", "ipcache_entries", "ipcache_identities",
+    "ipcache_owner",
     "ipcache_record_entries", "lb_frontend_entries",
     "peer_routes", "policy_map_entries", "policy_owner", "selects_backend", "serves_here",
 ]

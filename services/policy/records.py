@@ -74,27 +74,16 @@ def open_record(identity: int, cluster: str, cluster_id: int) -> schema.PolicyMa
                                   ingress_enforced=False, egress_enforced=False)
 
 
-def desired_policy_bucket(
-    res: Resolution, cluster: str, cluster_id: int, status_keys: Mapping[PolicyKey, str],
-    current: Mapping[str, bytes], local: Collection[int] = (),
-) -> dict[str, bytes]:
-    """Every key of bucket ``policy`` as it should be (encoded values); `local` holds the
-    local identities, each of which gets a record (an open one when nothing selects it)."""
-    out: dict[str, bytes] = {}
-    update_desired(out, res, set(res.identities) | set(local), cluster, cluster_id,
-                   status_keys, current, local)
-    return out
-
-
 def update_desired(
     desired: dict[str, bytes], res: Resolution, changed: Iterable[int], cluster: str,
     cluster_id: int, status_keys: Mapping[PolicyKey, str], current: Mapping[str, bytes],
     local: Collection[int] = (),
 ) -> None:
-    """Bring `desired` (as `desired_policy_bucket` made it for the previous resolution) up
-    to date: only the identities in `changed` are re-encoded, plus those in error (whose
-    record depends on what is currently written). `changed` must name every identity
-    that joined or left `local` since."""
+    """Bring `desired` (bucket ``policy`` as it should be, encoded, for the previous
+    resolution; empty at first) up to date: only the identities in `changed` are
+    re-encoded, plus those in error (whose record depends on what is currently written).
+    Every identity in `local` gets a record (an open one when nothing selects it);
+    `changed` must name every identity that joined or left `local` since."""
     redo = set(changed) | {i for i, ip in res.identities.items() if ip.error}
     for ident in redo:
         key = schema.policy_key(ident)

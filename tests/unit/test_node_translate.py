@@ -60,24 +60,24 @@ def test_endpoint_identity_is_init_until_the_ipcache_knows_the_address() -> None
     assert T.identity_of_ip(ipcache, "10.200.1.5") == 300
     assert T.identity_of_ip(ipcache, "10.200.1.6") == T.IDENTITY_INIT
     eps = [Ep("10.200.1.5", 7, 1), Ep("10.200.1.6", 8, 2)]
-    assert T.endpoint_identities(eps, ipcache, {}, {}) == {1: 300, 2: T.IDENTITY_INIT}
+    assert T.endpoint_identities(T.ipcache_identities(eps, ipcache), {}, {}) == {1: 300, 2: T.IDENTITY_INIT}
 
 
 def test_a_relabelled_endpoint_keeps_its_enforced_identity_until_the_new_one_has_policy() -> None:
     eps = [Ep("10.200.1.5", 7, 1)]
-    relabelled = _by_key(_ipcache("10.200.1.5/32", 301))
+    relabelled = T.ipcache_identities(eps, _by_key(_ipcache("10.200.1.5/32", 301)))
     old_only = _policies(_policy(300))
     # the new identity's record is not there yet: the old identity (and its policy) stays
-    assert T.endpoint_identities(eps, relabelled, old_only, {1: 300}) == {1: 300}
+    assert T.endpoint_identities(relabelled, old_only, {1: 300}) == {1: 300}
     entries = T.endpoint_entries(eps, {1: 300}, old_only)
     assert entries == [M.endpoint_entry(7, 1, 300, "10.200.1.5", policy_ingress=True)]
     # its record arrives (here: selected by nothing, open): the endpoint moves
     both = _policies(_policy(300), _policy(301, ingress=False))
-    assert T.endpoint_identities(eps, relabelled, both, {1: 300}) == {1: 301}
+    assert T.endpoint_identities(relabelled, both, {1: 300}) == {1: 301}
     # no record for the old identity either (no policy service writes records): no hold
-    assert T.endpoint_identities(eps, relabelled, {}, {1: 300}) == {1: 301}
+    assert T.endpoint_identities(relabelled, {}, {1: 300}) == {1: 301}
     # a new endpoint has no previous identity to keep
-    assert T.endpoint_identities(eps, relabelled, old_only, {}) == {1: 301}
+    assert T.endpoint_identities(relabelled, old_only, {}) == {1: 301}
 
 
 def test_endpoint_entries_by_endpoint_id_with_their_identitys_policy_flags() -> None:
