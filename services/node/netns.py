@@ -23,7 +23,8 @@ Invariants:
   ``eth0``, which dies with the pod namespace.
 - IPv6 is disabled in node and pod namespaces; ip_forward is enabled in node
   namespaces only.
-- Create functions are idempotent for namespaces; delete functions are
+- Namespaces are created by ``ip netns add`` (no Python runs in a forked child). Create
+  functions are idempotent for namespaces; delete functions are
   idempotent and never fail on something already gone.
 - Functions block (netlink round trips); the async executor calls them from a
   worker thread.
@@ -37,6 +38,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -194,7 +196,12 @@ def _ensure_netns(name: str) -> None:
     if not name.startswith(PREFIX):
         raise ValueError(f"refusing to create a namespace without prefix {PREFIX}: {name}")
     if name not in netns.listnetns():
-        netns.create(name)
+        # `ip netns add` (fork + exec) rather than pyroute2's ``netns.create``, which forks a
+        # Python child that runs the at-fork handlers of a multi-threaded parent (the
+        # OpenTelemetry SDK starts a thread there): such a child was seen to crash (SIGSEGV)
+        done = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, check=False)
+        if done.returncode != 0 and name not in netns.listnetns():
+            raise OSError(f"ip netns add {name}: {done.stderr.strip() or f'exit {done.returncode}'}")
 
 
 def _remove_netns(name: str) -> None:
