@@ -43,7 +43,7 @@ class FullPolicyRecords(Mapping[str, schema.PolicyMapRecord]):
         held = self._decoded.get(key)
         if held is None or held[0] is not entry:
             try:
-                record: schema.PolicyMapRecord | None = schema.decode(entry.value or b"", schema.PolicyMapRecord)
+                record: schema.PolicyMapRecord | None = schema.decode_policy_map_record(entry.value or b"")
             except (msgspec.DecodeError, msgspec.ValidationError) as err:
                 log.warning("%s/%s: skipping bad payload: %s", schema.BUCKET_POLICY, key, err)
                 record = None

@@ -17,7 +17,8 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+import operator
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,17 +27,15 @@ import msgspec
 from ciliary import schema
 
 from .resolve import IdentityPolicy, PolicyEntry, PolicyStatus, Resolution
-from .rules import PROTOCOLS, PolicyKey, rule_id, rule_text
+from .rules import PROTOCOLS, PolicyKey
 
 
 def identity_record(ip: IdentityPolicy, cluster: str, cluster_id: int,
                     status_keys: Mapping[PolicyKey, str]) -> schema.PolicyMapRecord:
-    entries = [e.__dict__.get("_record") or entry_record(e) for e in ip.entries]
+    entries = entry_records(ip.entries)
     # the id -> rule table; were two rules to share an id, the one named last wins
-    rules: dict[int, str] = {}
-    for ref in {id(e.rule): e.rule for e in reversed(ip.entries)}.values():
-        if ref.kind:
-            rules.setdefault(rule_id(ref), rule_text(ref))
+    rules = dict(map(_RULE_OF, ip.entries))
+    rules.pop(0, None)  # the default allow-all entries name no rule
     return schema.PolicyMapRecord(
         identity=ip.identity, cluster=cluster, cluster_id=cluster_id,
         ingress_enforced=ip.ingress_enforced, egress_enforced=ip.egress_enforced,
@@ -46,17 +45,14 @@ def identity_record(ip: IdentityPolicy, cluster: str, cluster_id: int,
     )
 
 
-def entry_record(e: PolicyEntry) -> schema.PolicyEntryRecord:
-    """`e` as a record; built once per entry object (entries are shared by the records of
-    many identities and kept across passes) and never mutated afterwards."""
-    found = e.__dict__.get("_record")
-    if found is None:
-        found = schema.PolicyEntryRecord(
-            peer=e.peer, port=e.port, proto=e.proto, direction=e.direction, verdict=e.verdict,
-            end_port=e.end_port, audit=e.audit, rule_ref=rule_id(e.rule),
-        )
-        object.__setattr__(e, "_record", found)
-    return found
+_RECORD_OF = operator.attrgetter("record")
+_RULE_OF = operator.attrgetter("rule_ref_text")
+
+
+def entry_records(entries: Sequence[PolicyEntry]) -> list[schema.PolicyEntryRecord]:
+    """The records of `entries`, in one C-level pass (`PolicyEntry.record` is built once
+    per entry and kept on it)."""
+    return list(map(_RECORD_OF, entries))
 
 
 def fail_closed_record(ip: IdentityPolicy, cluster: str, cluster_id: int,

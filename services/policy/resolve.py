@@ -35,9 +35,12 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from ciliary import schema
 
 from .rules import (
     DIRECTIONS,
@@ -51,6 +54,8 @@ from .rules import (
     Section,
     default_allow_ref,
     normalize,
+    rule_id,
+    rule_text,
 )
 from .selectors import (
     CIDR_IDENTITY_FLAG,
@@ -107,6 +112,21 @@ class PolicyEntry:
         if self.port == 0:
             return self.proto in (PROTO_ANY, proto)
         return self.proto == proto and self.port <= port <= max(self.port, self.end_port)
+
+    @functools.cached_property
+    def record(self) -> schema.PolicyEntryRecord:
+        """This entry as bucket ``policy`` carries it. Built on first use and kept: entries
+        are shared by the records of many identities and live across passes, so a record
+        re-encoded for one new peer builds only that peer's entries."""
+        return schema.PolicyEntryRecord(
+            peer=self.peer, port=self.port, proto=self.proto, direction=self.direction,
+            verdict=self.verdict, end_port=self.end_port, audit=self.audit, rule_ref=rule_id(self.rule))
+
+    @functools.cached_property
+    def rule_ref_text(self) -> tuple[int, str]:
+        """``(rule_ref, rule text)`` for a record's rule table; ``(0, "")`` for no rule."""
+        ref = rule_id(self.rule)
+        return (ref, rule_text(self.rule) if ref else "")
 
     def __str__(self) -> str:
         port = f"{self.port}-{self.end_port}" if self.end_port else str(self.port)

@@ -3,6 +3,7 @@ decoded only when asked for, once per entry, and a bad full payload reads as abs
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from ciliary import schema
@@ -49,3 +50,20 @@ def test_a_bad_full_payload_reads_as_absent() -> None:
     with pytest.raises(KeyError):
         records[schema.policy_key(300)]
     assert records.get(schema.policy_key(300)) is None
+
+
+def test_entries_travel_as_arrays_and_entries_written_as_maps_still_read() -> None:
+    e = entry(300, 1, peers=2)
+    raw = msgspec.msgpack.decode(e.value)
+    assert raw["entries"][0] == [1000, 80, 6, "ingress", "allow", 0, False, 7]
+    # the same record as an older policy service wrote it: every entry a map of its fields
+    legacy = msgspec.msgpack.encode({**raw, "entries": [
+        dict(zip(schema.PolicyEntryRecord.__struct_fields__, fields, strict=True)) for fields in raw["entries"]]})
+    assert len(legacy) > len(e.value)
+    expected = schema.decode(e.value, schema.PolicyMapRecord)
+    assert schema.decode_policy_map_record(legacy) == expected
+    records = FullPolicyRecords({schema.policy_key(300): entry(300, 1, value=legacy)})
+    assert records[schema.policy_key(300)] == expected
+    assert schema.decode(legacy, schema.PolicyMapHead).rules == expected.rules
+    with pytest.raises(msgspec.ValidationError):
+        schema.decode_policy_map_record(msgspec.msgpack.encode({**raw, "entries": [{"peer": "x"}]}))
