@@ -28,7 +28,10 @@ Measures:
   endpoint moved to it on both nodes). For every change it also records the bus write's
   own duration and, from the services' health (``recent_passes``), the identity and
   policy passes that started between the write and the flip (count, summed and longest
-  time, the policy passes' resolve / encode / write parts).
+  time, the policy passes' resolve / encode / write parts), and when, counted from the
+  write, the first of them started and had written what the flip waits for
+  (``*_started_at_ms``, ``*_written_at_ms``: the identity pass its ipcache entries, the
+  policy pass the records of the identities it resolved in full).
 
 Usage: .venv/bin/python bench/policy.py [--identities 1000] [--rules 500] [--repeat 5]
        [--iterations 20] [--kernel-identities 1000] [--kernel-rules 500] [--no-kernel]
@@ -437,6 +440,12 @@ def passes_in(reports: list[Any], window: tuple[float, float]) -> dict[str, floa
             "inputs", "allocate", "ipcache", "housekeeping")
         for part in parts:
             out[f"{service}_{part}_sum_ms"] = round(sum(p.get(part, 0) for p in ran), 2)
+        if ran:  # when, from the change's write, the first pass had written what matters
+            first = ran[0]
+            done = (first.get("first_write_at", 0) if service == "policy" else
+                    sum(first.get(part, 0) for part in ("inputs", "allocate", "ipcache")))
+            out[f"{service}_written_at_ms"] = round((first["start"] - window[0]) * 1000 + done, 2)
+            out[f"{service}_started_at_ms"] = round((first["start"] - window[0]) * 1000, 2)
     return out
 
 

@@ -296,11 +296,16 @@ class PassClock:
         self.wall_start = time.time()
         self.start = self.mark = time.perf_counter()
         self.laps: dict[str, float] = {}
+        self.at: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.laps[name] = self.laps.get(name, 0.0) + now - self.mark
         self.mark = now
+
+    def milestone(self, name: str) -> None:
+        """Record under ``<name>_at`` how far into the pass (ms) it is now; not a part."""
+        self.at[f"{name}_at"] = time.perf_counter() - self.start
 
     def total_ms(self) -> float:
         return round((self.mark - self.start) * 1000, 2)
@@ -308,12 +313,16 @@ class PassClock:
     def laps_ms(self) -> dict[str, float]:
         return {name: round(s * 1000, 2) for name, s in self.laps.items()}
 
+    def milestones_ms(self) -> dict[str, float]:
+        return {name: round(s * 1000, 2) for name, s in self.at.items()}
+
     def report(self, detail: dict[str, Any], recent: deque[dict[str, Any]]) -> None:
         """``last_pass_ms``, ``last_pass`` (its parts) and ``recent_passes`` (the last
-        ``RECENT_PASSES``: start as Unix time, total and parts in ms) in `detail`."""
+        ``RECENT_PASSES``: start as Unix time, total, parts and milestones in ms) in
+        `detail`."""
         total, laps = self.total_ms(), self.laps_ms()
         detail["last_pass_ms"] = total
         detail["last_pass"] = laps
         tracing.set_attributes({tracing.ATTR_PART_MS.format(part=part): ms for part, ms in laps.items()})
-        recent.append({"start": round(self.wall_start, 4), "ms": total, **laps})
+        recent.append({"start": round(self.wall_start, 4), "ms": total, **laps, **self.milestones_ms()})
         detail["recent_passes"] = list(recent)

@@ -18,7 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import operator
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,15 +74,18 @@ def update_desired(
     desired: dict[str, bytes], res: Resolution, changed: Iterable[int], cluster: str,
     cluster_id: int, status_keys: Mapping[PolicyKey, str], current: Mapping[str, bytes],
     local: Collection[int] = (),
-) -> None:
+) -> set[str]:
     """Bring `desired` (bucket ``policy`` as it should be, encoded, for the previous
     resolution; empty at first) up to date: only the identities in `changed` are
     re-encoded, plus those in error (whose record depends on what is currently written).
     Every identity in `local` gets a record (an open one when nothing selects it);
-    `changed` must name every identity that joined or left `local` since."""
+    `changed` must name every identity that joined or left `local` since. Returns the
+    keys it recomputed (`puts_among` plans their writes)."""
     redo = set(changed) | {i for i, ip in res.identities.items() if ip.error}
+    keys = set()
     for ident in redo:
         key = schema.policy_key(ident)
+        keys.add(key)
         ip = res.identities.get(ident)
         if ip is None:
             if ident in local:
@@ -95,6 +98,7 @@ def update_desired(
             desired[key] = current[key]
         else:
             desired[key] = schema.encode(fail_closed_record(ip, cluster, cluster_id, status_keys))
+    return keys
 
 
 def status_payload(st: PolicyStatus) -> dict[str, Any]:
@@ -103,6 +107,26 @@ def status_payload(st: PolicyStatus) -> dict[str, Any]:
         selected_identities=list(st.selected),
     )
     return msgspec.to_builtins(rec)
+
+
+class BucketValues(Mapping[str, bytes]):
+    """The values of a ``key -> (revision, value)`` mirror, read through (no copy)."""
+
+    def __init__(self, held: Mapping[str, tuple[int, bytes]]) -> None:
+        self._held = held
+
+    def __getitem__(self, key: str) -> bytes:
+        return self._held[key][1]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        found = self._held.get(key)
+        return default if found is None else found[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._held)
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 @dataclass(frozen=True)
@@ -119,6 +143,12 @@ def plan_writes(current: Mapping[str, bytes], desired: Mapping[str, bytes]) -> W
     puts = [(k, v) for k, v in sorted(desired.items()) if current.get(k) != v]
     deletes = sorted(k for k in current if k not in desired)
     return WritePlan(puts, deletes)
+
+
+def puts_among(current: Mapping[str, bytes], desired: Mapping[str, bytes], keys: Iterable[str]) -> list[tuple[str, bytes]]:
+    """The puts `plan_writes` would make, restricted to `keys` (sorted): for a pass's
+    first writes, without comparing every key of the bucket."""
+    return [(k, desired[k]) for k in sorted(keys) if k in desired and current.get(k) != desired[k]]
 
 
 def named_ports_from_pods(

@@ -43,6 +43,7 @@ from typing import Literal
 from ciliary import schema
 
 from .label_index import LabelIndex
+from .selector_anchors import SelectorAnchors
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 LABEL_SOURCE_PODIP = "podip"  # pod addresses of a pod identity, for ipBlock selectors
@@ -350,6 +351,7 @@ class SelectorCache:
         self._identities: dict[int, IdentityView] = {}
         self._selections: dict[Selector, set[int]] = {}
         self._index = LabelIndex()  # the labels of `_identities`, for registering selectors
+        self._anchors = SelectorAnchors()  # the keys of `_selections`, for identity changes
         if identities:
             self.update(identities, ())
 
@@ -370,16 +372,19 @@ class SelectorCache:
         else:
             found = {i for i, v in self._identities.items() if selector.matches(v)}
         self._selections[selector] = found
+        self._anchors.add(selector)
         return found
 
     def remove_selector(self, selector: Selector) -> None:
-        self._selections.pop(selector, None)
+        if self._selections.pop(selector, None) is not None:
+            self._anchors.remove(selector)
 
     def retain(self, selectors: Iterable[Selector]) -> None:
         """Forget every selector not in `selectors` (no longer used by any policy)."""
         keep = set(selectors)
         for sel in [s for s in self._selections if s not in keep]:
             del self._selections[sel]
+            self._anchors.remove(sel)
 
     def selectors(self) -> list[Selector]:
         return sorted(self._selections)
@@ -418,7 +423,8 @@ class SelectorCache:
             if gone is None:
                 continue
             self._index.remove(ident, gone.pairs)
-            for sel, found in self._selections.items():
+            for sel in self._anchors.candidates(gone):
+                found = self._selections[sel]
                 if ident in found:
                     before.setdefault(sel, {}).setdefault(ident, True)
                     found.discard(ident)
@@ -431,7 +437,12 @@ class SelectorCache:
                 self._index.remove(ident, old.pairs)
             self._index.add(ident, view.pairs)
             self._identities[ident] = view
-            for sel, found in self._selections.items():
+            # only selectors that could select the new or the old labels can change
+            check = self._anchors.candidates(view)
+            if old is not None:
+                check |= self._anchors.candidates(old)
+            for sel in check:
+                found = self._selections[sel]
                 now = sel.matches(view)
                 was = ident in found
                 if now != was:

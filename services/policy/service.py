@@ -24,7 +24,8 @@ Invariants:
   a new status for it, and written only when its payload changed.
 - Health detail ``last_pass_ms`` is the wall time of the last pass, ``last_pass`` its
   parts (inputs, resolve, encode, write, status) and ``recent_passes`` the same for the
-  last ``watch.RECENT_PASSES`` passes, each with its start (Unix time); ``caches`` the
+  last ``watch.RECENT_PASSES`` passes, each with its start (Unix time) and
+  ``first_write_at`` (ms into the pass when the first records were written); ``caches`` the
   sizes of its long-lived tables (selectors, identities, policy rows, statuses).
 - One pass at a time touches the engine. A pass whose changes involve at most
   ``SMALL_PASS`` identities (identity changes, plus what the rules of every added,
@@ -67,7 +68,14 @@ from ciliary.watch import PassLoop, entries_only
 from .incremental import PolicyEngine, Step
 from .inputs import PolicyInputs, decode_identity, decode_ipcache_prefix, decode_pod_ip
 from .podaddresses import PodAddressLabels, ipblock_networks
-from .records import WritePlan, plan_writes, status_payload, update_desired
+from .records import (
+    BucketValues,
+    WritePlan,
+    plan_writes,
+    puts_among,
+    status_payload,
+    update_desired,
+)
 from .resolve import PolicyStatus, Resolution, is_local
 from .rules import POLICY_KINDS, NormPolicy, PolicyKey
 from .selectors import IdentityView
@@ -120,6 +128,7 @@ class PolicyService:
         self.ipcache_pods: dict[str, tuple[str, int]] = {}  # ipcache key -> (pod ref, id)
         self.ipcache_prefixes: dict[str, tuple[str, int]] = {}  # ipcache key -> (prefix, id)
         self.policy_bucket: dict[str, tuple[int, bytes]] = {}  # key -> (revision, value)
+        self.current = BucketValues(self.policy_bucket)  # the same, values only
         self.status_written: dict[str, dict[str, Any]] = {}  # status key -> payload
         self.status_source: dict[str, PolicyStatus] = {}  # status key -> what it was made of
         self._status_keys_swept: dict[PolicyKey, str] | None = None  # policy set last swept
@@ -237,11 +246,12 @@ class PolicyService:
         step, small = await self._begin(norm)
         clock.lap("resolve")
         first = set(step.changed) | self._joined_or_left
-        self._encode(step.resolution, first, status_keys)
+        first_keys = self._encode(step.resolution, first, status_keys)
         clock.lap("encode")
         try:
-            await self._write_policy(WritePlan(self._plan().puts, []))
+            await self._write_policy(WritePlan(puts_among(self.current, self.desired, first_keys), []))
             clock.lap("write")
+            clock.milestone("first_write")
         finally:  # the engine's step completes and every change reaches `desired` even if
             # a write failed: the next pass compares and writes what is still missing
             step = await self._run(small, self.engine.finish, step)
@@ -263,14 +273,14 @@ class PolicyService:
         clock.report(self.ctx.detail, self.recent_passes)
 
     def _encode(self, res: Resolution, identities: set[int],
-                status_keys: dict[PolicyKey, str]) -> None:
-        """Bring `desired` up to date for `identities` (see `update_desired`)."""
-        current = {k: v for k, (_, v) in self.policy_bucket.items()}
-        update_desired(self.desired, res, identities, self.options.cluster_name,
-                       self.options.cluster_id, status_keys, current, self.local_ids)
+                status_keys: dict[PolicyKey, str]) -> set[str]:
+        """Bring `desired` up to date for `identities` (see `update_desired`); returns
+        the keys recomputed."""
+        return update_desired(self.desired, res, identities, self.options.cluster_name,
+                              self.options.cluster_id, status_keys, self.current, self.local_ids)
 
     def _plan(self) -> WritePlan:
-        return plan_writes({k: v for k, (_, v) in self.policy_bucket.items()}, self.desired)
+        return plan_writes(self.current, self.desired)
 
     async def _run(self, small: bool, fn: Callable[..., Step], *args: Any) -> Step:
         return fn(*args) if small else await asyncio.to_thread(fn, *args)

@@ -14,7 +14,7 @@ from ciliary import schema
 from ciliary.bus import KVEntry
 from ciliary.runtime import Context, Settings
 from ciliary.testing import FakeBus
-from services.policy.records import named_ports_from_pods, plan_writes
+from services.policy.records import BucketValues, named_ports_from_pods, plan_writes, puts_among
 from services.policy.rules import normalize
 from services.policy.service import PolicyService, decode_identity, decode_pod_ip
 from services.policy.trace import ipcache_lookup
@@ -245,6 +245,18 @@ def test_plan_writes_puts_before_deletes() -> None:
     assert plan.puts == [("id.3", b"C"), ("id.4", b"d")]
     assert plan.deletes == ["id.1"]
     assert not plan_writes({"x": b"1"}, {"x": b"1"})
+
+
+def test_a_pass_first_puts_only_the_changed_among_the_keys_it_recomputed() -> None:
+    held = {"id.1": (4, b"a"), "id.2": (5, b"b")}
+    current = BucketValues(held)
+    assert dict(current) == {"id.1": b"a", "id.2": b"b"} and current.get("id.9") is None
+    desired = {"id.1": b"a", "id.2": b"B", "id.3": b"c", "id.4": b"d"}
+    # id.4 changed too, but was not recomputed: it waits for the pass's full plan
+    assert puts_among(current, desired, {"id.3", "id.1", "id.2", "id.7"}) == [("id.2", b"B"), ("id.3", b"c")]
+    held["id.2"] = (6, b"B")  # the mirror is read through
+    assert puts_among(current, desired, {"id.2"}) == []
+    assert plan_writes(current, desired).puts == [("id.3", b"c"), ("id.4", b"d")]
 
 
 def test_named_ports_from_pods() -> None:
