@@ -549,6 +549,10 @@ def bench_kernel(iterations: int, n_identities: int, n_rules: int) -> dict[str, 
                 "loaded": loaded,
                 **{f"{k}_ms": summary(v) for k, v in samples.items()},
                 "write_ms": {k: summary(v) for k, v in writes.items()},
+                "samples_ms": {k: [round(x * 1000, 3) for x in v] for k, v in samples.items()},
+                "passes_per_change_ms": {
+                    kind: {name: [round(x, 3) for x in values] for name, values in by.items() if name.endswith("_at_ms")}
+                    for kind, by in passes.items()},
                 "passes_until_flip_ms": {
                     kind: {name: summary([v / 1000 for v in values]) for name, values in by.items()}
                     for kind, by in passes.items()}}

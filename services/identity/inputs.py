@@ -12,7 +12,10 @@ Invariants:
 - Pods are re-derived only when touched (`touch_pod`: the Pod or its status changed;
   `touch_all`: a sync or a Namespace change), so a pass costs what changed, not the
   number of pods; the result equals deriving every pod afresh. `changed` names the pods
-  whose derived `PodInfo` is another object (or gone) since the previous `compute_pods`.
+  whose derived `PodInfo` is another object (or gone) since the previous `update_pods`.
+- `label_refs` (label set -> number of pods) is kept by the same deltas and always equals
+  counting `pods`; `take_label_changes` names every label set whose count changed since
+  it was last called. `pods` is built only when read.
 - The policy CIDR references and the toFQDNs selectors are recomputed only when a policy
   mirror changed (its size or its newest revision: KV revisions only grow).
 - A policy matters to identities only through the CIDRs and toFQDNs selectors it names:
@@ -48,7 +51,9 @@ class IdentityInputs:
         self.cluster = cluster
         self.resources: dict[str, dict[str, KVEntry]] = {}
         self.status: dict[str, dict[str, KVEntry]] = {"Pod": {}, "Node": {}}
-        self.pods: list[PodInfo] = []
+        self._pod_list: list[PodInfo] | None = []  # None: to be rebuilt from `_pods`
+        self.label_refs: dict[tuple[str, ...], int] = {}
+        self._label_changes: set[tuple[str, ...]] = set()
         self._decoded: dict[str, tuple[int, Any]] = {}
         self._pods: dict[str, tuple[tuple[int, int, int], PodInfo | None]] = {}
         self._dirty: set[str] | None = None  # Pod keys touched since compute_pods; None: all
@@ -107,15 +112,65 @@ class IdentityInputs:
         self._dirty = None
 
     def compute_pods(self) -> list[PodInfo]:
-        """Every endpoint; only pods touched since the last call are re-derived (all of
-        them after `touch_all`, and on the first call)."""
+        """Every endpoint, after `update_pods`."""
+        self.update_pods()
+        return self.pods
+
+    @property
+    def pods(self) -> list[PodInfo]:
+        """Every endpoint as of the last `update_pods`."""
+        if self._pod_list is None:
+            self._pod_list = [info for _, info in self._pods.values() if info is not None]
+        return self._pod_list
+
+    @property
+    def endpoints(self) -> int:
+        return sum(self.label_refs.values()) if self._pod_list is None else len(self._pod_list)
+
+    def take_label_changes(self) -> set[tuple[str, ...]]:
+        """The label sets whose `label_refs` count changed since the last call."""
+        changes, self._label_changes = self._label_changes, set()
+        return changes
+
+    def _set_pod(self, key: str, version: tuple[int, int, int], info: PodInfo | None) -> None:
+        held = self._pods.get(key)
+        self._pods[key] = (version, info)
+        self._count(held[1] if held is not None else None, info)
+
+    def _drop_pod(self, key: str) -> PodInfo | None:
+        held = self._pods.pop(key, None)
+        gone = held[1] if held is not None else None
+        self._count(gone, None)
+        return gone
+
+    def _count(self, old: PodInfo | None, new: PodInfo | None) -> None:
+        if old is new:
+            return
+        self._pod_list = None
+        if old is not None and new is not None and old.labels == new.labels:
+            return
+        refs = self.label_refs
+        if old is not None:
+            left = refs[old.labels] - 1
+            if left:
+                refs[old.labels] = left
+            else:
+                del refs[old.labels]
+            self._label_changes.add(old.labels)
+        if new is not None:
+            refs[new.labels] = refs.get(new.labels, 0) + 1
+            self._label_changes.add(new.labels)
+
+    def update_pods(self) -> None:
+        """Re-derive the pods touched since the last call (all of them after `touch_all`,
+        and on the first call)."""
         namespaces = self.namespace_labels()
         mirror = self.resources.get("Pod", {})
         changed: set[str] = set()
         if self._dirty is None:
             keys: Any = list(mirror)
             for key in [k for k in self._pods if k not in mirror]:
-                if self._pods.pop(key)[1] is not None:
+                if self._drop_pod(key) is not None:
                     changed.add(key)
         else:
             keys = self._dirty
@@ -123,8 +178,7 @@ class IdentityInputs:
         for key in keys:
             entry = mirror.get(key)
             if entry is None:
-                gone = self._pods.pop(key, None)
-                if gone is not None and gone[1] is not None:
+                if self._drop_pod(key) is not None:
                     changed.add(key)
                 continue
             status, status_rev = self.status_of("Pod", key)
@@ -146,16 +200,13 @@ class IdentityInputs:
                 info = cached[1]  # an equal derivation keeps its object: nothing changed
             elif info is not None or (cached is not None and cached[1] is not None):
                 changed.add(key)
-            self._pods[key] = (version, info)
+            self._set_pod(key, version, info)
         if len(self._decoded) > 2 * self._decoded_floor:
             live = self._live_keys()
             for key in [k for k in self._decoded if k.split(":", 1)[-1] not in live]:
                 self._decoded.pop(key, None)
             self._decoded_floor = max(64, len(self._decoded))
         self.changed = changed
-        if changed:
-            self.pods = [info for _, info in self._pods.values() if info is not None]
-        return self.pods
 
     def pod(self, key: str) -> PodInfo | None:
         """The endpoint Pod ``key`` stands for as of the last `compute_pods`."""

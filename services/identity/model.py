@@ -170,13 +170,6 @@ def _dicts(value: Any) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- references and ipcache
 
 
-def label_refs(pods: Iterable[PodInfo]) -> dict[tuple[str, ...], int]:
-    refs: dict[tuple[str, ...], int] = {}
-    for pod in pods:
-        refs[pod.labels] = refs.get(pod.labels, 0) + 1
-    return refs
-
-
 Rank = tuple[int, tuple[int, int, str]]
 Claim = tuple[Rank, schema.IPCacheRecord]
 

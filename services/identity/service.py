@@ -11,9 +11,11 @@ Invariants:
 - Level-triggered: a pass derives the desired state from the mirrored buckets and writes
   only the difference, so a restarted replica (or one that missed events) converges;
   nothing is written before every watch has delivered its initial state. A pass costs
-  what changed: pods are re-derived only when touched, the desired ipcache is kept by
-  deltas (``IpcacheIndex``), and only keys whose winner or whose watched value changed are
-  compared. A full pass compares every key and scans every label set: the first, one
+  what changed: pods are re-derived only when touched, only the label sets whose pod
+  count changed (or whose ``labels.`` key another writer changed) are allocated again, the
+  desired ipcache is kept by deltas (``IpcacheIndex``), and only keys whose winner or whose
+  watched value changed are compared. A full pass compares every key, allocates every
+  label set in use and scans every label set for release: the first, one
   after a pass that failed a write, conflicted or raised, one after a watch sync or a
   healing audit, and one per sweep period, so whatever a delta missed is repaired within
   ``min(gc_interval, orphan_age / 2)``.
@@ -29,7 +31,8 @@ Invariants:
   two ``gc_interval``s.
 - An ipcache key changes owner with one put that replaces its value; it is deleted only
   when no source claims it any more.
-- Health detail: ``last_pass_ms``, ``last_pass`` (its parts: inputs, allocate,
+- Health detail: ``identities`` and ``label_sets`` (counted on full passes, when a key
+  came or went, and at least every ``COUNT_INTERVAL`` otherwise), ``last_pass_ms``, ``last_pass`` (its parts: inputs, allocate,
   ipcache, housekeeping) and ``recent_passes`` (the last ``watch.RECENT_PASSES``, each with
   its start as Unix time), and ``caches`` (sizes of its long-lived tables: the toFQDNs name
   cache against its cap, delete tombstones, held label sets, pods; ``ciliary.cachestats``).
@@ -81,7 +84,6 @@ from .casstore import BusCasStore, decode_identity, decode_ipcache
 from .inputs import POLICY_KINDS, IdentityInputs
 from .ipcache_index import IpcacheIndex
 from .labels import cidr_labels, explain, label_set_hash
-from .model import PodInfo, label_refs
 from .report import cardinality_report
 from .settings import ENV_LABELS, IdentityConfig, label_filter
 
@@ -90,6 +92,7 @@ log = logging.getLogger(__name__)
 WATCHED_KINDS = ("Pod", "Namespace", "Node", *POLICY_KINDS)
 PARALLEL_WRITES = 64
 AUDIT_INTERVAL = 300.0  # seconds between full listings of the output buckets
+COUNT_INTERVAL = 10.0  # seconds between counts of identities and label sets (health detail)
 QUEUE_GROUP = "identity"
 
 
@@ -116,10 +119,16 @@ class IdentityService:
         self.loop = PassLoop("identity", self._pass, ready=lambda: not self.ctx.pending_watches, heap=heap.freezer(),
                              wake_at=lambda: time.monotonic() + self._wait_limit())
         self.reserved_ensured = False
-        self._lkeys: dict[tuple[str, ...], str] = {}  # label set -> its labels. key
+        # the label sets in use (pods' and CIDRs'), with their labels. keys both ways
+        self._lkeys: dict[tuple[str, ...], str] = {}
+        self._lkey_sets: dict[str, tuple[str, ...]] = {}
+        self._cidr_sets: set[tuple[str, ...]] = set()  # the CIDRs' label sets, last pass
+        self._labels_news: set[str] = set()  # labels. keys another writer changed
         self._held: dict[tuple[str, ...], tuple[Any, int, int]] = {}  # -> (view entry, refs, id)
         self.next_audit = 0.0
         self.next_sweep = 0.0
+        self._next_count = 0.0  # health detail identities / label_sets: when counted again,
+        self._counted_size = -1  # and the number of keys when last counted
         self._index: IpcacheIndex | None = None  # the desired ipcache, kept across passes
         self._pod_ids: dict[tuple[str, ...], int] = {}  # pod label set -> identity, last pass
         self._full_due = True  # a watch (re)synced or an audit healed the view
@@ -136,7 +145,7 @@ class IdentityService:
         self.caches.register("identity_tombstones", lambda: len(self.identities.tombstones))
         self.caches.register("ipcache_tombstones", lambda: len(self.ipcache.tombstones))
         self.caches.register("held_label_sets", lambda: len(self._held))
-        self.caches.register("pods", lambda: len(self.inputs.pods))
+        self.caches.register("pods", lambda: self.inputs.endpoints)
 
     # ---------------------------------------------------------------- wiring
 
@@ -190,6 +199,8 @@ class IdentityService:
                 self._ipcache_news.add(event.key)
             elif event.key.startswith(schema.IDENTITY_ID_PREFIX):
                 self._mesh_changed = True  # another writer's id.: check the remote ones again
+            else:
+                self._labels_news.add(event.key)
             self.loop.mark_dirty()
 
     def _on_mesh(self, _event: KVEntry | Synced) -> None:
@@ -287,9 +298,11 @@ class IdentityService:
         ipcache_bad = set(self.ipcache.bad)
         ipcache_news, self._ipcache_news = self._ipcache_news, set()
         mesh_changed, self._mesh_changed = self._mesh_changed, False
-        pods = self.inputs.compute_pods()
+        self.inputs.update_pods()
         changed_pods = set(self.inputs.changed)
-        refs = label_refs(pods)
+        refs = self.inputs.label_refs
+        set_changes = self.inputs.take_label_changes()
+        labels_news, self._labels_news = self._labels_news, set()
         cidr_refs = self.inputs.compute_cidrs()
         fqdn_labels = self.compute_fqdn()
         laps.lap("inputs")
@@ -313,26 +326,41 @@ class IdentityService:
                     failed += 1
                     return 0
 
-        pod_sets = list(refs)
+        # the pod label sets to allocate: all on a full pass; else those whose pod count
+        # changed, or whose labels. key another writer changed
+        if full:
+            pod_sets = list(refs)
+        else:
+            news = {found for lkey in labels_news if (found := self._lkey_sets.get(lkey)) is not None}
+            pod_sets = [labels for labels in set_changes | news if labels in refs]
         cidrs = sorted(cidr_refs)
         jobs = [(labels, refs[labels], SCOPE_CLUSTER) for labels in pod_sets]
         jobs += [(prefix_labels(prefix), cidr_refs[prefix], SCOPE_CIDR) for prefix in cidrs]
-        previous_lkeys = self._lkeys
-        lkeys = self._labels_keys(labels for labels, _, _ in jobs)
+        cidr_sets = {labels for labels, _, _ in jobs[len(pod_sets):]}
+        gone = self._track_label_sets(full, refs, jobs, cidr_sets, set_changes)
         # label sets already allocated with this usage need no write: no task for them
-        results = self._held_now(jobs, lkeys)
+        results = self._held_now(jobs)
         slow = [n for n, ident in enumerate(results) if not ident]
         for n, ident in zip(slow, await _gather(*(allocate(*jobs[n]) for n in slow)), strict=True):
             results[n] = ident
         laps.lap("allocate")
-        pod_ids = {labels: ident for labels, ident in zip(pod_sets, results[: len(pod_sets)], strict=True) if ident}
+        previous_ids = self._pod_ids
+        pod_ids = {} if full else dict(previous_ids)
+        for labels in gone:
+            pod_ids.pop(labels, None)
+        for labels, ident in zip(pod_sets, results[: len(pod_sets)], strict=True):
+            if ident:
+                pod_ids[labels] = ident
+            else:
+                pod_ids.pop(labels, None)
+        moved = {labels for labels in (*pod_sets, *gone) if pod_ids.get(labels) != previous_ids.get(labels)}
         cidr_ids = {p: ident for p, ident in zip(cidrs, results[len(pod_sets):], strict=True) if ident}
 
         # ipcache, before the housekeeping below: a relabelled pod's new identity is what
         # its peers wait for
         if full or mesh_changed:
             failed += await self._write_remote_identities(sem)
-        index = self._ipcache_index(full, pods, changed_pods, pod_ids)
+        index = self._ipcache_index(full, changed_pods, pod_ids, moved)
         index.set_nodes(self.inputs.compute_nodes())
         index.set_cidrs(cidr_ids)
         if full or mesh_changed:
@@ -356,9 +384,7 @@ class IdentityService:
         laps.lap("ipcache")
 
         # release what no pod or policy uses any more
-        wanted = set(lkeys.values())
-        unused = (self.identities.keys(schema.IDENTITY_LABELS_PREFIX) if full
-                  else [lkey for lkey in previous_lkeys.values() if lkey not in wanted])
+        unused = (self.identities.keys(schema.IDENTITY_LABELS_PREFIX) if full else gone.values())
 
         async def release(lkey: str) -> None:
             async with sem:
@@ -366,69 +392,84 @@ class IdentityService:
 
         await _gather(*(
             release(lkey) for lkey in unused
-            if lkey not in wanted and self.identities.peek(lkey) is not None
+            if lkey not in self._lkey_sets and self.identities.peek(lkey) is not None
         ))
         if full:  # a full scan of both key spaces
             self.next_sweep = time.monotonic() + min(self.config.gc_interval, self.config.orphan_age / 2)
             await self.allocator.sweep_orphans(self.config.orphan_age)
         laps.lap("housekeeping")
 
-        self._report(len(desired), time.monotonic() - started)
+        self._report(full, len(desired), time.monotonic() - started)
         laps.report(self.ctx.detail, self.recent_passes)
         conflicted = self.allocator.conflicts != conflicts_before
         self._last_pass_ok = not (failed or conflicted)
         return bool(failed or conflicted)
 
-    def _ipcache_index(self, full: bool, pods: list[PodInfo], changed: set[str],
-                       pod_ids: dict[tuple[str, ...], int]) -> IpcacheIndex:
+    def _ipcache_index(self, full: bool, changed: set[str], pod_ids: dict[tuple[str, ...], int],
+                       moved: set[tuple[str, ...]]) -> IpcacheIndex:
         """The desired ipcache with this pass's pods: on a full pass every pod claims again;
-        else only the pods re-derived, or whose label set's identity changed."""
-        previous, self._pod_ids = self._pod_ids, pod_ids
+        else only the pods re-derived, or whose label set's identity changed (`moved`)."""
+        self._pod_ids = pod_ids
         if self._index is None:
             self._index = IpcacheIndex(self.cluster, self.cluster_id)
         index = self._index
         if full:  # every pod claims again (a no-op for the unchanged ones)
-            for pod in pods:
+            for pod in self.inputs.pods:
                 index.set_pod(pod.key, pod, pod_ids.get(pod.labels, 0))
             for key in [key for key in index.pod_keys() if self.inputs.pod(key) is None]:
                 index.set_pod(key, None, 0)
             return index
-        if pod_ids != previous:
-            for labels in {*pod_ids, *previous}:
-                if pod_ids.get(labels) != previous.get(labels):
-                    changed.update(index.pods_with(labels))
+        for labels in moved:
+            changed.update(index.pods_with(labels))
         for key in changed:
             pod = self.inputs.pod(key)
             index.set_pod(key, pod, pod_ids.get(pod.labels, 0) if pod is not None else 0)
         return index
 
-    def _held_now(self, jobs: list[tuple[tuple[str, ...], int, str]],
-                  lkeys: dict[tuple[str, ...], str]) -> list[int]:
+    def _held_now(self, jobs: list[tuple[tuple[str, ...], int, str]]) -> list[int]:
         """Per job, its identity if the view shows it allocated with this usage, else 0.
-        A label set whose view entry (the very object) and usage are those of the last
-        pass is not checked again."""
-        known, self._held = self._held, {}
+        A label set whose view entry (the very object) and usage are those last checked
+        is not checked again."""
         results = []
         for labels, count, _ in jobs:
-            entry = self.identities.peek(lkeys[labels])
-            memo = known.get(labels)
+            lkey = self._lkeys[labels]
+            entry = self.identities.peek(lkey)
+            memo = self._held.get(labels)
             if memo is not None and memo[0] is entry and memo[1] == count:
                 ident = memo[2]
             else:
-                ident = self.allocator.held(lkeys[labels], labels, count)
+                ident = self.allocator.held(lkey, labels, count)
             if ident:
                 self._held[labels] = (entry, count, ident)
+            else:
+                self._held.pop(labels, None)
             results.append(ident)
         return results
 
-    def _labels_keys(self, label_sets: Iterable[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
-        """``labels.`` key of each label set; hashes are kept for the sets still in use."""
+    def _track_label_sets(self, full: bool, refs: dict[tuple[str, ...], int],
+                          jobs: list[tuple[tuple[str, ...], int, str]], cidr_sets: set[tuple[str, ...]],
+                          set_changes: set[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+        """Bring the label sets in use (pods' and CIDRs', with their ``labels.`` keys) up
+        to date; returns the ones that fell out of use since the last pass, with their
+        keys. A full pass rebuilds the table from `refs` and `cidr_sets`."""
         known = self._lkeys
-        self._lkeys = {
-            labels: known.get(labels) or schema.identity_labels_key(label_set_hash(labels))
-            for labels in label_sets
-        }
-        return self._lkeys
+        if full:
+            in_use = set(refs) | cidr_sets
+            left = [labels for labels in known if labels not in in_use]
+        else:
+            left = [labels for labels in (*set_changes, *self._cidr_sets)
+                    if labels in known and labels not in refs and labels not in cidr_sets]
+        gone = {labels: known.pop(labels) for labels in left}
+        for labels, lkey in gone.items():
+            self._lkey_sets.pop(lkey, None)
+            self._held.pop(labels, None)
+        for labels, _, _ in jobs:
+            if labels not in known:
+                lkey = schema.identity_labels_key(label_set_hash(labels))
+                known[labels] = lkey
+                self._lkey_sets[lkey] = labels
+        self._cidr_sets = cidr_sets
+        return gone
 
     def _remote_ipcache(self) -> list[schema.IPCacheRecord]:
         """Pod entries of connected clusters whose identity is known here."""
@@ -500,17 +541,22 @@ class IdentityService:
                 return False
         return True
 
-    def _report(self, ipcache_entries: int, seconds: float) -> None:
-        ids = label_sets = 0
-        for key in (*self.identities.entries, *self.identities.bad):
-            if key.startswith(schema.IDENTITY_ID_PREFIX):
-                ids += 1
-            elif key.startswith(schema.IDENTITY_LABELS_PREFIX):
-                label_sets += 1
-        self.ctx.detail["identities"] = ids
-        self.ctx.detail["label_sets"] = label_sets
+    def _report(self, full: bool, ipcache_entries: int, seconds: float) -> None:
+        now = time.monotonic()
+        size = len(self.identities.entries) + len(self.identities.bad)
+        # counting scans every key: only when a key came or went, or after a while
+        if full or size != self._counted_size or now >= self._next_count:
+            self._next_count, self._counted_size = now + COUNT_INTERVAL, size
+            ids = label_sets = 0
+            for key in (*self.identities.entries, *self.identities.bad):
+                if key.startswith(schema.IDENTITY_ID_PREFIX):
+                    ids += 1
+                elif key.startswith(schema.IDENTITY_LABELS_PREFIX):
+                    label_sets += 1
+            self.ctx.detail["identities"] = ids
+            self.ctx.detail["label_sets"] = label_sets
         self.ctx.detail["ipcache"] = ipcache_entries
-        self.ctx.detail["endpoints"] = len(self.inputs.pods)
+        self.ctx.detail["endpoints"] = self.inputs.endpoints
         self.ctx.detail["passes"] = self.passes
         self.ctx.detail["last_pass_ms"] = round(seconds * 1000, 1)
         self.ctx.detail["fqdn_cache"] = self.names.size

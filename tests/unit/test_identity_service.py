@@ -214,3 +214,47 @@ async def test_a_pass_that_raised_is_followed_by_a_full_one() -> None:
         finally:
             for task in tg._tasks:  # type: ignore[attr-defined]
                 task.cancel()
+
+
+async def test_a_label_set_another_writer_removed_is_allocated_again() -> None:
+    """Incremental passes allocate only the label sets whose pod count changed, and those
+    whose labels. key another writer changed: a label set in use that someone deletes is
+    allocated again, and its pod's ipcache entry names the identity it now has."""
+    bus = FakeBus()
+    for n in range(5):
+        _pod(bus, f"p{n}", f"a{n}", f"10.0.0.{n + 1}")
+    ctx = Context(service="identity", settings=Settings(nats_url="mem://", instance="identity-t"), bus=bus)
+    svc = IdentityService(ctx, IdentityConfig())
+
+    def label_key_of(app: str) -> tuple[str, Any] | None:
+        for key, (_, value) in bus.data.get(schema.BUCKET_IDENTITIES, {}).items():
+            if key.startswith(schema.IDENTITY_LABELS_PREFIX):
+                record = schema.decode(value, schema.IdentityLabelsRecord)
+                if f"k8s:app={app}" in record.labels:
+                    return key, record
+        return None
+
+    async def until(predicate: Any) -> None:
+        for _ in range(300):
+            if predicate():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition not reached")
+
+    async with asyncio.TaskGroup() as tg:
+        await svc.start(tg)
+        try:
+            await until(lambda: all(_ipcache_identity(bus, f"10.0.0.{n + 1}_32") for n in range(5)))
+            await asyncio.sleep(0.1)
+            full_passes = svc.passes
+            found = label_key_of("a2")
+            assert found is not None
+            bus.delete(schema.BUCKET_IDENTITIES, found[0])
+            await until(lambda: label_key_of("a2") is not None)
+            again = label_key_of("a2")
+            assert again is not None
+            await until(lambda: _ipcache_identity(bus, "10.0.0.3_32") == again[1].id)
+            assert svc.passes > full_passes
+        finally:
+            for task in tg._tasks:  # type: ignore[attr-defined]
+                task.cancel()

@@ -7,7 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.policy.selector_anchors import SelectorAnchors, anchors_of
-from services.policy.selectors import IdentityView, Requirement, Selector, SelectorCache, labels_selector
+from services.policy.selectors import (
+    IdentityView,
+    Requirement,
+    Selector,
+    SelectorCache,
+    labels_selector,
+)
 
 from .test_policy_label_index import changes, ident_of, requirements
 
