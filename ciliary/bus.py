@@ -164,6 +164,10 @@ def kv_stream(bucket: str) -> str:
 
 JS_API = "$JS.API"
 DENIED_RETRY = 10.0  # seconds between attempts of a watch the server's permissions refuse
+# seconds a one-shot listing waits for its consumer's next message before it reads the
+# bucket again with a new consumer (a listing must end, never wait on a consumer that stopped)
+LISTING_STALL = 5.0
+LISTING_ATTEMPTS = 3
 # seconds `close` waits for subscriptions to hand over what the server already sent; a
 # watch whose reader stopped never empties its queue, and nats-py's default (30 s) would
 # hold a stopping service that long
@@ -730,10 +734,16 @@ class Bus:
     ) -> AsyncIterator[KVEntry | Synced]:
         """Live keys, then ``SYNCED``, then changes; re-syncs after every reconnect.
 
-        With ``once`` the iteration ends after the first ``SYNCED``.
+        With ``once`` the iteration ends after the first ``SYNCED``. A one-shot read whose
+        consumer sends nothing for ``LISTING_STALL`` seconds before it is complete reads the
+        bucket again with a new consumer (``BusError`` after ``LISTING_ATTEMPTS`` reads). A
+        read started again, after a stall or a reconnect, reports as deleted at its
+        ``SYNCED`` every key handed out before that is gone since.
         """
         delivered: set[str] = set()
+        attempts = 0
         while True:
+            attempts += 1
             queue: asyncio.Queue[Msg] = asyncio.Queue()
 
             async def on_msg(msg: Msg, queue: asyncio.Queue[Msg] = queue) -> None:
@@ -789,9 +799,17 @@ class Bus:
                         yield SYNCED
                         if once:
                             return
-                    msg = await self._next_or_reconnect(queue, reconnected)
-                    if msg is None:
-                        break  # reconnected: re-read the bucket
+                    msg = await self._next_or_reconnect(queue, reconnected, LISTING_STALL if once else None)
+                    if msg is _STALLED and attempts >= LISTING_ATTEMPTS:
+                        raise BusError(f"listing {bucket}: its consumer sent nothing for "
+                                       f"{LISTING_STALL:.0f} s, {attempts} times")
+                    if msg is _STALLED or msg is None:  # stalled, or reconnected: read again
+                        if msg is _STALLED:
+                            log.warning("listing %s: its consumer sent nothing for %.0f s; reading "
+                                        "the bucket again", bucket, LISTING_STALL)
+                        if seen is not None:  # keys handed out before the break count as
+                            delivered |= seen  # delivered: the next sync reports those gone since
+                        break
                     entry = _entry_from_msg(bucket, msg)
                     received = max(received, msg.metadata.sequence.consumer)
                     if seen is not None:
@@ -818,14 +836,18 @@ class Bus:
                     pass
 
     async def _next_or_reconnect(
-        self, queue: asyncio.Queue[Msg], reconnected: asyncio.Event
-    ) -> Msg | None:
+        self, queue: asyncio.Queue[Msg], reconnected: asyncio.Event, stall: float | None = None
+    ) -> Msg | None | object:
+        """The next message; None after a reconnect; `_STALLED` when none came for `stall`
+        seconds."""
         if not queue.empty():
             return queue.get_nowait()
         getter = asyncio.ensure_future(queue.get())
         waiter = asyncio.ensure_future(reconnected.wait())
         try:
-            done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({getter, waiter}, timeout=stall, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                return _STALLED
         finally:
             for task in (getter, waiter):
                 if not task.done():
@@ -1044,6 +1066,9 @@ NO_RESPONDERS_STATUS = "503"
 def no_responders(msg: Message) -> bool:
     """The server's "no responders" notice on a request's inbox, not a reply."""
     return not msg.data and bool(msg.headers) and msg.headers.get("Status") == NO_RESPONDERS_STATUS
+
+
+_STALLED = object()  # `Bus._next_or_reconnect`: no message within the wait allowed
 
 
 async def _caught_up(sub: Any, received: int) -> bool:

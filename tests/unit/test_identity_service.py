@@ -129,6 +129,14 @@ def _ipcache_identity(bus: FakeBus, key: str) -> int:
     return schema.decode(held[1], schema.IPCacheRecord).identity if held else 0
 
 
+async def until(predicate: Any) -> None:
+    for _ in range(300):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
 async def test_passes_after_the_first_touch_only_what_changed_and_still_heal() -> None:
     """A relabel rewrites only its pod's ipcache key; a foreign write to a key is undone by
     the next pass; a deleted pod's key goes; the counts in the health detail follow."""
@@ -137,13 +145,6 @@ async def test_passes_after_the_first_touch_only_what_changed_and_still_heal() -
         _pod(bus, f"p{n}", f"a{n}", f"10.0.0.{n + 1}")
     ctx = Context(service="identity", settings=Settings(nats_url="mem://", instance="identity-t"), bus=bus)
     svc = IdentityService(ctx, IdentityConfig())
-
-    async def until(predicate: Any) -> None:
-        for _ in range(300):
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("condition not reached")
 
     async with asyncio.TaskGroup() as tg:
         await svc.start(tg)
@@ -233,13 +234,6 @@ async def test_a_label_set_another_writer_removed_is_allocated_again() -> None:
                 if f"k8s:app={app}" in record.labels:
                     return key, record
         return None
-
-    async def until(predicate: Any) -> None:
-        for _ in range(300):
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("condition not reached")
 
     async with asyncio.TaskGroup() as tg:
         await svc.start(tg)
