@@ -31,7 +31,10 @@ Measures:
   time, the policy passes' resolve / encode / write parts), and when, counted from the
   write, the first of them started and had written what the flip waits for
   (``*_started_at_ms``, ``*_written_at_ms``: the identity pass its ipcache entries, the
-  policy pass the records of the identities it resolved in full).
+  policy pass the records of the identities it resolved in full). A flip the probe
+  sees before the write (an attempt that failed, or got through, on its own) is not a
+  measurement: it is listed under ``early_flips`` and left out; more than one per hundred
+  changes of the run (at least one allowed) fails it.
 
 Usage: .venv/bin/python bench/policy.py [--identities 1000] [--rules 500] [--repeat 5]
        [--iterations 20] [--kernel-identities 1000] [--kernel-rules 500] [--no-kernel]
@@ -491,7 +494,7 @@ def bench_kernel(iterations: int, n_identities: int, n_rules: int) -> dict[str, 
         samples: dict[str, list[float]] = {kind: [] for kind, _ in KERNEL_KINDS}
         writes: dict[str, list[float]] = {kind: [] for kind, _ in KERNEL_KINDS}
         passes: dict[str, dict[str, list[float]]] = {}
-        early = 0
+        early: list[dict[str, Any]] = []  # flips seen before the write: not a measurement
 
         def settle(expect: str) -> None:  # the state is stable before the next change
             prober.stdin.write(f"{expect} {server_ip} 80\n")  # type: ignore[union-attr]
@@ -502,7 +505,6 @@ def bench_kernel(iterations: int, n_identities: int, n_rules: int) -> dict[str, 
         def measure(kind: str, expect: str, change: Callable[[], None]) -> None:
             """One change: write -> first attempt with the new verdict; then, once stable,
             the passes the services ran from the write to that attempt."""
-            nonlocal early
             prober.stdin.write(f"{expect} {server_ip} 80\n")  # type: ignore[union-attr]
             prober.stdin.flush()  # type: ignore[union-attr]
             time.sleep(0.05)
@@ -510,9 +512,11 @@ def bench_kernel(iterations: int, n_identities: int, n_rules: int) -> dict[str, 
             change()
             writes[kind].append(time.monotonic() - t0)
             t_flip = float(prober.stdout.readline().split()[0])  # type: ignore[union-attr]
-            early += t_flip < t0
-            samples[kind].append(t_flip - t0)
             settle(expect)
+            if t_flip < t0:  # an attempt failed (or passed) before the change was written
+                early.append({"kind": kind, "expect": expect, "ms_before_write": round((t0 - t_flip) * 1000, 3)})
+                return
+            samples[kind].append(t_flip - t0)
             window = (wall0, wall0 + (t_flip - t0))
             for name, value in passes_in(writer.health(), window).items():
                 passes.setdefault(kind, {}).setdefault(name, []).append(value)
@@ -539,7 +543,8 @@ def bench_kernel(iterations: int, n_identities: int, n_rules: int) -> dict[str, 
             measure("relabel_deny", "closed", lambda res=locked: writer.store(res))
             free = writer.parse(server_manifest({"app": "server", "gen": f"g{2 * i + 1}"}))
             measure("relabel_lift", "open", lambda res=free: writer.store(res))
-        assert not early, f"{early} flips happened before the write"
+        changes = len(KERNEL_KINDS) * iterations
+        assert len(early) <= max(1, changes // 100), f"flips before the write: {early}"
         reports = writer.health()
         loaded["identities"] = service_detail(reports, "identity").get("identities")
         policy = service_detail(reports, "policy")
@@ -550,6 +555,7 @@ def bench_kernel(iterations: int, n_identities: int, n_rules: int) -> dict[str, 
                 **{f"{k}_ms": summary(v) for k, v in samples.items()},
                 "write_ms": {k: summary(v) for k, v in writes.items()},
                 "samples_ms": {k: [round(x * 1000, 3) for x in v] for k, v in samples.items()},
+                "early_flips": early,
                 "passes_per_change_ms": {
                     kind: {name: [round(x, 3) for x in values] for name, values in by.items() if name.endswith("_at_ms")}
                     for kind, by in passes.items()},
