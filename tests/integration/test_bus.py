@@ -254,88 +254,89 @@ async def test_kv_put_many_pipelines_compare_and_set_writes(nats_server) -> None
         await bus.close()
 
 
-async def test_a_listing_holds_every_key_while_keys_are_replaced(nats_server) -> None:
-    """A key replaced while ``kv_list`` reads loses the message the listing was about to
-    get; the listing waits for its new value instead of ending without the key."""
+@pytest.fixture
+async def writer_and_reader(nats_server):  # type: ignore[no-untyped-def]
+    """Two connections to one server, the buckets created: one writes, one lists."""
     writer = await Bus.connect(nats_server.url, "writer")
     reader = await Bus.connect(nats_server.url, "reader")
-    bucket = schema.BUCKET_ALLOCATIONS
     try:
         await writer.ensure_buckets()
-        keys = [f"k.{i:04d}" for i in range(300)]
-        await writer.kv_put_many(bucket, [(k, b"v0", None) for k in keys])
-        stop = asyncio.Event()
-
-        async def churn() -> int:
-            n = 0
-            while not stop.is_set():
-                await writer.kv_put(bucket, keys[(n * 7919) % len(keys)], f"v{n}".encode())
-                n += 1
-            return n
-
-        # listings with nothing to list end too, in an empty bucket and beside live keys
-        assert await reader.kv_list(schema.BUCKET_MESH) == {}
-        assert await reader.kv_list(bucket, "none.>") == {}
-        writes = asyncio.ensure_future(churn())
-        short = []
-        for _ in range(200):
-            listed = await reader.kv_list(bucket, "k.>")
-            if len(listed) != len(keys):
-                short.append(sorted(set(keys) - set(listed)))
-        stop.set()
-        replaced = await writes
-        assert replaced > 200, replaced  # the listings really ran beside the writes
-        assert not short, f"{len(short)} of 200 listings lacked keys, e.g. {short[:3]}"
+        yield writer, reader
     finally:
         await writer.close()
         await reader.close()
 
 
-async def test_a_listing_whose_consumer_stops_reads_the_bucket_again(nats_server, monkeypatch) -> None:
+async def test_a_listing_holds_every_key_while_keys_are_replaced(writer_and_reader) -> None:
+    """A key replaced while ``kv_list`` reads loses the message the listing was about to
+    get; the listing waits for its new value instead of ending without the key."""
+    writer, reader = writer_and_reader
+    bucket = schema.BUCKET_ALLOCATIONS
+    keys = [f"k.{i:04d}" for i in range(300)]
+    await writer.kv_put_many(bucket, [(k, b"v0", None) for k in keys])
+    stop = asyncio.Event()
+
+    async def churn() -> int:
+        n = 0
+        while not stop.is_set():
+            await writer.kv_put(bucket, keys[(n * 7919) % len(keys)], f"v{n}".encode())
+            n += 1
+        return n
+
+    # listings with nothing to list end too, in an empty bucket and beside live keys
+    assert await reader.kv_list(schema.BUCKET_MESH) == {}
+    assert await reader.kv_list(bucket, "none.>") == {}
+    writes = asyncio.ensure_future(churn())
+    short = []
+    for _ in range(200):
+        listed = await reader.kv_list(bucket, "k.>")
+        if len(listed) != len(keys):
+            short.append(sorted(set(keys) - set(listed)))
+    stop.set()
+    replaced = await writes
+    assert replaced > 200, replaced  # the listings really ran beside the writes
+    assert not short, f"{len(short)} of 200 listings lacked keys, e.g. {short[:3]}"
+
+
+async def test_a_listing_whose_consumer_stops_reads_the_bucket_again(writer_and_reader, monkeypatch) -> None:
     """A one-shot listing never waits forever: when its consumer stops sending before the
     listing is complete, it reads the bucket again with a new consumer, and a key it had
     already handed out that was deleted meanwhile is not in the result."""
     import ciliary.bus as busmod
 
     monkeypatch.setattr(busmod, "LISTING_STALL", 0.3)
-    writer = await Bus.connect(nats_server.url, "writer")
-    reader = await Bus.connect(nats_server.url, "reader")
+    writer, reader = writer_and_reader
     bucket = schema.BUCKET_ALLOCATIONS
-    try:
-        await writer.ensure_buckets()
-        keys = [f"s.{i:03d}" for i in range(20)]
-        await writer.kv_put_many(bucket, [(k, b"v", None) for k in keys])
-        subscribe = reader.js.subscribe
-        calls = 0
+    keys = [f"s.{i:03d}" for i in range(20)]
+    await writer.kv_put_many(bucket, [(k, b"v", None) for k in keys])
+    subscribe = reader.js.subscribe
+    calls = 0
 
-        async def first_consumer_stops_after_five(*args, cb, **kwargs):  # type: ignore[no-untyped-def]
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                passed = 0
+    async def first_consumer_stops_after_five(*args, cb, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            passed = 0
 
-                async def five_then_nothing(msg):  # type: ignore[no-untyped-def]
-                    nonlocal passed
-                    passed += 1
-                    if passed <= 5:
-                        await cb(msg)
-                return await subscribe(*args, cb=five_then_nothing, **kwargs)
-            await writer.kv_delete(bucket, "s.000")  # handed out by the first read, gone now
-            return await subscribe(*args, cb=cb, **kwargs)
+            async def five_then_nothing(msg):  # type: ignore[no-untyped-def]
+                nonlocal passed
+                passed += 1
+                if passed <= 5:
+                    await cb(msg)
+            return await subscribe(*args, cb=five_then_nothing, **kwargs)
+        await writer.kv_delete(bucket, "s.000")  # handed out by the first read, gone now
+        return await subscribe(*args, cb=cb, **kwargs)
 
-        monkeypatch.setattr(reader.js, "subscribe", first_consumer_stops_after_five)
-        listed = await asyncio.wait_for(reader.kv_list(bucket, "s.>"), 10)
-        assert calls == 2
-        assert sorted(listed) == keys[1:]
+    monkeypatch.setattr(reader.js, "subscribe", first_consumer_stops_after_five)
+    listed = await asyncio.wait_for(reader.kv_list(bucket, "s.>"), 10)
+    assert calls == 2
+    assert sorted(listed) == keys[1:]
 
-        async def never_sends(*args, cb, **kwargs):  # type: ignore[no-untyped-def]
-            async def drop(msg):  # type: ignore[no-untyped-def]
-                return None
-            return await subscribe(*args, cb=drop, **kwargs)
+    async def never_sends(*args, cb, **kwargs):  # type: ignore[no-untyped-def]
+        async def drop(msg):  # type: ignore[no-untyped-def]
+            return None
+        return await subscribe(*args, cb=drop, **kwargs)
 
-        monkeypatch.setattr(reader.js, "subscribe", never_sends)
-        with pytest.raises(BusError, match="sent nothing"):
-            await asyncio.wait_for(reader.kv_list(bucket, "s.>"), 10)
-    finally:
-        await writer.close()
-        await reader.close()
+    monkeypatch.setattr(reader.js, "subscribe", never_sends)
+    with pytest.raises(BusError, match="sent nothing"):
+        await asyncio.wait_for(reader.kv_list(bucket, "s.>"), 10)
