@@ -457,8 +457,8 @@ class IdentityService:
             in_use = set(refs) | cidr_sets
             left = [labels for labels in known if labels not in in_use]
         else:
-            left = [labels for labels in (*set_changes, *self._cidr_sets)
-                    if labels in known and labels not in refs and labels not in cidr_sets]
+            left = {labels for labels in (*set_changes, *self._cidr_sets)
+                    if labels in known and labels not in refs and labels not in cidr_sets}
         gone = {labels: known.pop(labels) for labels in left}
         for labels, lkey in gone.items():
             self._lkey_sets.pop(lkey, None)
