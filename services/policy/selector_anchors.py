@@ -14,15 +14,31 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .selectors import IdentityView, Selector
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Protocol
 
 Anchor = tuple[str, str, str] | tuple[str, str]  # (source, key, value) | (source, key)
 
 
-def anchors_of(selector: Selector) -> tuple[Anchor, ...]:
+class _Requirement(Protocol):
+    source: str
+    key: str
+    op: str
+    values: tuple[str, ...]
+
+
+class _Selector(Hashable, Protocol):
+    """What `selectors.Selector` offers here (this module does not import it: it imports us)."""
+
+    kind: str
+    requirements: Sequence[_Requirement]
+
+
+class _View(Protocol):
+    by_key: Mapping[tuple[str, str], list[str]]
+
+
+def anchors_of(selector: _Selector) -> tuple[Anchor, ...]:
     """Where `selector` is filed; () when it is unanchored."""
     if selector.kind != "labels":
         return ()
@@ -36,17 +52,17 @@ def anchors_of(selector: Selector) -> tuple[Anchor, ...]:
 
 class SelectorAnchors:
     def __init__(self) -> None:
-        self._filed: dict[Anchor, set[Selector]] = {}
-        self._unanchored: set[Selector] = set()
+        self._filed: dict[Anchor, set[_Selector]] = {}
+        self._unanchored: set[_Selector] = set()
 
-    def add(self, selector: Selector) -> None:
+    def add(self, selector: _Selector) -> None:
         anchors = anchors_of(selector)
         if not anchors:
             self._unanchored.add(selector)
         for anchor in anchors:
             self._filed.setdefault(anchor, set()).add(selector)
 
-    def remove(self, selector: Selector) -> None:
+    def remove(self, selector: _Selector) -> None:
         self._unanchored.discard(selector)
         for anchor in anchors_of(selector):
             filed = self._filed.get(anchor)
@@ -55,9 +71,9 @@ class SelectorAnchors:
                 if not filed:
                     del self._filed[anchor]
 
-    def candidates(self, view: IdentityView) -> set[Selector]:
+    def candidates(self, view: _View) -> set[_Selector]:
         """Every held selector that may select `view` (see the module invariants)."""
-        found = set(self._unanchored)
+        found: set[_Selector] = set(self._unanchored)
         filed = self._filed
         for (source, key), values in view.by_key.items():
             hit = filed.get((source, key))
