@@ -98,17 +98,13 @@ class PolicyMapHead(Record):
     error: str = ""
 
 
-class _PolicyEntryMapRecord(Record):
-    """`PolicyEntryRecord` as written before entries were arrays: a map of its fields."""
-
-    peer: int
-    port: int
-    proto: int
-    direction: str
-    verdict: str
-    end_port: int = 0
-    audit: bool = False
-    rule_ref: int = 0
+# `PolicyEntryRecord` as written before entries were arrays: a map of the same fields
+_PolicyEntryMapRecord = msgspec.defstruct(
+    "_PolicyEntryMapRecord",
+    [(f.name, f.type) if f.required else (f.name, f.type, f.default)
+     for f in msgspec.structs.fields(PolicyEntryRecord)],
+    bases=(Record,),
+)
 
 
 class _PolicyMapRecordWithEntryMaps(PolicyMapRecord):

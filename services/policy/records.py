@@ -140,7 +140,7 @@ class WritePlan:
 
 def plan_writes(current: Mapping[str, bytes], desired: Mapping[str, bytes]) -> WritePlan:
     """Puts for new/changed keys (sorted), then deletes of keys no longer desired."""
-    puts = [(k, v) for k, v in sorted(desired.items()) if current.get(k) != v]
+    puts = puts_among(current, desired, desired)
     deletes = sorted(k for k in current if k not in desired)
     return WritePlan(puts, deletes)
 
